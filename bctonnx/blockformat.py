@@ -1,0 +1,266 @@
+"""The block format: the one source of truth for how bctonnx quantizes a tensor.
+
+Every pass, every reference op and every test quantizes through this module.
+
+A tensor is cut along one axis into blocks of ``block_size`` contiguous elements; each block
+gets its own scale and its elements become signed ``bits``-bit integers:
+
+    q     = clamp(round_half_even(x / scale), -qmax, qmax),   qmax = 2**(bits-1) - 1
+    x_hat = q * scale
+
+Quantization is symmetric and the code ``-2**(bits-1)`` (-128 for int8, -8 for int4) is never
+produced, so negation never overflows and int8 x int8 products stay within +-127*127.
+
+Scale kinds
+-----------
+``float``  scale = max|x| / qmax stored as float32 or float16. A float16 scale is rounded *up*
+           to the next representable value, so no element is ever clipped.
+``pow2``   scale = 2**(code / 2**frac_bits), ``code`` an int8 (one byte per block).
+           ``frac_bits = 0`` is BCT's shift: a pure power of two, so rescaling is an integer
+           shift. ``frac_bits > 0`` is a fractional shared exponent (a one-byte log-scale):
+           steps of 2**(1/2**frac_bits), still one byte per block. The code is the smallest
+           one whose scale is >= max|x| / qmax, so again nothing is clipped.
+
+Error bound: for every element, ``|x - x_hat| <= scale / 2`` of its block (no clipping).
+A block of zeros (or below the smallest scale) gets the smallest scale of its kind and all
+codes zero.
+
+Block size and axis size: quantizing a *stored* tensor needs ``block_size`` to divide the axis
+(`BlockSizeError` otherwise: the user picks another block size or excludes the tensor). For
+activations whose size is only known at run time (sequence length), the last block may be
+partial (``allow_partial=True``), exactly as ONNX's blocked QuantizeLinear (opset 21) does with
+``ceil(D / block_size)`` scales.
+
+Storage: 2..4-bit codes are packed two per byte (ONNX INT4 layout: element ``2i`` in the low
+nibble, ``2i+1`` in the high nibble, two's complement); 5..8-bit codes take one int8 each.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Literal
+
+import numpy as np
+
+ScaleKind = Literal["float", "pow2"]
+ScaleDtype = Literal["float32", "float16"]
+
+_SCALE_FLOOR = {"float32": np.float32(2.0**-126), "float16": np.float16(2.0**-24)}
+
+
+class BlockSizeError(ValueError):
+    """The block size does not divide the axis it cuts."""
+
+
+@dataclass(frozen=True)
+class BlockFormat:
+    """How one tensor is cut into blocks and quantized."""
+
+    bits: int = 8
+    block_size: int = 32
+    axis: int = -1
+    scale_kind: ScaleKind = "float"
+    scale_dtype: ScaleDtype = "float32"  # for scale_kind="float"
+    frac_bits: int = 0  # for scale_kind="pow2": 0 = pure power of two (BCT shift)
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be in 2..8, got {self.bits}")
+        if self.block_size < 1:
+            raise ValueError(f"block size must be >= 1, got {self.block_size}")
+        if self.scale_kind not in ("float", "pow2"):
+            raise ValueError(f"scale kind must be 'float' or 'pow2', got {self.scale_kind!r}")
+        if self.scale_dtype not in ("float32", "float16"):
+            raise ValueError(f"scale dtype must be float32 or float16, got {self.scale_dtype!r}")
+        if not 0 <= self.frac_bits <= 4:
+            raise ValueError(f"frac_bits must be in 0..4, got {self.frac_bits}")
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    @property
+    def packed(self) -> bool:
+        """Codes are stored two per byte (int4 container)."""
+        return self.bits <= 4
+
+    @property
+    def scale_bytes(self) -> int:
+        if self.scale_kind == "pow2":
+            return 1
+        return 4 if self.scale_dtype == "float32" else 2
+
+    def with_axis(self, axis: int) -> BlockFormat:
+        return replace(self, axis=axis)
+
+    def describe(self) -> str:
+        if self.scale_kind == "pow2":
+            scale = "pow2" if self.frac_bits == 0 else f"pow2/{2**self.frac_bits}"
+        else:
+            scale = "fp32" if self.scale_dtype == "float32" else "fp16"
+        return f"int{self.bits} b{self.block_size} {scale}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def bytes_for(self, num_elements: int) -> int:
+        """Stored bytes (codes + scales) of a tensor with this many elements."""
+        code_bytes = (num_elements + 1) // 2 if self.packed else num_elements
+        return code_bytes + math.ceil(num_elements / self.block_size) * self.scale_bytes
+
+
+@dataclass
+class BlockQuantized:
+    """A tensor in block format: codes (unpacked int8) and per-block scale codes.
+
+    ``scale_codes`` has the tensor's shape with the blocked axis shortened to
+    ``ceil(size / block_size)``; it is float32/float16 for float scales, int8 for pow2.
+    """
+
+    codes: np.ndarray
+    scale_codes: np.ndarray
+    fmt: BlockFormat
+
+    @property
+    def axis(self) -> int:
+        return self.fmt.axis % self.codes.ndim
+
+    def scales(self) -> np.ndarray:
+        return decode_scales(self.scale_codes, self.fmt)
+
+    def dequantize(self) -> np.ndarray:
+        return dequantize(self.codes, self.scale_codes, self.fmt)
+
+    def packed_codes(self) -> np.ndarray:
+        """Codes as stored: int4-packed uint8 (flattened, row-major) or int8."""
+        return pack_int4(self.codes) if self.fmt.packed else self.codes.astype(np.int8)
+
+    @property
+    def nbytes(self) -> int:
+        return self.fmt.bytes_for(self.codes.size)
+
+
+def decode_scales(scale_codes: np.ndarray, fmt: BlockFormat) -> np.ndarray:
+    """Per-block scales as float32."""
+    if fmt.scale_kind == "pow2":
+        return np.exp2(scale_codes.astype(np.float32) / np.float32(2**fmt.frac_bits)).astype(
+            np.float32
+        )
+    return scale_codes.astype(np.float32)
+
+
+def encode_scales(amax: np.ndarray, fmt: BlockFormat) -> np.ndarray:
+    """Scale codes for blocks with these max-abs values: the smallest scale >= amax/qmax."""
+    amax = np.asarray(amax, dtype=np.float32)
+    ideal = amax / np.float32(fmt.qmax)
+    if fmt.scale_kind == "pow2":
+        steps = np.float32(2**fmt.frac_bits)
+        with np.errstate(divide="ignore"):
+            code = np.ceil(np.log2(np.maximum(ideal, np.float32(1e-45))) * steps)
+        code = np.clip(code, -128, 127).astype(np.int8)
+        # log2/ceil in float can land one step short: bump those codes by one.
+        short = (decode_scales(code, fmt) < ideal) & (code < 127)
+        code = np.where(short, code + 1, code).astype(np.int8)
+        if np.any(decode_scales(code, fmt) < ideal):
+            raise ValueError("values too large for a pow2 scale (max |x| beyond 2**127)")
+        return code
+    floor = _SCALE_FLOOR[fmt.scale_dtype]
+    if fmt.scale_dtype == "float16":
+        if np.any(ideal > np.float32(np.finfo(np.float16).max)):
+            raise ValueError("values too large for a float16 scale; use float32 scales")
+        s16 = ideal.astype(np.float16)
+        s16 = np.where(s16.astype(np.float32) < ideal, np.nextafter(s16, np.float16(np.inf)), s16)
+        return np.maximum(s16, floor).astype(np.float16)
+    return np.maximum(ideal, floor).astype(np.float32)
+
+
+def block_view(x: np.ndarray, axis: int, block_size: int, allow_partial: bool = False) -> np.ndarray:
+    """``x`` moved to [..., nblocks, block_size] along ``axis`` (zero-padded if partial)."""
+    axis = axis % x.ndim
+    size = x.shape[axis]
+    if size % block_size:
+        if not allow_partial:
+            raise BlockSizeError(
+                f"block size {block_size} does not divide axis {axis} of size {size}"
+            )
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, block_size - size % block_size)
+        x = np.pad(x, pad)
+    x = np.moveaxis(x, axis, -1)
+    return x.reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
+
+
+def block_amax(x: np.ndarray, axis: int, block_size: int, allow_partial: bool = False) -> np.ndarray:
+    """max |x| of each block, shaped like x with ``axis`` shortened to the block count."""
+    amax = np.abs(block_view(x, axis, block_size, allow_partial)).max(axis=-1)
+    return np.moveaxis(amax, -1, axis % x.ndim)
+
+
+def expand_blocks(per_block: np.ndarray, axis: int, block_size: int, size: int) -> np.ndarray:
+    """Repeat each per-block value over its block (and cut a partial last block)."""
+    return np.take(np.repeat(per_block, block_size, axis=axis), np.arange(size), axis=axis)
+
+
+def quantize(
+    x: np.ndarray, fmt: BlockFormat, *, allow_partial: bool = False, amax: np.ndarray | None = None
+) -> BlockQuantized:
+    """Quantize ``x`` blockwise along ``fmt.axis``.
+
+    ``amax`` overrides the per-block max-abs (e.g. a clipped range); elements beyond
+    ``scale * qmax`` are then clamped.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 0:
+        raise ValueError("cannot block-quantize a scalar")
+    axis = fmt.axis % x.ndim
+    if amax is None:
+        amax = block_amax(x, axis, fmt.block_size, allow_partial)
+    elif x.shape[axis] % fmt.block_size and not allow_partial:
+        raise BlockSizeError(
+            f"block size {fmt.block_size} does not divide axis {axis} of size {x.shape[axis]}"
+        )
+    scale_codes = encode_scales(amax, fmt)
+    scales = expand_blocks(decode_scales(scale_codes, fmt), axis, fmt.block_size, x.shape[axis])
+    codes = np.clip(np.rint(x / scales), -fmt.qmax, fmt.qmax).astype(np.int8)
+    return BlockQuantized(codes, scale_codes, replace(fmt, axis=axis))
+
+
+def dequantize(codes: np.ndarray, scale_codes: np.ndarray, fmt: BlockFormat) -> np.ndarray:
+    """float32 values of block-quantized codes."""
+    axis = fmt.axis % codes.ndim
+    scales = expand_blocks(decode_scales(scale_codes, fmt), axis, fmt.block_size, codes.shape[axis])
+    return codes.astype(np.float32) * scales
+
+
+def fake_quantize(x: np.ndarray, fmt: BlockFormat, *, allow_partial: bool = False) -> np.ndarray:
+    """Quantize then dequantize: what a QDQ pair computes."""
+    return quantize(x, fmt, allow_partial=allow_partial).dequantize()
+
+
+def pack_int4(codes: np.ndarray) -> np.ndarray:
+    """Pack signed 4-bit codes (-8..7) two per byte, ONNX INT4 layout, row-major flattened."""
+    flat = np.asarray(codes, dtype=np.int8).reshape(-1)
+    if flat.size and (flat.min() < -8 or flat.max() > 7):
+        raise ValueError("int4 codes must lie in -8..7")
+    if flat.size % 2:
+        flat = np.concatenate([flat, np.zeros(1, np.int8)])
+    nibbles = flat.view(np.uint8) & np.uint8(0x0F)
+    return (nibbles[0::2] | (nibbles[1::2] << np.uint8(4))).astype(np.uint8)
+
+
+def unpack_int4(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of `pack_int4`: int8 codes of the given shape."""
+    packed = np.asarray(packed, dtype=np.uint8).reshape(-1)
+    nibbles = np.empty(packed.size * 2, np.uint8)
+    nibbles[0::2] = packed & np.uint8(0x0F)
+    nibbles[1::2] = packed >> np.uint8(4)
+    signed = nibbles.astype(np.int8)
+    signed = np.where(signed > 7, signed - 16, signed).astype(np.int8)
+    n = int(np.prod(shape)) if shape else 1
+    return signed[:n].reshape(shape)
+
+
+def divisors_hint(size: int, candidates: tuple[int, ...] = (16, 32, 64, 128, 256)) -> str:
+    ok = [b for b in candidates if size % b == 0]
+    return ", ".join(map(str, ok)) if ok else "none of " + ", ".join(map(str, candidates))

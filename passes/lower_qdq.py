@@ -1,0 +1,187 @@
+"""lower_qdq: the portable form. Every mid-level node becomes standard ONNX (opset 21), so the
+model runs on stock onnxruntime with no op library.
+
+    BlockDequantize(codes, scales)     -> DequantizeLinear(codes:int4|int8, scale, axis, block_size)
+    BlockGather(codes, scales, ids)    -> Gather rows and their scales, then DequantizeLinear
+                                          (int4 tables: stored packed as uint8 [V, H/2]; the rows
+                                          are unpacked with Xor/And/BitShift, zero point 8)
+    BlockFakeQuant(x)                  -> per-block max |x| in the graph (Reshape, Abs,
+                                          ReduceMax; Pad first when the last axis is not a
+                                          multiple of the block), scale = amax / qmax, then
+                                          QuantizeLinear(int8) -> DequantizeLinear
+
+Scales stored as float16 are Cast to float32, pow2 codes become ``2 ** (code / 2**frac_bits)``
+with Cast/Mul/Pow on the constant (onnxruntime folds these at load time), so the file keeps
+one or two bytes per block.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from bctonnx.blockformat import BlockFormat, pack_int4
+
+from .common import MID_DOMAIN, TARGET_OPSET, PassError, const_array, fmt_from_node, rank
+
+_SCALE_FLOOR = np.float32(2.0**-126)
+
+
+class _Emitter:
+    """Builds standard ONNX nodes in front of one anchor node."""
+
+    def __init__(self, graph: ir.Graph, anchor: ir.Node):
+        self.graph, self.anchor, self.prefix = graph, anchor, anchor.name or anchor.op_type
+        self.count = 0
+
+    def op(self, op_type: str, inputs, **attrs) -> ir.Value:
+        self.count += 1
+        node = ir.Node(
+            "",
+            op_type,
+            inputs,
+            ir.convenience.convert_attributes(attrs),
+            name=f"{self.prefix}/{op_type}_{self.count}",
+        )
+        self.graph.insert_before(self.anchor, node)
+        node.outputs[0].name = f"{self.prefix}/{op_type}_{self.count}_out"
+        return node.outputs[0]
+
+    def const(self, array, name: str) -> ir.Value:
+        tensor = array if isinstance(array, ir.TensorProtocol) else ir.tensor(np.asarray(array))
+        base, i, full = f"{self.prefix}/{name}", 0, f"{self.prefix}/{name}"
+        while full in self.graph.initializers:
+            i += 1
+            full = f"{base}_{i}"
+        value = ir.Value(name=full, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype))
+        value.const_value = tensor
+        self.graph.register_initializer(value)
+        return value
+
+    def decode_scales(self, scale_codes: ir.Value, fmt: BlockFormat) -> ir.Value:
+        """float32 scales from stored scale codes (see blockformat.decode_scales)."""
+        if fmt.scale_kind == "pow2":
+            exponent = self.op("Cast", [scale_codes], to=ir.DataType.FLOAT)
+            if fmt.frac_bits:
+                exponent = self.op(
+                    "Mul", [exponent, self.const(np.float32(2.0**-fmt.frac_bits), "inv_steps")]
+                )
+            return self.op("Pow", [self.const(np.float32(2.0), "two"), exponent])
+        if fmt.scale_dtype == "float16":
+            return self.op("Cast", [scale_codes], to=ir.DataType.FLOAT)
+        return scale_codes
+
+
+def _codes_tensor(codes: np.ndarray, fmt: BlockFormat) -> ir.TensorProtocol:
+    if fmt.packed:
+        return ir.PackedTensor(pack_int4(codes), ir.DataType.INT4, shape=ir.Shape(codes.shape))
+    return ir.tensor(codes.astype(np.int8))
+
+
+def _finish(node: ir.Node, result: ir.Value) -> None:
+    ir.convenience.replace_all_uses_with(node.outputs[0], result, replace_graph_outputs=True)
+    name = node.outputs[0].name
+    node.outputs[0].name = None
+    result.name = name
+    result.shape = result.shape or node.outputs[0].shape
+    result.type = result.type or node.outputs[0].type
+    node.graph.remove(node, safe=True)
+
+
+def lower_block_dequantize(graph: ir.Graph, node: ir.Node) -> None:
+    fmt = fmt_from_node(node)
+    e = _Emitter(graph, node)
+    codes = e.const(_codes_tensor(const_array(node.inputs[0]), fmt), "codes")
+    scales = e.decode_scales(e.const(const_array(node.inputs[1]), "scales"), fmt)
+    _finish(
+        node,
+        e.op("DequantizeLinear", [codes, scales], axis=fmt.axis, block_size=fmt.block_size),
+    )
+
+
+def lower_block_gather(graph: ir.Graph, node: ir.Node) -> None:
+    fmt = fmt_from_node(node)
+    e = _Emitter(graph, node)
+    codes, scale_codes, ids = const_array(node.inputs[0]), const_array(node.inputs[1]), node.inputs[2]
+    scales = e.decode_scales(e.op("Gather", [e.const(scale_codes, "scales"), ids], axis=0), fmt)
+    q_args = dict(axis=-1, block_size=fmt.block_size)
+    if not fmt.packed:
+        rows = e.op("Gather", [e.const(codes.astype(np.int8), "codes"), ids], axis=0)
+        _finish(node, e.op("DequantizeLinear", [rows, scales], **q_args))
+        return
+    vocab, hidden = codes.shape
+    ids_rank = rank(ids)
+    if hidden % 2 or ids_rank is None:
+        raise PassError(f"cannot pack table '{node.inputs[0].name}' (odd hidden or unknown rank)")
+    packed = pack_int4(codes).reshape(vocab, hidden // 2)
+    rows = e.op("Gather", [e.const(packed, "codes_packed"), ids], axis=0)
+    # two's complement nibbles -> offset binary (x ^ 8), then zero point 8 restores the sign
+    rows = e.op("BitwiseXor", [rows, e.const(np.uint8(0x88), "xor88")])
+    low = e.op("BitwiseAnd", [rows, e.const(np.uint8(0x0F), "low_mask")])
+    high = e.op("BitShift", [rows, e.const(np.uint8(4), "four")], direction="RIGHT")
+    last = e.const(np.array([-1], np.int64), "last_axis")
+    pairs = e.op("Concat", [e.op("Unsqueeze", [low, last]), e.op("Unsqueeze", [high, last])], axis=-1)
+    shape = e.const(np.array([0] * ids_rank + [-1], np.int64), "row_shape")
+    nibbles = e.op("Reshape", [pairs, shape])
+    zero_point = e.op("Expand", [e.const(np.uint8(8), "eight"), e.op("Shape", [scales])])
+    _finish(node, e.op("DequantizeLinear", [nibbles, scales, zero_point], **q_args))
+
+
+def lower_block_fake_quant(graph: ir.Graph, node: ir.Node) -> None:
+    fmt = fmt_from_node(node)
+    x = node.inputs[0]
+    r = rank(x)
+    if r is None:
+        raise PassError(f"tensor '{x.name}' has unknown rank; cannot quantize it blockwise")
+    e = _Emitter(graph, node)
+    b = fmt.block_size
+    last = x.shape[-1]
+    if isinstance(last, int) and last % b == 0:
+        blocked = e.op("Reshape", [x, e.const(np.array([0] * (r - 1) + [last // b, b]), "blocks")])
+    else:
+        if isinstance(last, int):
+            pad = e.const(np.array([b - last % b], np.int64), "pad")
+        else:  # (b - D % b) % b at run time
+            size = e.op("Shape", [x], start=-1)
+            bb = e.const(np.array([b], np.int64), "block")
+            pad = e.op("Mod", [e.op("Sub", [bb, e.op("Mod", [size, bb])]), bb])
+        pads = e.op("Concat", [e.const(np.zeros(2 * r - 1, np.int64), "zeros"), pad], axis=0)
+        padded = e.op("Pad", [x, pads])
+        blocked = e.op("Reshape", [padded, e.const(np.array([0] * (r - 1) + [-1, b]), "blocks")])
+    amax = e.op("ReduceMax", [e.op("Abs", [blocked]), e.const(np.array([-1]), "axes")], keepdims=0)
+    ideal = e.op(
+        "Div",
+        [e.op("Max", [amax, e.const(_SCALE_FLOOR, "floor")]), e.const(np.float32(fmt.qmax), "qmax")],
+    )
+    if fmt.scale_kind == "pow2":
+        steps = np.float32(2**fmt.frac_bits)
+        log2 = e.op("Div", [e.op("Log", [ideal]), e.const(np.float32(np.log(2.0)), "ln2")])
+        code = e.op("Ceil", [e.op("Mul", [log2, e.const(steps, "steps")])])
+        scale = e.op("Pow", [e.const(np.float32(2.0), "two"), e.op("Div", [code, e.const(steps, "steps")])])
+    else:
+        scale = ideal
+    q = e.op(
+        "QuantizeLinear", [x, scale], axis=-1, block_size=b, output_dtype=ir.DataType.INT8
+    )
+    _finish(node, e.op("DequantizeLinear", [q, scale], axis=-1, block_size=b))
+
+
+LOWERINGS = {
+    "BlockDequantize": lower_block_dequantize,
+    "BlockGather": lower_block_gather,
+    "BlockFakeQuant": lower_block_fake_quant,
+}
+
+
+class LowerQDQ(ir.passes.InPlacePass):
+    """Mid-level block nodes -> standard QuantizeLinear/DequantizeLinear (opset 21)."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        mids = [n for n in graph if n.domain == MID_DOMAIN]
+        for node in mids:
+            LOWERINGS[node.op_type](graph, node)
+        graph.opset_imports.pop(MID_DOMAIN, None)
+        model.opset_imports.pop(MID_DOMAIN, None)
+        graph.opset_imports[""] = TARGET_OPSET
+        return ir.passes.PassResult(model, modified=bool(mids))

@@ -1,0 +1,79 @@
+"""The pass pipeline: which passes run, in which order, for a compression config."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from bctonnx.config import CompressionConfig
+
+from .canonicalize import Canonicalize
+from .common import MID_DOMAIN, role
+from .lower_qdq import LowerQDQ
+from .quantize_activations import QuantizeActivations
+from .quantize_embeddings import QuantizeEmbeddings
+from .quantize_weights import QuantizeWeights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PassSummary:
+    name: str
+    seconds: float
+    nodes_before: int
+    nodes_after: int
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def build_pipeline(config: CompressionConfig) -> list[ir.passes.PassBase]:
+    passes: list[ir.passes.PassBase] = [Canonicalize()]
+    if config.weights is not None:
+        passes.append(QuantizeWeights(config.weights, config.exclude))
+    if config.embeddings is not None:
+        passes.append(QuantizeEmbeddings(config.embeddings, config.exclude))
+    if config.activations is not None:
+        passes.append(QuantizeActivations(config.activations, config.exclude))
+    if config.mode == "qdq":
+        passes.append(LowerQDQ())
+    else:
+        raise ValueError(f"unknown mode {config.mode!r}")
+    return passes
+
+
+def _counts(graph: ir.Graph) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in graph:
+        key = f"{node.domain}::{node.op_type}" if node.domain == MID_DOMAIN else (role(node) or "")
+        if key:
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def run_pipeline(
+    model: ir.Model,
+    config: CompressionConfig,
+    progress: Callable[[str], None] | None = None,
+) -> list[PassSummary]:
+    """Run every pass in place; returns one summary per pass."""
+    summaries = []
+    for p in build_pipeline(config):
+        name = type(p).__name__
+        if progress:
+            progress(name)
+        before = len(model.graph)
+        t0 = time.perf_counter()
+        p(model)
+        model.graph.sort()
+        summaries.append(
+            PassSummary(name, time.perf_counter() - t0, before, len(model.graph), _counts(model.graph))
+        )
+        log.info("%s: %d -> %d nodes", name, before, len(model.graph))
+    common_passes.RemoveUnusedNodesPass()(model)
+    common_passes.RemoveUnusedOpsetsPass()(model)
+    return summaries
