@@ -177,12 +177,12 @@ def model_file_bytes(path: str | os.PathLike) -> int:
     return total
 
 
-def copy_sidecars(src_dir: Path, dst_dir: Path) -> list[str]:
+def copy_sidecars(src_dir: Path, dst_dir: Path, overwrite: bool = True) -> list[str]:
     """Copy config and tokenizer files of an exported model directory."""
     copied = []
     for name in SIDECAR_FILES:
         f = src_dir / name
-        if f.is_file():
+        if f.is_file() and (overwrite or not (dst_dir / name).exists()):
             shutil.copy2(f, dst_dir / name)
             copied.append(name)
     return copied

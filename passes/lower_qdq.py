@@ -28,10 +28,17 @@ _SCALE_FLOOR = np.float32(2.0**-126)
 
 
 class _Emitter:
-    """Builds standard ONNX nodes in front of one anchor node."""
+    """Builds standard ONNX nodes in front of one anchor node.
 
-    def __init__(self, graph: ir.Graph, anchor: ir.Node):
-        self.graph, self.anchor, self.prefix = graph, anchor, anchor.name or anchor.op_type
+    Names are short (``bq<n>/<op>``) and small constants are shared across the graph: at
+    ~900 inserted nodes, long names and repeated constants would cost a visible part of the
+    compression ratio.
+    """
+
+    def __init__(self, graph: ir.Graph, anchor: ir.Node, shared: dict):
+        self.graph, self.anchor, self.shared = graph, anchor, shared
+        shared["__count__"] = shared.get("__count__", 0) + 1
+        self.prefix = f"bq{shared['__count__']}"
         self.count = 0
 
     def op(self, op_type: str, inputs, **attrs) -> ir.Value:
@@ -41,21 +48,29 @@ class _Emitter:
             op_type,
             inputs,
             ir.convenience.convert_attributes(attrs),
-            name=f"{self.prefix}/{op_type}_{self.count}",
+            name=f"{self.prefix}/{self.count}",
         )
         self.graph.insert_before(self.anchor, node)
-        node.outputs[0].name = f"{self.prefix}/{op_type}_{self.count}_out"
+        node.outputs[0].name = f"{self.prefix}/{self.count}"
         return node.outputs[0]
 
     def const(self, array, name: str) -> ir.Value:
+        """A constant; small ones are shared by every emitter of the graph."""
         tensor = array if isinstance(array, ir.TensorProtocol) else ir.tensor(np.asarray(array))
-        base, i, full = f"{self.prefix}/{name}", 0, f"{self.prefix}/{name}"
-        while full in self.graph.initializers:
-            i += 1
-            full = f"{base}_{i}"
+        key = None
+        if not isinstance(array, ir.TensorProtocol) and np.asarray(array).size <= 16:
+            arr = np.asarray(array)
+            key = (arr.dtype.str, arr.shape, arr.tobytes())
+            if key in self.shared:
+                return self.shared[key]
+            full = f"bc/{name}_{len(self.shared)}"
+        else:
+            full = f"{self.prefix}/{name}"
         value = ir.Value(name=full, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype))
         value.const_value = tensor
         self.graph.register_initializer(value)
+        if key is not None:
+            self.shared[key] = value
         return value
 
     def decode_scales(self, scale_codes: ir.Value, fmt: BlockFormat) -> ir.Value:
@@ -88,9 +103,9 @@ def _finish(node: ir.Node, result: ir.Value) -> None:
     node.graph.remove(node, safe=True)
 
 
-def lower_block_dequantize(graph: ir.Graph, node: ir.Node) -> None:
+def lower_block_dequantize(graph: ir.Graph, node: ir.Node, shared: dict) -> None:
     fmt = fmt_from_node(node)
-    e = _Emitter(graph, node)
+    e = _Emitter(graph, node, shared)
     codes = e.const(_codes_tensor(const_array(node.inputs[0]), fmt), "codes")
     scales = e.decode_scales(e.const(const_array(node.inputs[1]), "scales"), fmt)
     _finish(
@@ -99,9 +114,9 @@ def lower_block_dequantize(graph: ir.Graph, node: ir.Node) -> None:
     )
 
 
-def lower_block_gather(graph: ir.Graph, node: ir.Node) -> None:
+def lower_block_gather(graph: ir.Graph, node: ir.Node, shared: dict) -> None:
     fmt = fmt_from_node(node)
-    e = _Emitter(graph, node)
+    e = _Emitter(graph, node, shared)
     codes, scale_codes, ids = const_array(node.inputs[0]), const_array(node.inputs[1]), node.inputs[2]
     scales = e.decode_scales(e.op("Gather", [e.const(scale_codes, "scales"), ids], axis=0), fmt)
     q_args = dict(axis=-1, block_size=fmt.block_size)
@@ -127,13 +142,13 @@ def lower_block_gather(graph: ir.Graph, node: ir.Node) -> None:
     _finish(node, e.op("DequantizeLinear", [nibbles, scales, zero_point], **q_args))
 
 
-def lower_block_fake_quant(graph: ir.Graph, node: ir.Node) -> None:
+def lower_block_fake_quant(graph: ir.Graph, node: ir.Node, shared: dict) -> None:
     fmt = fmt_from_node(node)
     x = node.inputs[0]
     r = rank(x)
     if r is None:
         raise PassError(f"tensor '{x.name}' has unknown rank; cannot quantize it blockwise")
-    e = _Emitter(graph, node)
+    e = _Emitter(graph, node, shared)
     b = fmt.block_size
     last = x.shape[-1]
     if isinstance(last, int) and last % b == 0:
@@ -179,8 +194,9 @@ class LowerQDQ(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         mids = [n for n in graph if n.domain == MID_DOMAIN]
+        shared: dict = {}
         for node in mids:
-            LOWERINGS[node.op_type](graph, node)
+            LOWERINGS[node.op_type](graph, node, shared)
         graph.opset_imports.pop(MID_DOMAIN, None)
         model.opset_imports.pop(MID_DOMAIN, None)
         graph.opset_imports[""] = TARGET_OPSET

@@ -76,4 +76,20 @@ def run_pipeline(
         log.info("%s: %d -> %d nodes", name, before, len(model.graph))
     common_passes.RemoveUnusedNodesPass()(model)
     common_passes.RemoveUnusedOpsetsPass()(model)
+    strip_annotations(model)
     return summaries
+
+
+def strip_annotations(model: ir.Model) -> None:
+    """Drop what only the passes needed: role metadata and intermediate shapes (value_info).
+
+    onnxruntime infers shapes itself; saving them would cost ~90 KB on MiniLM.
+    """
+    outputs = {id(v) for v in model.graph.outputs}
+    for node in model.graph:
+        for key in [k for k in node.metadata_props if k.startswith("bctonnx.")]:
+            del node.metadata_props[key]
+        for value in node.outputs:
+            if id(value) not in outputs:
+                value.shape = None
+                value.type = None

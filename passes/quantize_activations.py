@@ -39,6 +39,31 @@ QUANTIZED_IO: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
 }
 
 
+def _from_attention_scores(value: ir.Value, depth: int = 3) -> bool:
+    node = value.producer()
+    if node is None or depth == 0:
+        return False
+    if role(node) == "attention.qk":
+        return True
+    return node.op_type in ("Div", "Mul", "Cast") and _from_attention_scores(node.inputs[0], depth - 1)
+
+
+def _before_mask(value: ir.Value) -> ir.Value:
+    """Softmax(scores + mask): quantize the scores, not the sum.
+
+    The additive mask holds huge negatives (down to -3.4e38) at padded positions; a block
+    containing one would get a scale so large that every real score rounds to zero. The mask
+    add stays in float and the Softmax (or the integer softmax) sees the mask as it is.
+    """
+    node = value.producer()
+    if node is None or role(node) != "attention.mask":
+        return value
+    for inp in node.inputs:
+        if inp is not None and _from_attention_scores(inp):
+            return inp
+    return value
+
+
 def _before_transpose(value: ir.Value) -> ir.Value:
     """For K^T = Transpose(K) moving K's last axis inward, quantize K instead."""
     node = value.producer()
@@ -74,6 +99,8 @@ class QuantizeActivations(ir.passes.InPlacePass):
             for value in values:
                 if r.startswith("attention") and value is node.inputs[1]:
                     value = _before_transpose(value)
+                if r == "softmax" and value is node.inputs[0]:
+                    value = _before_mask(value)
                 if is_float(value) and not is_const(value) and value.shape is not None:
                     chosen.setdefault(id(value), value)
         return list(chosen.values())

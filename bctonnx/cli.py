@@ -1,0 +1,236 @@
+"""The ``bctonnx`` command line.
+
+Exit codes: 0 success; 2 bad input or usage (one-line message, nothing written);
+1 an internal error (a bug: the message says how to get the traceback); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import BctError
+
+log = logging.getLogger("bctonnx")
+
+
+def _add_compress_flags(p: argparse.ArgumentParser) -> None:
+    from .config import PRESETS
+
+    g = p.add_argument_group("compression")
+    g.add_argument("--preset", default="w8a8", choices=sorted(PRESETS), help="starting point (default: w8a8)")
+    g.add_argument("--weight-bits", type=int, metavar="N", help="bits of MatMul/Gemm weights (2..8)")
+    g.add_argument("--embedding-bits", type=int, metavar="N", help="bits of embedding tables (2..8)")
+    g.add_argument("--act-bits", type=int, metavar="N", help="bits of activations (2..8)")
+    g.add_argument("--block-size", type=int, metavar="B", help="block size of every tensor class")
+    g.add_argument("--weight-block-size", type=int, metavar="B")
+    g.add_argument("--embedding-block-size", type=int, metavar="B")
+    g.add_argument("--act-block-size", type=int, metavar="B")
+    g.add_argument("--scale-kind", choices=("float", "pow2"), help="scale kind of stored tensors")
+    g.add_argument("--scale-dtype", choices=("float32", "float16"), help="dtype of float scales")
+    g.add_argument("--frac-bits", type=int, metavar="F", help="pow2 scales: 2**(code/2**F); 0 = pure shift")
+    g.add_argument("--clip", choices=("none", "mse"), help="per-block clipping of stored tensors")
+    g.add_argument("--no-activations", action="store_true", help="leave activations in FP32")
+    g.add_argument("--mode", choices=("qdq",), help="lowering: qdq = portable QuantizeLinear/DequantizeLinear")
+    g.add_argument(
+        "--exclude", action="append", default=None, metavar="GLOB",
+        help="leave nodes whose name matches GLOB uncompressed (repeatable)",
+    )
+
+
+def _config_from_args(args):
+    from .config import resolve_config
+
+    config = resolve_config(
+        args.preset,
+        weight_bits=args.weight_bits,
+        embedding_bits=args.embedding_bits,
+        act_bits=args.act_bits,
+        block_size=args.block_size,
+        weight_block_size=args.weight_block_size,
+        embedding_block_size=args.embedding_block_size,
+        act_block_size=args.act_block_size,
+        scale_kind=args.scale_kind,
+        scale_dtype=args.scale_dtype,
+        frac_bits=args.frac_bits,
+        mode=args.mode,
+        exclude=args.exclude,
+        no_activations=args.no_activations,
+    )
+    if args.clip is not None:
+        from dataclasses import replace
+
+        config = replace(
+            config,
+            weights=config.weights and replace(config.weights, clip=args.clip),
+            embeddings=config.embeddings and replace(config.embeddings, clip=args.clip),
+        )
+    return config
+
+
+def cmd_export(args) -> int:
+    from .export import export_model
+
+    out = export_model(args.model_dir, args.output, task=args.task)
+    print(f"exported {args.model_dir} -> {out}")
+    return 0
+
+
+def cmd_compress(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .api import compress_file
+
+    try:
+        config = _config_from_args(args)
+    except ValueError as exc:
+        raise BctError(str(exc)) from None
+    bar = tqdm(total=None, desc="compress", unit="pass", disable=args.quiet or not sys.stderr.isatty())
+
+    def progress(name: str) -> None:
+        bar.set_postfix_str(name)
+        bar.update()
+
+    report = compress_file(args.input, args.output, config, progress=progress)
+    bar.close()
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        print(f"config: {config.describe()}")
+        for s in report.passes:
+            print(f"  {s.name:<22} {s.nodes_before:>5} -> {s.nodes_after:>5} nodes  {s.seconds:6.2f} s")
+        print(
+            f"{args.input} ({report.input_bytes / 1e6:.2f} MB) -> {args.output} "
+            f"({report.output_bytes / 1e6:.2f} MB): compression ratio {report.ratio:.3f}x"
+        )
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from .validate import format_report, read_texts, validate
+
+    texts = read_texts(args.texts) if args.texts else None
+    if args.tokenizer and not Path(args.tokenizer).is_dir():
+        raise BctError(f"{args.tokenizer}: tokenizer directory not found")
+    report = validate(
+        args.reference,
+        args.candidate,
+        tokenizer_dir=args.tokenizer,
+        texts=texts[: args.limit] if texts and args.limit else texts,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import format_rows, run_demo
+    from .validate import read_texts
+
+    texts = read_texts(args.texts) if args.texts else None
+    rows = run_demo(
+        workdir=args.workdir, texts=texts, threads=args.threads, runs=args.runs,
+        progress=not args.quiet,
+    )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_rows(rows, args.threads))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bctonnx",
+        description="Blockwise compression (BCT) of transformer encoders in ONNX: "
+        "export, compress, validate.",
+        epilog="Exit codes: 0 ok, 2 bad input (one-line message, no output written), "
+        "1 internal error, 130 interrupted.",
+    )
+    parser.add_argument("--version", action="version", version=f"bctonnx {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("export", help="export a Hugging Face checkpoint to ONNX (optimum, offline)")
+    p.add_argument("model_dir", help="Hugging Face checkpoint directory")
+    p.add_argument("-o", "--output", required=True, help="output directory (created)")
+    p.add_argument("--task", default="feature-extraction", choices=("feature-extraction", "text-classification"))
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "compress", help="compress an ONNX model (file or exported directory)",
+        description="Compress IN (a .onnx file, or an exported model directory: then OUT is a "
+        "directory and config/tokenizer files are copied).",
+    )
+    p.add_argument("input", metavar="IN")
+    p.add_argument("-o", "--output", required=True, metavar="OUT")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    _add_compress_flags(p)
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("validate", help="compare a compressed model with its reference")
+    p.add_argument("reference", metavar="REF")
+    p.add_argument("candidate", metavar="CAND")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: next to REF)")
+    p.add_argument("--texts", metavar="FILE", help="one text per line (default: built-in sentences)")
+    p.add_argument("--limit", type=int, help="use only the first N texts")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("demo", help="MiniLM from PyPI: export, compress, validate, print a table")
+    p.add_argument("--workdir", type=Path, help="work folder (default ~/.cache/bctonnx/demo)")
+    p.add_argument("--texts", metavar="FILE", help="one text per line (default: built-in sentences)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", type=int, default=20, help="timed runs per model")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        # onnx_ir prints a line per value it cannot type; the passes do not need those types
+        logging.getLogger("onnx_ir").setLevel(logging.ERROR)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except BctError as exc:
+        print(f"bctonnx: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("bctonnx: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(
+            f"bctonnx: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+            "(rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""validate: run a reference and a candidate model on the same inputs and compare.
+
+Reports, per graph output: max / mean abs error and cosine similarity (per row of the last
+axis, masked by the attention mask for token outputs); for a token-level hidden state also the
+mean-pooled sentence-embedding cosine; for logits, top-1 agreement. The per-layer table compares
+every LayerNormalization output that both models still carry under the same name (bctonnx
+keeps tensor names through compression) and labels it with its encoder layer, so the block that
+hurts stands out.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from tqdm.auto import tqdm
+
+from .errors import BctError
+from .modelio import load_proto
+from .runtime import session_options
+
+
+@dataclass
+class OutputStats:
+    name: str
+    max_abs_err: float
+    mean_abs_err: float
+    cosine: float
+    top1_agreement: float | None = None
+    pooled_cosine: float | None = None
+
+
+@dataclass
+class LayerStats:
+    label: str
+    tensor: str
+    max_abs_err: float
+    mean_abs_err: float
+    rel_err: float
+    cosine: float
+
+
+@dataclass
+class ValidationReport:
+    num_inputs: int
+    outputs: list[OutputStats] = field(default_factory=list)
+    layers: list[LayerStats] = field(default_factory=list)
+
+    @property
+    def embedding_cosine(self) -> float | None:
+        """Mean cosine of the sentence embeddings (pooled output, or mean-pooled tokens)."""
+        for o in self.outputs:
+            if "sentence" in o.name or "pool" in o.name:
+                return o.cosine
+        for o in self.outputs:
+            if o.pooled_cosine is not None:
+                return o.pooled_cosine
+        return None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["embedding_cosine"] = self.embedding_cosine
+        return d
+
+
+# --- inputs ------------------------------------------------------------------------------------
+
+
+def default_texts() -> list[str]:
+    """English sentences shipped with the package (written for bctonnx, public domain)."""
+    text = resources.files("bctonnx.data").joinpath("sentences.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def read_texts(path: str | os.PathLike) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise BctError(f"{p}: no such text file")
+    texts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise BctError(f"{p}: no texts in file (one text per line)")
+    return texts
+
+
+def load_tokenizer(directory: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return AutoTokenizer.from_pretrained(str(directory))
+    except Exception as exc:  # transformers raises many kinds for a bad folder
+        raise BctError(f"{directory}: cannot load a tokenizer ({type(exc).__name__})") from None
+
+
+def find_tokenizer_dir(*model_paths: str | os.PathLike) -> Path | None:
+    for p in model_paths:
+        d = Path(p)
+        d = d if d.is_dir() else d.parent
+        if (d / "tokenizer.json").is_file() or (d / "vocab.txt").is_file():
+            return d
+    return None
+
+
+def make_feeds(
+    input_names: list[str],
+    texts: list[str] | None,
+    tokenizer,
+    batch_size: int,
+    max_length: int,
+    vocab_size: int = 1000,
+    num_random: int = 32,
+) -> list[dict[str, np.ndarray]]:
+    """Batches of model inputs: tokenized texts, or random token ids without a tokenizer."""
+    batches = []
+    if tokenizer is not None and texts:
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(
+                texts[i : i + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="np",
+            )
+            batches.append({k: enc[k].astype(np.int64) for k in input_names if k in enc})
+    else:
+        rng = np.random.default_rng(0)
+        for i in range(0, num_random, batch_size):
+            b = min(batch_size, num_random - i)
+            ids = rng.integers(5, vocab_size, size=(b, 32), dtype=np.int64)
+            mask = np.ones_like(ids)
+            mask[:, 24:] = 0  # some padding
+            batches.append({"input_ids": ids, "attention_mask": mask, "token_type_ids": 0 * ids})
+    for batch in batches:
+        missing = [n for n in input_names if n not in batch]
+        if missing == ["token_type_ids"]:
+            batch["token_type_ids"] = np.zeros_like(batch["input_ids"])
+        elif missing:
+            raise BctError(f"cannot make inputs named {missing} (only text encoders are supported)")
+        for k in list(batch):
+            if k not in input_names:
+                del batch[k]
+    return batches
+
+
+# --- per-layer probes ----------------------------------------------------------------------------
+
+_LAYER_RE = re.compile(r"layers?[._/]?(\d+)")
+
+
+def layer_probes(proto: onnx.ModelProto) -> list[tuple[str, str]]:
+    """(label, tensor name) of each LayerNormalization output, in graph order."""
+    probes = []
+    for node in proto.graph.node:
+        if node.op_type != "LayerNormalization" or not node.output:
+            continue
+        m = _LAYER_RE.search(node.name or node.output[0])
+        lname = node.name or node.output[0]
+        if m:
+            where = "attention" if "attention" in lname else "output"
+            label = f"layer {m.group(1)} {where}"
+        elif "embed" in lname:
+            label = "embeddings"
+        else:
+            label = lname
+        probes.append((label, node.output[0]))
+    return probes
+
+
+def _with_outputs(proto: onnx.ModelProto, names: list[str]) -> bytes:
+    p = onnx.ModelProto()
+    p.CopyFrom(proto)
+    have = {o.name for o in p.graph.output}
+    produced = {o for n in p.graph.node for o in n.output}
+    for name in names:
+        if name not in have and name in produced:
+            p.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    return p.SerializeToString()
+
+
+def _session(model: bytes, threads: int | None) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(model, session_options(threads), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise BctError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
+
+
+# --- metrics ----------------------------------------------------------------------------------------
+
+
+def _rowwise_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.reshape(-1, a.shape[-1]).astype(np.float64)
+    b = b.reshape(-1, b.shape[-1]).astype(np.float64)
+    num = (a * b).sum(-1)
+    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return np.where(den > 0, num / np.maximum(den, 1e-300), 1.0)
+
+
+def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    m = mask[..., None].astype(np.float64)
+    return (hidden * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+
+
+class _Acc:
+    """Accumulates one tensor's errors over batches."""
+
+    def __init__(self):
+        self.max_err, self.abs_sum, self.ref_abs_sum, self.count = 0.0, 0.0, 0.0, 0
+        self.cos: list[np.ndarray] = []
+        self.pooled: list[np.ndarray] = []
+        self.top1: list[np.ndarray] = []
+
+    def add(self, ref: np.ndarray, cand: np.ndarray, mask: np.ndarray | None, name: str):
+        if ref.shape != cand.shape:
+            raise BctError(f"output '{name}' has shape {cand.shape}, reference has {ref.shape}")
+        ref64, cand64 = ref.astype(np.float64), cand.astype(np.float64)
+        valid = np.ones(ref.shape[:-1], bool) if ref.ndim else np.ones((), bool)
+        if mask is not None and ref.ndim == 3 and ref.shape[:2] == mask.shape:
+            valid = mask.astype(bool)
+            self.pooled.append(_rowwise_cosine(mean_pool(ref64, mask), mean_pool(cand64, mask)))
+        err = np.abs(ref64 - cand64)[valid] if ref.ndim else np.abs(ref64 - cand64)
+        self.max_err = max(self.max_err, float(err.max(initial=0.0)))
+        self.abs_sum += float(err.sum())
+        self.ref_abs_sum += float(np.abs(ref64)[valid].sum() if ref.ndim else abs(ref64))
+        self.count += int(err.size)
+        if ref.ndim >= 1:
+            self.cos.append(_rowwise_cosine(ref64, cand64)[valid.reshape(-1)])
+        if "logits" in name and ref.ndim == 2:
+            self.top1.append(ref.argmax(-1) == cand.argmax(-1))
+
+    def stats(self, name: str) -> OutputStats:
+        return OutputStats(
+            name=name,
+            max_abs_err=self.max_err,
+            mean_abs_err=self.abs_sum / max(self.count, 1),
+            cosine=float(np.concatenate(self.cos).mean()) if self.cos else float("nan"),
+            top1_agreement=float(np.concatenate(self.top1).mean()) if self.top1 else None,
+            pooled_cosine=float(np.concatenate(self.pooled).mean()) if self.pooled else None,
+        )
+
+
+def validate(
+    reference: str | os.PathLike,
+    candidate: str | os.PathLike,
+    *,
+    tokenizer_dir: str | os.PathLike | None = None,
+    texts: list[str] | None = None,
+    batch_size: int = 16,
+    max_length: int = 128,
+    per_layer: bool = True,
+    threads: int | None = None,
+    progress: bool = True,
+) -> ValidationReport:
+    """Compare ``candidate`` against ``reference`` on the same inputs (see module doc)."""
+    ref_proto, ref_path = load_proto(reference)
+    cand_proto, cand_path = load_proto(candidate)
+    ref_proto = onnx.load(str(ref_path))  # with external data, for onnxruntime
+    cand_proto = onnx.load(str(cand_path))
+    tok_dir = tokenizer_dir or find_tokenizer_dir(reference, candidate)
+    tokenizer = load_tokenizer(tok_dir) if tok_dir else None
+    if tokenizer is not None and texts is None:
+        texts = default_texts()
+    outputs = [o.name for o in ref_proto.graph.output]
+    cand_outputs = {o.name for o in cand_proto.graph.output}
+    missing = [o for o in outputs if o not in cand_outputs]
+    if missing:
+        raise BctError(f"candidate model lacks outputs {missing} of the reference")
+    probes = []
+    if per_layer:
+        cand_tensors = {o for n in cand_proto.graph.node for o in n.output}
+        probes = [(lbl, t) for lbl, t in layer_probes(ref_proto) if t in cand_tensors]
+        probes = [(lbl, t) for lbl, t in probes if t not in outputs]
+    probe_names = [t for _, t in probes]
+    ref_sess = _session(_with_outputs(ref_proto, probe_names), threads)
+    cand_sess = _session(_with_outputs(cand_proto, probe_names), threads)
+    input_names = [i.name for i in ref_sess.get_inputs()]
+    vocab = _vocab_size(ref_proto)
+    batches = make_feeds(input_names, texts, tokenizer, batch_size, max_length, vocab_size=vocab)
+    fetch = outputs + probe_names
+    accs = {n: _Acc() for n in fetch}
+    n_inputs = 0
+    for feeds in tqdm(batches, desc="validate", unit="batch", disable=not progress, leave=False):
+        ref_out = ref_sess.run(fetch, feeds)
+        cand_out = cand_sess.run(fetch, feeds)
+        mask = feeds.get("attention_mask")
+        for name, r, c in zip(fetch, ref_out, cand_out):
+            accs[name].add(np.asarray(r), np.asarray(c), mask, name)
+        n_inputs += len(next(iter(feeds.values())))
+    report = ValidationReport(num_inputs=n_inputs)
+    report.outputs = [accs[n].stats(n) for n in outputs]
+    for label, name in probes:
+        s = accs[name].stats(name)
+        acc = accs[name]
+        rel = acc.abs_sum / acc.ref_abs_sum if acc.ref_abs_sum else float("nan")
+        report.layers.append(LayerStats(label, name, s.max_abs_err, s.mean_abs_err, rel, s.cosine))
+    return report
+
+
+def _vocab_size(proto: onnx.ModelProto) -> int:
+    inits = {t.name: t for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Gather" and node.input[0] in inits and "input_ids" in node.input[1:]:
+            return int(inits[node.input[0]].dims[0])
+    return 1000
+
+
+def format_report(report: ValidationReport) -> str:
+    lines = [f"compared on {report.num_inputs} inputs", ""]
+    lines.append(f"{'output':<28} {'max abs err':>12} {'mean abs err':>13} {'cosine':>9} {'extra':>20}")
+    for o in report.outputs:
+        extra = ""
+        if o.top1_agreement is not None:
+            extra = f"top-1 agree {o.top1_agreement:.4f}"
+        elif o.pooled_cosine is not None:
+            extra = f"pooled cos {o.pooled_cosine:.5f}"
+        lines.append(
+            f"{o.name[:28]:<28} {o.max_abs_err:>12.5f} {o.mean_abs_err:>13.6f} {o.cosine:>9.5f} {extra:>20}"
+        )
+    if report.embedding_cosine is not None:
+        lines += ["", f"sentence-embedding cosine vs reference: {report.embedding_cosine:.5f}"]
+    if report.layers:
+        lines += ["", f"{'layer':<22} {'max abs err':>12} {'mean abs err':>13} {'rel err':>9} {'cosine':>9}"]
+        worst = max(range(len(report.layers)), key=lambda i: report.layers[i].rel_err)
+        for i, s in enumerate(report.layers):
+            mark = "  <- largest relative error" if i == worst else ""
+            lines.append(
+                f"{s.label:<22} {s.max_abs_err:>12.5f} {s.mean_abs_err:>13.6f} {s.rel_err:>9.5f} {s.cosine:>9.5f}{mark}"
+            )
+    return "\n".join(lines)

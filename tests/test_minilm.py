@@ -1,0 +1,79 @@
+"""The whole pipeline on the real all-MiniLM-L6-v2 (from the PyPI package), on onnxruntime."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+from shared_assets import sst2_dev_sentences
+
+import bctonnx
+from bctonnx.demo import extract_minilm
+from bctonnx.export import export_model
+from bctonnx.modelio import model_file_bytes
+from bctonnx.validate import validate
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def minilm_dir(tmp_path_factory):
+    work = tmp_path_factory.mktemp("minilm")
+    return export_model(extract_minilm(work), work / "onnx-fp32")
+
+
+@pytest.fixture(scope="module")
+def sentences():
+    return sst2_dev_sentences(256)
+
+
+def _compress_and_validate(minilm_dir, tmp_path, preset, sentences):
+    out = tmp_path / preset
+    report = bctonnx.compress_file(minilm_dir, out, bctonnx.resolve_config(preset))
+    measured = model_file_bytes(minilm_dir) / model_file_bytes(out)
+    assert report.ratio == pytest.approx(measured)
+    v = validate(minilm_dir / "model.onnx", out / "model.onnx", texts=sentences, progress=False)
+    return out, report, v
+
+
+def test_export_gives_the_expected_bert_graph(minilm_dir):
+    model = onnx.load(minilm_dir / "model.onnx", load_external_data=False)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("MatMul") == 48
+    assert ops.count("LayerNormalization") == 13
+    assert ops.count("Softmax") == 6
+    assert {i.name for i in model.graph.input} >= {"input_ids", "attention_mask"}
+    for name in ("config.json", "tokenizer.json"):
+        assert (minilm_dir / name).is_file()
+
+
+def test_w8a8_reaches_ratio_and_embedding_cosine(minilm_dir, tmp_path, sentences):
+    out, report, v = _compress_and_validate(minilm_dir, tmp_path, "w8a8", sentences)
+    assert v.num_inputs == 256
+    assert report.ratio >= 3.9
+    assert v.embedding_cosine >= 0.995
+    # every encoder layer is compared, and each stays close
+    assert len([s for s in v.layers if s.label.startswith("layer")]) >= 11
+    assert all(s.cosine > 0.99 for s in v.layers)
+    # the directory is complete: config and tokenizer copied next to the model
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+
+
+def test_w4a8_reaches_ratio(minilm_dir, tmp_path, sentences):
+    _, report, v = _compress_and_validate(minilm_dir, tmp_path, "w4a8", sentences)
+    assert report.ratio >= 7.5
+    assert v.embedding_cosine >= 0.93
+
+
+def test_compressed_model_runs_on_stock_onnxruntime_without_library(minilm_dir, tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    proto = bctonnx.compress(minilm_dir / "model.onnx", preset="w4a8")
+    ops = {(n.domain, n.op_type) for n in proto.graph.node}
+    assert all(domain in ("", "ai.onnx") for domain, _ in ops)
+    assert ("", "DequantizeLinear") in ops and ("", "QuantizeLinear") in ops
+    assert not any(op in ("Erf",) for _, op in ops)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {i.name: np.ones((2, 9), np.int64) for i in sess.get_inputs()}
+    out = sess.run(None, feeds)[0]
+    assert out.shape == (2, 9, 384) and np.isfinite(out).all()
