@@ -185,7 +185,9 @@ def encode_scales(amax: np.ndarray, fmt: BlockFormat) -> np.ndarray:
     return np.maximum(ideal, floor).astype(np.float32)
 
 
-def block_view(x: np.ndarray, axis: int, block_size: int, allow_partial: bool = False) -> np.ndarray:
+def block_view(
+    x: np.ndarray, axis: int, block_size: int, allow_partial: bool = False
+) -> np.ndarray:
     """``x`` moved to [..., nblocks, block_size] along ``axis`` (zero-padded if partial)."""
     axis = axis % x.ndim
     size = x.shape[axis]
@@ -201,7 +203,9 @@ def block_view(x: np.ndarray, axis: int, block_size: int, allow_partial: bool = 
     return x.reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
 
 
-def block_amax(x: np.ndarray, axis: int, block_size: int, allow_partial: bool = False) -> np.ndarray:
+def block_amax(
+    x: np.ndarray, axis: int, block_size: int, allow_partial: bool = False
+) -> np.ndarray:
     """max |x| of each block, shaped like x with ``axis`` shortened to the block count."""
     amax = np.abs(block_view(x, axis, block_size, allow_partial)).max(axis=-1)
     return np.moveaxis(amax, -1, axis % x.ndim)

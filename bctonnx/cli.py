@@ -23,9 +23,15 @@ def _add_compress_flags(p: argparse.ArgumentParser) -> None:
     from .config import PRESETS
 
     g = p.add_argument_group("compression")
-    g.add_argument("--preset", default="w8a8", choices=sorted(PRESETS), help="starting point (default: w8a8)")
-    g.add_argument("--weight-bits", type=int, metavar="N", help="bits of MatMul/Gemm weights (2..8)")
-    g.add_argument("--embedding-bits", type=int, metavar="N", help="bits of embedding tables (2..8)")
+    g.add_argument(
+        "--preset", default="w8a8", choices=sorted(PRESETS), help="starting point (default: w8a8)"
+    )
+    g.add_argument(
+        "--weight-bits", type=int, metavar="N", help="bits of MatMul/Gemm weights (2..8)"
+    )
+    g.add_argument(
+        "--embedding-bits", type=int, metavar="N", help="bits of embedding tables (2..8)"
+    )
     g.add_argument("--act-bits", type=int, metavar="N", help="bits of activations (2..8)")
     g.add_argument("--block-size", type=int, metavar="B", help="block size of every tensor class")
     g.add_argument("--weight-block-size", type=int, metavar="B")
@@ -33,12 +39,19 @@ def _add_compress_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--act-block-size", type=int, metavar="B")
     g.add_argument("--scale-kind", choices=("float", "pow2"), help="scale kind of stored tensors")
     g.add_argument("--scale-dtype", choices=("float32", "float16"), help="dtype of float scales")
-    g.add_argument("--frac-bits", type=int, metavar="F", help="pow2 scales: 2**(code/2**F); 0 = pure shift")
+    g.add_argument(
+        "--frac-bits", type=int, metavar="F", help="pow2 scales: 2**(code/2**F); 0 = pure shift"
+    )
     g.add_argument("--clip", choices=("none", "mse"), help="per-block clipping of stored tensors")
     g.add_argument("--no-activations", action="store_true", help="leave activations in FP32")
-    g.add_argument("--mode", choices=("qdq",), help="lowering: qdq = portable QuantizeLinear/DequantizeLinear")
     g.add_argument(
-        "--exclude", action="append", default=None, metavar="GLOB",
+        "--mode", choices=("qdq",), help="lowering: qdq = portable QuantizeLinear/DequantizeLinear"
+    )
+    g.add_argument(
+        "--exclude",
+        action="append",
+        default=None,
+        metavar="GLOB",
         help="leave nodes whose name matches GLOB uncompressed (repeatable)",
     )
 
@@ -90,7 +103,9 @@ def cmd_compress(args) -> int:
         config = _config_from_args(args)
     except ValueError as exc:
         raise BctError(str(exc)) from None
-    bar = tqdm(total=None, desc="compress", unit="pass", disable=args.quiet or not sys.stderr.isatty())
+    bar = tqdm(
+        total=None, desc="compress", unit="pass", disable=args.quiet or not sys.stderr.isatty()
+    )
 
     def progress(name: str) -> None:
         bar.set_postfix_str(name)
@@ -103,7 +118,9 @@ def cmd_compress(args) -> int:
     else:
         print(f"config: {config.describe()}")
         for s in report.passes:
-            print(f"  {s.name:<22} {s.nodes_before:>5} -> {s.nodes_after:>5} nodes  {s.seconds:6.2f} s")
+            print(
+                f"  {s.name:<22} {s.nodes_before:>5} -> {s.nodes_after:>5} nodes  {s.seconds:6.2f} s"
+            )
         print(
             f"{args.input} ({report.input_bytes / 1e6:.2f} MB) -> {args.output} "
             f"({report.output_bytes / 1e6:.2f} MB): compression ratio {report.ratio:.3f}x"
@@ -139,7 +156,10 @@ def cmd_demo(args) -> int:
 
     texts = read_texts(args.texts) if args.texts else None
     rows = run_demo(
-        workdir=args.workdir, texts=texts, threads=args.threads, runs=args.runs,
+        workdir=args.workdir,
+        texts=texts,
+        threads=args.threads,
+        runs=args.runs,
         progress=not args.quiet,
     )
     if args.json:
@@ -158,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
         "1 internal error, 130 interrupted.",
     )
     parser.add_argument("--version", action="version", version=f"bctonnx {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)"
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -166,11 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a Hugging Face checkpoint to ONNX (optimum, offline)")
     p.add_argument("model_dir", help="Hugging Face checkpoint directory")
     p.add_argument("-o", "--output", required=True, help="output directory (created)")
-    p.add_argument("--task", default="feature-extraction", choices=("feature-extraction", "text-classification"))
+    p.add_argument(
+        "--task",
+        default="feature-extraction",
+        choices=("feature-extraction", "text-classification"),
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
-        "compress", help="compress an ONNX model (file or exported directory)",
+        "compress",
+        help="compress an ONNX model (file or exported directory)",
         description="Compress IN (a .onnx file, or an exported model directory: then OUT is a "
         "directory and config/tokenizer files are copied).",
     )
@@ -184,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("reference", metavar="REF")
     p.add_argument("candidate", metavar="CAND")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (default: next to REF)")
-    p.add_argument("--texts", metavar="FILE", help="one text per line (default: built-in sentences)")
+    p.add_argument(
+        "--texts", metavar="FILE", help="one text per line (default: built-in sentences)"
+    )
     p.add_argument("--limit", type=int, help="use only the first N texts")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128)
@@ -193,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="MiniLM from PyPI: export, compress, validate, print a table")
     p.add_argument("--workdir", type=Path, help="work folder (default ~/.cache/bctonnx/demo)")
-    p.add_argument("--texts", metavar="FILE", help="one text per line (default: built-in sentences)")
+    p.add_argument(
+        "--texts", metavar="FILE", help="one text per line (default: built-in sentences)"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=20, help="timed runs per model")
     p.add_argument("--json", action="store_true")

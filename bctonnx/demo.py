@@ -81,8 +81,12 @@ def run_demo(
         steps.update()
         steps.set_postfix_str(f"validate {preset}")
         reports[preset] = validate(
-            fp32_dir / MODEL_FILENAME, out / MODEL_FILENAME, texts=texts, threads=threads,
-            per_layer=False, progress=False,
+            fp32_dir / MODEL_FILENAME,
+            out / MODEL_FILENAME,
+            texts=texts,
+            threads=threads,
+            per_layer=False,
+            progress=False,
         )
         steps.update()
     steps.set_postfix_str("latency")

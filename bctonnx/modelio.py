@@ -66,7 +66,9 @@ def _check_external_data(proto: onnx.ModelProto, base: Path) -> None:
                 f"({location!r}); refusing to read it"
             )
         if not target.is_file():
-            raise ModelLoadError(f"tensor '{tensor.name}': external data file {location!r} is missing")
+            raise ModelLoadError(
+                f"tensor '{tensor.name}': external data file {location!r} is missing"
+            )
 
 
 def _all_tensors(proto: onnx.ModelProto):
@@ -90,7 +92,9 @@ def load_proto(path: str | os.PathLike) -> tuple[onnx.ModelProto, Path]:
     try:
         proto = onnx.load(str(p), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError, OSError) as exc:
-        raise ModelLoadError(f"{p}: not an ONNX model or truncated ({type(exc).__name__})") from None
+        raise ModelLoadError(
+            f"{p}: not an ONNX model or truncated ({type(exc).__name__})"
+        ) from None
     if not proto.graph.node or not proto.opset_import:
         raise ModelLoadError(f"{p}: not an ONNX model or truncated (no graph or no opset)")
     _check_external_data(proto, p.parent)

@@ -24,6 +24,8 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return so
 
 
-def make_session(path: str | os.PathLike | bytes, threads: int | None = None) -> ort.InferenceSession:
+def make_session(
+    path: str | os.PathLike | bytes, threads: int | None = None
+) -> ort.InferenceSession:
     model = path if isinstance(path, bytes) else str(path)
     return ort.InferenceSession(model, session_options(threads), providers=["CPUExecutionProvider"])

@@ -185,7 +185,9 @@ def _with_outputs(proto: onnx.ModelProto, names: list[str]) -> bytes:
 
 def _session(model: bytes, threads: int | None) -> ort.InferenceSession:
     try:
-        return ort.InferenceSession(model, session_options(threads), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(
+            model, session_options(threads), providers=["CPUExecutionProvider"]
+        )
     except Exception as exc:
         raise BctError(f"onnxruntime cannot load the model: {str(exc).splitlines()[0]}") from None
 
@@ -288,7 +290,7 @@ def validate(
         ref_out = ref_sess.run(fetch, feeds)
         cand_out = cand_sess.run(fetch, feeds)
         mask = feeds.get("attention_mask")
-        for name, r, c in zip(fetch, ref_out, cand_out):
+        for name, r, c in zip(fetch, ref_out, cand_out, strict=True):
             accs[name].add(np.asarray(r), np.asarray(c), mask, name)
         n_inputs += len(next(iter(feeds.values())))
     report = ValidationReport(num_inputs=n_inputs)
@@ -311,7 +313,9 @@ def _vocab_size(proto: onnx.ModelProto) -> int:
 
 def format_report(report: ValidationReport) -> str:
     lines = [f"compared on {report.num_inputs} inputs", ""]
-    lines.append(f"{'output':<28} {'max abs err':>12} {'mean abs err':>13} {'cosine':>9} {'extra':>20}")
+    lines.append(
+        f"{'output':<28} {'max abs err':>12} {'mean abs err':>13} {'cosine':>9} {'extra':>20}"
+    )
     for o in report.outputs:
         extra = ""
         if o.top1_agreement is not None:
@@ -324,7 +328,10 @@ def format_report(report: ValidationReport) -> str:
     if report.embedding_cosine is not None:
         lines += ["", f"sentence-embedding cosine vs reference: {report.embedding_cosine:.5f}"]
     if report.layers:
-        lines += ["", f"{'layer':<22} {'max abs err':>12} {'mean abs err':>13} {'rel err':>9} {'cosine':>9}"]
+        lines += [
+            "",
+            f"{'layer':<22} {'max abs err':>12} {'mean abs err':>13} {'rel err':>9} {'cosine':>9}",
+        ]
         worst = max(range(len(report.layers)), key=lambda i: report.layers[i].rel_err)
         for i, s in enumerate(report.layers):
             mark = "  <- largest relative error" if i == worst else ""

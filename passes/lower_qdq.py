@@ -117,7 +117,11 @@ def lower_block_dequantize(graph: ir.Graph, node: ir.Node, shared: dict) -> None
 def lower_block_gather(graph: ir.Graph, node: ir.Node, shared: dict) -> None:
     fmt = fmt_from_node(node)
     e = _Emitter(graph, node, shared)
-    codes, scale_codes, ids = const_array(node.inputs[0]), const_array(node.inputs[1]), node.inputs[2]
+    codes, scale_codes, ids = (
+        const_array(node.inputs[0]),
+        const_array(node.inputs[1]),
+        node.inputs[2],
+    )
     scales = e.decode_scales(e.op("Gather", [e.const(scale_codes, "scales"), ids], axis=0), fmt)
     q_args = dict(axis=-1, block_size=fmt.block_size)
     if not fmt.packed:
@@ -135,7 +139,9 @@ def lower_block_gather(graph: ir.Graph, node: ir.Node, shared: dict) -> None:
     low = e.op("BitwiseAnd", [rows, e.const(np.uint8(0x0F), "low_mask")])
     high = e.op("BitShift", [rows, e.const(np.uint8(4), "four")], direction="RIGHT")
     last = e.const(np.array([-1], np.int64), "last_axis")
-    pairs = e.op("Concat", [e.op("Unsqueeze", [low, last]), e.op("Unsqueeze", [high, last])], axis=-1)
+    pairs = e.op(
+        "Concat", [e.op("Unsqueeze", [low, last]), e.op("Unsqueeze", [high, last])], axis=-1
+    )
     shape = e.const(np.array([0] * ids_rank + [-1], np.int64), "row_shape")
     nibbles = e.op("Reshape", [pairs, shape])
     zero_point = e.op("Expand", [e.const(np.uint8(8), "eight"), e.op("Shape", [scales])])
@@ -166,18 +172,21 @@ def lower_block_fake_quant(graph: ir.Graph, node: ir.Node, shared: dict) -> None
     amax = e.op("ReduceMax", [e.op("Abs", [blocked]), e.const(np.array([-1]), "axes")], keepdims=0)
     ideal = e.op(
         "Div",
-        [e.op("Max", [amax, e.const(_SCALE_FLOOR, "floor")]), e.const(np.float32(fmt.qmax), "qmax")],
+        [
+            e.op("Max", [amax, e.const(_SCALE_FLOOR, "floor")]),
+            e.const(np.float32(fmt.qmax), "qmax"),
+        ],
     )
     if fmt.scale_kind == "pow2":
         steps = np.float32(2**fmt.frac_bits)
         log2 = e.op("Div", [e.op("Log", [ideal]), e.const(np.float32(np.log(2.0)), "ln2")])
         code = e.op("Ceil", [e.op("Mul", [log2, e.const(steps, "steps")])])
-        scale = e.op("Pow", [e.const(np.float32(2.0), "two"), e.op("Div", [code, e.const(steps, "steps")])])
+        scale = e.op(
+            "Pow", [e.const(np.float32(2.0), "two"), e.op("Div", [code, e.const(steps, "steps")])]
+        )
     else:
         scale = ideal
-    q = e.op(
-        "QuantizeLinear", [x, scale], axis=-1, block_size=b, output_dtype=ir.DataType.INT8
-    )
+    q = e.op("QuantizeLinear", [x, scale], axis=-1, block_size=b, output_dtype=ir.DataType.INT8)
     _finish(node, e.op("DequantizeLinear", [q, scale], axis=-1, block_size=b))
 
 

@@ -71,7 +71,9 @@ def run_pipeline(
         p(model)
         model.graph.sort()
         summaries.append(
-            PassSummary(name, time.perf_counter() - t0, before, len(model.graph), _counts(model.graph))
+            PassSummary(
+                name, time.perf_counter() - t0, before, len(model.graph), _counts(model.graph)
+            )
         )
         log.info("%s: %d -> %d nodes", name, before, len(model.graph))
     common_passes.RemoveUnusedNodesPass()(model)

@@ -45,7 +45,9 @@ def _from_attention_scores(value: ir.Value, depth: int = 3) -> bool:
         return False
     if role(node) == "attention.qk":
         return True
-    return node.op_type in ("Div", "Mul", "Cast") and _from_attention_scores(node.inputs[0], depth - 1)
+    return node.op_type in ("Div", "Mul", "Cast") and _from_attention_scores(
+        node.inputs[0], depth - 1
+    )
 
 
 def _before_mask(value: ir.Value) -> ir.Value:
