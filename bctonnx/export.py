@@ -15,6 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from bctonnx.models import UnsupportedModel, family_of
+
 from .errors import BctError
 from .modelio import MODEL_FILENAME, copy_sidecars
 
@@ -37,6 +39,10 @@ def export_model(
         raise BctError(f"{src}: not a model directory")
     if not (src / "config.json").is_file():
         raise BctError(f"{src}: no config.json (expected a Hugging Face checkpoint directory)")
+    try:
+        family_of(src)
+    except UnsupportedModel as exc:
+        raise BctError(str(exc)) from None
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise BctError(f"output {dst} already exists and is not an empty directory")
     if dst.resolve() == src.resolve():

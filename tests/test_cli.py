@@ -151,3 +151,20 @@ def test_help_lists_the_commands(capsys):
     out = capsys.readouterr().out
     for command in ("export", "compress", "validate", "demo"):
         assert command in out
+
+
+def test_export_of_unsupported_architecture_is_refused(capsys, tmp_path):
+    model = tmp_path / "gpt"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "gpt2"}')
+    rc, _, err = run_cli(capsys, "export", model, "-o", tmp_path / "out")
+    assert_one_line_error(rc, err, "unsupported architecture 'gpt2'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_writes_model_config_and_tokenizer(capsys, tiny_bert_dir, tmp_path):
+    hf = tiny_bert_dir.parent / "checkpoint"
+    rc, _, _ = run_cli(capsys, "export", hf, "-o", tmp_path / "exp")
+    assert rc == 0
+    assert (tmp_path / "exp" / "model.onnx").is_file()
+    assert (tmp_path / "exp" / "tokenizer_config.json").is_file()

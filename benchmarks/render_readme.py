@@ -1,0 +1,68 @@
+"""Render the README's results tables from benchmark JSON (never typed by hand).
+
+    python benchmarks/render_readme.py      # rewrites the blocks between BEGIN/END markers
+
+Each table lives between ``<!-- BEGIN name -->`` and ``<!-- END name -->`` in README.md and is
+rendered from benchmarks/results/<name>.json.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def render_sst2(data: dict) -> str:
+    lines = [
+        f"SST-2 dev ({data['n']} sentences), fine-tuned MiniLM-L6 (`../shared/models/minilm-sst2`), "
+        "onnxruntime CPU, portable QDQ mode:",
+        "",
+        "| model | config | accuracy | vs FP32 | size | ratio |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in data["records"]:
+        lines.append(
+            f"| {r['model']} | {r.get('config', 'fp32')} | {r['accuracy']:.2f} | {r['drop']:+.2f} "
+            f"| {r['bytes'] / 1e6:.1f} MB | {r['ratio']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def render_embeddings(data: dict) -> str:
+    lines = [
+        f"all-MiniLM-L6-v2 sentence embeddings (mean pooled), {data['texts']} SST-2 dev sentences, "
+        "cosine vs FP32; latency batch 1 x 128 tokens, 2 threads, median of interleaved runs:",
+        "",
+        "| model | size | ratio | cosine vs FP32 | latency |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['model']} | {r['bytes'] / 1e6:.1f} MB | {r['ratio']:.2f}x | {r['cosine']:.4f} "
+            f"| {r['latency_ms']:.1f} ms |"
+        )
+    return "\n".join(lines)
+
+
+RENDERERS = {"sst2": render_sst2, "embeddings": render_embeddings}
+
+
+def main() -> None:
+    readme = REPO / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    for name, render in RENDERERS.items():
+        path = RESULTS / f"{name}.json"
+        if not path.is_file():
+            continue
+        block = render(json.loads(path.read_text()))
+        pattern = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.S)
+        text = pattern.sub(lambda m, b=block: m.group(1) + b + "\n" + m.group(2), text)
+    readme.write_text(text, encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
