@@ -70,8 +70,8 @@ def compress(
     """
     config = resolve_config(preset, **overrides)
     if isinstance(model, onnx.ModelProto):
+        # a fresh IR graph: passes edit it, never the caller's proto (tensors are only read)
         ir_model = ir.serde.deserialize_model(model)
-        ir_model = ir_model.clone() if hasattr(ir_model, "clone") else ir_model
     else:
         ir_model, _ = load_model(model)
     _run(ir_model, config)
