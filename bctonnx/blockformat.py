@@ -31,6 +31,10 @@ Error bound: with ``clip="none"``, for every element ``|x - x_hat| <= scale / 2`
 A block of zeros (or below the smallest scale) gets the smallest scale of its kind and all
 codes zero.
 
+Re-quantizing a dequantized tensor gives the same codes for fp32 scales, pure pow2 scales and
+normal-range fp16 scales. With fractional pow2 scales (and subnormal fp16 ones) it may not: the
+largest code of a block can round below qmax, and the re-encoded scale is then a step smaller.
+
 Block size and axis size: quantizing a *stored* tensor needs ``block_size`` to divide the axis
 (`BlockSizeError` otherwise: the user picks another block size or excludes the tensor). For
 activations whose size is only known at run time (sequence length), the last block may be
@@ -115,7 +119,8 @@ class BlockFormat:
         return asdict(self)
 
     def bytes_for(self, num_elements: int) -> int:
-        """Stored bytes (codes + scales) of a tensor with this many elements."""
+        """Stored bytes (codes + scales) of a tensor with this many elements, when the block
+        size divides the blocked axis (`BlockQuantized.nbytes` also counts partial blocks)."""
         code_bytes = (num_elements + 1) // 2 if self.packed else num_elements
         return code_bytes + math.ceil(num_elements / self.block_size) * self.scale_bytes
 
@@ -148,7 +153,9 @@ class BlockQuantized:
 
     @property
     def nbytes(self) -> int:
-        return self.fmt.bytes_for(self.codes.size)
+        """Stored bytes: packed codes plus one scale per block (partial blocks included)."""
+        code_bytes = (self.codes.size + 1) // 2 if self.fmt.packed else self.codes.size
+        return code_bytes + self.scale_codes.size * self.fmt.scale_bytes
 
 
 def decode_scales(scale_codes: np.ndarray, fmt: BlockFormat) -> np.ndarray:
@@ -258,7 +265,8 @@ def mse_clip_amax(x: np.ndarray, fmt: BlockFormat, allow_partial: bool = False) 
     base = decode_scales(encode_scales(amax, fmt), fmt)
     for k in range(MSE_CLIP_STEPS):
         if fmt.scale_kind == "pow2":
-            scale = base * np.float32(2.0 ** (-k / 2**fmt.frac_bits))
+            # just below the grid point, so encode_scales picks exactly that code
+            scale = base * np.float32(2.0 ** (-k / 2**fmt.frac_bits) * (1 - 2.0**-20))
         else:
             scale = base * np.float32(1 - k / 16)
         cand_amax = scale * np.float32(fmt.qmax)

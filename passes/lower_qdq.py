@@ -170,22 +170,41 @@ def lower_block_fake_quant(graph: ir.Graph, node: ir.Node, shared: dict) -> None
         padded = e.op("Pad", [x, pads])
         blocked = e.op("Reshape", [padded, e.const(np.array([0] * (r - 1) + [-1, b]), "blocks")])
     amax = e.op("ReduceMax", [e.op("Abs", [blocked]), e.const(np.array([-1]), "axes")], keepdims=0)
-    ideal = e.op(
-        "Div",
-        [
-            e.op("Max", [amax, e.const(_SCALE_FLOOR, "floor")]),
-            e.const(np.float32(fmt.qmax), "qmax"),
-        ],
-    )
+    # the same rule as blockformat.encode_scales: the smallest scale >= amax / qmax
+    ideal = e.op("Div", [amax, e.const(np.float32(fmt.qmax), "qmax")])
     if fmt.scale_kind == "pow2":
-        steps = np.float32(2**fmt.frac_bits)
-        log2 = e.op("Div", [e.op("Log", [ideal]), e.const(np.float32(np.log(2.0)), "ln2")])
-        code = e.op("Ceil", [e.op("Mul", [log2, e.const(steps, "steps")])])
-        scale = e.op(
-            "Pow", [e.const(np.float32(2.0), "two"), e.op("Div", [code, e.const(steps, "steps")])]
+        steps = e.const(np.float32(2**fmt.frac_bits), "steps")
+        two = e.const(np.float32(2.0), "two")
+        cmax = e.const(np.float32(127), "cmax")
+        tiny = e.op("Max", [ideal, e.const(np.float32(1e-45), "tiny")])
+        log2 = e.op("Div", [e.op("Log", [tiny]), e.const(np.float32(np.log(2.0)), "ln2")])
+        code = e.op("Ceil", [e.op("Mul", [log2, steps])])
+        code = e.op("Clip", [code, e.const(np.float32(-128), "cmin"), cmax])
+        # log/ceil in float can land a step off either way: settle on the smallest code whose
+        # scale covers amax / qmax, as blockformat.encode_scales does
+        one = e.const(np.float32(1.0), "one")
+        lower = e.op("Sub", [code, one])
+        lower_ok = e.op(
+            "And",
+            [
+                e.op("GreaterOrEqual", [e.op("Pow", [two, e.op("Div", [lower, steps])]), ideal]),
+                e.op("Greater", [code, e.const(np.float32(-128), "cmin")]),
+            ],
         )
+        code = e.op("Where", [lower_ok, lower, code])
+        short = e.op(
+            "And",
+            [
+                e.op("Less", [e.op("Pow", [two, e.op("Div", [code, steps])]), ideal]),
+                e.op("Less", [code, cmax]),
+            ],
+        )
+        code = e.op("Where", [short, e.op("Add", [code, one]), code])
+        scale = e.op("Pow", [two, e.op("Div", [code, steps])])
     else:
-        scale = ideal
+        if fmt.scale_dtype != "float32":
+            raise PassError("activation scales are computed at run time in float32")
+        scale = e.op("Max", [ideal, e.const(_SCALE_FLOOR, "floor")])
     q = e.op("QuantizeLinear", [x, scale], axis=-1, block_size=b, output_dtype=ir.DataType.INT8)
     _finish(node, e.op("DequantizeLinear", [q, scale], axis=-1, block_size=b))
 

@@ -20,12 +20,21 @@ partial. Nodes matched by ``exclude`` add nothing to the set.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import onnx_ir as ir
 
 from bctonnx.blockformat import BlockFormat
 
-from .common import MID_DOMAIN, excluded, fmt_attrs, is_const, is_float, role, take_over
+from .common import (
+    MID_DOMAIN,
+    excluded,
+    fmt_attrs,
+    is_const,
+    is_float,
+    role,
+    take_over,
+)
 
 # role -> (input indices, output indices) whose tensors are quantized
 QUANTIZED_IO: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
@@ -66,18 +75,41 @@ def _before_mask(value: ir.Value) -> ir.Value:
     return value
 
 
+def _is_scalar(value: ir.Value | None) -> bool:
+    if value is None or value.shape is None:
+        return False
+    return all(d == 1 for d in value.shape)
+
+
+def _through_scalar_scaling(value: ir.Value) -> ir.Value:
+    """Step over Mul/Div by a scalar (exports scale K^T by 1/sqrt(sqrt(d)), computed from
+    the shape): scaling commutes with blockwise quantization."""
+    node = value.producer()
+    while (
+        node is not None
+        and node.op_type in ("Mul", "Div")
+        and len(value.uses()) == 1
+        and _is_scalar(node.inputs[1])
+    ):
+        value = node.inputs[0]
+        node = value.producer()
+    return value
+
+
 def _before_transpose(value: ir.Value) -> ir.Value:
     """For K^T = Transpose(K) moving K's last axis inward, quantize K instead."""
+    original = value
+    value = _through_scalar_scaling(value)
     node = value.producer()
     if node is None or node.op_type != "Transpose" or not is_float(node.inputs[0]):
-        return value
+        return original
     perm = node.attributes.get("perm")
     src = node.inputs[0]
     if perm is None or src.shape is None:
-        return value
+        return original
     perm = list(perm.as_ints())
     if perm[-1] == len(perm) - 1 or len(value.uses()) != 1:
-        return value
+        return original
     return src
 
 
@@ -86,7 +118,8 @@ class QuantizeActivations(ir.passes.InPlacePass):
 
     def __init__(self, fmt: BlockFormat, exclude: Sequence[str] = ()):
         super().__init__()
-        self.fmt = fmt.with_axis(-1)
+        # activation scales are computed at run time, in float32
+        self.fmt = replace(fmt, axis=-1, scale_dtype="float32")
         self.exclude = tuple(exclude)
 
     def targets(self, graph: ir.Graph) -> list[ir.Value]:

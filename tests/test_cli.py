@@ -37,7 +37,9 @@ def tiny_copy(tiny_bert_dir, tmp_path):
 
 def test_compress_file_writes_model_and_reports_ratio(capsys, tiny_copy, tmp_path):
     out = tmp_path / "tiny.bct.onnx"
-    rc, stdout, _ = run_cli(capsys, "compress", tiny_copy / "model.onnx", "-o", out, "--block-size", "16")
+    rc, stdout, _ = run_cli(
+        capsys, "compress", tiny_copy / "model.onnx", "-o", out, "--block-size", "16"
+    )
     assert rc == 0
     assert out.is_file()
     assert "compression ratio" in stdout
@@ -45,7 +47,9 @@ def test_compress_file_writes_model_and_reports_ratio(capsys, tiny_copy, tmp_pat
 
 def test_compress_directory_copies_config_and_tokenizer(capsys, tiny_copy, tmp_path):
     out = tmp_path / "outdir"
-    rc, _, _ = run_cli(capsys, "compress", tiny_copy, "-o", out, "--preset", "w4a8", "--block-size", "16", "--json")
+    rc, _, _ = run_cli(
+        capsys, "compress", tiny_copy, "-o", out, "--preset", "w4a8", "--block-size", "16", "--json"
+    )
     assert rc == 0
     assert (out / "model.onnx").is_file()
     assert (out / "config.json").is_file()
@@ -54,7 +58,9 @@ def test_compress_directory_copies_config_and_tokenizer(capsys, tiny_copy, tmp_p
 
 def test_compress_json_report_has_ratio_and_passes(capsys, tiny_copy, tmp_path):
     out = tmp_path / "t.onnx"
-    rc, stdout, _ = run_cli(capsys, "compress", tiny_copy / "model.onnx", "-o", out, "--block-size", "16", "--json")
+    rc, stdout, _ = run_cli(
+        capsys, "compress", tiny_copy / "model.onnx", "-o", out, "--block-size", "16", "--json"
+    )
     assert rc == 0
     report = json.loads(stdout)
     assert report["ratio"] == pytest.approx(report["input_bytes"] / report["output_bytes"])
@@ -63,8 +69,13 @@ def test_compress_json_report_has_ratio_and_passes(capsys, tiny_copy, tmp_path):
 
 def test_validate_prints_outputs_and_layer_table(capsys, tiny_copy, tmp_path):
     out = tmp_path / "t.onnx"
-    assert run_cli(capsys, "compress", tiny_copy / "model.onnx", "-o", out, "--block-size", "16")[0] == 0
-    rc, stdout, _ = run_cli(capsys, "validate", tiny_copy / "model.onnx", out, "--tokenizer", tiny_copy, "--json")
+    assert (
+        run_cli(capsys, "compress", tiny_copy / "model.onnx", "-o", out, "--block-size", "16")[0]
+        == 0
+    )
+    rc, stdout, _ = run_cli(
+        capsys, "validate", tiny_copy / "model.onnx", out, "--tokenizer", tiny_copy, "--json"
+    )
     assert rc == 0
     report = json.loads(stdout)
     assert report["num_inputs"] > 0
@@ -120,14 +131,24 @@ def test_output_equal_to_input_is_refused_and_input_untouched(capsys, tiny_copy)
 
 def test_block_size_that_does_not_divide_is_refused(capsys, tiny_copy, tmp_path):
     out = tmp_path / "o.onnx"
-    rc, _, err = run_cli(capsys, "compress", tiny_copy / "model.onnx", "-o", out, "--block-size", "24")
+    rc, _, err = run_cli(
+        capsys, "compress", tiny_copy / "model.onnx", "-o", out, "--block-size", "24"
+    )
     assert_one_line_error(rc, err, "block size 24 does not divide")
     assert not out.exists()
     assert not list(tmp_path.glob(".o.onnx*"))  # no temporary file left behind
 
 
 def test_bad_bits_are_refused(capsys, tiny_copy, tmp_path):
-    rc, _, err = run_cli(capsys, "compress", tiny_copy / "model.onnx", "-o", tmp_path / "o.onnx", "--weight-bits", "9")
+    rc, _, err = run_cli(
+        capsys,
+        "compress",
+        tiny_copy / "model.onnx",
+        "-o",
+        tmp_path / "o.onnx",
+        "--weight-bits",
+        "9",
+    )
     assert_one_line_error(rc, err, "bits")
 
 
