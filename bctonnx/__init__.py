@@ -22,11 +22,11 @@ def _source_checkout_layout() -> None:
 
 _source_checkout_layout()
 
-from .api import CompressReport, compress, compress_file
-from .blockformat import BlockFormat
-from .config import PRESETS, CompressionConfig, resolve_config
-from .errors import BctError
-from .runtime import op_library_path, session_options
+from .api import CompressReport, compress, compress_file  # noqa: E402 (after the layout fix above)
+from .blockformat import BlockFormat  # noqa: E402 (after the layout fix above)
+from .config import PRESETS, CompressionConfig, resolve_config  # noqa: E402 (after the layout fix above)
+from .errors import BctError  # noqa: E402 (after the layout fix above)
+from .runtime import op_library_path, session_options  # noqa: E402 (after the layout fix above)
 
 __all__ = [
     "PRESETS",

@@ -261,8 +261,9 @@ def validate(
     """Compare ``candidate`` against ``reference`` on the same inputs (see module doc)."""
     ref_proto, ref_path = load_proto(reference)
     cand_proto, cand_path = load_proto(candidate)
-    ref_proto = onnx.load(str(ref_path))  # with external data, for onnxruntime
-    cand_proto = onnx.load(str(cand_path))
+    # checked (external data stays inside the model folder): now read it, for onnxruntime
+    onnx.load_external_data_for_model(ref_proto, str(ref_path.parent))
+    onnx.load_external_data_for_model(cand_proto, str(cand_path.parent))
     tok_dir = tokenizer_dir or find_tokenizer_dir(reference, candidate)
     tokenizer = load_tokenizer(tok_dir) if tok_dir else None
     if tokenizer is not None and texts is None:

@@ -19,7 +19,6 @@ from bctonnx.blockformat import BlockFormat
 # model: lower_qdq (portable) or the integer lowering replaces every one of them.
 MID_DOMAIN = "bctonnx.mid"
 ROLE_KEY = "bctonnx.role"
-LAYER_KEY = "bctonnx.layer"
 TARGET_OPSET = 21
 TARGET_IR_VERSION = 10  # onnxruntime 1.31 loads IR <= 10 with opset 21 Q/DQ
 
@@ -122,13 +121,6 @@ def take_over(old: ir.Value, new: ir.Value, *, reader: ir.Node | None = None) ->
         new.shape = old.shape
     if new.type is None and old.type is not None:
         new.type = old.type
-
-
-def static_dim(value: ir.Value, axis: int) -> int | None:
-    if value.shape is None:
-        return None
-    dim = value.shape[axis]
-    return dim if isinstance(dim, int) else None
 
 
 def rank(value: ir.Value) -> int | None:

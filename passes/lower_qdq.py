@@ -22,7 +22,16 @@ import onnx_ir as ir
 
 from bctonnx.blockformat import BlockFormat, pack_int4
 
-from .common import MID_DOMAIN, TARGET_OPSET, PassError, const_array, fmt_from_node, rank
+from .common import (
+    MID_DOMAIN,
+    TARGET_OPSET,
+    PassError,
+    const_array,
+    fmt_from_node,
+    new_initializer,
+    rank,
+    take_over,
+)
 
 _SCALE_FLOOR = np.float32(2.0**-126)
 
@@ -66,9 +75,7 @@ class _Emitter:
             full = f"bc/{name}_{len(self.shared)}"
         else:
             full = f"{self.prefix}/{name}"
-        value = ir.Value(name=full, shape=ir.Shape(tensor.shape), type=ir.TensorType(tensor.dtype))
-        value.const_value = tensor
-        self.graph.register_initializer(value)
+        value = new_initializer(self.graph, full, tensor)
         if key is not None:
             self.shared[key] = value
         return value
@@ -94,13 +101,10 @@ def _codes_tensor(codes: np.ndarray, fmt: BlockFormat) -> ir.TensorProtocol:
 
 
 def _finish(node: ir.Node, result: ir.Value) -> None:
-    ir.convenience.replace_all_uses_with(node.outputs[0], result, replace_graph_outputs=True)
-    name = node.outputs[0].name
-    node.outputs[0].name = None
-    result.name = name
-    result.shape = result.shape or node.outputs[0].shape
-    result.type = result.type or node.outputs[0].type
-    node.graph.remove(node, safe=True)
+    """``result`` replaces the mid node's output (readers, graph outputs and name)."""
+    graph = node.graph
+    take_over(node.outputs[0], result)
+    graph.remove(node, safe=True)
 
 
 def lower_block_dequantize(graph: ir.Graph, node: ir.Node, shared: dict) -> None:
