@@ -1,0 +1,79 @@
+// bctonnx op library: shared helpers for every kernel.
+//
+// Block convention (the same as bctonnx/blockformat.py with scale_kind="pow2", frac_bits=0):
+// a tensor is cut along its LAST axis into blocks of `block_size` elements (the last block may
+// be partial); its scale tensor has the same shape with the last axis ceil(D / block_size).
+// Every scale is an exact power of two stored as float32 (so standard DequantizeLinear with
+// block_size reads it unchanged); kernels work on the integer exponent only.
+#pragma once
+
+#define ORT_API_MANUAL_INIT
+#include "onnxruntime_cxx_api.h"
+#undef ORT_API_MANUAL_INIT
+#include "onnxruntime_lite_custom_op.h"
+
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace bct {
+
+constexpr const char* kDomain = "bctonnx";
+constexpr int kDomainVersion = 1;
+
+// Exponent e of a float32 power of two s = 2^e (normal or subnormal). Throws if s is not an
+// exact positive power of two: the integer kernels never guess a scale.
+inline int pow2_exponent(float s) {
+  uint32_t bits;
+  std::memcpy(&bits, &s, sizeof bits);
+  const uint32_t exp_field = (bits >> 23) & 0xFFu;
+  const uint32_t mant = bits & 0x7FFFFFu;
+  if ((bits >> 31) == 0 && exp_field != 0 && exp_field != 0xFFu && mant == 0)
+    return static_cast<int>(exp_field) - 127;
+  if ((bits >> 31) == 0 && exp_field == 0 && mant != 0 && (mant & (mant - 1)) == 0) {
+    int e = -149;  // subnormal: 2^-149 * mant
+    while (mant >> (e + 149) != 1u) ++e;
+    return e;
+  }
+  throw std::runtime_error("bctonnx: scale " + std::to_string(s) +
+                           " is not a power of two (integer ops need pow2 block scales)");
+}
+
+// 2^e as float32 (e in [-149, 127]).
+inline float pow2_float(int e) {
+  if (e >= -126) {
+    uint32_t bits = static_cast<uint32_t>(e + 127) << 23;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  }
+  uint32_t bits = 1u << (e + 149);
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// round_half_even(v / 2^n) for n >= 0, exact integer arithmetic (n up to 62).
+inline int64_t shift_round_even(int64_t v, int n) {
+  if (n <= 0) return v << (-n);
+  if (n > 62) return 0;
+  const int64_t q = v >> n;  // floor
+  const int64_t r = v - (q << n);
+  const int64_t half = int64_t{1} << (n - 1);
+  if (r > half || (r == half && (q & 1))) return q + 1;
+  return q;
+}
+
+inline int64_t num_blocks(int64_t d, int64_t block_size) { return (d + block_size - 1) / block_size; }
+
+// Registration hooks: each source file adds its ops to the one domain.
+void AddQuantOps(Ort::CustomOpDomain& domain);
+void AddNonlinearOps(Ort::CustomOpDomain& domain);
+
+// Keeps custom-op objects alive for the process lifetime (sessions hold raw pointers).
+void KeepAlive(std::unique_ptr<OrtCustomOp> op);
+
+}  // namespace bct

@@ -1,0 +1,35 @@
+// Library entry point: RegisterCustomOps adds every bctonnx op to the "bctonnx" domain.
+#include <memory>
+#include <mutex>
+
+#include "common.h"
+
+namespace bct {
+
+static std::vector<std::unique_ptr<OrtCustomOp>>& Ops() {
+  static std::vector<std::unique_ptr<OrtCustomOp>> ops;
+  return ops;
+}
+
+void KeepAlive(std::unique_ptr<OrtCustomOp> op) { Ops().push_back(std::move(op)); }
+
+}  // namespace bct
+
+extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
+RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
+  try {
+    static std::mutex mu;
+    static std::unique_ptr<Ort::CustomOpDomain> domain;
+    std::lock_guard<std::mutex> lock(mu);
+    if (!domain) {
+      domain = std::make_unique<Ort::CustomOpDomain>(bct::kDomain);
+      bct::AddQuantOps(*domain);
+      bct::AddNonlinearOps(*domain);
+    }
+    Ort::UnownedSessionOptions(options).Add(*domain);
+  } catch (const std::exception& e) {
+    return Ort::GetApi().CreateStatus(ORT_FAIL, e.what());
+  }
+  return nullptr;
+}
