@@ -41,6 +41,29 @@ activations whose size is only known at run time (sequence length), the last blo
 partial (``allow_partial=True``), exactly as ONNX's blocked QuantizeLinear (opset 21) does with
 ``ceil(D / block_size)`` scales.
 
+Asymmetric blocks (``symmetric=False``): each block also gets a zero point ``zp`` and uses
+the full code range ``[-2**(bits-1), 2**(bits-1) - 1]``:
+
+    scale = (max(x, 0) - min(x, 0)) / (2**bits - 1)      (rounded up to the scale kind's grid)
+    zp    = clamp(round_half_even(qmid - (max + min) / (2 * scale)), qmin, qmax),
+            qmid = (qmin + qmax) / 2 = -0.5
+    q     = clamp(round_half_even(x / scale) + zp, qmin, qmax)
+    x_hat = (q - zp) * scale
+
+which is ONNX DequantizeLinear with a blocked zero point. The block's range always contains 0
+(so zp is in range and 0 is exact). Zero points are stored like the codes (int4 packed for
+<= 4 bits, int8 otherwise): half a byte per block at 4 bits. It pays at 4 bits, where the
+sign asymmetry of a block otherwise wastes a large part of the 16 levels. With ``clip="mse"``
+the candidate scales are the same as for symmetric blocks, each with the centred zero point.
+
+Four-bit scale codes (``scale_bits=4``, pow2 scales only): the blocks of one slice (all blocks
+that share every index but the blocked axis, e.g. one output column of a weight blocked along
+K) store their scale codes as 4-bit offsets from one int8 base per slice,
+``code = base + offset``, ``base = max(code) - 15``. Quantization enforces it: a block whose own
+code would be more than 15 steps below its slice's largest code is quantized with the floor
+code instead (a coarser grid, never clipping). Half a byte per block instead of one, which
+is what lets 4-bit asymmetric blocks of 32 fit in a 7.5x budget.
+
 Storage: 2..4-bit codes are packed two per byte (ONNX INT4 layout: element ``2i`` in the low
 nibble, ``2i+1`` in the high nibble, two's complement); 5..8-bit codes take one int8 each.
 """
@@ -74,6 +97,8 @@ class BlockFormat:
     scale_dtype: ScaleDtype = "float32"  # for scale_kind="float"
     frac_bits: int = 0  # for scale_kind="pow2": 0 = pure power of two (BCT shift)
     clip: Literal["none", "mse"] = "none"
+    symmetric: bool = True  # False: per-block zero point (see "Asymmetric blocks")
+    scale_bits: int = 8  # 4: pow2 codes stored as 4-bit offsets from a per-slice base
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -88,21 +113,30 @@ class BlockFormat:
             raise ValueError(f"frac_bits must be in 0..4, got {self.frac_bits}")
         if self.clip not in ("none", "mse"):
             raise ValueError(f"clip must be 'none' or 'mse', got {self.clip!r}")
+        if self.scale_bits not in (4, 8):
+            raise ValueError(f"scale bits must be 4 or 8, got {self.scale_bits}")
+        if self.scale_bits == 4 and self.scale_kind != "pow2":
+            raise ValueError("4-bit scale codes need scale_kind='pow2'")
 
     @property
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1
 
     @property
+    def qmin(self) -> int:
+        """Smallest code produced: -qmax (symmetric) or -2**(bits-1) (asymmetric)."""
+        return -self.qmax if self.symmetric else -(2 ** (self.bits - 1))
+
+    @property
     def packed(self) -> bool:
         """Codes are stored two per byte (int4 container)."""
         return self.bits <= 4
 
-    @property
-    def scale_bytes(self) -> int:
+    def scale_storage_bytes(self, nblocks: int, nslices: int) -> int:
+        """Stored bytes of ``nblocks`` scales over ``nslices`` slices (see scale_bits)."""
         if self.scale_kind == "pow2":
-            return 1
-        return 4 if self.scale_dtype == "float32" else 2
+            return (nblocks + 1) // 2 + nslices if self.scale_bits == 4 else nblocks
+        return nblocks * (4 if self.scale_dtype == "float32" else 2)
 
     def with_axis(self, axis: int) -> BlockFormat:
         return replace(self, axis=axis)
@@ -113,16 +147,30 @@ class BlockFormat:
         else:
             scale = "fp32" if self.scale_dtype == "float32" else "fp16"
         clip = " mse" if self.clip == "mse" else ""
-        return f"int{self.bits} b{self.block_size} {scale}{clip}"
+        asym = " asym" if not self.symmetric else ""
+        s4 = " s4" if self.scale_bits == 4 else ""
+        return f"int{self.bits} b{self.block_size} {scale}{s4}{clip}{asym}"
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def bytes_for(self, num_elements: int) -> int:
-        """Stored bytes (codes + scales) of a tensor with this many elements, when the block
-        size divides the blocked axis (`BlockQuantized.nbytes` also counts partial blocks)."""
+    def bytes_for(self, shape: tuple[int, ...]) -> int:
+        """Stored bytes (codes, scales, zero points) of a tensor of this shape blocked along
+        ``axis``, when the block size divides it (`BlockQuantized.nbytes` also counts partial
+        blocks)."""
+        num_elements = math.prod(shape)
         code_bytes = (num_elements + 1) // 2 if self.packed else num_elements
-        return code_bytes + math.ceil(num_elements / self.block_size) * self.scale_bytes
+        nblocks = math.ceil(num_elements / self.block_size)
+        nslices = num_elements // shape[self.axis]
+        return (
+            code_bytes + self.scale_storage_bytes(nblocks, nslices) + self.zero_point_bytes(nblocks)
+        )
+
+    def zero_point_bytes(self, nblocks: int) -> int:
+        """Stored bytes of ``nblocks`` zero points (0 for symmetric blocks)."""
+        if self.symmetric:
+            return 0
+        return (nblocks + 1) // 2 if self.packed else nblocks
 
 
 @dataclass
@@ -131,11 +179,13 @@ class BlockQuantized:
 
     ``scale_codes`` has the tensor's shape with the blocked axis shortened to
     ``ceil(size / block_size)``; it is float32/float16 for float scales, int8 for pow2.
+    ``zero_points`` (asymmetric formats only) has the same shape, int8.
     """
 
     codes: np.ndarray
     scale_codes: np.ndarray
     fmt: BlockFormat
+    zero_points: np.ndarray | None = None
 
     @property
     def axis(self) -> int:
@@ -145,7 +195,7 @@ class BlockQuantized:
         return decode_scales(self.scale_codes, self.fmt)
 
     def dequantize(self) -> np.ndarray:
-        return dequantize(self.codes, self.scale_codes, self.fmt)
+        return dequantize(self.codes, self.scale_codes, self.fmt, self.zero_points)
 
     def packed_codes(self) -> np.ndarray:
         """Codes as stored: int4-packed uint8 (flattened, row-major) or int8."""
@@ -155,7 +205,13 @@ class BlockQuantized:
     def nbytes(self) -> int:
         """Stored bytes: packed codes plus one scale per block (partial blocks included)."""
         code_bytes = (self.codes.size + 1) // 2 if self.fmt.packed else self.codes.size
-        return code_bytes + self.scale_codes.size * self.fmt.scale_bytes
+        nblocks = self.scale_codes.size
+        nslices = nblocks // self.scale_codes.shape[self.axis]
+        return (
+            code_bytes
+            + self.fmt.scale_storage_bytes(nblocks, nslices)
+            + self.fmt.zero_point_bytes(nblocks)
+        )
 
 
 def decode_scales(scale_codes: np.ndarray, fmt: BlockFormat) -> np.ndarray:
@@ -235,6 +291,10 @@ def quantize(
     if x.ndim == 0:
         raise ValueError("cannot block-quantize a scalar")
     axis = fmt.axis % x.ndim
+    if not fmt.symmetric:
+        if amax is not None:
+            raise ValueError("amax overrides apply to symmetric formats only")
+        return _quantize_asymmetric(x, replace(fmt, axis=axis), allow_partial)
     if amax is None and fmt.clip == "mse":
         amax = mse_clip_amax(x, replace(fmt, axis=axis), allow_partial)
     if amax is None:
@@ -244,12 +304,61 @@ def quantize(
             f"block size {fmt.block_size} does not divide axis {axis} of size {x.shape[axis]}"
         )
     scale_codes = encode_scales(amax, fmt)
+    if fmt.scale_bits == 4:
+        scale_codes = np.maximum(scale_codes, scale_code_floor(scale_codes, axis))
     scales = expand_blocks(decode_scales(scale_codes, fmt), axis, fmt.block_size, x.shape[axis])
     codes = np.clip(np.rint(x / scales), -fmt.qmax, fmt.qmax).astype(np.int8)
     return BlockQuantized(codes, scale_codes, replace(fmt, axis=axis))
 
 
 MSE_CLIP_STEPS = 8  # candidate scales per block for clip="mse"
+
+
+def _quantize_asymmetric(x: np.ndarray, fmt: BlockFormat, allow_partial: bool) -> BlockQuantized:
+    """Asymmetric blocks (see the module docstring): scale, centred zero point, codes."""
+    axis = fmt.axis
+    blocks = block_view(x, axis, fmt.block_size, allow_partial)  # [..., nb, B]
+    lo = np.minimum(blocks.min(axis=-1), 0)
+    hi = np.maximum(blocks.max(axis=-1), 0)
+    levels = 2**fmt.bits - 1
+    # encode_scales picks the smallest scale >= amax / qmax: ask for >= (hi - lo) / levels
+    base = encode_scales((hi - lo) * np.float32(fmt.qmax / levels), fmt)
+    floor = scale_code_floor(base, -1) if fmt.scale_bits == 4 else None
+    if floor is not None:
+        base = np.maximum(base, floor)
+    candidates = [base]
+    if fmt.clip == "mse":
+        for k in range(1, MSE_CLIP_STEPS):
+            s0 = decode_scales(base, fmt)
+            if fmt.scale_kind == "pow2":
+                shrunk = s0 * np.float32(2.0 ** (-k / 2**fmt.frac_bits) * (1 - 2.0**-20))
+            else:
+                shrunk = s0 * np.float32(1 - k / 16)
+            code = encode_scales(shrunk * np.float32(fmt.qmax), fmt)
+            candidates.append(code if floor is None else np.maximum(code, floor))
+    best = None
+    for code in candidates:
+        s = decode_scales(code, fmt)
+        zp = np.clip(np.rint(np.float32(-0.5) - (hi + lo) / (2 * s)), fmt.qmin, fmt.qmax)
+        q = np.clip(np.rint(blocks / s[..., None]) + zp[..., None], fmt.qmin, fmt.qmax)
+        err = (((q - zp[..., None]) * s[..., None] - blocks) ** 2).sum(axis=-1)
+        if best is None:
+            best = [err, code, zp, q]
+            continue
+        better = err < best[0]
+        best[0] = np.where(better, err, best[0])
+        best[1] = np.where(better, code, best[1]).astype(code.dtype)
+        best[2] = np.where(better, zp, best[2])
+        best[3] = np.where(better[..., None], q, best[3])
+    _, code, zp, q = best
+    size = x.shape[axis]
+    q = np.moveaxis(q.reshape(*q.shape[:-2], -1)[..., :size], -1, axis).astype(np.int8)
+    return BlockQuantized(
+        np.ascontiguousarray(q),
+        np.ascontiguousarray(np.moveaxis(code, -1, axis)),
+        fmt,
+        np.ascontiguousarray(np.moveaxis(zp, -1, axis)).astype(np.int8),
+    )
 
 
 def mse_clip_amax(x: np.ndarray, fmt: BlockFormat, allow_partial: bool = False) -> np.ndarray:
@@ -279,11 +388,34 @@ def mse_clip_amax(x: np.ndarray, fmt: BlockFormat, allow_partial: bool = False) 
     return np.moveaxis(best_amax, -1, fmt.axis % x.ndim)
 
 
-def dequantize(codes: np.ndarray, scale_codes: np.ndarray, fmt: BlockFormat) -> np.ndarray:
+def scale_code_floor(scale_codes: np.ndarray, axis: int) -> np.ndarray:
+    """Smallest code allowed per slice with 4-bit scale codes: the slice's largest code - 15."""
+    top = scale_codes.astype(np.int16).max(axis=axis, keepdims=True)
+    return np.maximum(top - 15, -128).astype(scale_codes.dtype)
+
+
+def split_scale_codes(scale_codes: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """4-bit scale storage: (base int8 with ``axis`` of size 1, offsets 0..15 as uint8)."""
+    base = scale_code_floor(scale_codes, axis)
+    offsets = scale_codes.astype(np.int16) - base
+    if offsets.min(initial=0) < 0 or offsets.max(initial=0) > 15:
+        raise ValueError("scale codes span more than 16 steps in a slice")
+    return base.astype(np.int8), offsets.astype(np.uint8)
+
+
+def dequantize(
+    codes: np.ndarray,
+    scale_codes: np.ndarray,
+    fmt: BlockFormat,
+    zero_points: np.ndarray | None = None,
+) -> np.ndarray:
     """float32 values of block-quantized codes."""
     axis = fmt.axis % codes.ndim
     scales = expand_blocks(decode_scales(scale_codes, fmt), axis, fmt.block_size, codes.shape[axis])
-    return codes.astype(np.float32) * scales
+    if zero_points is None:
+        return codes.astype(np.float32) * scales
+    zp = expand_blocks(zero_points, axis, fmt.block_size, codes.shape[axis])
+    return (codes.astype(np.float32) - zp.astype(np.float32)) * scales
 
 
 def fake_quantize(x: np.ndarray, fmt: BlockFormat, *, allow_partial: bool = False) -> np.ndarray:

@@ -23,6 +23,8 @@ class CompressionConfig:
     activations: BlockFormat | None = None
     mode: Mode = "qdq"
     exclude: tuple[str, ...] = field(default_factory=tuple)
+    # storage of the tensors left in floating point (biases, LayerNorm, excluded weights)
+    float_dtype: Literal["float32", "float16"] = "float32"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -32,7 +34,8 @@ class CompressionConfig:
         for name in ("weights", "embeddings", "activations"):
             fmt = getattr(self, name)
             parts.append(f"{name}={fmt.describe() if fmt else 'fp32'}")
-        return ", ".join(parts) + f", mode={self.mode}"
+        extra = ", floats=fp16" if self.float_dtype == "float16" else ""
+        return ", ".join(parts) + f", mode={self.mode}{extra}"
 
 
 # Presets. Block sizes and scale kinds are chosen so the whole file (scales, biases, graph)
@@ -45,12 +48,24 @@ PRESETS: dict[str, CompressionConfig] = {
         embeddings=BlockFormat(bits=8, block_size=128, scale_kind="pow2", frac_bits=3),
         activations=BlockFormat(bits=8, block_size=32),
     ),
-    # 4-bit weights (blocks of 32, MSE-clipped) and embeddings (blocks of 128), one-byte
-    # scales, 8-bit activations.
+    # 4-bit weights in asymmetric blocks of 32 (zero point per block, MSE-clipped, 4-bit
+    # scale codes off a per-column base), 4-bit asymmetric embeddings in blocks of 128,
+    # 8-bit activations, biases and LayerNorm stored as float16: >= 7.5x on MiniLM.
     "w4a8": CompressionConfig(
-        weights=BlockFormat(bits=4, block_size=32, scale_kind="pow2", frac_bits=3, clip="mse"),
-        embeddings=BlockFormat(bits=4, block_size=128, scale_kind="pow2", frac_bits=3),
+        weights=BlockFormat(
+            bits=4,
+            block_size=32,
+            scale_kind="pow2",
+            frac_bits=3,
+            clip="mse",
+            symmetric=False,
+            scale_bits=4,
+        ),
+        embeddings=BlockFormat(
+            bits=4, block_size=128, scale_kind="pow2", frac_bits=3, clip="mse", symmetric=False
+        ),
         activations=BlockFormat(bits=8, block_size=32),
+        float_dtype="float16",
     ),
 }
 
@@ -68,6 +83,10 @@ def resolve_config(
     scale_kind: str | None = None,
     scale_dtype: str | None = None,
     frac_bits: int | None = None,
+    scale_bits: int | None = None,
+    symmetric: bool | None = None,
+    clip: str | None = None,
+    float_dtype: str | None = None,
     mode: str | None = None,
     exclude: tuple[str, ...] | list[str] | None = None,
     no_activations: bool = False,
@@ -75,8 +94,10 @@ def resolve_config(
     """A preset with explicit overrides applied (None = keep the preset's value).
 
     ``block_size`` sets all three block sizes; the specific ones win over it. ``scale_kind``,
-    ``scale_dtype`` and ``frac_bits`` apply to stored tensors (weights and embeddings);
-    activation scales are computed at run time.
+    ``scale_dtype``, ``frac_bits``, ``symmetric`` and ``clip`` apply to stored tensors (weights
+    and embeddings); ``scale_bits`` to weights only (embedding rows are gathered with their
+    scales, so they keep one byte per scale); activation scales are computed at run time.
+    ``float_dtype`` is how tensors left in floating point are stored.
     """
     if isinstance(preset, CompressionConfig):
         config = preset
@@ -101,6 +122,12 @@ def resolve_config(
             changes["frac_bits"] = frac_bits
         elif scale_kind == "pow2" and fmt.scale_kind != "pow2":
             changes["frac_bits"] = 0
+        if symmetric is not None:
+            changes["symmetric"] = symmetric
+        if clip is not None:
+            changes["clip"] = clip
+        if scale_kind == "float":
+            changes["scale_bits"] = 8
         return replace(fmt, **changes)
 
     acts = config.activations
@@ -115,10 +142,16 @@ def resolve_config(
         acts = replace(acts, **changes)
     if mode is not None and mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    weights = stored(config.weights, weight_bits, weight_block_size or block_size)
+    if weights is not None and scale_bits is not None:
+        weights = replace(weights, scale_bits=scale_bits)
+    if float_dtype is not None and float_dtype not in ("float32", "float16"):
+        raise ValueError(f"float dtype must be float32 or float16, got {float_dtype!r}")
     return CompressionConfig(
-        weights=stored(config.weights, weight_bits, weight_block_size or block_size),
+        weights=weights,
         embeddings=stored(config.embeddings, embedding_bits, embedding_block_size or block_size),
         activations=acts,
         mode=mode or config.mode,  # type: ignore[arg-type]
         exclude=tuple(exclude) if exclude is not None else config.exclude,
+        float_dtype=float_dtype or config.float_dtype,  # type: ignore[arg-type]
     )

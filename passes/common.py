@@ -70,6 +70,8 @@ def fmt_attrs(fmt: BlockFormat) -> dict[str, int | str]:
         "scale_kind": fmt.scale_kind,
         "scale_dtype": fmt.scale_dtype,
         "frac_bits": fmt.frac_bits,
+        "symmetric": int(fmt.symmetric),
+        "scale_bits": fmt.scale_bits,
     }
 
 
@@ -82,6 +84,8 @@ def fmt_from_node(node: ir.Node) -> BlockFormat:
         scale_kind=a["scale_kind"].as_string(),
         scale_dtype=a["scale_dtype"].as_string(),
         frac_bits=a["frac_bits"].as_int(),
+        symmetric=bool(a["symmetric"].as_int()) if "symmetric" in a else True,
+        scale_bits=a["scale_bits"].as_int() if "scale_bits" in a else 8,
     )
 
 

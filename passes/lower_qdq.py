@@ -1,10 +1,13 @@
 """lower_qdq: the portable form. Every mid-level node becomes standard ONNX (opset 21), so the
 model runs on stock onnxruntime with no op library.
 
-    BlockDequantize(codes, scales)     -> DequantizeLinear(codes:int4|int8, scale, axis, block_size)
-    BlockGather(codes, scales, ids)    -> Gather rows and their scales, then DequantizeLinear
-                                          (int4 tables: stored packed as uint8 [V, H/2]; the rows
-                                          are unpacked with Xor/And/BitShift, zero point 8)
+    BlockDequantize(codes, scales[, zp]) -> DequantizeLinear(codes:int4|int8, scale[, zp], axis,
+                                          block_size)
+    BlockGather(codes, scales, ids[, zp]) -> Gather rows and their scales (and zero points),
+                                          then DequantizeLinear (int4 tables: stored packed as
+                                          uint8 [V, H/2]; the rows are unpacked with
+                                          Xor/And/BitShift into offset binary, zero point 8, or
+                                          the block's zero point + 8 stored as uint8)
     BlockFakeQuant(x)                  -> per-block max |x| in the graph (Reshape, Abs,
                                           ReduceMax; Pad first when the last axis is not a
                                           multiple of the block), scale = amax / qmax, then
@@ -20,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from bctonnx.blockformat import BlockFormat, pack_int4
+from bctonnx.blockformat import BlockFormat, pack_int4, split_scale_codes
 
 from .common import (
     MID_DOMAIN,
@@ -83,7 +86,11 @@ class _Emitter:
     def decode_scales(self, scale_codes: ir.Value, fmt: BlockFormat) -> ir.Value:
         """float32 scales from stored scale codes (see blockformat.decode_scales)."""
         if fmt.scale_kind == "pow2":
-            exponent = self.op("Cast", [scale_codes], to=ir.DataType.FLOAT)
+            exponent = (
+                scale_codes
+                if scale_codes.dtype == ir.DataType.FLOAT
+                else self.op("Cast", [scale_codes], to=ir.DataType.FLOAT)
+            )
             if fmt.frac_bits:
                 exponent = self.op(
                     "Mul", [exponent, self.const(np.float32(2.0**-fmt.frac_bits), "inv_steps")]
@@ -111,10 +118,32 @@ def lower_block_dequantize(graph: ir.Graph, node: ir.Node, shared: dict) -> None
     fmt = fmt_from_node(node)
     e = _Emitter(graph, node, shared)
     codes = e.const(_codes_tensor(const_array(node.inputs[0]), fmt), "codes")
-    scales = e.decode_scales(e.const(const_array(node.inputs[1]), "scales"), fmt)
+    scale_codes = const_array(node.inputs[1])
+    if fmt.scale_bits == 4:
+        # code = base (int8 per slice) + offset (uint4 per block), decoded in float
+        base, offsets = split_scale_codes(scale_codes, fmt.axis)
+        packed = ir.PackedTensor(
+            pack_int4(offsets.astype(np.int8) - 8) ^ np.uint8(0x88),
+            ir.DataType.UINT4,
+            shape=ir.Shape(offsets.shape),
+        )
+        code = e.op(
+            "Add",
+            [
+                e.op("Cast", [e.const(packed, "scale_offsets")], to=ir.DataType.FLOAT),
+                e.op("Cast", [e.const(base, "scale_base")], to=ir.DataType.FLOAT),
+            ],
+        )
+        code.dtype = ir.DataType.FLOAT
+        scales = e.decode_scales(code, fmt)
+    else:
+        scales = e.decode_scales(e.const(scale_codes, "scales"), fmt)
+    inputs = [codes, scales]
+    if len(node.inputs) > 2 and node.inputs[2] is not None:
+        inputs.append(e.const(_codes_tensor(const_array(node.inputs[2]), fmt), "zp"))
     _finish(
         node,
-        e.op("DequantizeLinear", [codes, scales], axis=fmt.axis, block_size=fmt.block_size),
+        e.op("DequantizeLinear", inputs, axis=fmt.axis, block_size=fmt.block_size),
     )
 
 
@@ -126,19 +155,47 @@ def lower_block_gather(graph: ir.Graph, node: ir.Node, shared: dict) -> None:
         const_array(node.inputs[1]),
         node.inputs[2],
     )
+    zp_table = const_array(node.inputs[3]) if len(node.inputs) > 3 else None
     scales = e.decode_scales(e.op("Gather", [e.const(scale_codes, "scales"), ids], axis=0), fmt)
     q_args = dict(axis=-1, block_size=fmt.block_size)
     if not fmt.packed:
         rows = e.op("Gather", [e.const(codes.astype(np.int8), "codes"), ids], axis=0)
-        _finish(node, e.op("DequantizeLinear", [rows, scales], **q_args))
+        dq_inputs = [rows, scales]
+        if zp_table is not None:
+            dq_inputs.append(e.op("Gather", [e.const(zp_table.astype(np.int8), "zp"), ids], axis=0))
+        _finish(node, e.op("DequantizeLinear", dq_inputs, **q_args))
         return
     vocab, hidden = codes.shape
     ids_rank = rank(ids)
     if hidden % 2 or ids_rank is None:
         raise PassError(f"cannot pack table '{node.inputs[0].name}' (odd hidden or unknown rank)")
-    packed = pack_int4(codes).reshape(vocab, hidden // 2)
-    rows = e.op("Gather", [e.const(packed, "codes_packed"), ids], axis=0)
-    # two's complement nibbles -> offset binary (x ^ 8), then zero point 8 restores the sign
+    nibbles = _gather_nibbles(e, pack_int4(codes).reshape(vocab, hidden // 2), ids, ids_rank)
+    if zp_table is None:
+        zero_point = e.op("Expand", [e.const(np.uint8(8), "eight"), e.op("Shape", [scales])])
+    else:  # zero points packed per row the same way (a padding nibble when the count is odd)
+        nblocks = zp_table.shape[1]
+        padded = np.pad(zp_table, [(0, 0), (0, nblocks % 2)])
+        zp_packed = pack_int4(padded).reshape(vocab, -1)
+        zero_point = _gather_nibbles(e, zp_packed, ids, ids_rank, "zp_packed")
+        if nblocks % 2:
+            zero_point = e.op(
+                "Slice",
+                [
+                    zero_point,
+                    e.const(np.array([0], np.int64), "zero1"),
+                    e.const(np.array([nblocks], np.int64), f"len{nblocks}"),
+                    e.const(np.array([-1], np.int64), "last_axis"),
+                ],
+            )
+    _finish(node, e.op("DequantizeLinear", [nibbles, scales, zero_point], **q_args))
+
+
+def _gather_nibbles(
+    e: _Emitter, packed: np.ndarray, ids: ir.Value, ids_rank: int, name: str = "codes_packed"
+) -> ir.Value:
+    """Gather rows of a table of packed int4 pairs; returns them unpacked as offset-binary
+    uint8 (code + 8), which DequantizeLinear reads with zero point 8 (or zp + 8)."""
+    rows = e.op("Gather", [e.const(packed, name), ids], axis=0)
     rows = e.op("BitwiseXor", [rows, e.const(np.uint8(0x88), "xor88")])
     low = e.op("BitwiseAnd", [rows, e.const(np.uint8(0x0F), "low_mask")])
     high = e.op("BitShift", [rows, e.const(np.uint8(4), "four")], direction="RIGHT")
@@ -147,9 +204,7 @@ def lower_block_gather(graph: ir.Graph, node: ir.Node, shared: dict) -> None:
         "Concat", [e.op("Unsqueeze", [low, last]), e.op("Unsqueeze", [high, last])], axis=-1
     )
     shape = e.const(np.array([0] * ids_rank + [-1], np.int64), "row_shape")
-    nibbles = e.op("Reshape", [pairs, shape])
-    zero_point = e.op("Expand", [e.const(np.uint8(8), "eight"), e.op("Shape", [scales])])
-    _finish(node, e.op("DequantizeLinear", [nibbles, scales, zero_point], **q_args))
+    return e.op("Reshape", [pairs, shape])
 
 
 def lower_block_fake_quant(graph: ir.Graph, node: ir.Node, shared: dict) -> None:

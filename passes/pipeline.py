@@ -18,6 +18,7 @@ from .lower_qdq import LowerQDQ
 from .quantize_activations import QuantizeActivations
 from .quantize_embeddings import QuantizeEmbeddings
 from .quantize_weights import QuantizeWeights
+from .store_float16 import StoreFloat16
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ def build_pipeline(config: CompressionConfig) -> list[ir.passes.PassBase]:
         passes.append(LowerQDQ())
     else:
         raise ValueError(f"unknown mode {config.mode!r}")
+    if config.float_dtype == "float16":
+        passes.append(StoreFloat16())
     return passes
 
 

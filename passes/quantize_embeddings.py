@@ -1,6 +1,6 @@
 """quantize_embeddings: word, position and token-type tables become block-quantized tables.
 
-    Gather(T[V, H], ids)  ->  BlockGather(codes[V, H], scales[V, H/B], ids)
+    Gather(T[V, H], ids)  ->  BlockGather(codes[V, H], scales[V, H/B], ids[, zp[V, H/B]])
 
 Blocks run along the hidden axis H, so a looked-up row carries its own scales: only the rows a
 batch uses are ever dequantized (the table stays compressed in memory).
@@ -37,7 +37,7 @@ class QuantizeEmbeddings(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        tables: dict[int, tuple[ir.Value, ir.Value]] = {}
+        tables: dict[int, list[ir.Value]] = {}
         modified = False
         for node in nodes_with_role(graph, "embedding"):
             axis_attr = node.attributes.get("axis")
@@ -46,12 +46,12 @@ class QuantizeEmbeddings(ir.passes.InPlacePass):
             table = node.inputs[0]
             if id(table) not in tables:
                 tables[id(table)] = self._quantize_table(graph, node, table)
-            codes_v, scales_v = tables[id(table)]
+            codes_v, scales_v, *zp_v = tables[id(table)]
             fmt = self.fmt.with_axis(1)
             gather = ir.Node(
                 MID_DOMAIN,
                 "BlockGather",
-                [codes_v, scales_v, node.inputs[1]],
+                [codes_v, scales_v, node.inputs[1], *zp_v],
                 ir.convenience.convert_attributes(fmt_attrs(fmt)),
                 name=f"{node.name}/BlockGather",
             )
@@ -63,10 +63,10 @@ class QuantizeEmbeddings(ir.passes.InPlacePass):
             modified = True
         return ir.passes.PassResult(model, modified=modified)
 
-    def _quantize_table(
-        self, graph: ir.Graph, node: ir.Node, table: ir.Value
-    ) -> tuple[ir.Value, ir.Value]:
+    def _quantize_table(self, graph: ir.Graph, node: ir.Node, table: ir.Value) -> list[ir.Value]:
         array = const_array(table).astype(np.float32)
+        if self.fmt.scale_bits != 8:
+            raise PassError("4-bit scale codes apply to weights only, not embedding tables")
         try:
             q = quantize(array, self.fmt.with_axis(1))
         except BlockSizeError:
@@ -77,7 +77,10 @@ class QuantizeEmbeddings(ir.passes.InPlacePass):
                 f"{divisors_hint(hidden)} (or exclude the node)"
             ) from None
         name = table.name or node.name
-        return (
+        values = [
             new_initializer(graph, f"{name}.bct_codes", q.codes),
             new_initializer(graph, f"{name}.bct_scales", q.scale_codes),
-        )
+        ]
+        if q.zero_points is not None:
+            values.append(new_initializer(graph, f"{name}.bct_zp", q.zero_points))
+        return values

@@ -1,6 +1,6 @@
 """quantize_weights: every ``linear`` MatMul/Gemm weight becomes a block-quantized constant.
 
-    MatMul(x, W[K, N])        ->  MatMul(x, BlockDequantize(codes[K, N], scales[K/B, N]))
+    MatMul(x, W[K, N])        ->  MatMul(x, BlockDequantize(codes[K, N], scales[K/B, N] [, zp]))
     Gemm(x, W, transB=1)      ->  Gemm(x, BlockDequantize(codes[N, K], scales[N, K/B]), transB=1)
 
 Blocks run along the reduction axis K (axis 0 of W, or axis 1 when Gemm transposes it), so an
@@ -69,19 +69,31 @@ class QuantizeWeights(ir.passes.InPlacePass):
                 f"weight '{weight.name}' of node '{node.name}'; block sizes that do: "
                 f"{divisors_hint(size)} (or exclude the node)"
             ) from None
-        return block_dequantize(graph, weight.name or node.name, q.codes, q.scale_codes, fmt)
+        return block_dequantize(
+            graph, weight.name or node.name, q.codes, q.scale_codes, fmt, q.zero_points
+        )
 
 
 def block_dequantize(
-    graph: ir.Graph, name: str, codes: np.ndarray, scale_codes: np.ndarray, fmt: BlockFormat
+    graph: ir.Graph,
+    name: str,
+    codes: np.ndarray,
+    scale_codes: np.ndarray,
+    fmt: BlockFormat,
+    zero_points: np.ndarray | None = None,
 ) -> ir.Value:
-    """Append a mid-level BlockDequantize of constant codes/scales; returns its float output."""
-    codes_v = new_initializer(graph, f"{name}.bct_codes", codes)
-    scales_v = new_initializer(graph, f"{name}.bct_scales", scale_codes)
+    """Append a mid-level BlockDequantize of constant codes/scales (and zero points, for
+    asymmetric formats); returns its float output."""
+    inputs = [
+        new_initializer(graph, f"{name}.bct_codes", codes),
+        new_initializer(graph, f"{name}.bct_scales", scale_codes),
+    ]
+    if zero_points is not None:
+        inputs.append(new_initializer(graph, f"{name}.bct_zp", zero_points))
     node = ir.Node(
         MID_DOMAIN,
         "BlockDequantize",
-        [codes_v, scales_v],
+        inputs,
         ir.convenience.convert_attributes(fmt_attrs(fmt)),
         name=f"{name}/BlockDequantize",
     )

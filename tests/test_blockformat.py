@@ -21,6 +21,7 @@ from bctonnx.blockformat import (
     fake_quantize,
     pack_int4,
     quantize,
+    split_scale_codes,
     unpack_int4,
 )
 
@@ -346,7 +347,7 @@ def test_bytes_for_matches_stored_codes_and_scales(bits, kind):
     fmt = make_fmt(kind, bits, 8)
     q = quantize(x, fmt)
     stored = q.packed_codes().nbytes + q.scale_codes.nbytes
-    assert fmt.bytes_for(x.size) == stored
+    assert fmt.bytes_for(x.shape) == stored
     assert q.nbytes == stored
 
 
@@ -392,3 +393,74 @@ def test_block_format_rejects_invalid_parameters(kwargs):
 def test_quantizing_a_scalar_is_refused():
     with pytest.raises(ValueError):
         quantize(np.float32(1.0), BlockFormat())
+
+
+# --- asymmetric blocks and 4-bit scale codes ---------------------------------------------------
+
+
+@given(tensor_and_format(kinds=SCALE_KINDS[:1] + SCALE_KINDS[2:]))
+def test_asymmetric_blocks_stay_within_one_step_and_keep_zero_exact(case):
+    x, fmt = case
+    fmt = BlockFormat(**{**fmt.to_dict(), "symmetric": False})
+    q = quantize(x, fmt)
+    assert q.zero_points is not None and q.zero_points.shape == q.scale_codes.shape
+    assert q.codes.min(initial=0) >= fmt.qmin and q.codes.max(initial=0) <= fmt.qmax
+    assert q.zero_points.min() >= fmt.qmin and q.zero_points.max() <= fmt.qmax
+    scales = expanded_scales(q, x.shape[q.axis])
+    x_hat = q.dequantize().astype(np.float64)
+    # half a step inside the range; a full step where an end of the range is clamped
+    assert np.all(np.abs(x_hat - x) <= scales * (1 + 1e-6))
+    assert np.all(x_hat[x == 0] == 0)
+
+
+def test_asymmetric_blocks_use_the_whole_code_range_for_one_sided_blocks():
+    x = np.linspace(0, 1, 32, dtype=np.float32)[None]  # all >= 0: symmetric wastes the sign
+    sym = BlockFormat(bits=4, block_size=32)
+    asym = BlockFormat(bits=4, block_size=32, symmetric=False)
+    q = quantize(x, asym)
+    assert q.codes.min() == -8 and q.codes.max() == 7
+    err_sym = np.abs(fake_quantize(x, sym) - x).max()
+    assert np.abs(q.dequantize() - x).max() < 0.6 * err_sym
+
+
+def test_asymmetric_mse_clipping_never_increases_a_blocks_squared_error():
+    w = np.random.default_rng(3).standard_normal((4, 256)).astype(np.float32) ** 3
+    plain = BlockFormat(bits=4, block_size=32, scale_kind="pow2", frac_bits=3, symmetric=False)
+    mse = BlockFormat(**{**plain.to_dict(), "clip": "mse"})
+    err = {
+        f.clip: ((quantize(w, f).dequantize() - w) ** 2).reshape(4, 8, 32).sum(-1)
+        for f in (plain, mse)
+    }
+    assert np.all(err["mse"] <= err["none"] * (1 + 1e-6))
+    assert err["mse"].sum() < err["none"].sum()
+
+
+def test_asymmetric_nbytes_counts_half_a_byte_per_int4_zero_point():
+    x = np.random.default_rng(4).standard_normal((64, 6)).astype(np.float32)
+    fmt = BlockFormat(bits=4, block_size=16, axis=0, scale_kind="pow2", symmetric=False)
+    q = quantize(x, fmt)
+    assert q.nbytes == 64 * 6 // 2 + 4 * 6 + 4 * 6 // 2 == fmt.bytes_for(x.shape)
+
+
+def test_four_bit_scale_codes_stay_within_sixteen_steps_of_the_slice_maximum():
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((256, 8)).astype(np.float32)
+    w[:32, 3] *= 1e-4  # one block far below the rest of its column
+    fmt = BlockFormat(bits=4, block_size=32, axis=0, scale_kind="pow2", frac_bits=3, scale_bits=4)
+    for f in (fmt, BlockFormat(**{**fmt.to_dict(), "symmetric": False, "clip": "mse"})):
+        q = quantize(w, f)
+        codes = q.scale_codes.astype(int)
+        assert np.all(codes.max(axis=0) - codes.min(axis=0) <= 15)
+        base, offsets = split_scale_codes(q.scale_codes, 0)
+        assert base.shape == (1, 8) and offsets.max() <= 15
+        np.testing.assert_array_equal(base.astype(int) + offsets, codes)
+        assert q.nbytes == 256 * 8 // 2 + 8 * 8 // 2 + 8 + f.zero_point_bytes(64)
+    # the floored block got a coarser grid but nothing was clipped
+    q = quantize(w, fmt)
+    scales = expanded_scales(q, 256)
+    assert np.all(np.abs(q.dequantize() - w) <= scales / 2 * (1 + 1e-6))
+
+
+def test_four_bit_scale_codes_need_pow2_scales():
+    with pytest.raises(ValueError, match="pow2"):
+        BlockFormat(bits=4, scale_bits=4)

@@ -58,10 +58,10 @@ def test_w8a8_reaches_ratio_and_embedding_cosine(minilm_dir, tmp_path, sentences
     assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
 
 
-def test_w4a8_reaches_ratio(minilm_dir, tmp_path, sentences):
+def test_w4a8_reaches_ratio_and_embedding_cosine(minilm_dir, tmp_path, sentences):
     _, report, v = _compress_and_validate(minilm_dir, tmp_path, "w4a8", sentences)
     assert report.ratio >= 7.5
-    assert v.embedding_cosine >= 0.93
+    assert v.embedding_cosine >= 0.96
 
 
 def test_compressed_model_runs_on_stock_onnxruntime_without_library(minilm_dir, tmp_path):

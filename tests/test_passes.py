@@ -529,37 +529,61 @@ STORED_FORMATS = [
     BlockFormat(bits=4, block_size=16, scale_kind="pow2"),
     BlockFormat(bits=4, block_size=32, scale_kind="pow2", frac_bits=3),
     BlockFormat(bits=3, block_size=16, scale_dtype="float16"),
+    BlockFormat(bits=8, block_size=16, symmetric=False),
+    BlockFormat(bits=4, block_size=16, scale_kind="pow2", frac_bits=3, symmetric=False),
+    BlockFormat(bits=4, block_size=32, scale_kind="pow2", frac_bits=3, clip="mse", symmetric=False),
+]
+# 4-bit scale codes: weights only (embedding rows keep a byte per scale)
+WEIGHT_FORMATS = STORED_FORMATS + [
+    BlockFormat(bits=4, block_size=16, scale_kind="pow2", frac_bits=3, scale_bits=4),
+    BlockFormat(
+        bits=4,
+        block_size=16,
+        scale_kind="pow2",
+        frac_bits=3,
+        clip="mse",
+        symmetric=False,
+        scale_bits=4,
+    ),
 ]
 
 
-@pytest.mark.parametrize("fmt", STORED_FORMATS, ids=lambda f: f.describe().replace(" ", "_"))
+def stored_inputs(q) -> list[ir.Value]:
+    values = [const_value("codes", q.codes), const_value("scales", q.scale_codes)]
+    return values + ([const_value("zp", q.zero_points)] if q.zero_points is not None else [])
+
+
+@pytest.mark.parametrize("fmt", WEIGHT_FORMATS, ids=lambda f: f.describe().replace(" ", "_"))
 def test_lowered_block_dequantize_reproduces_dequantized_weights(fmt):
     w = np.random.default_rng(1).standard_normal((64, 24)).astype(np.float32)
+    w[:16, 5] *= 1e-3  # a block far below its column (4-bit scale codes floor it)
     q = quantize(w, fmt.with_axis(0))
     model = one_node_model(
         "BlockDequantize",
-        [const_value("codes", q.codes), const_value("scales", q.scale_codes)],
+        stored_inputs(q),
         q.fmt,
         list(w.shape),
     )
     proto = lower_and_serialize(model)
     if fmt.packed:
         assert any(t.data_type == onnx.TensorProto.INT4 for t in proto.graph.initializer)
+    if fmt.scale_bits == 4:
+        assert any(t.data_type == onnx.TensorProto.UINT4 for t in proto.graph.initializer)
     y = run_onnx(proto, {})["y"]
     np.testing.assert_allclose(y, q.dequantize(), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("fmt", STORED_FORMATS, ids=lambda f: f.describe().replace(" ", "_"))
 def test_lowered_block_gather_returns_the_dequantized_rows(fmt):
-    table = np.random.default_rng(2).standard_normal((50, 32)).astype(np.float32)
+    # 48 columns = three blocks of 16: an odd count of packed zero points per row
+    width = 48 if 48 % fmt.block_size == 0 else 64
+    table = np.random.default_rng(2).standard_normal((50, width)).astype(np.float32)
     q = quantize(table, fmt.with_axis(1))
     ids = ir.Value(name="ids", shape=ir.Shape(["b", "s"]), type=ir.TensorType(ir.DataType.INT64))
-    model = one_node_model(
-        "BlockGather",
-        [const_value("codes", q.codes), const_value("scales", q.scale_codes), ids],
-        q.fmt,
-        ["b", "s", 32],
-    )
+    inputs = [const_value("codes", q.codes), const_value("scales", q.scale_codes), ids]
+    if q.zero_points is not None:
+        inputs.append(const_value("zp", q.zero_points))
+    model = one_node_model("BlockGather", inputs, q.fmt, ["b", "s", width])
     proto = lower_and_serialize(model)
     idx = np.array([[0, 49, 7], [3, 3, 12]], np.int64)
     y = run_onnx(proto, {"ids": idx})["y"]
@@ -664,3 +688,51 @@ def test_lowering_refuses_float16_activation_scales():
 
     with pytest.raises(PassError, match="float32"):
         fake_quant_model(BlockFormat(bits=8, block_size=32, scale_dtype="float16"))
+
+
+# --- store_float16 -------------------------------------------------------------------------------
+
+
+def test_w4a8_stores_the_floats_it_leaves_as_float16_and_stays_close(compressed, fp32_reference):
+    proto = compressed("w4a8")
+    big_fp32 = [
+        t.name
+        for t in proto.graph.initializer
+        if t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) >= 64
+    ]
+    assert big_fp32 == []
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in proto.graph.initializer)
+    out = run_onnx(proto, tiny_feeds(seq=5))["last_hidden_state"]
+    assert cosine(out, fp32_reference(5)) > 0.98
+
+
+def test_store_float16_keeps_tensors_float16_cannot_hold():
+    from bctonnx.passes.store_float16 import StoreFloat16
+
+    x = ir.Value(name="x", shape=ir.Shape([2, 64]), type=ir.TensorType(ir.DataType.FLOAT))
+    ok = const_value("ok", np.linspace(-2, 2, 64, dtype=np.float32))
+    huge = const_value("huge", np.full(64, -3.4e38, np.float32))
+    tiny = const_value("tiny", np.full(64, 1e-7, np.float32))  # a float16 subnormal
+    add1 = ir.Node("", "Add", [x, ok], name="a1")
+    add2 = ir.Node("", "Add", [add1.outputs[0], huge], name="a2")
+    add3 = ir.Node("", "Add", [add2.outputs[0], tiny], name="a3")
+    add3.outputs[0].name = "y"
+    graph = ir.Graph(
+        [x],
+        [add3.outputs[0]],
+        nodes=[add1, add2, add3],
+        initializers=[ok, huge, tiny],
+        opset_imports={"": 21},
+    )
+    model = ir.Model(graph, ir_version=10)
+    StoreFloat16()(model)
+    kinds = {name: v.const_value.dtype for name, v in graph.initializers.items()}
+    assert kinds == {
+        "ok.f16": ir.DataType.FLOAT16,
+        "huge": ir.DataType.FLOAT,
+        "tiny.f16": ir.DataType.FLOAT16,
+    }
+    xv = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
+    y = run_onnx(ir.serde.serialize_model(model), {"x": xv})["y"]
+    expected = xv + np.linspace(-2, 2, 64, dtype=np.float32) - 3.4e38 + 1e-7
+    np.testing.assert_allclose(y, expected, rtol=1e-3)
