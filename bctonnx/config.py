@@ -12,8 +12,10 @@ from typing import Any, Literal
 
 from .blockformat import BlockFormat
 
-Mode = Literal["qdq"]
-MODES = ("qdq",)
+# qdq: portable QuantizeLinear/DequantizeLinear, stock onnxruntime. integer: GELU, Softmax,
+# LayerNorm and activation quantization as bctonnx's native integer ops (needs the library).
+Mode = Literal["qdq", "integer"]
+MODES = ("qdq", "integer")
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,10 @@ axis, masked by the attention mask for token outputs); for a token-level hidden 
 mean-pooled sentence-embedding cosine; for logits, top-1 agreement. The per-layer table compares
 every LayerNormalization output that both models still carry under the same name (bctonnx
 keeps tensor names through compression) and labels it with its encoder layer, so the block that
-hurts stands out.
+hurts stands out. For a candidate in the integer form, each integer op (IntGelu, IntSoftmax,
+IntLayerNorm) is compared with its float original applied to the same real activations (the
+float tensor the op's BlockQuantize reads): max and mean abs error in units of the op's output
+scale (LSB) and the relative error.
 """
 
 from __future__ import annotations
@@ -47,10 +50,22 @@ class LayerStats:
 
 
 @dataclass
+class IntOpStats:
+    """An integer op vs its float original on the same activations."""
+
+    node: str
+    op_type: str
+    max_err_lsb: float  # max |int - float| / output scale of the element's block
+    mean_err_lsb: float
+    rel_err: float  # sum |int - float| / sum |float|
+
+
+@dataclass
 class ValidationReport:
     num_inputs: int
     outputs: list[OutputStats] = field(default_factory=list)
     layers: list[LayerStats] = field(default_factory=list)
+    int_ops: list[IntOpStats] = field(default_factory=list)
 
     @property
     def embedding_cosine(self) -> float | None:
@@ -295,6 +310,7 @@ def validate(
             accs[name].add(np.asarray(r), np.asarray(c), mask, name)
         n_inputs += len(next(iter(feeds.values())))
     report = ValidationReport(num_inputs=n_inputs)
+    report.int_ops = integer_op_stats(cand_proto, batches, threads)
     report.outputs = [accs[n].stats(n) for n in outputs]
     for label, name in probes:
         s = accs[name].stats(name)
@@ -302,6 +318,105 @@ def validate(
         rel = acc.abs_sum / acc.ref_abs_sum if acc.ref_abs_sum else float("nan")
         report.layers.append(LayerStats(label, name, s.max_abs_err, s.mean_abs_err, rel, s.cosine))
     return report
+
+
+# --- integer ops vs their float originals ---------------------------------------------------------
+
+INT_OPS = ("IntGelu", "IntSoftmax", "IntLayerNorm")
+
+
+def _float_gelu(x: np.ndarray, _node, _inits) -> np.ndarray:
+    import torch
+
+    return torch.nn.functional.gelu(torch.from_numpy(x.astype(np.float32))).numpy()
+
+
+def _float_softmax(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    z = x.astype(np.float64) + (mask if mask is not None else 0.0)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _dequantized_param(inits: dict, codes: str, scales: str, block: int) -> np.ndarray:
+    from onnx import numpy_helper
+
+    c = numpy_helper.to_array(inits[codes]).astype(np.float64)
+    sc = numpy_helper.to_array(inits[scales]).astype(np.float64)
+    return c * np.repeat(sc, block)[: c.size]
+
+
+def integer_op_stats(
+    proto: onnx.ModelProto, batches: list[dict], threads: int | None, max_batches: int = 2
+) -> list[IntOpStats]:
+    """Each integer op of ``proto`` vs its float original (see module doc); [] if none."""
+    nodes = [n for n in proto.graph.node if n.domain == "bctonnx" and n.op_type in INT_OPS]
+    if not nodes:
+        return []
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    readers: dict[str, list] = {}
+    for n in proto.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    inits = {t.name: t for t in proto.graph.initializer}
+    plan = []  # (node, float input, mask or None, dequantized output, output scale or None)
+    for node in nodes:
+        bq = producers.get(node.input[0])
+        if bq is None or bq.op_type != "BlockQuantize":
+            continue
+        dq = [r for r in readers.get(node.output[0], []) if r.op_type == "DequantizeLinear"]
+        if not dq:
+            continue
+        mask = node.input[2] if node.op_type == "IntSoftmax" and len(node.input) > 2 else None
+        scale = node.output[1] if len(node.output) > 1 else None
+        plan.append((node, bq.input[0], mask, dq[0].output[0], scale))
+    fetch = sorted({t for p in plan for t in (p[1], p[2], p[3], p[4]) if t and t not in inits})
+    sess = _session(_with_outputs(proto, fetch), threads)
+    acc = {p[0].name or p[0].output[0]: [0.0, 0.0, 0, 0.0, 0.0] for p in plan}
+    for feeds in batches[:max_batches]:
+        values = dict(zip(fetch, sess.run(fetch, feeds), strict=True))
+        for node, x_name, mask_name, out_name, scale_name in plan:
+            x, got = values[x_name].astype(np.float64), values[out_name].astype(np.float64)
+            if node.op_type == "IntGelu":
+                ref = _float_gelu(x, node, inits).astype(np.float64)
+            elif node.op_type == "IntSoftmax":
+                mask = None
+                if mask_name:
+                    mask = values[mask_name] if mask_name in values else None
+                    if mask is None and mask_name in inits:
+                        mask = onnx.numpy_helper.to_array(inits[mask_name])
+                ref = _float_softmax(x, None if mask is None else mask.astype(np.float64))
+            else:
+                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+                block = int(attrs["block_size"])
+                gamma = _dequantized_param(inits, node.input[2], node.input[3], block)
+                beta = _dequantized_param(inits, node.input[4], node.input[5], block)
+                mu = x.mean(-1, keepdims=True)
+                var = ((x - mu) ** 2).mean(-1, keepdims=True)
+                ref = (x - mu) / np.sqrt(var + float(attrs.get("epsilon", 1e-5))) * gamma + beta
+            if scale_name:
+                sc = values[scale_name].astype(np.float64)
+                block = got.shape[-1] // sc.shape[-1] + (got.shape[-1] % sc.shape[-1] > 0)
+                lsb = np.repeat(sc, block, axis=-1)[..., : got.shape[-1]]
+            else:
+                lsb = np.full_like(got, 2.0**-8)  # IntSoftmax: probabilities in steps of 1/256
+            err = np.abs(got - ref)
+            a = acc[node.name or node.output[0]]
+            a[0] = max(a[0], float((err / lsb).max(initial=0)))
+            a[1] += float((err / lsb).sum())
+            a[2] += err.size
+            a[3] += float(err.sum())
+            a[4] += float(np.abs(ref).sum())
+    return [
+        IntOpStats(
+            node=name,
+            op_type=next(p[0].op_type for p in plan if (p[0].name or p[0].output[0]) == name),
+            max_err_lsb=a[0],
+            mean_err_lsb=a[1] / max(a[2], 1),
+            rel_err=a[3] / a[4] if a[4] else float("nan"),
+        )
+        for name, a in acc.items()
+    ]
 
 
 def _vocab_size(proto: onnx.ModelProto) -> int:
@@ -338,5 +453,15 @@ def format_report(report: ValidationReport) -> str:
             mark = "  <- largest relative error" if i == worst else ""
             lines.append(
                 f"{s.label:<22} {s.max_abs_err:>12.5f} {s.mean_abs_err:>13.6f} {s.rel_err:>9.5f} {s.cosine:>9.5f}{mark}"
+            )
+    if report.int_ops:
+        lines += [
+            "",
+            "integer ops vs their float originals on the same activations:",
+            f"{'op':<14} {'node':<14} {'max err (LSB)':>14} {'mean err (LSB)':>15} {'rel err':>9}",
+        ]
+        for o in report.int_ops:
+            lines.append(
+                f"{o.op_type:<14} {o.node[:14]:<14} {o.max_err_lsb:>14.2f} {o.mean_err_lsb:>15.3f} {o.rel_err:>9.5f}"
             )
     return "\n".join(lines)

@@ -140,3 +140,16 @@ def tiny_feeds(batch: int = 2, seq: int = 7, input_names=None, seed: int = 0) ->
     if input_names is not None:
         feeds = {k: v for k, v in feeds.items() if k in set(input_names)}
     return feeds
+
+
+@pytest.fixture(scope="session")
+def fp32_reference(tiny_bert_onnx):
+    """FP32 last_hidden_state of the exported model, per sequence length."""
+    cache: dict[int, np.ndarray] = {}
+
+    def get(seq: int = 7) -> np.ndarray:
+        if seq not in cache:
+            cache[seq] = run_onnx(tiny_bert_onnx, tiny_feeds(seq=seq))["last_hidden_state"]
+        return cache[seq]
+
+    return get

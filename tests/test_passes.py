@@ -91,19 +91,6 @@ def graph_output_names(model: ir.Model | onnx.ModelProto) -> list[str]:
     return [o.name for o in model.graph.outputs]
 
 
-@pytest.fixture(scope="module")
-def fp32_reference(tiny_bert_onnx):
-    """FP32 last_hidden_state of the exported model, per sequence length."""
-    cache: dict[int, np.ndarray] = {}
-
-    def get(seq: int = 7) -> np.ndarray:
-        if seq not in cache:
-            cache[seq] = run_onnx(tiny_bert_onnx, tiny_feeds(seq=seq))["last_hidden_state"]
-        return cache[seq]
-
-    return get
-
-
 # --- the fixture itself ------------------------------------------------------------------------
 
 

@@ -1,0 +1,99 @@
+"""The integer form (mode="integer"): graph shape, and runs on onnxruntime with our library."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import tiny_feeds
+from test_passes import cosine
+
+import bctonnx
+from bctonnx.runtime import op_library_path
+
+FLOAT_NONLINEAR = {"Gelu", "Erf", "Softmax", "LayerNormalization", "Tanh"}
+
+
+def require_library() -> str:
+    path = op_library_path()
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the op library is not built (CI must build it with pip install)")
+        pytest.skip("the op library is not built here (pip install . builds it)")
+    return path
+
+
+def run_integer(model: onnx.ModelProto, feeds: dict) -> dict[str, np.ndarray]:
+    require_library()
+    sess = ort.InferenceSession(
+        model.SerializeToString(),
+        bctonnx.session_options(threads=1),
+        providers=["CPUExecutionProvider"],
+    )
+    names = [i.name for i in sess.get_inputs()]
+    outs = sess.run(None, {n: feeds[n] for n in names})
+    return {o.name: v for o, v in zip(sess.get_outputs(), outs, strict=True)}
+
+
+@pytest.fixture(scope="module")
+def integer_tiny(tiny_bert_onnx) -> onnx.ModelProto:
+    return bctonnx.compress(tiny_bert_onnx, preset="w8a8", block_size=16, mode="integer")
+
+
+def test_integer_form_has_no_float_gelu_softmax_or_layernorm(integer_tiny):
+    ops = Counter((n.domain, n.op_type) for n in integer_tiny.graph.node)
+    assert not [op for (domain, op) in ops if domain == "" and op in FLOAT_NONLINEAR]
+    assert ops[("bctonnx", "IntGelu")] == 2  # tiny BERT: 2 layers
+    assert ops[("bctonnx", "IntSoftmax")] == 2
+    assert ops[("bctonnx", "IntLayerNorm")] == 5  # embeddings + 2 per layer
+    # every activation is quantized by the native op, none by the QDQ dynamic-scale graph
+    assert ops[("", "QuantizeLinear")] == 0 and ops[("bctonnx", "BlockQuantize")] > 0
+    assert {(o.domain, o.version) for o in integer_tiny.opset_import} == {("", 21), ("bctonnx", 1)}
+    assert not [n for n in integer_tiny.graph.node if n.domain == "bctonnx.mid"]
+
+
+def test_integer_form_runs_with_the_library_close_to_fp32(integer_tiny, fp32_reference):
+    for seq in (7, 19):  # 19: a partial last block of 16 on the sequence axis
+        out = run_integer(integer_tiny, tiny_feeds(seq=seq))["last_hidden_state"]
+        assert out.shape == fp32_reference(seq).shape
+        assert cosine(out, fp32_reference(seq)) > 0.98
+
+
+def test_integer_form_needs_the_library_and_says_so(integer_tiny, monkeypatch, tmp_path):
+    from bctonnx import runtime
+    from bctonnx.errors import BctError
+
+    monkeypatch.setattr(runtime, "op_library_path", lambda: None)
+    path = tmp_path / "int.onnx"
+    onnx.save(integer_tiny, path)
+    with pytest.raises(BctError, match="op library"):
+        runtime.make_session(path)
+
+
+def test_integer_form_leaves_an_unrecognised_softmax_float_with_a_warning(tiny_bert_onnx, caplog):
+    import onnx_ir as ir
+    from bctonnx.passes.pipeline import run_pipeline
+
+    from bctonnx.config import resolve_config
+    from bctonnx.modelio import load_model
+
+    model, _ = load_model(tiny_bert_onnx)
+    softmax = next(n for n in model.graph if n.op_type == "Softmax")
+    softmax.attributes["axis"] = ir.AttrInt64("axis", 1)  # not the last axis any more
+    with caplog.at_level(logging.WARNING):
+        run_pipeline(model, resolve_config("w8a8", block_size=16, mode="integer"))
+    assert any(
+        softmax.name in r.getMessage() and "stays float" in r.getMessage() for r in caplog.records
+    )
+    ops = Counter(n.op_type for n in model.graph)
+    assert ops["Softmax"] == 1 and ops["IntSoftmax"] == 1
+
+
+def test_integer_mode_needs_quantized_activations(tiny_bert_onnx):
+    with pytest.raises(ValueError, match="activations"):
+        bctonnx.compress(tiny_bert_onnx, preset="w8a8", mode="integer", no_activations=True)
