@@ -1,21 +1,299 @@
-// BlockQuantize, BlockRequantize.
+// BlockQuantize, BlockRequantize (domain "bctonnx", version 1).
+//
+// The specification of both ops is their numpy reference in bctonnx/ops/ref_quant.py; these
+// kernels are bit-exact with it. Blocks run along the last axis (see common.h).
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+
 #include "common.h"
 
 namespace bct {
+namespace {
 
-// Smoke op for the build check: Pow2Exponent(scale float) -> int32 exponents.
-static void Pow2ExponentKernel(const Ort::Custom::Tensor<float>& s, Ort::Custom::Tensor<int32_t>& e) {
-  const auto shape = s.Shape();
-  int32_t* out = e.Allocate(shape);
-  const float* in = s.Data();
-  for (int64_t i = 0; i < s.NumberOfElement(); ++i) out[i] = pow2_exponent(in[i]);
+// ---------------------------------------------------------------------------------------------
+// Attributes and shapes
+
+int64_t IntAttribute(const OrtApi* api, const OrtKernelInfo* info, const char* op, const char* name,
+                     const int64_t* fallback) {
+  int64_t value = 0;
+  OrtStatus* status = api->KernelInfoGetAttribute_int64(info, name, &value);
+  if (status == nullptr) return value;
+  api->ReleaseStatus(status);
+  if (fallback != nullptr) return *fallback;
+  throw std::runtime_error(std::string("bctonnx.") + op + ": attribute '" + name + "' is required");
 }
 
-void AddQuantOps(Ort::CustomOpDomain& domain) {
-  std::unique_ptr<OrtCustomOp> op{
-      Ort::Custom::CreateLiteCustomOp("Pow2Exponent", "CPUExecutionProvider", Pow2ExponentKernel)};
+int CheckedBits(const char* op, int64_t bits) {
+  if (bits < 2 || bits > 8)
+    throw std::runtime_error(std::string("bctonnx.") + op + ": bits must be in 2..8, got " +
+                             std::to_string(bits));
+  return static_cast<int>(bits);
+}
+
+int64_t CheckedBlockSize(const char* op, const char* name, int64_t b, bool zero_ok) {
+  if (b < 1 && !(zero_ok && b == 0))
+    throw std::runtime_error(std::string("bctonnx.") + op + ": " + name + " must be " +
+                             (zero_ok ? ">= 0" : ">= 1") + ", got " + std::to_string(b));
+  return b;
+}
+
+std::string ShapeString(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? "," : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+// Rows (product of the leading dims) and the last-axis length of a rank >= 1 tensor.
+void RowsAndDepth(const char* op, const std::vector<int64_t>& shape, int64_t* rows, int64_t* depth) {
+  if (shape.empty())
+    throw std::runtime_error(std::string("bctonnx.") + op + ": input must have rank >= 1 (blocks "
+                             "run along the last axis), got a scalar");
+  *rows = 1;
+  for (size_t i = 0; i + 1 < shape.size(); ++i) *rows *= shape[i];
+  *depth = shape.back();
+}
+
+std::vector<int64_t> BlockedShape(std::vector<int64_t> shape, int64_t block_size) {
+  shape.back() = num_blocks(shape.back(), block_size);
+  return shape;
+}
+
+Ort::Status Failure(const std::exception& e) { return Ort::Status(e.what(), ORT_INVALID_ARGUMENT); }
+
+// ---------------------------------------------------------------------------------------------
+// Exponent choice (see ref_quant.py, "Scale choice")
+
+// Smallest e with 2^e >= ideal, for a finite ideal >= 0; -128 for ideal == 0 (later clamped).
+int CeilLog2(float ideal) {
+  if (ideal == 0.0f) return -128;
+  int k = 0;
+  const float m = std::frexp(ideal, &k);  // ideal = m * 2^k, m in [0.5, 1): exact
+  return m == 0.5f ? k - 1 : k;
+}
+
+// fl32(M * 2^e_in / qmax) <= 2^e, decided in integers: with g = max(e - 24, -150) (half an ulp
+// of float32 just above 2^e is 2^g; a tie rounds to 2^e, whose mantissa is even), this is
+// M * 2^(e_in - g) <= qmax * (2^(e - g) + 1). Needs 1 <= M <= 2^31, e in [-128, 127].
+// Largest intermediates: M << 31 <= 2^62, rhs << 31 < 2^62.
+bool FitsFloat32Rule(int64_t m, int e_in, int e, int64_t qmax) {
+  const int g = std::max(e - 24, -150);
+  const int64_t rhs = qmax * ((int64_t{1} << (e - g)) + 1);  // e - g in 22..24: rhs < 2^31
+  const int s = e_in - g;
+  if (s >= 0) return s < 32 && (m << s) <= rhs;
+  return -s >= 32 || m <= (rhs << -s);
+}
+
+// The output exponent one segment (max |v| = M >= 1 at exponent e_in) asks for: the smallest
+// e in [-128, 127] with fl32(M * 2^e_in / qmax) <= 2^e. Throws when no e <= 127 will do.
+int SegmentExponent(int64_t m, int e_in, int64_t qmax, const char* op) {
+  // d0 = smallest d with M <= qmax * 2^d (exact); it is bl(M) - bl(qmax) or one more.
+  auto bit_length = [](int64_t v) { int n = 0; while (v) { ++n; v >>= 1; } return n; };
+  int d = bit_length(m) - bit_length(qmax);  // in [-6, 31]
+  const bool fits = d >= 0 ? m <= (qmax << d) : (m << -d) <= qmax;
+  if (!fits) ++d;
+  int e = e_in + d;
+  // Rounding to float32 can let the exponent below pass (only for values that are not exact
+  // float32 numbers, or in the subnormal range of the scale).
+  if (e - 1 >= -128 && e - 1 <= 127 && FitsFloat32Rule(m, e_in, e - 1, qmax)) --e;
+  if (e < -128) e = -128;
+  if (e > 127)
+    throw std::runtime_error(std::string("bctonnx.") + op +
+                             ": values too large for a pow2 scale (max |x| / qmax beyond 2^127)");
+  return e;
+}
+
+// ---------------------------------------------------------------------------------------------
+// BlockQuantize(x: float) -> (y: int8, y_scale: float)
+
+struct BlockQuantizeKernel {
+  BlockQuantizeKernel(const OrtApi* api, const OrtKernelInfo* info) {
+    static const int64_t kDefaultBits = 8;
+    block_size_ = CheckedBlockSize("BlockQuantize", "block_size",
+                                   IntAttribute(api, info, "BlockQuantize", "block_size", nullptr),
+                                   false);
+    bits_ = CheckedBits("BlockQuantize",
+                        IntAttribute(api, info, "BlockQuantize", "bits", &kDefaultBits));
+  }
+
+  Ort::Status Compute(const Ort::Custom::Tensor<float>& x, Ort::Custom::Tensor<int8_t>& y,
+                      Ort::Custom::Tensor<float>& y_scale) {
+    try {
+      Run(x, y, y_scale);
+    } catch (const std::exception& e) {
+      return Failure(e);
+    }
+    return Ort::Status{nullptr};
+  }
+
+  void Run(const Ort::Custom::Tensor<float>& x, Ort::Custom::Tensor<int8_t>& y,
+           Ort::Custom::Tensor<float>& y_scale) const {
+    const std::vector<int64_t> shape = x.Shape();
+    int64_t rows = 0, depth = 0;
+    RowsAndDepth("BlockQuantize", shape, &rows, &depth);
+    const int64_t nb = num_blocks(depth, block_size_);
+    int8_t* out = y.Allocate(shape);
+    float* scales = y_scale.Allocate(BlockedShape(shape, block_size_));
+    if (rows == 0 || depth == 0) return;
+    const float* in = x.Data();
+    const float qmax_f = static_cast<float>((1 << (bits_ - 1)) - 1);
+
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* row = in + r * depth;
+      int8_t* orow = out + r * depth;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t begin = b * block_size_, end = std::min(depth, begin + block_size_);
+        float amax = 0.0f;
+        for (int64_t i = begin; i < end; ++i) {
+          const float a = std::fabs(row[i]);
+          if (!(a <= FLT_MAX))
+            throw std::runtime_error("bctonnx.BlockQuantize: input contains NaN or infinity");
+          amax = std::max(amax, a);
+        }
+        // The float32 division is the reference's (blockformat.encode_scales) on purpose.
+        int e = std::max(CeilLog2(amax / qmax_f), -128);
+        if (e > 127)
+          throw std::runtime_error(
+              "bctonnx.BlockQuantize: values too large for a pow2 scale (max |x| / qmax beyond "
+              "2^127)");
+        const float s = pow2_float(e);
+        scales[r * nb + b] = s;
+        for (int64_t i = begin; i < end; ++i) {
+          // x / 2^e is exact unless it is subnormal (then |q| < 1/2 rounds to 0 either way);
+          // 2^-e itself may not be a float32 (e = -128), so divide, as the reference does.
+          float q = std::nearbyint(row[i] / s);  // round half to even (default rounding mode)
+          q = std::min(std::max(q, -qmax_f), qmax_f);
+          orow[i] = static_cast<int8_t>(q);
+        }
+      }
+    }
+  }
+
+  int64_t block_size_ = 0;
+  int bits_ = 8;
+};
+
+// ---------------------------------------------------------------------------------------------
+// BlockRequantize(x: int32 | int8, x_scale: float pow2) -> (y: int8, y_scale: float pow2)
+
+template <typename T>
+struct BlockRequantizeKernel {
+  BlockRequantizeKernel(const OrtApi* api, const OrtKernelInfo* info) {
+    static const int64_t kDefaultBits = 8;
+    in_block_size_ = CheckedBlockSize(
+        "BlockRequantize", "in_block_size",
+        IntAttribute(api, info, "BlockRequantize", "in_block_size", nullptr), true);
+    block_size_ = CheckedBlockSize(
+        "BlockRequantize", "block_size",
+        IntAttribute(api, info, "BlockRequantize", "block_size", nullptr), false);
+    bits_ = CheckedBits("BlockRequantize",
+                        IntAttribute(api, info, "BlockRequantize", "bits", &kDefaultBits));
+  }
+
+  Ort::Status Compute(const Ort::Custom::Tensor<T>& x, const Ort::Custom::Tensor<float>& x_scale,
+                      Ort::Custom::Tensor<int8_t>& y, Ort::Custom::Tensor<float>& y_scale) {
+    try {
+      Run(x, x_scale, y, y_scale);
+    } catch (const std::exception& e) {
+      return Failure(e);
+    }
+    return Ort::Status{nullptr};
+  }
+
+  void Run(const Ort::Custom::Tensor<T>& x, const Ort::Custom::Tensor<float>& x_scale,
+           Ort::Custom::Tensor<int8_t>& y, Ort::Custom::Tensor<float>& y_scale) const {
+    static const char* kOp = "BlockRequantize";
+    const std::vector<int64_t> shape = x.Shape();
+    int64_t rows = 0, depth = 0;
+    RowsAndDepth(kOp, shape, &rows, &depth);
+
+    // Input exponents: one for the tensor, or one per input block.
+    const std::vector<int64_t> sshape = x_scale.Shape();
+    const int64_t n_scales = x_scale.NumberOfElement();
+    int64_t in_nb = 1;
+    if (in_block_size_ == 0) {
+      if (n_scales != 1)
+        throw std::runtime_error(std::string("bctonnx.BlockRequantize: in_block_size=0 needs a "
+                                             "single x_scale, got shape ") + ShapeString(sshape));
+    } else {
+      in_nb = num_blocks(depth, in_block_size_);
+      if (sshape != BlockedShape(shape, in_block_size_))
+        throw std::runtime_error(
+            "bctonnx.BlockRequantize: x_scale shape " + ShapeString(sshape) + " does not match x " +
+            ShapeString(shape) + " with in_block_size " + std::to_string(in_block_size_) +
+            " (expected " + ShapeString(BlockedShape(shape, in_block_size_)) + ")");
+    }
+    std::vector<int> e_in(static_cast<size_t>(n_scales));
+    const float* sdata = x_scale.Data();
+    for (int64_t i = 0; i < n_scales; ++i) e_in[i] = pow2_exponent(sdata[i]);
+
+    const int64_t nb = num_blocks(depth, block_size_);
+    int8_t* out = y.Allocate(shape);
+    float* scales = y_scale.Allocate(BlockedShape(shape, block_size_));
+    if (rows == 0 || depth == 0) return;
+    const T* in = x.Data();
+    const int64_t qmax = (int64_t{1} << (bits_ - 1)) - 1;
+
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* row = in + r * depth;
+      int8_t* orow = out + r * depth;
+      const int* row_e = in_block_size_ == 0 ? e_in.data() : e_in.data() + r * in_nb;
+      auto exponent_at = [&](int64_t i) { return in_block_size_ == 0 ? row_e[0] : row_e[i / in_block_size_]; };
+      auto segment_end = [&](int64_t i, int64_t end) {
+        return in_block_size_ == 0 ? end : std::min(end, (i / in_block_size_ + 1) * in_block_size_);
+      };
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t begin = b * block_size_, end = std::min(depth, begin + block_size_);
+        // Output exponent: the largest any input segment of this block asks for.
+        int e_out = -128;
+        for (int64_t i = begin; i < end;) {
+          const int64_t seg_end = segment_end(i, end);
+          int64_t m = 0;  // max |v| of the segment, <= 2^31
+          for (int64_t j = i; j < seg_end; ++j) {
+            const int64_t v = row[j];
+            m = std::max(m, v < 0 ? -v : v);
+          }
+          if (m > 0) e_out = std::max(e_out, SegmentExponent(m, exponent_at(i), qmax, kOp));
+          i = seg_end;
+        }
+        scales[r * nb + b] = pow2_float(e_out);
+        for (int64_t i = begin; i < end;) {
+          const int64_t seg_end = segment_end(i, end);
+          // v * 2^e_in / 2^e_out = v / 2^n; n >= -7 whenever v != 0 (so v << 7 <= 2^38).
+          const int n = e_out - exponent_at(i);
+          for (int64_t j = i; j < seg_end; ++j) {
+            const int64_t v = row[j];
+            int64_t q = v == 0 ? 0 : shift_round_even(v, n);
+            q = std::min(std::max(q, -qmax), qmax);
+            orow[j] = static_cast<int8_t>(q);
+          }
+          i = seg_end;
+        }
+      }
+    }
+  }
+
+  int64_t in_block_size_ = 0;
+  int64_t block_size_ = 0;
+  int bits_ = 8;
+};
+
+void AddOp(Ort::CustomOpDomain& domain, OrtCustomOp* raw) {
+  std::unique_ptr<OrtCustomOp> op{raw};
   domain.Add(op.get());
   KeepAlive(std::move(op));
+}
+
+}  // namespace
+
+void AddQuantOps(Ort::CustomOpDomain& domain) {
+  AddOp(domain, Ort::Custom::CreateLiteCustomOp<BlockQuantizeKernel>("BlockQuantize",
+                                                                      "CPUExecutionProvider"));
+  // Two kernels under one name: onnxruntime picks the one matching x's element type.
+  AddOp(domain, Ort::Custom::CreateLiteCustomOp<BlockRequantizeKernel<int32_t>>(
+                    "BlockRequantize", "CPUExecutionProvider"));
+  AddOp(domain, Ort::Custom::CreateLiteCustomOp<BlockRequantizeKernel<int8_t>>(
+                    "BlockRequantize", "CPUExecutionProvider"));
 }
 
 }  // namespace bct

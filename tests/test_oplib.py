@@ -1,0 +1,528 @@
+"""The native op library: header discovery, build wiring, loading, and the quantization ops
+bit-exact against their numpy references (bctonnx/ops/ref_quant.py)."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+import bctonnx
+from bctonnx import runtime
+from bctonnx.errors import BctError
+from bctonnx.ops import build_support as bs
+from bctonnx.ops.ref_quant import block_quantize, block_requantize, pow2_format
+
+BLOCK_SIZES = (16, 32, 64, 128)
+LENGTHS = (1, 7, 33, 127)
+
+# ------------------------------------------------------------------------------------------
+# Header discovery (no network: the Debian step is replaced)
+
+
+def _fake_headers(d: Path) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    for h in bs.REQUIRED_HEADERS:
+        (d / h).write_text("// fake\n")
+    return d
+
+
+def _no_fetch(dest: Path) -> Path:
+    raise AssertionError("the Debian route must not run here")
+
+
+def test_env_override_wins_over_system_and_cache(tmp_path):
+    env_dir = _fake_headers(tmp_path / "env")
+    system = _fake_headers(tmp_path / "system")
+    _fake_headers(tmp_path / "xdg" / "bctonnx" / f"ort-headers-{bs.ORT_HEADERS_VERSION}")
+    env = {"ORT_INCLUDE_DIR": str(env_dir), "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    assert bs.find_ort_include_dir(env, [str(system)], fetch=_no_fetch) == env_dir
+
+
+def test_env_override_may_name_the_parent_of_onnxruntime(tmp_path):
+    inner = _fake_headers(tmp_path / "include" / "onnxruntime")
+    env = {"ORT_INCLUDE_DIR": str(tmp_path / "include")}
+    assert bs.find_ort_include_dir(env, [], fetch=_no_fetch) == inner
+
+
+def test_bogus_env_override_is_a_clear_error_without_fallback(tmp_path):
+    system = _fake_headers(tmp_path / "system")
+    (tmp_path / "bogus").mkdir()
+    (tmp_path / "bogus" / "onnxruntime_c_api.h").write_text("// lite header missing\n")
+    env = {"ORT_INCLUDE_DIR": str(tmp_path / "bogus")}
+    with pytest.raises(bs.HeaderDiscoveryError, match="ORT_INCLUDE_DIR=.*bogus.*release archive"):
+        bs.find_ort_include_dir(env, [str(system)], fetch=_no_fetch)
+
+
+def test_system_dirs_then_cache_then_debian(tmp_path):
+    system = _fake_headers(tmp_path / "system")
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    assert (
+        bs.find_ort_include_dir(env, [str(tmp_path / "none"), str(system)], fetch=_no_fetch)
+        == system
+    )
+
+    cache = _fake_headers(tmp_path / "xdg" / "bctonnx" / f"ort-headers-{bs.ORT_HEADERS_VERSION}")
+    assert bs.cache_dir(env) == cache
+    assert bs.find_ort_include_dir(env, [str(tmp_path / "none")], fetch=_no_fetch) == cache
+
+
+def test_debian_route_fills_the_cache(tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    calls = []
+
+    def fetch(dest: Path) -> Path:
+        calls.append(dest)
+        return _fake_headers(dest)
+
+    found = bs.find_ort_include_dir(env, [], fetch=fetch)
+    assert calls == [bs.cache_dir(env)] and found == bs.cache_dir(env)
+    # second time: a cache hit, no fetch
+    assert bs.find_ort_include_dir(env, [], fetch=_no_fetch) == found
+
+
+def test_nothing_found_says_what_was_tried_and_what_to_set(tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path / "xdg")}
+
+    def fetch(dest: Path) -> Path:
+        raise RuntimeError("apt-get update failed: no network")
+
+    with pytest.raises(bs.HeaderDiscoveryError) as err:
+        bs.find_ort_include_dir(env, [str(tmp_path / "sys")], fetch=fetch)
+    msg = str(err.value)
+    assert "\n" not in msg
+    for part in (
+        "ORT_INCLUDE_DIR (not set)",
+        str(tmp_path / "sys"),
+        "cache",
+        "no network",
+        "Set ORT_INCLUDE_DIR",
+    ):
+        assert part in msg
+
+
+def test_compile_command_is_portable_and_respects_cxx(tmp_path):
+    env = {"CXX": "ccache g++-12", "CXXFLAGS": "-g"}
+    cmd = bs.compile_command([tmp_path / "a.cc"], tmp_path / "lib.so", tmp_path / "inc", env)
+    assert cmd[:2] == ["ccache", "g++-12"]
+    for flag in ("-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-shared", "-g"):
+        assert flag in cmd
+    assert not [f for f in cmd if f.startswith("-march")]
+    assert bs.compile_command([], "x.so", "inc", {})[0] == "g++"
+
+
+def test_build_support_imports_without_numpy_or_onnxruntime():
+    # it runs in pip's isolated build environment, where neither is installed
+    code = (
+        "import sys, importlib.util\n"
+        "for m in ('numpy', 'onnxruntime', 'onnx', 'bctonnx'): sys.modules[m] = None\n"
+        f"spec = importlib.util.spec_from_file_location('bs', {bs.__file__!r})\n"
+        "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
+        "print(mod.LIBRARY_NAME)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == bs.LIBRARY_NAME
+
+
+# ------------------------------------------------------------------------------------------
+# The built library and the runtime wiring
+
+
+def _model(nodes, inputs, outputs) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs)
+    return helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("bctonnx", 1)],
+        ir_version=10,
+    )
+
+
+def _vi(name: str, elem: int):
+    return helper.make_tensor_value_info(name, elem, None)
+
+
+def _quantize_model(block_size: int, bits: int) -> onnx.ModelProto:
+    node = helper.make_node(
+        "BlockQuantize", ["x"], ["y", "y_scale"], domain="bctonnx", block_size=block_size, bits=bits
+    )
+    return _model(
+        [node],
+        [_vi("x", TensorProto.FLOAT)],
+        [_vi("y", TensorProto.INT8), _vi("y_scale", TensorProto.FLOAT)],
+    )
+
+
+def _requantize_model(elem: int, in_block_size: int, block_size: int, bits: int) -> onnx.ModelProto:
+    node = helper.make_node(
+        "BlockRequantize",
+        ["x", "x_scale"],
+        ["y", "y_scale"],
+        domain="bctonnx",
+        in_block_size=in_block_size,
+        block_size=block_size,
+        bits=bits,
+    )
+    return _model(
+        [node],
+        [_vi("x", elem), _vi("x_scale", TensorProto.FLOAT)],
+        [_vi("y", TensorProto.INT8), _vi("y_scale", TensorProto.FLOAT)],
+    )
+
+
+def test_library_is_built_absolute_and_loads():
+    path = bctonnx.op_library_path()
+    assert path is not None, "op library not built: pip install . (or pip install -e .)"
+    assert os.path.isabs(path) and os.path.isfile(path)
+    assert Path(path).name == bs.LIBRARY_NAME
+    assert runtime.require_op_library() == path
+    lib = ctypes.CDLL(path)
+    assert hasattr(lib, "RegisterCustomOps")
+    assert not hasattr(lib, "_ZN3bct11AddQuantOpsERN3Ort14CustomOpDomainE")  # hidden visibility
+    sess = ort.InferenceSession(
+        _quantize_model(16, 8).SerializeToString(),
+        bctonnx.session_options(threads=1),
+        providers=["CPUExecutionProvider"],
+    )
+    y, s = sess.run(None, {"x": np.array([[1.0, -2.0, 0.5]], np.float32)})
+    assert y.tolist() == [[32, -64, 16]] and s.tolist() == [[2.0**-5]]  # 2/127 > 2**-6
+
+
+def test_make_session_runs_a_bctonnx_model(tmp_path):
+    path = tmp_path / "q.onnx"
+    onnx.save(_quantize_model(32, 8), path)
+    for model in (path, path.read_bytes()):
+        sess = runtime.make_session(model, threads=1)
+        assert [o.name for o in sess.get_outputs()] == ["y", "y_scale"]
+
+
+def test_without_the_library_a_bctonnx_model_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime, "op_library_path", lambda: None)
+    path = tmp_path / "q.onnx"
+    onnx.save(_quantize_model(32, 8), path)
+    for model in (path, str(path), path.read_bytes()):
+        with pytest.raises(BctError, match=r"op library.*pip install \.") as err:
+            runtime.make_session(model)
+        assert "\n" not in str(err.value)
+    with pytest.raises(BctError, match=r"not built: rebuild it with `pip install \.`"):
+        runtime.require_op_library()
+    # a standard-domain model does not need the library
+    plain = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("Relu", ["x"], ["y"])],
+            "g",
+            [_vi("x", TensorProto.FLOAT)],
+            [_vi("y", TensorProto.FLOAT)],
+        ),
+        opset_imports=[helper.make_opsetid("", 21)],
+        ir_version=10,
+    )
+    sess = runtime.make_session(plain.SerializeToString())
+    assert sess.run(None, {"x": np.array([-1.0, 2.0], np.float32)})[0].tolist() == [0.0, 2.0]
+
+
+# ------------------------------------------------------------------------------------------
+# Ops vs references
+
+
+@functools.cache
+def _session(kind: str, *attrs) -> ort.InferenceSession:
+    if bctonnx.op_library_path() is None:
+        pytest.fail("op library not built: pip install . (or pip install -e .)")
+    model = _quantize_model(*attrs) if kind == "q" else _requantize_model(*attrs)
+    return ort.InferenceSession(
+        model.SerializeToString(),
+        bctonnx.session_options(threads=1),
+        providers=["CPUExecutionProvider"],
+    )
+
+
+def run_quantize(x: np.ndarray, block_size: int, bits: int = 8):
+    return _session("q", block_size, bits).run(None, {"x": x})
+
+
+def run_requantize(x, x_scale, in_block_size: int, block_size: int, bits: int = 8):
+    elem = TensorProto.INT32 if x.dtype == np.int32 else TensorProto.INT8
+    sess = _session("r", elem, in_block_size, block_size, bits)
+    return sess.run(None, {"x": x, "x_scale": np.asarray(x_scale, np.float32)})
+
+
+def assert_bit_exact(got, want):
+    (y, s), (ry, rs) = got, want
+    assert y.dtype == np.int8 and s.dtype == np.float32
+    assert y.shape == ry.shape and s.shape == rs.shape
+    np.testing.assert_array_equal(y, ry)
+    np.testing.assert_array_equal(s.view(np.uint32), rs.view(np.uint32))
+
+
+def _float_rows(rng, shape) -> np.ndarray:
+    """Rows of very different magnitudes (scales from 2**-140 to 2**100), with ties."""
+    x = rng.standard_normal(shape).astype(np.float64)
+    mag = np.exp2(rng.uniform(-140, 100, size=shape[:-1] + (1,)))
+    x = x * mag
+    # exact halfway values on a pow2 grid: round-half-even is exercised
+    ties = rng.random(shape) < 0.1
+    grid = np.exp2(np.floor(np.log2(np.abs(x) + 1e-300)) - 5)
+    x = np.where(ties, (np.round(x / grid) + 0.5) * grid, x)
+    return x.astype(np.float32)
+
+
+SHAPES = (
+    [(n,) for n in LENGTHS]
+    + [(3, n) for n in LENGTHS]
+    + [(2, 3, 33), (2, 2, 3, 127), (4, 128), (2, 1, 256)]
+)
+
+
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+def test_block_quantize_random_matches_reference(block_size):
+    rng = np.random.default_rng(block_size)
+    for shape in SHAPES:
+        for bits in (8, 4, 2):
+            x = _float_rows(rng, shape)
+            assert_bit_exact(run_quantize(x, block_size, bits), block_quantize(x, block_size, bits))
+
+
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+def test_block_quantize_edge_values(block_size):
+    rng = np.random.default_rng(100 + block_size)
+    cases = [
+        np.full((2, 37), -128.0, np.float32),
+        np.full((2, 37), 127.0, np.float32),
+        np.zeros((3, 33), np.float32),
+        -np.zeros((1, 7), np.float32),
+        np.full((1, 5), np.float32(2.0**-149)),  # smallest subnormal
+        np.full((1, 9), np.float32(127 * 2.0**-128)),  # around the subnormal scales
+        np.array([[np.float32(3.4e38), -np.float32(3.4e38), 1.0]], np.float32),  # near FLT_MAX
+    ]
+    outlier = rng.standard_normal((2, 3, 127)).astype(np.float32)
+    outlier[1, 2, 5] = 1e6  # one huge outlier in a row: its block's others round to 0
+    cases.append(outlier)
+    tiny = rng.standard_normal((4, 33)).astype(np.float32) * np.float32(2.0**-120)
+    cases.append(tiny)
+    for x in cases:
+        for bits in (8, 5, 3):
+            if bits == 3 and np.abs(x).max() > 3 * 2.0**126:
+                continue  # scale code 127: test_block_quantize_scale_code_127_is_exact
+            assert_bit_exact(run_quantize(x, block_size, bits), block_quantize(x, block_size, bits))
+
+
+def test_block_quantize_zero_block_scale_is_subnormal_pow2():
+    y, s = run_quantize(np.zeros((2, 20), np.float32), 16)
+    assert not y.any() and s.shape == (2, 2)
+    assert np.all(s == np.float32(2.0**-128))
+
+
+def test_block_quantize_subnormal_scale_rounding_follows_blockformat():
+    # amax/127 is just above 2**-128 but rounds to it in float32: blockformat keeps 2**-128
+    amax = np.float32(127 * 2.0**-128 + 2.0**-145)  # one ulp above 127 * 2**-128
+    assert float(amax) > 127 * 2.0**-128
+    y, s = run_quantize(np.array([amax, amax / 2], np.float32), 16)
+    assert s[0] == np.float32(2.0**-128) and y.tolist() == [127, 64]
+
+
+def test_block_quantize_scale_code_127_is_exact():
+    # bits=3, |x| > 3 * 2**126 needs the scale 2**127; 1.5 * 2**127 is a tie (-> 2)
+    x = np.array([1.75 * 2.0**127, 1.5 * 2.0**127, 0.5 * 2.0**127], np.float32)
+    y, s = run_quantize(x, 16, bits=3)
+    assert s.tolist() == [2.0**127] and y.tolist() == [2, 2, 0]
+    fmt = pow2_format(16, 3)
+    from bctonnx.blockformat import decode_scales
+
+    if decode_scales(np.int8(127), fmt) == np.float32(2.0**127):
+        assert_bit_exact((y, s), block_quantize(x, 16, bits=3))
+    else:  # numpy's float32 exp2(127) is one ulp high here: the reference refuses
+        with pytest.raises(ValueError, match="exp2"):
+            block_quantize(x, 16, bits=3)
+
+
+def test_block_quantize_errors():
+    for bad in (np.nan, np.inf, -np.inf):
+        x = np.array([[1.0, bad, 2.0]], np.float32)
+        with pytest.raises(ValueError, match="NaN or infinity"):
+            block_quantize(x, 16)
+        with pytest.raises(Exception, match="NaN or infinity"):
+            run_quantize(x, 16)
+    x = np.array([2.0**127, 1.0], np.float32)  # bits=2: qmax=1, needs 2**128
+    with pytest.raises(ValueError, match="too large"):
+        block_quantize(np.array([3e38], np.float32), 16, bits=2)
+    with pytest.raises(Exception, match="too large"):
+        run_quantize(np.array([3e38], np.float32), 16, bits=2)
+    y, s = run_quantize(x, 16, bits=2)  # exactly 2**127 still fits
+    assert s.tolist() == [2.0**127] and y.tolist() == [1, 0]
+    with pytest.raises(Exception, match="rank >= 1"):
+        run_quantize(np.array(1.0, np.float32), 16)
+    y, s = run_quantize(np.zeros((3, 0), np.float32), 16)
+    assert y.shape == (3, 0) and s.shape == (3, 0)
+
+
+def test_block_quantize_attribute_errors():
+    node = helper.make_node("BlockQuantize", ["x"], ["y", "s"], domain="bctonnx")
+    model = _model(
+        [node],
+        [_vi("x", TensorProto.FLOAT)],
+        [_vi("y", TensorProto.INT8), _vi("s", TensorProto.FLOAT)],
+    )
+    with pytest.raises(Exception, match="'block_size' is required"):
+        ort.InferenceSession(
+            model.SerializeToString(), bctonnx.session_options(), providers=["CPUExecutionProvider"]
+        )
+    with pytest.raises(Exception, match="bits must be in 2..8"):
+        _session("q", 16, 9)
+
+
+# -- BlockRequantize
+
+
+def _int_rows(rng, shape, dtype) -> np.ndarray:
+    info = np.iinfo(dtype)
+    x = np.empty(shape, np.int64)
+    flat = x.reshape(-1, shape[-1])
+    for i in range(flat.shape[0]):
+        kind = i % 4
+        if kind == 0:  # full range
+            flat[i] = rng.integers(info.min, info.max, endpoint=True, size=shape[-1])
+        elif kind == 1:  # a row of small accumulators
+            flat[i] = rng.integers(-300, 301, size=shape[-1])
+        elif kind == 2:  # varying magnitude per element
+            lim = np.exp2(rng.integers(0, 31 if dtype == np.int32 else 7, size=shape[-1]))
+            flat[i] = np.round(rng.uniform(-1, 1, size=shape[-1]) * lim)
+        else:  # mostly zeros
+            flat[i] = rng.integers(-5, 6, size=shape[-1]) * (rng.random(shape[-1]) < 0.2)
+    return np.clip(x, info.min, info.max).astype(dtype)
+
+
+def _scales(rng, x_shape, in_block_size, lo=-149, hi=90) -> np.ndarray:
+    if in_block_size == 0:
+        e = rng.integers(lo, hi + 1, size=())
+    else:
+        nb = -(-x_shape[-1] // in_block_size)
+        e = rng.integers(lo, hi + 1, size=x_shape[:-1] + (nb,))
+        # neighbouring input blocks close in exponent, so they share output blocks usefully
+        e = np.minimum(e, e.reshape(-1, nb)[:, :1].reshape(x_shape[:-1] + (1,)) + 8)
+    return np.ldexp(np.float32(1), np.asarray(e, np.int32)).astype(np.float32)
+
+
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("dtype", [np.int32, np.int8])
+def test_block_requantize_random_matches_reference(block_size, dtype):
+    rng = np.random.default_rng(block_size + (0 if dtype == np.int32 else 1000))
+    for shape in SHAPES:
+        for in_bs in (0, 8, 16, 32, 128):
+            for bits in (8, 4):
+                x = _int_rows(rng, shape, dtype)
+                s = _scales(rng, shape, in_bs)
+                want = block_requantize(x, s, in_bs, block_size, bits)
+                assert_bit_exact(run_requantize(x, s, in_bs, block_size, bits), want)
+
+
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+def test_block_requantize_equals_block_quantize_of_the_real_values(block_size):
+    """Where x * x_scale is an exact float32 (|x| < 2**24), requantize == quantize(x * scale):
+    integer and float paths agree, subnormal values and scales included."""
+    rng = np.random.default_rng(7 * block_size)
+    for shape in SHAPES:
+        for in_bs in (0, 16, 64):
+            for bits in (8, 3):
+                x = rng.integers(-(2**24) + 1, 2**24, size=shape).astype(np.int32)
+                x = np.right_shift(x, rng.integers(0, 24, size=shape[:-1] + (1,))).astype(np.int32)
+                s = _scales(rng, shape, in_bs, lo=-149, hi=100)
+                real = x.astype(np.float64) * _expand(s, in_bs, shape[-1])
+                assert np.all(real.astype(np.float32).astype(np.float64) == real)  # exact
+                want = block_quantize(real.astype(np.float32), block_size, bits)
+                assert_bit_exact(block_requantize(x, s, in_bs, block_size, bits), want)
+                assert_bit_exact(run_requantize(x, s, in_bs, block_size, bits), want)
+
+
+def _expand(s, in_bs, depth):
+    if in_bs == 0:
+        return np.float64(s.reshape(()))
+    return np.repeat(s.astype(np.float64), in_bs, axis=-1)[..., :depth]
+
+
+def test_block_requantize_float32_rounding_of_the_scale_choice():
+    # A = (127 * 2**21 + 1) * 2**-149 = 127 * 2**-128 + 2**-149: exact rule says 2**-127, but
+    # fl32(A / 127) == 2**-128, which is what BlockQuantize picks; so does BlockRequantize
+    v = np.array([[127 * 2**21 + 1, 3]], np.int32)
+    s = np.float32(2.0**-149)
+    want = block_quantize((v.astype(np.float64) * 2.0**-149).astype(np.float32), 16)
+    assert want[1].tolist() == [[np.float32(2.0**-128)]] and want[0].tolist() == [[127, 0]]
+    assert_bit_exact(block_requantize(v, s, 0, 16), want)
+    assert_bit_exact(run_requantize(v, s, 0, 16), want)
+    # a normal scale: one integer above 127 * 2**k does need the next exponent
+    v = np.array([[127 * 2**10 + 1]], np.int32)
+    y, sc = run_requantize(v, np.float32(1.0), 0, 16)
+    assert sc.tolist() == [[2.0**11]] and y.tolist() == [[64]]
+
+
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+def test_block_requantize_extremes(block_size):
+    i32 = np.iinfo(np.int32)
+    cases = [
+        (np.full((2, 37), i32.min, np.int32), 0),
+        (np.full((2, 37), i32.max, np.int32), 0),
+        (np.array([[i32.min, i32.max] * 20 + [1, -1, 0]], np.int32), 0),
+        (np.full((3, 33), -128, np.int8), 0),
+        (np.full((3, 33), 127, np.int8), 0),
+        (np.full((2, 40), -128, np.int32), 16),
+        (np.full((2, 40), 127, np.int32), 16),
+        (np.zeros((2, 3, 33), np.int32), 16),
+        (np.zeros((4, 7), np.int8), 0),
+    ]
+    rng = np.random.default_rng(block_size)
+    outlier = rng.integers(-1000, 1000, size=(2, 3, 127)).astype(np.int32)
+    outlier[0, 1, 100] = i32.max  # one huge outlier in a row
+    cases.append((outlier, 32))
+    for x, in_bs in cases:
+        for e in (-149, -128, -100, -7, 0, 3, 90):
+            s = (
+                np.full(x.shape[:-1] + (-(-x.shape[-1] // in_bs),), np.float32(2.0**e))
+                if in_bs
+                else np.float32(2.0**e)
+            )
+            for bits in (8, 2):
+                want = block_requantize(x, s, in_bs, block_size, bits)
+                assert_bit_exact(run_requantize(x, s, in_bs, block_size, bits), want)
+
+
+def test_block_requantize_int32_extremes_exact_codes():
+    # int32 min at scale 1: max|v| = 2**31, scale 2**25 (2**31 / 2**25 = 64 <= 127 < 128)
+    x = np.array([[np.iinfo(np.int32).min, np.iinfo(np.int32).max, 2**24 + 2**23, 2**24]], np.int32)
+    y, s = run_requantize(x, np.float32(1.0), 0, 16)
+    assert s.tolist() == [[2.0**25]]
+    assert y.tolist() == [[-64, 64, 1, 0]]  # 0.75 -> 1, 0.5 -> 0 (half to even)
+
+
+def test_block_requantize_errors():
+    x = np.ones((2, 40), np.int32)
+    for bad_scale in (np.float32(0.3), np.float32(0.0), np.float32(-1.0), np.float32(np.inf)):
+        with pytest.raises(ValueError, match="not a power of two"):
+            block_requantize(x, bad_scale, 0, 16)
+        with pytest.raises(Exception, match="not a power of two"):
+            run_requantize(x, bad_scale, 0, 16)
+    with pytest.raises(ValueError, match="single x_scale"):
+        block_requantize(x, np.ones(2, np.float32), 0, 16)
+    with pytest.raises(Exception, match="single x_scale"):
+        run_requantize(x, np.ones(2, np.float32), 0, 16)
+    with pytest.raises(ValueError, match="does not match"):
+        block_requantize(x, np.ones((2, 2), np.float32), 16, 16)
+    with pytest.raises(Exception, match="does not match"):
+        run_requantize(x, np.ones((2, 2), np.float32), 16, 16)
+    big = np.array([[np.iinfo(np.int32).max]], np.int32)  # 2**31 * 2**110 / 127 > 2**127
+    with pytest.raises(ValueError, match="too large"):
+        block_requantize(big, np.float32(2.0**110), 0, 16)
+    with pytest.raises(Exception, match="too large"):
+        run_requantize(big, np.float32(2.0**110), 0, 16)
+    # zeros never need a scale, whatever the input exponent
+    y, s = run_requantize(np.zeros((1, 3), np.int32), np.float32(2.0**127), 0, 16)
+    assert not y.any() and s.tolist() == [[np.float32(2.0**-128)]]
+    y, s = run_requantize(np.zeros((2, 0), np.int8), np.float32(1.0), 0, 16)
+    assert y.shape == (2, 0) and s.shape == (2, 0)
