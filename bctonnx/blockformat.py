@@ -217,6 +217,8 @@ class BlockQuantized:
 def decode_scales(scale_codes: np.ndarray, fmt: BlockFormat) -> np.ndarray:
     """Per-block scales as float32."""
     if fmt.scale_kind == "pow2":
+        if fmt.frac_bits == 0:  # exact: numpy's float32 exp2 can miss 2**127 by one step
+            return np.ldexp(np.float32(1), scale_codes.astype(np.int32)).astype(np.float32)
         return np.exp2(scale_codes.astype(np.float32) / np.float32(2**fmt.frac_bits)).astype(
             np.float32
         )
