@@ -169,6 +169,32 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .evaluate import eval_configs, format_table, run_eval, write_json
+
+    if args.json and args.json != "-" and not Path(args.json).resolve().parent.is_dir():
+        raise BctError(f"--json {args.json}: folder does not exist")
+    configs = eval_configs(args.preset, args.config, args.mode)
+    result = run_eval(
+        args.model_dir,
+        args.task,
+        args.glue_dir,
+        configs,
+        baselines=args.baselines,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        threads=args.threads,
+        keep=args.keep,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
+    if args.json:
+        write_json(result, args.json)
+    if args.json != "-":
+        print(format_table(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bctonnx",
@@ -229,6 +255,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=20, help="timed runs per model")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "eval",
+        help="GLUE dev metric: FP32 vs BCT presets (vs onnxruntime's quantizers)",
+        description="Run a fine-tuned model (Hugging Face checkpoint or exported ONNX directory) "
+        "on a GLUE dev set in FP32 and compressed with each preset, and print metric, difference "
+        "to FP32, file size and compression ratio side by side.",
+    )
+    from .config import MODES, PRESETS
+    from .glue import TASKS
+
+    p.add_argument("--model-dir", required=True, metavar="DIR", help="checkpoint or ONNX dir")
+    p.add_argument("--task", required=True, metavar="{" + ",".join(TASKS) + "}")
+    p.add_argument(
+        "--glue-dir", required=True, metavar="DIR", help="GLUE data (DIR/<Task>/dev.tsv)"
+    )
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--preset",
+        action="append",
+        metavar="NAME",
+        help=f"preset(s) to compare, repeatable or comma list ({', '.join(PRESETS)}; default: all)",
+    )
+    which.add_argument(
+        "--config",
+        metavar="FILE",
+        help='JSON of CompressionConfig overrides: {"name", "preset", resolve_config '
+        "keywords} or a list of them (see bctonnx.evaluate)",
+    )
+    p.add_argument("--mode", choices=MODES, help="lowering mode of every compared config")
+    p.add_argument(
+        "--baselines",
+        action="store_true",
+        help="also onnxruntime quantize_dynamic, static QDQ int8 and MatMulNBits 4-bit",
+    )
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N dev examples")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--threads", type=int, help="onnxruntime threads (default: its own)")
+    p.add_argument("--json", metavar="FILE", help="write the records as JSON (- = stdout)")
+    p.add_argument("--keep", metavar="DIR", help="keep the built models in DIR")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

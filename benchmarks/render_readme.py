@@ -12,6 +12,8 @@ import json
 import re
 from pathlib import Path
 
+from bctonnx.glue import TASKS
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -48,7 +50,59 @@ def render_embeddings(data: dict) -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"sst2": render_sst2, "embeddings": render_embeddings}
+def render_glue(data: dict) -> str:
+    """One row per task metric (primary first) and a size-ratio row; a column per model."""
+    runs = data["runs"]
+    models: list[str] = []
+    for run in runs:
+        models += [r["model"] for r in run["records"] if r["model"] not in models]
+    lines = [
+        "GLUE dev sets, all-MiniLM-L6 fine-tuned per task (`../shared/models/minilm-<task>`), "
+        f"onnxruntime {data['onnxruntime']} CPU, {data['threads']} threads; metrics in points "
+        "(x100), difference to FP32 in parentheses, ratio = FP32 file bytes / model file bytes:",
+        "",
+        "| task | metric | " + " | ".join(models) + " |",
+        "|---|---|" + "---:|" * len(models),
+    ]
+    failures = []
+    for run in runs:
+        by_model = {r["model"]: r for r in run["records"]}
+        task = f"{TASKS[run['task']].folder} ({run['n']})"
+        for metric in run["metrics"]:
+            cells = []
+            for m in models:
+                r = by_model.get(m)
+                if r is None:
+                    cells.append("")
+                elif r["status"] != "ok":
+                    cells.append("failed")
+                    if (m, r["error"]) not in failures:
+                        failures.append((m, r["error"]))
+                elif r["kind"] == "fp32":
+                    cells.append(f"{r['metrics'][metric]:.2f}")
+                else:
+                    cells.append(f"{r['metrics'][metric]:.2f} ({r['vs_fp32'][metric]:+.2f})")
+            lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+            task = ""
+        ratios = [
+            f"{by_model[m]['ratio']:.2f}x"
+            if m in by_model and by_model[m]["status"] == "ok"
+            else ""
+            for m in models
+        ]
+        lines.append("|  | ratio | " + " | ".join(ratios) + " |")
+    configs = {}
+    for run in runs:
+        for r in run["records"]:
+            if r["kind"] != "fp32":
+                configs.setdefault(r["model"], r["config"])
+    lines.append("")
+    lines += [f"- {m}: {c}" for m, c in configs.items()]
+    lines += [f"- {m} failed: {e}" for m, e in failures]
+    return "\n".join(lines)
+
+
+RENDERERS = {"sst2": render_sst2, "embeddings": render_embeddings, "glue": render_glue}
 
 
 def main() -> None:

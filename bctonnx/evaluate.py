@@ -1,0 +1,496 @@
+"""eval: a GLUE task metric of the FP32 model, each BCT config and onnxruntime's quantizers.
+
+One run: the FP32 model (a fine-tuned checkpoint, exported here, or an exported ONNX
+directory) is compressed with each config, optionally quantized by onnxruntime's own tools
+(`bctonnx.baselines`), and every model is run on onnxruntime over the same tokenized dev set.
+Each model gives one `EvalRecord`: its metrics in points, the difference to FP32 in points,
+its file size and compression ratio (FP32 file bytes / its file bytes). A compressed model that
+fails to build or run becomes a ``failed`` record with a one-line reason; the others go on.
+
+``--config FILE`` (`load_config_file`): a JSON object, or a list of them, each one config:
+
+    {"name": "w4 b64",          # label in the table (default: "custom", "custom 2", ...)
+     "preset": "w4a8",          # starting point (default "w8a8"), any of bctonnx.PRESETS
+     "block_size": 64, "act_bits": 8, "exclude": ["*/pooler/*"]}
+
+Every other key is a keyword of `bctonnx.config.resolve_config`, read from its signature
+(weight_bits, embedding_bits, act_bits, block_size, weight_block_size, embedding_block_size,
+act_block_size, scale_kind, scale_dtype, frac_bits, scale_bits, symmetric, clip, float_dtype,
+mode, exclude, no_activations at the time of writing); integers, strings, booleans and lists
+of strings as the keyword takes them; unknown keys and wrong types are refused.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .api import compress_file
+from .baselines import BASELINES
+from .config import PRESETS, CompressionConfig, resolve_config
+from .errors import BctError
+from .export import export_model
+from .glue import (
+    GlueData,
+    GlueTask,
+    compute_metrics,
+    get_task,
+    label_permutation,
+    predictions,
+    read_task,
+)
+from .modelio import MODEL_FILENAME, copy_sidecars, model_file_bytes
+from .runtime import make_session
+from .validate import load_tokenizer, make_feeds
+
+log = logging.getLogger(__name__)
+
+CALIBRATION_EXAMPLES = 128
+
+
+@dataclass
+class EvalRecord:
+    """One model of the comparison. ``vs_fp32``: metric minus FP32's, in points."""
+
+    model: str
+    kind: str  # "fp32", "bct" or "baseline"
+    config: str
+    status: str = "ok"  # "ok" or "failed"
+    error: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    vs_fp32: dict[str, float] = field(default_factory=dict)
+    bytes: int | None = None
+    ratio: float | None = None
+    build_seconds: float | None = None
+    eval_seconds: float | None = None
+
+
+@dataclass
+class EvalResult:
+    task: str
+    metrics: list[str]  # primary first
+    n: int  # examples evaluated
+    dev_size: int  # examples in the dev file
+    model_dir: str
+    dev_file: str
+    records: list[EvalRecord] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["primary_metric"] = self.metrics[0]
+        return d
+
+
+# --- configs ---------------------------------------------------------------------------------
+
+
+def parse_presets(values: list[str] | None) -> list[str]:
+    """``--preset`` values (repeatable, comma lists allowed) -> preset names; default: all."""
+    if not values:
+        return list(PRESETS)
+    names: list[str] = []
+    for value in values:
+        for name in (v.strip() for v in value.split(",")):
+            if name and name not in names:
+                names.append(name)
+    unknown = [n for n in names if n not in PRESETS]
+    if unknown or not names:
+        raise BctError(
+            f"unknown preset {', '.join(map(repr, unknown)) or repr('')}; "
+            f"choose from {', '.join(PRESETS)}"
+        )
+    return names
+
+
+def _keyword_kinds() -> dict[str, type]:
+    """resolve_config's keywords and the JSON type each takes (read from its signature, so
+    new keywords are accepted without touching this file)."""
+    kinds: dict[str, type] = {}
+    for name, param in inspect.signature(resolve_config).parameters.items():
+        if param.kind != inspect.Parameter.KEYWORD_ONLY:
+            continue
+        ann = str(param.annotation)
+        kinds[name] = (
+            list if ("tuple" in ann or "list" in ann) else bool if "bool" in ann else
+            int if "int" in ann else str
+        )  # fmt: skip
+    return kinds
+
+
+def _config_from_entry(entry: object, where: str) -> CompressionConfig:
+    if not isinstance(entry, dict):
+        raise BctError(f"{where}: each config must be a JSON object of resolve_config keywords")
+    kinds = _keyword_kinds()
+    overrides = {k: v for k, v in entry.items() if k not in ("name", "preset")}
+    unknown = sorted(set(overrides) - set(kinds))
+    if unknown:
+        raise BctError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; allowed: name, preset, "
+            f"{', '.join(kinds)}"
+        )
+    for key, value in overrides.items():
+        kind = kinds[key]
+        ok = (
+            isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        ) or value is None
+        if kind is list and isinstance(value, list):
+            ok = all(isinstance(v, str) for v in value)
+        if not ok:
+            raise BctError(f"{where}: {key} must be {kind.__name__}, got {value!r}")
+    preset = entry.get("preset", "w8a8")
+    try:
+        return resolve_config(preset, **overrides)
+    except (ValueError, TypeError) as exc:
+        raise BctError(f"{where}: {exc}") from None
+
+
+def load_config_file(path: str | os.PathLike) -> list[tuple[str, CompressionConfig]]:
+    """Named configs from a JSON file (schema in the module docstring)."""
+    p = Path(path)
+    if not p.is_file():
+        raise BctError(f"{p}: no such config file")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BctError(f"{p}: not valid JSON ({exc})") from None
+    entries = data if isinstance(data, list) else [data]
+    if not entries:
+        raise BctError(f"{p}: no configs in file")
+    configs: list[tuple[str, CompressionConfig]] = []
+    for i, entry in enumerate(entries, 1):
+        where = f"{p}" if len(entries) == 1 else f"{p}: config {i}"
+        config = _config_from_entry(entry, where)
+        default = "custom" if len(entries) == 1 else f"custom {i}"
+        name = str(entry.get("name") or default)  # type: ignore[union-attr]
+        if name in [n for n, _ in configs]:
+            raise BctError(f"{where}: name {name!r} used twice")
+        configs.append((name, config))
+    return configs
+
+
+def eval_configs(
+    presets: list[str] | None = None,
+    config_file: str | os.PathLike | None = None,
+    mode: str | None = None,
+) -> list[tuple[str, CompressionConfig]]:
+    """The (name, config) pairs to compare: from a config file, or presets (default all);
+    ``mode`` overrides the lowering of each (named "<name> <mode>" where that changes it)."""
+    if config_file is not None:
+        configs = load_config_file(config_file)
+    else:
+        configs = [(name, resolve_config(name)) for name in parse_presets(presets)]
+    if mode is None:
+        return configs
+    try:
+        return [
+            (n if c.mode == mode else f"{n} {mode}", resolve_config(c, mode=mode))
+            for n, c in configs
+        ]
+    except ValueError as exc:
+        raise BctError(str(exc)) from None
+
+
+# --- models and data ---------------------------------------------------------------------------
+
+
+def check_model_dir(model_dir: str | os.PathLike) -> Path:
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise BctError(f"{d}: model directory not found")
+    if not (d / MODEL_FILENAME).is_file() and not (d / "config.json").is_file():
+        raise BctError(
+            f"{d}: no {MODEL_FILENAME} and no config.json (expected an exported ONNX directory "
+            "or a fine-tuned Hugging Face checkpoint)"
+        )
+    return d
+
+
+def fp32_model_dir(model_dir: Path, workdir: Path) -> Path:
+    """An exported ONNX directory as is; a Hugging Face checkpoint exported to workdir/fp32."""
+    if (model_dir / MODEL_FILENAME).is_file():
+        return model_dir
+    log.info("exporting %s (text-classification)", model_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's tracer warnings about the attention mask
+        return export_model(model_dir, workdir / "fp32", task="text-classification")
+
+
+def _read_model_config(onnx_dir: Path) -> dict | None:
+    path = onnx_dir / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BctError(f"{path}: not valid JSON") from None
+
+
+@dataclass
+class Encoded:
+    """Tokenized batches, shortest first (less padding); ``order[i]`` is the dataset index of
+    the i-th example in batch order."""
+
+    batches: list[dict[str, np.ndarray]]
+    order: np.ndarray
+
+
+def encode(
+    texts: list, tokenizer, input_names: list[str], batch_size: int, max_length: int
+) -> Encoded:
+    lengths = [
+        len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    ]
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    batches = make_feeds(input_names, [texts[i] for i in order], tokenizer, batch_size, max_length)
+    return Encoded(batches, order)
+
+
+def calibration_feeds(
+    glue_dir: Path, task: GlueTask, tokenizer, input_names: list[str], max_length: int
+) -> list[dict[str, np.ndarray]]:
+    """128 train examples (a fixed random sample), one per batch so no padding enters the
+    activation ranges."""
+    train = read_task(glue_dir, task, "train")
+    rng = np.random.default_rng(0)
+    pick = np.sort(rng.choice(len(train), min(CALIBRATION_EXAMPLES, len(train)), replace=False))
+    return make_feeds(input_names, [train.texts[i] for i in pick], tokenizer, 1, max_length)
+
+
+def run_logits(
+    model_path: Path,
+    encoded: Encoded,
+    task: GlueTask,
+    threads: int | None,
+    desc: str,
+    progress: bool,
+) -> np.ndarray:
+    """The model's logits for every example, in dataset order."""
+    try:
+        sess = make_session(model_path, threads)
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BctError(f"onnxruntime cannot load {model_path}: {msg}") from None
+    outputs = [o.name for o in sess.get_outputs()]
+    if "logits" not in outputs:
+        raise BctError(
+            f"{model_path} has no 'logits' output (outputs: {', '.join(outputs)}); export the "
+            "checkpoint with --task text-classification"
+        )
+    n = len(encoded.order)
+    chunks = []
+    with tqdm(total=n, desc=desc, unit="ex", disable=not progress, leave=False) as bar:
+        for feeds in encoded.batches:
+            out = np.asarray(sess.run(["logits"], feeds)[0])
+            if out.ndim != 2 or out.shape[1] != task.num_outputs:
+                kind = "a regression task with 1 output" if task.is_regression else (
+                    f"a {task.num_outputs}-class task"
+                )  # fmt: skip
+                raise BctError(
+                    f"{model_path}: logits of shape {list(out.shape)}, but {task.name} is {kind} "
+                    f"(is the checkpoint fine-tuned on {task.name}?)"
+                )
+            chunks.append(out)
+            bar.update(len(out))
+    logits = np.empty((n, task.num_outputs), np.float64)
+    logits[encoded.order] = np.concatenate(chunks)
+    return logits
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    if isinstance(exc, BctError):
+        return first
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _prepare_workdir(keep: str | os.PathLike | None) -> tuple[Path, bool]:
+    if keep is None:
+        return Path(tempfile.mkdtemp(prefix="bctonnx-eval.")), True
+    d = Path(keep)
+    if d.exists() and (not d.is_dir() or any(d.iterdir())):
+        raise BctError(f"--keep {d}: exists and is not an empty directory")
+    d.mkdir(parents=True, exist_ok=True)
+    return d, False
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+def run_eval(
+    model_dir: str | os.PathLike,
+    task: str,
+    glue_dir: str | os.PathLike,
+    configs: list[tuple[str, CompressionConfig]],
+    *,
+    baselines: bool = False,
+    limit: int | None = None,
+    batch_size: int = 32,
+    max_length: int = 128,
+    threads: int | None = None,
+    keep: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """FP32 vs each config (and onnxruntime's quantizers) on a GLUE dev set; see module doc."""
+    glue_task = get_task(task)
+    if limit is not None and limit < 1:
+        raise BctError(f"--limit must be >= 1, got {limit}")
+    if batch_size < 1:
+        raise BctError(f"--batch-size must be >= 1, got {batch_size}")
+    glue_dir = Path(glue_dir)
+    dev: GlueData = read_task(glue_dir, glue_task, "dev")
+    data = dev.head(limit)
+    src = check_model_dir(model_dir)
+    workdir, temporary = _prepare_workdir(keep)
+    try:
+        return _run(
+            src, glue_task, glue_dir, dev, data, configs, baselines, batch_size,
+            max_length, threads, workdir, progress,
+        )  # fmt: skip
+    finally:
+        if temporary:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run(
+    src: Path,
+    task: GlueTask,
+    glue_dir: Path,
+    dev: GlueData,
+    data: GlueData,
+    configs: list[tuple[str, CompressionConfig]],
+    baselines: bool,
+    batch_size: int,
+    max_length: int,
+    threads: int | None,
+    workdir: Path,
+    progress: bool,
+) -> EvalResult:
+    fp32_dir = fp32_model_dir(src, workdir)
+    fp32_file = fp32_dir / MODEL_FILENAME
+    tokenizer = load_tokenizer(fp32_dir)
+    perm = label_permutation(task, _read_model_config(fp32_dir))
+    input_names = [i.name for i in make_session(fp32_file, threads).get_inputs()]
+    encoded = encode(data.texts, tokenizer, input_names, batch_size, max_length)
+    result = EvalResult(
+        task=task.name,
+        metrics=list(task.metrics),
+        n=len(data),
+        dev_size=len(dev),
+        model_dir=str(src),
+        dev_file=str(dev.path),
+    )
+
+    def evaluate(record: EvalRecord, path: Path) -> None:
+        t0 = time.perf_counter()
+        logits = run_logits(path, encoded, task, threads, record.model, progress)
+        record.eval_seconds = time.perf_counter() - t0
+        record.metrics = compute_metrics(task, predictions(task, logits, perm), data.labels)
+        record.bytes = model_file_bytes(path)
+        record.ratio = fp32_bytes / record.bytes
+        if result.records:
+            base = result.records[0].metrics
+            record.vs_fp32 = {m: v - base[m] for m, v in record.metrics.items()}
+
+    fp32_bytes = model_file_bytes(fp32_file)
+    fp32 = EvalRecord("fp32", "fp32", "fp32")
+    evaluate(fp32, fp32_file)
+    fp32.vs_fp32 = dict.fromkeys(fp32.metrics, 0.0)
+    result.records.append(fp32)
+
+    def attempt(record: EvalRecord, build) -> None:
+        try:
+            t0 = time.perf_counter()
+            path = build()
+            record.build_seconds = time.perf_counter() - t0
+            evaluate(record, path)
+        except Exception as exc:  # one compressed model failing must not end the comparison
+            log.debug("%s failed", record.model, exc_info=True)
+            record.status, record.error = "failed", _one_line(exc)
+        result.records.append(record)
+
+    for name, config in configs:
+        out = workdir / f"bct-{_slug(name)}"
+
+        def build_bct(config=config, out=out) -> Path:
+            compress_file(fp32_dir, out, config)
+            return out / MODEL_FILENAME
+
+        attempt(EvalRecord(f"bct {name}", "bct", config.describe()), build_bct)
+
+    if baselines:
+        calib: list | None = None
+        for baseline in BASELINES.values():
+            out = workdir / _slug(baseline.name)
+
+            def build_baseline(baseline=baseline, out=out) -> Path:
+                nonlocal calib
+                kw = {}
+                if baseline.needs_calibration:
+                    if calib is None:
+                        calib = calibration_feeds(
+                            glue_dir, task, tokenizer, input_names, max_length
+                        )
+                    kw["calibration_feeds"] = calib
+                out.mkdir(parents=True, exist_ok=True)
+                path = baseline.build(fp32_file, out / MODEL_FILENAME, **kw)
+                copy_sidecars(fp32_dir, out)
+                return path
+
+            attempt(EvalRecord(baseline.name, "baseline", baseline.describe), build_baseline)
+    return result
+
+
+# --- report ------------------------------------------------------------------------------------
+
+
+def format_table(result: EvalResult) -> str:
+    """The comparison as a text table; configs spelled out below it."""
+    task = get_task(result.task)
+    primary = result.metrics[0]
+    subset = f"first {result.n} of {result.dev_size}" if result.n < result.dev_size else (
+        f"{result.n}"
+    )  # fmt: skip
+    head = [f"GLUE {task.folder} dev ({subset} examples), {result.model_dir}", ""]
+    width = max(len("model"), *(len(r.model) for r in result.records))
+    cols = [f"{m:>9}" for m in result.metrics]
+    lines = [
+        f"{'model':<{width}}  {'  '.join(cols)}  {'vs FP32':>8}  {'size':>9}  {'ratio':>6}",
+    ]
+    for r in result.records:
+        if r.status != "ok":
+            lines.append(f"{r.model:<{width}}  failed: {r.error}")
+            continue
+        vals = "  ".join(f"{r.metrics[m]:>9.2f}" for m in result.metrics)
+        lines.append(
+            f"{r.model:<{width}}  {vals}  {r.vs_fp32.get(primary, 0.0):>+8.2f}  "
+            f"{(r.bytes or 0) / 1e6:>6.1f} MB  {r.ratio or 0:>5.2f}x"
+        )
+    notes = ["", f"metrics in points (x100); vs FP32 = {primary} difference in points"]
+    notes += [f"  {r.model}: {r.config}" for r in result.records if r.kind != "fp32"]
+    return "\n".join(head + lines + notes)
+
+
+def write_json(result: EvalResult, dest: str) -> None:
+    text = json.dumps(result.to_dict(), indent=2) + "\n"
+    if dest == "-":
+        sys.stdout.write(text)
+        return
+    Path(dest).write_text(text, encoding="utf-8")
