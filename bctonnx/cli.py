@@ -43,9 +43,38 @@ def _add_compress_flags(p: argparse.ArgumentParser) -> None:
         "--frac-bits", type=int, metavar="F", help="pow2 scales: 2**(code/2**F); 0 = pure shift"
     )
     g.add_argument("--clip", choices=("none", "mse"), help="per-block clipping of stored tensors")
+    sym = g.add_mutually_exclusive_group()
+    sym.add_argument(
+        "--asymmetric",
+        dest="symmetric",
+        action="store_false",
+        default=None,
+        help="stored tensors get a zero point per block (full code range)",
+    )
+    sym.add_argument(
+        "--symmetric",
+        dest="symmetric",
+        action="store_true",
+        default=None,
+        help="stored tensors in symmetric blocks (no zero points)",
+    )
+    g.add_argument(
+        "--scale-bits",
+        type=int,
+        choices=(4, 8),
+        help="weights' pow2 scale codes: 8 = one byte per block, 4 = offsets from a per-column base",
+    )
+    g.add_argument(
+        "--float-dtype",
+        choices=("float32", "float16"),
+        help="storage of tensors left in floating point (biases, LayerNorm, excluded weights)",
+    )
     g.add_argument("--no-activations", action="store_true", help="leave activations in FP32")
     g.add_argument(
-        "--mode", choices=("qdq",), help="lowering: qdq = portable QuantizeLinear/DequantizeLinear"
+        "--mode",
+        choices=("qdq", "integer"),
+        help="lowering: qdq = portable QuantizeLinear/DequantizeLinear (stock onnxruntime); "
+        "integer = bctonnx's integer GELU/Softmax/LayerNorm ops (needs the op library)",
     )
     g.add_argument(
         "--exclude",
@@ -71,18 +100,14 @@ def _config_from_args(args):
         scale_kind=args.scale_kind,
         scale_dtype=args.scale_dtype,
         frac_bits=args.frac_bits,
+        scale_bits=args.scale_bits,
+        symmetric=args.symmetric,
+        clip=args.clip,
+        float_dtype=args.float_dtype,
         mode=args.mode,
         exclude=args.exclude,
         no_activations=args.no_activations,
     )
-    if args.clip is not None:
-        from dataclasses import replace
-
-        config = replace(
-            config,
-            weights=config.weights and replace(config.weights, clip=args.clip),
-            embeddings=config.embeddings and replace(config.embeddings, clip=args.clip),
-        )
     return config
 
 
