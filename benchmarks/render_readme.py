@@ -18,22 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 
 
-def render_sst2(data: dict) -> str:
-    lines = [
-        f"SST-2 dev ({data['n']} sentences), fine-tuned MiniLM-L6 (`../shared/models/minilm-sst2`), "
-        "onnxruntime CPU, portable QDQ mode:",
-        "",
-        "| model | config | accuracy | vs FP32 | size | ratio |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    for r in data["records"]:
-        lines.append(
-            f"| {r['model']} | {r.get('config', 'fp32')} | {r['accuracy']:.2f} | {r['drop']:+.2f} "
-            f"| {r['bytes'] / 1e6:.1f} MB | {r['ratio']:.2f}x |"
-        )
-    return "\n".join(lines)
-
-
 def render_embeddings(data: dict) -> str:
     lines = [
         f"all-MiniLM-L6-v2 sentence embeddings (mean pooled), {data['texts']} SST-2 dev sentences, "
@@ -102,7 +86,7 @@ def render_glue(data: dict) -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"sst2": render_sst2, "embeddings": render_embeddings, "glue": render_glue}
+RENDERERS = {"embeddings": render_embeddings, "glue": render_glue}
 
 
 def main() -> None:
