@@ -27,6 +27,9 @@ class CompressionConfig:
     exclude: tuple[str, ...] = field(default_factory=tuple)
     # storage of the tensors left in floating point (biases, LayerNorm, excluded weights)
     float_dtype: Literal["float32", "float16"] = "float32"
+    # per-node weight formats: (glob on the MatMul/Gemm node name, format); the first match
+    # wins over ``weights`` (mixed precision, e.g. from bctonnx.sensitivity)
+    weight_overrides: tuple[tuple[str, BlockFormat], ...] = field(default_factory=tuple)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -37,6 +40,8 @@ class CompressionConfig:
             fmt = getattr(self, name)
             parts.append(f"{name}={fmt.describe() if fmt else 'fp32'}")
         extra = ", floats=fp16" if self.float_dtype == "float16" else ""
+        if self.weight_overrides:
+            extra += f", {len(self.weight_overrides)} weight override(s)"
         return ", ".join(parts) + f", mode={self.mode}{extra}"
 
 
@@ -156,4 +161,5 @@ def resolve_config(
         mode=mode or config.mode,  # type: ignore[arg-type]
         exclude=tuple(exclude) if exclude is not None else config.exclude,
         float_dtype=float_dtype or config.float_dtype,  # type: ignore[arg-type]
+        weight_overrides=config.weight_overrides,
     )

@@ -36,7 +36,7 @@ class PassSummary:
 def build_pipeline(config: CompressionConfig) -> list[ir.passes.PassBase]:
     passes: list[ir.passes.PassBase] = [Canonicalize()]
     if config.weights is not None:
-        passes.append(QuantizeWeights(config.weights, config.exclude))
+        passes.append(QuantizeWeights(config.weights, config.exclude, config.weight_overrides))
     if config.embeddings is not None:
         passes.append(QuantizeEmbeddings(config.embeddings, config.exclude))
     if config.activations is not None:

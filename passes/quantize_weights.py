@@ -39,10 +39,23 @@ def weight_reduction_axis(node: ir.Node) -> int:
 class QuantizeWeights(ir.passes.InPlacePass):
     """MatMul/Gemm constant weights -> BlockDequantize(codes, scales), blocked along K."""
 
-    def __init__(self, fmt: BlockFormat, exclude: Sequence[str] = ()):
+    def __init__(
+        self,
+        fmt: BlockFormat,
+        exclude: Sequence[str] = (),
+        overrides: Sequence[tuple[str, BlockFormat]] = (),
+    ):
         super().__init__()
         self.fmt = fmt
         self.exclude = tuple(exclude)
+        self.overrides = tuple(overrides)
+
+    def format_for(self, node: ir.Node) -> BlockFormat:
+        """The node's format: the first override whose glob matches its name, else the default."""
+        for pattern, fmt in self.overrides:
+            if excluded(node, (pattern,)):
+                return fmt
+        return self.fmt
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -59,7 +72,7 @@ class QuantizeWeights(ir.passes.InPlacePass):
     def _quantize(self, graph: ir.Graph, node: ir.Node, weight: ir.Value) -> ir.Value:
         array = const_array(weight).astype(np.float32)
         axis = weight_reduction_axis(node) % array.ndim
-        fmt = self.fmt.with_axis(axis)
+        fmt = self.format_for(node).with_axis(axis)
         try:
             q = quantize(array, fmt)
         except BlockSizeError:
