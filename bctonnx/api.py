@@ -78,6 +78,20 @@ def compress(
     return ir.serde.serialize_model(ir_model)
 
 
+def output_target(src: Path, dst: Path) -> tuple[bool, Path]:
+    """(directory mode, the model file to write) for compressing ``src`` into ``dst``;
+    raises BctError for an output that would clobber the input or cannot be written."""
+    if src.is_dir():
+        if dst.exists() and not dst.is_dir():
+            raise BctError(f"output {dst} exists and is not a directory")
+        if dst.exists() and dst.resolve() == src.resolve():
+            raise BctError(f"output directory {dst} is the input directory; choose another")
+        return True, dst / MODEL_FILENAME
+    if src.exists():
+        check_output_path(src, dst)
+    return False, dst
+
+
 def compress_file(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -90,15 +104,7 @@ def compress_file(
     touched.
     """
     src, dst = Path(src), Path(dst)
-    dir_mode = src.is_dir()
-    if dir_mode:
-        if dst.exists() and not dst.is_dir():
-            raise BctError(f"output {dst} exists and is not a directory")
-        if dst.exists() and dst.resolve() == src.resolve():
-            raise BctError(f"output directory {dst} is the input directory; choose another")
-        out_file = dst / MODEL_FILENAME
-    else:
-        out_file = dst
+    dir_mode, out_file = output_target(src, dst)
     model, in_path = load_model(src)
     if not dir_mode:
         check_output_path(in_path, out_file)

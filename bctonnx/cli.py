@@ -69,6 +69,14 @@ def _add_compress_flags(p: argparse.ArgumentParser) -> None:
         choices=("float32", "float16"),
         help="storage of tensors left in floating point (biases, LayerNorm, excluded weights)",
     )
+    g.add_argument(
+        "--target-cosine",
+        type=float,
+        metavar="C",
+        help="mixed precision: keep the fewest, most sensitive weights at int8 until the output "
+        "cosine vs FP32 on probe texts reaches C (data-free; see bctonnx.sensitivity)",
+    )
+    g.add_argument("--probe-texts", metavar="FILE", help="texts for --target-cosine (one per line)")
     g.add_argument("--no-activations", action="store_true", help="leave activations in FP32")
     g.add_argument(
         "--mode",
@@ -136,12 +144,17 @@ def cmd_compress(args) -> int:
         bar.set_postfix_str(name)
         bar.update()
 
+    promoted = None
+    if args.target_cosine is not None:
+        config, promoted = _mixed_precision(args, config)
     report = compress_file(args.input, args.output, config, progress=progress)
     bar.close()
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
     else:
         print(f"config: {config.describe()}")
+        if promoted is not None:
+            print(promoted)
         for s in report.passes:
             print(
                 f"  {s.name:<22} {s.nodes_before:>5} -> {s.nodes_after:>5} nodes  {s.seconds:6.2f} s"
@@ -151,6 +164,40 @@ def cmd_compress(args) -> int:
             f"({report.output_bytes / 1e6:.2f} MB): compression ratio {report.ratio:.3f}x"
         )
     return 0
+
+
+def _mixed_precision(args, config):
+    """--target-cosine: the plan's config and a one-paragraph summary of it."""
+    from .api import output_target
+    from .modelio import load_proto
+    from .sensitivity import plan
+    from .validate import find_tokenizer_dir, read_texts
+
+    if not 0 < args.target_cosine <= 1:
+        raise BctError("--target-cosine must be in (0, 1]")
+    # the usual one-line errors for a bad input or output, before minutes of work
+    load_proto(args.input)
+    output_target(Path(args.input), Path(args.output))
+    texts = read_texts(args.probe_texts) if args.probe_texts else None
+    try:
+        p = plan(
+            args.input,
+            config,
+            args.target_cosine,
+            texts=texts,
+            tokenizer_dir=find_tokenizer_dir(args.input),
+        )
+    except ValueError as exc:
+        raise BctError(str(exc)) from None
+    trials = ", ".join(f"{k}: {c:.4f}" for k, c in p.trials)
+    verdict = "reached" if p.reached else "NOT reached even with every weight promoted"
+    summary = (
+        f"mixed precision: target cosine {p.target} {verdict}; {len(p.promoted)} weight(s) "
+        f"kept at int8 (cosine {p.cosine:.4f}; tried promoted-count: cosine {trials})"
+    )
+    for name in p.promoted:
+        summary += f"\n  int8: {name}"
+    return p.config, summary
 
 
 def cmd_validate(args) -> int:

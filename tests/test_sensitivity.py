@@ -43,3 +43,33 @@ def test_an_unreachable_target_says_so_and_promotes_everything(tiny_bert_onnx, t
     config = resolve_config("w4a8", block_size=16)
     p = plan(tiny_bert_onnx, config, 1.0, tokenizer_dir=tiny_bert_dir)
     assert not p.reached and len(p.promoted) == 12
+
+
+def test_compress_with_a_target_cosine_reports_the_plan(tiny_bert_dir, tmp_path, capsys):
+    from bctonnx.cli import main
+
+    out = tmp_path / "mixed"
+    code = main(
+        [
+            "compress",
+            str(tiny_bert_dir),
+            "-o",
+            str(out),
+            "--preset",
+            "w4a8",
+            "--block-size",
+            "16",
+            "--target-cosine",
+            "0.5",
+        ]
+    )
+    assert code == 0 and (out / "model.onnx").is_file()
+    assert "target cosine 0.5 reached; 0 weight(s) kept at int8" in capsys.readouterr().out
+
+
+def test_a_target_cosine_out_of_range_is_one_line_and_writes_nothing(tiny_bert_dir, tmp_path):
+    from bctonnx.cli import main
+
+    out = tmp_path / "never"
+    assert main(["compress", str(tiny_bert_dir), "-o", str(out), "--target-cosine", "2"]) == 2
+    assert not out.exists()
