@@ -22,7 +22,13 @@ def _source_checkout_layout() -> None:
 
 _source_checkout_layout()
 
-from .api import CompressReport, compress, compress_file  # noqa: E402 (after the layout fix above)
+from .api import (  # noqa: E402 (after the layout fix above)
+    CompressReport,
+    CompressResult,
+    compress,
+    compress_file,
+    compress_model,
+)
 from .blockformat import BlockFormat  # noqa: E402 (after the layout fix above)
 from .config import PRESETS, CompressionConfig, resolve_config  # noqa: E402 (after the layout fix above)
 from .errors import BctError  # noqa: E402 (after the layout fix above)
@@ -33,10 +39,12 @@ __all__ = [
     "BctError",
     "BlockFormat",
     "CompressReport",
+    "CompressResult",
     "CompressionConfig",
     "__version__",
     "compress",
     "compress_file",
+    "compress_model",
     "op_library_path",
     "resolve_config",
     "session_options",

@@ -1,8 +1,24 @@
-"""The Python API: compress a model in memory or on disk."""
+"""The Python API: compress a model in memory or on disk.
+
+- `compress_model` (model, preset, overrides) -> `CompressResult`: ``.model`` (the compressed
+  ``onnx.ModelProto``) and ``.report`` (`CompressReport`: config, bytes in/out, ratio, one
+  summary per pass). ``model`` is an ``onnx.ModelProto``, an ``.onnx`` path or an exported
+  model directory (``model.onnx`` + config + tokenizer).
+- `compress` is the same returning only the ModelProto (kept for existing callers).
+- `compress_file` (src, dst, config) -> `CompressReport`: writes the result to disk (a file, or a
+  directory with config and tokenizer copied), with external data on request or when needed.
+
+The caller's ModelProto is never modified. Models with external data (over 2 GB) are read
+lazily; an external-data location outside the model's folder is refused, never read. An
+in-memory result holds every tensor in the proto: for models near protobuf's 2 GB limit use
+`compress_file`.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +34,7 @@ from .config import CompressionConfig, resolve_config
 from .errors import BctError
 from .modelio import (
     MODEL_FILENAME,
+    _check_external_data,
     check_output_path,
     copy_sidecars,
     load_model,
@@ -28,7 +45,8 @@ from .modelio import (
 
 @dataclass
 class CompressReport:
-    """What a compression did: config, sizes (bytes on disk) and a summary per pass."""
+    """What a compression did: config, sizes in bytes (on disk for files, external data
+    included; serialized size for in-memory models) and a summary per pass."""
 
     config: CompressionConfig
     input_bytes: int = 0
@@ -50,32 +68,117 @@ class CompressReport:
         }
 
 
-def _run(model: ir.Model, config: CompressionConfig, progress=None) -> list[PassSummary]:
+@dataclass
+class CompressResult:
+    """`compress_model`'s result: the compressed model and what was done to it."""
+
+    model: onnx.ModelProto
+    report: CompressReport
+
+
+ModelInput = onnx.ModelProto | str | os.PathLike
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """A model the passes or the config cannot handle becomes a one-sentence `BctError`."""
     try:
-        return run_pipeline(model, config, progress=progress)
+        yield
     except (PassError, BlockSizeError) as exc:
         raise BctError(str(exc)) from None
 
 
+def _run(model: ir.Model, config: CompressionConfig, progress=None) -> list[PassSummary]:
+    with user_errors():
+        return run_pipeline(model, config, progress=progress)
+
+
+def check_architecture(model_dir: Path) -> None:
+    """An exported directory whose config.json names an architecture bctonnx does not handle
+    is refused with one sentence (a bare .onnx file is judged by its graph alone)."""
+    from bctonnx.models import UnsupportedModel, family_of
+
+    if (model_dir / "config.json").is_file():
+        try:
+            family_of(model_dir)
+        except UnsupportedModel as exc:
+            raise BctError(f"{model_dir}: {exc}") from None
+
+
+def load_input(
+    model: ModelInput, base_dir: str | os.PathLike | None = None
+) -> tuple[ir.Model, int]:
+    """The IR model to compress (a fresh graph: the caller's proto is only read) and its size
+    in bytes (file and external data; for a proto, its serialized size plus external data).
+
+    A ModelProto whose tensors live in external data needs ``base_dir``, the folder its
+    locations are relative to (normally the folder of the .onnx file); they are checked to stay
+    inside it before anything is read.
+    """
+    if not isinstance(model, onnx.ModelProto):
+        path = Path(model)
+        if path.is_dir():
+            check_architecture(path)
+        ir_model, in_path = load_model(path)
+        return ir_model, model_file_bytes(in_path)
+    from .modelio import _all_tensors
+
+    external = [t for t in _all_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
+    if external and base_dir is None:
+        raise BctError(
+            f"the ModelProto keeps {len(external)} tensor(s) in external data (e.g. "
+            f"'{external[0].name}'); pass base_dir= (the folder of its .onnx file) or the path"
+        )
+    if external:
+        _check_external_data(model, Path(base_dir))
+    ir_model = ir.serde.deserialize_model(model)
+    if external:
+        ir.external_data.set_base_dir(ir_model.graph, str(Path(base_dir).resolve()))
+    external_bytes = sum(ir.serde.deserialize_tensor(t).nbytes for t in external)
+    return ir_model, model.ByteSize() + external_bytes
+
+
+def compress_model(
+    model: ModelInput,
+    preset: str | CompressionConfig = "w8a8",
+    *,
+    base_dir: str | os.PathLike | None = None,
+    progress: Callable[[str], None] | None = None,
+    **overrides: Any,
+) -> CompressResult:
+    """Compress a model in memory: a ModelProto, an .onnx path or an exported model directory.
+
+    ``preset`` is a preset name (``w8a8``, ``w4a8``) or a `CompressionConfig`; ``overrides``
+    are `resolve_config` keywords (``weight_bits=4``, ``block_size=64``, ``exclude=[...]``,
+    ``mode="integer"``). ``base_dir``: for a ModelProto with external data, the folder its
+    locations are relative to. ``progress`` is called with each pass's name.
+
+    Returns `CompressResult`: ``.model`` holds every tensor (none left in external data);
+    ``.report.input_bytes`` / ``.output_bytes`` are serialized sizes (a path: bytes on disk),
+    ``.report.ratio`` their quotient, ``.report.passes`` one `PassSummary` per pass.
+    Raises `BctError` (one sentence) for an input bctonnx cannot compress.
+    """
+    config = resolve_config(preset, **overrides)
+    ir_model, input_bytes = load_input(model, base_dir)
+    report = CompressReport(config=config, input_bytes=input_bytes)
+    report.passes = _run(ir_model, config, progress)
+    # tensors no pass changed may still point into the input's external data file
+    ir.external_data.load_to_model(ir_model)
+    proto = ir.serde.serialize_model(ir_model)
+    report.output_bytes = proto.ByteSize()
+    return CompressResult(model=proto, report=report)
+
+
 def compress(
-    model: onnx.ModelProto | str | os.PathLike,
+    model: ModelInput,
     preset: str | CompressionConfig = "w8a8",
     **overrides: Any,
 ) -> onnx.ModelProto:
-    """Compress a model (a ModelProto, an .onnx path or an exported model directory).
+    """`compress_model` returning only the compressed ModelProto (``compress_model(...).model``).
 
-    ``preset`` is a preset name (``w8a8``, ``w4a8``) or a `CompressionConfig`; ``overrides``
-    are `resolve_config` keywords (``weight_bits=4``, ``block_size=64``, ``exclude=[...]``).
-    The caller's ModelProto is never modified. Returns the compressed ModelProto.
+    Kept as it always was for existing callers; use `compress_model` for the report.
     """
-    config = resolve_config(preset, **overrides)
-    if isinstance(model, onnx.ModelProto):
-        # a fresh IR graph: passes edit it, never the caller's proto (tensors are only read)
-        ir_model = ir.serde.deserialize_model(model)
-    else:
-        ir_model, _ = load_model(model)
-    _run(ir_model, config)
-    return ir.serde.serialize_model(ir_model)
+    return compress_model(model, preset, **overrides).model
 
 
 def output_target(src: Path, dst: Path) -> tuple[bool, Path]:
@@ -95,16 +198,24 @@ def output_target(src: Path, dst: Path) -> tuple[bool, Path]:
 def compress_file(
     src: str | os.PathLike,
     dst: str | os.PathLike,
-    config: CompressionConfig,
-    progress=None,
+    config: CompressionConfig | str = "w8a8",
+    progress: Callable[[str], None] | None = None,
+    *,
+    external_data: bool | None = None,
 ) -> CompressReport:
     """Compress a file or exported model directory to ``dst`` (file, or directory if src is one).
 
-    The output is written under a temporary name and renamed into place; the input is never
-    touched.
+    ``config``: a `CompressionConfig` or a preset name. ``external_data``: None = tensors go to
+    ``<dst>.data`` only when the model would exceed protobuf's 2 GB limit, True = always
+    (``model.onnx`` + ``model.onnx.data``), False = never. The output is written under a
+    temporary name and renamed into place; the input is never touched.
     """
+    if isinstance(config, str):
+        config = resolve_config(config)
     src, dst = Path(src), Path(dst)
     dir_mode, out_file = output_target(src, dst)
+    if dir_mode:
+        check_architecture(src)
     model, in_path = load_model(src)
     if not dir_mode:
         check_output_path(in_path, out_file)
@@ -115,7 +226,7 @@ def compress_file(
         dst.mkdir(parents=True)
         created_dir = True
     try:
-        report.output_bytes = save_model(model, out_file)
+        report.output_bytes = save_model(model, out_file, external=external_data)
         if dir_mode:
             copy_sidecars(src, dst)
     except BaseException:

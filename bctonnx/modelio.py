@@ -99,7 +99,8 @@ def load_proto(path: str | os.PathLike) -> tuple[onnx.ModelProto, Path]:
         raise ModelLoadError(f"{p}: not an ONNX model or truncated (no graph or no opset)")
     _check_external_data(proto, p.parent)
     try:
-        onnx.checker.check_model(proto)
+        # by path: external data is checked relative to the model's folder, not the cwd
+        onnx.checker.check_model(str(p))
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
         raise ModelLoadError(f"{p}: not a valid ONNX model or truncated: {first}") from None
@@ -132,12 +133,25 @@ def tensor_bytes(model: ir.Model) -> int:
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value)
 
 
-def save_model(model: ir.Model | onnx.ModelProto, out: str | os.PathLike) -> int:
-    """Atomically write ``out`` (and ``out``.data when external data is needed); returns bytes."""
+def save_model(
+    model: ir.Model | onnx.ModelProto, out: str | os.PathLike, external: bool | None = None
+) -> int:
+    """Atomically write ``out`` (and ``out``.data with external data); returns bytes.
+
+    ``external``: None = external data only above EXTERNAL_DATA_THRESHOLD bytes of tensors
+    (protobuf's 2 GB limit), True = always, False = never (refused above the limit). Tensors
+    the model still reads from its input's external data are copied, never referenced.
+    """
     out = Path(out)
     if isinstance(model, onnx.ModelProto):
         model = ir.serde.deserialize_model(model)
-    external = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    if external is None:
+        external = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    elif not external and tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        raise BctError(
+            f"{out}: the model's tensors exceed protobuf's 2 GB limit for one file; "
+            "save it with external data"
+        )
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     tmp_data = f"{Path(tmp).name}.data"
@@ -154,7 +168,14 @@ def save_model(model: ir.Model | onnx.ModelProto, out: str | os.PathLike) -> int
             onnx.save(proto, tmp)
             os.replace(out.parent / tmp_data, data_final)
         else:
+            # unchanged tensors may still live in the input's data file: copy them in
+            ir.external_data.load_to_model(model)
             ir.save(model, tmp)
+        # mkstemp creates 0600: give the file the mode a plain open() would (servers such as
+        # Triton often read models as another user)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, out)
     except BaseException:
         with contextlib.suppress(OSError):

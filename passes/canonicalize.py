@@ -11,6 +11,19 @@
   (MatMul of two activations, before / after the Softmax), ``embedding`` (Gather from a
   constant 2-D float table), ``gelu``, ``softmax``, ``layernorm``, ``residual`` (Add of two
   activations) and ``attention.mask`` (the Add of the mask to the scores).
+
+Graphs of other exporters and optimizers come to the same form where that is cheap and exact:
+
+- torch.onnx dynamo exporter's per-node debug metadata (stack traces, module names) dropped;
+- initializers also listed as graph inputs (``keep_initializers_as_inputs=True``) become plain
+  constants (a warning says so); weights that are graph inputs without a value are refused;
+- onnxruntime's fused ops (``onnxruntime.transformers.optimizer``, domain ``com.microsoft``)
+  ``SkipLayerNormalization`` -> Add(s) + LayerNormalization, ``BiasGelu`` / ``Gelu`` -> (Add +)
+  Gelu, ``FastGelu`` -> (Add +) Gelu(approximate="tanh");
+- every other node of a domain bctonnx does not know (fused ``Attention``,
+  ``EmbedLayerNormalization``, ...) is left exactly as it is, with its weights, and one WARNING
+  names each such node: never silently rewritten, never silently skipped;
+- a graph with no MatMul/Gemm weight and no embedding table is refused (nothing to compress).
 """
 
 from __future__ import annotations
@@ -33,6 +46,7 @@ from .common import (
     is_float,
     role,
     set_role,
+    take_over,
 )
 
 log = logging.getLogger(__name__)
@@ -109,7 +123,11 @@ class Canonicalize(ir.passes.InPlacePass):
     """Opset 21, folded constants, Gelu/LayerNormalization fused, shapes, roles tagged."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        refuse_input_weights(model.graph)
+        drop_exporter_debug_info(model.graph)
+        initializers_as_constants(model.graph)
         upgrade_opset(model)
+        unfuse_contrib_ops(model.graph)
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1024)(
             model
         )
@@ -117,7 +135,16 @@ class Canonicalize(ir.passes.InPlacePass):
         FUSION_RULES.apply_to_model(model)
         common_passes.RemoveUnusedNodesPass()(model)
         infer_shapes(model)
+        if any(n.domain == CONTRIB_DOMAIN for n in model.graph):
+            infer_contrib_shapes(model)
         tag_roles(model.graph)
+        warn_left_alone(model.graph)
+        if not any(role(n) in ("linear", "embedding") for n in model.graph):
+            raise PassError(
+                "nothing to compress: no MatMul/Gemm with a constant weight and no embedding "
+                "table (Gather from a constant 2-D table) in the graph; bctonnx compresses "
+                "BERT-family encoders"
+            )
         return ir.passes.PassResult(model, modified=True)
 
 
@@ -141,10 +168,215 @@ def upgrade_opset(model: ir.Model) -> None:
 
 
 def infer_shapes(model: ir.Model) -> None:
+    graph = model.graph
+    inputs = list(graph.inputs)
+    initializers = {name: (v, v.const_value) for name, v in graph.initializers.items()}
     try:
         common_passes.ShapeInferencePass()(model)
     except Exception as exc:  # shape inference is a help, not a requirement
         log.warning("shape inference failed (%s); continuing with the shapes the model has", exc)
+    if len(graph.inputs) != len(inputs) or len(graph.initializers) != len(initializers):
+        # onnx_ir (1.1) turns initializers into inputs around the C call and does not undo it
+        # when serializing the model fails: put them back, or weights would look like inputs
+        graph.inputs.clear()
+        graph.inputs.extend(inputs)
+        for name, (value, tensor) in initializers.items():
+            value.const_value = tensor
+            if name not in graph.initializers:
+                graph.register_initializer(value)
+        log.warning("shape inference failed; continuing with the shapes the model has")
+
+
+# --- other exporters' graphs --------------------------------------------------------------------
+
+CONTRIB_DOMAIN = "com.microsoft"
+# Domains whose nodes canonicalize understands (the others are left alone with a warning).
+KNOWN_DOMAINS = ("", "ai.onnx")
+
+
+# Per-node debug metadata of torch.onnx's dynamo exporter (stack traces with local paths,
+# module names): several hundred bytes per node, a visible share of a compressed file.
+_DEBUG_METADATA = ("pkg.torch.onnx.", "namespace")
+
+
+def drop_exporter_debug_info(graph: ir.Graph) -> None:
+    for node in graph.all_nodes():
+        for key in [k for k in node.metadata_props if k.startswith(_DEBUG_METADATA)]:
+            del node.metadata_props[key]
+
+
+def initializers_as_constants(graph: ir.Graph) -> None:
+    """Initializers that are also graph inputs (``keep_initializers_as_inputs=True``) are
+    overridable at run time, so no pass may treat them as constants: make them plain
+    initializers (the graph input goes; nobody feeds a weight) and say so."""
+    overridable = [v for v in graph.inputs if v.const_value is not None]
+    if not overridable:
+        return
+    for value in overridable:
+        graph.inputs.remove(value)
+    log.warning(
+        "%d initializers were also graph inputs (exported with keep_initializers_as_inputs); "
+        "they are treated as constants and no longer inputs of the compressed model",
+        len(overridable),
+    )
+
+
+def _contrib_add(graph: ir.Graph, anchor: ir.Node, a: ir.Value, b: ir.Value, name: str) -> ir.Value:
+    node = ir.Node("", "Add", [a, b], name=name)
+    graph.insert_before(anchor, node)
+    out = node.outputs[0]
+    out.name = name
+    if a.dtype is not None:
+        out.dtype = a.dtype
+    return out
+
+
+def _unfuse(graph: ir.Graph, node: ir.Node) -> bool:
+    """Replace one com.microsoft fused op by its standard-ONNX equivalent (same math).
+    Returns False (node kept) for an op or an output this does not handle."""
+    op, ins = node.op_type, list(node.inputs)
+    base = node.name or op
+    used = [bool(o.uses()) or o in graph.outputs for o in node.outputs]
+    if op == "SkipLayerNormalization":
+        # output, mean, inv_std_var, input_skip_bias_sum = LN(input + skip + bias)
+        if len(ins) < 3 or ins[0] is None or ins[1] is None or ins[2] is None:
+            return False
+        if any(used[1:3]):
+            return False  # mean / inv_std_var read by someone: keep the fused op
+        x = ins[0]
+        bias = ins[4] if len(ins) > 4 else None
+        if bias is not None:
+            x = _contrib_add(graph, node, x, bias, f"{base}/bias_add")
+        total = _contrib_add(graph, node, x, ins[1], f"{base}/skip_add")
+        eps = node.attributes.get("epsilon")
+        ln_inputs = [total, ins[2]] + ([ins[3]] if len(ins) > 3 and ins[3] is not None else [])
+        ln = ir.Node(
+            "",
+            "LayerNormalization",
+            ln_inputs,
+            ir.convenience.convert_attributes(
+                {"axis": -1, "epsilon": eps.as_float() if eps is not None else 1e-12}
+            ),
+            name=base,
+        )
+        graph.insert_before(node, ln)
+        take_over(node.outputs[0], ln.outputs[0])
+        if len(node.outputs) > 3 and used[3]:
+            take_over(node.outputs[3], total)
+    elif op in ("BiasGelu", "FastGelu", "Gelu"):
+        if not ins or ins[0] is None:
+            return False
+        x = ins[0]
+        if len(ins) > 1 and ins[1] is not None:
+            x = _contrib_add(graph, node, x, ins[1], f"{base}/bias_add")
+        approximate = "tanh" if op == "FastGelu" else "none"
+        gelu = ir.Node(
+            "",
+            "Gelu",
+            [x],
+            ir.convenience.convert_attributes({"approximate": approximate}),
+            name=base,
+        )
+        graph.insert_before(node, gelu)
+        take_over(node.outputs[0], gelu.outputs[0])
+    else:
+        return False
+    graph.remove(node, safe=True)
+    return True
+
+
+def unfuse_contrib_ops(graph: ir.Graph) -> None:
+    """onnxruntime's fused SkipLayerNormalization / BiasGelu / FastGelu / Gelu back to the
+    standard ops the passes recognise (Gelu needs opset >= 20: run after upgrade_opset)."""
+    count = 0
+    for node in list(graph):
+        if node.domain == CONTRIB_DOMAIN and _unfuse(graph, node):
+            count += 1
+    if count:
+        log.info("unfused %d com.microsoft nodes into standard ONNX ops", count)
+
+
+def infer_contrib_shapes(model: ir.Model) -> None:
+    """ONNX shape inference stops at com.microsoft ops (fused Attention, ...); onnxruntime's
+    symbolic shape inference knows them. Shapes it finds fill the values still without one
+    (the quantize passes need the rank of every activation they block)."""
+    from onnx_ir.passes.common._c_api_utils import call_onnx_api
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    def infer(proto):
+        return SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=True)
+
+    try:
+        inferred = call_onnx_api(infer, model)
+    except Exception as exc:  # a help, not a requirement: values without shape stay float
+        log.warning("onnxruntime symbolic shape inference failed (%s)", str(exc).splitlines()[0])
+        return
+    values = {v.name: v for n in model.graph for v in n.outputs if v.name}
+    for info in inferred.graph.value_info:
+        value = values.get(info.name)
+        if value is None or value.shape is not None or not info.type.HasField("tensor_type"):
+            continue
+        tensor_type = info.type.tensor_type
+        if not tensor_type.HasField("shape"):
+            continue
+        dims = [
+            d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            for d in tensor_type.shape.dim
+        ]
+        value.shape = ir.Shape(dims)
+        if value.dtype is None and tensor_type.elem_type:
+            value.dtype = ir.DataType(tensor_type.elem_type)
+
+
+def left_alone(graph: ir.Graph) -> list[tuple[ir.Node, str]]:
+    """Nodes no pass will touch although they may hold weights or compute what BCT quantizes:
+    ops of domains bctonnx does not know (fused Attention, EmbedLayerNormalization, ...)."""
+    found = []
+    for node in graph:
+        if node.domain in KNOWN_DOMAINS or node.domain.startswith("bctonnx"):
+            continue
+        weights = [v.name for v in node.inputs if v is not None and is_const(v) and is_float(v)]
+        why = f"{node.domain} op bctonnx does not rewrite"
+        if weights:
+            why += f"; its weights are not quantized ({', '.join(weights)})"
+        found.append((node, why))
+    return found
+
+
+def warn_left_alone(graph: ir.Graph) -> None:
+    nodes = left_alone(graph)
+    if nodes:
+        log.warning(
+            "left uncompressed, %d node(s) of ops bctonnx does not rewrite (their weights, inputs "
+            "and outputs are not quantized): %s",
+            len(nodes),
+            ", ".join(f"{n.op_type} '{n.name}'" for n, _ in nodes),
+        )
+
+
+def refuse_input_weights(graph: ir.Graph) -> None:
+    """Weights fed at run time (graph inputs without a value) cannot be compressed ahead."""
+    for node in graph:
+        if node.op_type in ("MatMul", "Gemm") and len(node.inputs) >= 2:
+            candidates = [node.inputs[1]]
+        elif node.op_type == "Gather" and node.inputs:
+            candidates = [node.inputs[0]]
+        else:
+            continue
+        for value in candidates:
+            if (
+                value is not None
+                and value.is_graph_input()
+                and value.const_value is None
+                and is_float(value)
+                and value.shape is not None
+                and len(value.shape) == 2
+            ):
+                raise PassError(
+                    f"node '{node.name}' reads its weight '{value.name}' from a graph input (not "
+                    "a constant): bctonnx compresses weights stored in the model; export with "
+                    "the weights as initializers"
+                )
 
 
 def _producer_type(value: ir.Value | None, skip=("Cast", "Identity", "Dropout")) -> str | None:

@@ -1,0 +1,414 @@
+"""Graphs from other exporters and optimizers: tiny random-weight models exported by optimum
+(BERT, RoBERTa, DistilBERT), by torch.onnx (TorchScript and dynamo exporters), and rewritten by
+onnxruntime's transformer optimizer (fused com.microsoft ops); each is compressed, run and
+validated. Bad inputs: one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import HIDDEN, VOCAB_SIZE, _write_vocab, run_onnx, tiny_feeds
+from test_cli import assert_one_line_error, run_cli
+
+import bctonnx
+from bctonnx.errors import BctError
+from bctonnx.validate import validate
+
+TEXTS = [
+    "the water was hot and the day was long",
+    "people call my number but no one came",
+    "he said that she would write more about it",
+    "what a day",
+]
+INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
+CONFIG = dict(preset="w8a8", block_size=16)
+
+
+def tiny_checkpoint(root: Path, kind: str) -> Path:
+    """A random tiny checkpoint of ``kind`` (bert, roberta, distilbert) with a word-piece
+    vocabulary; biases and norms perturbed so no two parameters are equal (see conftest)."""
+    import torch
+    import transformers as tf
+
+    d = root / f"{kind}_checkpoint"
+    d.mkdir()
+    _write_vocab(d / "vocab.txt")
+    tf.BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(str(d))
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB_SIZE, max_position_embeddings=66)
+    if kind == "bert":
+        model = tf.BertModel(
+            tf.BertConfig(
+                hidden_size=HIDDEN,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=128,
+                **common,
+            )
+        )
+    elif kind == "roberta":
+        model = tf.RobertaModel(
+            tf.RobertaConfig(
+                hidden_size=HIDDEN,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=128,
+                pad_token_id=0,
+                **common,
+            )
+        )
+    else:
+        model = tf.DistilBertModel(
+            tf.DistilBertConfig(dim=HIDDEN, n_layers=2, n_heads=4, hidden_dim=128, **common)
+        )
+    model.eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "norm" in name.lower():
+                param.add_(0.05 * torch.randn_like(param))
+    model.save_pretrained(str(d))
+    return d
+
+
+def optimum_export(checkpoint: Path, out: Path) -> Path:
+    from bctonnx.export import export_model
+
+    return export_model(checkpoint, out, task="feature-extraction")
+
+
+def torch_export(checkpoint: Path, out: Path, dynamo: bool) -> Path:
+    import torch
+    import transformers as tf
+
+    model = tf.BertModel.from_pretrained(str(checkpoint)).eval()
+    feeds = tiny_feeds(seq=7)
+    args = tuple(torch.from_numpy(feeds[k]) for k in INPUTS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            dim = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}
+            torch.onnx.export(
+                model,
+                args,
+                str(out),
+                input_names=INPUTS,
+                output_names=["last_hidden_state", "pooler_output"],
+                dynamo=True,
+                dynamic_shapes=(dim, dim, dim),
+                verbose=False,
+            )
+        else:
+            axes = {k: {0: "batch", 1: "sequence"} for k in INPUTS}
+            torch.onnx.export(
+                model,
+                args,
+                str(out),
+                input_names=INPUTS,
+                output_names=["last_hidden_state", "pooler_output"],
+                dynamic_axes={**axes, "last_hidden_state": {0: "batch", 1: "sequence"}},
+                opset_version=17,
+                dynamo=False,
+            )
+    return out
+
+
+def fused_model(src: Path, out: Path, fast_gelu: bool = False) -> Path:
+    """onnxruntime.transformers.optimizer on an optimum BERT export: fused Attention,
+    SkipLayerNormalization, BiasGelu (or FastGelu), EmbedLayerNormalization."""
+    from onnxruntime.transformers.fusion_options import FusionOptions
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    options = FusionOptions("bert")
+    options.enable_gelu_approximation = fast_gelu
+    optimized = optimize_model(
+        str(src), model_type="bert", num_heads=4, hidden_size=HIDDEN, optimization_options=options
+    )
+    optimized.save_model_to_file(str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory, tiny_bert_dir):
+    """name -> (model path, tokenizer dir): one graph per exporter."""
+    root = tmp_path_factory.mktemp("exporters")
+    out: dict[str, tuple[Path, Path]] = {}
+    for kind in ("bert", "roberta", "distilbert"):
+        ckpt = tiny_checkpoint(root, kind)
+        out[f"optimum-{kind}"] = (optimum_export(ckpt, root / f"{kind}_onnx") / "model.onnx", ckpt)
+    bert = root / "bert_checkpoint"
+    out["torchscript"] = (torch_export(bert, root / "torchscript.onnx", dynamo=False), bert)
+    out["dynamo"] = (torch_export(bert, root / "dynamo.onnx", dynamo=True), bert)
+    src = out["optimum-bert"][0]
+    out["ort-fused"] = (fused_model(src, root / "fused.onnx"), bert)
+    out["ort-fused-fastgelu"] = (fused_model(src, root / "fused_fast.onnx", fast_gelu=True), bert)
+    return out
+
+
+def test_the_exports_are_what_the_exporters_make(exports):
+    ops = {
+        name: Counter((n.domain, n.op_type) for n in onnx.load(str(p)).graph.node)
+        for name, (p, _) in exports.items()
+    }
+    assert ops["ort-fused"][("com.microsoft", "Attention")] == 2
+    assert ops["ort-fused"][("com.microsoft", "SkipLayerNormalization")] == 4
+    assert ops["ort-fused"][("com.microsoft", "BiasGelu")] == 2
+    assert ops["ort-fused"][("com.microsoft", "EmbedLayerNormalization")] == 1
+    assert ops["ort-fused-fastgelu"][("com.microsoft", "FastGelu")] == 2
+    # the dynamo exporter keeps its weights in external data by default
+    assert (exports["dynamo"][0].parent / "dynamo.onnx.data").is_file()
+    assert ops["torchscript"][("", "Erf")] == 2  # GELU decomposed
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "optimum-bert",
+        "optimum-roberta",
+        "optimum-distilbert",
+        "torchscript",
+        "dynamo",
+        "ort-fused",
+        "ort-fused-fastgelu",
+    ],
+)
+def test_each_export_compresses_runs_and_validates(exports, tmp_path, name):
+    model, tokenizer = exports[name]
+    out = tmp_path / "c.onnx"
+    report = bctonnx.compress_file(model, out, bctonnx.resolve_config(**CONFIG))
+    assert report.ratio > (1.2 if name.startswith("ort-fused") else 2.0)
+    v = validate(model, out, tokenizer_dir=tokenizer, texts=TEXTS, progress=False)
+    assert v.num_inputs == len(TEXTS)
+    assert all(o.cosine > 0.99 for o in v.outputs), [(o.name, o.cosine) for o in v.outputs]
+    proto = onnx.load(str(out))
+    quantized = Counter(n.op_type for n in proto.graph.node)
+    assert quantized["DequantizeLinear"] >= 6 and quantized["QuantizeLinear"] >= 6
+    if not name.startswith("ort-fused"):
+        # every weight and table compressed: no float matrix bigger than a bias is left
+        floats = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+        assert max(int(np.prod(t.dims)) for t in floats) < HIDDEN * HIDDEN
+
+
+def test_fused_ops_are_left_alone_with_a_warning_naming_them(exports, tmp_path, caplog):
+    model, _ = exports["ort-fused"]
+    original = onnx.load(str(model))
+    with caplog.at_level(logging.WARNING, logger="bctonnx"):
+        result = bctonnx.compress_model(model, **CONFIG)
+    warning = [r.getMessage() for r in caplog.records if "left uncompressed" in r.getMessage()]
+    assert len(warning) == 1
+    for node in ("Attention 'Attention_0'", "Attention 'Attention_1'", "EmbedLayerNormalization"):
+        assert node in warning[0]
+    ops = Counter((n.domain, n.op_type) for n in result.model.graph.node)
+    assert ops[("com.microsoft", "Attention")] == 2
+    assert ops[("com.microsoft", "EmbedLayerNormalization")] == 1
+    # unfused: SkipLayerNormalization / BiasGelu became LayerNormalization / Gelu, compressed
+    assert ops[("com.microsoft", "SkipLayerNormalization")] == 0
+    assert ops[("", "LayerNormalization")] == 4 and ops[("", "Gelu")] == 2
+    # the fused ops' weights are exactly the original ones
+    before = {t.name: t.raw_data for t in original.graph.initializer}
+    after = {t.name: t.raw_data for t in result.model.graph.initializer}
+    for node in result.model.graph.node:
+        if node.domain == "com.microsoft":
+            for name in node.input:
+                if name in before:
+                    assert after[name] == before[name], name
+
+
+@pytest.mark.parametrize("name", ["ort-fused", "ort-fused-fastgelu"])
+def test_unfusing_contrib_ops_is_exact(exports, name):
+    """Canonicalize alone (no quantization): the unfused graph computes what the fused one does."""
+    import onnx_ir as ir
+    from bctonnx.passes import Canonicalize
+    from bctonnx.passes.pipeline import strip_annotations
+
+    from bctonnx.modelio import load_model
+
+    model, _ = exports[name]
+    ir_model, _ = load_model(model)
+    Canonicalize()(ir_model)
+    strip_annotations(ir_model)
+    unfused = ir.serde.serialize_model(ir_model)
+    ops = {(n.domain, n.op_type) for n in unfused.graph.node}
+    assert ("com.microsoft", "SkipLayerNormalization") not in ops
+    assert not {("com.microsoft", "BiasGelu"), ("com.microsoft", "FastGelu")} & ops
+    if name.endswith("fastgelu"):
+        gelus = [n for n in unfused.graph.node if n.op_type == "Gelu"]
+        assert all(a.s == b"tanh" for n in gelus for a in n.attribute if a.name == "approximate")
+    for seq in (5, 9):
+        feeds = tiny_feeds(seq=seq)
+        np.testing.assert_allclose(
+            run_onnx(unfused, feeds)["last_hidden_state"],
+            run_onnx(model, feeds)["last_hidden_state"],
+            rtol=1e-4,
+            atol=2e-5,
+        )
+
+
+def test_integer_mode_on_other_exporters(exports, tmp_path):
+    from test_deploy import integer_ops_available
+
+    if not integer_ops_available():
+        pytest.skip("the op library does not register the integer ops (yet)")
+    for name in ("optimum-roberta", "optimum-distilbert", "dynamo", "ort-fused"):
+        model, tokenizer = exports[name]
+        out = tmp_path / f"{name}.onnx"
+        bctonnx.compress_file(model, out, bctonnx.resolve_config(**CONFIG, mode="integer"))
+        v = validate(model, out, tokenizer_dir=tokenizer, texts=TEXTS, progress=False)
+        assert all(o.cosine > 0.98 for o in v.outputs), (name, v.outputs)
+
+
+def test_initializers_listed_as_inputs_become_constants(exports, tmp_path, caplog):
+    """torch.onnx.export(..., keep_initializers_as_inputs=True): every weight is also a graph
+    input. They are compressed as constants (a warning says so), and the inputs go."""
+    import torch
+    import transformers as tf
+
+    ckpt = exports["torchscript"][1]
+    model = tf.BertModel.from_pretrained(str(ckpt)).eval()
+    feeds = tiny_feeds(seq=7)
+    path = tmp_path / "kin.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            tuple(torch.from_numpy(feeds[k]) for k in INPUTS),
+            str(path),
+            input_names=INPUTS,
+            output_names=["last_hidden_state", "pooler_output"],
+            dynamic_axes={k: {0: "b", 1: "s"} for k in INPUTS},
+            opset_version=17,
+            dynamo=False,
+            keep_initializers_as_inputs=True,
+        )
+    assert len(onnx.load(str(path)).graph.input) > 20
+    with caplog.at_level(logging.WARNING, logger="bctonnx"):
+        result = bctonnx.compress_model(path, **CONFIG)
+    assert any("also graph inputs" in r.getMessage() for r in caplog.records)
+    assert [i.name for i in result.model.graph.input] == INPUTS
+    assert result.report.ratio > 2.0
+    ref = run_onnx(path, feeds)["last_hidden_state"]
+    got = run_onnx(result.model, feeds)["last_hidden_state"]
+    cos = (ref * got).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(got, axis=-1)
+    assert cos.min() > 0.99
+
+
+# --- bad inputs: one line, exit 2, nothing written -------------------------------------------
+
+
+def _weights_as_inputs(src: Path, dst: Path) -> Path:
+    """Every 2-D weight is a graph input without a value (fed at run time)."""
+    proto = onnx.load(str(src))
+    matrices = {t.name for t in proto.graph.initializer if len(t.dims) == 2}
+    for t in [t for t in proto.graph.initializer if t.name in matrices]:
+        proto.graph.input.append(
+            onnx.helper.make_tensor_value_info(t.name, onnx.TensorProto.FLOAT, list(t.dims))
+        )
+        proto.graph.initializer.remove(t)
+    onnx.save(proto, str(dst))
+    return dst
+
+
+def _external_outside(src: Path, d: Path, location: str) -> Path:
+    d.mkdir()
+    proto = onnx.load(str(src))
+    onnx.save(proto, str(d / "model.onnx"), save_as_external_data=True, location="w.bin")
+    proto = onnx.load(str(d / "model.onnx"), load_external_data=False)
+    for t in proto.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = location
+    onnx.save(proto, str(d / "model.onnx"))
+    return d / "model.onnx"
+
+
+def _nothing_to_compress(d: Path) -> Path:
+    h = onnx.helper
+    graph = h.make_graph(
+        [h.make_node("Add", ["x", "x"], ["y"], name="add")],
+        "g",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])],
+    )
+    path = d / "add.onnx"
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def bad_input(kind: str, tiny_bert_dir: Path, tmp_path: Path) -> tuple[Path, str]:
+    """(model path, a fragment of the expected error line)."""
+    onnx_file = tiny_bert_dir / "model.onnx"
+    if kind == "unsupported-architecture":
+        d = tmp_path / "gpt2"
+        d.mkdir()
+        shutil.copy(onnx_file, d / "model.onnx")
+        (d / "config.json").write_text('{"model_type": "gpt2"}')
+        return d, "unsupported architecture 'gpt2'"
+    if kind == "weights-as-graph-inputs":
+        return _weights_as_inputs(onnx_file, tmp_path / "dyn.onnx"), "from a graph input"
+    if kind == "empty-file":
+        (tmp_path / "empty.onnx").write_bytes(b"")
+        return tmp_path / "empty.onnx", "empty"
+    if kind == "directory-without-model":
+        (tmp_path / "nomodel").mkdir()
+        (tmp_path / "nomodel" / "config.json").write_text('{"model_type": "bert"}')
+        return tmp_path / "nomodel", "no model.onnx"
+    if kind == "external-data-outside-folder":
+        secret = tmp_path / "secret.bin"
+        secret.write_bytes(b"\0" * 1024)
+        return _external_outside(onnx_file, tmp_path / "m", "../secret.bin"), "outside"
+    if kind == "external-data-absolute":
+        secret = tmp_path / "abs.bin"
+        secret.write_bytes(b"\0" * 1024)
+        return _external_outside(onnx_file, tmp_path / "m", str(secret)), "outside"
+    if kind == "nothing-to-compress":
+        return _nothing_to_compress(tmp_path), "nothing to compress"
+    raise AssertionError(kind)
+
+
+BAD = [
+    "unsupported-architecture",
+    "weights-as-graph-inputs",
+    "empty-file",
+    "directory-without-model",
+    "external-data-outside-folder",
+    "external-data-absolute",
+    "nothing-to-compress",
+]
+
+
+@pytest.mark.parametrize("kind", BAD)
+def test_bad_input_is_refused_in_one_line_with_nothing_written(
+    capsys, tiny_bert_dir, tmp_path, kind
+):
+    model, fragment = bad_input(kind, tiny_bert_dir, tmp_path)
+    out = tmp_path / "out"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for argv in (
+        ["compress", model, "-o", out],
+        ["inspect", model],
+    ):
+        rc, _, err = run_cli(capsys, *argv)
+        assert_one_line_error(rc, err, fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no temp file
+    with pytest.raises(BctError, match=fragment.replace("'", ".")):
+        bctonnx.compress_model(model, **CONFIG)
+
+
+def test_bad_input_from_the_console_script_is_one_line(tiny_bert_dir, tmp_path):
+    model, _ = bad_input("weights-as-graph-inputs", tiny_bert_dir, tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bctonnx.cli", "compress", str(model), "-o", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("bctonnx: error: ")
+    assert not (tmp_path / "o").exists()
