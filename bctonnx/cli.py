@@ -206,6 +206,10 @@ def cmd_validate(args) -> int:
     texts = read_texts(args.texts) if args.texts else None
     if args.tokenizer and not Path(args.tokenizer).is_dir():
         raise BctError(f"{args.tokenizer}: tokenizer directory not found")
+    if args.report:
+        from .report import report_format
+
+        report_format(args.report)  # a bad name fails before the comparison runs
     report = validate(
         args.reference,
         args.candidate,
@@ -219,6 +223,53 @@ def cmd_validate(args) -> int:
         print(json.dumps(report.to_dict(), indent=2))
     else:
         print(format_report(report))
+    if args.report:
+        from .report import write_validation_report
+
+        files = write_validation_report(
+            report, args.report, reference=args.reference, candidate=args.candidate
+        )
+        print(f"report: {', '.join(str(f) for f in files)}", file=sys.stderr)
+    return 0
+
+
+def cmd_package(args) -> int:
+    from .package import write_triton_repository
+
+    result = write_triton_repository(
+        args.model,
+        args.output,
+        name=args.name,
+        max_batch_size=args.max_batch_size,
+        server_repo=args.server_repo,
+        include_op_library=True if args.with_op_library else None,
+    )
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(f"Triton model repository {result.repository}: model '{result.name}'")
+        print(f"  {result.config_path}")
+        for spec in result.inputs + result.outputs:
+            print(f"    {spec.name}: {spec.data_type} dims {spec.dims}")
+        if result.op_library:
+            print(f"  op library: {result.op_library} (model_operations.op_library_filename)")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .inspect_model import format_inspect, inspect_model
+
+    if args.target_cosine is not None or args.probe_texts:
+        raise BctError("inspect shows one config: --target-cosine/--probe-texts are for compress")
+    try:
+        config = _config_from_args(args)
+    except ValueError as exc:
+        raise BctError(str(exc)) from None
+    report = inspect_model(args.model, config)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        print(format_inspect(report))
     return 0
 
 
@@ -271,13 +322,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bctonnx",
         description="Blockwise compression (BCT) of transformer encoders in ONNX: "
-        "export, compress, validate.",
+        "export, compress, validate, inspect, package for Triton.",
         epilog="Exit codes: 0 ok, 2 bad input (one-line message, no output written), "
         "1 internal error, 130 interrupted.",
     )
     parser.add_argument("--version", action="version", version=f"bctonnx {__version__}")
     parser.add_argument(
         "-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)"
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        help="log level (default: warning; overrides -v)",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
@@ -316,7 +372,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--report",
+        metavar="FILE",
+        help="also write a report: FILE.md (Markdown, chart as a file beside it) or FILE.html "
+        "(self-contained), with a per-layer error chart",
+    )
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser(
+        "package",
+        help="write a Triton model repository (onnxruntime backend) for a compressed model",
+        description="Write REPO/NAME/config.pbtxt and REPO/NAME/1/model.onnx (+ external data) "
+        "for Triton's onnxruntime backend; a model using bctonnx's integer ops also gets "
+        "REPO/NAME/libbctonnx_ops.so, listed in model_operations.op_library_filename.",
+    )
+    p.add_argument("model", metavar="MODEL", help="compressed .onnx file or model directory")
+    p.add_argument("-o", "--output", required=True, metavar="REPO", help="model repository")
+    p.add_argument("--name", help="model name in Triton (default: MODEL's name)")
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=8,
+        metavar="N",
+        help="Triton's max_batch_size (default 8; 0 = no batching by Triton)",
+    )
+    p.add_argument(
+        "--server-repo",
+        metavar="PATH",
+        help="absolute path of REPO as the server sees it (e.g. /models in a container); the "
+        "op library path in config.pbtxt is written under it (default: REPO's absolute path)",
+    )
+    p.add_argument(
+        "--with-op-library",
+        action="store_true",
+        help="copy and register the op library even if the model does not need it",
+    )
+    p.add_argument("--json", action="store_true", help="print what was written as JSON")
+    p.set_defaults(func=cmd_package)
+
+    p = sub.add_parser(
+        "inspect",
+        help="what compress would do: per tensor block layout, bits, bytes; nodes left alone",
+        description="Run the passes up to the lowering with the given compression flags and "
+        "list every tensor that would be quantized (shape, axis, block size, blocks, bits, "
+        "scale kind, bytes before/after; activations with the nodes that make and read "
+        "them), the nodes left alone and why, and the expected compression ratio.",
+    )
+    p.add_argument("model", metavar="MODEL", help=".onnx file or exported model directory")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    _add_compress_flags(p)
+    p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("demo", help="MiniLM from PyPI: export, compress, validate, print a table")
     p.add_argument("--workdir", type=Path, help="work folder (default ~/.cache/bctonnx/demo)")
@@ -376,10 +482,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
+    if args.log_level:
+        level = getattr(logging, args.log_level.upper())
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:
-        # onnx_ir prints a line per value it cannot type; the passes do not need those types
+    if level >= logging.WARNING:
+        # onnx_ir prints a line per value it cannot type, onnxscript's version converter one
+        # per fallback; the passes need neither (bctonnx's own warnings still show)
         logging.getLogger("onnx_ir").setLevel(logging.ERROR)
+        logging.getLogger("onnxscript").setLevel(logging.ERROR)
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if args.command is None:
         parser.print_help()
