@@ -28,6 +28,7 @@ Graphs of other exporters and optimizers come to the same form where that is che
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
@@ -167,24 +168,34 @@ def upgrade_opset(model: ir.Model) -> None:
     model.ir_version = TARGET_IR_VERSION
 
 
-def infer_shapes(model: ir.Model) -> None:
-    graph = model.graph
+@contextlib.contextmanager
+def _initializers_kept(graph: ir.Graph):
+    """onnx_ir (1.1) turns initializers into graph inputs around its calls into ONNX's C API
+    and does not undo that when serializing the model fails: put them back, or weights would
+    look like run-time inputs to every later pass."""
     inputs = list(graph.inputs)
     initializers = {name: (v, v.const_value) for name, v in graph.initializers.items()}
     try:
-        common_passes.ShapeInferencePass()(model)
+        yield
+    finally:
+        if len(graph.inputs) != len(inputs) or len(graph.initializers) != len(initializers):
+            graph.inputs.clear()
+            graph.inputs.extend(inputs)
+            for name, (value, tensor) in initializers.items():
+                value.const_value = tensor
+                if name not in graph.initializers:
+                    graph.register_initializer(value)
+
+
+def infer_shapes(model: ir.Model) -> None:
+    try:
+        with _initializers_kept(model.graph):
+            result = common_passes.ShapeInferencePass()(model)
     except Exception as exc:  # shape inference is a help, not a requirement
         log.warning("shape inference failed (%s); continuing with the shapes the model has", exc)
-    if len(graph.inputs) != len(inputs) or len(graph.initializers) != len(initializers):
-        # onnx_ir (1.1) turns initializers into inputs around the C call and does not undo it
-        # when serializing the model fails: put them back, or weights would look like inputs
-        graph.inputs.clear()
-        graph.inputs.extend(inputs)
-        for name, (value, tensor) in initializers.items():
-            value.const_value = tensor
-            if name not in graph.initializers:
-                graph.register_initializer(value)
-        log.warning("shape inference failed; continuing with the shapes the model has")
+        return
+    if not result.modified and any(v.shape is None for n in model.graph for v in n.outputs):
+        log.info("shape inference added nothing; continuing with the shapes the model has")
 
 
 # --- other exporters' graphs --------------------------------------------------------------------
@@ -307,7 +318,8 @@ def infer_contrib_shapes(model: ir.Model) -> None:
         return SymbolicShapeInference.infer_shapes(proto, auto_merge=True, guess_output_rank=True)
 
     try:
-        inferred = call_onnx_api(infer, model)
+        with _initializers_kept(model.graph):
+            inferred = call_onnx_api(infer, model)
     except Exception as exc:  # a help, not a requirement: values without shape stay float
         log.warning("onnxruntime symbolic shape inference failed (%s)", str(exc).splitlines()[0])
         return

@@ -412,3 +412,23 @@ def test_bad_input_from_the_console_script_is_one_line(tiny_bert_dir, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("bctonnx: error: ")
     assert not (tmp_path / "o").exists()
+
+
+def test_failed_shape_inference_leaves_weights_as_constants(tiny_bert_onnx):
+    """onnx_ir turns initializers into inputs around ONNX's C calls and does not undo it when
+    serializing fails (a value typed Tensor(None) is enough): canonicalize puts them back."""
+    import onnx_ir as ir
+
+    from bctonnx.modelio import load_model
+    from bctonnx.passes.canonicalize import infer_shapes
+
+    model, _ = load_model(tiny_bert_onnx)
+    node = next(n for n in model.graph if n.op_type == "Add")
+    node.outputs[0].type = ir.TensorType(ir.DataType.UNDEFINED)
+    node.outputs[0].dtype = None
+    inputs = [v.name for v in model.graph.inputs]
+    initializers = set(model.graph.initializers)
+    infer_shapes(model)
+    assert [v.name for v in model.graph.inputs] == inputs
+    assert set(model.graph.initializers) == initializers
+    assert all(v.const_value is not None for v in model.graph.initializers.values())
