@@ -418,9 +418,9 @@ def test_failed_shape_inference_leaves_weights_as_constants(tiny_bert_onnx):
     """onnx_ir turns initializers into inputs around ONNX's C calls and does not undo it when
     serializing fails (a value typed Tensor(None) is enough): canonicalize puts them back."""
     import onnx_ir as ir
+    from bctonnx.passes.canonicalize import infer_shapes
 
     from bctonnx.modelio import load_model
-    from bctonnx.passes.canonicalize import infer_shapes
 
     model, _ = load_model(tiny_bert_onnx)
     node = next(n for n in model.graph if n.op_type == "Add")
