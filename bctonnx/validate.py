@@ -365,12 +365,17 @@ def integer_op_stats(
         if bq is None or bq.op_type != "BlockQuantize":
             continue
         dq = [r for r in readers.get(node.output[0], []) if r.op_type == "DequantizeLinear"]
+        if not dq:  # IntSoftmax: Cast(p) * 2^-8
+            casts = [r for r in readers.get(node.output[0], []) if r.op_type == "Cast"]
+            dq = [r for c in casts for r in readers.get(c.output[0], []) if r.op_type == "Mul"]
         if not dq:
             continue
         mask = node.input[2] if node.op_type == "IntSoftmax" and len(node.input) > 2 else None
         scale = node.output[1] if len(node.output) > 1 else None
         plan.append((node, bq.input[0], mask, dq[0].output[0], scale))
     fetch = sorted({t for p in plan for t in (p[1], p[2], p[3], p[4]) if t and t not in inits})
+    if not plan:
+        return []
     sess = _session(_with_outputs(proto, fetch), threads)
     acc = {p[0].name or p[0].output[0]: [0.0, 0.0, 0, 0.0, 0.0] for p in plan}
     for feeds in batches[:max_batches]:
@@ -458,10 +463,11 @@ def format_report(report: ValidationReport) -> str:
         lines += [
             "",
             "integer ops vs their float originals on the same activations:",
-            f"{'op':<14} {'node':<14} {'max err (LSB)':>14} {'mean err (LSB)':>15} {'rel err':>9}",
+            "(errors include the op's input quantization; LSB = the op's output scale)",
+            f"{'op':<13} {'max err (LSB)':>14} {'mean err (LSB)':>15} {'rel err':>9}  node",
         ]
         for o in report.int_ops:
             lines.append(
-                f"{o.op_type:<14} {o.node[:14]:<14} {o.max_err_lsb:>14.2f} {o.mean_err_lsb:>15.3f} {o.rel_err:>9.5f}"
+                f"{o.op_type:<13} {o.max_err_lsb:>14.2f} {o.mean_err_lsb:>15.3f} {o.rel_err:>9.5f}  {o.node}"
             )
     return "\n".join(lines)

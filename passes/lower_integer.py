@@ -5,7 +5,7 @@ library (``bctonnx.session_options()``).
     BlockFakeQuant(x)                        -> BlockQuantize(x) -> (q:int8, s:pow2)
                                                 -> DequantizeLinear(q, s, block_size)
     Gelu(fq(x)) -> fq                        -> IntGelu(q, s) -> DequantizeLinear
-    Softmax(fq(scores) + mask) -> fq         -> IntSoftmax(q, s, mask) -> uint8 p / 256
+    Softmax(fq(scores) + mask) -> fq         -> IntSoftmax(q, s, mask) -> Cast(uint8 p) * 2^-8
     LayerNormalization(fq(x), g, b) -> fq    -> IntLayerNorm(q, s, g_q, g_s, b_q, b_s)
                                                 -> DequantizeLinear
 
@@ -217,8 +217,12 @@ class LowerInteger(ir.passes.InPlacePass):
             "IntSoftmax", inputs, node, name=node.name, block_size=fmt.block_size
         ).outputs[0]
         p.dtype = ir.DataType.UINT8
+        # Cast + Mul, not DequantizeLinear: onnxruntime 1.31 fuses a per-tensor DQ(P) with the
+        # blocked DQ(V) into a quantized MatMul that ignores V's block scales (wrong results)
         scale = new_initializer(self.graph, f"bi{self.count}/p_scale", ir.tensor(SOFTMAX_OUT_SCALE))
-        dq = self._node("DequantizeLinear", [p, scale], node, domain="").outputs[0]
+        as_float = self._node("Cast", [p], node, domain="", to=ir.DataType.FLOAT).outputs[0]
+        as_float.dtype = ir.DataType.FLOAT
+        dq = self._node("Mul", [as_float, scale], node, domain="").outputs[0]
         dq.dtype = ir.DataType.FLOAT
         self._finish(node, dq)
         if add is not None and not add.outputs[0].uses():
