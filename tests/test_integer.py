@@ -97,3 +97,20 @@ def test_integer_form_leaves_an_unrecognised_softmax_float_with_a_warning(tiny_b
 def test_integer_mode_needs_quantized_activations(tiny_bert_onnx):
     with pytest.raises(ValueError, match="activations"):
         bctonnx.compress(tiny_bert_onnx, preset="w8a8", mode="integer", no_activations=True)
+
+
+def test_no_matmul_mixes_a_per_tensor_and_a_blocked_dequantize(integer_tiny):
+    """onnxruntime 1.31 fuses DQ(per-tensor) + DQ(blocked) -> MatMul into MatMulIntegerToFloat,
+    ignoring block_size (wrong results or a broadcast error): our graphs must never offer it."""
+    producers = {o: n for n in integer_tiny.graph.node for o in n.output}
+
+    def dq_kind(name):
+        n = producers.get(name)
+        if n is None or n.op_type != "DequantizeLinear":
+            return None
+        return "blocked" if any(a.name == "block_size" for a in n.attribute) else "per-tensor"
+
+    for node in integer_tiny.graph.node:
+        if node.op_type == "MatMul":
+            kinds = {dq_kind(i) for i in node.input}
+            assert kinds != {"blocked", "per-tensor"}, node.name
