@@ -318,6 +318,49 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import (
+        DEFAULT_MODES,
+        DEFAULT_PRESETS,
+        format_table,
+        parse_ints,
+        parse_names,
+        run_bench,
+        write_json,
+        write_plot,
+    )
+    from .config import MODES, PRESETS
+
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path and path != "-" and not Path(path).resolve().parent.is_dir():
+            raise BctError(f"{flag} {path}: folder does not exist")
+    presets = parse_names(args.presets, list(PRESETS), "--presets") or list(DEFAULT_PRESETS)
+    modes = parse_names(args.modes, list(MODES), "--modes") or list(DEFAULT_MODES)
+    show = not args.quiet and sys.stderr.isatty()
+    result = run_bench(
+        args.model,
+        batches=parse_ints(args.batch, "--batch"),
+        seq=args.seq,
+        threads=args.threads,
+        runs=args.runs,
+        warmup=args.warmup,
+        presets=presets,
+        modes=modes,
+        block_size=args.block_size,
+        rss=not args.no_rss,
+        keep=args.keep,
+        progress=(lambda msg: print(f"bench: {msg}", file=sys.stderr)) if show else None,
+    )
+    if args.json:
+        write_json(result, args.json)
+    if args.json != "-":
+        print(format_table(result))
+    if args.plot:
+        skipped = write_plot(result, args.plot)
+        print(f"--plot skipped: {skipped}" if skipped else f"plot: {args.plot}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bctonnx",
@@ -475,6 +518,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="write the records as JSON (- = stdout)")
     p.add_argument("--keep", metavar="DIR", help="keep the built models in DIR")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "bench",
+        help="latency, size and peak RSS: FP32 vs onnxruntime dynamic int8 vs BCT presets",
+        description="Build onnxruntime's dynamic int8 and each BCT preset (integer and qdq "
+        "lowering) from one FP32 model, time them interleaved on synthetic token ids, and "
+        "report file size and each model's peak RSS (one process per model).",
+    )
+    p.add_argument("model", metavar="MODEL_OR_DIR", help="FP32 .onnx file or exported directory")
+    p.add_argument("--batch", default="1,8", help="batch sizes, comma list (default 1,8)")
+    p.add_argument("--seq", type=int, default=128, help="tokens per sequence (default 128)")
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
+    p.add_argument("--runs", type=int, default=20, help="timed runs per model and shape")
+    p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
+    p.add_argument("--presets", action="append", metavar="NAMES", help="default: w8a8,w4a8")
+    p.add_argument("--modes", action="append", metavar="MODES", help="default: integer,qdq")
+    p.add_argument(
+        "--block-size", type=int, metavar="B", help="override every block size (small models)"
+    )
+    p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    p.add_argument("--json", metavar="FILE", help="write the records as JSON (- = stdout)")
+    p.add_argument("--plot", metavar="FILE.png", help="size vs latency plot (needs matplotlib)")
+    p.add_argument("--keep", metavar="DIR", help="keep the built models in DIR")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

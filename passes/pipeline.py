@@ -15,6 +15,7 @@ from bctonnx.config import CompressionConfig
 from .canonicalize import Canonicalize
 from .common import MID_DOMAIN, role
 from .lower_integer import LowerInteger
+from .lower_matmul import LowerMatMul
 from .lower_qdq import LowerQDQ
 from .quantize_activations import QuantizeActivations
 from .quantize_embeddings import QuantizeEmbeddings
@@ -46,7 +47,7 @@ def build_pipeline(config: CompressionConfig) -> list[ir.passes.PassBase]:
     elif config.mode == "integer":
         if config.activations is None:
             raise ValueError("mode 'integer' needs quantized activations (drop --no-activations)")
-        passes += [LowerInteger(), LowerQDQ()]
+        passes += [LowerInteger(), LowerMatMul(), LowerQDQ()]
     else:
         raise ValueError(f"unknown mode {config.mode!r}")
     if config.float_dtype == "float16":

@@ -26,6 +26,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
       domain = std::make_unique<Ort::CustomOpDomain>(bct::kDomain);
       bct::AddQuantOps(*domain);
       bct::AddNonlinearOps(*domain);
+      bct::AddMatMulOps(*domain);
     }
     Ort::UnownedSessionOptions(options).Add(*domain);
   } catch (const std::exception& e) {

@@ -1,0 +1,393 @@
+"""bench: latency, file size and peak memory of FP32, onnxruntime's dynamic int8 and BCT presets.
+
+    bctonnx bench MODEL_OR_DIR [--batch 1,8] [--seq 128] [--threads 2] [--runs 20]
+                  [--presets w8a8,w4a8] [--modes integer,qdq] [--json FILE] [--plot FILE.png]
+
+One run builds every model from the same FP32 file (an exported directory's ``model.onnx`` or
+a model file): onnxruntime's ``quantize_dynamic`` int8 (`bctonnx.baselines`) and each preset in
+each lowering mode (``integer`` is the native one, ``qdq`` the portable reference). Inputs are
+synthetic token ids of the given batch x sequence (`bctonnx.bench_util.fixed_inputs`).
+
+- Latency: all sessions are created first, then the runs alternate between models (as
+  `bctonnx.bench_util.interleaved_latency`, warm-up rounds first) so a noisy machine slows
+  every model alike; the median of ``--runs`` runs per model and shape. Token ids are drawn
+  below the model's vocabulary size (read from its word-embedding table).
+- File size: bytes on disk, external data included; ratio = FP32 bytes / model bytes.
+- Peak RSS: each model in its own fresh subprocess (``python -m bctonnx.bench --rss-probe``)
+  that imports onnxruntime, creates the session, runs the largest batch once and reports
+  ``VmHWM`` from ``/proc/self/status`` (``ru_maxrss`` where /proc is absent). The same probe
+  without a model gives the interpreter + onnxruntime baseline, reported separately.
+
+A model that fails to build or load is a ``failed`` row with the reason; the others still run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import BctError
+
+DEFAULT_PRESETS = ("w8a8", "w4a8")
+DEFAULT_MODES = ("integer", "qdq")
+BASELINE = "ort dynamic int8"
+
+
+@dataclass
+class BenchRecord:
+    model: str
+    kind: str  # fp32 | baseline | bct
+    path: str = ""
+    preset: str | None = None
+    mode: str | None = None
+    config: str = ""
+    bytes: int = 0
+    ratio: float = 0.0
+    peak_rss_bytes: int | None = None
+    latency_ms: dict[str, float] = field(default_factory=dict)  # "1x128" -> median ms
+    vs_baseline: dict[str, float] = field(default_factory=dict)  # latency / dynamic int8's
+    status: str = "ok"
+    error: str = ""
+
+
+@dataclass
+class BenchResult:
+    model: str
+    shapes: list[str]
+    threads: int
+    runs: int
+    onnxruntime: str
+    cpu: str
+    rss_baseline_bytes: int | None
+    records: list[BenchRecord]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise BctError(f"{what}: expected comma-separated integers, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise BctError(f"{what}: expected positive integers, got {text!r}")
+    return values
+
+
+def parse_names(values: list[str] | str | None, allowed, what: str) -> list[str]:
+    if values is None:
+        return []
+    if isinstance(values, str):
+        values = [values]
+    names = [n.strip() for v in values for n in v.split(",") if n.strip()]
+    bad = [n for n in names if n not in allowed]
+    if bad:
+        raise BctError(f"{what}: unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
+    return list(dict.fromkeys(names))
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak RSS, measured in a fresh process per model
+
+
+def _rss_probe(path: str | None, batch: int, seq: int, threads: int) -> int:
+    """Create a session for ``path`` (None: nothing), run it once, return the peak RSS bytes."""
+    if path:
+        from .bench_util import fixed_inputs
+        from .runtime import make_session
+
+        session = make_session(path, threads)
+        session.run(None, fixed_inputs(session, batch, seq, vocab=max(vocab_size(path), 101)))
+    else:
+        import onnxruntime  # noqa: F401 - the baseline: interpreter + onnxruntime loaded
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def peak_rss(path: str | None, batch: int, seq: int, threads: int, timeout: float = 600) -> int:
+    """Peak RSS (bytes) of a fresh process that loads ``path`` and runs it once."""
+    cmd = [sys.executable, "-m", "bctonnx.bench", "--rss-probe", path or "", str(batch), str(seq)]
+    cmd.append(str(threads))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"RSS probe failed: {tail[0]}")
+    return int(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark
+
+
+def vocab_size(path: str | os.PathLike, default: int = 1000) -> int:
+    """Rows of the table that input_ids index (the word embeddings), else ``default``."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    inits = {t.name: t for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] == "input_ids":
+            table = inits.get(node.input[0])
+            if table is not None and table.dims:
+                return int(table.dims[0])
+    return default
+
+
+def interleaved(sessions: dict, batch: int, seq: int, runs: int, warmup: int, vocab: int):
+    """Median latency (ms) per session, runs alternating between sessions (bench_util's
+    interleaved_latency with ids below ``vocab``)."""
+    import statistics
+    import time
+
+    from .bench_util import fixed_inputs
+
+    feeds = {k: fixed_inputs(s, batch, seq, vocab=max(vocab, 101)) for k, s in sessions.items()}
+    for _ in range(warmup):
+        for k, s in sessions.items():
+            s.run(None, feeds[k])
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(runs):
+        for k, s in sessions.items():
+            t0 = time.perf_counter()
+            s.run(None, feeds[k])
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _build_models(
+    src: Path, workdir: Path, presets, modes, block_size, progress
+) -> list[BenchRecord]:
+    from .api import compress_file
+    from .baselines import quantize_dynamic_int8
+    from .config import resolve_config
+    from .modelio import model_file_bytes
+
+    fp32_bytes = model_file_bytes(src)
+    records = [BenchRecord("fp32", "fp32", str(src), config="FP32", bytes=fp32_bytes, ratio=1.0)]
+    baseline = BenchRecord(
+        BASELINE, "baseline", config="quantize_dynamic: int8 weights, per-tensor activations"
+    )
+    records.append(baseline)
+    try:
+        progress(f"build {BASELINE}")
+        baseline.path = str(quantize_dynamic_int8(src, workdir / "dynamic_int8.onnx"))
+    except Exception as exc:  # noqa: BLE001 - a failed baseline is a row, not the end
+        baseline.status, baseline.error = "failed", f"{type(exc).__name__}: {exc}"
+    for preset in presets:
+        for mode in modes:
+            config = resolve_config(preset, mode=mode, block_size=block_size)
+            rec = BenchRecord(
+                f"bct {preset} {mode}", "bct", preset=preset, mode=mode, config=config.describe()
+            )
+            records.append(rec)
+            try:
+                progress(f"compress {preset} ({mode})")
+                out = workdir / f"{preset}-{mode}.onnx"
+                compress_file(src, out, config)
+                rec.path = str(out)
+            except Exception as exc:  # noqa: BLE001
+                rec.status, rec.error = "failed", f"{type(exc).__name__}: {exc}"
+    for rec in records:
+        if rec.status == "ok":
+            rec.bytes = model_file_bytes(rec.path)
+            rec.ratio = fp32_bytes / rec.bytes
+    return records
+
+
+def run_bench(
+    model: str | os.PathLike,
+    *,
+    batches: list[int] = (1, 8),  # type: ignore[assignment]
+    seq: int = 128,
+    threads: int = 2,
+    runs: int = 20,
+    warmup: int = 3,
+    presets: list[str] = DEFAULT_PRESETS,  # type: ignore[assignment]
+    modes: list[str] = DEFAULT_MODES,  # type: ignore[assignment]
+    block_size: int | None = None,
+    rss: bool = True,
+    keep: str | os.PathLike | None = None,
+    progress=None,
+) -> BenchResult:
+    """Build, then time every model interleaved, then probe each one's peak RSS."""
+    import onnxruntime as ort
+
+    from .modelio import resolve_model_path
+    from .runtime import make_session
+
+    say = progress or (lambda msg: None)
+    src = resolve_model_path(model)
+    if runs < 1 or warmup < 0 or threads < 1 or seq < 1:
+        raise BctError("--runs and --threads must be >= 1, --seq >= 1")
+    tmp = None
+    if keep:
+        workdir = Path(keep)
+        workdir.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="bctonnx-bench.")
+        workdir = Path(tmp.name)
+    try:
+        records = _build_models(src, workdir, presets, modes, block_size, say)
+        vocab = vocab_size(src)
+        sessions = {}
+        for rec in records:
+            if rec.status != "ok":
+                continue
+            try:
+                sessions[rec.model] = make_session(rec.path, threads)
+            except Exception as exc:  # noqa: BLE001
+                rec.status, rec.error = "failed", f"{type(exc).__name__}: {exc}"
+        shapes = [f"{b}x{seq}" for b in batches]
+        for batch, shape in zip(batches, shapes, strict=True):
+            say(f"latency {shape} ({len(sessions)} models x {runs} runs)")
+            medians = interleaved(sessions, batch, seq, runs, warmup, vocab)
+            for rec in records:
+                if rec.model in medians:
+                    rec.latency_ms[shape] = medians[rec.model]
+        del sessions
+        base = next((r for r in records if r.model == BASELINE and r.status == "ok"), None)
+        for rec in records:
+            if base is not None and rec.status == "ok":
+                rec.vs_baseline = {
+                    s: rec.latency_ms[s] / base.latency_ms[s]
+                    for s in shapes
+                    if s in rec.latency_ms and s in base.latency_ms
+                }
+        rss_base = None
+        if rss:
+            say("peak RSS (one process per model)")
+            try:
+                rss_base = peak_rss(None, 1, seq, threads)
+            except Exception:  # noqa: BLE001 - the baseline is informative only
+                rss_base = None
+            for rec in records:
+                if rec.status != "ok":
+                    continue
+                try:
+                    rec.peak_rss_bytes = peak_rss(rec.path, max(batches), seq, threads)
+                except Exception as exc:  # noqa: BLE001
+                    rec.error = str(exc)
+        return BenchResult(
+            model=str(src),
+            shapes=shapes,
+            threads=threads,
+            runs=runs,
+            onnxruntime=ort.__version__,
+            cpu=cpu_name(),
+            rss_baseline_bytes=rss_base,
+            records=records,
+        )
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def format_table(result: BenchResult) -> str:
+    lines = [
+        f"{result.model}: {result.threads} threads, median of {result.runs} interleaved runs, "
+        f"onnxruntime {result.onnxruntime}, {result.cpu}",
+        "",
+    ]
+    head = f"{'model':<20} {'size MB':>8} {'ratio':>6} {'peak RSS MB':>11}"
+    for s in result.shapes:
+        head += f" {s + ' ms':>11} {'vs int8':>7}"
+    lines.append(head)
+    failures = []
+    for r in result.records:
+        if r.status != "ok":
+            lines.append(f"{r.model:<20} failed")
+            failures.append(f"{r.model}: {r.error}")
+            continue
+        rss = f"{r.peak_rss_bytes / 2**20:.0f}" if r.peak_rss_bytes else "-"
+        row = f"{r.model:<20} {r.bytes / 1e6:>8.1f} {r.ratio:>5.2f}x {rss:>11}"
+        for s in result.shapes:
+            ms = r.latency_ms.get(s)
+            vs = r.vs_baseline.get(s)
+            row += f" {ms:>11.2f}" if ms is not None else f" {'-':>11}"
+            row += f" {vs:>6.2f}x" if vs is not None else f" {'-':>7}"
+        lines.append(row)
+    if result.rss_baseline_bytes:
+        lines += [
+            "",
+            f"peak RSS includes {result.rss_baseline_bytes / 2**20:.0f} MB of interpreter + "
+            "onnxruntime (the same probe without a model)",
+        ]
+    lines += [f"failed: {f}" for f in failures]
+    return "\n".join(lines)
+
+
+def write_plot(result: BenchResult, path: str | os.PathLike) -> str | None:
+    """Size vs latency scatter (one panel per shape). Returns None when written, else the
+    reason it was skipped (matplotlib not installed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib): no plot written"
+    ok = [r for r in result.records if r.status == "ok" and r.latency_ms]
+    fig, axes = plt.subplots(
+        1, len(result.shapes), figsize=(5.5 * len(result.shapes), 4.2), squeeze=False
+    )
+    for ax, shape in zip(axes[0], result.shapes, strict=True):
+        for r in ok:
+            if shape not in r.latency_ms:
+                continue
+            marker = {"fp32": "s", "baseline": "^"}.get(r.kind, "o")
+            ax.scatter(r.bytes / 1e6, r.latency_ms[shape], marker=marker, s=50)
+            ax.annotate(r.model, (r.bytes / 1e6, r.latency_ms[shape]), fontsize=8,
+                        xytext=(4, 4), textcoords="offset points")  # fmt: skip
+        ax.set_xlabel("file size (MB)")
+        ax.set_ylabel("latency (ms, median)")
+        ax.set_title(f"batch x seq {shape}, {result.threads} threads")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def write_json(result: BenchResult, path: str | os.PathLike) -> None:
+    text = json.dumps(result.to_dict(), indent=2) + "\n"
+    if str(path) == "-":
+        sys.stdout.write(text)
+    else:
+        Path(path).write_text(text)
+
+
+if __name__ == "__main__":  # python -m bctonnx.bench --rss-probe PATH BATCH SEQ THREADS
+    if len(sys.argv) == 6 and sys.argv[1] == "--rss-probe":
+        _, _, model_path, b, s, t = sys.argv
+        print(_rss_probe(model_path or None, int(b), int(s), int(t)))
+    else:
+        sys.exit("usage: python -m bctonnx.bench --rss-probe PATH BATCH SEQ THREADS")

@@ -1,0 +1,1422 @@
+// BlockMatMul (domain "bctonnx", version 1): a linear layer on block-quantized operands.
+//
+// The specification is the numpy reference bctonnx/ops/ref_matmul.py (signature, arithmetic,
+// float order); this file follows it step by step. In short: activations are quantized on the
+// fly exactly as BlockQuantize does (or arrive as int8 codes + pow2 scales), weights stay in
+// their stored block format (int8 or packed int4 codes, pow2 scale codes, zero points) and are
+// re-packed once, at kernel construction, into a layout for the SIMD loops -- never
+// dequantized to float. Products accumulate in int32 per K segment (exact), scales are applied
+// per segment / weight block in float32.
+//
+// Instruction sets, chosen at kernel construction with __builtin_cpu_supports (the library is
+// compiled without -march, so each path is a function with __attribute__((target))):
+//   avx512  AVX-512 F/BW/DQ + VNNI: vpdpbusd (u8 x s8 -> s32, never saturating), 16 columns per
+//           register, register tiles of MR rows x NV*16 columns.
+//   avx2    AVX2 + FMA: vpmaddubsw / vpmaddwd. vpmaddubsw saturates int16, so 8-bit weights use
+//           the sign trick (|x| x sign(w, x), pairs <= 2*128*127 < 2^15); int4 weights are small
+//           enough (pairs <= 2*15*128).
+//   scalar  portable C++.
+// BCTONNX_ISA=avx512|avx2|scalar (read when a session creates the kernel) caps the choice, so
+// tests compare the paths on one machine. All paths do the same float32 operations in the same
+// order, so their outputs are identical (ref_matmul.py: "Arithmetic").
+//
+// How the signedness of vpdpbusd is handled:
+//   8-bit weights: stored as u8 = (q - zp) + 128, activations are the s8 operand, so
+//     sum((w + 128) * x) = d + 128 * sum(x): the accumulator starts at -128 * sum(x) of the
+//     row's segment (a broadcast, no extra instruction per product).
+//   int4 weights: nibbles u = q + 8 in 0..15 are already valid u8 (unpacked in registers with
+//     and/shift, two k-groups per 64-byte load); d = sum(u * x) - (zp + 8) * sum(x), the
+//     correction done in float (all terms are integers below 2^24: exact).
+//
+// Threading: Ort::KernelContext::ParallelFor (OrtApi::KernelContext_ParallelFor, API 17+, in
+// the 1.21 headers this library is built against) runs tasks on the session's intra-op thread
+// pool, so intra_op_num_threads is respected and no threads of our own are created. Tasks are
+// (row chunk x column tile) pairs; each output element is computed by exactly one task in a
+// fixed order, so results do not depend on the thread count.
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdlib>
+#include <mutex>
+#include <string>
+
+#include "common.h"
+
+namespace bct {
+namespace {
+
+constexpr int kPanel = 16;  // output columns per packed weight panel (one zmm of int32)
+
+enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+
+Isa DetectIsa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vnni"))
+    return kAvx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
+  return kScalar;
+}
+
+// The best supported ISA, capped by a request ("avx512", "avx2", "scalar"; null/"" = none).
+Isa ChooseIsa(const char* request) {
+  Isa isa = DetectIsa();
+  if (request == nullptr || *request == '\0' || std::strcmp(request, "auto") == 0) return isa;
+  Isa cap;
+  if (std::strcmp(request, "avx512") == 0)
+    cap = kAvx512;
+  else if (std::strcmp(request, "avx2") == 0)
+    cap = kAvx2;
+  else if (std::strcmp(request, "scalar") == 0)
+    cap = kScalar;
+  else
+    throw std::runtime_error(std::string("bctonnx.BlockMatMul: BCTONNX_ISA=") + request +
+                             " is not one of avx512, avx2, scalar");
+  return std::min(isa, cap);
+}
+
+// A value the compiler must materialize as is: keeps a rounded product from being contracted
+// into a fused multiply-add with the addition after it (-ffp-contract=fast is GCC's default
+// for C++ with FMA enabled), which would change the float32 result (ref_matmul.py fixes one
+// rounding per operation).
+template <typename T>
+inline T Rounded(T v) {
+  asm("" : "+x"(v));
+  return v;
+}
+
+[[noreturn]] void Fail(const std::string& what) {
+  throw std::runtime_error("bctonnx.BlockMatMul: " + what);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activation quantization: BlockQuantize's rule (ref_quant.py "Scale choice"), bit for bit.
+
+// Smallest e with 2^e >= ideal, for a finite ideal >= 0; -128 for ideal == 0 (then clamped).
+int CeilLog2(float ideal) {
+  if (ideal == 0.0f) return -128;
+  int k = 0;
+  const float m = std::frexp(ideal, &k);  // ideal = m * 2^k exactly, m in [0.5, 1)
+  return m == 0.5f ? k - 1 : k;
+}
+
+int BlockExponent(float amax, float qmax) {
+  if (!(amax <= FLT_MAX)) Fail("input contains NaN or infinity");
+  const int e = std::max(CeilLog2(amax / qmax), -128);  // float32 division, as the reference
+  if (e > 127) Fail("values too large for a pow2 scale (max |x| / qmax beyond 2^127)");
+  return e;
+}
+
+// round_half_even(v) for |v| < 2^22 in the default rounding mode (adding and removing 1.5*2^23
+// leaves the integer part, rounded to nearest even; the compiler may not drop it without
+// -ffast-math). Codes are |x / 2^e| <= qmax * (1 + 2^-23), far inside that range.
+inline float RoundEven(float v) {
+  const float magic = 12582912.0f;
+  return (v + magic) - magic;
+}
+
+// Codes of one row, blocks of B along the row: q[i] = clamp(rne(x[i] / 2^e), -qmax, qmax).
+void QuantizeRowScalar(const float* x, int64_t d, int64_t b, float qmax, int8_t* q, int* exps) {
+  for (int64_t begin = 0, blk = 0; begin < d; begin += b, ++blk) {
+    const int64_t end = std::min(d, begin + b);
+    float amax = 0.0f;
+    bool bad = false;
+    for (int64_t i = begin; i < end; ++i) {
+      const float a = std::fabs(x[i]);
+      bad |= !(a <= FLT_MAX);
+      amax = std::max(amax, a);
+    }
+    if (bad) Fail("input contains NaN or infinity");
+    const int e = BlockExponent(amax, qmax);
+    exps[blk] = e;
+    const float s = pow2_float(e);
+    for (int64_t i = begin; i < end; ++i) {
+      float v = RoundEven(x[i] / s);
+      v = std::min(std::max(v, -qmax), qmax);
+      q[i] = static_cast<int8_t>(v);
+    }
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512dq"))) void QuantizeRowAvx512(
+    const float* x, int64_t d, int64_t b, float qmax, int8_t* q, int* exps) {
+  const __m512 sign_off = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  const __m512 fmax = _mm512_set1_ps(FLT_MAX);
+  const __m512 vq = _mm512_set1_ps(qmax), vnq = _mm512_set1_ps(-qmax);
+  for (int64_t begin = 0, blk = 0; begin < d; begin += b, ++blk) {
+    const int64_t end = std::min(d, begin + b);
+    __m512 vmax = _mm512_setzero_ps();
+    __mmask16 bad = 0;
+    for (int64_t i = begin; i < end; i += 16) {
+      const int64_t n = std::min<int64_t>(16, end - i);
+      const __mmask16 m = n == 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+      const __m512 a = _mm512_and_ps(_mm512_maskz_loadu_ps(m, x + i), sign_off);
+      bad |= _mm512_mask_cmp_ps_mask(m, a, fmax, _CMP_NLE_UQ);  // NaN or > FLT_MAX
+      vmax = _mm512_max_ps(vmax, a);
+    }
+    if (bad) Fail("input contains NaN or infinity");
+    const int e = BlockExponent(_mm512_reduce_max_ps(vmax), qmax);
+    exps[blk] = e;
+    // x / 2^e and x * 2^-e are the same real number, rounded once: identical, as long as
+    // 2^-e is a float32 (e >= -127); e = -128 divides, as the reference does
+    const bool divide = e < -127;
+    const __m512 s = _mm512_set1_ps(divide ? pow2_float(e) : pow2_float(-e));
+    for (int64_t i = begin; i < end; i += 16) {
+      const int64_t n = std::min<int64_t>(16, end - i);
+      const __mmask16 m = n == 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+      const __m512 xv = _mm512_maskz_loadu_ps(m, x + i);
+      __m512 v = divide ? _mm512_div_ps(xv, s) : _mm512_mul_ps(xv, s);
+      v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      v = _mm512_min_ps(_mm512_max_ps(v, vnq), vq);
+      _mm512_mask_cvtepi32_storeu_epi8(q + i, m, _mm512_cvtps_epi32(v));
+    }
+  }
+}
+
+__attribute__((target("avx2,fma"))) void QuantizeRowAvx2(const float* x, int64_t d, int64_t b,
+                                                         float qmax, int8_t* q, int* exps) {
+  const __m256 sign_off = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256 fmax = _mm256_set1_ps(FLT_MAX);
+  const __m256 vq = _mm256_set1_ps(qmax), vnq = _mm256_set1_ps(-qmax);
+  alignas(32) int32_t tmp[8];
+  for (int64_t begin = 0, blk = 0; begin < d; begin += b, ++blk) {
+    const int64_t end = std::min(d, begin + b);
+    __m256 vmax = _mm256_setzero_ps();
+    int bad = 0;
+    int64_t i = begin;
+    for (; i + 8 <= end; i += 8) {
+      const __m256 a = _mm256_and_ps(_mm256_loadu_ps(x + i), sign_off);
+      bad |= _mm256_movemask_ps(_mm256_cmp_ps(a, fmax, _CMP_NLE_UQ));
+      vmax = _mm256_max_ps(vmax, a);
+    }
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, vmax);
+    float amax = 0.0f;
+    for (float l : lanes) amax = std::max(amax, l);
+    for (; i < end; ++i) {
+      const float a = std::fabs(x[i]);
+      bad |= !(a <= FLT_MAX);
+      amax = std::max(amax, a);
+    }
+    if (bad) Fail("input contains NaN or infinity");
+    const int e = BlockExponent(amax, qmax);
+    exps[blk] = e;
+    const float sf = pow2_float(e);
+    const bool divide = e < -127;  // see QuantizeRowAvx512
+    const __m256 s = _mm256_set1_ps(divide ? sf : pow2_float(-e));
+    i = begin;
+    for (; i + 8 <= end; i += 8) {
+      const __m256 xv = _mm256_loadu_ps(x + i);
+      __m256 v = divide ? _mm256_div_ps(xv, s) : _mm256_mul_ps(xv, s);
+      v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      v = _mm256_min_ps(_mm256_max_ps(v, vnq), vq);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), _mm256_cvtps_epi32(v));
+      for (int l = 0; l < 8; ++l) q[i + l] = static_cast<int8_t>(tmp[l]);
+    }
+    for (; i < end; ++i) {
+      float v = RoundEven(x[i] / sf);
+      v = std::min(std::max(v, -qmax), qmax);
+      q[i] = static_cast<int8_t>(v);
+    }
+  }
+}
+
+void QuantizeRow(Isa isa, const float* x, int64_t d, int64_t b, int bits, int8_t* q, int* exps) {
+  const float qmax = static_cast<float>((1 << (bits - 1)) - 1);
+  if (isa == kAvx512)
+    QuantizeRowAvx512(x, d, b, qmax, q, exps);
+  else if (isa == kAvx2)
+    QuantizeRowAvx2(x, d, b, qmax, q, exps);
+  else
+    QuantizeRowScalar(x, d, b, qmax, q, exps);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Weights, packed once per kernel.
+//
+// K is cut into segments of g = min(block_size, act_block_size), each padded to gp (a multiple
+// of 4 for 8-bit codes, of 8 for int4) with zero activations. Columns are grouped in panels of
+// 16 (the last one zero-padded). Per panel and segment, 64-byte chunks:
+//   int8: chunk c holds k = 4c..4c+3 of the 16 columns: byte [col * 4 + i] = (q - zp) + 128 of
+//         k = 4c + i (the u8 operand of vpdpbusd; x is the s8 one).
+//   int4: chunk c holds k = 8c..8c+7: byte [col * 4 + i] = u(4c' + i) | u(4c' + 4 + i) << 4
+//         with c' = 2c and u = q + 8 in 0..15; the low nibbles are k-group 2c, the high ones
+//         k-group 2c + 1.
+
+struct PackedWeights {
+  int64_t k = 0, n = 0, block = 0, act_block = 0, g = 0, gp = 0, nseg = 0, nblk = 0;
+  int64_t spb = 1;       // segments per weight block
+  int64_t npanel = 0, npad = 0, chunks = 0;  // chunks (64 bytes) per segment and panel
+  bool int4 = false;
+  std::vector<uint8_t> data;  // [panel][segment][chunk][64]
+  std::vector<float> sw;      // [nblk][npad] weight scales
+  std::vector<float> zpp;     // int4: [nblk][npad] zero point + 8
+  int64_t panel_bytes() const { return nseg * chunks * 64; }
+};
+
+// ---------------------------------------------------------------------------------------------
+// One task's view of the operands.
+
+struct Operands {
+  const PackedWeights* w = nullptr;
+  const int8_t* a = nullptr;     // [m][nseg * gp] activation codes (segments padded with 0)
+  const float* sx = nullptr;     // [m][nseg] activation scale of each segment
+  const int32_t* corr = nullptr; // [m][nseg] -128 * sum(x) of each segment (8-bit weights)
+  const float* sumx = nullptr;   // [m][nseg] sum(x) of each segment, as float (int4 weights)
+  const float* bias = nullptr;   // [npad] or null
+  const float* ymul = nullptr;   // scalar multiplier of y (after the bias) or null
+  float* y = nullptr;            // [m][n]
+  int32_t* seg = nullptr;        // [m][nseg][n] or null (segment sums, debug output)
+  int64_t lda = 0;
+};
+
+// Store one 16-column panel of a row, only the valid columns of the last panel.
+template <typename StoreFull>
+inline void StoreColumns(float* dst, const float* lanes, int64_t valid, StoreFull full) {
+  if (valid >= kPanel)
+    full();
+  else
+    std::memcpy(dst, lanes, sizeof(float) * static_cast<size_t>(valid));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scalar path (also the reference for the packed layout)
+
+void TileScalar(const Operands& op, int64_t m0, int64_t mr, int64_t p0, int64_t np) {
+  const PackedWeights& w = *op.w;
+  for (int64_t m = m0; m < m0 + mr; ++m) {
+    const int8_t* x = op.a + m * op.lda;
+    for (int64_t p = p0; p < p0 + np; ++p) {
+      const uint8_t* panel = w.data.data() + p * w.panel_bytes();
+      for (int64_t c = 0; c < kPanel; ++c) {
+        const int64_t col = p * kPanel + c;
+        if (col >= w.n) break;
+        float y = 0.0f;
+        for (int64_t b = 0; b < w.nblk; ++b) {
+          float t = 0.0f;
+          for (int64_t jj = 0; jj < w.spb; ++jj) {
+            const int64_t j = b * w.spb + jj;
+            const uint8_t* chunk = panel + j * w.chunks * 64;
+            const int8_t* xs = x + j * w.gp;
+            int32_t d = 0;
+            if (!w.int4) {
+              for (int64_t k = 0; k < w.gp; ++k)
+                d += xs[k] * (static_cast<int32_t>(chunk[(k / 4) * 64 + c * 4 + k % 4]) - 128);
+            } else {
+              const int32_t zpp = static_cast<int32_t>(w.zpp[b * w.npad + col]);
+              for (int64_t k = 0; k < w.gp; ++k) {
+                const uint8_t byte = chunk[(k / 8) * 64 + c * 4 + k % 4];
+                const int32_t u = (k % 8) < 4 ? (byte & 0x0F) : (byte >> 4);
+                d += xs[k] * (u - zpp);
+              }
+            }
+            if (op.seg) op.seg[(m * w.nseg + j) * w.n + col] = d;
+            const float sx = op.sx[m * w.nseg + j];
+            const float sw = w.sw[b * w.npad + col];
+            if (w.spb == 1) {
+              y = y + Rounded(static_cast<float>(d) * sw) * sx;  // round(d * sw) * 2^e: exact
+            } else {
+              t = t + static_cast<float>(d) * sx;  // exact product
+            }
+          }
+          if (w.spb > 1) y = y + Rounded(t * w.sw[b * w.npad + col]);
+        }
+        if (op.bias) y = y + op.bias[col];
+        if (op.ymul) y = y * *op.ymul;
+        op.y[m * w.n + col] = y;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512 VNNI path: MR rows x NV panels per register tile.
+
+__attribute__((target("avx512f"))) inline __m512 Rounded512(__m512 v) {
+  asm("" : "+v"(v));
+  return v;
+}
+
+// acc += u8(a) . s8(b) per 32-bit lane. Inline asm: GCC 12 surrounds the intrinsic with
+// register copies when the accumulators live in arrays (measured ~2x slower loops).
+__attribute__((target("avx512f,avx512vnni"))) inline __m512i Dpbusd(__m512i acc, __m512i a,
+                                                                      __m512i b) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+  return acc;
+}
+
+// Segment sums of one register (debug output): the valid columns of a panel row.
+void StoreSegmentSums(const Operands& op, int64_t m, int64_t j, int64_t col0, const int32_t* lanes,
+                      int64_t width) {
+  const int64_t valid = std::min<int64_t>(width, op.w->n - col0);
+  if (valid > 0)
+    std::memcpy(op.seg + (m * op.w->nseg + j) * op.w->n + col0, lanes,
+                sizeof(int32_t) * static_cast<size_t>(valid));
+}
+
+#define BCT_UNROLL _Pragma("GCC unroll 16")
+
+template <int MR, int NV, bool INT4, bool SPB1>
+__attribute__((target("avx512f,avx512bw,avx512dq,avx512vnni,fma"))) void TileAvx512(
+    const Operands& op, int64_t m0, int64_t p0) {
+  const PackedWeights& w = *op.w;
+  const int64_t pb = w.panel_bytes(), seg_bytes = w.chunks * 64, chunks = w.chunks;
+  const uint8_t* wp = w.data.data() + p0 * pb;
+  const int8_t* xr[MR];
+  BCT_UNROLL for (int r = 0; r < MR; ++r) xr[r] = op.a + (m0 + r) * op.lda;
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  // float accumulators of the tile live in memory (L1); only the int32 ones in registers
+  alignas(64) float f[MR][NV][kPanel];
+  alignas(64) float t[MR][NV][kPanel];
+  BCT_UNROLL for (int r = 0; r < MR; ++r) BCT_UNROLL for (int v = 0; v < NV; ++v)
+    _mm512_store_ps(f[r][v], _mm512_setzero_ps());
+
+  for (int64_t b = 0; b < w.nblk; ++b) {
+    const float* swb = w.sw.data() + b * w.npad + p0 * kPanel;
+    if (!SPB1)
+      BCT_UNROLL for (int r = 0; r < MR; ++r) BCT_UNROLL for (int v = 0; v < NV; ++v)
+        _mm512_store_ps(t[r][v], _mm512_setzero_ps());
+    for (int64_t jj = 0; jj < w.spb; ++jj) {
+      const int64_t j = b * w.spb + jj;
+      __m512i acc[MR][NV];
+      BCT_UNROLL for (int r = 0; r < MR; ++r) {
+        const __m512i init =
+            INT4 ? _mm512_setzero_si512() : _mm512_set1_epi32(op.corr[(m0 + r) * w.nseg + j]);
+        BCT_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = init;
+      }
+      const uint8_t* wj = wp + j * seg_bytes;
+      const int64_t xo = j * w.gp;
+      if (!INT4) {
+#pragma GCC unroll 1
+        for (int64_t c = 0; c < chunks; ++c) {
+          __m512i wv[NV];
+          BCT_UNROLL for (int v = 0; v < NV; ++v)
+            wv[v] = _mm512_loadu_si512(reinterpret_cast<const void*>(wj + v * pb + c * 64));
+          BCT_UNROLL for (int r = 0; r < MR; ++r) {
+            int32_t x4;
+            std::memcpy(&x4, xr[r] + xo + 4 * c, 4);
+            const __m512i xb = _mm512_set1_epi32(x4);
+            BCT_UNROLL for (int v = 0; v < NV; ++v) acc[r][v] = Dpbusd(acc[r][v], wv[v], xb);
+          }
+        }
+      } else {
+#pragma GCC unroll 1
+        for (int64_t c = 0; c < chunks; ++c) {
+          __m512i lo[NV], hi[NV];
+          BCT_UNROLL for (int v = 0; v < NV; ++v) {
+            const __m512i raw =
+                _mm512_loadu_si512(reinterpret_cast<const void*>(wj + v * pb + c * 64));
+            lo[v] = _mm512_and_si512(raw, low4);
+            hi[v] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+          }
+          BCT_UNROLL for (int r = 0; r < MR; ++r) {
+            int32_t x0, x1;
+            std::memcpy(&x0, xr[r] + xo + 8 * c, 4);
+            std::memcpy(&x1, xr[r] + xo + 8 * c + 4, 4);
+            const __m512i xb0 = _mm512_set1_epi32(x0), xb1 = _mm512_set1_epi32(x1);
+            BCT_UNROLL for (int v = 0; v < NV; ++v) {
+              acc[r][v] = Dpbusd(acc[r][v], lo[v], xb0);
+              acc[r][v] = Dpbusd(acc[r][v], hi[v], xb1);
+            }
+          }
+        }
+      }
+      // float epilogue of the segment
+      BCT_UNROLL for (int r = 0; r < MR; ++r) {
+        const __m512 sx = _mm512_set1_ps(op.sx[(m0 + r) * w.nseg + j]);
+        const __m512 sumx = INT4 ? _mm512_set1_ps(op.sumx[(m0 + r) * w.nseg + j]) : sx;
+        BCT_UNROLL for (int v = 0; v < NV; ++v) {
+          __m512 d = _mm512_cvtepi32_ps(acc[r][v]);
+          if (INT4) {  // d - (zp + 8) * sum(x): integers below 2^24, exact
+            const __m512 zpp = _mm512_loadu_ps(w.zpp.data() + b * w.npad + (p0 + v) * kPanel);
+            d = _mm512_fnmadd_ps(zpp, sumx, d);
+          }
+          if (op.seg) {
+            alignas(64) int32_t lanes[kPanel];
+            _mm512_store_si512(reinterpret_cast<void*>(lanes), _mm512_cvtps_epi32(d));
+            StoreSegmentSums(op, m0 + r, j, (p0 + v) * kPanel, lanes, kPanel);
+          }
+          if (SPB1) {
+            const __m512 u = _mm512_mul_ps(d, _mm512_loadu_ps(swb + v * kPanel));
+            // u * 2^e exact: = f + round(d * sw * sx)
+            _mm512_store_ps(f[r][v], _mm512_fmadd_ps(u, sx, _mm512_load_ps(f[r][v])));
+          } else {  // exact product: = t + d * sx
+            _mm512_store_ps(t[r][v], _mm512_fmadd_ps(d, sx, _mm512_load_ps(t[r][v])));
+          }
+        }
+      }
+    }
+    if (!SPB1)
+      BCT_UNROLL for (int r = 0; r < MR; ++r) BCT_UNROLL for (int v = 0; v < NV; ++v) {
+        const __m512 p = Rounded512(
+            _mm512_mul_ps(_mm512_load_ps(t[r][v]), _mm512_loadu_ps(swb + v * kPanel)));
+        _mm512_store_ps(f[r][v], _mm512_add_ps(_mm512_load_ps(f[r][v]), p));
+      }
+  }
+  BCT_UNROLL for (int r = 0; r < MR; ++r) {
+    float* yr = op.y + (m0 + r) * w.n;
+    BCT_UNROLL for (int v = 0; v < NV; ++v) {
+      const int64_t col0 = (p0 + v) * kPanel;
+      __m512 out = _mm512_load_ps(f[r][v]);
+      if (op.bias) out = _mm512_add_ps(out, _mm512_loadu_ps(op.bias + col0));
+      if (op.ymul) out = _mm512_mul_ps(out, _mm512_set1_ps(*op.ymul));
+      const int64_t valid = w.n - col0;
+      if (valid >= kPanel) {
+        _mm512_storeu_ps(yr + col0, out);
+      } else {
+        _mm512_mask_storeu_ps(yr + col0, static_cast<__mmask16>((1u << valid) - 1), out);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX2 path: a panel is two ymm halves (columns 0-7, 8-15); MR rows x 1 panel per tile.
+
+template <int MR, bool INT4, bool SPB1>
+__attribute__((target("avx2,fma"))) void TileAvx2(const Operands& op, int64_t m0, int64_t p) {
+  const PackedWeights& w = *op.w;
+  const int64_t seg_bytes = w.chunks * 64;
+  const uint8_t* wp = w.data.data() + p * w.panel_bytes();
+  const int8_t* xr[MR];
+  for (int r = 0; r < MR; ++r) xr[r] = op.a + (m0 + r) * op.lda;
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+
+  __m256 f[MR][2];
+  for (int r = 0; r < MR; ++r) f[r][0] = f[r][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < w.nblk; ++b) {
+    const float* swb = w.sw.data() + b * w.npad + p * kPanel;
+    __m256 t[MR][2];
+    for (int r = 0; r < MR; ++r) t[r][0] = t[r][1] = _mm256_setzero_ps();
+    for (int64_t jj = 0; jj < w.spb; ++jj) {
+      const int64_t j = b * w.spb + jj;
+      __m256i acc[MR][2];
+      for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+      const uint8_t* wj = wp + j * seg_bytes;
+      const int64_t xo = j * w.gp;
+      for (int64_t c = 0; c < w.chunks; ++c) {
+        const __m256i raw0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wj + c * 64));
+        const __m256i raw1 =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wj + c * 64 + 32));
+        if (!INT4) {
+          const __m256i ws[2] = {_mm256_xor_si256(raw0, flip), _mm256_xor_si256(raw1, flip)};
+          for (int r = 0; r < MR; ++r) {
+            int32_t x4;
+            std::memcpy(&x4, xr[r] + xo + 4 * c, 4);
+            const __m256i xb = _mm256_set1_epi32(x4);
+            const __m256i ax = _mm256_abs_epi8(xb);
+            for (int h = 0; h < 2; ++h) {
+              const __m256i prod = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(ws[h], xb));
+              acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(prod, ones16));
+            }
+          }
+        } else {
+          const __m256i lo[2] = {_mm256_and_si256(raw0, low4), _mm256_and_si256(raw1, low4)};
+          const __m256i hi[2] = {_mm256_and_si256(_mm256_srli_epi16(raw0, 4), low4),
+                                 _mm256_and_si256(_mm256_srli_epi16(raw1, 4), low4)};
+          for (int r = 0; r < MR; ++r) {
+            int32_t x0, x1;
+            std::memcpy(&x0, xr[r] + xo + 8 * c, 4);
+            std::memcpy(&x1, xr[r] + xo + 8 * c + 4, 4);
+            const __m256i xb0 = _mm256_set1_epi32(x0), xb1 = _mm256_set1_epi32(x1);
+            for (int h = 0; h < 2; ++h) {
+              // pairs <= 2 * 15 * 128 each, their sum < 2^15: no saturation
+              const __m256i prod = _mm256_add_epi16(_mm256_maddubs_epi16(lo[h], xb0),
+                                                    _mm256_maddubs_epi16(hi[h], xb1));
+              acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(prod, ones16));
+            }
+          }
+        }
+      }
+      for (int r = 0; r < MR; ++r) {
+        const __m256 sx = _mm256_set1_ps(op.sx[(m0 + r) * w.nseg + j]);
+        const __m256 sumx = INT4 ? _mm256_set1_ps(op.sumx[(m0 + r) * w.nseg + j]) : sx;
+        for (int h = 0; h < 2; ++h) {
+          __m256 d = _mm256_cvtepi32_ps(acc[r][h]);
+          if (INT4) {
+            const __m256 zpp = _mm256_loadu_ps(w.zpp.data() + b * w.npad + p * kPanel + 8 * h);
+            d = _mm256_fnmadd_ps(zpp, sumx, d);
+          }
+          if (op.seg) {
+            const int64_t col0 = p * kPanel + 8 * h;
+            alignas(32) int32_t lanes[8];
+            _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), _mm256_cvtps_epi32(d));
+            const int64_t valid = std::min<int64_t>(8, w.n - col0);
+            if (valid > 0)
+              std::memcpy(op.seg + ((m0 + r) * w.nseg + j) * w.n + col0, lanes,
+                          sizeof(int32_t) * static_cast<size_t>(valid));
+          }
+          if (SPB1) {
+            const __m256 u = _mm256_mul_ps(d, _mm256_loadu_ps(swb + 8 * h));
+            f[r][h] = _mm256_fmadd_ps(u, sx, f[r][h]);
+          } else {
+            t[r][h] = _mm256_fmadd_ps(d, sx, t[r][h]);
+          }
+        }
+      }
+    }
+    if (!SPB1)
+      for (int r = 0; r < MR; ++r)
+        for (int h = 0; h < 2; ++h)
+          f[r][h] = _mm256_add_ps(f[r][h],
+                                  Rounded(_mm256_mul_ps(t[r][h], _mm256_loadu_ps(swb + 8 * h))));
+  }
+  for (int r = 0; r < MR; ++r) {
+    float* yr = op.y + (m0 + r) * w.n;
+    const int64_t col0 = p * kPanel;
+    alignas(32) float lanes[kPanel];
+    for (int h = 0; h < 2; ++h) {
+      __m256 out = f[r][h];
+      if (op.bias) out = _mm256_add_ps(out, _mm256_loadu_ps(op.bias + col0 + 8 * h));
+      if (op.ymul) out = _mm256_mul_ps(out, _mm256_set1_ps(*op.ymul));
+      _mm256_store_ps(lanes + 8 * h, out);
+    }
+    const int64_t valid = std::min<int64_t>(kPanel, w.n - col0);
+    std::memcpy(yr + col0, lanes, sizeof(float) * static_cast<size_t>(valid));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dispatch of one (row range, panel range) to the register tiles.
+
+constexpr int kMrAvx512 = 4;
+constexpr int kNvAvx512 = 4;
+constexpr int kMrAvx2 = 2;
+
+template <int MR, bool INT4, bool SPB1>
+void RowsAvx512(const Operands& op, int64_t m, int64_t p, int64_t nv) {
+  switch (nv) {
+    case 4: if constexpr (kNvAvx512 >= 4) { TileAvx512<MR, 4 < kNvAvx512 + 1 ? 4 : 1, INT4, SPB1>(op, m, p); break; }
+    // fall through
+    case 3: if constexpr (kNvAvx512 >= 3) { TileAvx512<MR, 3 < kNvAvx512 + 1 ? 3 : 1, INT4, SPB1>(op, m, p); break; }
+    // fall through
+    case 2: if constexpr (kNvAvx512 >= 2) { TileAvx512<MR, 2, INT4, SPB1>(op, m, p); break; }
+    // fall through
+    default: TileAvx512<MR, 1, INT4, SPB1>(op, m, p);
+  }
+}
+
+template <bool INT4, bool SPB1>
+void RunAvx512(const Operands& op, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; p += kNvAvx512) {
+    const int64_t nv = std::min<int64_t>(kNvAvx512, p1 - p);
+    int64_t m = m0;
+    for (; m + kMrAvx512 <= m1; m += kMrAvx512) RowsAvx512<kMrAvx512, INT4, SPB1>(op, m, p, nv);
+    for (; m < m1; ++m) RowsAvx512<1, INT4, SPB1>(op, m, p, nv);
+  }
+}
+
+template <bool INT4, bool SPB1>
+void RunAvx2(const Operands& op, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) {
+    int64_t m = m0;
+    for (; m + kMrAvx2 <= m1; m += kMrAvx2) TileAvx2<kMrAvx2, INT4, SPB1>(op, m, p);
+    for (; m < m1; ++m) TileAvx2<1, INT4, SPB1>(op, m, p);
+  }
+}
+
+void RunTile(Isa isa, const Operands& op, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  const bool int4 = op.w->int4, spb1 = op.w->spb == 1;
+  if (isa == kAvx512) {
+    if (int4)
+      spb1 ? RunAvx512<true, true>(op, m0, m1, p0, p1) : RunAvx512<true, false>(op, m0, m1, p0, p1);
+    else
+      spb1 ? RunAvx512<false, true>(op, m0, m1, p0, p1)
+           : RunAvx512<false, false>(op, m0, m1, p0, p1);
+  } else if (isa == kAvx2) {
+    if (int4)
+      spb1 ? RunAvx2<true, true>(op, m0, m1, p0, p1) : RunAvx2<true, false>(op, m0, m1, p0, p1);
+    else
+      spb1 ? RunAvx2<false, true>(op, m0, m1, p0, p1) : RunAvx2<false, false>(op, m0, m1, p0, p1);
+  } else {
+    TileScalar(op, m0, m1 - m0, p0, p1 - p0);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Constant inputs
+
+std::vector<int64_t> ShapeOf(const Ort::ConstValue& v) {
+  return v.GetTensorTypeAndShapeInfo().GetShape();
+}
+
+std::string ShapeStr(const std::vector<int64_t>& s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? "," : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+// The values of a constant int8 / int4 / uint4 tensor, unpacked to int32, with its shape.
+std::vector<int32_t> ConstInts(const Ort::ConstKernelInfo& info, size_t index, const char* name,
+                               std::vector<int64_t>* shape, bool required) {
+  const bool present = index < info.GetInputCount() && !info.GetInputName(index).empty();
+  if (!present) {
+    if (required) Fail(std::string(name) + " is required");
+    return {};
+  }
+  int is_constant = 0;
+  Ort::ConstValue v = info.GetTensorConstantInput(index, &is_constant);
+  if (!is_constant || v == nullptr) Fail(std::string(name) + " must be a constant initializer");
+  auto ti = v.GetTensorTypeAndShapeInfo();
+  *shape = ti.GetShape();
+  const size_t count = ti.GetElementCount();
+  const auto type = ti.GetElementType();
+  std::vector<int32_t> out(count);
+  if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8) {
+    const int8_t* p = static_cast<const int8_t*>(v.GetTensorRawData());
+    for (size_t i = 0; i < count; ++i) out[i] = p[i];
+  } else if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT4 ||
+             type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT4) {
+    const uint8_t* p = static_cast<const uint8_t*>(v.GetTensorRawData());
+    const bool is_signed = type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT4;
+    for (size_t i = 0; i < count; ++i) {
+      int32_t nib = (i % 2 == 0) ? (p[i / 2] & 0x0F) : (p[i / 2] >> 4);
+      if (is_signed && nib > 7) nib -= 16;
+      out[i] = nib;
+    }
+  } else {
+    Fail(std::string(name) + " must be int8, int4 or uint4");
+  }
+  return out;
+}
+
+bool IsInt4(const Ort::ConstKernelInfo& info, size_t index) {
+  int is_constant = 0;
+  Ort::ConstValue v = info.GetTensorConstantInput(index, &is_constant);
+  return v.GetTensorTypeAndShapeInfo().GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT4;
+}
+
+int64_t IntAttr(const Ort::ConstKernelInfo& info, const char* name, const int64_t* fallback) {
+  int64_t value = 0;
+  OrtStatus* status = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &value);
+  if (status == nullptr) return value;
+  Ort::GetApi().ReleaseStatus(status);
+  if (fallback) return *fallback;
+  Fail(std::string("attribute '") + name + "' is required");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The kernel
+
+enum Input : size_t {
+  kX = 0, kXScale, kCodes, kScales, kScaleBase, kZeroPoints, kBias, kYMul, kResidual,
+  kResidualScale, kNumInputs
+};
+enum Output : size_t { kY = 0, kYQ, kYScale, kSegments, kNumOutputs };
+
+struct BlockMatMulKernel {
+  BlockMatMulKernel(const OrtApi&, const OrtKernelInfo* raw_info) {
+    Ort::ConstKernelInfo info{raw_info};
+    static const int64_t k8 = 8, k0 = 0;
+    const int64_t block = IntAttr(info, "block_size", nullptr);
+    const int64_t frac_bits = IntAttr(info, "frac_bits", nullptr);
+    act_block_ = IntAttr(info, "act_block_size", nullptr);
+    act_bits_ = static_cast<int>(IntAttr(info, "act_bits", &k8));
+    out_block_ = IntAttr(info, "out_block_size", &k0);
+    out_bits_ = static_cast<int>(IntAttr(info, "out_bits", &k8));
+    residual_block_ = IntAttr(info, "residual_block_size", &k0);
+    if (act_bits_ < 2 || act_bits_ > 8 || out_bits_ < 2 || out_bits_ > 8)
+      Fail("act_bits and out_bits must be in 2..8");
+    if (block < 1 || act_block_ < 1 || out_block_ < 0 || residual_block_ < 0)
+      Fail("block sizes must be >= 1");
+    if (frac_bits < 0 || frac_bits > 4) Fail("frac_bits must be in 0..4");
+    isa_ = ChooseIsa(std::getenv("BCTONNX_ISA"));
+    PackWeights(info, block, frac_bits);
+    // a constant bias is padded once; otherwise it is read at run time
+    int is_constant = 0;
+    if (kBias < info.GetInputCount() && !info.GetInputName(kBias).empty()) {
+      Ort::ConstValue b = info.GetTensorConstantInput(kBias, &is_constant);
+      has_bias_ = true;
+      if (is_constant && b != nullptr) {
+        CheckBias(ShapeOf(b));
+        bias_.assign(static_cast<size_t>(w_.npad), 0.0f);
+        std::memcpy(bias_.data(), b.GetTensorData<float>(), sizeof(float) * w_.n);
+      }
+    }
+  }
+
+  void CheckBias(const std::vector<int64_t>& shape) const {
+    int64_t count = 1;
+    for (int64_t d : shape) count *= d;
+    if (shape.empty() || shape.back() != w_.n || count != w_.n)
+      Fail("bias must have N = " + std::to_string(w_.n) + " elements, got " + ShapeStr(shape));
+  }
+
+  void PackWeights(const Ort::ConstKernelInfo& info, int64_t block, int64_t frac_bits) {
+    std::vector<int64_t> cshape, sshape, bshape, zshape;
+    const std::vector<int32_t> codes = ConstInts(info, kCodes, "w_codes", &cshape, true);
+    std::vector<int32_t> scodes = ConstInts(info, kScales, "w_scales", &sshape, true);
+    const std::vector<int32_t> base = ConstInts(info, kScaleBase, "w_scale_base", &bshape, false);
+    const std::vector<int32_t> zps = ConstInts(info, kZeroPoints, "w_zero_points", &zshape, false);
+    if (cshape.size() != 2) Fail("w_codes must be [K, N], got " + ShapeStr(cshape));
+    PackedWeights& w = w_;
+    w.k = cshape[0];
+    w.n = cshape[1];
+    w.block = block;
+    w.act_block = act_block_;
+    if (w.k < 1 || w.n < 1) Fail("empty weights " + ShapeStr(cshape));
+    if (w.k % block) Fail("block_size " + std::to_string(block) + " does not divide K = " +
+                          std::to_string(w.k));
+    const int64_t lo = std::min(block, act_block_), hi = std::max(block, act_block_);
+    if (hi % lo) Fail("block_size and act_block_size: one must divide the other");
+    w.g = lo;
+    w.nblk = w.k / block;
+    w.nseg = w.k / w.g;
+    w.spb = block / w.g;
+    w.int4 = IsInt4(info, kCodes);
+    w.gp = w.int4 ? (w.g + 7) / 8 * 8 : (w.g + 3) / 4 * 4;
+    w.chunks = w.int4 ? w.gp / 8 : w.gp / 4;
+    w.npanel = (w.n + kPanel - 1) / kPanel;
+    w.npad = w.npanel * kPanel;
+    const std::vector<int64_t> blocked{w.nblk, w.n};
+    if (sshape != blocked) Fail("w_scales must be " + ShapeStr(blocked) + ", got " + ShapeStr(sshape));
+    if (!base.empty()) {
+      if (bshape != std::vector<int64_t>{1, w.n}) Fail("w_scale_base must be [1, N]");
+      for (int64_t b = 0; b < w.nblk; ++b)
+        for (int64_t c = 0; c < w.n; ++c) scodes[b * w.n + c] += base[c];
+    }
+    if (!zps.empty() && zshape != blocked)
+      Fail("w_zero_points must be " + ShapeStr(blocked) + ", got " + ShapeStr(zshape));
+    auto q_at = [&](int64_t k, int64_t c) { return codes[k * w.n + c]; };
+    auto zp_at = [&](int64_t b, int64_t c) { return zps.empty() ? 0 : zps[b * w.n + c]; };
+
+    w.sw.assign(static_cast<size_t>(w.nblk * w.npad), 0.0f);
+    for (int64_t b = 0; b < w.nblk; ++b)
+      for (int64_t c = 0; c < w.n; ++c) {
+        const int32_t code = scodes[b * w.n + c];
+        if (code < -128 || code > 127) Fail("weight scale code out of int8 range");
+        // correctly rounded 2^(code / 2^F) (= blockformat.decode_scales)
+        w.sw[b * w.npad + c] = static_cast<float>(std::exp2(static_cast<double>(code) /
+                                                            static_cast<double>(1 << frac_bits)));
+      }
+    w.data.assign(static_cast<size_t>(w.npanel * w.panel_bytes()), 0);
+    if (w.int4) {
+      w.zpp.assign(static_cast<size_t>(w.nblk * w.npad), 0.0f);
+      for (int64_t b = 0; b < w.nblk; ++b)
+        for (int64_t c = 0; c < w.n; ++c) w.zpp[b * w.npad + c] = static_cast<float>(zp_at(b, c) + 8);
+      for (int64_t k = 0; k < w.k; ++k)
+        for (int64_t c = 0; c < w.n; ++c) {
+          const int32_t u = q_at(k, c) + 8;
+          if (u < 0 || u > 15) Fail("int4 code out of range");
+          const int64_t j = k / w.g, kk = k % w.g;
+          const int64_t p = c / kPanel, lane = c % kPanel;
+          uint8_t& byte = w.data[p * w.panel_bytes() + (j * w.chunks + kk / 8) * 64 + lane * 4 +
+                                 kk % 4];
+          byte |= static_cast<uint8_t>((kk % 8) < 4 ? u : u << 4);
+        }
+    } else {
+      for (int64_t k = 0; k < w.k; ++k)
+        for (int64_t c = 0; c < w.n; ++c) {
+          const int32_t s = q_at(k, c) - zp_at(k / block, c);
+          if (s < -128 || s > 127)
+            Fail("8-bit asymmetric weights (q - zp outside int8) are not supported");
+          const int64_t j = k / w.g, kk = k % w.g;
+          const int64_t p = c / kPanel, lane = c % kPanel;
+          w.data[p * w.panel_bytes() + (j * w.chunks + kk / 4) * 64 + lane * 4 + kk % 4] =
+              static_cast<uint8_t>(s + 128);
+        }
+      // padding rows (kk >= g) hold 0 + 128 -> weight 0 (their activations are 0 anyway)
+      for (int64_t p = 0; p < w.npanel; ++p)
+        for (int64_t j = 0; j < w.nseg; ++j)
+          for (int64_t kk = w.g; kk < w.gp; ++kk)
+            for (int64_t lane = 0; lane < kPanel; ++lane)
+              w.data[p * w.panel_bytes() + (j * w.chunks + kk / 4) * 64 + lane * 4 + kk % 4] = 128;
+    }
+  }
+
+  // Per-call scratch: activation codes and per-segment scale / sums.
+  struct Scratch {
+    std::unique_ptr<int8_t[]> a;
+    std::unique_ptr<float[]> sx, sumx;
+    std::unique_ptr<int32_t[]> corr;
+  };
+
+  struct Job {
+    const BlockMatMulKernel* self;
+    Operands op;
+    const float* xf;      // float input or null
+    const int8_t* xq;     // int8 input or null
+    const float* xs;      // its scales
+    int64_t rows, row_chunk, col_tiles, x_nb;
+    int8_t* yq;
+    float* ys;
+    const int8_t* rq;   // residual codes [rows][n] or null
+    const float* rs;    // residual scales [rows][ceil(n / residual_block)]
+    std::string error;
+    std::mutex mu;
+    void SetError(const std::string& e) {
+      std::lock_guard<std::mutex> lock(mu);
+      if (error.empty()) error = e;
+    }
+  };
+
+  // Activation codes of rows [r0, r1): quantize (float input) or copy (int8 input), segment
+  // scales and sums.
+  void PackRows(Job& job, int64_t r0, int64_t r1) const {
+    const PackedWeights& w = w_;
+    const int64_t lda = job.op.lda;
+    std::vector<int8_t> codes(static_cast<size_t>(w.k));
+    std::vector<int> exps(static_cast<size_t>(job.x_nb));
+    for (int64_t m = r0; m < r1; ++m) {
+      const int8_t* q = nullptr;
+      if (job.xf) {
+        QuantizeRow(isa_, job.xf + m * w.k, w.k, act_block_, act_bits_, codes.data(), exps.data());
+        q = codes.data();
+      } else {
+        q = job.xq + m * w.k;
+        for (int64_t b = 0; b < job.x_nb; ++b) exps[b] = pow2_exponent(job.xs[m * job.x_nb + b]);
+      }
+      int8_t* a = const_cast<int8_t*>(job.op.a) + m * lda;
+      float* sx = const_cast<float*>(job.op.sx) + m * w.nseg;
+      for (int64_t j = 0; j < w.nseg; ++j) {
+        const int8_t* src = q + j * w.g;
+        int8_t* dst = a + j * w.gp;
+        int32_t sum = 0;
+        for (int64_t i = 0; i < w.g; ++i) {
+          dst[i] = src[i];
+          sum += src[i];
+        }
+        for (int64_t i = w.g; i < w.gp; ++i) dst[i] = 0;
+        sx[j] = pow2_float(exps[(j * w.g) / act_block_]);
+        if (w.int4)
+          const_cast<float*>(job.op.sumx)[m * w.nseg + j] = static_cast<float>(sum);
+        else
+          const_cast<int32_t*>(job.op.corr)[m * w.nseg + j] = -128 * sum;
+      }
+    }
+  }
+
+  static void PackTask(void* data, size_t i) {
+    Job& job = *static_cast<Job*>(data);
+    try {
+      const int64_t r0 = static_cast<int64_t>(i) * job.row_chunk;
+      job.self->PackRows(job, r0, std::min(job.rows, r0 + job.row_chunk));
+    } catch (const std::exception& e) {
+      job.SetError(e.what());
+    }
+  }
+
+  static void MatMulTask(void* data, size_t i) {
+    Job& job = *static_cast<Job*>(data);
+    if (!job.error.empty()) return;
+    const int64_t ct = static_cast<int64_t>(i) % job.col_tiles;
+    const int64_t rc = static_cast<int64_t>(i) / job.col_tiles;
+    const int64_t tile = job.self->PanelsPerTask();
+    const int64_t p0 = ct * tile, p1 = std::min(job.self->w_.npanel, p0 + tile);
+    const int64_t m0 = rc * job.row_chunk, m1 = std::min(job.rows, m0 + job.row_chunk);
+    RunTile(job.self->isa_, job.op, m0, m1, p0, p1);
+  }
+
+  static void QuantizeOutputTask(void* data, size_t i) {
+    Job& job = *static_cast<Job*>(data);
+    try {
+      const BlockMatMulKernel& k = *job.self;
+      const int64_t n = k.w_.n, nb = num_blocks(n, k.out_block_);
+      std::vector<int> exps(static_cast<size_t>(nb));
+      std::vector<int8_t> codes;
+      std::vector<float> sum;
+      if (job.rq) {
+        codes.resize(static_cast<size_t>(n));
+        sum.resize(static_cast<size_t>(n));
+      }
+      const int64_t rnb = job.rq ? num_blocks(n, k.residual_block_) : 0;
+      const int64_t r0 = static_cast<int64_t>(i) * job.row_chunk;
+      for (int64_t m = r0; m < std::min(job.rows, r0 + job.row_chunk); ++m) {
+        const float* y = job.op.y + m * n;
+        if (job.rq) {  // z = BQ(y) + residual, exactly as DequantizeLinear + Add: then BQ(z)
+          QuantizeRow(k.isa_, y, n, k.out_block_, k.out_bits_, codes.data(), exps.data());
+          const int8_t* rq = job.rq + m * n;
+          const float* rs = job.rs + m * rnb;
+          for (int64_t b0 = 0; b0 < n; b0 += k.out_block_) {  // codes * scale: exact
+            const float s = pow2_float(exps[b0 / k.out_block_]);
+            for (int64_t c = b0; c < std::min(n, b0 + k.out_block_); ++c)
+              sum[c] = static_cast<float>(codes[c]) * s;
+          }
+          for (int64_t b0 = 0; b0 < n; b0 += k.residual_block_) {  // + residual, rounded once
+            const float s = rs[b0 / k.residual_block_];
+            for (int64_t c = b0; c < std::min(n, b0 + k.residual_block_); ++c)
+              sum[c] = sum[c] + static_cast<float>(rq[c]) * s;
+          }
+          y = sum.data();
+        }
+        QuantizeRow(k.isa_, y, n, k.out_block_, k.out_bits_, job.yq + m * n, exps.data());
+        for (int64_t b = 0; b < nb; ++b) job.ys[m * nb + b] = pow2_float(exps[b]);
+      }
+    } catch (const std::exception& e) {
+      job.SetError(e.what());
+    }
+  }
+
+  int64_t PanelsPerTask() const { return isa_ == kAvx512 ? kNvAvx512 : 1; }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* raw) {
+    try {
+      Compute(raw);
+    } catch (const Ort::Exception& e) {
+      return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
+    } catch (const std::exception& e) {
+      return Ort::GetApi().CreateStatus(ORT_RUNTIME_EXCEPTION, e.what());
+    }
+    return nullptr;
+  }
+
+  void Compute(OrtKernelContext* raw) {
+    Ort::KernelContext ctx(raw);
+    const PackedWeights& w = w_;
+    Ort::ConstValue x = ctx.GetInput(kX);
+    Ort::ConstValue xs = ctx.GetInputCount() > kXScale ? ctx.GetInput(kXScale) : Ort::ConstValue{nullptr};
+    auto xinfo = x.GetTensorTypeAndShapeInfo();
+    const std::vector<int64_t> xshape = xinfo.GetShape();
+    if (xshape.empty() || xshape.back() != w.k)
+      Fail("x " + ShapeStr(xshape) + " does not end in K = " + std::to_string(w.k));
+    int64_t rows = 1;
+    for (size_t i = 0; i + 1 < xshape.size(); ++i) rows *= xshape[i];
+
+    Job job;
+    job.self = this;
+    job.rows = rows;
+    job.x_nb = num_blocks(w.k, act_block_);
+    job.xf = nullptr;
+    job.xq = nullptr;
+    job.xs = nullptr;
+    const auto xtype = xinfo.GetElementType();
+    if (xtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) {
+      if (xs != nullptr) Fail("float x is quantized by the op; x_scale must be absent");
+      job.xf = x.GetTensorData<float>();
+    } else if (xtype == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8) {
+      if (xs == nullptr) Fail("int8 x needs x_scale");
+      std::vector<int64_t> want = xshape;
+      want.back() = job.x_nb;
+      if (ShapeOf(xs) != want)
+        Fail("x_scale shape " + ShapeStr(ShapeOf(xs)) + " does not match x " + ShapeStr(xshape) +
+             " with act_block_size " + std::to_string(act_block_) + " (expected " +
+             ShapeStr(want) + ")");
+      job.xq = x.GetTensorData<int8_t>();
+      job.xs = xs.GetTensorData<float>();
+    } else {
+      Fail("x must be float32 or int8");
+    }
+
+    // bias
+    std::vector<float> dyn_bias;
+    const float* bias = nullptr;
+    if (has_bias_) {
+      if (!bias_.empty()) {
+        bias = bias_.data();
+      } else {
+        Ort::ConstValue b = ctx.GetInput(kBias);
+        CheckBias(ShapeOf(b));
+        dyn_bias.assign(static_cast<size_t>(w.npad), 0.0f);
+        std::memcpy(dyn_bias.data(), b.GetTensorData<float>(), sizeof(float) * w.n);
+        bias = dyn_bias.data();
+      }
+    }
+
+    const size_t nin = ctx.GetInputCount();
+    auto optional_input = [&](size_t i) {
+      return nin > i ? ctx.GetInput(i) : Ort::ConstValue{nullptr};
+    };
+    Ort::ConstValue ymul = optional_input(kYMul);
+    if (ymul != nullptr && ymul.GetTensorTypeAndShapeInfo().GetElementCount() != 1)
+      Fail("y_multiplier must hold one value");
+    Ort::ConstValue res = optional_input(kResidual), res_scale = optional_input(kResidualScale);
+    std::vector<int64_t> yshape = xshape;
+    yshape.back() = w.n;
+    job.rq = nullptr;
+    job.rs = nullptr;
+    if (res != nullptr) {
+      if (out_block_ < 1 || residual_block_ < 1)
+        Fail("a residual needs out_block_size and residual_block_size");
+      if (res_scale == nullptr) Fail("residual needs residual_scale");
+      if (ShapeOf(res) != yshape)
+        Fail("residual " + ShapeStr(ShapeOf(res)) + " must have y's shape " + ShapeStr(yshape));
+      std::vector<int64_t> want = yshape;
+      want.back() = num_blocks(w.n, residual_block_);
+      if (ShapeOf(res_scale) != want)
+        Fail("residual_scale " + ShapeStr(ShapeOf(res_scale)) + ", expected " + ShapeStr(want));
+      job.rq = res.GetTensorData<int8_t>();
+      job.rs = res_scale.GetTensorData<float>();
+    }
+
+    // outputs
+    Ort::UnownedValue y = ctx.GetOutput(kY, yshape);
+    Ort::UnownedValue yq{nullptr}, ysc{nullptr}, seg{nullptr};
+    const size_t nout = ctx.GetOutputCount();
+    if (nout > kYQ) yq = ctx.GetOutput(kYQ, yshape);
+    if ((yq != nullptr) && out_block_ < 1) Fail("y_q needs out_block_size >= 1");
+    if (yq == nullptr && res != nullptr) Fail("a residual needs the y_q output");
+    if (yq != nullptr) {
+      std::vector<int64_t> sshape = yshape;
+      sshape.back() = num_blocks(w.n, out_block_);
+      if (nout > kYScale) ysc = ctx.GetOutput(kYScale, sshape);
+      if (ysc == nullptr) Fail("y_q needs the y_scale output");
+    }
+    if (nout > kSegments) {
+      std::vector<int64_t> sshape(xshape.begin(), xshape.end() - 1);
+      sshape.push_back(w.nseg);
+      sshape.push_back(w.n);
+      seg = ctx.GetOutput(kSegments, sshape);
+    }
+    if (y == nullptr && yq == nullptr && seg == nullptr) return;
+
+    std::unique_ptr<float[]> yscratch;
+    float* ydata = nullptr;
+    if (y != nullptr) {
+      ydata = y.GetTensorMutableData<float>();
+    } else {
+      yscratch.reset(new float[static_cast<size_t>(std::max<int64_t>(rows * w.n, 1))]);
+      ydata = yscratch.get();
+    }
+    if (rows == 0) return;
+
+    Scratch s;
+    const int64_t lda = w.nseg * w.gp;
+    s.a.reset(new int8_t[static_cast<size_t>(rows * lda)]);
+    s.sx.reset(new float[static_cast<size_t>(rows * w.nseg)]);
+    if (w.int4)
+      s.sumx.reset(new float[static_cast<size_t>(rows * w.nseg)]);
+    else
+      s.corr.reset(new int32_t[static_cast<size_t>(rows * w.nseg)]);
+    job.op.w = &w;
+    job.op.a = s.a.get();
+    job.op.sx = s.sx.get();
+    job.op.corr = s.corr.get();
+    job.op.sumx = s.sumx.get();
+    job.op.bias = bias;
+    job.op.ymul = ymul != nullptr ? ymul.GetTensorData<float>() : nullptr;
+    job.op.y = ydata;
+    job.op.seg = seg != nullptr ? seg.GetTensorMutableData<int32_t>() : nullptr;
+    job.op.lda = lda;
+    job.yq = yq != nullptr ? yq.GetTensorMutableData<int8_t>() : nullptr;
+    job.ys = ysc != nullptr ? ysc.GetTensorMutableData<float>() : nullptr;
+
+    // 1. activations (rows in chunks), 2. the product, 3. optional output quantization
+    job.row_chunk = 16;
+    const int64_t pack_tasks = (rows + job.row_chunk - 1) / job.row_chunk;
+    Parallel(ctx, &PackTask, pack_tasks, &job);
+    if (!job.error.empty()) throw std::runtime_error(job.error);
+
+    const int64_t mr = isa_ == kAvx512 ? kMrAvx512 : kMrAvx2;
+    job.row_chunk = std::max<int64_t>(mr, std::min<int64_t>(64, (rows + mr - 1) / mr * mr));
+    job.col_tiles = (w.npanel + PanelsPerTask() - 1) / PanelsPerTask();
+    const int64_t row_chunks = (rows + job.row_chunk - 1) / job.row_chunk;
+    Parallel(ctx, &MatMulTask, row_chunks * job.col_tiles, &job);
+
+    if (job.yq != nullptr) {
+      job.row_chunk = 16;
+      Parallel(ctx, &QuantizeOutputTask, (rows + 15) / 16, &job);
+      if (!job.error.empty()) throw std::runtime_error(job.error);
+    }
+  }
+
+  static void Parallel(Ort::KernelContext& ctx, void (*fn)(void*, size_t), int64_t total,
+                       Job* job) {
+    if (total <= 0) return;
+    if (total == 1) {
+      fn(job, 0);
+      return;
+    }
+    ctx.ParallelFor(fn, static_cast<size_t>(total), 0, job);
+  }
+
+  Isa isa_ = kScalar;
+  int64_t act_block_ = 0, out_block_ = 0, residual_block_ = 0;
+  int act_bits_ = 8, out_bits_ = 8;
+  bool has_bias_ = false;
+  std::vector<float> bias_;
+  PackedWeights w_;
+};
+
+struct BlockMatMulOp : Ort::CustomOpBase<BlockMatMulOp, BlockMatMulKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    try {
+      *kernel = new BlockMatMulKernel(api, info);
+    } catch (const Ort::Exception& e) {
+      return api.CreateStatus(e.GetOrtErrorCode(), e.what());
+    } catch (const std::exception& e) {
+      return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+    }
+    return nullptr;
+  }
+  const char* GetName() const { return "BlockMatMul"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return kNumInputs; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    switch (i) {
+      case kXScale:
+      case kBias:
+      case kYMul:
+      case kResidualScale:
+        return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+      case kScaleBase:
+      case kResidual:
+        return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+      default:  // x: float | int8; codes, scales, zero points: int8 | int4 | uint4
+        return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    }
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return (i == kX || i == kCodes || i == kScales) ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
+  size_t GetOutputTypeCount() const { return kNumOutputs; }
+  ONNXTensorElementDataType GetOutputType(size_t i) const {
+    switch (i) {
+      case kYQ:
+        return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+      case kSegments:
+        return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+      default:
+        return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    }
+  }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t) const {
+    return INPUT_OUTPUT_OPTIONAL;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// BlockBatchMatMul(a: int8 [..., M, K], a_scale, b: int8 [..., N, K], b_scale, y_multiplier?)
+//   -> (y?, y_q?, y_scale?): y = a @ b^T per batch, both operands block-quantized along K with
+// the same block size (attention scores Q.K^T; ref_matmul.block_batch_matmul). b is packed per
+// batch at run time into the weight layout above, then the BlockMatMul tiles run unchanged.
+
+struct BlockBatchMatMulKernel {
+  BlockBatchMatMulKernel(const OrtApi&, const OrtKernelInfo* raw_info) {
+    Ort::ConstKernelInfo info{raw_info};
+    static const int64_t k8 = 8, k0 = 0;
+    block_ = IntAttr(info, "block_size", nullptr);
+    out_block_ = IntAttr(info, "out_block_size", &k0);
+    out_bits_ = static_cast<int>(IntAttr(info, "out_bits", &k8));
+    if (block_ < 1 || out_block_ < 0) Fail("BlockBatchMatMul: block sizes must be >= 1");
+    if (out_bits_ < 2 || out_bits_ > 8) Fail("BlockBatchMatMul: out_bits must be in 2..8");
+    isa_ = ChooseIsa(std::getenv("BCTONNX_ISA"));
+  }
+
+  struct Job {
+    const BlockBatchMatMulKernel* self;
+    const int8_t *a, *b;
+    const float *as, *bs, *ymul;
+    float* y;
+    int8_t* yq;
+    float* ys;
+    int64_t m, n, k, nb, out_nb;
+    std::string error;
+    std::mutex mu;
+  };
+
+  static void BatchTask(void* data, size_t index) {
+    Job& job = *static_cast<Job*>(data);
+    try {
+      job.self->RunBatch(job, static_cast<int64_t>(index));
+    } catch (const std::exception& e) {
+      std::lock_guard<std::mutex> lock(job.mu);
+      if (job.error.empty()) job.error = e.what();
+    }
+  }
+
+  void RunBatch(Job& job, int64_t bi) const {
+    const int64_t m = job.m, n = job.n, k = job.k, nb = job.nb;
+    // b -> packed "weights": u8 = b + 128, one segment per block, scales per (block, column)
+    PackedWeights w;
+    w.k = k;
+    w.n = n;
+    w.block = w.act_block = w.g = block_;
+    w.nblk = w.nseg = nb;
+    w.spb = 1;
+    w.gp = (w.g + 3) / 4 * 4;
+    w.chunks = w.gp / 4;
+    w.npanel = (n + kPanel - 1) / kPanel;
+    w.npad = w.npanel * kPanel;
+    w.data.assign(static_cast<size_t>(w.npanel * w.panel_bytes()), 128);
+    w.sw.assign(static_cast<size_t>(nb * w.npad), 0.0f);
+    const int8_t* b = job.b + bi * n * k;
+    const float* bs = job.bs + bi * n * nb;
+    for (int64_t c = 0; c < n; ++c) {
+      const int64_t p = c / kPanel, lane = c % kPanel;
+      uint8_t* panel = w.data.data() + p * w.panel_bytes();
+      for (int64_t kk = 0; kk < k; ++kk) {
+        const int64_t j = kk / w.g, r = kk % w.g;
+        panel[(j * w.chunks + r / 4) * 64 + lane * 4 + r % 4] =
+            static_cast<uint8_t>(static_cast<int32_t>(b[c * k + kk]) + 128);
+      }
+      for (int64_t j = 0; j < nb; ++j) {
+        pow2_exponent(bs[c * nb + j]);  // pow2 scales only (throws otherwise)
+        w.sw[j * w.npad + c] = bs[c * nb + j];
+      }
+    }
+    // a rows
+    const int64_t lda = nb * w.gp;
+    std::vector<int8_t> a(static_cast<size_t>(m * lda), 0);
+    std::vector<float> sx(static_cast<size_t>(m * nb));
+    std::vector<int32_t> corr(static_cast<size_t>(m * nb));
+    const int8_t* ab = job.a + bi * m * k;
+    const float* as = job.as + bi * m * nb;
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t j = 0; j < nb; ++j) {
+        pow2_exponent(as[r * nb + j]);
+        sx[r * nb + j] = as[r * nb + j];
+        int32_t sum = 0;
+        for (int64_t i = 0; i < w.g; ++i) {
+          const int8_t v = ab[r * k + j * w.g + i];
+          a[r * lda + j * w.gp + i] = v;
+          sum += v;
+        }
+        corr[r * nb + j] = -128 * sum;
+      }
+    std::vector<float> yscratch;
+    float* y = job.y ? job.y + bi * m * n : nullptr;
+    if (!y) {
+      yscratch.resize(static_cast<size_t>(m * n));
+      y = yscratch.data();
+    }
+    Operands op;
+    op.w = &w;
+    op.a = a.data();
+    op.sx = sx.data();
+    op.corr = corr.data();
+    op.ymul = job.ymul;
+    op.y = y;
+    op.lda = lda;
+    RunTile(isa_, op, 0, m, 0, w.npanel);
+    if (job.yq) {
+      std::vector<int> exps(static_cast<size_t>(job.out_nb));
+      for (int64_t r = 0; r < m; ++r) {
+        const int64_t row = bi * m + r;
+        QuantizeRow(isa_, y + r * n, n, out_block_, out_bits_, job.yq + row * n, exps.data());
+        for (int64_t o = 0; o < job.out_nb; ++o)
+          job.ys[row * job.out_nb + o] = pow2_float(exps[o]);
+      }
+    }
+  }
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* raw) {
+    try {
+      Compute(raw);
+    } catch (const Ort::Exception& e) {
+      return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
+    } catch (const std::exception& e) {
+      return Ort::GetApi().CreateStatus(ORT_RUNTIME_EXCEPTION, e.what());
+    }
+    return nullptr;
+  }
+
+  void Compute(OrtKernelContext* raw) {
+    Ort::KernelContext ctx(raw);
+    Ort::ConstValue a = ctx.GetInput(0), as = ctx.GetInput(1), b = ctx.GetInput(2),
+                    bs = ctx.GetInput(3);
+    Ort::ConstValue ymul = ctx.GetInputCount() > 4 ? ctx.GetInput(4) : Ort::ConstValue{nullptr};
+    const std::vector<int64_t> ash = ShapeOf(a), bsh = ShapeOf(b);
+    if (ash.size() < 2 || bsh.size() != ash.size())
+      Fail("BlockBatchMatMul: a and b must have the same rank >= 2");
+    const int64_t m = ash[ash.size() - 2], k = ash.back(), n = bsh[bsh.size() - 2];
+    if (bsh.back() != k) Fail("BlockBatchMatMul: a " + ShapeStr(ash) + " and b " + ShapeStr(bsh) + " differ in K");
+    int64_t batches = 1;
+    for (size_t i = 0; i + 2 < ash.size(); ++i) {
+      if (ash[i] != bsh[i]) Fail("BlockBatchMatMul: batch dims differ (no broadcasting)");
+      batches *= ash[i];
+    }
+    if (k % block_) Fail("BlockBatchMatMul: block_size must divide K = " + std::to_string(k));
+    const int64_t nb = k / block_;
+    std::vector<int64_t> want = ash;
+    want.back() = nb;
+    if (ShapeOf(as) != want) Fail("BlockBatchMatMul: a_scale must be " + ShapeStr(want));
+    want = bsh;
+    want.back() = nb;
+    if (ShapeOf(bs) != want) Fail("BlockBatchMatMul: b_scale must be " + ShapeStr(want));
+    if (ymul != nullptr && ymul.GetTensorTypeAndShapeInfo().GetElementCount() != 1)
+      Fail("BlockBatchMatMul: y_multiplier must hold one value");
+    std::vector<int64_t> yshape = ash;
+    yshape.back() = n;
+    Ort::UnownedValue y = ctx.GetOutput(0, yshape);
+    Ort::UnownedValue yq{nullptr}, ysc{nullptr};
+    const int64_t out_nb = out_block_ ? num_blocks(n, out_block_) : 0;
+    if (ctx.GetOutputCount() > 1) {
+      yq = ctx.GetOutput(1, yshape);
+      if (yq != nullptr) {
+        if (out_block_ < 1) Fail("BlockBatchMatMul: y_q needs out_block_size >= 1");
+        std::vector<int64_t> sshape = yshape;
+        sshape.back() = out_nb;
+        ysc = ctx.GetOutputCount() > 2 ? ctx.GetOutput(2, sshape) : Ort::UnownedValue{nullptr};
+        if (ysc == nullptr) Fail("BlockBatchMatMul: y_q needs y_scale");
+      }
+    }
+    Job job;
+    job.self = this;
+    job.a = a.GetTensorData<int8_t>();
+    job.b = b.GetTensorData<int8_t>();
+    job.as = as.GetTensorData<float>();
+    job.bs = bs.GetTensorData<float>();
+    job.ymul = ymul != nullptr ? ymul.GetTensorData<float>() : nullptr;
+    job.y = y != nullptr ? y.GetTensorMutableData<float>() : nullptr;
+    job.yq = yq != nullptr ? yq.GetTensorMutableData<int8_t>() : nullptr;
+    job.ys = ysc != nullptr ? ysc.GetTensorMutableData<float>() : nullptr;
+    job.m = m;
+    job.n = n;
+    job.k = k;
+    job.nb = nb;
+    job.out_nb = out_nb;
+    if ((job.y == nullptr && job.yq == nullptr) || batches * m * n == 0) return;
+    if (batches == 1)
+      BatchTask(&job, 0);
+    else
+      ctx.ParallelFor(&BatchTask, static_cast<size_t>(batches), 0, &job);
+    if (!job.error.empty()) throw std::runtime_error(job.error);
+  }
+
+  Isa isa_ = kScalar;
+  int64_t block_ = 0, out_block_ = 0;
+  int out_bits_ = 8;
+};
+
+struct BlockBatchMatMulOp : Ort::CustomOpBase<BlockBatchMatMulOp, BlockBatchMatMulKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    try {
+      *kernel = new BlockBatchMatMulKernel(api, info);
+    } catch (const std::exception& e) {
+      return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+    }
+    return nullptr;
+  }
+  const char* GetName() const { return "BlockBatchMatMul"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 5; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return (i == 0 || i == 2) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i < 4 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
+  size_t GetOutputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetOutputType(size_t i) const {
+    return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t) const {
+    return INPUT_OUTPUT_OPTIONAL;
+  }
+};
+
+}  // namespace
+
+void AddMatMulOps(Ort::CustomOpDomain& domain) {
+  // static: they live as long as the process (sessions keep raw pointers)
+  static BlockMatMulOp matmul;
+  static BlockBatchMatMulOp batch_matmul;
+  domain.Add(&matmul);
+  domain.Add(&batch_matmul);
+}
+
+}  // namespace bct
+
+// Which instruction set a BlockMatMul kernel created now would use, given a BCTONNX_ISA-style
+// request (null = the environment's): 0 scalar, 1 avx2, 2 avx512. For tests and diagnostics.
+extern "C" __attribute__((visibility("default"))) int bctonnx_block_matmul_isa(const char* request) {
+  try {
+    return static_cast<int>(bct::ChooseIsa(request ? request : std::getenv("BCTONNX_ISA")));
+  } catch (const std::exception&) {
+    return -1;
+  }
+}

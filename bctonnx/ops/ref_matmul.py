@@ -1,0 +1,266 @@
+"""numpy references of ``BlockMatMul`` and ``BlockBatchMatMul``: the specification
+``csrc/matmul_ops.cc`` follows.
+
+``BlockMatMul`` (domain ``bctonnx``, version 1) is a linear layer on block-quantized
+operands: activations int8 in blocks of ``act_block_size`` along K with pow2 scales (BCT's
+shift, exactly as ``BlockQuantize`` makes them), weights in the stored block format of
+`bctonnx.blockformat` (blocks of ``block_size`` along K, pow2 scale codes with ``frac_bits``,
+optional zero points), integer products accumulated in int32, scales applied per block in
+float32. The weights are never dequantized to float.
+
+ONNX signature (every weight input a constant initializer; ``""`` for an absent optional)::
+
+    BlockMatMul(x, x_scale?, w_codes, w_scales, w_scale_base?, w_zero_points?, bias?,
+                y_multiplier?, residual?, residual_scale?)
+        -> (y?, y_q?, y_scale?, segment_sums?)
+
+    x              float32 [..., K]: quantized on the fly exactly as BlockQuantize(x,
+                   act_block_size, act_bits) (`ref_quant.block_quantize`), or
+                   int8 [..., K]: codes already in that format (any int8), then
+    x_scale        float32 [..., ceil(K / act_block_size)], exact powers of two
+    w_codes        int8 [K, N] (weights of 5..8 bits) or int4 [K, N] (2..4 bits, ONNX's
+                   packed INT4)
+    w_scales       pow2 scale codes: int8 [K / block_size, N] (``scale = 2**(code /
+                   2**frac_bits)``), or with 4-bit scale codes uint4 [K / block_size, N]
+                   offsets from
+    w_scale_base   int8 [1, N] (``code = base + offset``, `blockformat.split_scale_codes`)
+    w_zero_points  int8 / int4 [K / block_size, N] (asymmetric weights; ``w = (q - zp) * s``)
+    bias           float32 [N]
+    y_multiplier   float32, one element (run time): y is multiplied by it after the bias (a
+                   following Mul by a scalar, e.g. attention's 1/sqrt(sqrt(d)), folded in)
+    residual       int8 [..., N] and
+    residual_scale float32 [..., ceil(N / residual_block_size)]: a block-quantized residual
+                   added before the output quantization (needs y_q)
+    y              float32 [..., N]
+    y_q, y_scale   int8 [..., N], float32 [..., ceil(N / out_block_size)]: y quantized by
+                   BlockQuantize(y, out_block_size, out_bits) (output fusion); with a residual,
+                   BlockQuantize(DQ(BlockQuantize(y)) + DQ(residual)) instead, where DQ is
+                   ``codes * scale`` per block (exact) and the sum one float32 addition: the
+                   residual add of an encoder layer with its quantized inputs and output
+    segment_sums   int32 [..., K / g, N]: the integer accumulators below (tests, debugging)
+
+    attributes: block_size, frac_bits (weights); act_block_size, act_bits (default 8);
+                out_block_size (default 0 = no y_q), out_bits (default 8),
+                residual_block_size (with a residual)
+
+Constraints: ``block_size`` divides K; one of ``block_size`` / ``act_block_size`` divides the
+other. 8-bit asymmetric weights (``q - zp`` outside int8) are not supported (the pass leaves
+those MatMuls in float).
+
+Arithmetic (the kernels follow it step by step)
+-----------------------------------------------
+K is cut into segments of ``g = min(block_size, act_block_size)``; segment ``j`` has one
+activation scale ``sx[m, j]`` (pow2) and one weight block ``b(j)`` (scale ``sw[b, n]``, zero
+point ``zp[b, n]``, 0 if symmetric). Per output element ``(m, n)``:
+
+1. integer: ``d[m, j, n] = sum_{k in segment j} qx[m, k] * (qw[k, n] - zp[b(j), n])``, exact
+   (``|d| <= g * 128 * 255``, well inside int32: the kernels accumulate in int32, never
+   saturating);
+2. per weight block ``b``, in K order over its segments, float32:
+   ``t_b = t_b + float(d[m, j, n]) * sx[m, j]`` starting from ``t_b = 0`` (the product is
+   exact: ``|d| < 2**24`` times a power of two);
+3. over the weight blocks in K order, float32: ``y = y + t_b * sw[b, n]`` (product rounded,
+   then the sum rounded), starting from ``y = 0``;
+4. ``y = y + bias[n]``, then ``y = y * y_multiplier``.
+
+Every float32 operation rounds to nearest even, one at a time; the kernels may fuse a
+multiply into an add only where the product is exact (step 2), and may apply the pow2
+``sx`` after rounding ``d * sw`` when a weight block is one segment (``round(d * sw) * sx ==
+round(d * sx * sw)``). Both identities hold unless a value leaves float32's normal range
+(activation scales below ``2**-126 / |d|``, i.e. blocks whose max |x| is under ~``2**-119``):
+there the kernels may differ from this reference in the last bits of such products.
+``sw`` is ``fl32(2**(code / 2**frac_bits))``, correctly rounded (= `blockformat.decode_scales`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bctonnx.blockformat import BlockFormat, decode_scales
+from bctonnx.ops.ref_quant import block_quantize, pow2_exponents
+
+__all__ = ["block_matmul", "block_batch_matmul", "segment_size"]
+
+
+def segment_size(block_size: int, act_block_size: int) -> int:
+    """``g``: the common refinement of the weight and activation blocks along K."""
+    lo, hi = sorted((int(block_size), int(act_block_size)))
+    if lo < 1 or hi % lo:
+        raise ValueError(
+            f"BlockMatMul: block_size {block_size} and act_block_size {act_block_size}: one "
+            "must divide the other"
+        )
+    return lo
+
+
+def block_matmul(
+    x: np.ndarray,
+    w_codes: np.ndarray,
+    w_scale_codes: np.ndarray,
+    *,
+    block_size: int,
+    frac_bits: int,
+    act_block_size: int,
+    x_scale: np.ndarray | None = None,
+    w_zero_points: np.ndarray | None = None,
+    bias: np.ndarray | None = None,
+    y_multiplier: np.ndarray | float | None = None,
+    residual: np.ndarray | None = None,
+    residual_scale: np.ndarray | None = None,
+    residual_block_size: int = 0,
+    act_bits: int = 8,
+    out_block_size: int = 0,
+    out_bits: int = 8,
+) -> dict[str, np.ndarray]:
+    """Reference of ``bctonnx.BlockMatMul``.
+
+    ``w_codes`` are the logical (unpacked) int8 codes ``[K, N]``, ``w_scale_codes`` the full
+    pow2 codes ``[K / block_size, N]`` (base + offset already added), ``w_zero_points`` int8
+    ``[K / block_size, N]`` or None. Returns ``{"y", "segment_sums"}`` and, with
+    ``out_block_size``, ``"y_q"`` / ``"y_scale"``.
+    """
+    x = np.asarray(x)
+    w_codes = np.asarray(w_codes, dtype=np.int8)
+    if w_codes.ndim != 2:
+        raise ValueError(f"BlockMatMul: w_codes must be [K, N], got shape {w_codes.shape}")
+    k_dim, n_dim = w_codes.shape
+    if x.ndim < 1 or x.shape[-1] != k_dim:
+        raise ValueError(f"BlockMatMul: x {x.shape} does not match K = {k_dim}")
+    if block_size < 1 or k_dim % block_size:
+        raise ValueError(f"BlockMatMul: block_size {block_size} does not divide K = {k_dim}")
+    nblk = k_dim // block_size
+    g = segment_size(block_size, act_block_size)
+    nseg = k_dim // g
+    if np.asarray(w_scale_codes).shape != (nblk, n_dim):
+        raise ValueError(f"BlockMatMul: w_scales must be [{nblk}, {n_dim}]")
+
+    # activations: int8 codes and pow2 scales in blocks of act_block_size
+    if x.dtype == np.int8:
+        if x_scale is None:
+            raise ValueError("BlockMatMul: int8 x needs x_scale")
+        qx = x
+        sx = np.asarray(x_scale, np.float32)
+        want = (*x.shape[:-1], -(-k_dim // act_block_size))
+        if sx.shape != want:
+            raise ValueError(f"BlockMatMul: x_scale shape {sx.shape}, expected {want}")
+        pow2_exponents(sx)  # raises unless every scale is an exact power of two
+    elif x.dtype == np.float32:
+        if x_scale is not None:
+            raise ValueError("BlockMatMul: float x is quantized by the op; x_scale must be absent")
+        qx, sx = block_quantize(x, act_block_size, act_bits)
+    else:
+        raise ValueError(f"BlockMatMul: x must be float32 or int8, got {x.dtype}")
+
+    lead = x.shape[:-1]
+    rows = int(np.prod(lead, dtype=np.int64))
+    qx2 = qx.reshape(rows, k_dim).astype(np.int64)
+    sx2 = sx.reshape(rows, -1)
+    seg_act = (np.arange(nseg) * g) // act_block_size  # activation block of each segment
+    seg_blk = (np.arange(nseg) * g) // block_size  # weight block of each segment
+
+    w = w_codes.astype(np.int64)
+    if w_zero_points is not None:
+        zp = np.asarray(w_zero_points, np.int64)
+        if zp.shape != (nblk, n_dim):
+            raise ValueError(f"BlockMatMul: w_zero_points must be [{nblk}, {n_dim}]")
+        w = w - np.repeat(zp, block_size, axis=0)
+    fmt = BlockFormat(bits=8, block_size=block_size, scale_kind="pow2", frac_bits=frac_bits)
+    sw = decode_scales(np.asarray(w_scale_codes).astype(np.int8), fmt)  # [nblk, N] float32
+
+    # 1. exact integer segment sums
+    d = np.empty((rows, nseg, n_dim), np.int64)
+    for j in range(nseg):
+        d[:, j, :] = qx2[:, j * g : (j + 1) * g] @ w[j * g : (j + 1) * g, :]
+    if np.abs(d).max(initial=0) >= 2**31:
+        raise AssertionError("segment sum outside int32")  # impossible for int8 operands
+
+    # 2.-3. float32, one rounding per operation, in K order
+    f32 = np.float32
+    y = np.zeros((rows, n_dim), f32)
+    for b in range(nblk):
+        t = np.zeros((rows, n_dim), f32)
+        for j in np.flatnonzero(seg_blk == b):
+            t = (t + d[:, j, :].astype(f32) * sx2[:, seg_act[j]][:, None]).astype(f32)
+        y = (y + (t * sw[b][None, :]).astype(f32)).astype(f32)
+    # 4. bias, multiplier
+    if bias is not None:
+        y = (y + np.asarray(bias, f32).reshape(1, n_dim)).astype(f32)
+    if y_multiplier is not None:
+        y = (y * np.asarray(y_multiplier, f32).reshape(())).astype(f32)
+
+    out = {
+        "y": y.reshape(*lead, n_dim),
+        "segment_sums": d.astype(np.int32).reshape(*lead, nseg, n_dim),
+    }
+    if residual is not None and not (out_block_size and residual_block_size):
+        raise ValueError("BlockMatMul: a residual needs out_block_size and residual_block_size")
+    if out_block_size:
+        q, s = block_quantize(out["y"], out_block_size, out_bits)
+        if residual is not None:
+            z = _dequantize(q, s, out_block_size) + _dequantize(
+                np.asarray(residual), residual_scale, residual_block_size
+            )
+            q, s = block_quantize(z.astype(f32), out_block_size, out_bits)
+        out["y_q"], out["y_scale"] = q, s
+    return out
+
+
+def _dequantize(q: np.ndarray, scale: np.ndarray, block_size: int) -> np.ndarray:
+    """``codes * scale`` per block along the last axis, float32 (DequantizeLinear)."""
+    s = np.repeat(np.asarray(scale, np.float32), block_size, axis=-1)[..., : q.shape[-1]]
+    return (q.astype(np.float32) * s).astype(np.float32)
+
+
+def block_batch_matmul(
+    a: np.ndarray,
+    a_scale: np.ndarray,
+    b: np.ndarray,
+    b_scale: np.ndarray,
+    *,
+    block_size: int,
+    y_multiplier: np.ndarray | float | None = None,
+    out_block_size: int = 0,
+    out_bits: int = 8,
+) -> dict[str, np.ndarray]:
+    """Reference of ``bctonnx.BlockBatchMatMul`` (attention scores, both operands dynamic)::
+
+        BlockBatchMatMul(a: int8 [..., M, K], a_scale: f32 [..., M, K / B],
+                         b: int8 [..., N, K], b_scale: f32 [..., N, K / B], y_multiplier?)
+            -> (y?: f32 [..., M, N], y_q?: int8, y_scale?: f32 [..., M, ceil(N / out_block)])
+        attributes: block_size (B, divides K), out_block_size (default 0), out_bits (8)
+
+    ``y = a @ b^T`` per batch (same leading dims, no broadcasting), both operands blocked
+    along K with pow2 scales. Per block ``j``: ``d_j = sum_k a[m, k] * b[n, k]`` (int32,
+    exact); ``y = y + d_j * a_scale[m, j] * b_scale[n, j]`` in K order from ``y = 0`` (the
+    product of an integer below 2^24 and two powers of two is exact; one rounding per
+    addition); then ``y = y * y_multiplier``; ``(y_q, y_scale) = BlockQuantize(y,
+    out_block_size)``. (In attention: a = Q codes, b = K codes before the transpose, the
+    multiplier the 1/sqrt(sqrt(d)) that scales K^T.)
+    """
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype != np.int8 or b.dtype != np.int8:
+        raise ValueError("BlockBatchMatMul: a and b must be int8 codes")
+    if a.ndim < 2 or a.ndim != b.ndim or a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-1]:
+        raise ValueError(f"BlockBatchMatMul: shapes {a.shape} and {b.shape} do not match")
+    k = a.shape[-1]
+    if block_size < 1 or k % block_size:
+        raise ValueError(f"BlockBatchMatMul: block_size {block_size} does not divide K = {k}")
+    nb = k // block_size
+    sa, sb = np.asarray(a_scale, np.float32), np.asarray(b_scale, np.float32)
+    if sa.shape != (*a.shape[:-1], nb) or sb.shape != (*b.shape[:-1], nb):
+        raise ValueError("BlockBatchMatMul: scale shapes do not match the operands")
+    pow2_exponents(sa)
+    pow2_exponents(sb)
+    f32 = np.float32
+    y = np.zeros((*a.shape[:-1], b.shape[-2]), f32)
+    for j in range(nb):
+        sl = slice(j * block_size, (j + 1) * block_size)
+        d = np.matmul(a[..., sl].astype(np.int64), np.swapaxes(b[..., sl].astype(np.int64), -1, -2))
+        term = d.astype(f32) * sa[..., j][..., :, None] * sb[..., j][..., None, :]
+        y = (y + term.astype(f32)).astype(f32)
+    if y_multiplier is not None:
+        y = (y * np.asarray(y_multiplier, f32).reshape(())).astype(f32)
+    out = {"y": y}
+    if out_block_size:
+        out["y_q"], out["y_scale"] = block_quantize(y, out_block_size, out_bits)
+    return out

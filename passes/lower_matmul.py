@@ -1,0 +1,599 @@
+"""lower_matmul: (mode integer) linear layers become the native integer ``BlockMatMul``.
+
+Runs after ``lower_integer`` (activations are then int8 codes + pow2 block scales, from
+``BlockQuantize`` or an integer op) and before ``lower_qdq`` (weights are still mid-level
+``BlockDequantize`` nodes with their constant codes)::
+
+    MatMul(DequantizeLinear(q, s), BlockDequantize(codes, scales[, zp]))  [+ Add(bias)]
+        -> BlockMatMul(q, s, codes, scales[, base][, zp][, bias])            q from an integer op
+        -> BlockMatMul(x, -, codes, scales, ...)                               q, s = BlockQuantize(x)
+    ... followed only by BlockQuantize(y) (the next op's input quantization)
+        -> BlockMatMul(...) -> (y_q, y_scale)                                  output fusion
+
+The op (``bctonnx/ops/ref_matmul.py``) multiplies int8 activations by the stored weight codes
+with int32 accumulation and applies both scales per block: the weights are never dequantized
+(they stay int8 / packed int4 in the file and in memory), the activation quantization is the
+same ``BlockQuantize`` rule, done inside the kernel when its input is float, and a following
+``BlockQuantize`` of the output is done in the kernel's epilogue. Nothing about the BCT format
+changes: activation blocks stay the config's activation block size (32 in the presets) along K,
+weights keep their block size (128 / 32); the kernel works on segments of the smaller of the
+two, which must divide the larger. So the result equals the ``lower_integer`` form up to float
+rounding (the order of the float sums, ref_matmul.py "Arithmetic").
+
+Left alone (then lowered by ``lower_qdq`` as before), with a debug log naming the node: an
+activation input that is not block-quantized (excluded nodes), weights that are not pow2-scaled
+(``--scale-kind float``), 8-bit asymmetric weights, block sizes that do not nest, and
+``Gemm``. The attention matmuls (Q.K^T, P.V) have no constant weights and stay float here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from bctonnx.blockformat import BlockFormat, pack_int4, split_scale_codes
+
+from .common import (
+    MID_DOMAIN,
+    const_array,
+    fmt_from_node,
+    is_const,
+    new_initializer,
+    role,
+    take_over,
+)
+
+log = logging.getLogger(__name__)
+
+OPS_DOMAIN = "bctonnx"
+OPS_VERSION = 1
+
+
+def _attr_int(node: ir.Node, name: str, default: int | None = None) -> int | None:
+    attr = node.attributes.get(name)
+    return attr.as_int() if attr is not None else default
+
+
+def _single_user(value: ir.Value) -> ir.Node | None:
+    """The one node reading ``value`` (None if several, none, or it is a graph output)."""
+    uses = list(value.uses())
+    graph = value.graph
+    if len(uses) != 1 or (graph is not None and any(o is value for o in graph.outputs)):
+        return None
+    return uses[0].node
+
+
+def _is(node: ir.Node | None, op_type: str, domain: str = "") -> bool:
+    return node is not None and node.op_type == op_type and node.domain == domain
+
+
+def supported_weight_format(fmt: BlockFormat) -> str | None:
+    """Why BlockMatMul cannot take these weights (None if it can)."""
+    if fmt.scale_kind != "pow2":
+        return "weight scales are not pow2 codes"
+    if fmt.bits == 8 and not fmt.symmetric:
+        return "8-bit asymmetric weights (q - zp does not fit in int8)"
+    if fmt.axis != 0:
+        return "weights not blocked along K"
+    return None
+
+
+class LowerMatMul(ir.passes.InPlacePass):
+    """MatMul on block-quantized operands -> BlockMatMul (see module doc)."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.graph = model.graph
+        self.weights: dict[int, list[ir.Value | None]] = {}  # per BlockDequantize node
+        self.shared: dict = {}
+        count = 0
+        for node in list(self.graph):
+            if node.op_type != "MatMul" or node.domain != "":
+                continue
+            bd = node.inputs[1].producer()
+            if _is(bd, "BlockDequantize", MID_DOMAIN):
+                count += self._lower(node, bd)
+            elif role(node) == "attention.qk":
+                count += self._lower_scores(node)
+        if count:
+            model.opset_imports[OPS_DOMAIN] = OPS_VERSION
+            self._drop_dead()
+        return ir.passes.PassResult(model, modified=bool(count))
+
+    # --- matching -----------------------------------------------------------------------------
+
+    def _skip(self, node: ir.Node, why: str) -> bool:
+        log.debug("BlockMatMul: node '%s' stays MatMul: %s", node.name, why)
+        return False
+
+    def _activation(self, node: ir.Node):
+        """(inputs x, x_scale; act_block_size, act_bits) for the MatMul's A operand, or a reason."""
+        dq = node.inputs[0].producer()
+        if not _is(dq, "DequantizeLinear") or len(dq.inputs) != 2:
+            return "its input is not a DequantizeLinear of block-quantized codes"
+        block = _attr_int(dq, "block_size", 0)
+        axis = _attr_int(dq, "axis", 1)
+        q, s = dq.inputs
+        rank = len(q.shape) if q.shape is not None else None
+        if not block or (axis != -1 and (rank is None or axis != rank - 1)):
+            return "its input is not blocked along the last axis"
+        if q.dtype not in (None, ir.DataType.INT8):  # integer ops' outputs may be untyped here
+            return "its input codes are not int8"
+        src = q.producer()
+        if _is(src, "BlockQuantize", OPS_DOMAIN):
+            bits = _attr_int(src, "bits", 8)
+            if _attr_int(src, "block_size") != block:
+                return "BlockQuantize and DequantizeLinear disagree on the block size"
+            only_here = (
+                all(u.node is dq for out in src.outputs for u in out.uses())
+                and _single_user(dq.outputs[0]) is node
+                and not any(o in self.graph.outputs for o in src.outputs)
+            )
+            if only_here:  # the kernel quantizes x itself, the BlockQuantize goes
+                return (src.inputs[0], None), block, bits
+            return (q, s), block, bits
+        if src is not None and src.domain == OPS_DOMAIN:  # IntLayerNorm / IntGelu codes
+            return (q, s), block, 8
+        return "its input codes do not come from a bctonnx op"
+
+    def _lower(self, node: ir.Node, bd: ir.Node) -> bool:
+        fmt = fmt_from_node(bd)
+        codes = const_array(bd.inputs[0])
+        if codes is None or codes.ndim != 2:
+            return self._skip(node, "its weight codes are not a constant matrix")
+        fmt = fmt.with_axis(fmt.axis % 2)
+        why = supported_weight_format(fmt)
+        if why:
+            return self._skip(node, why)
+        act = self._activation(node)
+        if isinstance(act, str):
+            return self._skip(node, act)
+        (x, x_scale), act_block, act_bits = act
+        if max(act_block, fmt.block_size) % min(act_block, fmt.block_size):
+            return self._skip(node, "weight and activation block sizes do not nest")
+
+        out = node.outputs[0]
+        bias = None
+        add = _single_user(out)
+        if _is(add, "Add") and len(add.inputs) == 2:
+            other = add.inputs[1] if add.inputs[0] is out else add.inputs[0]
+            b = const_array(other)
+            if b is not None and b.dtype == np.float32 and b.size == codes.shape[1]:
+                if b.ndim == 1 or (b.ndim >= 1 and b.shape[-1] == b.size):
+                    bias, out = other, add.outputs[0]
+        if bias is not None and bias.shape is not None and len(bias.shape) != 1:
+            bias = self._reshaped_bias(bias)
+
+        attrs = {
+            "block_size": fmt.block_size,
+            "frac_bits": fmt.frac_bits,
+            "act_block_size": act_block,
+            "act_bits": act_bits,
+        }
+        n_out = codes.shape[1]
+        chain, quant = self._chain_to_quantize(out, n_out)
+        y_mul = next((c.inputs[1] for c, _ in chain if c.op_type == "Mul"), None)
+        if y_mul is not None and not is_const(y_mul):
+            # attention's 1/sqrt(sqrt(d)) is computed from Shape(Q): fold it to a constant,
+            # else the op would read a value computed from its own output
+            folded = _fold_scalar(y_mul)
+            if folded is None:
+                log.debug("BlockMatMul: node '%s': its output scale is not constant", node.name)
+                chain, quant, y_mul = [], None, None
+            else:
+                y_mul = self._const(folded, f"{node.name}/y_multiplier")
+        residual = self._residual(quant) if quant is not None and not chain else None
+        if quant is not None:
+            attrs["out_block_size"] = _attr_int(quant, "block_size")
+            attrs["out_bits"] = _attr_int(quant, "bits", 8)
+        if residual is not None:
+            attrs["residual_block_size"] = residual[2]
+        weights = self._weights(bd, fmt)
+        inputs = [x, x_scale, *weights, bias, y_mul, *(residual[:2] if residual else ())]
+        while inputs[-1] is None:
+            inputs.pop()
+        new = ir.Node(
+            OPS_DOMAIN,
+            "BlockMatMul",
+            inputs,
+            ir.convenience.convert_attributes(attrs),
+            num_outputs=3 if quant is not None else 1,
+            name=node.name,
+        )
+        self.graph.insert_before(node, new)
+        if quant is None:
+            new.outputs[0].dtype = ir.DataType.FLOAT
+            take_over(out, new.outputs[0])
+            return True
+        y, y_q, y_s = new.outputs
+        y.name = ""  # absent: only the quantized output is produced
+        y_q.dtype, y_s.dtype = ir.DataType.INT8, ir.DataType.FLOAT
+        if residual is not None:
+            quant = residual[3]  # the BlockQuantize of the residual sum
+        for step, shape_readers in chain:  # Reshape / Transpose replayed on codes and scales
+            if step.op_type == "Reshape":
+                y_q = self._emit("Reshape", [y_q, step.inputs[1]], new, y_q.dtype)
+                y_q.shape = step.outputs[0].shape
+                # the scales: the codes' new shape with the last axis cut to blocks
+                blocks = step.outputs[0].shape[-1] // attrs["out_block_size"]
+                lead = self._emit("Shape", [y_q], new, ir.DataType.INT64, end=-1)
+                target = self._emit(
+                    "Concat",
+                    [lead, self._const(np.array([blocks], np.int64), f"blocks{blocks}")],
+                    new,
+                    ir.DataType.INT64,
+                    axis=0,
+                )
+                y_s = self._emit("Reshape", [y_s, target], new, y_s.dtype)
+            elif step.op_type == "Transpose":
+                perm = list(step.attributes["perm"].as_ints())
+                y_q = self._emit("Transpose", [y_q], new, y_q.dtype, perm=perm)
+                y_q.shape = step.outputs[0].shape
+                y_s = self._emit("Transpose", [y_s], new, y_s.dtype, perm=perm)
+            for reader in shape_readers:  # same shape as the float tensor it read
+                reader.replace_input_with(0, y_q)
+        take_over(quant.outputs[0], y_q)
+        take_over(quant.outputs[1], y_s)
+        return True
+
+    def _lower_scores(self, node: ir.Node) -> bool:
+        """Attention scores MatMul(DQ(q_a, s_a), [Mul(, c)] Transpose(DQ(q_b, s_b)) [Mul(, c)])
+        with K's blocks on the reduction axis -> BlockBatchMatMul(q_a, s_a, q_b', s_b', c)
+        where ' is the transpose that keeps K last; its BlockQuantize fused when alone."""
+        a = self._blocked_codes(node.inputs[0])
+        if a is None:
+            return self._skip(node, "Q is not block-quantized codes")
+        value, mul, transpose = node.inputs[1], None, None
+        while True:
+            producer = value.producer()
+            if _is(producer, "Mul") and mul is None and self._scalar(producer.inputs[1]):
+                mul = producer.inputs[1]
+                value = producer.inputs[0]
+            elif _is(producer, "Transpose") and transpose is None:
+                transpose = producer
+                value = producer.inputs[0]
+            else:
+                break
+        b = self._blocked_codes(value)
+        if b is None or transpose is None:
+            return self._skip(node, "K^T is not a transpose of block-quantized codes")
+        (q_a, s_a, block_a), (q_b, s_b, block_b) = a, b
+        rank = len(value.shape) if value.shape is not None else None
+        perm = transpose.attributes.get("perm")
+        perm = list(perm.as_ints()) if perm is not None else None
+        k_dim = node.inputs[0].shape[-1] if node.inputs[0].shape is not None else None
+        if (
+            rank is None
+            or perm is None
+            or len(perm) != rank
+            or perm[-2] != rank - 1
+            or block_a != block_b
+            or not isinstance(k_dim, int)
+            or k_dim % block_a
+        ):
+            return self._skip(node, "K^T is not blocked along the reduction axis")
+        if mul is not None and not is_const(mul):
+            folded = _fold_scalar(mul)
+            if folded is not None:
+                mul = self._const(folded, f"{node.name}/y_multiplier")
+        rows = [*perm[:-2], perm[-1], perm[-2]]  # K [..., N, K]: blocks stay on the last axis
+        q_rows = self._emit("Transpose", [q_b], node, ir.DataType.INT8, perm=rows)
+        s_rows = self._emit("Transpose", [s_b], node, ir.DataType.FLOAT, perm=rows)
+        quant = _single_user(node.outputs[0])
+        fuse = _is(quant, "BlockQuantize", OPS_DOMAIN) and bool(_attr_int(quant, "block_size"))
+        attrs = {"block_size": block_a}
+        if fuse:
+            attrs["out_block_size"] = _attr_int(quant, "block_size")
+            attrs["out_bits"] = _attr_int(quant, "bits", 8)
+        inputs = [q_a, s_a, q_rows, s_rows, mul]
+        while inputs[-1] is None:
+            inputs.pop()
+        new = ir.Node(
+            OPS_DOMAIN,
+            "BlockBatchMatMul",
+            inputs,
+            ir.convenience.convert_attributes(attrs),
+            num_outputs=3 if fuse else 1,
+            name=node.name,
+        )
+        self.graph.insert_before(node, new)
+        if fuse:
+            y, y_q, y_s = new.outputs
+            y.name = ""
+            y_q.dtype, y_s.dtype = ir.DataType.INT8, ir.DataType.FLOAT
+            take_over(quant.outputs[0], y_q)
+            take_over(quant.outputs[1], y_s)
+        else:
+            new.outputs[0].dtype = ir.DataType.FLOAT
+            take_over(node.outputs[0], new.outputs[0])
+        return True
+
+    def _blocked_codes(self, value: ir.Value):
+        """(codes, scales, block) when ``value`` is DequantizeLinear of int8 codes made by a
+        bctonnx op (through Reshape / Transpose) with scales blocked along the last axis."""
+        dq = value.producer()
+        if not _is(dq, "DequantizeLinear") or len(dq.inputs) != 2:
+            return None
+        block = _attr_int(dq, "block_size", 0)
+        axis = _attr_int(dq, "axis", 1)
+        rank = len(value.shape) if value.shape is not None else None
+        if not block or (axis != -1 and (rank is None or axis != rank - 1)):
+            return None
+        q, s = dq.inputs
+        if q.dtype not in (None, ir.DataType.INT8):
+            return None
+        src = q.producer()
+        while src is not None and src.domain == "" and src.op_type in ("Reshape", "Transpose"):
+            src = src.inputs[0].producer()
+        if src is None or src.domain != OPS_DOMAIN:
+            return None  # pow2 scales are guaranteed only for our ops' codes
+        return q, s, block
+
+    @staticmethod
+    def _scalar(value: ir.Value | None) -> bool:
+        return (
+            value is not None
+            and value.dtype in (None, ir.DataType.FLOAT)
+            and value.shape is not None
+            and all(d == 1 for d in value.shape)
+        )
+
+    def _chain_to_quantize(
+        self, out: ir.Value, n: int
+    ) -> tuple[list[tuple[ir.Node, list[ir.Node]]], ir.Node | None]:
+        """The BlockQuantize that alone reads ``out``, directly or through Reshapes whose
+        last axis is a multiple of the block (with N one too, the blocks are the same runs of
+        the flat data before and after), Transposes that keep the last axis last and one Mul by
+        a scalar (it becomes the op's y_multiplier): blockwise quantization along the last axis
+        commutes with those. Shape nodes may also read a step (they get the replayed codes, of
+        the same shape). Returns ([(step, its Shape readers)], BlockQuantize) or ([], None)."""
+        chain: list[tuple[ir.Node, list[ir.Node]]] = []
+        value, dims = out, [n]
+        graph_outputs = {id(v) for v in self.graph.outputs}
+        while True:
+            if id(value) in graph_outputs:
+                return [], None
+            users = [u.node for u in value.uses()]
+            shapes = [u for u in users if _is(u, "Shape")] if chain else []
+            rest = [u for u in users if u not in shapes]
+            if len(rest) != 1 or len({id(u) for u in rest}) != 1:
+                return [], None
+            user = rest[0]
+            if _is(user, "BlockQuantize", OPS_DOMAIN) and _attr_int(user, "block_size"):
+                block = _attr_int(user, "block_size")
+                if len(dims) > 1 and any(d % block for d in dims):
+                    return [], None
+                if shapes:
+                    return [], None
+                return chain, user
+            if _is(user, "Reshape") and user.inputs[0] is value:
+                shape = user.outputs[0].shape
+                if shape is None or not shape or not isinstance(shape[-1], int):
+                    return [], None
+                dims.append(shape[-1])
+            elif _is(user, "Transpose"):
+                perm = user.attributes.get("perm")
+                rank = len(value.shape) if value.shape is not None else None
+                if perm is None or rank is None or list(perm.as_ints())[-1] != rank - 1:
+                    return [], None
+            elif _is(user, "Mul") and user.inputs[0] is value:
+                factor = user.inputs[1]
+                if (
+                    any(c.op_type == "Mul" for c, _ in chain)
+                    or factor is None
+                    or factor.dtype not in (None, ir.DataType.FLOAT)
+                    or factor.shape is None
+                    or any(d != 1 for d in factor.shape)
+                ):
+                    return [], None
+            else:
+                return [], None
+            chain.append((user, []))
+            if len(chain) > 1:
+                chain[-2] = (chain[-2][0], shapes)
+            elif shapes:
+                return [], None
+            value = user.outputs[0]
+
+    def _residual(self, quant: ir.Node):
+        """BlockQuantize(y) -> DequantizeLinear -> Add(DequantizeLinear(r_q, r_s)) ->
+        BlockQuantize: (r_q, r_s, residual block size, the final BlockQuantize) or None."""
+        q, s = quant.outputs
+        dq = _single_user(q)
+        if not _is(dq, "DequantizeLinear") or _single_user(s) is not dq or dq.inputs[1] is not s:
+            return None
+        if _attr_int(dq, "block_size") != _attr_int(quant, "block_size"):
+            return None
+        add = _single_user(dq.outputs[0])
+        if not _is(add, "Add") or len(add.inputs) != 2:
+            return None
+        other = add.inputs[1] if add.inputs[0] is dq.outputs[0] else add.inputs[0]
+        rdq = other.producer()
+        if not _is(rdq, "DequantizeLinear") or len(rdq.inputs) != 2:
+            return None
+        r_q, r_s = rdq.inputs
+        r_block = _attr_int(rdq, "block_size", 0)
+        r_shape = other.shape  # the codes of integer ops may be unshaped here
+        y_shape = dq.outputs[0].shape
+        axis = _attr_int(rdq, "axis", 1)
+        if r_shape is None or y_shape is None or len(r_shape) != len(y_shape):
+            return None  # equal shapes are checked at run time
+        if not r_block or (axis != -1 and axis != len(r_shape) - 1):
+            return None
+        if r_q.dtype not in (None, ir.DataType.INT8) or r_s.dtype not in (None, ir.DataType.FLOAT):
+            return None
+        if r_shape[-1] != y_shape[-1]:
+            return None
+        final = _single_user(add.outputs[0])
+        if not (_is(final, "BlockQuantize", OPS_DOMAIN) and _attr_int(final, "block_size")):
+            return None
+        if _attr_int(final, "block_size") != _attr_int(quant, "block_size"):
+            return None
+        if _attr_int(final, "bits", 8) != _attr_int(quant, "bits", 8):
+            return None
+        return r_q, r_s, r_block, final
+
+    def _emit(self, op_type: str, inputs, anchor: ir.Node, dtype, **attrs) -> ir.Value:
+        node = ir.Node(
+            "",
+            op_type,
+            inputs,
+            ir.convenience.convert_attributes(attrs),
+            name=f"{anchor.name}/{op_type}_{len(self.graph)}",
+        )
+        self.graph.append(node)  # run_pipeline sorts the graph after every pass
+        node.outputs[0].dtype = dtype
+        node.outputs[0].name = node.name
+        return node.outputs[0]
+
+    def _const(self, array: np.ndarray, name: str) -> ir.Value:
+        key = ("const", array.dtype.str, array.tobytes())
+        if key not in self.shared:
+            self.shared[key] = new_initializer(self.graph, f"bmm/{name}", ir.tensor(array))
+        return self.shared[key]
+
+    # --- building blocks ----------------------------------------------------------------------
+
+    def _reshaped_bias(self, bias: ir.Value) -> ir.Value:
+        array = const_array(bias).astype(np.float32).reshape(-1)
+        return new_initializer(self.graph, f"{bias.name}.bct_bias", ir.tensor(array))
+
+    def _weights(self, bd: ir.Node, fmt: BlockFormat) -> list[ir.Value | None]:
+        """Constant inputs 2..5 (codes, scales, scale base, zero points) in the stored form:
+        int4 packed (ONNX INT4) or int8 codes, int8 scale codes or 4-bit offsets (UINT4)
+        + int8 base per column, int4 / int8 zero points. Shared by every MatMul of a weight."""
+        if id(bd) in self.weights:
+            return self.weights[id(bd)]
+        name = (bd.inputs[0].name or bd.name).removesuffix(".bct_codes")
+        codes = const_array(bd.inputs[0]).astype(np.int8)
+        scale_codes = const_array(bd.inputs[1]).astype(np.int8)
+        zp = const_array(bd.inputs[2]) if len(bd.inputs) > 2 and bd.inputs[2] is not None else None
+        if fmt.axis != 0:  # Gemm(transB) layout [N, K]: the op takes [K, N]
+            codes, scale_codes = codes.T.copy(), scale_codes.T.copy()
+            zp = zp.T.copy() if zp is not None else None
+        g = self.graph
+        values: list[ir.Value | None] = [
+            new_initializer(g, f"{name}.bmm_codes", _int_tensor(codes, fmt.packed))
+        ]
+        if fmt.scale_bits == 4:
+            base, offsets = split_scale_codes(scale_codes, 0)
+            packed = ir.PackedTensor(
+                pack_int4(offsets.astype(np.int8) - 8) ^ np.uint8(0x88),
+                ir.DataType.UINT4,
+                shape=ir.Shape(offsets.shape),
+            )
+            values += [
+                new_initializer(g, f"{name}.bmm_scale_offsets", packed),
+                new_initializer(g, f"{name}.bmm_scale_base", ir.tensor(base.astype(np.int8))),
+            ]
+        else:
+            values += [new_initializer(g, f"{name}.bmm_scales", ir.tensor(scale_codes)), None]
+        if zp is not None:
+            values.append(
+                new_initializer(g, f"{name}.bmm_zp", _int_tensor(zp.astype(np.int8), fmt.packed))
+            )
+        else:
+            values.append(None)
+        self.weights[id(bd)] = values
+        return values
+
+    def _drop_dead(self) -> None:
+        """Remove what the rewrites left unread (MatMul, bias Add, BlockQuantize, DQ, weights,
+        the float Reshape/Transpose chains), so lower_qdq does not lower dead weights."""
+        outputs = {id(v) for v in self.graph.outputs}
+        changed = True
+        while changed:
+            changed = False
+            for node in reversed(list(self.graph)):
+                if not any(id(o) in outputs or o.uses() for o in node.outputs):
+                    self.graph.remove(node, safe=True)
+                    changed = True
+
+
+def _fold_scalar(value: ir.Value, max_nodes: int = 32) -> np.ndarray | None:
+    """The value of a float scalar computed only from constants and the *static* dims of
+    Shape nodes (e.g. 1/sqrt(sqrt(head_dim)) from Shape(Q)), else None.
+
+    The subgraph is evaluated with onnx's reference evaluator twice, with every symbolic dim
+    of the shaped tensors set to 1 and then to 3; the result must not change."""
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    nodes: list[ir.Node] = []
+    shaped: dict[int, ir.Value] = {}  # tensors whose shape only is read
+    consts: dict[int, ir.Value] = {}
+    stack, seen = [value], set()
+    while stack:
+        v = stack.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        if is_const(v):
+            consts[id(v)] = v
+            continue
+        node = v.producer()
+        if node is None or len(nodes) >= max_nodes or node.domain not in ("", "ai.onnx"):
+            return None
+        nodes.append(node)
+        if node.op_type == "Shape":
+            if node.inputs[0].shape is None:
+                return None
+            shaped[id(node.inputs[0])] = node.inputs[0]
+            continue
+        stack.extend(i for i in node.inputs if i is not None)
+    if not shaped:
+        return None
+    inputs = [
+        onnx.helper.make_tensor_value_info(f"shaped{i}", onnx.TensorProto.FLOAT, None)
+        for i in range(len(shaped))
+    ]
+    names = {key: f"shaped{i}" for i, key in enumerate(shaped)}
+    for key in consts:
+        names[key] = f"const{len(names)}"
+    inits = [onnx.numpy_helper.from_array(const_array(v), names[key]) for key, v in consts.items()]
+    protos = []
+    for k, node in enumerate(reversed(nodes)):
+        for out in node.outputs:
+            names.setdefault(id(out), f"v{k}_{len(names)}")
+        proto = ir.serde.serialize_node(node)
+        del proto.input[:]
+        proto.input.extend(names[id(i)] if i is not None else "" for i in node.inputs)
+        del proto.output[:]
+        proto.output.extend(names[id(o)] for o in node.outputs)
+        protos.append(proto)
+    graph = onnx.helper.make_graph(
+        protos,
+        "fold",
+        inputs,
+        [onnx.helper.make_tensor_value_info(names[id(value)], onnx.TensorProto.FLOAT, None)],
+        inits,
+    )
+    opset = value.graph.opset_imports.get("", 21) if value.graph is not None else 21
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    results = []
+    try:
+        evaluator = ReferenceEvaluator(model)
+        for fill in (1, 3):
+            feeds = {
+                names[key]: np.zeros(
+                    [d if isinstance(d, int) else fill for d in v.shape], np.float32
+                )
+                for key, v in shaped.items()
+            }
+            results.append(np.asarray(evaluator.run(None, feeds)[0]))
+    except Exception:  # noqa: BLE001 - anything unexpected: not foldable
+        return None
+    a, b = results
+    if a.size != 1 or a.dtype != np.float32 or not np.array_equal(a, b):
+        return None
+    return a.reshape(()).astype(np.float32)
+
+
+def _int_tensor(codes: np.ndarray, packed: bool) -> ir.TensorProtocol:
+    if packed:
+        return ir.PackedTensor(pack_int4(codes), ir.DataType.INT4, shape=ir.Shape(codes.shape))
+    return ir.tensor(codes.astype(np.int8))
+
+
+__all__ = ["LowerMatMul", "supported_weight_format"]

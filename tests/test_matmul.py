@@ -1,0 +1,367 @@
+"""BlockMatMul / BlockBatchMatMul kernels bit-exact with their numpy references
+(bctonnx/ops/ref_matmul.py) on every instruction-set path this CPU has, and the lower_matmul
+pass on the tiny BERT."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from conftest import tiny_feeds
+from onnx import TensorProto, helper
+from test_integer import require_library
+from test_passes import cosine
+
+import bctonnx
+from bctonnx.blockformat import BlockFormat, quantize, split_scale_codes
+from bctonnx.ops.ref_matmul import block_batch_matmul, block_matmul
+from bctonnx.ops.ref_quant import block_quantize
+
+ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
+
+W8 = BlockFormat(bits=8, block_size=128, scale_kind="pow2", frac_bits=3)  # w8a8 weights
+W4 = BlockFormat(  # w4a8 weights
+    bits=4, block_size=32, scale_kind="pow2", frac_bits=3, clip="mse", symmetric=False,
+    scale_bits=4,
+)  # fmt: skip
+W8B32 = BlockFormat(bits=8, block_size=32, scale_kind="pow2", frac_bits=3)  # mixed-precision int8
+W4SYM = BlockFormat(bits=4, block_size=16, scale_kind="pow2", frac_bits=0)
+W6ASYM = BlockFormat(bits=6, block_size=32, scale_kind="pow2", frac_bits=2, symmetric=False)
+
+
+def available_isas() -> list[str]:
+    lib = ctypes.CDLL(require_library())
+    best = lib.bctonnx_block_matmul_isa(b"")
+    return [name for name, level in ISAS.items() if level <= best]
+
+
+@pytest.fixture(scope="module")
+def isas() -> list[str]:
+    return available_isas()
+
+
+def session(model: onnx.ModelProto, monkeypatch, isa: str, threads: int = 2):
+    """A session whose BlockMatMul kernels use ``isa`` (BCTONNX_ISA is read when a kernel is
+    created, i.e. at session creation)."""
+    require_library()
+    monkeypatch.setenv("BCTONNX_ISA", isa)
+    try:
+        return ort.InferenceSession(
+            model.SerializeToString(),
+            bctonnx.session_options(threads=threads),
+            providers=["CPUExecutionProvider"],
+        )
+    finally:
+        monkeypatch.delenv("BCTONNX_ISA")
+
+
+def _int(name: str, array: np.ndarray, packed: bool, unsigned: bool = False) -> onnx.TensorProto:
+    if packed:
+        dtype = TensorProto.UINT4 if unsigned else TensorProto.INT4
+    else:
+        dtype = TensorProto.INT8
+    return helper.make_tensor(name, dtype, list(array.shape), array.reshape(-1).tolist())
+
+
+def matmul_model(
+    w: object,
+    rank: int,
+    *,
+    x_int8: bool,
+    act_block: int,
+    bias: np.ndarray | None = None,
+    y_mul: float | None = None,
+    residual_block: int = 0,
+    out_block: int = 0,
+) -> onnx.ModelProto:
+    """One BlockMatMul node on weights ``w`` (a blockformat.BlockQuantized [K, N])."""
+    fmt = w.fmt
+    inits = [_int("w_codes", w.codes, fmt.packed)]
+    scale, base = "w_scales", ""
+    if fmt.scale_bits == 4:
+        b, offsets = split_scale_codes(w.scale_codes, 0)
+        inits += [_int("w_scales", offsets, True, unsigned=True), _int("w_base", b, False)]
+        base = "w_base"
+    else:
+        inits.append(_int("w_scales", w.scale_codes, False))
+    zp = ""
+    if w.zero_points is not None:
+        inits.append(_int("w_zp", w.zero_points, fmt.packed))
+        zp = "w_zp"
+    names = {"bias": "", "y_mul": "", "res": "", "res_s": ""}
+    if bias is not None:
+        inits.append(helper.make_tensor("bias", TensorProto.FLOAT, [bias.size], bias.tolist()))
+        names["bias"] = "bias"
+    if y_mul is not None:
+        inits.append(helper.make_tensor("y_mul", TensorProto.FLOAT, [], [y_mul]))
+        names["y_mul"] = "y_mul"
+    lead = ["B", "S"][: rank - 1]
+    graph_inputs = [
+        helper.make_tensor_value_info(
+            "x", TensorProto.INT8 if x_int8 else TensorProto.FLOAT, [*lead, w.codes.shape[0]]
+        )
+    ]
+    if x_int8:
+        graph_inputs.append(helper.make_tensor_value_info("x_scale", TensorProto.FLOAT, None))
+    if residual_block:
+        names["res"], names["res_s"] = "res", "res_s"
+        graph_inputs += [
+            helper.make_tensor_value_info("res", TensorProto.INT8, None),
+            helper.make_tensor_value_info("res_s", TensorProto.FLOAT, None),
+        ]
+    inputs = ["x", "x_scale" if x_int8 else "", "w_codes", scale, base, zp, names["bias"]]
+    inputs += [names["y_mul"], names["res"], names["res_s"]]
+    while not inputs[-1]:
+        inputs.pop()
+    outputs = ["y", "y_q", "y_scale", "seg"] if out_block else ["y", "", "", "seg"]
+    attrs = dict(block_size=fmt.block_size, frac_bits=fmt.frac_bits, act_block_size=act_block)
+    if out_block:
+        attrs["out_block_size"] = out_block
+    if residual_block:
+        attrs["residual_block_size"] = residual_block
+    node = helper.make_node("BlockMatMul", inputs, outputs, domain="bctonnx", **attrs)
+    graph_outputs = [
+        helper.make_tensor_value_info(n, t, None)
+        for n, t in (
+            ("y", TensorProto.FLOAT),
+            ("y_q", TensorProto.INT8),
+            ("y_scale", TensorProto.FLOAT),
+            ("seg", TensorProto.INT32),
+        )
+        if n in outputs
+    ]
+    graph = helper.make_graph([node], "block_matmul", graph_inputs, graph_outputs, inits)
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("bctonnx", 1)]
+    )
+    model.ir_version = 10
+    return model
+
+
+def weights(k: int, n: int, fmt: BlockFormat, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((k, n)).astype(np.float32) * 0.05
+    w[rng.integers(0, k), :] *= 8  # an outlier row: blocks with different scales
+    return quantize(w, fmt.with_axis(0))
+
+
+def activations(shape, seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(np.float32)
+    x[..., 3] *= 40  # an outlier channel, as in BERT
+    x[..., -5:] *= 1e-3  # a block of small values
+    return x
+
+
+def run(model, monkeypatch, isa, feeds) -> dict[str, np.ndarray]:
+    sess = session(model, monkeypatch, isa)
+    outs = sess.run(None, feeds)
+    return {o.name: v for o, v in zip(sess.get_outputs(), outs, strict=True)}
+
+
+CASES = [
+    # (weight format, x shape (..., K), N, activation block)
+    (W8, (1, 256), 33, 32),  # M = 1, N odd, K not a multiple of 64-byte vectors per block
+    (W8, (2, 5, 384), 50, 32),  # rank 3, batch > 1
+    (W8, (7, 128), 16, 64),  # activation block 64 inside a weight block of 128
+    (W4, (3, 96), 17, 32),  # int4 asymmetric, 4-bit scale codes, K = 3 blocks
+    (W4, (2, 9, 64), 40, 32),
+    (W8B32, (5, 160), 31, 32),
+    (W4SYM, (4, 48), 7, 16),  # K = 48: not a multiple of the vector width
+    (W4SYM, (3, 64), 9, 32),  # activation block 32 over weight blocks of 16
+    (W6ASYM, (6, 64), 24, 32),  # 6-bit asymmetric in int8 storage
+]
+
+
+@pytest.mark.parametrize("fmt, shape, n, act_block", CASES)
+def test_block_matmul_is_bit_exact_on_every_isa(fmt, shape, n, act_block, isas, monkeypatch):
+    k = shape[-1]
+    w = weights(k, n, fmt)
+    bias = np.random.default_rng(2).standard_normal(n).astype(np.float32)
+    x = activations(shape)
+    ref = block_matmul(
+        x, w.codes, w.scale_codes, block_size=fmt.block_size, frac_bits=fmt.frac_bits,
+        act_block_size=act_block, w_zero_points=w.zero_points, bias=bias, out_block_size=16,
+    )  # fmt: skip
+    model = matmul_model(w, len(shape), x_int8=False, act_block=act_block, bias=bias, out_block=16)
+    for isa in isas:
+        out = run(model, monkeypatch, isa, {"x": x})
+        np.testing.assert_array_equal(out["seg"], ref["segment_sums"], err_msg=isa)
+        np.testing.assert_array_equal(out["y"], ref["y"], err_msg=isa)
+        np.testing.assert_array_equal(out["y_q"], ref["y_q"], err_msg=isa)
+        np.testing.assert_array_equal(out["y_scale"], ref["y_scale"], err_msg=isa)
+
+
+def test_block_matmul_reference_is_the_dequantized_product():
+    """The spec's integer/float arithmetic is the matmul of the dequantized operands."""
+    w = weights(96, 20, W4)
+    x = activations((6, 96))
+    ref = block_matmul(
+        x, w.codes, w.scale_codes, block_size=32, frac_bits=3, act_block_size=32,
+        w_zero_points=w.zero_points,
+    )  # fmt: skip
+    qx, sx = block_quantize(x, 32)
+    xq = qx.astype(np.float64) * np.repeat(sx, 32, axis=-1)
+    expected = xq @ w.dequantize().astype(np.float64)
+    np.testing.assert_allclose(ref["y"], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_block_matmul_int8_input_multiplier_and_residual(isas, monkeypatch):
+    w = weights(64, 48, W8B32)
+    x = activations((2, 3, 64))
+    qx, sx = block_quantize(x, 32)
+    res_q, res_s = block_quantize(activations((2, 3, 48), seed=5), 16)
+    bias = np.linspace(-1, 1, 48, dtype=np.float32)
+    ref = block_matmul(
+        qx, w.codes, w.scale_codes, x_scale=sx, block_size=32, frac_bits=3, act_block_size=32,
+        bias=bias, y_multiplier=np.float32(0.4204482), residual=res_q, residual_scale=res_s,
+        residual_block_size=16, out_block_size=32,
+    )  # fmt: skip
+    model = matmul_model(
+        w, 3, x_int8=True, act_block=32, bias=bias, y_mul=0.4204482, residual_block=16,
+        out_block=32,
+    )  # fmt: skip
+    for isa in isas:
+        out = run(model, monkeypatch, isa, {"x": qx, "x_scale": sx, "res": res_q, "res_s": res_s})
+        np.testing.assert_array_equal(out["y"], ref["y"], err_msg=isa)
+        np.testing.assert_array_equal(out["y_q"], ref["y_q"], err_msg=isa)
+        np.testing.assert_array_equal(out["y_scale"], ref["y_scale"], err_msg=isa)
+
+
+def test_block_matmul_refuses_non_pow2_activation_scales(monkeypatch):
+    w = weights(32, 8, W8B32)
+    model = matmul_model(w, 2, x_int8=True, act_block=32)
+    sess = session(model, monkeypatch, "avx512")
+    x = np.ones((2, 32), np.int8)
+    with pytest.raises(Exception, match="power of two"):
+        sess.run(None, {"x": x, "x_scale": np.full((2, 1), 0.3, np.float32)})
+
+
+def test_block_matmul_refuses_8bit_asymmetric_weights(monkeypatch):
+    w = weights(32, 8, BlockFormat(bits=8, block_size=32, scale_kind="pow2", symmetric=False))
+    with pytest.raises(Exception, match="asymmetric"):
+        session(matmul_model(w, 2, x_int8=False, act_block=32), monkeypatch, "avx512")
+
+
+@pytest.mark.parametrize("shape_a, n, block", [((2, 3, 7, 32), 9, 32), ((1, 2, 33, 64), 17, 32)])
+def test_block_batch_matmul_is_bit_exact_on_every_isa(shape_a, n, block, isas, monkeypatch):
+    rng = np.random.default_rng(3)
+    a, a_s = block_quantize(rng.standard_normal(shape_a).astype(np.float32), block)
+    b, b_s = block_quantize(
+        3 * rng.standard_normal((*shape_a[:-2], n, shape_a[-1])).astype(np.float32), block
+    )
+    mul = np.float32(0.4204482)
+    ref = block_batch_matmul(a, a_s, b, b_s, block_size=block, y_multiplier=mul, out_block_size=32)
+    node = helper.make_node(
+        "BlockBatchMatMul", ["a", "a_s", "b", "b_s", "mul"], ["y", "y_q", "y_scale"],
+        domain="bctonnx", block_size=block, out_block_size=32,
+    )  # fmt: skip
+    graph = helper.make_graph(
+        [node], "scores",
+        [helper.make_tensor_value_info(k, t, None) for k, t in
+         (("a", TensorProto.INT8), ("a_s", TensorProto.FLOAT), ("b", TensorProto.INT8),
+          ("b_s", TensorProto.FLOAT))],
+        [helper.make_tensor_value_info(k, t, None) for k, t in
+         (("y", TensorProto.FLOAT), ("y_q", TensorProto.INT8), ("y_scale", TensorProto.FLOAT))],
+        [helper.make_tensor("mul", TensorProto.FLOAT, [], [float(mul)])],
+    )  # fmt: skip
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("bctonnx", 1)]
+    )
+    model.ir_version = 10
+    for isa in isas:
+        out = run(model, monkeypatch, isa, {"a": a, "a_s": a_s, "b": b, "b_s": b_s})
+        for key in ("y", "y_q", "y_scale"):
+            np.testing.assert_array_equal(out[key], ref[key], err_msg=f"{isa} {key}")
+
+
+def test_isa_request_is_capped_and_checked():
+    lib = ctypes.CDLL(require_library())
+    best = lib.bctonnx_block_matmul_isa(b"")
+    assert lib.bctonnx_block_matmul_isa(b"scalar") == 0
+    assert lib.bctonnx_block_matmul_isa(b"avx512") == best  # never above what the CPU has
+    assert lib.bctonnx_block_matmul_isa(b"sse9") == -1
+
+
+# ------------------------------------------------------------------------------------------
+# The pass (tiny BERT, block size 16)
+
+
+def _compress(tiny_bert_onnx, preset: str, lower_matmul: bool = True) -> onnx.ModelProto:
+    if lower_matmul:
+        return bctonnx.compress(tiny_bert_onnx, preset=preset, block_size=16, mode="integer")
+    from bctonnx.passes import lower_matmul as module
+
+    original = module.LowerMatMul.call
+    module.LowerMatMul.call = lambda self, model: ir.passes.PassResult(model, modified=False)
+    try:
+        return bctonnx.compress(tiny_bert_onnx, preset=preset, block_size=16, mode="integer")
+    finally:
+        module.LowerMatMul.call = original
+
+
+def _run_model(model: onnx.ModelProto, seq: int) -> np.ndarray:
+    require_library()
+    sess = ort.InferenceSession(
+        model.SerializeToString(),
+        bctonnx.session_options(threads=1),
+        providers=["CPUExecutionProvider"],
+    )
+    feeds = tiny_feeds(seq=seq, input_names=[i.name for i in sess.get_inputs()])
+    return sess.run(["last_hidden_state"], feeds)[0]
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w4a8"])
+def test_lower_matmul_makes_every_linear_layer_integer(tiny_bert_onnx, preset):
+    model = _compress(tiny_bert_onnx, preset)
+    ops = Counter((n.domain, n.op_type) for n in model.graph.node)
+    assert ops[("bctonnx", "BlockMatMul")] == 12  # 2 layers x (Q, K, V, out, FFN1, FFN2)
+    assert ops[("bctonnx", "BlockBatchMatMul")] == 2  # attention scores
+    assert ops[("", "MatMul")] == 2  # P.V stays float (V's blocks run across the reduction)
+    # no weight is dequantized to float any more
+    assert not [
+        n for n in model.graph.node
+        if n.op_type == "DequantizeLinear" and any(".bct_codes" in i for i in n.input)
+    ]  # fmt: skip
+    # activation quantization now lives in the matmuls: only the embeddings' remain
+    assert ops[("bctonnx", "BlockQuantize")] <= 5
+
+
+@pytest.mark.parametrize("preset, min_cosine", [("w8a8", 0.99), ("w4a8", 0.98)])
+def test_lower_matmul_stays_close_to_fp32(tiny_bert_onnx, fp32_reference, preset, min_cosine):
+    model = _compress(tiny_bert_onnx, preset)
+    for seq in (7, 19):  # 19: partial blocks on the sequence axis
+        out = _run_model(model, seq)
+        assert cosine(out, fp32_reference(seq)) > min_cosine
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w4a8"])
+def test_lower_matmul_equals_the_integer_form_without_it(tiny_bert_onnx, preset):
+    """The pass changes how, not what: same BCT semantics up to float summation order."""
+    with_pass = _run_model(_compress(tiny_bert_onnx, preset), 19)
+    without = _run_model(_compress(tiny_bert_onnx, preset, lower_matmul=False), 19)
+    assert cosine(with_pass, without) > 0.9999
+
+
+def test_lower_matmul_keeps_weights_compressed_in_the_file(tiny_bert_onnx):
+    with_pass = _compress(tiny_bert_onnx, "w4a8")
+    without = _compress(tiny_bert_onnx, "w4a8", lower_matmul=False)
+    assert with_pass.ByteSize() <= without.ByteSize()
+    codes = [t for t in with_pass.graph.initializer if t.name.endswith(".bmm_codes")]
+    assert codes and all(t.data_type == TensorProto.INT4 for t in codes)
+
+
+def test_lower_matmul_leaves_float_scale_weights_alone(tiny_bert_onnx, caplog):
+    with caplog.at_level(logging.DEBUG, logger="bctonnx.passes.lower_matmul"):
+        model = bctonnx.compress(
+            tiny_bert_onnx, preset="w8a8", block_size=16, mode="integer", scale_kind="float"
+        )
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops["BlockMatMul"] == 0 and ops["MatMul"] >= 12
+    assert any("not pow2" in r.getMessage() for r in caplog.records)
