@@ -1,4 +1,6 @@
-// BlockMatMul (domain "bctonnx", version 1): a linear layer on block-quantized operands.
+// BlockMatMul (domain "bctonnx", version 1): a linear layer on block-quantized operands, and
+// BlockBatchMatMul: attention scores Q.K^T with both operands block-quantized (same kernels,
+// K packed per batch at run time).
 //
 // The specification is the numpy reference bctonnx/ops/ref_matmul.py (signature, arithmetic,
 // float order); this file follows it step by step. In short: activations are quantized on the
@@ -27,6 +29,14 @@
 //   int4 weights: nibbles u = q + 8 in 0..15 are already valid u8 (unpacked in registers with
 //     and/shift, two k-groups per 64-byte load); d = sum(u * x) - (zp + 8) * sum(x), the
 //     correction done in float (all terms are integers below 2^24: exact).
+//
+// Speed (AVX-512): the weights of a column tile are processed in K slices of ~16 KB (they stay
+// in L1 while the rows go by); the full 4-row x 48-column register tile runs its K loop and
+// the per-segment epilogue in inline assembly (w8a8: int32 accumulators and the per-block
+// float sums all in zmm registers; w4a8: nibbles unpacked in registers, the zero-point
+// correction and both scales applied per segment in registers); partial tiles use the same
+// steps in intrinsics. Per-call scratch (activation codes, sums, float output of a fused
+// quantization) is thread-local and reused across runs.
 //
 // Threading: Ort::KernelContext::ParallelFor (OrtApi::KernelContext_ParallelFor, API 17+, in
 // the 1.21 headers this library is built against) runs tasks on the session's intra-op thread
@@ -91,14 +101,34 @@ inline T Rounded(T v) {
   throw std::runtime_error("bctonnx.BlockMatMul: " + what);
 }
 
+// Per-thread scratch memory that grows and is reused across runs: a fresh allocation of a few
+// hundred KB per call is an mmap plus page faults, a visible share of a small matmul.
+enum ScratchSlot { kSlotA = 0, kSlotSx, kSlotSum, kSlotY, kSlotB, kSlotBScale, kNumSlots };
+
+template <typename T>
+T* ThreadScratch(ScratchSlot slot, size_t count) {
+  thread_local std::vector<char> buffers[kNumSlots];
+  std::vector<char>& buf = buffers[slot];
+  const size_t bytes = std::max<size_t>(count, 1) * sizeof(T) + 64;
+  if (buf.size() < bytes) buf.resize(bytes);
+  auto addr = reinterpret_cast<uintptr_t>(buf.data());
+  return reinterpret_cast<T*>((addr + 63) & ~uintptr_t{63});
+}
+
 // ---------------------------------------------------------------------------------------------
 // Activation quantization: BlockQuantize's rule (ref_quant.py "Scale choice"), bit for bit.
 
 // Smallest e with 2^e >= ideal, for a finite ideal >= 0; -128 for ideal == 0 (then clamped).
 int CeilLog2(float ideal) {
   if (ideal == 0.0f) return -128;
+  uint32_t bits;
+  std::memcpy(&bits, &ideal, sizeof bits);
+  const int field = static_cast<int>((bits >> 23) & 0xFF);
+  if (field != 0 && field != 0xFF) {  // normal: 2^(field-127) * 1.mantissa
+    return field - 127 + ((bits & 0x7FFFFF) != 0 ? 1 : 0);
+  }
   int k = 0;
-  const float m = std::frexp(ideal, &k);  // ideal = m * 2^k exactly, m in [0.5, 1)
+  const float m = std::frexp(ideal, &k);  // subnormal (or inf): ideal = m * 2^k, m in [0.5, 1)
   return m == 0.5f ? k - 1 : k;
 }
 
@@ -145,10 +175,20 @@ __attribute__((target("avx512f,avx512bw,avx512dq"))) void QuantizeRowAvx512(
   const __m512 sign_off = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
   const __m512 fmax = _mm512_set1_ps(FLT_MAX);
   const __m512 vq = _mm512_set1_ps(qmax), vnq = _mm512_set1_ps(-qmax);
-  for (int64_t begin = 0, blk = 0; begin < d; begin += b, ++blk) {
-    const int64_t end = std::min(d, begin + b);
+  const int64_t nb = (d + b - 1) / b;
+  // three passes over the row (block maxima, exponents, codes): no vector -> scalar ->
+  // vector dependency per block
+  float amax_stack[64];
+  std::vector<float> amax_heap;
+  float* amax = amax_stack;
+  if (nb > 64) {
+    amax_heap.resize(static_cast<size_t>(nb));
+    amax = amax_heap.data();
+  }
+  __mmask16 bad = 0;
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    const int64_t begin = blk * b, end = std::min(d, begin + b);
     __m512 vmax = _mm512_setzero_ps();
-    __mmask16 bad = 0;
     for (int64_t i = begin; i < end; i += 16) {
       const int64_t n = std::min<int64_t>(16, end - i);
       const __mmask16 m = n == 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
@@ -156,9 +196,13 @@ __attribute__((target("avx512f,avx512bw,avx512dq"))) void QuantizeRowAvx512(
       bad |= _mm512_mask_cmp_ps_mask(m, a, fmax, _CMP_NLE_UQ);  // NaN or > FLT_MAX
       vmax = _mm512_max_ps(vmax, a);
     }
-    if (bad) Fail("input contains NaN or infinity");
-    const int e = BlockExponent(_mm512_reduce_max_ps(vmax), qmax);
-    exps[blk] = e;
+    amax[blk] = _mm512_reduce_max_ps(vmax);
+  }
+  if (bad) Fail("input contains NaN or infinity");
+  for (int64_t blk = 0; blk < nb; ++blk) exps[blk] = BlockExponent(amax[blk], qmax);
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    const int64_t begin = blk * b, end = std::min(d, begin + b);
+    const int e = exps[blk];
     // x / 2^e and x * 2^-e are the same real number, rounded once: identical, as long as
     // 2^-e is a float32 (e >= -127); e = -128 divides, as the reference does
     const bool divide = e < -127;
@@ -225,7 +269,7 @@ __attribute__((target("avx2,fma"))) void QuantizeRowAvx2(const float* x, int64_t
 
 void QuantizeRow(Isa isa, const float* x, int64_t d, int64_t b, int bits, int8_t* q, int* exps) {
   const float qmax = static_cast<float>((1 << (bits - 1)) - 1);
-  if (isa == kAvx512)
+  if (isa >= kAvx512)
     QuantizeRowAvx512(x, d, b, qmax, q, exps);
   else if (isa == kAvx2)
     QuantizeRowAvx2(x, d, b, qmax, q, exps);
@@ -358,27 +402,364 @@ void StoreSegmentSums(const Operands& op, int64_t m, int64_t j, int64_t col0, co
 
 #define BCT_UNROLL _Pragma("GCC unroll 16")
 
+// One register tile: rows m0..m0+MR, panels p0..p0+NV, weight blocks [b0, b1). The float
+// result of the tile is kept in y itself between calls (K is processed in slices that keep
+// the weights in L1 while the rows go by): the first slice starts from 0, the last one adds
+// the bias and applies the multiplier. int32 accumulators and the float ones of the current
+// weight block live in registers.
 template <int MR, int NV, bool INT4, bool SPB1>
 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vnni,fma"))) void TileAvx512(
-    const Operands& op, int64_t m0, int64_t p0) {
+    const Operands& op, int64_t m0, int64_t p0, int64_t b0, int64_t b1) {
   const PackedWeights& w = *op.w;
   const int64_t pb = w.panel_bytes(), seg_bytes = w.chunks * 64, chunks = w.chunks;
   const uint8_t* wp = w.data.data() + p0 * pb;
   const int8_t* xr[MR];
   BCT_UNROLL for (int r = 0; r < MR; ++r) xr[r] = op.a + (m0 + r) * op.lda;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
-  // float accumulators of the tile live in memory (L1); only the int32 ones in registers
-  alignas(64) float f[MR][NV][kPanel];
-  alignas(64) float t[MR][NV][kPanel];
-  BCT_UNROLL for (int r = 0; r < MR; ++r) BCT_UNROLL for (int v = 0; v < NV; ++v)
-    _mm512_store_ps(f[r][v], _mm512_setzero_ps());
+  const bool first = b0 == 0, last = b1 == w.nblk;
+  int64_t valid[NV];
+  __mmask16 mask[NV];
+  BCT_UNROLL for (int v = 0; v < NV; ++v) {
+    valid[v] = std::min<int64_t>(kPanel, w.n - (p0 + v) * kPanel);
+    mask[v] = valid[v] >= kPanel ? 0xFFFF : static_cast<__mmask16>((1u << valid[v]) - 1);
+  }
+  auto y_at = [&](int r, int v) { return op.y + (m0 + r) * w.n + (p0 + v) * kPanel; };
 
-  for (int64_t b = 0; b < w.nblk; ++b) {
+  // SPB1: f accumulates in registers over the slice; otherwise t does, per weight block, and
+  // f in y (memory) once per block
+  __m512 acc_f[MR][NV];
+  BCT_UNROLL for (int r = 0; r < MR; ++r) BCT_UNROLL for (int v = 0; v < NV; ++v)
+    acc_f[r][v] = (SPB1 && !first) ? _mm512_maskz_loadu_ps(mask[v], y_at(r, v))
+                                   : _mm512_setzero_ps();
+  if (!SPB1 && first)
+    BCT_UNROLL for (int r = 0; r < MR; ++r) BCT_UNROLL for (int v = 0; v < NV; ++v)
+      _mm512_mask_storeu_ps(y_at(r, v), mask[v], _mm512_setzero_ps());
+
+  int64_t b_start = b0;
+  if constexpr (MR == 4 && NV == 3 && INT4 && SPB1) {
+    if (op.seg == nullptr) {
+      // int4 weights, one segment per block (w4a8): the whole slice in assembly, int32
+      // accumulators in zmm0-11, f in zmm12-23; per segment d = acc - (zp + 8) * sum(x)
+      // (exact), u = round(d * sw), f = f + u * 2^e (exact product): TileAvx512's steps
+      alignas(64) float fm[MR * NV][kPanel];
+      BCT_UNROLL for (int r = 0; r < MR; ++r) BCT_UNROLL for (int v = 0; v < NV; ++v)
+        _mm512_store_ps(fm[r * NV + v], acc_f[r][v]);
+      static const uint32_t kLow4 = 0x0F0F0F0Fu;
+      const uint8_t* wc = wp + b0 * seg_bytes;
+      const int8_t* x = xr[0] + b0 * w.gp;
+      const float* sump = op.sumx + m0 * w.nseg + b0;
+      const float* sp = op.sx + m0 * w.nseg + b0;
+      const float* swp = w.sw.data() + b0 * w.npad + p0 * kPanel;
+      const float* zpp = w.zpp.data() + b0 * w.npad + p0 * kPanel;
+      const int64_t lda = op.lda, lda3 = 3 * op.lda;
+      const int64_t rs = w.nseg * 4, rs3 = 3 * w.nseg * 4, xstep = w.gp - 8 * chunks;
+      const int64_t pad_bytes = w.npad * 4;
+      int64_t nseg = b1 - b0, k = 0;
+      float* fptr = &fm[0][0];
+      asm volatile(
+          "mov %[fptr], %[k]\n\t"
+          "vmovaps 0(%[k]), %%zmm12\n\t"
+          "vmovaps 64(%[k]), %%zmm13\n\t"
+          "vmovaps 128(%[k]), %%zmm14\n\t"
+          "vmovaps 192(%[k]), %%zmm15\n\t"
+          "vmovaps 256(%[k]), %%zmm16\n\t"
+          "vmovaps 320(%[k]), %%zmm17\n\t"
+          "vmovaps 384(%[k]), %%zmm18\n\t"
+          "vmovaps 448(%[k]), %%zmm19\n\t"
+          "vmovaps 512(%[k]), %%zmm20\n\t"
+          "vmovaps 576(%[k]), %%zmm21\n\t"
+          "vmovaps 640(%[k]), %%zmm22\n\t"
+          "vmovaps 704(%[k]), %%zmm23\n\t"
+          "2:\n\t"
+          "vpxord %%zmm0, %%zmm0, %%zmm0\n\t"
+          "vpxord %%zmm1, %%zmm1, %%zmm1\n\t"
+          "vpxord %%zmm2, %%zmm2, %%zmm2\n\t"
+          "vpxord %%zmm3, %%zmm3, %%zmm3\n\t"
+          "vpxord %%zmm4, %%zmm4, %%zmm4\n\t"
+          "vpxord %%zmm5, %%zmm5, %%zmm5\n\t"
+          "vpxord %%zmm6, %%zmm6, %%zmm6\n\t"
+          "vpxord %%zmm7, %%zmm7, %%zmm7\n\t"
+          "vpxord %%zmm8, %%zmm8, %%zmm8\n\t"
+          "vpxord %%zmm9, %%zmm9, %%zmm9\n\t"
+          "vpxord %%zmm10, %%zmm10, %%zmm10\n\t"
+          "vpxord %%zmm11, %%zmm11, %%zmm11\n\t"
+          "mov %[chunks], %[k]\n\t"
+          "1:\n\t"
+          "vmovdqu64 (%[w]), %%zmm26\n\t"
+          "vpsrlw $4, %%zmm26, %%zmm27\n\t"
+          "vpandd %[m4]%{1to16%}, %%zmm26, %%zmm26\n\t"
+          "vpandd %[m4]%{1to16%}, %%zmm27, %%zmm27\n\t"
+          "vmovdqu64 (%[w],%[pb]), %%zmm28\n\t"
+          "vpsrlw $4, %%zmm28, %%zmm29\n\t"
+          "vpandd %[m4]%{1to16%}, %%zmm28, %%zmm28\n\t"
+          "vpandd %[m4]%{1to16%}, %%zmm29, %%zmm29\n\t"
+          "vmovdqu64 (%[w],%[pb],2), %%zmm30\n\t"
+          "vpsrlw $4, %%zmm30, %%zmm31\n\t"
+          "vpandd %[m4]%{1to16%}, %%zmm30, %%zmm30\n\t"
+          "vpandd %[m4]%{1to16%}, %%zmm31, %%zmm31\n\t"
+          "vpbroadcastd (%[x]), %%zmm24\n\t"
+          "vpbroadcastd 4(%[x]), %%zmm25\n\t"
+          "vpdpbusd %%zmm24, %%zmm26, %%zmm0\n\t"
+          "vpdpbusd %%zmm24, %%zmm28, %%zmm1\n\t"
+          "vpdpbusd %%zmm24, %%zmm30, %%zmm2\n\t"
+          "vpdpbusd %%zmm25, %%zmm27, %%zmm0\n\t"
+          "vpdpbusd %%zmm25, %%zmm29, %%zmm1\n\t"
+          "vpdpbusd %%zmm25, %%zmm31, %%zmm2\n\t"
+          "vpbroadcastd (%[x],%[lda]), %%zmm24\n\t"
+          "vpbroadcastd 4(%[x],%[lda]), %%zmm25\n\t"
+          "vpdpbusd %%zmm24, %%zmm26, %%zmm3\n\t"
+          "vpdpbusd %%zmm24, %%zmm28, %%zmm4\n\t"
+          "vpdpbusd %%zmm24, %%zmm30, %%zmm5\n\t"
+          "vpdpbusd %%zmm25, %%zmm27, %%zmm3\n\t"
+          "vpdpbusd %%zmm25, %%zmm29, %%zmm4\n\t"
+          "vpdpbusd %%zmm25, %%zmm31, %%zmm5\n\t"
+          "vpbroadcastd (%[x],%[lda],2), %%zmm24\n\t"
+          "vpbroadcastd 4(%[x],%[lda],2), %%zmm25\n\t"
+          "vpdpbusd %%zmm24, %%zmm26, %%zmm6\n\t"
+          "vpdpbusd %%zmm24, %%zmm28, %%zmm7\n\t"
+          "vpdpbusd %%zmm24, %%zmm30, %%zmm8\n\t"
+          "vpdpbusd %%zmm25, %%zmm27, %%zmm6\n\t"
+          "vpdpbusd %%zmm25, %%zmm29, %%zmm7\n\t"
+          "vpdpbusd %%zmm25, %%zmm31, %%zmm8\n\t"
+          "vpbroadcastd (%[x],%[lda3]), %%zmm24\n\t"
+          "vpbroadcastd 4(%[x],%[lda3]), %%zmm25\n\t"
+          "vpdpbusd %%zmm24, %%zmm26, %%zmm9\n\t"
+          "vpdpbusd %%zmm24, %%zmm28, %%zmm10\n\t"
+          "vpdpbusd %%zmm24, %%zmm30, %%zmm11\n\t"
+          "vpdpbusd %%zmm25, %%zmm27, %%zmm9\n\t"
+          "vpdpbusd %%zmm25, %%zmm29, %%zmm10\n\t"
+          "vpdpbusd %%zmm25, %%zmm31, %%zmm11\n\t"
+          "add $64, %[w]\n\t"
+          "add $8, %[x]\n\t"
+          "dec %[k]\n\t"
+          "jnz 1b\n\t"
+          "add %[xstep], %[x]\n\t"
+          // epilogue: per row r: d = cvt(acc) - zpp * sum_r; u = d * sw; f += u * sx_r
+          "vcvtdq2ps %%zmm0, %%zmm0\n\t"
+          "vcvtdq2ps %%zmm1, %%zmm1\n\t"
+          "vcvtdq2ps %%zmm2, %%zmm2\n\t"
+          "vcvtdq2ps %%zmm3, %%zmm3\n\t"
+          "vcvtdq2ps %%zmm4, %%zmm4\n\t"
+          "vcvtdq2ps %%zmm5, %%zmm5\n\t"
+          "vcvtdq2ps %%zmm6, %%zmm6\n\t"
+          "vcvtdq2ps %%zmm7, %%zmm7\n\t"
+          "vcvtdq2ps %%zmm8, %%zmm8\n\t"
+          "vcvtdq2ps %%zmm9, %%zmm9\n\t"
+          "vcvtdq2ps %%zmm10, %%zmm10\n\t"
+          "vcvtdq2ps %%zmm11, %%zmm11\n\t"
+          "vmovups 0(%[zp]), %%zmm26\n\t"
+          "vmovups 64(%[zp]), %%zmm27\n\t"
+          "vmovups 128(%[zp]), %%zmm28\n\t"
+          "vmovups 0(%[sw]), %%zmm29\n\t"
+          "vmovups 64(%[sw]), %%zmm30\n\t"
+          "vmovups 128(%[sw]), %%zmm31\n\t"
+          "vbroadcastss (%[sum]), %%zmm24\n\t"
+          "vbroadcastss (%[s]), %%zmm25\n\t"
+          "vfnmadd231ps %%zmm24, %%zmm26, %%zmm0\n\t"
+          "vfnmadd231ps %%zmm24, %%zmm27, %%zmm1\n\t"
+          "vfnmadd231ps %%zmm24, %%zmm28, %%zmm2\n\t"
+          "vmulps %%zmm29, %%zmm0, %%zmm0\n\t"
+          "vmulps %%zmm30, %%zmm1, %%zmm1\n\t"
+          "vmulps %%zmm31, %%zmm2, %%zmm2\n\t"
+          "vfmadd231ps %%zmm25, %%zmm0, %%zmm12\n\t"
+          "vfmadd231ps %%zmm25, %%zmm1, %%zmm13\n\t"
+          "vfmadd231ps %%zmm25, %%zmm2, %%zmm14\n\t"
+          "vbroadcastss (%[sum],%[rs]), %%zmm24\n\t"
+          "vbroadcastss (%[s],%[rs]), %%zmm25\n\t"
+          "vfnmadd231ps %%zmm24, %%zmm26, %%zmm3\n\t"
+          "vfnmadd231ps %%zmm24, %%zmm27, %%zmm4\n\t"
+          "vfnmadd231ps %%zmm24, %%zmm28, %%zmm5\n\t"
+          "vmulps %%zmm29, %%zmm3, %%zmm3\n\t"
+          "vmulps %%zmm30, %%zmm4, %%zmm4\n\t"
+          "vmulps %%zmm31, %%zmm5, %%zmm5\n\t"
+          "vfmadd231ps %%zmm25, %%zmm3, %%zmm15\n\t"
+          "vfmadd231ps %%zmm25, %%zmm4, %%zmm16\n\t"
+          "vfmadd231ps %%zmm25, %%zmm5, %%zmm17\n\t"
+          "vbroadcastss (%[sum],%[rs],2), %%zmm24\n\t"
+          "vbroadcastss (%[s],%[rs],2), %%zmm25\n\t"
+          "vfnmadd231ps %%zmm24, %%zmm26, %%zmm6\n\t"
+          "vfnmadd231ps %%zmm24, %%zmm27, %%zmm7\n\t"
+          "vfnmadd231ps %%zmm24, %%zmm28, %%zmm8\n\t"
+          "vmulps %%zmm29, %%zmm6, %%zmm6\n\t"
+          "vmulps %%zmm30, %%zmm7, %%zmm7\n\t"
+          "vmulps %%zmm31, %%zmm8, %%zmm8\n\t"
+          "vfmadd231ps %%zmm25, %%zmm6, %%zmm18\n\t"
+          "vfmadd231ps %%zmm25, %%zmm7, %%zmm19\n\t"
+          "vfmadd231ps %%zmm25, %%zmm8, %%zmm20\n\t"
+          "vbroadcastss (%[sum],%[rs3]), %%zmm24\n\t"
+          "vbroadcastss (%[s],%[rs3]), %%zmm25\n\t"
+          "vfnmadd231ps %%zmm24, %%zmm26, %%zmm9\n\t"
+          "vfnmadd231ps %%zmm24, %%zmm27, %%zmm10\n\t"
+          "vfnmadd231ps %%zmm24, %%zmm28, %%zmm11\n\t"
+          "vmulps %%zmm29, %%zmm9, %%zmm9\n\t"
+          "vmulps %%zmm30, %%zmm10, %%zmm10\n\t"
+          "vmulps %%zmm31, %%zmm11, %%zmm11\n\t"
+          "vfmadd231ps %%zmm25, %%zmm9, %%zmm21\n\t"
+          "vfmadd231ps %%zmm25, %%zmm10, %%zmm22\n\t"
+          "vfmadd231ps %%zmm25, %%zmm11, %%zmm23\n\t"
+          "add $4, %[sum]\n\t"
+          "add $4, %[s]\n\t"
+          "add %[padb], %[sw]\n\t"
+          "add %[padb], %[zp]\n\t"
+          "dec %[nseg]\n\t"
+          "jnz 2b\n\t"
+          "mov %[fptr], %[k]\n\t"
+          "vmovaps %%zmm12, 0(%[k])\n\t"
+          "vmovaps %%zmm13, 64(%[k])\n\t"
+          "vmovaps %%zmm14, 128(%[k])\n\t"
+          "vmovaps %%zmm15, 192(%[k])\n\t"
+          "vmovaps %%zmm16, 256(%[k])\n\t"
+          "vmovaps %%zmm17, 320(%[k])\n\t"
+          "vmovaps %%zmm18, 384(%[k])\n\t"
+          "vmovaps %%zmm19, 448(%[k])\n\t"
+          "vmovaps %%zmm20, 512(%[k])\n\t"
+          "vmovaps %%zmm21, 576(%[k])\n\t"
+          "vmovaps %%zmm22, 640(%[k])\n\t"
+          "vmovaps %%zmm23, 704(%[k])\n\t"
+          : [w] "+r"(wc), [x] "+r"(x), [sum] "+r"(sump), [s] "+r"(sp), [sw] "+r"(swp),
+            [zp] "+r"(zpp), [nseg] "+r"(nseg), [k] "+r"(k)
+          : [fptr] "m"(fptr), [chunks] "m"(chunks), [pb] "r"(pb), [lda] "r"(lda),
+            [lda3] "r"(lda3), [rs] "r"(rs), [rs3] "r"(rs3), [xstep] "m"(xstep),
+            [padb] "m"(pad_bytes), [m4] "m"(kLow4)
+          : "zmm0", "zmm1", "zmm2", "zmm3", "zmm4", "zmm5", "zmm6", "zmm7", "zmm8", "zmm9",
+            "zmm10", "zmm11", "zmm12", "zmm13", "zmm14", "zmm15", "zmm16", "zmm17", "zmm18",
+            "zmm19", "zmm20", "zmm21", "zmm22", "zmm23", "zmm24", "zmm25", "zmm26", "zmm27",
+            "zmm28", "zmm29", "zmm30", "zmm31", "memory", "cc");
+      BCT_UNROLL for (int r = 0; r < MR; ++r) BCT_UNROLL for (int v = 0; v < NV; ++v)
+        acc_f[r][v] = _mm512_load_ps(fm[r * NV + v]);
+      b_start = b1;  // done
+    }
+  }
+  for (int64_t b = b_start; b < b1; ++b) {
     const float* swb = w.sw.data() + b * w.npad + p0 * kPanel;
     if (!SPB1)
       BCT_UNROLL for (int r = 0; r < MR; ++r) BCT_UNROLL for (int v = 0; v < NV; ++v)
-        _mm512_store_ps(t[r][v], _mm512_setzero_ps());
-    for (int64_t jj = 0; jj < w.spb; ++jj) {
+        acc_f[r][v] = _mm512_setzero_ps();
+    bool block_done = false;
+    if constexpr (MR == 4 && NV == 3 && !INT4 && !SPB1) {
+      if (op.seg == nullptr) {
+        // 8-bit weights, several segments per weight block (w8a8): the whole block in
+        // assembly: int32 accumulators in zmm0-11, t = sum of d * 2^e in zmm12-23 (the
+        // products are exact, so the fused multiply-add is the reference's t + d * sx)
+        alignas(64) float tm[MR * NV][kPanel];
+        const int64_t j0 = b * w.spb;
+        const uint8_t* wc = wp + j0 * seg_bytes;
+        const int8_t* x = xr[0] + j0 * w.gp;
+        const int32_t* cp = op.corr + m0 * w.nseg + j0;
+        const float* sp = op.sx + m0 * w.nseg + j0;
+        const int64_t lda = op.lda, lda3 = 3 * op.lda;
+        const int64_t rs = w.nseg * 4, rs3 = 3 * w.nseg * 4, xstep = w.gp - 4 * chunks;
+        int64_t nseg = w.spb, k = 0;
+        asm volatile(
+            "vpxord %%zmm12, %%zmm12, %%zmm12\n\t"
+            "vpxord %%zmm13, %%zmm13, %%zmm13\n\t"
+            "vpxord %%zmm14, %%zmm14, %%zmm14\n\t"
+            "vpxord %%zmm15, %%zmm15, %%zmm15\n\t"
+            "vpxord %%zmm16, %%zmm16, %%zmm16\n\t"
+            "vpxord %%zmm17, %%zmm17, %%zmm17\n\t"
+            "vpxord %%zmm18, %%zmm18, %%zmm18\n\t"
+            "vpxord %%zmm19, %%zmm19, %%zmm19\n\t"
+            "vpxord %%zmm20, %%zmm20, %%zmm20\n\t"
+            "vpxord %%zmm21, %%zmm21, %%zmm21\n\t"
+            "vpxord %%zmm22, %%zmm22, %%zmm22\n\t"
+            "vpxord %%zmm23, %%zmm23, %%zmm23\n\t"
+            "2:\n\t"
+            "vpbroadcastd (%[c]), %%zmm0\n\t"
+            "vmovdqa64 %%zmm0, %%zmm1\n\t"
+            "vmovdqa64 %%zmm0, %%zmm2\n\t"
+            "vpbroadcastd (%[c],%[rs]), %%zmm3\n\t"
+            "vmovdqa64 %%zmm3, %%zmm4\n\t"
+            "vmovdqa64 %%zmm3, %%zmm5\n\t"
+            "vpbroadcastd (%[c],%[rs],2), %%zmm6\n\t"
+            "vmovdqa64 %%zmm6, %%zmm7\n\t"
+            "vmovdqa64 %%zmm6, %%zmm8\n\t"
+            "vpbroadcastd (%[c],%[rs3]), %%zmm9\n\t"
+            "vmovdqa64 %%zmm9, %%zmm10\n\t"
+            "vmovdqa64 %%zmm9, %%zmm11\n\t"
+            "mov %[chunks], %[k]\n\t"
+            "1:\n\t"
+            "vmovdqu64 (%[w]), %%zmm28\n\t"
+            "vmovdqu64 (%[w],%[pb]), %%zmm29\n\t"
+            "vmovdqu64 (%[w],%[pb],2), %%zmm30\n\t"
+            "vpbroadcastd (%[x]), %%zmm31\n\t"
+            "vpdpbusd %%zmm31, %%zmm28, %%zmm0\n\t"
+            "vpdpbusd %%zmm31, %%zmm29, %%zmm1\n\t"
+            "vpdpbusd %%zmm31, %%zmm30, %%zmm2\n\t"
+            "vpbroadcastd (%[x],%[lda]), %%zmm31\n\t"
+            "vpdpbusd %%zmm31, %%zmm28, %%zmm3\n\t"
+            "vpdpbusd %%zmm31, %%zmm29, %%zmm4\n\t"
+            "vpdpbusd %%zmm31, %%zmm30, %%zmm5\n\t"
+            "vpbroadcastd (%[x],%[lda],2), %%zmm31\n\t"
+            "vpdpbusd %%zmm31, %%zmm28, %%zmm6\n\t"
+            "vpdpbusd %%zmm31, %%zmm29, %%zmm7\n\t"
+            "vpdpbusd %%zmm31, %%zmm30, %%zmm8\n\t"
+            "vpbroadcastd (%[x],%[lda3]), %%zmm31\n\t"
+            "vpdpbusd %%zmm31, %%zmm28, %%zmm9\n\t"
+            "vpdpbusd %%zmm31, %%zmm29, %%zmm10\n\t"
+            "vpdpbusd %%zmm31, %%zmm30, %%zmm11\n\t"
+            "add $64, %[w]\n\t"
+            "add $4, %[x]\n\t"
+            "dec %[k]\n\t"
+            "jnz 1b\n\t"
+            "add %[xstep], %[x]\n\t"
+            "vbroadcastss (%[s]), %%zmm24\n\t"
+            "vbroadcastss (%[s],%[rs]), %%zmm25\n\t"
+            "vbroadcastss (%[s],%[rs],2), %%zmm26\n\t"
+            "vbroadcastss (%[s],%[rs3]), %%zmm27\n\t"
+            "vcvtdq2ps %%zmm0, %%zmm0\n\t"
+            "vcvtdq2ps %%zmm1, %%zmm1\n\t"
+            "vcvtdq2ps %%zmm2, %%zmm2\n\t"
+            "vcvtdq2ps %%zmm3, %%zmm3\n\t"
+            "vcvtdq2ps %%zmm4, %%zmm4\n\t"
+            "vcvtdq2ps %%zmm5, %%zmm5\n\t"
+            "vcvtdq2ps %%zmm6, %%zmm6\n\t"
+            "vcvtdq2ps %%zmm7, %%zmm7\n\t"
+            "vcvtdq2ps %%zmm8, %%zmm8\n\t"
+            "vcvtdq2ps %%zmm9, %%zmm9\n\t"
+            "vcvtdq2ps %%zmm10, %%zmm10\n\t"
+            "vcvtdq2ps %%zmm11, %%zmm11\n\t"
+            "vfmadd231ps %%zmm24, %%zmm0, %%zmm12\n\t"
+            "vfmadd231ps %%zmm24, %%zmm1, %%zmm13\n\t"
+            "vfmadd231ps %%zmm24, %%zmm2, %%zmm14\n\t"
+            "vfmadd231ps %%zmm25, %%zmm3, %%zmm15\n\t"
+            "vfmadd231ps %%zmm25, %%zmm4, %%zmm16\n\t"
+            "vfmadd231ps %%zmm25, %%zmm5, %%zmm17\n\t"
+            "vfmadd231ps %%zmm26, %%zmm6, %%zmm18\n\t"
+            "vfmadd231ps %%zmm26, %%zmm7, %%zmm19\n\t"
+            "vfmadd231ps %%zmm26, %%zmm8, %%zmm20\n\t"
+            "vfmadd231ps %%zmm27, %%zmm9, %%zmm21\n\t"
+            "vfmadd231ps %%zmm27, %%zmm10, %%zmm22\n\t"
+            "vfmadd231ps %%zmm27, %%zmm11, %%zmm23\n\t"
+            "add $4, %[c]\n\t"
+            "add $4, %[s]\n\t"
+            "dec %[nseg]\n\t"
+            "jnz 2b\n\t"
+            "vmovaps %%zmm12, 0(%[t])\n\t"
+            "vmovaps %%zmm13, 64(%[t])\n\t"
+            "vmovaps %%zmm14, 128(%[t])\n\t"
+            "vmovaps %%zmm15, 192(%[t])\n\t"
+            "vmovaps %%zmm16, 256(%[t])\n\t"
+            "vmovaps %%zmm17, 320(%[t])\n\t"
+            "vmovaps %%zmm18, 384(%[t])\n\t"
+            "vmovaps %%zmm19, 448(%[t])\n\t"
+            "vmovaps %%zmm20, 512(%[t])\n\t"
+            "vmovaps %%zmm21, 576(%[t])\n\t"
+            "vmovaps %%zmm22, 640(%[t])\n\t"
+            "vmovaps %%zmm23, 704(%[t])\n\t"
+            : [w] "+r"(wc), [x] "+r"(x), [c] "+r"(cp), [s] "+r"(sp), [nseg] "+r"(nseg),
+              [k] "+r"(k)
+            : [t] "r"(&tm[0][0]), [chunks] "r"(chunks), [pb] "r"(pb), [lda] "r"(lda),
+              [lda3] "r"(lda3), [rs] "r"(rs), [rs3] "r"(rs3), [xstep] "r"(xstep)
+            : "zmm0", "zmm1", "zmm2", "zmm3", "zmm4", "zmm5", "zmm6", "zmm7", "zmm8", "zmm9",
+              "zmm10", "zmm11", "zmm12", "zmm13", "zmm14", "zmm15", "zmm16", "zmm17", "zmm18",
+              "zmm19", "zmm20", "zmm21", "zmm22", "zmm23", "zmm24", "zmm25", "zmm26", "zmm27",
+              "zmm28", "zmm29", "zmm30", "zmm31", "memory", "cc");
+        BCT_UNROLL for (int r = 0; r < MR; ++r) BCT_UNROLL for (int v = 0; v < NV; ++v)
+          acc_f[r][v] = _mm512_load_ps(tm[r * NV + v]);
+        block_done = true;
+      }
+    }
+    for (int64_t jj = 0; jj < (block_done ? 0 : w.spb); ++jj) {
       const int64_t j = b * w.spb + jj;
       __m512i acc[MR][NV];
       BCT_UNROLL for (int r = 0; r < MR; ++r) {
@@ -388,7 +769,155 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vnni,fma"))) void TileAvx
       }
       const uint8_t* wj = wp + j * seg_bytes;
       const int64_t xo = j * w.gp;
-      if (!INT4) {
+      if constexpr (MR == 4 && NV == 3) {
+        // the full tile: the segment's K loop in assembly, accumulators in zmm0-11 (GCC
+        // surrounds vpdpbusd with register copies when it allocates 12 accumulators itself)
+        alignas(64) int32_t accm[MR * NV][kPanel];
+        BCT_UNROLL for (int r = 0; r < MR; ++r) BCT_UNROLL for (int v = 0; v < NV; ++v)
+          _mm512_store_si512(reinterpret_cast<void*>(accm[r * NV + v]), acc[r][v]);
+        const uint8_t* wc = wj;
+        const int8_t* x = xr[0] + xo;
+        const int64_t lda = op.lda, lda3 = 3 * op.lda;
+        int64_t count = chunks;
+        if (!INT4) {
+          asm volatile(
+              "vmovdqa64 0(%[acc]), %%zmm0\n\t"
+              "vmovdqa64 64(%[acc]), %%zmm1\n\t"
+              "vmovdqa64 128(%[acc]), %%zmm2\n\t"
+              "vmovdqa64 192(%[acc]), %%zmm3\n\t"
+              "vmovdqa64 256(%[acc]), %%zmm4\n\t"
+              "vmovdqa64 320(%[acc]), %%zmm5\n\t"
+              "vmovdqa64 384(%[acc]), %%zmm6\n\t"
+              "vmovdqa64 448(%[acc]), %%zmm7\n\t"
+              "vmovdqa64 512(%[acc]), %%zmm8\n\t"
+              "vmovdqa64 576(%[acc]), %%zmm9\n\t"
+              "vmovdqa64 640(%[acc]), %%zmm10\n\t"
+              "vmovdqa64 704(%[acc]), %%zmm11\n\t"
+              "1:\n\t"
+              "vmovdqu64 (%[w]), %%zmm28\n\t"
+              "vmovdqu64 (%[w],%[pb]), %%zmm29\n\t"
+              "vmovdqu64 (%[w],%[pb],2), %%zmm30\n\t"
+              "vpbroadcastd (%[x]), %%zmm31\n\t"
+              "vpdpbusd %%zmm31, %%zmm28, %%zmm0\n\t"
+              "vpdpbusd %%zmm31, %%zmm29, %%zmm1\n\t"
+              "vpdpbusd %%zmm31, %%zmm30, %%zmm2\n\t"
+              "vpbroadcastd (%[x],%[lda]), %%zmm31\n\t"
+              "vpdpbusd %%zmm31, %%zmm28, %%zmm3\n\t"
+              "vpdpbusd %%zmm31, %%zmm29, %%zmm4\n\t"
+              "vpdpbusd %%zmm31, %%zmm30, %%zmm5\n\t"
+              "vpbroadcastd (%[x],%[lda],2), %%zmm31\n\t"
+              "vpdpbusd %%zmm31, %%zmm28, %%zmm6\n\t"
+              "vpdpbusd %%zmm31, %%zmm29, %%zmm7\n\t"
+              "vpdpbusd %%zmm31, %%zmm30, %%zmm8\n\t"
+              "vpbroadcastd (%[x],%[lda3]), %%zmm31\n\t"
+              "vpdpbusd %%zmm31, %%zmm28, %%zmm9\n\t"
+              "vpdpbusd %%zmm31, %%zmm29, %%zmm10\n\t"
+              "vpdpbusd %%zmm31, %%zmm30, %%zmm11\n\t"
+              "add $64, %[w]\n\t"
+              "add $4, %[x]\n\t"
+              "dec %[n]\n\t"
+              "jnz 1b\n\t"
+              "vmovdqa64 %%zmm0, 0(%[acc])\n\t"
+              "vmovdqa64 %%zmm1, 64(%[acc])\n\t"
+              "vmovdqa64 %%zmm2, 128(%[acc])\n\t"
+              "vmovdqa64 %%zmm3, 192(%[acc])\n\t"
+              "vmovdqa64 %%zmm4, 256(%[acc])\n\t"
+              "vmovdqa64 %%zmm5, 320(%[acc])\n\t"
+              "vmovdqa64 %%zmm6, 384(%[acc])\n\t"
+              "vmovdqa64 %%zmm7, 448(%[acc])\n\t"
+              "vmovdqa64 %%zmm8, 512(%[acc])\n\t"
+              "vmovdqa64 %%zmm9, 576(%[acc])\n\t"
+              "vmovdqa64 %%zmm10, 640(%[acc])\n\t"
+              "vmovdqa64 %%zmm11, 704(%[acc])\n\t"
+              : [w] "+r"(wc), [x] "+r"(x), [n] "+r"(count)
+              : [acc] "r"(&accm[0][0]), [pb] "r"(pb), [lda] "r"(lda), [lda3] "r"(lda3)
+              : "zmm0", "zmm1", "zmm2", "zmm3", "zmm4", "zmm5", "zmm6", "zmm7", "zmm8",
+                "zmm9", "zmm10", "zmm11", "zmm28", "zmm29", "zmm30", "zmm31", "memory", "cc");
+        } else {
+          asm volatile(
+              "vmovdqa64 0(%[acc]), %%zmm0\n\t"
+              "vmovdqa64 64(%[acc]), %%zmm1\n\t"
+              "vmovdqa64 128(%[acc]), %%zmm2\n\t"
+              "vmovdqa64 192(%[acc]), %%zmm3\n\t"
+              "vmovdqa64 256(%[acc]), %%zmm4\n\t"
+              "vmovdqa64 320(%[acc]), %%zmm5\n\t"
+              "vmovdqa64 384(%[acc]), %%zmm6\n\t"
+              "vmovdqa64 448(%[acc]), %%zmm7\n\t"
+              "vmovdqa64 512(%[acc]), %%zmm8\n\t"
+              "vmovdqa64 576(%[acc]), %%zmm9\n\t"
+              "vmovdqa64 640(%[acc]), %%zmm10\n\t"
+              "vmovdqa64 704(%[acc]), %%zmm11\n\t"
+              "1:\n\t"
+              "vmovdqu64 (%[w]), %%zmm26\n\t"
+              "vpsrlw $4, %%zmm26, %%zmm27\n\t"
+              "vpandd %[m4], %%zmm26, %%zmm26\n\t"
+              "vpandd %[m4], %%zmm27, %%zmm27\n\t"
+              "vmovdqu64 (%[w],%[pb]), %%zmm28\n\t"
+              "vpsrlw $4, %%zmm28, %%zmm29\n\t"
+              "vpandd %[m4], %%zmm28, %%zmm28\n\t"
+              "vpandd %[m4], %%zmm29, %%zmm29\n\t"
+              "vmovdqu64 (%[w],%[pb],2), %%zmm30\n\t"
+              "vpsrlw $4, %%zmm30, %%zmm31\n\t"
+              "vpandd %[m4], %%zmm30, %%zmm30\n\t"
+              "vpandd %[m4], %%zmm31, %%zmm31\n\t"
+              "vpbroadcastd (%[x]), %%zmm24\n\t"
+              "vpbroadcastd 4(%[x]), %%zmm25\n\t"
+              "vpdpbusd %%zmm24, %%zmm26, %%zmm0\n\t"
+              "vpdpbusd %%zmm24, %%zmm28, %%zmm1\n\t"
+              "vpdpbusd %%zmm24, %%zmm30, %%zmm2\n\t"
+              "vpdpbusd %%zmm25, %%zmm27, %%zmm0\n\t"
+              "vpdpbusd %%zmm25, %%zmm29, %%zmm1\n\t"
+              "vpdpbusd %%zmm25, %%zmm31, %%zmm2\n\t"
+              "vpbroadcastd (%[x],%[lda]), %%zmm24\n\t"
+              "vpbroadcastd 4(%[x],%[lda]), %%zmm25\n\t"
+              "vpdpbusd %%zmm24, %%zmm26, %%zmm3\n\t"
+              "vpdpbusd %%zmm24, %%zmm28, %%zmm4\n\t"
+              "vpdpbusd %%zmm24, %%zmm30, %%zmm5\n\t"
+              "vpdpbusd %%zmm25, %%zmm27, %%zmm3\n\t"
+              "vpdpbusd %%zmm25, %%zmm29, %%zmm4\n\t"
+              "vpdpbusd %%zmm25, %%zmm31, %%zmm5\n\t"
+              "vpbroadcastd (%[x],%[lda],2), %%zmm24\n\t"
+              "vpbroadcastd 4(%[x],%[lda],2), %%zmm25\n\t"
+              "vpdpbusd %%zmm24, %%zmm26, %%zmm6\n\t"
+              "vpdpbusd %%zmm24, %%zmm28, %%zmm7\n\t"
+              "vpdpbusd %%zmm24, %%zmm30, %%zmm8\n\t"
+              "vpdpbusd %%zmm25, %%zmm27, %%zmm6\n\t"
+              "vpdpbusd %%zmm25, %%zmm29, %%zmm7\n\t"
+              "vpdpbusd %%zmm25, %%zmm31, %%zmm8\n\t"
+              "vpbroadcastd (%[x],%[lda3]), %%zmm24\n\t"
+              "vpbroadcastd 4(%[x],%[lda3]), %%zmm25\n\t"
+              "vpdpbusd %%zmm24, %%zmm26, %%zmm9\n\t"
+              "vpdpbusd %%zmm24, %%zmm28, %%zmm10\n\t"
+              "vpdpbusd %%zmm24, %%zmm30, %%zmm11\n\t"
+              "vpdpbusd %%zmm25, %%zmm27, %%zmm9\n\t"
+              "vpdpbusd %%zmm25, %%zmm29, %%zmm10\n\t"
+              "vpdpbusd %%zmm25, %%zmm31, %%zmm11\n\t"
+              "add $64, %[w]\n\t"
+              "add $8, %[x]\n\t"
+              "dec %[n]\n\t"
+              "jnz 1b\n\t"
+              "vmovdqa64 %%zmm0, 0(%[acc])\n\t"
+              "vmovdqa64 %%zmm1, 64(%[acc])\n\t"
+              "vmovdqa64 %%zmm2, 128(%[acc])\n\t"
+              "vmovdqa64 %%zmm3, 192(%[acc])\n\t"
+              "vmovdqa64 %%zmm4, 256(%[acc])\n\t"
+              "vmovdqa64 %%zmm5, 320(%[acc])\n\t"
+              "vmovdqa64 %%zmm6, 384(%[acc])\n\t"
+              "vmovdqa64 %%zmm7, 448(%[acc])\n\t"
+              "vmovdqa64 %%zmm8, 512(%[acc])\n\t"
+              "vmovdqa64 %%zmm9, 576(%[acc])\n\t"
+              "vmovdqa64 %%zmm10, 640(%[acc])\n\t"
+              "vmovdqa64 %%zmm11, 704(%[acc])\n\t"
+              : [w] "+r"(wc), [x] "+r"(x), [n] "+r"(count)
+              : [acc] "r"(&accm[0][0]), [pb] "r"(pb), [lda] "r"(lda), [lda3] "r"(lda3),
+                [m4] "v"(low4)
+              : "zmm0", "zmm1", "zmm2", "zmm3", "zmm4", "zmm5", "zmm6", "zmm7", "zmm8",
+                "zmm9", "zmm10", "zmm11", "zmm24", "zmm25", "zmm26", "zmm27", "zmm28",
+                "zmm29", "zmm30", "zmm31", "memory", "cc");
+        }
+        BCT_UNROLL for (int r = 0; r < MR; ++r) BCT_UNROLL for (int v = 0; v < NV; ++v)
+          acc[r][v] = _mm512_load_si512(reinterpret_cast<const void*>(accm[r * NV + v]));
+      } else if (!INT4) {
 #pragma GCC unroll 1
         for (int64_t c = 0; c < chunks; ++c) {
           __m512i wv[NV];
@@ -438,42 +967,41 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vnni,fma"))) void TileAvx
             _mm512_store_si512(reinterpret_cast<void*>(lanes), _mm512_cvtps_epi32(d));
             StoreSegmentSums(op, m0 + r, j, (p0 + v) * kPanel, lanes, kPanel);
           }
-          if (SPB1) {
+          if (SPB1) {  // f + round(d * sw) * 2^e: the product by 2^e is exact
             const __m512 u = _mm512_mul_ps(d, _mm512_loadu_ps(swb + v * kPanel));
-            // u * 2^e exact: = f + round(d * sw * sx)
-            _mm512_store_ps(f[r][v], _mm512_fmadd_ps(u, sx, _mm512_load_ps(f[r][v])));
-          } else {  // exact product: = t + d * sx
-            _mm512_store_ps(t[r][v], _mm512_fmadd_ps(d, sx, _mm512_load_ps(t[r][v])));
+            acc_f[r][v] = _mm512_fmadd_ps(u, sx, acc_f[r][v]);
+          } else {  // t + d * 2^e: exact product
+            acc_f[r][v] = _mm512_fmadd_ps(d, sx, acc_f[r][v]);
           }
         }
       }
     }
-    if (!SPB1)
+    if (!SPB1)  // f = f + round(t * sw), f in y
       BCT_UNROLL for (int r = 0; r < MR; ++r) BCT_UNROLL for (int v = 0; v < NV; ++v) {
-        const __m512 p = Rounded512(
-            _mm512_mul_ps(_mm512_load_ps(t[r][v]), _mm512_loadu_ps(swb + v * kPanel)));
-        _mm512_store_ps(f[r][v], _mm512_add_ps(_mm512_load_ps(f[r][v]), p));
+        const __m512 p = Rounded512(_mm512_mul_ps(acc_f[r][v], _mm512_loadu_ps(swb + v * kPanel)));
+        float* dst = y_at(r, v);
+        _mm512_mask_storeu_ps(dst, mask[v], _mm512_add_ps(_mm512_maskz_loadu_ps(mask[v], dst), p));
       }
   }
-  BCT_UNROLL for (int r = 0; r < MR; ++r) {
-    float* yr = op.y + (m0 + r) * w.n;
-    BCT_UNROLL for (int v = 0; v < NV; ++v) {
-      const int64_t col0 = (p0 + v) * kPanel;
-      __m512 out = _mm512_load_ps(f[r][v]);
-      if (op.bias) out = _mm512_add_ps(out, _mm512_loadu_ps(op.bias + col0));
+  BCT_UNROLL for (int r = 0; r < MR; ++r) BCT_UNROLL for (int v = 0; v < NV; ++v) {
+    float* dst = y_at(r, v);
+    if (!SPB1 && !last) continue;  // already in y
+    __m512 out = SPB1 ? acc_f[r][v] : _mm512_maskz_loadu_ps(mask[v], dst);
+    if (last) {
+      if (op.bias) out = _mm512_add_ps(out, _mm512_loadu_ps(op.bias + (p0 + v) * kPanel));
       if (op.ymul) out = _mm512_mul_ps(out, _mm512_set1_ps(*op.ymul));
-      const int64_t valid = w.n - col0;
-      if (valid >= kPanel) {
-        _mm512_storeu_ps(yr + col0, out);
-      } else {
-        _mm512_mask_storeu_ps(yr + col0, static_cast<__mmask16>((1u << valid) - 1), out);
-      }
     }
+    _mm512_mask_storeu_ps(dst, mask[v], out);
   }
 }
 
 // ---------------------------------------------------------------------------------------------
 // AVX2 path: a panel is two ymm halves (columns 0-7, 8-15); MR rows x 1 panel per tile.
+
+__attribute__((target("avx2"))) inline __m256 Rounded256(__m256 v) {
+  asm("" : "+x"(v));
+  return v;
+}
 
 template <int MR, bool INT4, bool SPB1>
 __attribute__((target("avx2,fma"))) void TileAvx2(const Operands& op, int64_t m0, int64_t p) {
@@ -562,8 +1090,8 @@ __attribute__((target("avx2,fma"))) void TileAvx2(const Operands& op, int64_t m0
     if (!SPB1)
       for (int r = 0; r < MR; ++r)
         for (int h = 0; h < 2; ++h)
-          f[r][h] = _mm256_add_ps(f[r][h],
-                                  Rounded(_mm256_mul_ps(t[r][h], _mm256_loadu_ps(swb + 8 * h))));
+          f[r][h] = _mm256_add_ps(
+              f[r][h], Rounded256(_mm256_mul_ps(t[r][h], _mm256_loadu_ps(swb + 8 * h))));
   }
   for (int r = 0; r < MR; ++r) {
     float* yr = op.y + (m0 + r) * w.n;
@@ -584,29 +1112,41 @@ __attribute__((target("avx2,fma"))) void TileAvx2(const Operands& op, int64_t m0
 // Dispatch of one (row range, panel range) to the register tiles.
 
 constexpr int kMrAvx512 = 4;
-constexpr int kNvAvx512 = 4;
+constexpr int kNvAvx512 = 3;
 constexpr int kMrAvx2 = 2;
+constexpr int64_t kL1SliceBytes = 16 * 1024;  // weights of one K slice of a column tile
 
 template <int MR, bool INT4, bool SPB1>
-void RowsAvx512(const Operands& op, int64_t m, int64_t p, int64_t nv) {
+void RowsAvx512(const Operands& op, int64_t m, int64_t p, int64_t nv, int64_t b0, int64_t b1) {
+  static_assert(kNvAvx512 == 3, "dispatch below covers NV = 1..3");
   switch (nv) {
-    case 4: if constexpr (kNvAvx512 >= 4) { TileAvx512<MR, 4 < kNvAvx512 + 1 ? 4 : 1, INT4, SPB1>(op, m, p); break; }
-    // fall through
-    case 3: if constexpr (kNvAvx512 >= 3) { TileAvx512<MR, 3 < kNvAvx512 + 1 ? 3 : 1, INT4, SPB1>(op, m, p); break; }
-    // fall through
-    case 2: if constexpr (kNvAvx512 >= 2) { TileAvx512<MR, 2, INT4, SPB1>(op, m, p); break; }
-    // fall through
-    default: TileAvx512<MR, 1, INT4, SPB1>(op, m, p);
+    case 3:
+      TileAvx512<MR, 3, INT4, SPB1>(op, m, p, b0, b1);
+      break;
+    case 2:
+      TileAvx512<MR, 2, INT4, SPB1>(op, m, p, b0, b1);
+      break;
+    default:
+      TileAvx512<MR, 1, INT4, SPB1>(op, m, p, b0, b1);
   }
 }
 
+// Rows [m0, m1) x panels [p0, p1): column tiles of NV panels, K in slices of whole weight
+// blocks (about kL1SliceBytes of weights), all row tiles per slice.
 template <bool INT4, bool SPB1>
 void RunAvx512(const Operands& op, int64_t m0, int64_t m1, int64_t p0, int64_t p1) {
+  const PackedWeights& w = *op.w;
+  const int64_t block_bytes = w.spb * w.chunks * 64 * kNvAvx512;  // one weight block, NV panels
+  const int64_t slice = std::max<int64_t>(1, kL1SliceBytes / block_bytes);
   for (int64_t p = p0; p < p1; p += kNvAvx512) {
     const int64_t nv = std::min<int64_t>(kNvAvx512, p1 - p);
-    int64_t m = m0;
-    for (; m + kMrAvx512 <= m1; m += kMrAvx512) RowsAvx512<kMrAvx512, INT4, SPB1>(op, m, p, nv);
-    for (; m < m1; ++m) RowsAvx512<1, INT4, SPB1>(op, m, p, nv);
+    for (int64_t b0 = 0; b0 < w.nblk; b0 += slice) {
+      const int64_t b1 = std::min(w.nblk, b0 + slice);
+      int64_t m = m0;
+      for (; m + kMrAvx512 <= m1; m += kMrAvx512)
+        RowsAvx512<kMrAvx512, INT4, SPB1>(op, m, p, nv, b0, b1);
+      for (; m < m1; ++m) RowsAvx512<1, INT4, SPB1>(op, m, p, nv, b0, b1);
+    }
   }
 }
 
@@ -829,12 +1369,6 @@ struct BlockMatMulKernel {
   }
 
   // Per-call scratch: activation codes and per-segment scale / sums.
-  struct Scratch {
-    std::unique_ptr<int8_t[]> a;
-    std::unique_ptr<float[]> sx, sumx;
-    std::unique_ptr<int32_t[]> corr;
-  };
-
   struct Job {
     const BlockMatMulKernel* self;
     Operands op;
@@ -873,13 +1407,11 @@ struct BlockMatMulKernel {
       int8_t* a = const_cast<int8_t*>(job.op.a) + m * lda;
       float* sx = const_cast<float*>(job.op.sx) + m * w.nseg;
       for (int64_t j = 0; j < w.nseg; ++j) {
-        const int8_t* src = q + j * w.g;
-        int8_t* dst = a + j * w.gp;
+        const int8_t* __restrict src = q + j * w.g;
+        int8_t* __restrict dst = a + j * w.gp;
         int32_t sum = 0;
-        for (int64_t i = 0; i < w.g; ++i) {
-          dst[i] = src[i];
-          sum += src[i];
-        }
+        for (int64_t i = 0; i < w.g; ++i) sum += src[i];
+        std::memcpy(dst, src, static_cast<size_t>(w.g));
         for (int64_t i = w.g; i < w.gp; ++i) dst[i] = 0;
         sx[j] = pow2_float(exps[(j * w.g) / act_block_]);
         if (w.int4)
@@ -951,7 +1483,9 @@ struct BlockMatMulKernel {
     }
   }
 
-  int64_t PanelsPerTask() const { return isa_ == kAvx512 ? kNvAvx512 : 1; }
+  int64_t PanelsPerTask() const {
+    return isa_ == kAvx512 ? kNvAvx512 : 1;
+  }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* raw) {
     try {
@@ -1063,29 +1597,17 @@ struct BlockMatMulKernel {
     }
     if (y == nullptr && yq == nullptr && seg == nullptr) return;
 
-    std::unique_ptr<float[]> yscratch;
-    float* ydata = nullptr;
-    if (y != nullptr) {
-      ydata = y.GetTensorMutableData<float>();
-    } else {
-      yscratch.reset(new float[static_cast<size_t>(std::max<int64_t>(rows * w.n, 1))]);
-      ydata = yscratch.get();
-    }
+    float* ydata = y != nullptr ? y.GetTensorMutableData<float>()
+                                : ThreadScratch<float>(kSlotY, static_cast<size_t>(rows * w.n));
     if (rows == 0) return;
 
-    Scratch s;
     const int64_t lda = w.nseg * w.gp;
-    s.a.reset(new int8_t[static_cast<size_t>(rows * lda)]);
-    s.sx.reset(new float[static_cast<size_t>(rows * w.nseg)]);
-    if (w.int4)
-      s.sumx.reset(new float[static_cast<size_t>(rows * w.nseg)]);
-    else
-      s.corr.reset(new int32_t[static_cast<size_t>(rows * w.nseg)]);
     job.op.w = &w;
-    job.op.a = s.a.get();
-    job.op.sx = s.sx.get();
-    job.op.corr = s.corr.get();
-    job.op.sumx = s.sumx.get();
+    job.op.a = ThreadScratch<int8_t>(kSlotA, static_cast<size_t>(rows * lda));
+    job.op.sx = ThreadScratch<float>(kSlotSx, static_cast<size_t>(rows * w.nseg));
+    // one slot: int32 corrections (8-bit weights) or float sums (int4 weights)
+    job.op.corr = w.int4 ? nullptr : ThreadScratch<int32_t>(kSlotSum, static_cast<size_t>(rows * w.nseg));
+    job.op.sumx = w.int4 ? ThreadScratch<float>(kSlotSum, static_cast<size_t>(rows * w.nseg)) : nullptr;
     job.op.bias = bias;
     job.op.ymul = ymul != nullptr ? ymul.GetTensorData<float>() : nullptr;
     job.op.y = ydata;
@@ -1221,7 +1743,7 @@ struct BlockBatchMatMulKernel {
   void RunBatch(Job& job, int64_t bi) const {
     const int64_t m = job.m, n = job.n, k = job.k, nb = job.nb;
     // b -> packed "weights": u8 = b + 128, one segment per block, scales per (block, column)
-    PackedWeights w;
+    thread_local PackedWeights w;  // storage reused across batches and runs
     w.k = k;
     w.n = n;
     w.block = w.act_block = w.g = block_;
@@ -1236,38 +1758,41 @@ struct BlockBatchMatMulKernel {
     const int8_t* b = job.b + bi * n * k;
     const float* bs = job.bs + bi * n * nb;
     for (int64_t c = 0; c < n; ++c) {
-      const int64_t p = c / kPanel, lane = c % kPanel;
-      uint8_t* panel = w.data.data() + p * w.panel_bytes();
-      for (int64_t kk = 0; kk < k; ++kk) {
-        const int64_t j = kk / w.g, r = kk % w.g;
-        panel[(j * w.chunks + r / 4) * 64 + lane * 4 + r % 4] =
-            static_cast<uint8_t>(static_cast<int32_t>(b[c * k + kk]) + 128);
-      }
+      uint8_t* panel = w.data.data() + (c / kPanel) * w.panel_bytes() + (c % kPanel) * 4;
       for (int64_t j = 0; j < nb; ++j) {
+        const int8_t* src = b + c * k + j * w.g;
+        uint8_t* dst = panel + j * w.chunks * 64;
+        int64_t i = 0;
+        for (; i + 4 <= w.g; i += 4) {  // 4 k of one column: +128 on each byte
+          uint32_t four;
+          std::memcpy(&four, src + i, 4);
+          four ^= 0x80808080u;
+          std::memcpy(dst + (i / 4) * 64, &four, 4);
+        }
+        for (; i < w.g; ++i) dst[(i / 4) * 64 + i % 4] = static_cast<uint8_t>(src[i] ^ 0x80);
         pow2_exponent(bs[c * nb + j]);  // pow2 scales only (throws otherwise)
         w.sw[j * w.npad + c] = bs[c * nb + j];
       }
     }
-    // a rows
-    const int64_t lda = nb * w.gp;
-    std::vector<int8_t> a(static_cast<size_t>(m * lda), 0);
-    std::vector<float> sx(static_cast<size_t>(m * nb));
-    std::vector<int32_t> corr(static_cast<size_t>(m * nb));
+    // a rows: used in place when the blocks need no padding
     const int8_t* ab = job.a + bi * m * k;
     const float* as = job.as + bi * m * nb;
+    const bool in_place = w.gp == w.g;
+    const int64_t lda = in_place ? k : nb * w.gp;
+    thread_local std::vector<int8_t> a;
+    thread_local std::vector<int32_t> corr;
+    if (!in_place) a.assign(static_cast<size_t>(m * lda), 0);
+    corr.resize(static_cast<size_t>(m * nb));
     for (int64_t r = 0; r < m; ++r)
       for (int64_t j = 0; j < nb; ++j) {
         pow2_exponent(as[r * nb + j]);
-        sx[r * nb + j] = as[r * nb + j];
+        const int8_t* src = ab + r * k + j * w.g;
         int32_t sum = 0;
-        for (int64_t i = 0; i < w.g; ++i) {
-          const int8_t v = ab[r * k + j * w.g + i];
-          a[r * lda + j * w.gp + i] = v;
-          sum += v;
-        }
+        for (int64_t i = 0; i < w.g; ++i) sum += src[i];
+        if (!in_place) std::memcpy(a.data() + r * lda + j * w.gp, src, static_cast<size_t>(w.g));
         corr[r * nb + j] = -128 * sum;
       }
-    std::vector<float> yscratch;
+    thread_local std::vector<float> yscratch;
     float* y = job.y ? job.y + bi * m * n : nullptr;
     if (!y) {
       yscratch.resize(static_cast<size_t>(m * n));
@@ -1275,8 +1800,8 @@ struct BlockBatchMatMulKernel {
     }
     Operands op;
     op.w = &w;
-    op.a = a.data();
-    op.sx = sx.data();
+    op.a = in_place ? ab : a.data();
+    op.sx = as;
     op.corr = corr.data();
     op.ymul = job.ymul;
     op.y = y;
