@@ -1,6 +1,1344 @@
-// IntGelu, IntSoftmax, IntLayerNorm (placeholder until the kernels land).
+// IntGelu, IntSoftmax, IntLayerNorm: integer kernels, bit-exact with their numpy references in
+// bctonnx/ops/ref_nonlinear.py (the specification: read it first; the comments below name the
+// step of the reference each piece implements).
+//
+// Data path: integers only. Per element everything is int32/uint32 (bounds: see the reference's
+// docstrings); per row int64 and, for LayerNorm's variance, unsigned __int128. The only floating
+// point is the construction of GELU's constant table (float64 with + - * / in the reference's
+// order, no FMA contraction), the exact float32 powers of two of the scales and the starting
+// guess of an exact integer square root.
+//
+// Two implementations of every row kernel, giving the same bits:
+// - portable: the reference's steps literally, scalar C++ (target_clones avx2/default so the
+//   compiler may vectorize it on AVX2 machines; nothing in a cloned function throws);
+// - AVX-512, hand-written intrinsics, chosen at run time when the CPU has it: F/BW/VL/DQ for
+//   IntSoftmax (block sizes multiple of 16), + VBMI for IntGelu's byte-table lookups (any block
+//   size), + CD (lzcnt) for IntLayerNorm (block sizes multiple of 16, <= 1024).
+// Rows are independent and split over ORT's intra-op thread pool (KernelContext::ParallelFor);
+// scratch memory is per thread and reused across calls. Validation (shapes, pow2 scales, mask
+// values) happens before the parallel section: nothing throws inside it.
+// The node attribute `simd` (int, default 1; 0 = portable kernels) exists for the tests.
+#include <algorithm>
+#include <array>
+#include <cfloat>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
 #include "common.h"
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define BCT_X86 1
+#include <immintrin.h>
+#else
+#define BCT_X86 0
+#endif
+
+#if defined(FLT_EVAL_METHOD) && FLT_EVAL_METHOD != 0
+#error "the GELU table needs plain IEEE double evaluation (FLT_EVAL_METHOD == 0, e.g. SSE2)"
+#endif
+
+#if BCT_X86 && defined(__GNUC__) && !defined(__clang__)
+#define BCT_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define BCT_CLONES
+#endif
+#if BCT_X86
+#define BCT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#define BCT_AVX512VBMI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi")))
+#define BCT_AVX512CD __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512cd")))
+#endif
+
 namespace bct {
-void AddNonlinearOps(Ort::CustomOpDomain& /*domain*/) {}
+namespace {
+
+using Ort::Custom::Tensor;
+
+// ------------------------------------------------------------------------------------------
+// Small integer helpers
+
+inline int bitlen_u64(uint64_t v) { return v ? 64 - __builtin_clzll(v) : 0; }
+
+inline int bitlen_u128(unsigned __int128 v) {
+  const uint64_t hi = static_cast<uint64_t>(v >> 64);
+  return hi ? 64 + bitlen_u64(hi) : bitlen_u64(static_cast<uint64_t>(v));
+}
+
+// ref: reblock. Smallest k with m <= 127 * 2^k, for 1 <= m < 2^63.
+inline int fit_shift(uint64_t m) {
+  const int k = bitlen_u64(m) - 7;
+  const bool fits = k >= 0 ? m <= (uint64_t{127} << k) : (m << -k) <= 127;
+  return fits ? k : k + 1;
+}
+
+// ref: reblock. Output exponent of a block with max |v| = m on the grid 2^g.
+inline int reblock_exponent(uint64_t m, int g) {
+  if (m == 0) return -128;
+  return std::clamp(g + fit_shift(m), -128, 127);
+}
+
+// round_half_even(v / 2^n), __int128, 1 <= n <= 126.
+inline __int128 shift_round_even_128(__int128 v, int n) {
+  const __int128 q = v >> n;  // floor
+  const __int128 r = v - (q << n);
+  const __int128 half = static_cast<__int128>(1) << (n - 1);
+  if (r > half || (r == half && (q & 1))) return q + 1;
+  return q;
+}
+
+// Exact floor(sqrt(v)) for v < 2^62: a starting guess from the (correctly rounded) double
+// sqrt, then exact integer corrections, so the result is the mathematical floor.
+inline uint64_t isqrt_u64(uint64_t v) {
+  uint64_t r = static_cast<uint64_t>(std::sqrt(static_cast<double>(v)));
+  while (r * r > v) --r;
+  while ((r + 1) * (r + 1) <= v) ++r;
+  return r;
+}
+
+// int8 codes of one block from exact values v (|v| < 2^31) on the grid 2^g: the exponent and
+// clamp(round_half_even(v / 2^(e - g)), -127, 127) (ref: reblock). Portable.
+inline void requantize_block(const int32_t* v, int n, int g, int8_t* out, float* scale) {
+  int64_t m = 0;
+  for (int i = 0; i < n; ++i) m = std::max<int64_t>(m, std::abs(static_cast<int64_t>(v[i])));
+  const int e = reblock_exponent(static_cast<uint64_t>(m), g);
+  *scale = pow2_float(e);
+  const int k = e - g;
+  if (m == 0) {
+    std::memset(out, 0, n);
+    return;
+  }
+  for (int i = 0; i < n; ++i)
+    out[i] = static_cast<int8_t>(std::clamp<int64_t>(shift_round_even(v[i], k), -127, 127));
+}
+
+// Block exponents of a scale tensor, validated (pow2_exponent throws on a non-power of two).
+// Normal powers of two (sign 0, mantissa 0, exponent field 1..254) are decoded in a branch-free
+// loop; anything else goes through pow2_exponent (subnormals, or the error).
+std::vector<int16_t> scale_exponents(const float* s, int64_t count) {
+  std::vector<int16_t> e(static_cast<size_t>(count));
+  uint32_t bad = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, s + i, sizeof bits);
+    const uint32_t field = bits >> 23;  // sign must be 0
+    bad |= (bits & 0x7FFFFFu) | static_cast<uint32_t>(field - 1u > 253u);
+    e[i] = static_cast<int16_t>(static_cast<int32_t>(field) - 127);
+  }
+  if (bad)
+    for (int64_t i = 0; i < count; ++i) e[i] = static_cast<int16_t>(pow2_exponent(s[i]));
+  return e;
+}
+
+struct Blocking {
+  int64_t rows = 0, d = 0, nb = 0, b = 0;
+};
+
+Blocking check_blocked(const Tensor<int8_t>& x, const Tensor<float>& scale, int64_t block_size,
+                       const char* op) {
+  const auto& xs = x.Shape();
+  const auto& ss = scale.Shape();
+  if (xs.empty()) throw std::runtime_error(std::string(op) + ": x must have rank >= 1");
+  Blocking bl;
+  bl.b = block_size;
+  bl.d = xs.back();
+  bl.nb = num_blocks(bl.d, block_size);
+  bl.rows = 1;
+  for (size_t i = 0; i + 1 < xs.size(); ++i) bl.rows *= xs[i];
+  std::vector<int64_t> want(xs.begin(), xs.end() - 1);
+  want.push_back(bl.nb);
+  if (ss != want) {
+    std::string msg = std::string(op) + ": x_scale shape must be x.shape[:-1] + [ceil(D/B)] = [";
+    for (size_t i = 0; i < want.size(); ++i) msg += (i ? ", " : "") + std::to_string(want[i]);
+    throw std::runtime_error(msg + "], got [" + scale.Shape2Str() + "]");
+  }
+  return bl;
+}
+
+int64_t read_block_size(const OrtKernelInfo* info, const char* op) {
+  Ort::ConstKernelInfo ki(info);
+  int64_t b = 0;
+  try {
+    b = ki.GetAttribute<int64_t>("block_size");
+  } catch (const Ort::Exception&) {
+    throw std::runtime_error(std::string(op) + ": attribute block_size is required");
+  }
+  if (b < 1 || b > 4096)
+    throw std::runtime_error(std::string(op) + ": block_size must be in 1..4096, got " +
+                             std::to_string(b));
+  return b;
+}
+
+// AVX-512 kernels allowed? Attribute `simd` (tests only; 0 forces the portable kernels) and
+// the library-wide BCTONNX_ISA cap (avx512|avx2|scalar, read when a session creates the kernel;
+// avx2 and scalar mean the portable kernels here).
+bool read_simd(const OrtKernelInfo* info, const char* op) {
+  Ort::ConstKernelInfo ki(info);
+  bool simd = true;
+  try {
+    simd = ki.GetAttribute<int64_t>("simd") != 0;
+  } catch (const Ort::Exception&) {
+  }
+  if (const char* isa = std::getenv("BCTONNX_ISA"); isa && *isa) {
+    if (std::strcmp(isa, "avx2") == 0 || std::strcmp(isa, "scalar") == 0) return false;
+    if (std::strcmp(isa, "avx512") != 0)
+      throw std::runtime_error(std::string(op) + ": BCTONNX_ISA=" + isa +
+                               " is not one of avx512, avx2, scalar");
+  }
+  return simd;
+}
+
+#if BCT_X86
+bool cpu_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return ok;
+}
+bool cpu_avx512vbmi() {
+  static const bool ok = cpu_avx512() && __builtin_cpu_supports("avx512vbmi");
+  return ok;
+}
+bool cpu_avx512cd() {
+  static const bool ok = cpu_avx512() && __builtin_cpu_supports("avx512cd");
+  return ok;
+}
+#else
+bool cpu_avx512() { return false; }
+bool cpu_avx512vbmi() { return false; }
+bool cpu_avx512cd() { return false; }
+#endif
+
+// Per-thread scratch buffer reused across calls (grows, never shrinks): no allocation per
+// row, chunk or call in steady state.
+template <class T, int Tag>
+T* scratch(size_t n) {
+  thread_local std::vector<T> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
+// Rows [0, rows) in up to 16 chunks of >= ~16K units of work over ORT's intra-op pool (inline
+// when it has one thread).
+template <class F>
+void parallel_rows(OrtKernelContext* ctx, int64_t rows, int64_t work_per_row, F&& f) {
+  const int64_t work = rows * std::max<int64_t>(1, work_per_row);
+  const int64_t want = std::clamp<int64_t>(work / 16384, 1, std::min<int64_t>(rows, 16));
+  const int64_t per_chunk = (rows + want - 1) / want;
+  const int64_t chunks = (rows + per_chunk - 1) / per_chunk;
+  if (chunks <= 1) {
+    f(int64_t{0}, rows);
+    return;
+  }
+  struct Job {
+    F* f;
+    int64_t rows, per_chunk;
+  } job{&f, rows, per_chunk};
+  Ort::KernelContext(ctx).ParallelFor(
+      [](void* p, size_t i) {
+        auto* j = static_cast<Job*>(p);
+        const int64_t r0 = static_cast<int64_t>(i) * j->per_chunk;
+        (*j->f)(r0, std::min(j->rows, r0 + j->per_chunk));
+      },
+      static_cast<size_t>(chunks), 0, &job);
+}
+
+// 16-lane validity mask of the chunk starting at element `start` of a row of length d.
+__attribute__((always_inline)) inline uint16_t lanes16(int64_t start, int64_t d) {
+  const int64_t left = d - start;
+  return left >= 16 ? uint16_t{0xFFFF}
+                    : static_cast<uint16_t>((1u << std::max<int64_t>(left, 0)) - 1u);
+}
+
+#if BCT_X86
+
+BCT_AVX512 inline int hmax_epi8(__m128i m) {
+  m = _mm_max_epi8(m, _mm_alignr_epi8(m, m, 8));
+  m = _mm_max_epi8(m, _mm_alignr_epi8(m, m, 4));
+  m = _mm_max_epi8(m, _mm_alignr_epi8(m, m, 2));
+  m = _mm_max_epi8(m, _mm_alignr_epi8(m, m, 1));
+  return static_cast<int8_t>(_mm_cvtsi128_si32(m) & 0xFF);
+}
+#endif
+
+// ------------------------------------------------------------------------------------------
+// IntGelu (ref: int_gelu, gelu_table, _phi)
+
+constexpr int kGeluF = 16;
+constexpr int kGeluELo = -30;
+constexpr int kGeluEHi = 3;
+constexpr int kGeluNE = kGeluEHi - kGeluELo + 1;
+constexpr int kGeluKMin = -6;  // |T| >= 1 -> k >= -6
+constexpr int kGeluKMax = 24;  // |T| < 2^23 -> k > 24 gives zeros
+constexpr int kGeluNK = kGeluKMax - kGeluKMin + 1;
+
+// float64 table construction: the reference's operations in the reference's order.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+#endif
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+
+constexpr double kTwoOverSqrtPi = 1.1283791670955126;
+constexpr double kInvSqrtPi = 0.5641895835477563;
+constexpr double kInvSqrt2 = 0.7071067811865475;
+constexpr double kEInv = 0.36787944117144233;
+
+double exp_neg(double y) {  // ref: _exp_neg, 0 <= y < 100
+  const double n = std::floor(y);
+  const double r = y - n;
+  double s = 1.0;
+  for (int k = 30; k >= 1; --k) s = 1.0 - r * s / k;
+  const long ni = static_cast<long>(n);
+  for (long i = 0; i < ni; ++i) s = s * kEInv;
+  return s;
+}
+
+double erf_taylor(double z) {  // ref: _erf_taylor, 0 <= z < 2.5
+  const double z2 = z * z;
+  double term = z, s = z;
+  for (int n = 1; n < 60; ++n) {
+    term = term * -z2 / n;
+    s = s + term / (2 * n + 1);
+  }
+  return s * kTwoOverSqrtPi;
+}
+
+double erfc_cf(double z) {  // ref: _erfc_cf, 2.5 <= z < 10
+  double t = z;
+  for (int n = 100; n >= 1; --n) t = z + (n * 0.5) / t;
+  return exp_neg(z * z) * kInvSqrtPi / t;
+}
+
+double phi(double x) {  // ref: _phi
+  const double z = std::fabs(x) * kInvSqrt2;
+  const bool pos = x >= 0;
+  if (z < 2.5) {
+    const double h = erf_taylor(z);
+    return pos ? 0.5 + 0.5 * h : 0.5 - 0.5 * h;
+  }
+  if (z < 10.0) {
+    const double c = erfc_cf(z);
+    return pos ? 1.0 - 0.5 * c : 0.5 * c;
+  }
+  return pos ? 1.0 : 0.0;
+}
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
+
+struct GeluTables {
+  int32_t t[kGeluNE][256];                         // T[e][q + 128]
+  int32_t negmax[kGeluNE];                         // max |T| over q < 0
+  alignas(64) int8_t codes[kGeluNE][kGeluNK][256];  // clamp(shift_round_even(T, k), -127, 127)
+};
+
+const GeluTables& gelu_tables() {
+  static const GeluTables* tables = [] {
+    auto* g = new GeluTables;
+    for (int ei = 0; ei < kGeluNE; ++ei) {
+      const int e = kGeluELo + ei;
+      g->negmax[ei] = 0;
+      for (int q = -128; q < 128; ++q) {
+        const double qs = static_cast<double>(q) * 65536.0;
+        const double v = std::nearbyint(qs * phi(std::ldexp(static_cast<double>(q), e)));
+        const int32_t t = static_cast<int32_t>(v);
+        g->t[ei][q + 128] = t;
+        if (q < 0) g->negmax[ei] = std::max(g->negmax[ei], std::abs(t));
+      }
+      for (int ki = 0; ki < kGeluNK; ++ki)
+        for (int q = 0; q < 256; ++q)
+          g->codes[ei][ki][q] = static_cast<int8_t>(
+              std::clamp<int64_t>(shift_round_even(g->t[ei][q], kGeluKMin + ki), -127, 127));
+    }
+    return g;
+  }();
+  return *tables;
+}
+
+// Per block, given the max code `hi` and whether a negative code is present: the block's
+// max |T| (exact; the scan over negative codes only runs when they might dominate), the output
+// exponent, and the code table row (nullptr: all codes 0).
+struct GeluBlock {
+  int eo;
+  const int8_t* table;
+};
+
+inline GeluBlock gelu_block(const GeluTables& tb, const int8_t* xb, int n, int e, int hi,
+                            bool anyneg) {
+  const int ei = std::clamp(e, kGeluELo, kGeluEHi) - kGeluELo;
+  const int32_t* t = tb.t[ei];
+  int64_t m = hi > 0 ? t[hi + 128] : 0;  // GELU is increasing for x > 0
+  if (anyneg && m < tb.negmax[ei]) {      // negatives may dominate: exact max
+    m = 0;
+    for (int i = 0; i < n; ++i) m = std::max<int64_t>(m, std::abs(t[xb[i] + 128]));
+  }
+  const int g = e - kGeluF;
+  const int eo = reblock_exponent(static_cast<uint64_t>(m), g);
+  const int k = eo - g;
+  if (m == 0 || k > kGeluKMax) return {eo, nullptr};
+  return {eo, tb.codes[ei][k - kGeluKMin]};
+}
+
+BCT_CLONES void gelu_rows_portable(const GeluTables& tb, const Blocking& bl, const int8_t* x,
+                        const int16_t* ex, int8_t* y, float* ys, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t b = 0; b < bl.nb; ++b) {
+      const int64_t off = r * bl.d + b * bl.b;
+      const int n = static_cast<int>(std::min(bl.b, bl.d - b * bl.b));
+      const int8_t* xb = x + off;
+      int hi = -128;
+      bool anyneg = false;
+      for (int i = 0; i < n; ++i) {
+        hi = std::max<int>(hi, xb[i]);
+        anyneg |= xb[i] < 0;
+      }
+      const GeluBlock gb = gelu_block(tb, xb, n, ex[r * bl.nb + b], hi, anyneg);
+      ys[r * bl.nb + b] = pow2_float(gb.eo);
+      if (!gb.table) {
+        std::memset(y + off, 0, n);
+      } else {
+        for (int i = 0; i < n; ++i) y[off + i] = gb.table[static_cast<uint8_t>(xb[i]) ^ 0x80u];
+      }
+    }
+  }
+}
+
+#if BCT_X86
+// AVX-512 VBMI: the 256-entry byte table lives in four zmm registers; two vpermi2b pick from
+// its halves and the index's top bit chooses.
+BCT_AVX512VBMI void gelu_rows_avx512(const GeluTables& tb, const Blocking& bl, const int8_t* x,
+                                     const int16_t* ex, int8_t* y, float* ys, int64_t r0,
+                                     int64_t r1) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const __m512i lowest = _mm512_set1_epi8(-128);
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t b = 0; b < bl.nb; ++b) {
+      const int64_t off = r * bl.d + b * bl.b;
+      const int n = static_cast<int>(std::min(bl.b, bl.d - b * bl.b));
+      const int8_t* xb = x + off;
+      __m512i mx = lowest;
+      __mmask64 neg = 0;
+      for (int i = 0; i < n; i += 64) {
+        const __mmask64 k = n - i >= 64 ? ~__mmask64{0} : ((__mmask64{1} << (n - i)) - 1);
+        const __m512i v = _mm512_mask_loadu_epi8(lowest, k, xb + i);
+        mx = _mm512_max_epi8(mx, v);
+        neg |= _mm512_movepi8_mask(v) & k;
+      }
+      __m256i m256 = _mm256_max_epi8(_mm512_castsi512_si256(mx), _mm512_extracti64x4_epi64(mx, 1));
+      const int hi = hmax_epi8(
+          _mm_max_epi8(_mm256_castsi256_si128(m256), _mm256_extracti128_si256(m256, 1)));
+      const GeluBlock gb = gelu_block(tb, xb, n, ex[r * bl.nb + b], hi, neg != 0);
+      ys[r * bl.nb + b] = pow2_float(gb.eo);
+      if (!gb.table) {
+        std::memset(y + off, 0, n);
+        continue;
+      }
+      const __m512i t0 = _mm512_loadu_si512(gb.table);
+      const __m512i t1 = _mm512_loadu_si512(gb.table + 64);
+      const __m512i t2 = _mm512_loadu_si512(gb.table + 128);
+      const __m512i t3 = _mm512_loadu_si512(gb.table + 192);
+      for (int i = 0; i < n; i += 64) {
+        const __mmask64 k = n - i >= 64 ? ~__mmask64{0} : ((__mmask64{1} << (n - i)) - 1);
+        const __m512i idx = _mm512_xor_si512(_mm512_maskz_loadu_epi8(k, xb + i), flip);
+        const __m512i lo = _mm512_permutex2var_epi8(t0, idx, t1);
+        const __m512i hv = _mm512_permutex2var_epi8(t2, idx, t3);
+        const __m512i res = _mm512_mask_blend_epi8(_mm512_movepi8_mask(idx), lo, hv);
+        _mm512_mask_storeu_epi8(y + off + i, k, res);
+      }
+    }
+  }
+}
+#endif
+
+struct IntGeluKernel {
+  int64_t block_size;
+  bool simd;
+  IntGeluKernel(const OrtApi*, const OrtKernelInfo* info)
+      : block_size(read_block_size(info, "IntGelu")), simd(read_simd(info, "IntGelu")) {
+    gelu_tables();
+  }
+  void Compute(OrtKernelContext* ctx, const Tensor<int8_t>& x, const Tensor<float>& x_scale,
+               Tensor<int8_t>& y, Tensor<float>& y_scale) {
+    const Blocking bl = check_blocked(x, x_scale, block_size, "IntGelu");
+    int8_t* yo = y.Allocate(x.Shape());
+    float* so = y_scale.Allocate(x_scale.Shape());
+    if (bl.rows == 0 || bl.d == 0) return;
+    const auto ex = scale_exponents(x_scale.Data(), bl.rows * bl.nb);
+    const GeluTables& tb = gelu_tables();
+    const int8_t* xi = x.Data();
+    const bool fast = simd && cpu_avx512vbmi();
+    parallel_rows(ctx, bl.rows, bl.d, [&](int64_t r0, int64_t r1) {
+#if BCT_X86
+      if (fast) return gelu_rows_avx512(tb, bl, xi, ex.data(), yo, so, r0, r1);
+#endif
+      gelu_rows_portable(tb, bl, xi, ex.data(), yo, so, r0, r1);
+    });
+  }
+};
+
+// ------------------------------------------------------------------------------------------
+// IntSoftmax (ref: int_softmax, exp2_neg_q16)
+
+constexpr int64_t kLog2eQ30 = 1549082005;
+constexpr int64_t kTSat = int64_t{1} << 21;  // huge-score branch: n = 32 -> E = 0
+constexpr uint32_t kC0 = 65535, kC1 = 45420, kC2 = 15693, kC3 = 3488, kC4 = 448;
+
+// c_b = shift_round_even(round(log2 e * 2^30), 10 + delta) for delta = e_top - e_b >= 0
+// (0 from delta = 22 on).
+constexpr int32_t log2e_coef_at(int n) {
+  const int64_t q = kLog2eQ30 >> n, r = kLog2eQ30 - (q << n), half = int64_t{1} << (n - 1);
+  return static_cast<int32_t>((r > half || (r == half && (q & 1))) ? q + 1 : q);
+}
+constexpr std::array<int32_t, 22> kLog2eCoef = [] {
+  std::array<int32_t, 22> t{};
+  for (int i = 0; i < 22; ++i) t[i] = log2e_coef_at(10 + i);
+  return t;
+}();
+inline int32_t log2e_coef(int delta) { return delta < 22 ? kLog2eCoef[delta] : 0; }
+
+// ~65536 * 2^(-f/65536), f in [0, 65536): ref exp2_neg_q16 (every operand < 2^16).
+inline uint32_t exp2_neg_q16(uint32_t f) {
+  uint32_t acc = kC4;
+  acc = kC3 - ((f * acc) >> 16);
+  acc = kC2 - ((f * acc) >> 16);
+  acc = kC1 - ((f * acc) >> 16);
+  return kC0 - ((f * acc) >> 16);
+}
+
+// Mask information per distinct mask row: unmasked flags, per block any/all, per row any.
+struct MaskRows {
+  bool present = false;
+  int64_t padded = 0;               // nb * B rounded up to 16
+  std::vector<uint8_t> flags;       // [mask rows, padded], 1 = unmasked (padding: 0)
+  std::vector<uint16_t> bits;       // the same as 16-bit lane masks
+  std::vector<uint8_t> block_any;   // [mask rows, nb]
+  std::vector<uint8_t> row_any;     // [mask rows]
+  std::vector<int64_t> row_of;      // x row -> mask row
+  int64_t steps = 0;                // 32-lane steps per row
+  std::vector<uint32_t> valid32;    // [steps]: lanes inside the row
+  std::vector<uint32_t> k32;        // [mask rows, steps]: valid and unmasked lanes
+};
+
+MaskRows build_mask(const Blocking& bl, const std::vector<int64_t>& xshape,
+                    const Tensor<float>* mask) {
+  MaskRows mr;
+  mr.padded = (bl.nb * bl.b + 31) / 32 * 32;
+  mr.steps = (bl.d + 31) / 32;
+  mr.valid32.resize(static_cast<size_t>(mr.steps));
+  for (int64_t st = 0; st < mr.steps; ++st)
+    mr.valid32[st] = uint32_t{lanes16(st * 32, bl.d)} | (uint32_t{lanes16(st * 32 + 16, bl.d)} << 16);
+  if (mask == nullptr) return mr;
+  mr.present = true;
+  const auto& ms = mask->Shape();
+  const size_t xr = xshape.size();
+  if (ms.size() > xr) throw std::runtime_error("IntSoftmax: mask has a higher rank than x");
+  std::vector<int64_t> mfull(xr, 1);
+  for (size_t i = 0; i < ms.size(); ++i) mfull[xr - ms.size() + i] = ms[i];
+  for (size_t i = 0; i < xr; ++i)
+    if (mfull[i] != 1 && mfull[i] != xshape[i])
+      throw std::runtime_error("IntSoftmax: mask shape [" + mask->Shape2Str() +
+                               "] does not broadcast to x");
+  const int64_t mlast = mfull[xr - 1];
+  int64_t mrows = 1;
+  for (size_t i = 0; i + 1 < xr; ++i) mrows *= mfull[i];
+  const float* md = mask->Data();
+  const int64_t padded = mr.padded;
+  mr.flags.assign(static_cast<size_t>(mrows * padded), 0);
+  mr.bits.assign(static_cast<size_t>(mrows * padded / 16), 0);
+  mr.block_any.assign(static_cast<size_t>(mrows * bl.nb), 0);
+  mr.row_any.assign(static_cast<size_t>(mrows), 0);
+  for (int64_t r = 0; r < mrows; ++r) {
+    uint8_t* f = mr.flags.data() + r * padded;
+    uint16_t* bits = mr.bits.data() + r * padded / 16;
+    for (int64_t i = 0; i < bl.d; ++i) {
+      const float v = md[r * mlast + (mlast == 1 ? 0 : i)];
+      const bool masked = v < -1000.0f;
+      if (!masked && v != 0.0f)
+        throw std::runtime_error(
+            "IntSoftmax: mask values must be 0 or < -1000 (an additive attention mask), got " +
+            std::to_string(v));
+      f[i] = masked ? 0 : 1;
+      if (!masked) bits[i / 16] |= static_cast<uint16_t>(1u << (i % 16));
+    }
+    for (int64_t b = 0; b < bl.nb; ++b) {
+      const int64_t n = std::min(bl.b, bl.d - b * bl.b);
+      bool any = false;
+      for (int64_t i = 0; i < n; ++i) any |= f[b * bl.b + i] != 0;
+      mr.block_any[r * bl.nb + b] = any;
+      mr.row_any[r] |= any;
+    }
+  }
+  mr.k32.resize(static_cast<size_t>(mrows * mr.steps));
+  for (int64_t r = 0; r < mrows; ++r)
+    for (int64_t st = 0; st < mr.steps; ++st)
+      mr.k32[r * mr.steps + st] =
+          mr.valid32[st] & (uint32_t{mr.bits[r * padded / 16 + 2 * st]} |
+                            (uint32_t{mr.bits[r * padded / 16 + 2 * st + 1]} << 16));
+  // x row -> mask row: walk the multi-index of x.shape[:-1] (no divisions).
+  mr.row_of.resize(static_cast<size_t>(bl.rows));
+  const size_t lead = xr - 1;
+  std::vector<int64_t> idx(lead, 0), mstride(lead, 0);
+  int64_t st = 1;
+  for (size_t i = lead; i-- > 0;) {
+    mstride[i] = mfull[i] == 1 ? 0 : st;
+    st *= mfull[i];
+  }
+  int64_t cur = 0;
+  for (int64_t r = 0; r < bl.rows; ++r) {
+    mr.row_of[r] = cur;
+    for (size_t i = lead; i-- > 0;) {
+      ++idx[i];
+      cur += mstride[i];
+      if (idx[i] < xshape[i]) break;
+      cur -= mstride[i] * idx[i];
+      idx[i] = 0;
+    }
+  }
+  return mr;
+}
+
+struct SoftmaxRow {
+  const int8_t* q = nullptr;
+  const int16_t* e = nullptr;
+  const uint8_t* flags = nullptr;  // nullptr: nothing masked
+  const uint16_t* bits = nullptr;
+  const uint8_t* bany = nullptr;
+  const uint32_t* k32 = nullptr;     // per 32-lane step: valid and unmasked lanes
+  const uint32_t* valid32 = nullptr; // per 32-lane step: valid lanes
+  uint8_t* y = nullptr;
+};
+
+// Steps 1-4 of the reference for one row, literally (scalar).
+BCT_CLONES void softmax_row_portable(const Blocking& bl, const SoftmaxRow& row, uint32_t* ebuf) {
+  const bool masked = row.flags != nullptr;
+  auto unmasked = [&](int64_t i) { return !masked || row.flags[i] != 0; };
+  auto block_any = [&](int64_t b) { return !masked || row.bany[b] != 0; };
+  int e_top = INT_MIN;
+  for (int64_t b = 0; b < bl.nb; ++b)
+    if (block_any(b)) e_top = std::max<int>(e_top, row.e[b]);
+  if (e_top == INT_MIN) {  // fully masked row
+    std::memset(row.y, 0, bl.d);
+    return;
+  }
+  int64_t lmax = INT64_MIN;
+  for (int64_t b = 0; b < bl.nb; ++b) {
+    if (!block_any(b)) continue;
+    const int64_t c = log2e_coef(e_top - row.e[b]);
+    for (int64_t i = b * bl.b; i < std::min(bl.d, (b + 1) * bl.b); ++i)
+      if (unmasked(i)) lmax = std::max<int64_t>(lmax, row.q[i] * c);
+  }
+  const int sh = 4 - e_top;  // P - 16
+  uint64_t s = 0;
+  for (int64_t b = 0; b < bl.nb; ++b) {
+    const int64_t c = block_any(b) ? log2e_coef(e_top - row.e[b]) : 0;
+    for (int64_t i = b * bl.b; i < std::min(bl.d, (b + 1) * bl.b); ++i) {
+      if (!unmasked(i)) {
+        ebuf[i] = 0;
+        continue;
+      }
+      const int64_t d = lmax - row.q[i] * c;  // >= 0
+      int64_t t;
+      if (sh >= 0) {
+        t = d >> std::min(sh, 31);
+      } else {
+        const int shl = std::min(-sh, 31);
+        t = d > (kTSat >> shl) ? kTSat : (d << shl);
+      }
+      const int64_t n = t >> 16;
+      const uint32_t g = exp2_neg_q16(static_cast<uint32_t>(t & 0xFFFF));
+      ebuf[i] = n < 32 ? (g << 16) >> n : 0;
+      s += ebuf[i] >> 8;
+    }
+  }
+  const uint32_t rr = static_cast<uint32_t>(std::min<uint64_t>((uint64_t{1} << 40) / s, 0xFFFF));
+  for (int64_t i = 0; i < bl.d; ++i) {
+    const uint32_t h = ((ebuf[i] >> 16) * rr) >> 16;
+    const uint32_t p = (h + 127 + ((h >> 8) & 1u)) >> 8;
+    row.y[i] = static_cast<uint8_t>(std::min<uint32_t>(p, 255));
+  }
+}
+
+#if BCT_X86
+// Word permutations (vpermt2w indices): kIdxF gathers the low words (f) of two dword vectors
+// so that unpacklo/hi_epi16(0, .) give back dwords in the order of the first / second vector;
+// kIdxHi gathers the high words of two dword vectors in element order.
+struct WordIdx {
+  alignas(64) uint16_t f[32];
+  alignas(64) uint16_t hi[32];
+};
+constexpr WordIdx kWordIdx = [] {
+  WordIdx w{};
+  for (int j = 0; j < 4; ++j)
+    for (int i = 0; i < 4; ++i) {
+      w.f[8 * j + i] = static_cast<uint16_t>(2 * (4 * j + i));
+      w.f[8 * j + 4 + i] = static_cast<uint16_t>(32 + 2 * (4 * j + i));
+    }
+  for (int k = 0; k < 16; ++k) {
+    w.hi[k] = static_cast<uint16_t>(2 * k + 1);
+    w.hi[16 + k] = static_cast<uint16_t>(32 + 2 * k + 1);
+  }
+  return w;
+}();
+
+// Step 4 for one row on 32 lanes: y = min(255, round_half_even(((E >> 16) * R) >> 16, 8)).
+BCT_AVX512 __attribute__((always_inline)) inline void softmax_normalize_avx512(
+    const uint16_t* w, uint32_t rr, const uint32_t* valid32, int64_t steps, uint8_t* y) {
+  const __m512i vr = _mm512_set1_epi16(static_cast<int16_t>(rr));
+  const __m512i bias = _mm512_set1_epi16(127);
+  const __m512i one16 = _mm512_set1_epi16(1);
+  for (int64_t st = 0; st < steps; ++st) {
+    const __m512i h = _mm512_mulhi_epu16(_mm512_loadu_si512(w + st * 32), vr);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi16(h, 8), one16);
+    const __m512i p = _mm512_srli_epi16(_mm512_adds_epu16(_mm512_adds_epu16(h, bias), odd), 8);
+    _mm256_mask_storeu_epi8(y + st * 32, valid32[st], _mm512_cvtepi16_epi8(p));
+  }
+}
+
+// Steps 1-4 with AVX-512 for block sizes that are multiples of 16 (a 16-lane chunk never
+// straddles two blocks), 32 elements per step. Step 4 of a row runs after steps 1-3 of the
+// next one, so the row's division is off the critical path.
+BCT_AVX512 void softmax_rows_avx512(const Blocking& bl, const int8_t* x, const int16_t* ex,
+                                    const MaskRows& mr, uint8_t* y, int64_t r0, int64_t r1) {
+  const int64_t d = bl.d, nb = bl.nb, steps = mr.steps, cpb = bl.b / 16;
+  int32_t* lbuf = scratch<int32_t, 10>(static_cast<size_t>(steps * 32));
+  int32_t* c16 = scratch<int32_t, 11>(static_cast<size_t>(steps * 2));
+  uint16_t* wbuf = scratch<uint16_t, 12>(static_cast<size_t>(steps * 64));
+  uint32_t* ebuf = scratch<uint32_t, 13>(static_cast<size_t>(d));
+  const __m512i idx_f = _mm512_load_si512(kWordIdx.f);
+  const __m512i idx_hi = _mm512_load_si512(kWordIdx.hi);
+  const __m512i c0v = _mm512_set1_epi16(static_cast<int16_t>(kC0));
+  const __m512i c1v = _mm512_set1_epi16(static_cast<int16_t>(kC1));
+  const __m512i c2v = _mm512_set1_epi16(static_cast<int16_t>(kC2));
+  const __m512i c3v = _mm512_set1_epi16(static_cast<int16_t>(kC3));
+  const __m512i c4v = _mm512_set1_epi16(static_cast<int16_t>(kC4));
+  const __m512i zero = _mm512_setzero_si512();
+  const __m512i lowest = _mm512_set1_epi32(INT_MIN);
+  int64_t prev = -1;  // row waiting for step 4, its R and its wbuf slot (slot ^ 1)
+  uint32_t prev_rr = 0;
+  int slot = 0;
+  for (int64_t r = r0; r < r1; ++r) {
+    SoftmaxRow row;
+    row.q = x + r * d;
+    row.e = ex + r * nb;
+    row.y = y + r * d;
+    row.valid32 = mr.valid32.data();
+    row.k32 = mr.valid32.data();
+    if (mr.present) {
+      const int64_t m = mr.row_of[r];
+      if (!mr.row_any[m]) {  // fully masked row
+        std::memset(row.y, 0, d);
+        continue;
+      }
+      row.flags = mr.flags.data() + m * mr.padded;
+      row.bits = mr.bits.data() + m * mr.padded / 16;
+      row.bany = mr.block_any.data() + m * nb;
+      row.k32 = mr.k32.data() + m * steps;
+    }
+    int e_top = INT_MIN;
+    for (int64_t b = 0; b < nb; ++b)
+      if (!row.bany || row.bany[b]) e_top = std::max<int>(e_top, row.e[b]);
+    const int sh = 4 - e_top;
+    if (sh < 0) {  // huge scores (> 2^12): rare, portable
+      softmax_row_portable(bl, row, ebuf);
+      continue;
+    }
+    for (int64_t b = 0, j = 0; b < nb; ++b) {
+      const int32_t c = !row.bany || row.bany[b] ? log2e_coef(e_top - row.e[b]) : 0;
+      for (int64_t i = 0; i < cpb && j < steps * 2; ++i) c16[j++] = c;
+    }
+    if (steps * 2 > nb * cpb) c16[steps * 2 - 1] = 0;  // odd number of 16-lane chunks
+    // 1. L = q c_b and its max over unmasked lanes
+    __m512i vmax = lowest;
+    for (int64_t st = 0; st < steps; ++st) {
+      const uint32_t kk = row.k32[st];
+      const __m256i qq = _mm256_maskz_loadu_epi8(kk, row.q + st * 32);
+      const __m512i l0 = _mm512_mullo_epi32(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(qq)),
+                                            _mm512_set1_epi32(c16[2 * st]));
+      const __m512i l1 = _mm512_mullo_epi32(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(qq, 1)),
+                                            _mm512_set1_epi32(c16[2 * st + 1]));
+      vmax = _mm512_mask_max_epi32(vmax, static_cast<__mmask16>(kk), vmax, l0);
+      vmax = _mm512_mask_max_epi32(vmax, static_cast<__mmask16>(kk >> 16), vmax, l1);
+      _mm512_storeu_si512(lbuf + st * 32, l0);
+      _mm512_storeu_si512(lbuf + st * 32 + 16, l1);
+    }
+    const __m512i vlmax = _mm512_set1_epi32(_mm512_reduce_max_epi32(vmax));
+    // 2.-3. t = (lmax - L) >> sh; g = 65535 - f (C1 - f (...)) on 16-bit lanes; E = (g << 16) >> n
+    const __m512i vsh = _mm512_set1_epi32(std::min(sh, 31));
+    uint16_t* w = wbuf + slot * steps * 32;
+    __m512i acc32 = zero, acc64 = zero;
+    for (int64_t st0 = 0; st0 < steps; st0 += 120) {  // each lane grows by < 2^25 per step
+      const int64_t st1 = std::min(steps, st0 + 120);
+      for (int64_t st = st0; st < st1; ++st) {
+        const uint32_t kk = row.k32[st];
+        const __mmask16 k0 = static_cast<__mmask16>(kk), k1 = static_cast<__mmask16>(kk >> 16);
+        const __m512i t0 = _mm512_maskz_srav_epi32(
+            k0, _mm512_sub_epi32(vlmax, _mm512_loadu_si512(lbuf + st * 32)), vsh);
+        const __m512i t1 = _mm512_maskz_srav_epi32(
+            k1, _mm512_sub_epi32(vlmax, _mm512_loadu_si512(lbuf + st * 32 + 16)), vsh);
+        const __m512i f = _mm512_permutex2var_epi16(t0, idx_f, t1);
+        __m512i a = _mm512_sub_epi16(c3v, _mm512_mulhi_epu16(f, c4v));
+        a = _mm512_sub_epi16(c2v, _mm512_mulhi_epu16(f, a));
+        a = _mm512_sub_epi16(c1v, _mm512_mulhi_epu16(f, a));
+        const __m512i g = _mm512_sub_epi16(c0v, _mm512_mulhi_epu16(f, a));
+        const __m512i e0 = _mm512_maskz_srlv_epi32(k0, _mm512_unpacklo_epi16(zero, g), _mm512_srli_epi32(t0, 16));
+        const __m512i e1 = _mm512_maskz_srlv_epi32(k1, _mm512_unpackhi_epi16(zero, g), _mm512_srli_epi32(t1, 16));
+        _mm512_storeu_si512(w + st * 32, _mm512_permutex2var_epi16(e0, idx_hi, e1));
+        acc32 = _mm512_add_epi32(acc32, _mm512_add_epi32(_mm512_srli_epi32(e0, 8), _mm512_srli_epi32(e1, 8)));
+      }
+      acc64 = _mm512_add_epi64(acc64, _mm512_cvtepu32_epi64(_mm512_castsi512_si256(acc32)));
+      acc64 = _mm512_add_epi64(acc64, _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(acc32, 1)));
+      acc32 = zero;
+    }
+    const uint64_t s = static_cast<uint64_t>(_mm512_reduce_add_epi64(acc64));
+    const uint32_t rr = static_cast<uint32_t>(std::min<uint64_t>((uint64_t{1} << 40) / s, 0xFFFF));
+    if (prev >= 0)
+      softmax_normalize_avx512(wbuf + (slot ^ 1) * steps * 32, prev_rr,
+                               mr.valid32.data(), steps, y + prev * d);
+    prev = r;
+    prev_rr = rr;
+    slot ^= 1;
+  }
+  if (prev >= 0)
+    softmax_normalize_avx512(wbuf + (slot ^ 1) * steps * 32, prev_rr, mr.valid32.data(),
+                             steps, y + prev * d);
+}
+#endif
+
+void softmax_rows(const Blocking& bl, const int8_t* x, const int16_t* ex, const MaskRows& mr,
+                  bool fast, uint8_t* y, int64_t r0, int64_t r1) {
+#if BCT_X86
+  if (fast) return softmax_rows_avx512(bl, x, ex, mr, y, r0, r1);
+#endif
+  (void)fast;
+  std::vector<uint32_t> ebuf(static_cast<size_t>(bl.d));
+  for (int64_t r = r0; r < r1; ++r) {
+    SoftmaxRow row;
+    row.q = x + r * bl.d;
+    row.e = ex + r * bl.nb;
+    row.y = y + r * bl.d;
+    if (mr.present) {
+      const int64_t m = mr.row_of[r];
+      row.flags = mr.flags.data() + m * mr.padded;
+      row.bany = mr.block_any.data() + m * bl.nb;
+    }
+    softmax_row_portable(bl, row, ebuf.data());
+  }
+}
+
+struct IntSoftmaxKernel {
+  int64_t block_size;
+  bool simd;
+  IntSoftmaxKernel(const OrtApi*, const OrtKernelInfo* info)
+      : block_size(read_block_size(info, "IntSoftmax")), simd(read_simd(info, "IntSoftmax")) {}
+  void Compute(OrtKernelContext* ctx, const Tensor<int8_t>& x, const Tensor<float>& x_scale,
+               std::optional<const Tensor<float>*> mask, Tensor<uint8_t>& y) {
+    const Blocking bl = check_blocked(x, x_scale, block_size, "IntSoftmax");
+    uint8_t* yo = y.Allocate(x.Shape());
+    if (bl.rows == 0 || bl.d == 0) return;
+    const auto ex = scale_exponents(x_scale.Data(), bl.rows * bl.nb);
+    const MaskRows mr = build_mask(bl, x.Shape(), mask.has_value() ? *mask : nullptr);
+    const int8_t* xi = x.Data();
+    const bool fast = simd && cpu_avx512() && bl.b % 16 == 0;
+    parallel_rows(ctx, bl.rows, bl.d * 4, [&](int64_t r0, int64_t r1) {
+      softmax_rows(bl, xi, ex.data(), mr, fast, yo, r0, r1);
+    });
+  }
+};
+
+// ------------------------------------------------------------------------------------------
+// IntLayerNorm (ref: int_layernorm)
+
+constexpr int64_t kLnMaxH = 4096;
+constexpr int kLnWindow = 16;
+constexpr int kZBits = 16;
+constexpr int kWBits = 8;
+
+struct LnParams {
+  std::vector<int32_t> gamma;  // [nb * B] (zero padded), int32 for the vector loops
+  std::vector<int32_t> bterm;  // shift_round_even(beta, g - eb), [nb * B]
+  std::vector<int> g, a1;      // per block: output grid, right shift of z * gamma
+  uint32_t eps_mant = 0;       // epsilon = eps_mant * 2^eps_ex
+  int eps_ex = 0;
+};
+
+// eps / 2^(2 e_c) rounded half even, capped at 2^100 (ref: _eps_int).
+unsigned __int128 eps_int(uint32_t mant, int ex, int e_c) {
+  if (mant == 0) return 0;
+  const unsigned __int128 cap = static_cast<unsigned __int128>(1) << 100;
+  const int sh = ex - 2 * e_c;
+  if (sh >= 0) {
+    if (bitlen_u64(mant) + sh > 101) return cap;
+    return std::min(static_cast<unsigned __int128>(mant) << sh, cap);
+  }
+  return static_cast<unsigned __int128>(shift_round_even(mant, -sh));
+}
+
+// Per row after the sums: steps 2-4's row constants.
+struct LnRow {
+  int e_c;
+  uint32_t beta32;
+  int64_t hm;  // H * m (0: constant row)
+  int sh;      // 37 + j
+};
+
+inline LnRow ln_row_constants(const Blocking& bl, const LnParams& pp, int e_c, int64_t s1,
+                              int64_t s2) {
+  const int64_t h = bl.d;
+  const unsigned __int128 vv =
+      static_cast<unsigned __int128>(h) * static_cast<unsigned __int128>(s2) -
+      static_cast<unsigned __int128>(static_cast<__int128>(s1) * s1) +
+      static_cast<unsigned __int128>(h * h) * eps_int(pp.eps_mant, pp.eps_ex, e_c);
+  LnRow lr{e_c, 0, 0, 0};
+  if (vv == 0) return lr;
+  const int j = (bitlen_u128(vv) - 61) >> 1;  // floor (arithmetic shift)
+  const uint64_t vn = static_cast<uint64_t>(j >= 0 ? vv >> (2 * j) : vv << (-2 * j));
+  const uint64_t m = (uint64_t{1} << 61) / isqrt_u64(vn);
+  lr.sh = 45 + j - kWBits;
+  lr.hm = h * static_cast<int64_t>(m);
+  lr.beta32 = static_cast<uint32_t>(
+      shift_round_even_128(static_cast<__int128>(s1) * static_cast<__int128>(m), lr.sh));
+  return lr;
+}
+
+inline uint32_t ln_alpha(const LnRow& lr, int s) {
+  return lr.hm == 0 ? 0u
+                    : static_cast<uint32_t>(shift_round_even(lr.hm << std::max(s, 0), lr.sh));
+}
+
+BCT_CLONES void layernorm_rows_portable(const Blocking& bl, const LnParams& pp, const int8_t* x,
+                             const int16_t* ex, int8_t* y, float* ys, int64_t r0, int64_t r1) {
+  const int64_t h = bl.d;
+  std::vector<int32_t> xp(static_cast<size_t>(bl.b)), v(static_cast<size_t>(bl.b));
+  for (int64_t r = r0; r < r1; ++r) {
+    const int8_t* xr = x + r * h;
+    const int16_t* er = ex + r * bl.nb;
+    int e_max = er[0], e_min = er[0];
+    for (int64_t b = 1; b < bl.nb; ++b) {
+      e_max = std::max<int>(e_max, er[b]);
+      e_min = std::min<int>(e_min, er[b]);
+    }
+    const int e_c = std::max(e_min, e_max - kLnWindow);  // 1.
+    int64_t s1 = 0, s2 = 0;                              // 2.
+    for (int64_t b = 0; b < bl.nb; ++b) {
+      const int s = er[b] - e_c;
+      for (int64_t i = b * bl.b; i < std::min(h, (b + 1) * bl.b); ++i) {
+        const int64_t xv = s >= 0 ? int64_t{xr[i]} << s : shift_round_even(xr[i], -s);
+        s1 += xv;
+        s2 += xv * xv;
+      }
+    }
+    const LnRow lr = ln_row_constants(bl, pp, e_c, s1, s2);  // 3.
+    for (int64_t b = 0; b < bl.nb; ++b) {                    // 4.-5.
+      const int n = static_cast<int>(std::min(bl.b, h - b * bl.b));
+      const int s = er[b] - e_c;
+      const uint32_t alpha = ln_alpha(lr, s);
+      for (int i = 0; i < n; ++i) {
+        const int8_t q = xr[b * bl.b + i];
+        const int32_t xq = s >= 0 ? q : static_cast<int32_t>(shift_round_even(q, -s));
+        // exact value in (-2^31, 2^31): computed modulo 2^32
+        const int32_t p = static_cast<int32_t>(static_cast<uint32_t>(xq) * alpha - lr.beta32);
+        const int64_t z = (int64_t{p} + (1 << (kWBits - 1))) >> kWBits;  // round half up
+        const int64_t zg = z * pp.gamma[b * bl.b + i];
+        v[i] = static_cast<int32_t>(shift_round_even(zg, pp.a1[b]) + pp.bterm[b * bl.b + i]);
+      }
+      requantize_block(v.data(), n, pp.g[b], y + r * h + b * bl.b, ys + r * bl.nb + b);
+    }
+  }
+}
+
+#if BCT_X86
+// round_half_even(v / 2^k) per int32 lane, 1 <= k <= 30, |v| + 2^(k-1) < 2^31.
+BCT_AVX512 inline __m512i rne_epi32(__m512i v, int k) {
+  const __m512i kk = _mm512_set1_epi32(k);
+  const __m512i odd = _mm512_and_si512(_mm512_srav_epi32(v, kk), _mm512_set1_epi32(1));
+  const __m512i bias = _mm512_set1_epi32((1 << (k - 1)) - 1);
+  return _mm512_srav_epi32(_mm512_add_epi32(_mm512_add_epi32(v, bias), odd), kk);
+}
+
+// Max of each of 16 vectors (unsigned dwords), lane j of the result = max of v[kTreeOrder[j]]
+// (a transposed reduction: 45 shuffles/maxes for 16 horizontal reductions).
+template <bool kAdd>
+BCT_AVX512CD __attribute__((always_inline)) inline __m512i tree_op(__m512i a, __m512i b) {
+  return kAdd ? _mm512_add_epi32(a, b) : _mm512_max_epu32(a, b);
+}
+template <bool kAdd>
+BCT_AVX512CD __attribute__((always_inline)) inline __m512i htree16(const int32_t* p) {
+  __m512i v[16], x[8], y[4], z[2];
+  for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_si512(p + 16 * i);
+  for (int i = 0; i < 8; ++i)
+    x[i] = tree_op<kAdd>(_mm512_shuffle_i32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_i32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)
+    y[i] = tree_op<kAdd>(_mm512_shuffle_i32x4(x[2 * i], x[2 * i + 1], 0x88),
+                         _mm512_shuffle_i32x4(x[2 * i], x[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)
+    z[i] = tree_op<kAdd>(_mm512_unpacklo_epi64(y[2 * i], y[2 * i + 1]),
+                         _mm512_unpackhi_epi64(y[2 * i], y[2 * i + 1]));
+  const __m512 a = _mm512_castsi512_ps(z[0]), b = _mm512_castsi512_ps(z[1]);
+  return tree_op<kAdd>(_mm512_castps_si512(_mm512_shuffle_ps(a, b, 0x88)),
+                       _mm512_castps_si512(_mm512_shuffle_ps(a, b, 0xDD)));
+}
+// Unsigned max of each of 16 vectors; lane j of the result reduces v[order[j]] (see below).
+BCT_AVX512CD __attribute__((always_inline)) inline __m512i hmax16(const int32_t* p) {
+  return htree16<false>(p);
+}
+// Sum (mod 2^32) of each of 16 vectors, in the same lane order.
+BCT_AVX512CD __attribute__((always_inline)) inline __m512i hsum16(const int32_t* p) {
+  return htree16<true>(p);
+}
+
+// Lane permutation putting hmax16's result in block order (lane j = max of v[j]); found once by
+// running hmax16 on constant vectors.
+struct TreeInverse {
+  alignas(64) int32_t inv[16];
+};
+BCT_AVX512CD TreeInverse make_tree_inverse() {
+  std::array<int32_t, 256> v;
+  for (int i = 0; i < 256; ++i) v[i] = i / 16;
+  alignas(64) int32_t order[16];
+  _mm512_store_si512(order, hmax16(v.data()));
+  TreeInverse t{};
+  for (int j = 0; j < 16; ++j) t.inv[order[j]] = j;
+  return t;
+}
+const TreeInverse& tree_inverse() {
+  static const TreeInverse t = make_tree_inverse();
+  return t;
+}
+
+// Step 5's re-blocking for 16 blocks at once: exponent e = clamp(g + k, -128, 127) with k the
+// smallest shift with m <= 127 * 2^k (m = 0: e = -128), returned with the float32 scales 2^e.
+BCT_AVX512CD __attribute__((always_inline)) inline __m512i reblock_exponents16(__m512i m, __m512i g,
+                                                                             __m512* scale) {
+  const __m512i bl = _mm512_sub_epi32(_mm512_set1_epi32(32), _mm512_lzcnt_epi32(m));
+  const __m512i k = _mm512_sub_epi32(bl, _mm512_set1_epi32(7));
+  const __m512i zero = _mm512_setzero_si512();
+  const __m512i c127 = _mm512_set1_epi32(127);
+  const __mmask16 kpos = _mm512_cmpge_epi32_mask(k, zero);
+  const __m512i lim = _mm512_sllv_epi32(c127, _mm512_max_epi32(k, zero));  // k <= 24
+  const __m512i up = _mm512_sllv_epi32(m, _mm512_max_epi32(_mm512_sub_epi32(zero, k), zero));
+  const __mmask16 fits = (kpos & _mm512_cmple_epu32_mask(m, lim)) |
+                         (static_cast<__mmask16>(~kpos) & _mm512_cmple_epu32_mask(up, c127));
+  const __m512i kf = _mm512_mask_add_epi32(_mm512_add_epi32(k, _mm512_set1_epi32(1)), fits, k, zero);
+  __m512i e = _mm512_add_epi32(g, kf);
+  e = _mm512_min_epi32(_mm512_max_epi32(e, _mm512_set1_epi32(-128)), c127);
+  e = _mm512_mask_mov_epi32(e, _mm512_cmpeq_epi32_mask(m, zero), _mm512_set1_epi32(-128));
+  const __mmask16 normal = _mm512_cmpge_epi32_mask(e, _mm512_set1_epi32(-126));
+  const __m512i nbits = _mm512_slli_epi32(_mm512_add_epi32(e, c127), 23);
+  const __m512i sbits = _mm512_sllv_epi32(_mm512_set1_epi32(1), _mm512_add_epi32(e, _mm512_set1_epi32(149)));
+  *scale = _mm512_castsi512_ps(_mm512_mask_mov_epi32(sbits, normal, nbits));
+  return e;
+}
+
+// Steps 1-3 for one row: common grid, sums, row constants, per-chunk slopes; the codes to
+// read in step 4 (xr itself, or a copy in xq with the blocks below the grid window rounded).
+struct LnRowState {
+  LnRow lr{};
+  const int8_t* q = nullptr;
+};
+
+struct LnScratch {
+  int64_t nch, ngroups;
+  const uint16_t* valid;  // [nch]
+  int32_t* bsum;          // [ngroups * 256]: per block 16 lanes of sum q (pair sums)
+  int32_t* bsq;           // [ngroups * 256]: per block 16 lanes of sum q^2
+};
+
+BCT_AVX512CD __attribute__((always_inline)) inline void layernorm_prologue_avx512(
+    const Blocking& bl, const LnParams& pp, const int8_t* xr, const int16_t* er,
+    const LnScratch& sc, int8_t* xq, uint32_t* alpha_ch, LnRowState* st) {
+  const int64_t h = bl.d, bsz = bl.b, nb = bl.nb, cpb = bsz / 16;
+  int e_max = er[0], e_min = er[0];
+  for (int64_t b = 1; b < nb; ++b) {
+    e_max = std::max<int>(e_max, er[b]);
+    e_min = std::min<int>(e_min, er[b]);
+  }
+  const int e_c = std::max(e_min, e_max - kLnWindow);  // 1.
+  // 2. S1 = sum (sum q) << s, S2 = sum (sum q^2) << 2s: pair sums (vpmaddwd) per block,
+  // widened to int64 lanes and shifted there (blocks below the window: below)
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  const bool any_low = e_min < e_c;
+  __m512i acc1 = _mm512_setzero_si512(), acc2 = _mm512_setzero_si512();
+  for (int64_t b = 0, c = 0; b < nb; ++b) {
+    const int s = er[b] - e_c;
+    if (s < 0) {
+      c += cpb;
+      continue;
+    }
+    __m256i a = _mm256_setzero_si256(), q2 = _mm256_setzero_si256();
+    for (int64_t j = 0; j < cpb; ++j, ++c) {
+      const __m256i w = _mm256_cvtepi8_epi16(_mm_maskz_loadu_epi8(sc.valid[c], xr + c * 16));
+      a = _mm256_add_epi32(a, _mm256_madd_epi16(w, ones16));
+      q2 = _mm256_add_epi32(q2, _mm256_madd_epi16(w, w));
+    }
+    acc1 = _mm512_add_epi64(acc1, _mm512_sllv_epi64(_mm512_cvtepi32_epi64(a), _mm512_set1_epi64(s)));
+    acc2 = _mm512_add_epi64(acc2, _mm512_sllv_epi64(_mm512_cvtepi32_epi64(q2), _mm512_set1_epi64(2 * s)));
+  }
+  int64_t s1 = _mm512_reduce_add_epi64(acc1), s2 = _mm512_reduce_add_epi64(acc2);
+  st->q = xr;
+  if (any_low) {  // blocks more than 16 exponents below the max: rounded codes, scalar (rare)
+    std::memcpy(xq, xr, static_cast<size_t>(h));
+    for (int64_t b = 0; b < nb; ++b) {
+      const int s = er[b] - e_c;
+      if (s >= 0) continue;
+      const int64_t end = std::min(h, (b + 1) * bsz);
+      for (int64_t i = b * bsz; i < end; ++i) {
+        const int64_t xv = shift_round_even(xr[i], -s);
+        xq[i] = static_cast<int8_t>(xv);
+        s1 += xv;
+        s2 += xv * xv;
+      }
+    }
+    st->q = xq;
+  }
+  st->lr = ln_row_constants(bl, pp, e_c, s1, s2);  // 3.
+  int last_s = INT_MIN;
+  uint32_t last_alpha = 0;
+  for (int64_t b = 0, c = 0; b < nb; ++b) {
+    const int s = std::max(er[b] - e_c, 0);
+    if (s != last_s) {
+      last_s = s;
+      last_alpha = ln_alpha(st->lr, s);
+    }
+    for (int64_t j = 0; j < cpb; ++j) alpha_ch[c++] = last_alpha;
+  }
+}
+
+// Steps 1-5 with AVX-512 for block sizes that are multiples of 16 (<= 1024). Steps 1-3 of the
+// next row are issued before steps 4-5 of this one, so the row constants' scalar latency (sqrt,
+// divisions) overlaps with vector work.
+BCT_AVX512CD void layernorm_rows_avx512(const Blocking& bl, const LnParams& pp, const int8_t* x,
+                                        const int16_t* ex, int8_t* y, float* ys, int64_t r0,
+                                        int64_t r1) {
+  const int64_t h = bl.d, bsz = bl.b, nb = bl.nb, cpb = bsz / 16;
+  const int64_t nch = nb * cpb;            // 16-lane chunks (the last ones may be partly empty)
+  const int64_t ngroups = (nb + 15) / 16;  // 16 blocks per tree reduction
+  int32_t* vbuf = scratch<int32_t, 20>(static_cast<size_t>(nch * 16));
+  int8_t* xq = scratch<int8_t, 21>(static_cast<size_t>(2 * nch * 16));
+  uint16_t* valid = scratch<uint16_t, 22>(static_cast<size_t>(nch));
+  uint32_t* alpha = scratch<uint32_t, 23>(static_cast<size_t>(2 * nch));
+  int32_t* bmax = scratch<int32_t, 24>(static_cast<size_t>(ngroups * 256));  // per block 16 lanes
+  int32_t* gpad = scratch<int32_t, 25>(static_cast<size_t>(ngroups * 16));
+  int32_t* kk = scratch<int32_t, 26>(static_cast<size_t>(ngroups * 16));
+  int32_t* kbias = scratch<int32_t, 27>(static_cast<size_t>(ngroups * 16));
+  int32_t* bsum = scratch<int32_t, 28>(static_cast<size_t>(ngroups * 256));
+  int32_t* bsq = scratch<int32_t, 29>(static_cast<size_t>(ngroups * 256));
+  std::fill(bmax + nb * 16, bmax + ngroups * 256, 0);
+  std::fill(bsum + nb * 16, bsum + ngroups * 256, 0);
+  std::fill(bsq + nb * 16, bsq + ngroups * 256, 0);
+  std::fill(gpad, gpad + ngroups * 16, 0);
+  for (int64_t c = 0; c < nch; ++c) valid[c] = lanes16(c * 16, h);
+  bool any_a1 = false;
+  for (int64_t b = 0; b < nb; ++b) {
+    any_a1 |= pp.a1[b] != 0;
+    gpad[b] = pp.g[b];
+  }
+  const LnScratch sc{nch, ngroups, valid, bsum, bsq};
+  const __m512i inv = _mm512_load_si512(tree_inverse().inv);
+  const __m512i one32 = _mm512_set1_epi32(1);
+  const __m512i zero = _mm512_setzero_si512();
+  LnRowState state[2];
+  if (r0 < r1)
+    layernorm_prologue_avx512(bl, pp, x + r0 * h, ex + r0 * nb, sc, xq, alpha, &state[0]);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int cur = static_cast<int>((r - r0) & 1), nxt = cur ^ 1;
+    if (r + 1 < r1)
+      layernorm_prologue_avx512(bl, pp, x + (r + 1) * h, ex + (r + 1) * nb, sc,
+                                xq + nxt * nch * 16, alpha + nxt * nch, &state[nxt]);
+    const LnRowState& st = state[cur];
+    const uint32_t* al = alpha + cur * nch;
+    // 4.-5. v = round(z gamma, a1) + bterm for every chunk;
+    // z = (q alpha - beta + 128) >> 8 = (q alpha + (128 - beta)) >> 8 (mod 2^32, exact value in
+    // int32 range)
+    const __m512i vc = _mm512_set1_epi32(static_cast<int32_t>((1u << (kWBits - 1)) - st.lr.beta32));
+    for (int64_t b = 0, c = 0; b < nb; ++b) {
+      __m512i vm = zero;
+      const int a1 = pp.a1[b];
+      for (int64_t j = 0; j < cpb; ++j, ++c) {
+        const __m512i q = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(valid[c], st.q + c * 16));
+        const __m512i z = _mm512_srai_epi32(
+            _mm512_add_epi32(_mm512_mullo_epi32(q, _mm512_set1_epi32(static_cast<int32_t>(al[c]))), vc), kWBits);
+        __m512i zg = _mm512_mullo_epi32(z, _mm512_loadu_si512(pp.gamma.data() + c * 16));
+        if (any_a1) {
+          if (a1 > 30) {
+            zg = zero;  // |z gamma| < 2^30
+          } else if (a1 > 0) {
+            zg = rne_epi32(zg, a1);
+          }
+        }
+        const __m512i v = _mm512_maskz_add_epi32(valid[c], zg, _mm512_loadu_si512(pp.bterm.data() + c * 16));
+        _mm512_storeu_si512(vbuf + c * 16, v);
+        vm = _mm512_max_epu32(vm, _mm512_abs_epi32(v));
+      }
+      _mm512_storeu_si512(bmax + b * 16, vm);  // the block's max |v| per lane
+    }
+    // exponents and scales, 16 blocks at a time; blocks needing the exact scalar path
+    uint32_t special = 0;
+    for (int64_t gi = 0; gi < ngroups; ++gi) {
+      const __m512i m = _mm512_permutexvar_epi32(inv, hmax16(bmax + gi * 256));
+      const __m512i g = _mm512_loadu_si512(gpad + gi * 16);
+      __m512 scale;
+      const __m512i e = reblock_exponents16(m, g, &scale);
+      const __m512i k = _mm512_sub_epi32(e, g);
+      const __mmask16 cnt = static_cast<__mmask16>((1u << std::min<int64_t>(16, nb - gi * 16)) - 1u);
+      // the vector rounding needs 1 <= k <= 24 (|v| + 2^(k-1) < 2^31) and no clamp at 127
+      special |= (_mm512_cmplt_epi32_mask(k, one32) | _mm512_cmpgt_epi32_mask(k, _mm512_set1_epi32(24)) |
+                  _mm512_cmpeq_epi32_mask(e, _mm512_set1_epi32(127))) & cnt;
+      _mm512_storeu_si512(kk + gi * 16, k);
+      _mm512_storeu_si512(kbias + gi * 16,
+                          _mm512_sub_epi32(_mm512_sllv_epi32(one32, _mm512_sub_epi32(k, one32)), one32));
+      _mm512_mask_storeu_ps(ys + r * nb + gi * 16, cnt, scale);
+    }
+    // codes: round_half_even(v / 2^k), |.| <= 127 so the saturating pack is exact
+    int8_t* yr = y + r * h;
+    for (int64_t b = 0, c = 0; b < nb; ++b) {
+      const __m512i vk = _mm512_set1_epi32(kk[b]);
+      const __m512i bias = _mm512_set1_epi32(kbias[b]);
+      for (int64_t j = 0; j < cpb; ++j, ++c) {
+        const __m512i v = _mm512_loadu_si512(vbuf + c * 16);
+        const __m512i odd = _mm512_and_si512(_mm512_srav_epi32(v, vk), one32);
+        const __m512i cd = _mm512_srav_epi32(_mm512_add_epi32(_mm512_add_epi32(v, bias), odd), vk);
+        _mm_mask_storeu_epi8(yr + c * 16, valid[c], _mm512_cvtsepi32_epi8(cd));
+      }
+    }
+    if (special) {  // rare (all-zero blocks, tiny or saturated exponents): exact scalar redo
+      for (int64_t b = 0; b < nb; ++b) {
+        const int k = kk[b], eo = k + pp.g[b];
+        if (k >= 1 && k <= 24 && eo != 127) continue;
+        const int n = static_cast<int>(std::min(bsz, h - b * bsz));
+        for (int i = 0; i < n; ++i)
+          yr[b * bsz + i] = static_cast<int8_t>(
+              std::clamp<int64_t>(shift_round_even(vbuf[b * bsz + i], k), -127, 127));
+      }
+    }
+  }
+}
+#endif
+
+struct IntLayerNormKernel {
+  int64_t block_size;
+  bool simd;
+  float epsilon = 1e-5f;
+  uint32_t eps_mant = 0;
+  int eps_ex = 0;
+  IntLayerNormKernel(const OrtApi*, const OrtKernelInfo* info)
+      : block_size(read_block_size(info, "IntLayerNorm")), simd(read_simd(info, "IntLayerNorm")) {
+    Ort::ConstKernelInfo ki(info);
+    try {
+      epsilon = ki.GetAttribute<float>("epsilon");
+    } catch (const Ort::Exception&) {
+      epsilon = 1e-5f;
+    }
+    if (!(epsilon >= 0.0f) || !std::isfinite(epsilon))
+      throw std::runtime_error("IntLayerNorm: epsilon must be finite and >= 0");
+    uint32_t bits;  // epsilon = mant * 2^ex exactly
+    std::memcpy(&bits, &epsilon, sizeof bits);
+    const uint32_t ef = (bits >> 23) & 0xFFu, mf = bits & 0x7FFFFFu;
+    eps_mant = ef == 0 ? mf : (mf | 0x800000u);
+    eps_ex = ef == 0 ? -149 : static_cast<int>(ef) - 150;
+  }
+  // gamma/beta are initializers in practice: their integer form is built once and reused while
+  // the bytes stay the same (compared on every call).
+  std::mutex mu;
+  std::vector<uint8_t> key;
+  std::shared_ptr<const LnParams> cached;
+
+  std::shared_ptr<const LnParams> affine_params(const int8_t* gd, const float* gsd,
+                                                const int8_t* bd, const float* bsd,
+                                                const Blocking& bl) {
+    const int64_t h = bl.d;
+    std::vector<uint8_t> k(static_cast<size_t>(2 * h + 8 * bl.nb + 16));
+    uint8_t* p = k.data();
+    std::memcpy(p, &h, 8);
+    std::memcpy(p + 8, &bl.b, 8);
+    std::memcpy(p + 16, gd, h);
+    std::memcpy(p + 16 + h, bd, h);
+    std::memcpy(p + 16 + 2 * h, gsd, 4 * bl.nb);
+    std::memcpy(p + 16 + 2 * h + 4 * bl.nb, bsd, 4 * bl.nb);
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      if (cached && k == key) return cached;
+    }
+    const auto eg = scale_exponents(gsd, bl.nb);
+    const auto eb = scale_exponents(bsd, bl.nb);
+    auto pp = std::make_shared<LnParams>();
+    pp->eps_mant = eps_mant;
+    pp->eps_ex = eps_ex;
+    const int64_t padded = bl.nb * bl.b;
+    pp->gamma.assign(static_cast<size_t>(padded), 0);
+    pp->bterm.assign(static_cast<size_t>(padded), 0);
+    pp->g.resize(static_cast<size_t>(bl.nb));
+    pp->a1.resize(static_cast<size_t>(bl.nb));
+    for (int64_t b = 0; b < bl.nb; ++b) {
+      const int g = std::max(eg[b] - kZBits, eb[b] - 23);  // 5.
+      pp->g[b] = g;
+      pp->a1[b] = g - eg[b] + kZBits;
+      const int64_t n = std::min(bl.b, h - b * bl.b);
+      for (int64_t i = 0; i < n; ++i) {
+        pp->gamma[b * bl.b + i] = gd[b * bl.b + i];
+        pp->bterm[b * bl.b + i] = static_cast<int32_t>(shift_round_even(bd[b * bl.b + i], g - eb[b]));
+      }
+    }
+    std::lock_guard<std::mutex> lock(mu);
+    key = std::move(k);
+    cached = pp;
+    return cached;
+  }
+
+  void Compute(OrtKernelContext* ctx, const Tensor<int8_t>& x, const Tensor<float>& x_scale,
+               const Tensor<int8_t>& gamma, const Tensor<float>& gamma_scale,
+               const Tensor<int8_t>& beta, const Tensor<float>& beta_scale, Tensor<int8_t>& y,
+               Tensor<float>& y_scale) {
+    const Blocking bl = check_blocked(x, x_scale, block_size, "IntLayerNorm");
+    const int64_t h = bl.d;
+    if (h > kLnMaxH)
+      throw std::runtime_error("IntLayerNorm: H must be <= 4096, got " + std::to_string(h));
+    if (gamma.NumberOfElement() != h || beta.NumberOfElement() != h)
+      throw std::runtime_error("IntLayerNorm: gamma and beta must have H = " + std::to_string(h) +
+                               " elements");
+    if (gamma_scale.NumberOfElement() != bl.nb || beta_scale.NumberOfElement() != bl.nb)
+      throw std::runtime_error("IntLayerNorm: gamma_scale and beta_scale must have ceil(H/B) = " +
+                               std::to_string(bl.nb) + " elements");
+    int8_t* yo = y.Allocate(x.Shape());
+    float* so = y_scale.Allocate(x_scale.Shape());
+    if (bl.rows == 0 || h == 0) return;
+    const auto ex = scale_exponents(x_scale.Data(), bl.rows * bl.nb);
+    const std::shared_ptr<const LnParams> params =
+        affine_params(gamma.Data(), gamma_scale.Data(), beta.Data(), beta_scale.Data(), bl);
+    const LnParams& pp = *params;
+    const int8_t* xi = x.Data();
+    const bool fast = simd && cpu_avx512cd() && bl.b % 16 == 0 && bl.b <= 1024;
+    parallel_rows(ctx, bl.rows, h * 2, [&](int64_t r0, int64_t r1) {
+#if BCT_X86
+      if (fast) return layernorm_rows_avx512(bl, pp, xi, ex.data(), yo, so, r0, r1);
+#endif
+      layernorm_rows_portable(bl, pp, xi, ex.data(), yo, so, r0, r1);
+    });
+  }
+};
+
+template <class K>
+void add_op(Ort::CustomOpDomain& domain, const char* name) {
+  std::unique_ptr<OrtCustomOp> op{Ort::Custom::CreateLiteCustomOp<K>(name, "CPUExecutionProvider")};
+  domain.Add(op.get());
+  KeepAlive(std::move(op));
+}
+
+}  // namespace
+
+void AddNonlinearOps(Ort::CustomOpDomain& domain) {
+  add_op<IntGeluKernel>(domain, "IntGelu");
+  add_op<IntSoftmaxKernel>(domain, "IntSoftmax");
+  add_op<IntLayerNormKernel>(domain, "IntLayerNorm");
+}
+
 }  // namespace bct

@@ -1,0 +1,573 @@
+"""numpy references of the integer nonlinear ops: the specification the C++ kernels
+(``csrc/nonlinear_ops.cc``) match bit for bit.
+
+Ops of the ``bctonnx`` domain, version 1::
+
+    IntGelu(x: int8, x_scale: f32) -> (y: int8, y_scale: f32)            attr block_size
+    IntSoftmax(x: int8, x_scale: f32[, mask: f32]) -> y: uint8             attr block_size
+    IntLayerNorm(x: int8, x_scale: f32, gamma: int8[H], gamma_scale: f32[ceil(H/B)],
+                 beta: int8[H], beta_scale: f32[ceil(H/B)]) -> (y: int8, y_scale: f32)
+                                                                     attrs block_size, epsilon
+
+Block convention (``csrc/common.h``, `bctonnx.blockformat` pow2 with ``frac_bits=0``): a
+tensor is int8 codes cut along its LAST axis into blocks of ``block_size`` elements (the last
+block may be partial); its scale tensor has the codes' shape with the last axis
+``ceil(D / block_size)``, every scale an exact float32 power of two ``2**e`` (subnormals
+included, ``e`` in ``[-149, 127]``; anything else is an error). Input codes may be any int8,
+-128 included. Output blocks have the input's block size, codes in ``[-127, 127]`` and
+exponents chosen by `reblock`: the smallest ``e`` in ``[-128, 127]`` with
+``max|v| <= 127 * 2**e`` for the block's exact output values ``v`` (a block of zeros gets
+``e = -128``), codes ``round_half_even(v / 2**e)``. That is blockformat's pow2 rule
+("smallest scale >= amax / 127") evaluated exactly in integers; it coincides with
+``blockformat.quantize`` of the float32 values whenever those are exact float32 numbers and the
+scale is normal.
+
+Arithmetic: the data path is integers only (int32 per element in the kernels, int64/int128
+per row). Rounding conventions, the same in numpy and C++:
+
+- ``shift_round_even(v, n)`` (`bctonnx.ops.ref_quant`, ``common.h``): round half to even of
+  ``v / 2**n``, exact; ``n <= 0`` is a left shift; ``n > 62`` gives 0.
+- ``>>`` is an arithmetic shift = floor division by a power of two, in both languages. Every
+  other division is of non-negative integers (floor = C++ truncation) and named below.
+- The two constant tables (GELU's ``T`` and nothing else) are built from float64 arithmetic
+  using only ``+ - * /`` in a fixed order (`_phi`), no libm / numpy transcendental; IEEE
+  double is deterministic for those, so numpy and C++ (compiled without FMA contraction)
+  produce the same table. Numbers below were measured with ``tests/test_ops_nonlinear.py``'s
+  generators and are re-checked there.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from bctonnx.ops.ref_quant import pow2_exponents
+from bctonnx.ops.ref_quant import shift_round_even as _shift_round_even
+
+__all__ = [
+    "GELU_FRAC_BITS",
+    "GELU_E_LO",
+    "GELU_E_HI",
+    "SOFTMAX_MASK_THRESHOLD",
+    "LAYERNORM_MAX_H",
+    "int_gelu",
+    "int_softmax",
+    "int_layernorm",
+    "gelu_table",
+    "exp2_neg_q16",
+    "reblock",
+    "quantize_pow2",
+    "exponent_scales",
+]
+
+# ------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def exponent_scales(e: np.ndarray) -> np.ndarray:
+    """float32 ``2**e`` (exact, ``e`` in [-149, 127])."""
+    return np.ldexp(np.float32(1.0), np.asarray(e, dtype=np.int32)).astype(np.float32)
+
+
+def quantize_pow2(x: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """float -> (int8 codes, float32 pow2 scales) with `bctonnx.blockformat` (the input format
+    of these ops; the compiler does the same)."""
+    from bctonnx.blockformat import BlockFormat, quantize
+
+    fmt = BlockFormat(bits=8, block_size=block_size, axis=-1, scale_kind="pow2", frac_bits=0)
+    bq = quantize(np.asarray(x, np.float32), fmt, allow_partial=True)
+    return bq.codes.astype(np.int8), exponent_scales(bq.scale_codes.astype(np.int64))
+
+
+def shift_round_even(v, n) -> np.ndarray:
+    """round_half_even(v / 2**n), exact in int64, ``v`` and ``n`` broadcast together
+    (`bctonnx.ops.ref_quant.shift_round_even`: n <= 0 left shift, n > 62 gives 0)."""
+    v, n = np.broadcast_arrays(np.asarray(v, np.int64), np.asarray(n, np.int64))
+    return _shift_round_even(v, n)
+
+
+def _bit_length(m: np.ndarray) -> np.ndarray:
+    """Bit length of non-negative int64 values (integer binary search, exact for all int64)."""
+    v = np.asarray(m, dtype=np.int64).copy()
+    bl = np.zeros(v.shape, np.int64)
+    for s in (32, 16, 8, 4, 2, 1):
+        big = v >= (np.int64(1) << s)
+        bl += np.where(big, s, 0)
+        v = np.where(big, v >> s, v)
+    return bl + (v > 0)
+
+
+def _check_block_size(block_size: int) -> int:
+    b = int(block_size)
+    if not 1 <= b <= 4096:
+        raise ValueError(f"block_size must be in 1..4096, got {block_size}")
+    return b
+
+
+def _blocks(x: np.ndarray, scale: np.ndarray, block_size: int):
+    """(codes [R, nb, B] int64 zero-padded, exponents [R, nb] int64, valid [R, nb, B] bool)."""
+    x = np.asarray(x)
+    if x.dtype != np.int8:
+        raise TypeError(f"codes must be int8, got {x.dtype}")
+    if x.ndim == 0:
+        raise ValueError("blocks run along the last axis: rank >= 1 needed")
+    d = x.shape[-1]
+    nb = -(-d // block_size)
+    scale = np.asarray(scale)
+    if scale.shape != (*x.shape[:-1], nb):
+        raise ValueError(
+            f"scale shape {scale.shape} != {(*x.shape[:-1], nb)} for codes {x.shape} in blocks "
+            f"of {block_size}"
+        )
+    rows = int(np.prod(x.shape[:-1], dtype=np.int64))
+    q = np.zeros((rows, nb * block_size), np.int64)
+    q[:, :d] = x.reshape(rows, d)
+    valid = np.zeros((rows, nb * block_size), bool)
+    valid[:, :d] = True
+    e = pow2_exponents(scale).reshape(rows, nb) if scale.size else np.zeros((rows, nb), np.int64)
+    return (
+        q.reshape(rows, nb, block_size),
+        e,
+        valid.reshape(rows, nb, block_size),
+    )
+
+
+def reblock(v: np.ndarray, g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact integer values ``v[..., nb, B] * 2**g[..., nb]`` -> (codes int8, exponents).
+
+    Per block, ``M = max|v|``: ``k`` = the smallest integer with ``M <= 127 * 2**k``, found from
+    the bit length ``bl`` of ``M`` (``k`` is ``bl - 7`` or ``bl - 6``); ``e = clamp(g + k,
+    -128, 127)`` (``M = 0``: ``e = -128``); codes ``clamp(shift_round_even(v, e - g), -127,
+    127)``. The clamp of the codes only acts when ``e`` is clamped at 127 (saturation; no op
+    here reaches it for inputs with exponents <= 110). ``|v| < 2**62`` required.
+    """
+    v = np.asarray(v, np.int64)
+    g = np.asarray(g, np.int64)
+    m = np.abs(v).max(axis=-1)
+    bl = _bit_length(m)
+    k = bl - 7
+    fits = np.where(
+        k >= 0,
+        m <= (np.int64(127) << np.clip(k, 0, 55)),
+        (m << np.clip(-k, 0, 7)) <= 127,
+    )
+    k = np.where(fits, k, k + 1)
+    e = np.where(m == 0, -128, g + k)
+    e = np.clip(e, -128, 127)
+    codes = shift_round_even(v, (e - g)[..., None])
+    return np.clip(codes, -127, 127).astype(np.int8), e.astype(np.int64)
+
+
+def _unblock(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    rows = a.shape[0]
+    return a.reshape(rows, -1)[:, : shape[-1]].reshape(shape)
+
+
+# ------------------------------------------------------------------------------------------
+# IntGelu
+
+GELU_FRAC_BITS = 16  # T = GELU(q 2^e) in units of 2^(e - 16)
+GELU_E_LO = -30  # below: T[e][q] == q * 2^15 (GELU(x) = x/2 to within 2^-17 LSB_in)
+GELU_E_HI = 3  # above: T[e][q] == max(q, 0) * 2^16 (GELU(x) = max(x, 0) to within 2^-17 LSB_in)
+
+# float64 constants, written with 17 significant digits (the same double in Python and C++)
+_TWO_OVER_SQRTPI = 1.1283791670955126
+_INV_SQRTPI = 0.5641895835477563
+_INV_SQRT2 = 0.7071067811865475
+_E_INV = 0.36787944117144233  # e^-1
+
+
+def _exp_neg(y: np.ndarray) -> np.ndarray:
+    """e^-y for 0 <= y < 100 (float64): n = floor(y), r = y - n (exact); e^-r by Horner on its
+    Taylor series (30 terms, ``s = 1 - r * s / k`` for k = 30..1), then n multiplications by
+    e^-1. Relative error <= 5e-15."""
+    n = np.floor(y)
+    r = y - n
+    s = np.ones_like(y)
+    for k in range(30, 0, -1):
+        s = 1.0 - r * s / k
+    ni = n.astype(np.int64)
+    for i in range(int(ni.max(initial=0))):
+        s = np.where(i < ni, s * _E_INV, s)
+    return s
+
+
+def _erf_taylor(z: np.ndarray) -> np.ndarray:
+    """erf(z) for 0 <= z < 2.5: 2/sqrt(pi) * sum_{n<60} (-1)^n z^(2n+1) / (n! (2n+1)),
+    ``term = term * -z2 / n; s = s + term / (2n + 1)``. Absolute error <= 6e-15."""
+    z2 = z * z
+    term = z.copy()
+    s = z.copy()
+    for n in range(1, 60):
+        term = term * -z2 / n
+        s = s + term / (2 * n + 1)
+    return s * _TWO_OVER_SQRTPI
+
+
+def _erfc_cf(z: np.ndarray) -> np.ndarray:
+    """erfc(z) for 2.5 <= z < 10: Laplace's continued fraction evaluated backwards, 100 terms
+    (``t = z; t = z + (n * 0.5) / t`` for n = 100..1), times e^-z^2 / sqrt(pi).
+    Relative error <= 2e-14."""
+    t = z.copy()
+    for n in range(100, 0, -1):
+        t = z + (n * 0.5) / t
+    return _exp_neg(z * z) * _INV_SQRTPI / t
+
+
+def _phi(x: np.ndarray) -> np.ndarray:
+    """Standard normal CDF of float64 ``x`` with the routines above: ``z = |x| * (1/sqrt 2)``;
+    z < 2.5: ``0.5 +- 0.5 * erf(z)``; z < 10: ``1 - 0.5 * erfc(z)`` (x >= 0) or
+    ``0.5 * erfc(z)``; z >= 10: 1 or 0 (erfc(10) = 2e-45 is far below T's resolution)."""
+    x = np.asarray(x, np.float64)
+    z = np.abs(x) * _INV_SQRT2
+    pos = x >= 0
+    out = np.where(pos, 1.0, 0.0)
+    small = z < 2.5
+    mid = (z >= 2.5) & (z < 10.0)
+    h = _erf_taylor(z[small])
+    out[small] = np.where(pos[small], 0.5 + 0.5 * h, 0.5 - 0.5 * h)
+    c = _erfc_cf(z[mid])
+    out[mid] = np.where(pos[mid], 1.0 - 0.5 * c, 0.5 * c)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def gelu_table() -> np.ndarray:
+    """``T[e - GELU_E_LO, q + 128] = rint(q * 2**16 * Phi(q * 2**e))`` for e in
+    [GELU_E_LO, GELU_E_HI], q in [-128, 127] (int64 array [34, 256]; ``rint`` = round half
+    even; ``q * 2**16`` and ``q * 2**e`` are exact doubles). |T| < 2**23."""
+    e = np.arange(GELU_E_LO, GELU_E_HI + 1, dtype=np.int64)[:, None]
+    q = np.arange(-128, 128, dtype=np.int64)[None, :]
+    x = np.ldexp(q.astype(np.float64), e)
+    qs = q.astype(np.float64) * float(2**GELU_FRAC_BITS)
+    t = np.rint(qs * _phi(x)).astype(np.int64)
+    t.setflags(write=False)
+    return t
+
+
+def int_gelu(x: np.ndarray, x_scale: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reference of ``bctonnx.IntGelu``: GELU (erf form) of ``x * x_scale``, re-blocked.
+
+    Approximation: a lookup table indexed by block exponent and code, exact up to rounding.
+    For a block with exponent ``e`` and codes ``q``:
+
+    - ``T = gelu_table()[clamp(e, GELU_E_LO, GELU_E_HI) - GELU_E_LO, q + 128]``, i.e.
+      ``T = rint(2**(16 - e) * GELU(q * 2**e))``: GELU in units of ``2**(e - 16)`` (1/65536 of
+      an input step). Clamping ``e`` changes nothing: at ``GELU_E_LO`` every entry is already
+      ``q * 2**15`` (GELU(x) = x/2 + x^2/sqrt(2 pi) + ..., the quadratic term is below half a
+      unit for e <= -30) and at ``GELU_E_HI`` every entry is ``max(q, 0) * 2**16`` (the tail
+      ``x Phi(-x)`` is below half a unit for x >= 8); both checked by the tests.
+    - ``(y, e_out) = reblock(T, e - 16)``.
+
+    The table is built from float64 with + - * / only (`_phi`: Taylor series of erf below
+    z = 2.5, Laplace's continued fraction of erfc above, e^-y by Taylor + repeated
+    multiplication by e^-1), relative error <= 2e-14, far below T's resolution, and identical
+    in C++.
+
+    Error bound vs exact GELU of the dequantized input: ``|y * 2**e_out - GELU(x)| <=
+    2**(e_out - 1) + 2**(e - 17)`` (output rounding + table rounding), i.e. half an output
+    LSB plus 2**-17 input LSB; measured (tests) on N(0, sigma=2) inputs with 1% outliers x20,
+    blocks of 16..128: max 0.4991 output LSB, mean 0.23 output LSB.
+    Integer bounds: |T| <= 127 * 2**16 < 2**23; ``e_out <= e`` so no exponent overflow; any
+    int8 code including -128 and any input exponent in [-149, 127] is valid.
+    """
+    block_size = _check_block_size(block_size)
+    x = np.asarray(x)
+    q, e, _ = _blocks(x, x_scale, block_size)
+    if x.size == 0:
+        return x.astype(np.int8).copy(), np.asarray(x_scale, np.float32).copy()
+    table = gelu_table()
+    ei = np.clip(e, GELU_E_LO, GELU_E_HI) - GELU_E_LO
+    t = table[ei[..., None], q + 128]
+    codes, e_out = reblock(t, e - GELU_FRAC_BITS)
+    y = _unblock(codes, x.shape)
+    return y.astype(np.int8), exponent_scales(e_out).reshape(*x.shape[:-1], -1)
+
+
+# ------------------------------------------------------------------------------------------
+# IntSoftmax
+
+SOFTMAX_MASK_THRESHOLD = -1000.0  # mask value < this: position masked
+_LOG2E_Q30 = 1549082005  # round(log2(e) * 2**30)
+_T_SAT = 1 << 21  # t saturation in the huge-score branch: 2**-32 -> E = 0
+# 2**-f for f in [0, 1), Q16 minus a hair: 65535 - f(C1 - f(C2 - f(C3 - f C4))), floor shifts,
+# every intermediate in [0, 2**16) (16-bit unsigned lanes in the kernel, the products are high
+# halves of 16 x 16-bit products). Integer coefficients tuned so the integer evaluation's max
+# relative error vs 65536 * 2**-f is 5.3e-5 over all 65536 f; result in [32768, 65535].
+_EXP2_C = (65535, 45420, 15693, 3488, 448)
+
+
+def exp2_neg_q16(f: np.ndarray) -> np.ndarray:
+    """``~65536 * 2**(-f / 65536)`` for integer f in [0, 65536), the integer polynomial above
+    (result in [32768, 65535]; max relative error 5.3e-5, checked exhaustively by the tests)."""
+    f = np.asarray(f, np.int64)
+    c0, c1, c2, c3, c4 = _EXP2_C
+    acc = np.full(f.shape, c4, np.int64)
+    acc = c3 - ((f * acc) >> 16)
+    acc = c2 - ((f * acc) >> 16)
+    acc = c1 - ((f * acc) >> 16)
+    return c0 - ((f * acc) >> 16)
+
+
+def _mask_flags(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    if mask is None:
+        return np.ones(shape, bool)
+    m = np.asarray(mask)
+    if m.dtype != np.float32:
+        raise TypeError(f"mask must be float32, got {m.dtype}")
+    if m.ndim > len(shape):
+        raise ValueError(f"mask shape {m.shape} does not broadcast to {shape}")
+    try:
+        m = np.broadcast_to(m, shape)
+    except ValueError as err:
+        raise ValueError(f"mask shape {m.shape} does not broadcast to {shape}") from err
+    masked = m < SOFTMAX_MASK_THRESHOLD
+    bad = ~masked & (m != 0)
+    if np.any(bad):
+        raise ValueError(
+            f"IntSoftmax mask values must be 0 or < {SOFTMAX_MASK_THRESHOLD:g} (an additive "
+            f"attention mask), got {m[bad].reshape(-1)[0]!r}"
+        )
+    return ~masked
+
+
+def int_softmax(
+    x: np.ndarray, x_scale: np.ndarray, block_size: int, mask: np.ndarray | None = None
+) -> np.ndarray:
+    """Reference of ``bctonnx.IntSoftmax``: softmax over the last axis as uint8 ``p * 256``.
+
+    ``mask`` (optional, float32, numpy-broadcastable to ``x``; BERT: [B, 1, 1, S]) is an
+    additive attention mask: a position is masked iff its mask value is < -1000; masked
+    positions get probability 0 and take no part in the max or the sum. Any other mask value
+    must be exactly 0 (error otherwise: a general additive bias is not supported, rather than
+    silently ignored). A fully masked row outputs all zeros. In the kernel the mask is an
+    optional trailing input (leave it off the node's input list; an empty name is not
+    supported).
+
+    Per row (``q`` codes, ``e_b`` block exponents, only unmasked elements count):
+
+    1. ``e_top`` = max exponent of the blocks holding an unmasked element. Values go to log2
+       units in fixed point, ``L = q * c_b`` with ``c_b = shift_round_even(round(log2(e) *
+       2**30), 10 + e_top - e_b)`` (``= log2(e) * 2**(e_b + P)``, ``P = 20 - e_top``; blocks
+       with no unmasked element: ``c_b = 0``). ``|L| < 2**28``.
+    2. ``d = max(L) - L >= 0`` (< 2**29); to Q16 log2 units: ``t = d >> (P - 16)`` if
+       ``P >= 16`` (shift capped at 31), else (scores above 2**12) ``t = 2**21 if d > (2**21
+       >> (16 - P)) else d << (16 - P)`` (shift capped at 31).
+    3. ``n = t >> 16``, ``g = exp2_neg_q16(t & 0xFFFF)`` and ``E = (g << 16) >> n`` for
+       ``n < 32``, else 0: ``2**-t`` in Q32 (uint32; the max element gets 65535 * 2**16);
+       masked: 0. ``S = sum(E >> 8)`` (int64, >= 2**24 - 2**8).
+    4. ``R = min(2**40 // S, 65535)`` (non-negative floor division), ``h = ((E >> 16) * R)
+       >> 16`` (16-bit unsigned operands, ``h`` is the high half of their product) and ``y =
+       min(255, shift_round_even(h, 8))``: ``256 E / sum(E)`` in 16-bit steps.
+
+    Approximation: exp(x - max) = 2**-t with t in Q16 log2 units; 2**-frac(t) by the integer
+    polynomial `exp2_neg_q16` (degree 4, relative error <= 5.3e-5), the integer part as a shift.
+    Error: exp's relative error <= 6.5e-5 (polynomial 5.3e-5; t floored to 2**-16 log2 units:
+    1.1e-5; ``c_b`` rounding: ``|dt| <= 2**(e_top - 14)`` log2 units, 2**-17 for scores below
+    16), the normalization's floors (E >> 16, R, h) <= 0.012 LSB, so ``|y - 256 p| <= 0.5 +
+    512 * 6.5e-5 * p + 0.012 <= 0.55`` for the exact softmax ``p`` of the dequantized scores,
+    except where ``256 p > 255.5`` (clamped to 255: error < 1). Measured (tests): N(0, 3) scores
+    over 128 keys with 0..64 keys masked, blocks of 16..128: max 0.508 LSB (1/256) where
+    y < 255, 0.83 at the clamp, mean 0.09.
+    Row sum: ``|sum(y) - 256| <= 0.56 n + 1`` for n unmasked elements (each y within 0.56 of
+    256 p, plus the clamp); measured over 20000 such rows: max 14, mean 4.1, almost always
+    below 256 (probabilities under 0.5/256 round to 0, as with any 8-bit output).
+    Integer bounds: per element everything is int32/uint32 (``|L| < 2**28``, ``d < 2**29``,
+    the polynomial's operands and products are 16-bit unsigned, ``E < 2**32`` unsigned,
+    ``E >> 8 < 2**24``), the sum int64, ``(E >> 16) * R < 2**32``. Any int8 code and any
+    exponent in [-149, 127] is valid: huge scores take the saturated branch of step 2, tiny
+    ones shift to t = 0; a score more than 32 log2 units below the max gets E = 0 (exact
+    arithmetic rounds it to 0 as well).
+    """
+    block_size = _check_block_size(block_size)
+    x = np.asarray(x)
+    q, e, valid = _blocks(x, x_scale, block_size)
+    flags = np.zeros(valid.shape, bool)
+    if x.size == 0:
+        _mask_flags(mask, x.shape)
+        return np.zeros(x.shape, np.uint8)
+    rows, nb, b = q.shape
+    flags.reshape(rows, -1)[:, : x.shape[-1]] = _mask_flags(mask, x.shape).reshape(rows, -1)
+    flags &= valid
+    blk = flags.any(axis=-1)  # [R, nb]
+    row = blk.any(axis=-1)  # [R]
+    e_top = np.where(blk, e, np.iinfo(np.int64).min).max(axis=-1, initial=np.iinfo(np.int64).min)
+    e_top = np.where(row, e_top, 0)
+    c = np.where(blk, shift_round_even(np.int64(_LOG2E_Q30), 10 + e_top[:, None] - e), 0)
+    big_l = q * c[..., None]
+    l_max = np.where(flags, big_l, np.iinfo(np.int64).min).max(axis=(-1, -2))
+    l_max = np.where(row, l_max, 0)
+    d = np.where(flags, l_max[:, None, None] - big_l, 0)
+    sh = (4 - e_top)[:, None, None]  # P - 16
+    right = d >> np.clip(sh, 0, 31)
+    shl = np.clip(-sh, 0, 31)
+    left = np.where(d > (_T_SAT >> shl), _T_SAT, d << shl)
+    t = np.where(sh >= 0, right, left)
+    n = t >> 16
+    big_e = (exp2_neg_q16(t & 0xFFFF) << 16) >> np.minimum(n, 63)
+    big_e = np.where(flags & (n < 32), big_e, 0)
+    s = (big_e >> 8).sum(axis=(-1, -2))
+    s = np.where(row, s, 1)
+    r = np.minimum((np.int64(1) << 40) // s, 0xFFFF)
+    h = ((big_e >> 16) * r[:, None, None]) >> 16
+    y = np.minimum(shift_round_even(h, 8), 255)
+    y = np.where(row[:, None, None], y, 0)
+    return _unblock(y, x.shape).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------
+# IntLayerNorm
+
+LAYERNORM_MAX_H = 4096  # H beyond this: error (bounds below assume it)
+_LN_WINDOW = 16  # exponents more than 16 below the row's max are rounded to the common grid
+_LN_EPS_CAP = 1 << 100  # eps in the integer domain is capped (no effect on the result)
+_Z_BITS = 16  # normalized values z in units of 2**-16
+_W_BITS = 8  # extra bits of the per-block slope alpha (z computed in units of 2**-24)
+
+
+def _isqrt(n: int) -> int:
+    """Exact floor square root of a non-negative Python int."""
+    import math
+
+    return math.isqrt(n)
+
+
+def _eps_int(epsilon: float, e_c: int) -> int:
+    """round_half_even(float32(epsilon) / 2**(2 e_c)), capped at 2**100 (exact, from the
+    float's integer mantissa and exponent)."""
+    num, den = float(np.float32(epsilon)).as_integer_ratio()  # den = 2**d
+    d = den.bit_length() - 1
+    sh = -2 * e_c - d  # epsilon * 2**(-2 e_c) = num * 2**sh
+    if num == 0:
+        return 0
+    if sh >= 0:
+        return _LN_EPS_CAP if num.bit_length() + sh > 101 else min(num << sh, _LN_EPS_CAP)
+    return int(shift_round_even(np.int64(num), -sh)) if -sh <= 62 else 0
+
+
+def _rne_int(v: int, n: int) -> int:
+    """round_half_even(v / 2**n) for Python ints, n >= 0."""
+    if n <= 0:
+        return v << -n
+    q = v >> n
+    r = v - (q << n)
+    half = 1 << (n - 1)
+    return q + 1 if (r > half or (r == half and q & 1)) else q
+
+
+def _row_constants(s1: int, s2: int, h: int, eps: int, shifts: np.ndarray) -> tuple[list, int]:
+    """Per row: the block slopes alpha_b and the offset beta (exact Python ints)."""
+    v = h * s2 - s1 * s1 + h * h * eps
+    if v == 0:
+        return [0] * len(shifts), 0
+    j = (v.bit_length() - 61) >> 1  # floor
+    vn = v >> (2 * j) if j >= 0 else v << (-2 * j)  # in [2**60, 2**62)
+    r = _isqrt(vn)  # in [2**30, 2**31)
+    m = (1 << 61) // r  # 2**61 / sqrt(vn), in (2**30, 2**31]
+    sh = 45 + j - _W_BITS  # z * 2**W = D m / 2**(45 + j - W), D = H X - S1
+    alphas = [_rne_int(h * m << max(int(s), 0), sh) for s in shifts]
+    return alphas, _rne_int(s1 * m, sh)
+
+
+def int_layernorm(
+    x: np.ndarray,
+    x_scale: np.ndarray,
+    gamma: np.ndarray,
+    gamma_scale: np.ndarray,
+    beta: np.ndarray,
+    beta_scale: np.ndarray,
+    block_size: int,
+    epsilon: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Reference of ``bctonnx.IntLayerNorm``: LayerNorm over the last axis (size H) with
+    block-quantized gamma/beta (int8 codes [H] + pow2 scales [ceil(H/B)], the same block
+    format, e.g. from `quantize_pow2`), re-blocked. ``epsilon``: float32 attribute.
+
+    Per row (codes ``q``, block exponents ``e_b``):
+
+    1. Common grid: ``e_c = max(min e_b, max e_b - 16)``; ``X = q << (e_b - e_c)`` (exact for
+       the blocks within 16 exponents of the max, which is all of them in BERT's residual
+       stream with its 20x outlier channels) or ``shift_round_even(q, e_c - e_b)`` for blocks
+       further down. ``|X| <= 2**23``.
+    2. ``S1 = sum X``, ``S2 = sum X^2`` (int64: ``|S1| <= 2**35``, ``S2 <= 2**58`` for
+       H <= 4096), ``eps_i = round_half_even(epsilon / 2**(2 e_c))`` (exact from the float's
+       bits; capped at 2**100, where it no longer changes any output), and
+       ``V = H S2 - S1^2 + H^2 eps_i = H^2 (var + eps)`` in grid units (exact, < 2**125;
+       128-bit in the kernel). Then ``y = D / sqrt(V)`` with ``D = H X - S1`` exactly.
+    3. Inverse square root, integers only: ``j = floor((bitlen(V) - 61) / 2)``, ``Vn = V >>
+       2j`` (or ``<< -2j``) in [2**60, 2**62), ``r = isqrt(Vn)`` (exact floor), ``m = 2**61 //
+       r`` in (2**30, 2**31]; ``1 / sqrt(V) = m 2**-(61 + j) (1 + O(2**-29))``.
+    4. Normalized values in Q16 through a per-block slope (so the kernel's per-element work is
+       32-bit): ``alpha_b = shift_round_even(H m 2**max(s_b, 0), 37 + j)`` with ``s_b = e_b -
+       e_c``, ``beta_r = shift_round_even(S1 m, 37 + j)``; ``z = (X' alpha_b - beta_r + 128)
+       >> 8`` (round half up) with ``X' = q`` (``s_b >= 0``) or ``X`` (``s_b < 0``). The exact value
+       ``X' alpha_b - beta_r`` is ``z_exact * 2**8 + err`` with ``|z_exact| <= sqrt(H) 2**16``
+       and ``|err| <= 64.5``, so it lies in (-2**31, 2**31): the kernel computes it modulo
+       2**32 in uint32 and gets the exact value (the reference checks the bound).
+       V = 0 (constant row, eps_i = 0): z = 0.
+    5. Affine per block with gamma exponent ``eg`` and beta exponent ``eb``: grid ``g =
+       max(eg - 16, eb - 23)``, ``v = shift_round_even(z gamma, g - eg + 16) +
+       shift_round_even(beta, g - eb)`` (``|z gamma| < 2**30``, ``|v| < 2**31``);
+       ``(y, e_out) = reblock(v, g)``.
+
+    Error vs float LayerNorm of the dequantized input with the dequantized gamma/beta:
+    ``|y * 2**e_out - ref| <= 2**(e_out - 1) + |gamma| * 2**-16 * (0.75 + 2**-20 |z|) +
+    2**(g - 1)`` (output rounding; z's rounding and slope errors; the beta/gamma alignment),
+    plus the grid rounding of blocks more than 16 exponents below the row's max: half an output
+    LSB plus ~1.2e-5 |gamma|. Measured (tests) on BERT-like rows (H = 384, N(0, 1) plus
+    per-channel offsets, 4 outlier channels x20, gamma ~ 1 +- 0.2, beta ~ N(0, 0.1), epsilon
+    1e-12 / 1e-5 / 0.5, blocks of 16..128): max 0.502 output LSB, mean 0.25.
+    ``epsilon`` must be finite and >= 0; H <= 4096. Integer bounds: see steps 2-5; the kernel
+    uses int32 per element, int64 sums and 128-bit only for ``V`` and ``S1 m``.
+    """
+    block_size = _check_block_size(block_size)
+    x = np.asarray(x)
+    q, e, _ = _blocks(x, x_scale, block_size)
+    rows, nb, b = q.shape
+    h = x.shape[-1]
+    if h > LAYERNORM_MAX_H:
+        raise ValueError(f"IntLayerNorm supports H <= {LAYERNORM_MAX_H}, got {h}")
+    eps = float(np.float32(epsilon))
+    if not np.isfinite(eps) or eps < 0:
+        raise ValueError(f"epsilon must be finite and >= 0, got {epsilon}")
+    if x.size == 0:
+        return x.astype(np.int8).copy(), np.asarray(x_scale, np.float32).copy()
+    gq, eg, _ = _blocks(np.asarray(gamma).reshape(1, -1), np.asarray(gamma_scale).reshape(1, -1), b)
+    bq, eb, _ = _blocks(np.asarray(beta).reshape(1, -1), np.asarray(beta_scale).reshape(1, -1), b)
+    if np.asarray(gamma).size != h or np.asarray(beta).size != h:
+        raise ValueError(
+            f"gamma/beta must have H = {h} elements, got {np.size(gamma)}, {np.size(beta)}"
+        )
+
+    e_max = e.max(axis=-1)
+    e_min = e.min(axis=-1)
+    e_c = np.maximum(e_min, e_max - _LN_WINDOW)
+    s = e - e_c[:, None]  # [R, nb]
+    s3 = s[..., None]
+    big_x = np.where(s3 >= 0, q << np.clip(s3, 0, _LN_WINDOW), shift_round_even(q, -s3))
+    xp = np.where(s3 >= 0, q, big_x)
+    s1 = big_x.sum(axis=(-1, -2))
+    s2 = (big_x * big_x).sum(axis=(-1, -2))
+
+    z = np.zeros(q.shape, np.int64)
+    for i in range(rows):
+        eps_i = _eps_int(eps, int(e_c[i]))
+        alphas, beta_r = _row_constants(int(s1[i]), int(s2[i]), h, eps_i, s[i])
+        if max(abs(a) for a in alphas) < 2**40 and abs(beta_r) < 2**61:
+            prod = xp[i] * np.array(alphas, np.int64)[:, None] - beta_r
+        else:  # exact with Python ints (rows of near-constant values)
+            prod = xp[i].astype(object) * np.array(alphas, dtype=object)[:, None] - beta_r
+        if np.any(np.abs(prod) >= 2**31):
+            raise AssertionError("IntLayerNorm bound violated: |X' alpha - beta| >= 2**31")
+        z[i] = (prod.astype(np.int64) + (1 << (_W_BITS - 1))) >> _W_BITS
+
+    g = np.maximum(eg - _Z_BITS, eb - 23)  # [1, nb]
+    zg = z * gq
+    v = shift_round_even(zg, (g - eg + _Z_BITS)[..., None]) + shift_round_even(
+        bq, (g - eb)[..., None]
+    )
+    v = np.where(np.arange(nb * b).reshape(nb, b) < h, v, 0)  # padding of a partial block
+    codes, e_out = reblock(v, np.broadcast_to(g, (rows, nb)))
+    y = _unblock(codes, x.shape)
+    return y.astype(np.int8), exponent_scales(e_out).reshape(*x.shape[:-1], -1)

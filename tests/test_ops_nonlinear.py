@@ -1,0 +1,528 @@
+"""IntGelu, IntSoftmax, IntLayerNorm: the C++ kernels bit-exact with their numpy references
+(bctonnx/ops/ref_nonlinear.py, the specification), edge values, extreme exponents, and the
+documented accuracy vs float GELU / softmax / LayerNorm.
+
+Every kernel runs twice: the default (AVX-512 paths where the CPU has them) and ``simd=0``
+(the portable scalar kernels), so both implementations are checked against the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from bctonnx import runtime
+from bctonnx.blockformat import BlockFormat, quantize
+from bctonnx.ops import ref_nonlinear as R
+
+BLOCK_SIZES = (16, 32, 64, 128)
+LENGTHS = (1, 7, 33, 127)
+SIMD = (1, 0)
+
+
+@pytest.fixture(scope="module")
+def lib() -> str:
+    path = runtime.op_library_path()
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the op library is not built (CI must build it with pip install)")
+        pytest.skip("the op library is not built here (pip install -e . builds it)")
+    return path
+
+
+# ------------------------------------------------------------------------------------------
+# sessions (dynamic shapes: one session per op and attributes)
+
+
+def _model(op: str, inputs: list[tuple[str, int]], outputs: list[tuple[str, int]], **attrs):
+    node = helper.make_node(
+        op, [n for n, _ in inputs], [n for n, _ in outputs], domain="bctonnx", **attrs
+    )
+    graph = helper.make_graph(
+        [node],
+        op,
+        [helper.make_tensor_value_info(n, t, None) for n, t in inputs],
+        [helper.make_tensor_value_info(n, t, None) for n, t in outputs],
+    )
+    return helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("bctonnx", 1)],
+        ir_version=10,
+    )
+
+
+@functools.cache
+def _session(lib: str, op: str, threads: int = 1, **attrs) -> ort.InferenceSession:
+    f32, i8, u8 = TensorProto.FLOAT, TensorProto.INT8, TensorProto.UINT8
+    if op == "IntGelu":
+        m = _model(op, [("x", i8), ("s", f32)], [("y", i8), ("ys", f32)], **attrs)
+    elif op == "IntSoftmax":
+        mask = attrs.pop("with_mask")
+        ins = [("x", i8), ("s", f32)] + ([("m", f32)] if mask else [])
+        m = _model(op, ins, [("y", u8)], **attrs)
+    else:
+        ins = [("x", i8), ("s", f32), ("g", i8), ("gs", f32), ("b", i8), ("bs", f32)]
+        m = _model(op, ins, [("y", i8), ("ys", f32)], **attrs)
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(lib)
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def run_gelu(lib, x, s, b, simd=1, threads=1):
+    return _session(lib, "IntGelu", threads, block_size=b, simd=simd).run(None, {"x": x, "s": s})
+
+
+def run_softmax(lib, x, s, b, mask=None, simd=1, threads=1):
+    sess = _session(lib, "IntSoftmax", threads, block_size=b, simd=simd, with_mask=mask is not None)
+    feeds = {"x": x, "s": s} | ({"m": mask} if mask is not None else {})
+    return sess.run(None, feeds)[0]
+
+
+def run_ln(lib, x, s, g, gs, bt, bs, b, eps, simd=1, threads=1):
+    sess = _session(lib, "IntLayerNorm", threads, block_size=b, epsilon=float(eps), simd=simd)
+    return sess.run(None, {"x": x, "s": s, "g": g, "gs": gs, "b": bt, "bs": bs})
+
+
+def scales(e) -> np.ndarray:
+    return R.exponent_scales(np.asarray(e))
+
+
+def nblocks(d: int, b: int) -> int:
+    return -(-d // b)
+
+
+def random_case(rng, shape, b, e_lo=-20, e_hi=6):
+    x = rng.integers(-128, 128, shape).astype(np.int8)
+    e = rng.integers(e_lo, e_hi + 1, (*shape[:-1], nblocks(shape[-1], b)))
+    return x, scales(e)
+
+
+def edge_cases(rng, shape, b):
+    """Codes all -128 / all 127 / zeros / one huge outlier block, exponents -20..+6."""
+    nb = nblocks(shape[-1], b)
+    out = []
+    for fill in (-128, 127, 0):
+        e = rng.integers(-20, 7, (*shape[:-1], nb))
+        out.append((np.full(shape, fill, np.int8), scales(e)))
+    x = rng.integers(-30, 31, shape).astype(np.int8)
+    e = np.full((*shape[:-1], nb), -12)
+    e[..., 0] = 6  # one block 18 exponents above the rest
+    x[..., 0] = 127
+    out.append((x, scales(e)))
+    return out
+
+
+def gamma_beta(rng, h, b, e_range=(-10, 2)):
+    nb = nblocks(h, b)
+    g = rng.integers(-127, 128, h).astype(np.int8)
+    bt = rng.integers(-127, 128, h).astype(np.int8)
+    return g, scales(rng.integers(*e_range, nb)), bt, scales(rng.integers(*e_range, nb))
+
+
+def assert_same(got, want):
+    for a, w in zip(got, want, strict=True):
+        assert a.dtype == w.dtype and a.shape == w.shape
+        bad = np.argwhere(a != w)
+        assert bad.size == 0, (
+            f"{len(bad)} mismatches, first at {bad[0]}: {a[tuple(bad[0])]} != {w[tuple(bad[0])]}"
+        )
+
+
+# ------------------------------------------------------------------------------------------
+# reference building blocks
+
+
+def test_gelu_table_is_exact_rounding_and_its_clamps_are_exact():
+    t = R.gelu_table()
+    q = np.arange(-128, 128)
+    assert np.array_equal(t[0], q * 2**15)  # e = GELU_E_LO: GELU(x) = x/2 to the unit
+    assert np.array_equal(t[-1], np.maximum(q, 0) * 2**16)  # e = GELU_E_HI: max(x, 0)
+    assert not np.array_equal(t[1], q * 2**15) and not np.array_equal(t[-2], t[-1])  # tight
+    worst = 0.0
+    for i, e in enumerate(range(R.GELU_E_LO, R.GELU_E_HI + 1)):
+        for qq in range(-128, 128):
+            x = math.ldexp(qq, e)
+            exact = qq * 65536 * 0.5 * (1 + math.erf(x / math.sqrt(2)))
+            worst = max(worst, abs(t[i, qq + 128] - exact))
+    assert worst <= 0.5 + 1e-6  # table = correctly rounded GELU in units of 2^(e-16)
+    assert np.abs(t).max() < 2**23
+
+
+def test_exp2_polynomial_exhaustive():
+    f = np.arange(65536)
+    g = R.exp2_neg_q16(f)
+    assert g.min() == 32768 and g.max() == 65535  # 16-bit unsigned
+    rel = np.abs(g / (65536.0 * 2.0 ** (-f / 65536.0)) - 1)
+    assert rel.max() <= 5.31e-5
+    # every intermediate of the Horner scheme stays in [0, 2^16): 16 x 16-bit products
+    c0, c1, c2, c3, c4 = R._EXP2_C
+    acc = np.full(f.shape, c4)
+    for c in (c3, c2, c1):
+        acc = c - ((f * acc) >> 16)
+        assert acc.min() >= 0 and acc.max() < 2**16
+
+
+@pytest.mark.parametrize("g", [-140, -30, 0, 40])
+def test_reblock_equals_blockformat_on_float32_values(g):
+    rng = np.random.default_rng(g + 200)
+    v = rng.integers(-(2**23), 2**23, (64, 4, 32))
+    v[:, 1] >>= rng.integers(0, 23, (64, 1))  # small blocks too
+    v[:, 2] = 0
+    codes, e = R.reblock(v, np.full((64, 4), g))
+    fmt = BlockFormat(bits=8, block_size=32, scale_kind="pow2")
+    real = np.ldexp(v.astype(np.float64), g).astype(np.float32).reshape(64, 128)
+    normal = np.abs(real).max() < 2.0**127 and (g >= -100)
+    if normal:  # exactly representable values and normal scales: blockformat's encoding
+        bq = quantize(real, fmt)
+        assert np.array_equal(bq.codes.reshape(64, 4, 32), codes)
+        assert np.array_equal(bq.scale_codes.astype(np.int64), e)
+    assert codes.min() >= -127 and np.all(e[:, 2] == -128) and np.all(codes[:, 2] == 0)
+    # the rule itself: smallest e with max|v| 2^g <= 127 * 2^e (when not clamped)
+    m = np.abs(v).max(-1)
+    ok = (e > -128) & (e < 127)
+    assert np.all((m << 0)[ok] * 2.0 ** (g - e[ok]) <= 127)
+    assert np.all(m[ok] * 2.0 ** (g - e[ok] + 1) > 127)
+
+
+# ------------------------------------------------------------------------------------------
+# bit-exactness: IntGelu
+
+
+@pytest.mark.parametrize("simd", SIMD)
+@pytest.mark.parametrize("b", BLOCK_SIZES)
+def test_gelu_bit_exact(lib, b, simd):
+    rng = np.random.default_rng(b + 10 * simd)
+    cases = [random_case(rng, (3, 2, d), b) for d in (*LENGTHS, 384)]
+    cases += edge_cases(rng, (2, 3, 2 * b + 5), b)
+    for x, s in cases:
+        assert_same(run_gelu(lib, x, s, b, simd), R.int_gelu(x, s, b))
+
+
+@pytest.mark.parametrize("simd", SIMD)
+def test_gelu_every_code_at_every_exponent(lib, simd):
+    """All 256 codes at exponents -40..+8 (the table range and beyond, both clamps)."""
+    codes = np.tile(np.arange(-128, 128, dtype=np.int16), (49, 1)).astype(np.int8)
+    e = np.repeat(np.arange(-40, 9)[:, None], 2, axis=1)
+    for perm in (np.arange(256), np.random.default_rng(1).permutation(256)):
+        x = np.ascontiguousarray(codes[:, perm])
+        assert_same(run_gelu(lib, x, scales(e), 128, simd), R.int_gelu(x, scales(e), 128))
+    # one code per block: the exact table value decides the block's scale
+    x = np.zeros((49 * 256, 16), np.int8)
+    x[:, 3] = np.tile(np.arange(-128, 128), 49)
+    e1 = np.repeat(np.arange(-40, 9), 256)[:, None]
+    assert_same(run_gelu(lib, x, scales(e1), 16, simd), R.int_gelu(x, scales(e1), 16))
+
+
+@pytest.mark.parametrize("simd", SIMD)
+def test_gelu_extreme_exponents(lib, simd):
+    rng = np.random.default_rng(7)
+    for e0 in (-149, -140, -128, -31, 4, 100, 127):
+        x = rng.integers(-128, 128, (4, 64)).astype(np.int8)
+        x[0] = -128
+        x[1] = 127
+        s = scales(np.full((4, 2), e0))
+        y, ys = run_gelu(lib, x, s, 32, simd)
+        assert_same((y, ys), R.int_gelu(x, s, 32))
+        assert y.min() >= -127 and np.all(np.isfinite(ys))
+
+
+# ------------------------------------------------------------------------------------------
+# bit-exactness: IntSoftmax
+
+
+def bert_mask(rng, batch, s, p=0.3):
+    keep = rng.random((batch, 1, 1, s)) >= p
+    return np.where(keep, np.float32(0), np.finfo(np.float32).min).astype(np.float32)
+
+
+@pytest.mark.parametrize("simd", SIMD)
+@pytest.mark.parametrize("b", BLOCK_SIZES)
+def test_softmax_bit_exact(lib, b, simd):
+    rng = np.random.default_rng(100 + b + simd)
+    for d in (*LENGTHS, 128, 300):
+        x, s = random_case(rng, (2, 3, 4, d), b)
+        assert_same([run_softmax(lib, x, s, b, simd=simd)], [R.int_softmax(x, s, b)])
+        m = bert_mask(rng, 2, d)
+        m[1, ..., :] = -10000.0  # second sequence fully masked
+        assert_same([run_softmax(lib, x, s, b, m, simd)], [R.int_softmax(x, s, b, m)])
+    for x, s in edge_cases(rng, (2, 3, 2 * b + 5), b):
+        m = bert_mask(rng, 2, x.shape[-1])[:, 0, 0][:, None, :]  # [2, 1, D]
+        assert_same([run_softmax(lib, x, s, b, simd=simd)], [R.int_softmax(x, s, b)])
+        assert_same([run_softmax(lib, x, s, b, m, simd)], [R.int_softmax(x, s, b, m)])
+
+
+@pytest.mark.parametrize("simd", SIMD)
+def test_softmax_mask_shapes(lib, simd):
+    rng = np.random.default_rng(5)
+    x, s = random_case(rng, (2, 3, 5, 70), 32, -8, 2)
+    full = np.where(rng.random(x.shape) < 0.4, np.float32(-1e9), np.float32(0)).astype(np.float32)
+    full[0, 0, 0] = -1e9  # a fully masked row inside a full-shape mask
+    per_row = np.where(rng.random((2, 3, 5, 1)) < 0.3, np.float32(-1e4), np.float32(0))
+    for m in (full, per_row.astype(np.float32), full[0, :, :1, :], np.zeros(70, np.float32)):
+        want = R.int_softmax(x, s, 32, m)
+        assert_same([run_softmax(lib, x, s, 32, m, simd)], [want])
+    assert np.all(R.int_softmax(x, s, 32, full)[0, 0, 0] == 0)
+
+
+def test_softmax_rejects_non_attention_masks(lib):
+    x, s = random_case(np.random.default_rng(0), (1, 1, 2, 16), 16)
+    m = np.zeros((1, 1, 1, 16), np.float32)
+    m[..., 3] = -5.0  # an additive bias, not a mask
+    with pytest.raises(ValueError, match="mask values"):
+        R.int_softmax(x, s, 16, m)
+    with pytest.raises(Exception, match="mask values"):
+        run_softmax(lib, x, s, 16, m)
+
+
+@pytest.mark.parametrize("simd", SIMD)
+def test_softmax_extreme_exponents(lib, simd):
+    """Tiny and huge scores (the saturated branch), mixed in one row, all codes."""
+    rng = np.random.default_rng(9)
+    for pair in ((-149, -149), (-149, -130), (4, 5), (20, 4), (127, 127), (127, -149), (0, -30)):
+        x = rng.integers(-128, 128, (6, 64)).astype(np.int8)
+        x[0] = -128
+        x[1] = 127
+        x[2, :3] = [127, 126, -128]
+        e = np.tile(np.array(pair), (6, 1))
+        for m in (None, bert_mask(rng, 1, 64)[0, 0]):
+            y = run_softmax(lib, x, scales(e), 32, m, simd)
+            assert_same([y], [R.int_softmax(x, scales(e), 32, m)])
+
+
+# ------------------------------------------------------------------------------------------
+# bit-exactness: IntLayerNorm
+
+
+@pytest.mark.parametrize("simd", SIMD)
+@pytest.mark.parametrize("b", BLOCK_SIZES)
+def test_layernorm_bit_exact(lib, b, simd):
+    rng = np.random.default_rng(300 + b + simd)
+    for d in (*LENGTHS, 384):
+        g, gs, bt, bs = gamma_beta(rng, d, b)
+        x, s = random_case(rng, (2, 3, d), b)
+        for eps in (0.0, 1e-12, 1e-5, 3.0):
+            want = R.int_layernorm(x, s, g, gs, bt, bs, b, eps)
+            assert_same(run_ln(lib, x, s, g, gs, bt, bs, b, eps, simd), want)
+    for x, s in edge_cases(rng, (2, 3, 2 * b + 5), b):
+        g, gs, bt, bs = gamma_beta(rng, x.shape[-1], b)
+        for eps in (0.0, 1e-5):
+            want = R.int_layernorm(x, s, g, gs, bt, bs, b, eps)
+            assert_same(run_ln(lib, x, s, g, gs, bt, bs, b, eps, simd), want)
+
+
+@pytest.mark.parametrize("simd", SIMD)
+def test_layernorm_special_paths(lib, simd):
+    """Constant rows (V = 0), blocks far below the grid window, beta far above gamma (z gamma
+    rounded, and dropped beyond 30 bits), subnormal parameter scales (clamped output
+    exponents), epsilon hitting the 2^100 cap, extreme input exponents."""
+    rng = np.random.default_rng(11)
+    h, b = 96, 32
+    x = rng.integers(-128, 128, (8, h)).astype(np.int8)
+    x[0] = 5  # constant row
+    x[1] = -128
+    e = rng.integers(-6, 0, (8, 3))
+    e[2] = [6, -20, -40]  # blocks 26 and 46 exponents below the max
+    e[3] = [-149, -149, -149]
+    e[4] = [127, 127, 120]
+    e[5] = [-149, 127, 0]
+    s = scales(e)
+    g, gs, bt, bs = gamma_beta(rng, h, b)
+    params = [
+        (g, gs, bt, bs),
+        (g, scales([-30, -2, -60]), bt, scales([-2, 10, -30])),  # a1 > 0 and a1 > 30
+        (g, scales([-149, -140, -149]), bt, scales([-149, -149, -135])),  # tiny outputs
+        (np.zeros(h, np.int8), scales([-128] * 3), bt, bs),  # gamma all zero
+        (g, scales([100, 110, 90]), bt, scales([80, 100, 110])),  # huge outputs: clamp at 127
+    ]
+    for pg, pgs, pb, pbs in params:
+        for eps in (0.0, 1e-12, 1.0, 3e38):
+            want = R.int_layernorm(x, s, pg, pgs, pb, pbs, b, eps)
+            got = run_ln(lib, x, s, pg, pgs, pb, pbs, b, eps, simd)
+            assert_same(got, want)
+            assert got[0].min() >= -127
+
+
+def test_layernorm_limits(lib):
+    rng = np.random.default_rng(2)
+    h = R.LAYERNORM_MAX_H
+    x, s = random_case(rng, (2, h), 128, -10, 6)
+    x[0, ::97] = 127  # spread: the exact value of X' alpha - beta stays in int32 (checked)
+    g, gs, bt, bs = gamma_beta(rng, h, 128)
+    assert_same(
+        run_ln(lib, x, s, g, gs, bt, bs, 128, 1e-5), R.int_layernorm(x, s, g, gs, bt, bs, 128, 1e-5)
+    )
+    x, s = random_case(rng, (1, h + 1), 128)
+    g, gs, bt, bs = gamma_beta(rng, h + 1, 128)
+    with pytest.raises(ValueError, match="4096"):
+        R.int_layernorm(x, s, g, gs, bt, bs, 128, 1e-5)
+    with pytest.raises(Exception, match="4096"):
+        run_ln(lib, x, s, g, gs, bt, bs, 128, 1e-5)
+
+
+def test_layernorm_modulo_arithmetic_matches_exact_integers():
+    """The kernel computes X' alpha - beta modulo 2^32; the reference checks the bound. Here:
+    near-constant rows (huge slopes) against exact Python-int arithmetic."""
+    rng = np.random.default_rng(4)
+    x = np.full((6, 64), 40, np.int8)
+    x[:, 7] = 41
+    x[1] = rng.integers(-128, 128, 64)
+    s = scales(np.array([[0, -16]] * 6))
+    g, gs, bt, bs = gamma_beta(rng, 64, 32)
+    y, ys = R.int_layernorm(x, s, g, gs, bt, bs, 32, 0.0)  # raises if the bound were violated
+    xf = x.astype(np.float64) * np.repeat(s, 32, -1)
+    gf = g * np.repeat(gs, 32)
+    bf = bt * np.repeat(bs, 32)
+    ref = (xf - xf.mean(-1, keepdims=True)) / xf.std(-1, keepdims=True) * gf + bf
+    lsb = np.repeat(ys, 32, -1).astype(np.float64)
+    assert np.max(np.abs(y * lsb - ref) / lsb) <= 0.51
+
+
+# ------------------------------------------------------------------------------------------
+# threads and errors
+
+
+def test_two_threads_give_the_same_bits(lib):
+    rng = np.random.default_rng(8)
+    x, s = random_case(rng, (4, 128, 384), 32, -6, 2)
+    assert_same(run_gelu(lib, x, s, 32, threads=2), run_gelu(lib, x, s, 32))
+    g, gs, bt, bs = gamma_beta(rng, 384, 32)
+    assert_same(
+        run_ln(lib, x, s, g, gs, bt, bs, 32, 1e-12, threads=2),
+        run_ln(lib, x, s, g, gs, bt, bs, 32, 1e-12),
+    )
+    x, s = random_case(rng, (2, 12, 128, 128), 32, -6, 0)
+    m = bert_mask(rng, 2, 128)
+    assert_same([run_softmax(lib, x, s, 32, m, threads=2)], [run_softmax(lib, x, s, 32, m)])
+
+
+def test_bad_scales_and_shapes_fail(lib):
+    x = np.zeros((2, 32), np.int8)
+    with pytest.raises(Exception, match="power of two"):
+        run_gelu(lib, x, np.full((2, 1), 0.3, np.float32), 32)
+    with pytest.raises(ValueError, match="power of two"):
+        R.int_gelu(x, np.full((2, 1), 0.3, np.float32), 32)
+    with pytest.raises(Exception, match="x_scale shape"):
+        run_softmax(lib, x, np.ones((2, 2), np.float32), 32)
+    with pytest.raises(ValueError, match="scale shape"):
+        R.int_softmax(x, np.ones((2, 2), np.float32), 32)
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(lib)
+    m = _model(
+        "IntGelu",
+        [("x", TensorProto.INT8), ("s", TensorProto.FLOAT)],
+        [("y", TensorProto.INT8), ("ys", TensorProto.FLOAT)],
+    )
+    with pytest.raises(Exception, match="block_size"):
+        ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def test_empty_tensors(lib):
+    x = np.zeros((0, 40), np.int8)
+    s = np.ones((0, 2), np.float32)
+    y, ys = run_gelu(lib, x, s, 32)
+    assert y.shape == (0, 40) and ys.shape == (0, 2)
+    assert run_softmax(lib, x, s, 32).shape == (0, 40)
+    assert R.int_softmax(x, s, 32).shape == (0, 40)
+
+
+# ------------------------------------------------------------------------------------------
+# accuracy vs float ops (the documented bounds)
+
+
+def dequant(q, s, b):
+    return q.astype(np.float64) * np.repeat(s.astype(np.float64), b, -1)[..., : q.shape[-1]]
+
+
+@pytest.mark.parametrize("b", BLOCK_SIZES)
+def test_gelu_accuracy(b):
+    rng = np.random.default_rng(20 + b)
+    x = rng.normal(0.0, 2.0, (64, 1536)).astype(np.float32)
+    x[rng.random(x.shape) < 0.01] *= 20
+    q, s = R.quantize_pow2(x, b)
+    y, ys = R.int_gelu(q, s, b)
+    xd = dequant(q, s, b)
+    ref = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in xd.ravel()]).reshape(
+        xd.shape
+    )
+    err_lsb = np.abs(dequant(y, ys, b) - ref) / np.repeat(ys.astype(np.float64), b, -1)
+    bound = 0.5 + 2.0**-17 * np.repeat(s.astype(np.float64) / ys.astype(np.float64), b, -1)
+    assert np.all(err_lsb <= bound + 1e-9)
+    assert err_lsb.max() <= 0.5 + 1e-3 and err_lsb.mean() < 0.26
+
+
+@pytest.mark.parametrize("b", BLOCK_SIZES)
+def test_softmax_accuracy_and_row_sums(b):
+    rng = np.random.default_rng(40 + b)
+    rows, n = 5000, 128
+    x = rng.normal(0.0, 3.0, (rows, n)).astype(np.float32)
+    masked_keys = rng.integers(0, 65, rows)
+    mask = np.where(np.arange(n)[None] >= n - masked_keys[:, None], np.float32(-1e4), np.float32(0))
+    mask = mask.astype(np.float32)
+    q, s = R.quantize_pow2(x, b)
+    y = R.int_softmax(q, s, b, mask).astype(np.int64)
+    z = np.where(mask < -1000, -np.inf, dequant(q, s, b))
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    err = np.abs(y - 256 * p)
+    assert err[y < 255].max() <= 0.55 and err.max() < 1.0 and err.mean() < 0.1
+    assert np.all(y[mask < -1000] == 0)
+    unmasked = n - masked_keys
+    dev = np.abs(y.sum(-1) - 256)
+    assert np.all(dev <= 0.56 * unmasked + 1)  # hard bound
+    assert dev.max() <= 16 and dev.mean() < 5  # measured: max 14, mean 4.1
+
+
+@pytest.mark.parametrize("b", BLOCK_SIZES)
+def test_layernorm_accuracy(b):
+    rng = np.random.default_rng(60 + b)
+    h = 384
+    x = rng.normal(0.0, 1.0, (256, h)) + rng.normal(0.0, 0.3, h)
+    x[:, rng.choice(h, 4, replace=False)] *= 20  # BERT's outlier channels
+    gamma = 1 + 0.2 * rng.standard_normal(h)
+    beta = 0.1 * rng.standard_normal(h)
+    q, s = R.quantize_pow2(x, b)
+    gq, gs = R.quantize_pow2(gamma, b)
+    bq, bs = R.quantize_pow2(beta, b)
+    for eps in (1e-12, 1e-5, 0.5):
+        y, ys = R.int_layernorm(q, s, gq, gs, bq, bs, b, eps)
+        xd = dequant(q, s, b)
+        mu = xd.mean(-1, keepdims=True)
+        var = ((xd - mu) ** 2).mean(-1, keepdims=True)
+        ref = (xd - mu) / np.sqrt(var + float(np.float32(eps))) * dequant(gq, gs, b) + dequant(
+            bq, bs, b
+        )
+        err_lsb = np.abs(dequant(y, ys, b) - ref) / np.repeat(ys.astype(np.float64), b, -1)
+        assert err_lsb.max() <= 0.51 and err_lsb.mean() < 0.26
+
+
+@pytest.mark.parametrize("b", [20, 24, 100])
+def test_block_sizes_not_multiple_of_16(lib, b):
+    """Other block sizes take the portable kernels (GELU keeps its vector path)."""
+    rng = np.random.default_rng(b)
+    x, s = random_case(rng, (3, 2 * b + 9), b)
+    assert_same(run_gelu(lib, x, s, b), R.int_gelu(x, s, b))
+    m = bert_mask(rng, 1, x.shape[-1])[0, 0]
+    assert_same([run_softmax(lib, x, s, b, m)], [R.int_softmax(x, s, b, m)])
+    g, gs, bt, bs = gamma_beta(rng, x.shape[-1], b)
+    assert_same(
+        run_ln(lib, x, s, g, gs, bt, bs, b, 1e-5), R.int_layernorm(x, s, g, gs, bt, bs, b, 1e-5)
+    )
+
+
+def test_bctonnx_isa_caps_to_the_portable_kernels(lib, monkeypatch):
+    rng = np.random.default_rng(12)
+    x, s = random_case(rng, (4, 96), 32, -8, 2)
+    want = R.int_softmax(x, s, 32)
+    monkeypatch.setenv("BCTONNX_ISA", "scalar")  # read when the session creates the kernel
+    assert_same([run_softmax(lib, x, s, 32, threads=3)], [want])
+    monkeypatch.setenv("BCTONNX_ISA", "sse9")
+    with pytest.raises(Exception, match="BCTONNX_ISA"):
+        run_softmax(lib, x, s, 32, threads=4)
