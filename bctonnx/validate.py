@@ -6,9 +6,9 @@ mean-pooled sentence-embedding cosine; for logits, top-1 agreement. The per-laye
 every LayerNormalization output that both models still carry under the same name (bctonnx
 keeps tensor names through compression) and labels it with its encoder layer, so the block that
 hurts stands out. For a candidate in the integer form, each integer op (IntGelu, IntSoftmax,
-IntLayerNorm) is compared with its float original applied to the same real activations (the
-float tensor the op's BlockQuantize reads): max and mean abs error in units of the op's output
-scale (LSB) and the relative error.
+IntLayerNorm) is compared with its float original applied to the op's own (dequantized) input
+on real activations: max and mean abs error in units of the op's output scale (LSB) and the
+relative error.
 """
 
 from __future__ import annotations
@@ -346,6 +346,12 @@ def _dequantized_param(inits: dict, codes: str, scales: str, block: int) -> np.n
     return c * np.repeat(sc, block)[: c.size]
 
 
+def _dequantize_blocks(codes: np.ndarray, scales: np.ndarray, block: int) -> np.ndarray:
+    """codes * their block's scale, blocks along the last axis (the last may be partial)."""
+    d = codes.shape[-1]
+    return codes.astype(np.float64) * np.repeat(scales.astype(np.float64), block, -1)[..., :d]
+
+
 def integer_op_stats(
     proto: onnx.ModelProto, batches: list[dict], threads: int | None, max_batches: int = 2
 ) -> list[IntOpStats]:
@@ -353,35 +359,28 @@ def integer_op_stats(
     nodes = [n for n in proto.graph.node if n.domain == "bctonnx" and n.op_type in INT_OPS]
     if not nodes:
         return []
-    producers = {o: n for n in proto.graph.node for o in n.output}
-    readers: dict[str, list] = {}
-    for n in proto.graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
     inits = {t.name: t for t in proto.graph.initializer}
-    plan = []  # (node, float input, mask or None, dequantized output, output scale or None)
+    # (node, input codes, input scales, mask or None, output codes, output scales or None)
+    plan = []
     for node in nodes:
-        bq = producers.get(node.input[0])
-        if bq is None or bq.op_type != "BlockQuantize":
-            continue
-        dq = [r for r in readers.get(node.output[0], []) if r.op_type == "DequantizeLinear"]
-        if not dq:  # IntSoftmax: Cast(p) * 2^-8
-            casts = [r for r in readers.get(node.output[0], []) if r.op_type == "Cast"]
-            dq = [r for c in casts for r in readers.get(c.output[0], []) if r.op_type == "Mul"]
-        if not dq:
-            continue
         mask = node.input[2] if node.op_type == "IntSoftmax" and len(node.input) > 2 else None
         scale = node.output[1] if len(node.output) > 1 else None
-        plan.append((node, bq.input[0], mask, dq[0].output[0], scale))
-    fetch = sorted({t for p in plan for t in (p[1], p[2], p[3], p[4]) if t and t not in inits})
+        plan.append((node, node.input[0], node.input[1], mask, node.output[0], scale))
+    fetch = sorted({t for p in plan for t in p[1:] if t and t not in inits})
     if not plan:
         return []
     sess = _session(_with_outputs(proto, fetch), threads)
     acc = {p[0].name or p[0].output[0]: [0.0, 0.0, 0, 0.0, 0.0] for p in plan}
     for feeds in batches[:max_batches]:
         values = dict(zip(fetch, sess.run(fetch, feeds), strict=True))
-        for node, x_name, mask_name, out_name, scale_name in plan:
-            x, got = values[x_name].astype(np.float64), values[out_name].astype(np.float64)
+        for node, q_name, s_name, mask_name, out_name, scale_name in plan:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            block = int(attrs["block_size"])
+            x = _dequantize_blocks(values[q_name], values[s_name], block)
+            if scale_name:
+                got = _dequantize_blocks(values[out_name], values[scale_name], block)
+            else:  # IntSoftmax: uint8 probabilities in steps of 1/256
+                got = values[out_name].astype(np.float64) * 2.0**-8
             if node.op_type == "IntGelu":
                 ref = _float_gelu(x, node, inits).astype(np.float64)
             elif node.op_type == "IntSoftmax":
@@ -392,17 +391,13 @@ def integer_op_stats(
                         mask = onnx.numpy_helper.to_array(inits[mask_name])
                 ref = _float_softmax(x, None if mask is None else mask.astype(np.float64))
             else:
-                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-                block = int(attrs["block_size"])
                 gamma = _dequantized_param(inits, node.input[2], node.input[3], block)
                 beta = _dequantized_param(inits, node.input[4], node.input[5], block)
                 mu = x.mean(-1, keepdims=True)
                 var = ((x - mu) ** 2).mean(-1, keepdims=True)
                 ref = (x - mu) / np.sqrt(var + float(attrs.get("epsilon", 1e-5))) * gamma + beta
             if scale_name:
-                sc = values[scale_name].astype(np.float64)
-                block = got.shape[-1] // sc.shape[-1] + (got.shape[-1] % sc.shape[-1] > 0)
-                lsb = np.repeat(sc, block, axis=-1)[..., : got.shape[-1]]
+                lsb = _dequantize_blocks(np.ones_like(got), values[scale_name], block)
             else:
                 lsb = np.full_like(got, 2.0**-8)  # IntSoftmax: probabilities in steps of 1/256
             err = np.abs(got - ref)
@@ -463,7 +458,7 @@ def format_report(report: ValidationReport) -> str:
         lines += [
             "",
             "integer ops vs their float originals on the same activations:",
-            "(errors include the op's input quantization; LSB = the op's output scale)",
+            "(float op on the same dequantized input; LSB = the op's output scale)",
             f"{'op':<13} {'max err (LSB)':>14} {'mean err (LSB)':>15} {'rel err':>9}  node",
         ]
         for o in report.int_ops:

@@ -26,9 +26,9 @@ def sentences():
     return sst2_dev_sentences(256)
 
 
-def _compress_and_validate(minilm_dir, tmp_path, preset, sentences):
-    out = tmp_path / preset
-    report = bctonnx.compress_file(minilm_dir, out, bctonnx.resolve_config(preset))
+def _compress_and_validate(minilm_dir, tmp_path, preset, sentences, mode="qdq"):
+    out = tmp_path / f"{preset}-{mode}"
+    report = bctonnx.compress_file(minilm_dir, out, bctonnx.resolve_config(preset, mode=mode))
     measured = model_file_bytes(minilm_dir) / model_file_bytes(out)
     assert report.ratio == pytest.approx(measured)
     v = validate(minilm_dir / "model.onnx", out / "model.onnx", texts=sentences, progress=False)
@@ -77,3 +77,24 @@ def test_compressed_model_runs_on_stock_onnxruntime_without_library(minilm_dir, 
     feeds = {i.name: np.ones((2, 9), np.int64) for i in sess.get_inputs()}
     out = sess.run(None, feeds)[0]
     assert out.shape == (2, 9, 384) and np.isfinite(out).all()
+
+
+FLOAT_NONLINEAR = {"Gelu", "Erf", "Tanh", "Softmax", "LayerNormalization"}
+
+
+@pytest.mark.parametrize(
+    ("preset", "min_ratio", "min_cosine"), [("w8a8", 3.9, 0.99), ("w4a8", 7.5, 0.96)]
+)
+def test_integer_form_has_no_float_nonlinearity_and_keeps_the_embeddings(
+    minilm_dir, tmp_path, sentences, preset, min_ratio, min_cosine
+):
+    out, report, v = _compress_and_validate(minilm_dir, tmp_path, preset, sentences, "integer")
+    graph = onnx.load(out / "model.onnx", load_external_data=False).graph
+    assert not [n.name for n in graph.node if n.domain == "" and n.op_type in FLOAT_NONLINEAR]
+    ops = {(n.domain, n.op_type) for n in graph.node}
+    assert {("bctonnx", "IntGelu"), ("bctonnx", "IntSoftmax"), ("bctonnx", "IntLayerNorm")} <= ops
+    assert report.ratio >= min_ratio
+    assert v.embedding_cosine >= min_cosine
+    # every integer op is compared with its float original, and none is far off
+    assert {o.op_type for o in v.int_ops} == {"IntGelu", "IntSoftmax", "IntLayerNorm"}
+    assert all(o.rel_err < 0.1 for o in v.int_ops)
