@@ -86,7 +86,53 @@ def render_glue(data: dict) -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"embeddings": render_embeddings, "glue": render_glue}
+def render_latency(data: dict) -> str:
+    """benchmarks/latency.py: one bctonnx bench run (and optionally one without AMX)."""
+    run = data["main"]
+    shapes = run["shapes"]
+    rss_base = run.get("rss_baseline_bytes")
+    lines = [
+        f"{run['model']}, onnxruntime {run['onnxruntime']} CPU ({run['cpu']}), "
+        f"{run['threads']} threads, synthetic token ids, median of {run['runs']} interleaved "
+        "runs per model; vs int8 = latency / onnxruntime dynamic int8's; peak RSS of a fresh "
+        "process that loads the model and runs the largest batch once"
+        + (f" ({rss_base / 2**20:.0f} MB of it is Python + onnxruntime)" if rss_base else "")
+        + ":",
+        "",
+        "| model | size | ratio | peak RSS | "
+        + " | ".join(f"{s} ms | vs int8" for s in shapes)
+        + " |",
+        "|---|---:|---:|---:|" + "---:|---:|" * len(shapes),
+    ]
+    for r in run["records"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['model']} | failed: {r['error']} |")
+            continue
+        rss = f"{r['peak_rss_bytes'] / 2**20:.0f} MB" if r.get("peak_rss_bytes") else "-"
+        cells = [f"{r['bytes'] / 1e6:.1f} MB", f"{r['ratio']:.2f}x", rss]
+        for s in shapes:
+            ms, vs = r["latency_ms"].get(s), r["vs_baseline"].get(s)
+            cells += [f"{ms:.1f}" if ms else "-", f"{vs:.2f}x" if vs else "-"]
+        lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
+    other = data.get("no_amx")
+    if other:
+        by = {r["model"]: r for r in other["records"] if r["status"] == "ok"}
+        parts = []
+        for name in ("bct w8a8 integer", "bct w4a8 integer"):
+            if name in by:
+                ratios = ", ".join(f"{by[name]['vs_baseline'][s]:.2f}x ({s})" for s in shapes)
+                parts.append(f"{name.removeprefix('bct ')} {ratios}")
+        lines += [
+            "",
+            "With onnxruntime denied AMX (`--block-amx`: its int8 GEMM on AVX-512 VNNI, as on "
+            "CPUs without AMX; bctonnx never uses AMX), latency / dynamic int8: "
+            + "; ".join(parts)
+            + ".",
+        ]
+    return "\n".join(lines)
+
+
+RENDERERS = {"embeddings": render_embeddings, "glue": render_glue, "latency": render_latency}
 
 
 def main() -> None:
