@@ -38,6 +38,9 @@ class CompressionConfig:
         parts = []
         for name in ("weights", "embeddings", "activations"):
             fmt = getattr(self, name)
+            if fmt is not None and name == "activations" and self.mode == "integer":
+                # the integer form quantizes activations with BCT's shift scales
+                fmt = replace(fmt, scale_kind="pow2", frac_bits=0)
             parts.append(f"{name}={fmt.describe() if fmt else 'fp32'}")
         extra = ", floats=fp16" if self.float_dtype == "float16" else ""
         if self.weight_overrides:
