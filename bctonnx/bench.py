@@ -133,7 +133,15 @@ def peak_rss(path: str | None, batch: int, seq: int, threads: int, timeout: floa
     """Peak RSS (bytes) of a fresh process that loads ``path`` and runs it once."""
     cmd = [sys.executable, "-m", "bctonnx.bench", "--rss-probe", path or "", str(batch), str(seq)]
     cmd.append(str(threads))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    # the probe must import this very bctonnx (and its op library), not whatever the current
+    # directory holds: run it elsewhere with this package's parent first on the path
+    import bctonnx
+
+    root = str(Path(bctonnx.__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, cwd=tempfile.gettempdir(), env=env
+    )
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
         raise RuntimeError(f"RSS probe failed: {tail[0]}")
