@@ -169,22 +169,9 @@ def vocab_size(path: str | os.PathLike, default: int = 1000) -> int:
 def interleaved(sessions: dict, batch: int, seq: int, runs: int, warmup: int, vocab: int):
     """Median latency (ms) per session, runs alternating between sessions (bench_util's
     interleaved_latency with ids below ``vocab``)."""
-    import statistics
-    import time
+    from .bench_util import interleaved_latency
 
-    from .bench_util import fixed_inputs
-
-    feeds = {k: fixed_inputs(s, batch, seq, vocab=max(vocab, 101)) for k, s in sessions.items()}
-    for _ in range(warmup):
-        for k, s in sessions.items():
-            s.run(None, feeds[k])
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(runs):
-        for k, s in sessions.items():
-            t0 = time.perf_counter()
-            s.run(None, feeds[k])
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return interleaved_latency(sessions, batch, seq, runs, warmup, vocab=max(vocab, 101))
 
 
 def _build_models(

@@ -18,6 +18,9 @@ from bctonnx.blockformat import BlockFormat
 # Nodes the quantize passes create and the lowering passes expand. They never reach a saved
 # model: lower_qdq (portable) or the integer lowering replaces every one of them.
 MID_DOMAIN = "bctonnx.mid"
+# the op library's domain (bctonnx/ops/csrc/common.h: kDomain, kDomainVersion)
+OPS_DOMAIN = "bctonnx"
+OPS_VERSION = 1
 ROLE_KEY = "bctonnx.role"
 TARGET_OPSET = 21
 TARGET_IR_VERSION = 10  # onnxruntime 1.31 loads IR <= 10 with opset 21 Q/DQ

@@ -33,6 +33,8 @@ from bctonnx.blockformat import BlockFormat, quantize
 
 from .common import (
     MID_DOMAIN,
+    OPS_DOMAIN,
+    OPS_VERSION,
     PassError,
     const_array,
     fmt_from_node,
@@ -43,8 +45,6 @@ from .common import (
 
 log = logging.getLogger(__name__)
 
-OPS_DOMAIN = "bctonnx"
-OPS_VERSION = 1
 SOFTMAX_OUT_SCALE = np.float32(2.0**-8)  # IntSoftmax: uint8 probabilities in steps of 1/256
 
 

@@ -46,6 +46,8 @@ from bctonnx.blockformat import BlockFormat, pack_int4, split_scale_codes
 
 from .common import (
     MID_DOMAIN,
+    OPS_DOMAIN,
+    OPS_VERSION,
     const_array,
     fmt_from_node,
     is_const,
@@ -55,9 +57,6 @@ from .common import (
 )
 
 log = logging.getLogger(__name__)
-
-OPS_DOMAIN = "bctonnx"
-OPS_VERSION = 1
 
 
 def _attr_int(node: ir.Node, name: str, default: int | None = None) -> int | None:
