@@ -153,17 +153,12 @@ def peak_rss(path: str | None, batch: int, seq: int, threads: int, timeout: floa
 
 
 def vocab_size(path: str | os.PathLike, default: int = 1000) -> int:
-    """Rows of the table that input_ids index (the word embeddings), else ``default``."""
+    """Rows of the table that input_ids index (see bctonnx.validate.vocab_size)."""
     import onnx
 
-    proto = onnx.load(str(path), load_external_data=False)
-    inits = {t.name: t for t in proto.graph.initializer}
-    for node in proto.graph.node:
-        if node.op_type == "Gather" and len(node.input) == 2 and node.input[1] == "input_ids":
-            table = inits.get(node.input[0])
-            if table is not None and table.dims:
-                return int(table.dims[0])
-    return default
+    from .validate import vocab_size as proto_vocab_size
+
+    return proto_vocab_size(onnx.load(str(path), load_external_data=False), default)
 
 
 def interleaved(sessions: dict, batch: int, seq: int, runs: int, warmup: int, vocab: int):

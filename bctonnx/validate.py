@@ -297,7 +297,7 @@ def validate(
     ref_sess = _session(_with_outputs(ref_proto, probe_names), threads)
     cand_sess = _session(_with_outputs(cand_proto, probe_names), threads)
     input_names = [i.name for i in ref_sess.get_inputs()]
-    vocab = _vocab_size(ref_proto)
+    vocab = vocab_size(ref_proto)
     batches = make_feeds(input_names, texts, tokenizer, batch_size, max_length, vocab_size=vocab)
     fetch = outputs + probe_names
     accs = {n: _Acc() for n in fetch}
@@ -419,12 +419,19 @@ def integer_op_stats(
     ]
 
 
-def _vocab_size(proto: onnx.ModelProto) -> int:
+def vocab_size(proto: onnx.ModelProto, default: int = 1000) -> int:
+    """Rows of the word-embedding table that ``input_ids`` index (a Gather, or onnxruntime's
+    fused EmbedLayerNormalization), else ``default``. Random token ids stay below it."""
     inits = {t.name: t for t in proto.graph.initializer}
     for node in proto.graph.node:
-        if node.op_type == "Gather" and node.input[0] in inits and "input_ids" in node.input[1:]:
-            return int(inits[node.input[0]].dims[0])
-    return 1000
+        table = None
+        if node.op_type == "Gather" and "input_ids" in node.input[1:]:
+            table = inits.get(node.input[0])
+        elif node.op_type == "EmbedLayerNormalization":  # inputs: ids, segments, words, ...
+            table = inits.get(node.input[2]) if len(node.input) > 2 else None
+        if table is not None and table.dims:
+            return int(table.dims[0])
+    return default
 
 
 def format_report(report: ValidationReport) -> str:

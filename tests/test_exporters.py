@@ -432,3 +432,17 @@ def test_failed_shape_inference_leaves_weights_as_constants(tiny_bert_onnx):
     assert [v.name for v in model.graph.inputs] == inputs
     assert set(model.graph.initializers) == initializers
     assert all(v.const_value is not None for v in model.graph.initializers.values())
+
+
+def test_validate_a_fused_graph_without_a_tokenizer(exports, tmp_path):
+    """Random token ids stay inside the vocabulary that the fused EmbedLayerNormalization
+    reads (not a default of 1000 rows): validate runs and reports."""
+    from bctonnx.validate import validate, vocab_size
+
+    model, _ = exports["ort-fused"]
+    original = onnx.load(str(model))
+    assert vocab_size(original) < 1000  # the tiny vocabulary, found through the fused op
+    out = tmp_path / "fused.bct.onnx"
+    bctonnx.compress_file(model, out, bctonnx.resolve_config(**CONFIG))
+    report = validate(model, out, per_layer=False, progress=False)
+    assert report.num_inputs > 0 and report.outputs[0].cosine > 0.9
