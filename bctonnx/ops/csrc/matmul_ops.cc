@@ -407,6 +407,58 @@ void StoreSegmentSums(const Operands& op, int64_t m, int64_t j, int64_t col0, co
 // the weights in L1 while the rows go by): the first slice starts from 0, the last one adds
 // the bias and applies the multiplier. int32 accumulators and the float ones of the current
 // weight block live in registers.
+// One K step (8 bytes of K: two int4 nibble planes) of the 4x48 int4 tile, shared by the
+// w4a8 whole-slice kernel and the generic full tile: unpack 3 weight vectors into 6 nibble
+// planes (zmm26-31), 2 x-broadcasts per row (zmm24/25), 24 vpdpbusd into zmm0-11, advance w
+// and x. M4 is the low-nibble mask operand as that asm statement names it.
+#define BCT_INT4_KSTEP(M4) \
+  "vmovdqu64 (%[w]), %%zmm26\n\t" \
+  "vpsrlw $4, %%zmm26, %%zmm27\n\t" \
+  "vpandd " M4 ", %%zmm26, %%zmm26\n\t" \
+  "vpandd " M4 ", %%zmm27, %%zmm27\n\t" \
+  "vmovdqu64 (%[w],%[pb]), %%zmm28\n\t" \
+  "vpsrlw $4, %%zmm28, %%zmm29\n\t" \
+  "vpandd " M4 ", %%zmm28, %%zmm28\n\t" \
+  "vpandd " M4 ", %%zmm29, %%zmm29\n\t" \
+  "vmovdqu64 (%[w],%[pb],2), %%zmm30\n\t" \
+  "vpsrlw $4, %%zmm30, %%zmm31\n\t" \
+  "vpandd " M4 ", %%zmm30, %%zmm30\n\t" \
+  "vpandd " M4 ", %%zmm31, %%zmm31\n\t" \
+  "vpbroadcastd (%[x]), %%zmm24\n\t" \
+  "vpbroadcastd 4(%[x]), %%zmm25\n\t" \
+  "vpdpbusd %%zmm24, %%zmm26, %%zmm0\n\t" \
+  "vpdpbusd %%zmm24, %%zmm28, %%zmm1\n\t" \
+  "vpdpbusd %%zmm24, %%zmm30, %%zmm2\n\t" \
+  "vpdpbusd %%zmm25, %%zmm27, %%zmm0\n\t" \
+  "vpdpbusd %%zmm25, %%zmm29, %%zmm1\n\t" \
+  "vpdpbusd %%zmm25, %%zmm31, %%zmm2\n\t" \
+  "vpbroadcastd (%[x],%[lda]), %%zmm24\n\t" \
+  "vpbroadcastd 4(%[x],%[lda]), %%zmm25\n\t" \
+  "vpdpbusd %%zmm24, %%zmm26, %%zmm3\n\t" \
+  "vpdpbusd %%zmm24, %%zmm28, %%zmm4\n\t" \
+  "vpdpbusd %%zmm24, %%zmm30, %%zmm5\n\t" \
+  "vpdpbusd %%zmm25, %%zmm27, %%zmm3\n\t" \
+  "vpdpbusd %%zmm25, %%zmm29, %%zmm4\n\t" \
+  "vpdpbusd %%zmm25, %%zmm31, %%zmm5\n\t" \
+  "vpbroadcastd (%[x],%[lda],2), %%zmm24\n\t" \
+  "vpbroadcastd 4(%[x],%[lda],2), %%zmm25\n\t" \
+  "vpdpbusd %%zmm24, %%zmm26, %%zmm6\n\t" \
+  "vpdpbusd %%zmm24, %%zmm28, %%zmm7\n\t" \
+  "vpdpbusd %%zmm24, %%zmm30, %%zmm8\n\t" \
+  "vpdpbusd %%zmm25, %%zmm27, %%zmm6\n\t" \
+  "vpdpbusd %%zmm25, %%zmm29, %%zmm7\n\t" \
+  "vpdpbusd %%zmm25, %%zmm31, %%zmm8\n\t" \
+  "vpbroadcastd (%[x],%[lda3]), %%zmm24\n\t" \
+  "vpbroadcastd 4(%[x],%[lda3]), %%zmm25\n\t" \
+  "vpdpbusd %%zmm24, %%zmm26, %%zmm9\n\t" \
+  "vpdpbusd %%zmm24, %%zmm28, %%zmm10\n\t" \
+  "vpdpbusd %%zmm24, %%zmm30, %%zmm11\n\t" \
+  "vpdpbusd %%zmm25, %%zmm27, %%zmm9\n\t" \
+  "vpdpbusd %%zmm25, %%zmm29, %%zmm10\n\t" \
+  "vpdpbusd %%zmm25, %%zmm31, %%zmm11\n\t" \
+  "add $64, %[w]\n\t" \
+  "add $8, %[x]\n\t"
+
 template <int MR, int NV, bool INT4, bool SPB1>
 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vnni,fma"))) void TileAvx512(
     const Operands& op, int64_t m0, int64_t p0, int64_t b0, int64_t b1) {
@@ -485,52 +537,7 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vnni,fma"))) void TileAvx
           "vpxord %%zmm11, %%zmm11, %%zmm11\n\t"
           "mov %[chunks], %[k]\n\t"
           "1:\n\t"
-          "vmovdqu64 (%[w]), %%zmm26\n\t"
-          "vpsrlw $4, %%zmm26, %%zmm27\n\t"
-          "vpandd %[m4]%{1to16%}, %%zmm26, %%zmm26\n\t"
-          "vpandd %[m4]%{1to16%}, %%zmm27, %%zmm27\n\t"
-          "vmovdqu64 (%[w],%[pb]), %%zmm28\n\t"
-          "vpsrlw $4, %%zmm28, %%zmm29\n\t"
-          "vpandd %[m4]%{1to16%}, %%zmm28, %%zmm28\n\t"
-          "vpandd %[m4]%{1to16%}, %%zmm29, %%zmm29\n\t"
-          "vmovdqu64 (%[w],%[pb],2), %%zmm30\n\t"
-          "vpsrlw $4, %%zmm30, %%zmm31\n\t"
-          "vpandd %[m4]%{1to16%}, %%zmm30, %%zmm30\n\t"
-          "vpandd %[m4]%{1to16%}, %%zmm31, %%zmm31\n\t"
-          "vpbroadcastd (%[x]), %%zmm24\n\t"
-          "vpbroadcastd 4(%[x]), %%zmm25\n\t"
-          "vpdpbusd %%zmm24, %%zmm26, %%zmm0\n\t"
-          "vpdpbusd %%zmm24, %%zmm28, %%zmm1\n\t"
-          "vpdpbusd %%zmm24, %%zmm30, %%zmm2\n\t"
-          "vpdpbusd %%zmm25, %%zmm27, %%zmm0\n\t"
-          "vpdpbusd %%zmm25, %%zmm29, %%zmm1\n\t"
-          "vpdpbusd %%zmm25, %%zmm31, %%zmm2\n\t"
-          "vpbroadcastd (%[x],%[lda]), %%zmm24\n\t"
-          "vpbroadcastd 4(%[x],%[lda]), %%zmm25\n\t"
-          "vpdpbusd %%zmm24, %%zmm26, %%zmm3\n\t"
-          "vpdpbusd %%zmm24, %%zmm28, %%zmm4\n\t"
-          "vpdpbusd %%zmm24, %%zmm30, %%zmm5\n\t"
-          "vpdpbusd %%zmm25, %%zmm27, %%zmm3\n\t"
-          "vpdpbusd %%zmm25, %%zmm29, %%zmm4\n\t"
-          "vpdpbusd %%zmm25, %%zmm31, %%zmm5\n\t"
-          "vpbroadcastd (%[x],%[lda],2), %%zmm24\n\t"
-          "vpbroadcastd 4(%[x],%[lda],2), %%zmm25\n\t"
-          "vpdpbusd %%zmm24, %%zmm26, %%zmm6\n\t"
-          "vpdpbusd %%zmm24, %%zmm28, %%zmm7\n\t"
-          "vpdpbusd %%zmm24, %%zmm30, %%zmm8\n\t"
-          "vpdpbusd %%zmm25, %%zmm27, %%zmm6\n\t"
-          "vpdpbusd %%zmm25, %%zmm29, %%zmm7\n\t"
-          "vpdpbusd %%zmm25, %%zmm31, %%zmm8\n\t"
-          "vpbroadcastd (%[x],%[lda3]), %%zmm24\n\t"
-          "vpbroadcastd 4(%[x],%[lda3]), %%zmm25\n\t"
-          "vpdpbusd %%zmm24, %%zmm26, %%zmm9\n\t"
-          "vpdpbusd %%zmm24, %%zmm28, %%zmm10\n\t"
-          "vpdpbusd %%zmm24, %%zmm30, %%zmm11\n\t"
-          "vpdpbusd %%zmm25, %%zmm27, %%zmm9\n\t"
-          "vpdpbusd %%zmm25, %%zmm29, %%zmm10\n\t"
-          "vpdpbusd %%zmm25, %%zmm31, %%zmm11\n\t"
-          "add $64, %[w]\n\t"
-          "add $8, %[x]\n\t"
+          BCT_INT4_KSTEP("%[m4]%{1to16%}")
           "dec %[k]\n\t"
           "jnz 1b\n\t"
           "add %[xstep], %[x]\n\t"
@@ -848,52 +855,7 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vnni,fma"))) void TileAvx
               "vmovdqa64 640(%[acc]), %%zmm10\n\t"
               "vmovdqa64 704(%[acc]), %%zmm11\n\t"
               "1:\n\t"
-              "vmovdqu64 (%[w]), %%zmm26\n\t"
-              "vpsrlw $4, %%zmm26, %%zmm27\n\t"
-              "vpandd %[m4], %%zmm26, %%zmm26\n\t"
-              "vpandd %[m4], %%zmm27, %%zmm27\n\t"
-              "vmovdqu64 (%[w],%[pb]), %%zmm28\n\t"
-              "vpsrlw $4, %%zmm28, %%zmm29\n\t"
-              "vpandd %[m4], %%zmm28, %%zmm28\n\t"
-              "vpandd %[m4], %%zmm29, %%zmm29\n\t"
-              "vmovdqu64 (%[w],%[pb],2), %%zmm30\n\t"
-              "vpsrlw $4, %%zmm30, %%zmm31\n\t"
-              "vpandd %[m4], %%zmm30, %%zmm30\n\t"
-              "vpandd %[m4], %%zmm31, %%zmm31\n\t"
-              "vpbroadcastd (%[x]), %%zmm24\n\t"
-              "vpbroadcastd 4(%[x]), %%zmm25\n\t"
-              "vpdpbusd %%zmm24, %%zmm26, %%zmm0\n\t"
-              "vpdpbusd %%zmm24, %%zmm28, %%zmm1\n\t"
-              "vpdpbusd %%zmm24, %%zmm30, %%zmm2\n\t"
-              "vpdpbusd %%zmm25, %%zmm27, %%zmm0\n\t"
-              "vpdpbusd %%zmm25, %%zmm29, %%zmm1\n\t"
-              "vpdpbusd %%zmm25, %%zmm31, %%zmm2\n\t"
-              "vpbroadcastd (%[x],%[lda]), %%zmm24\n\t"
-              "vpbroadcastd 4(%[x],%[lda]), %%zmm25\n\t"
-              "vpdpbusd %%zmm24, %%zmm26, %%zmm3\n\t"
-              "vpdpbusd %%zmm24, %%zmm28, %%zmm4\n\t"
-              "vpdpbusd %%zmm24, %%zmm30, %%zmm5\n\t"
-              "vpdpbusd %%zmm25, %%zmm27, %%zmm3\n\t"
-              "vpdpbusd %%zmm25, %%zmm29, %%zmm4\n\t"
-              "vpdpbusd %%zmm25, %%zmm31, %%zmm5\n\t"
-              "vpbroadcastd (%[x],%[lda],2), %%zmm24\n\t"
-              "vpbroadcastd 4(%[x],%[lda],2), %%zmm25\n\t"
-              "vpdpbusd %%zmm24, %%zmm26, %%zmm6\n\t"
-              "vpdpbusd %%zmm24, %%zmm28, %%zmm7\n\t"
-              "vpdpbusd %%zmm24, %%zmm30, %%zmm8\n\t"
-              "vpdpbusd %%zmm25, %%zmm27, %%zmm6\n\t"
-              "vpdpbusd %%zmm25, %%zmm29, %%zmm7\n\t"
-              "vpdpbusd %%zmm25, %%zmm31, %%zmm8\n\t"
-              "vpbroadcastd (%[x],%[lda3]), %%zmm24\n\t"
-              "vpbroadcastd 4(%[x],%[lda3]), %%zmm25\n\t"
-              "vpdpbusd %%zmm24, %%zmm26, %%zmm9\n\t"
-              "vpdpbusd %%zmm24, %%zmm28, %%zmm10\n\t"
-              "vpdpbusd %%zmm24, %%zmm30, %%zmm11\n\t"
-              "vpdpbusd %%zmm25, %%zmm27, %%zmm9\n\t"
-              "vpdpbusd %%zmm25, %%zmm29, %%zmm10\n\t"
-              "vpdpbusd %%zmm25, %%zmm31, %%zmm11\n\t"
-              "add $64, %[w]\n\t"
-              "add $8, %[x]\n\t"
+              BCT_INT4_KSTEP("%[m4]")
               "dec %[n]\n\t"
               "jnz 1b\n\t"
               "vmovdqa64 %%zmm0, 0(%[acc])\n\t"
