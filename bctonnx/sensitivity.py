@@ -28,7 +28,7 @@ from .blockformat import BlockFormat, fake_quantize
 from .config import CompressionConfig
 from .modelio import load_model
 from .runtime import make_session
-from .validate import default_texts, load_tokenizer, make_feeds, mean_pool
+from .validate import default_texts, load_tokenizer, make_feeds, mean_pool, rowwise_cosine
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +77,6 @@ def _output_vectors(outputs: list[np.ndarray], feeds: dict) -> np.ndarray:
     return out.reshape(out.shape[0], -1)
 
 
-def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    num = (a * b).sum(-1)
-    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
-    return float(np.mean(num / np.maximum(den, 1e-30)))
-
-
 def _probe_feeds(
     proto: onnx.ModelProto, texts, tokenizer_dir, skip=(), max_length: int = 128
 ) -> dict:
@@ -123,7 +117,7 @@ def weight_sensitivity(
     for node, weight, axis in items:
         quantized = fake_quantize(arrays[weight], fmt.with_axis(axis % arrays[weight].ndim))
         out = _output_vectors(sess.run(None, {**data, **arrays, weight: quantized}), feeds)
-        drop = 1.0 - _mean_cosine(out, reference)
+        drop = 1.0 - float(rowwise_cosine(out, reference).mean())
         shape = arrays[weight].shape
         result.append(WeightSensitivity(node, weight, shape, drop, shape[axis % len(shape)]))
     return sorted(result, key=lambda s: s.cosine_drop, reverse=True)
@@ -178,7 +172,7 @@ def plan(
             proto = compress(model_input, config_for(k))
             sess = make_session(proto.SerializeToString(), threads)
             out = _output_vectors(sess.run(None, {n: feeds[n] for n in names}), feeds)
-            measured[k] = _mean_cosine(out, reference)
+            measured[k] = float(rowwise_cosine(out, reference).mean())
             log.info("mixed precision: %d promoted -> cosine %.5f", k, measured[k])
         return measured[k]
 

@@ -210,7 +210,7 @@ def _session(model: bytes, threads: int | None) -> ort.InferenceSession:
 # --- metrics ----------------------------------------------------------------------------------------
 
 
-def _rowwise_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def rowwise_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a.reshape(-1, a.shape[-1]).astype(np.float64)
     b = b.reshape(-1, b.shape[-1]).astype(np.float64)
     num = (a * b).sum(-1)
@@ -239,14 +239,14 @@ class _Acc:
         valid = np.ones(ref.shape[:-1], bool) if ref.ndim else np.ones((), bool)
         if mask is not None and ref.ndim == 3 and ref.shape[:2] == mask.shape:
             valid = mask.astype(bool)
-            self.pooled.append(_rowwise_cosine(mean_pool(ref64, mask), mean_pool(cand64, mask)))
+            self.pooled.append(rowwise_cosine(mean_pool(ref64, mask), mean_pool(cand64, mask)))
         err = np.abs(ref64 - cand64)[valid] if ref.ndim else np.abs(ref64 - cand64)
         self.max_err = max(self.max_err, float(err.max(initial=0.0)))
         self.abs_sum += float(err.sum())
         self.ref_abs_sum += float(np.abs(ref64)[valid].sum() if ref.ndim else abs(ref64))
         self.count += int(err.size)
         if ref.ndim >= 1:
-            self.cos.append(_rowwise_cosine(ref64, cand64)[valid.reshape(-1)])
+            self.cos.append(rowwise_cosine(ref64, cand64)[valid.reshape(-1)])
         if "logits" in name and ref.ndim == 2:
             self.top1.append(ref.argmax(-1) == cand.argmax(-1))
 
@@ -338,14 +338,6 @@ def _float_softmax(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def _dequantized_param(inits: dict, codes: str, scales: str, block: int) -> np.ndarray:
-    from onnx import numpy_helper
-
-    c = numpy_helper.to_array(inits[codes]).astype(np.float64)
-    sc = numpy_helper.to_array(inits[scales]).astype(np.float64)
-    return c * np.repeat(sc, block)[: c.size]
-
-
 def _dequantize_blocks(codes: np.ndarray, scales: np.ndarray, block: int) -> np.ndarray:
     """codes * their block's scale, blocks along the last axis (the last may be partial)."""
     d = codes.shape[-1]
@@ -391,8 +383,14 @@ def integer_op_stats(
                         mask = onnx.numpy_helper.to_array(inits[mask_name])
                 ref = _float_softmax(x, None if mask is None else mask.astype(np.float64))
             else:
-                gamma = _dequantized_param(inits, node.input[2], node.input[3], block)
-                beta = _dequantized_param(inits, node.input[4], node.input[5], block)
+                gamma, beta = (
+                    _dequantize_blocks(
+                        onnx.numpy_helper.to_array(inits[node.input[i]]),
+                        onnx.numpy_helper.to_array(inits[node.input[i + 1]]),
+                        block,
+                    )
+                    for i in (2, 4)
+                )
                 mu = x.mean(-1, keepdims=True)
                 var = ((x - mu) ** 2).mean(-1, keepdims=True)
                 ref = (x - mu) / np.sqrt(var + float(attrs.get("epsilon", 1e-5))) * gamma + beta

@@ -72,6 +72,9 @@ class LowerInteger(ir.passes.InPlacePass):
                 self._softmax(node)
             elif r == "layernorm":
                 self._layernorm(node)
+        # the fake quants only the replaced ops read (their inputs, the scores before the
+        # mask add) go; the rest become BlockQuantize + DequantizeLinear
+        self._drop_unused_fake_quants()
         for node in [n for n in graph if n.domain == MID_DOMAIN and n.op_type == "BlockFakeQuant"]:
             q, s, fmt = self._quantize(node)
             self._replace_output(node, self._dequantize(node, q, s, fmt))
@@ -161,7 +164,6 @@ class LowerInteger(ir.passes.InPlacePass):
             if extra.uses():
                 raise PassError(f"node '{node.name}': only its first output can be replaced")
         self.graph.remove(node, safe=True)
-        self._drop_unused_fake_quants()
 
     def _drop_unused_fake_quants(self) -> None:
         for node in list(self.graph):
@@ -227,7 +229,6 @@ class LowerInteger(ir.passes.InPlacePass):
         self._finish(node, dq)
         if add is not None and not add.outputs[0].uses():
             self.graph.remove(add, safe=True)
-            self._drop_unused_fake_quants()
 
     def _layernorm(self, node: ir.Node) -> None:
         x = node.inputs[0]
