@@ -20,6 +20,7 @@ from .lower_qdq import LowerQDQ
 from .quantize_activations import QuantizeActivations
 from .quantize_embeddings import QuantizeEmbeddings
 from .quantize_weights import QuantizeWeights
+from .simplify_shapes import SimplifyShapes
 from .store_float16 import StoreFloat16
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ def build_pipeline(config: CompressionConfig) -> list[ir.passes.PassBase]:
         raise ValueError(f"unknown mode {config.mode!r}")
     if config.float_dtype == "float16":
         passes.append(StoreFloat16())
+    passes.append(SimplifyShapes())
     return passes
 
 

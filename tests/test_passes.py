@@ -17,6 +17,7 @@ from bctonnx.passes import (
     QuantizeWeights,
 )
 from bctonnx.passes.common import MID_DOMAIN, const_array, fmt_attrs, fmt_from_node, role
+from bctonnx.passes.simplify_shapes import SHAPE_PRESERVING
 from conftest import HIDDEN, NUM_LAYERS, run_onnx, tiny_feeds
 
 import bctonnx
@@ -289,10 +290,16 @@ def activation_model(tiny_bert_onnx) -> ir.Model:
 
 def test_quantize_activations_inserts_one_fake_quant_per_quantized_tensor(activation_model):
     fqs = [n for n in activation_model.graph if is_fake_quant(n)]
-    # embeddings: word, type, word+type, position, sum (= LN input), LN output            -> 6
+    # embeddings: word+type, sum (= LN input), LN output                                    -> 3
+    #   (the rows word, type and position come out of BlockGather already block-quantized)
     # per layer: Q, K^T, V, scores, probs, context, attn-out, sum, LN, ffn1, gelu, ffn2,
     #            sum, LN (the LN outputs feed the next layer)                                 -> 14
-    assert len(fqs) == 6 + 14 * L
+    assert len(fqs) == 3 + 14 * L
+    gathers = [n for n in activation_model.graph if n.op_type == "BlockGather"]
+    assert len(gathers) == 3
+    for node in gathers:
+        users = [user for user, _ in node.outputs[0].uses()]
+        assert users and not any(map(is_fake_quant, users)), "embedding rows quantized again"
     for node in fqs:
         fmt = fmt_from_node(node)
         assert (fmt.bits, fmt.block_size, fmt.axis) == (8, 32, -1)
@@ -333,7 +340,11 @@ def test_residual_adds_read_quantized_inputs(activation_model):
     residual = [n for n in activation_model.graph if role(n) == "residual"]
     assert len(residual) == 2 * L + 2
     for node in residual:
-        assert all(is_fake_quant(v.producer()) for v in node.inputs), node.name
+        # quantized activations, or embedding rows (already block-quantized by BlockGather)
+        assert all(
+            is_fake_quant(v.producer()) or v.producer().op_type == "BlockGather"
+            for v in node.inputs
+        ), node.name
         assert read_only_by_fake_quant(node.outputs[0]), node.name
 
 
@@ -370,8 +381,8 @@ def test_lower_qdq_leaves_only_standard_onnx_ops(lowered_model):
     assert MID_DOMAIN not in lowered_model.opset_imports
     assert MID_DOMAIN not in lowered_model.graph.opset_imports
     ops = Counter(n.op_type for n in lowered_model.graph)
-    assert ops["QuantizeLinear"] == 6 + 14 * L  # one per fake-quant
-    assert ops["DequantizeLinear"] == (6 + 14 * L) + 6 * L + 3
+    assert ops["QuantizeLinear"] == 3 + 14 * L  # one per fake-quant
+    assert ops["DequantizeLinear"] == (3 + 14 * L) + 6 * L + 3  # fake-quants, weights, tables
 
 
 def test_lowered_model_serializes_checks_and_runs_close_to_fp32(lowered_model, fp32_reference):
@@ -606,6 +617,22 @@ def test_compressed_presets_run_on_stock_onnxruntime(
     assert {o.domain for o in proto.opset_import} <= set(STANDARD_DOMAINS)
     out = run_onnx(proto, tiny_feeds(seq=7))["last_hidden_state"]  # plain SessionOptions
     assert cosine(out, fp32_reference(7)) > min_cosine
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w4a8"])
+def test_shape_nodes_never_read_a_dequantization(compressed, preset):
+    # Shape of a hidden state must not keep a whole-tensor DequantizeLinear alive
+    proto = compressed(preset)
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    shapes = [n for n in proto.graph.node if n.op_type == "Shape"]
+    assert shapes
+    for node in shapes:
+        src = producers.get(node.input[0])
+        assert src is None or src.op_type not in SHAPE_PRESERVING, (node.name, src.op_type)
+    readers = Counter(i for n in proto.graph.node for i in n.input)
+    outputs = {o.name for o in proto.graph.output}
+    for node in proto.graph.node:  # and no node is left computing something nobody reads
+        assert any(readers[o] or o in outputs for o in node.output), node.name
 
 
 @pytest.mark.parametrize(("preset", "bits"), [("w8a8", 8), ("w4a8", 4)])
