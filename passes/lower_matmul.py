@@ -1,5 +1,6 @@
-"""lower_matmul: (mode integer) linear layers and attention scores become native integer
-matmuls, ``BlockMatMul`` and ``BlockBatchMatMul`` (specification: bctonnx/ops/ref_matmul.py).
+"""lower_matmul: (mode integer) linear layers and attention (scores, context) become native
+integer matmuls, ``BlockMatMul``, ``BlockBatchMatMul`` (specification: bctonnx/ops/ref_matmul.py)
+and ``AttentionPV`` (bctonnx/ops/ref_attention.py).
 
 Runs after ``lower_integer`` (activations are then int8 codes + pow2 block scales, from
 ``BlockQuantize`` or an integer op) and before ``lower_qdq`` (weights are still mid-level
@@ -32,7 +33,10 @@ order of the float sums, ref_matmul.py "Arithmetic"; measured on MiniLM: embeddi
 Left alone (then lowered by ``lower_qdq`` as before), with a debug log naming the node: an
 activation input that is not block-quantized (excluded nodes), weights that are not pow2-scaled
 (``--scale-kind float``), 8-bit asymmetric weights, block sizes that do not nest, and ``Gemm``.
-P.V stays a float MatMul: V's blocks run along the head dimension, across the reduction.
+    MatMul(Cast(IntSoftmax p) * 2^-8, DQ(V codes)) [-> Transpose(0, 2, 1, 3)]    attention.pv
+        -> AttentionPV(p, V codes, V scales) (ref_attention.py: V's blocks run along the head
+           dimension, across the reduction, so each 32-token segment of V is brought to one
+           exponent before the integer sum; the transpose is fused into the output layout)
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ from .common import (
 )
 
 log = logging.getLogger(__name__)
+
+PV_SEGMENT = 32  # AttentionPV: tokens per common-exponent segment of V (ref_attention.py)
 
 
 def _attr_int(node: ir.Node, name: str, default: int | None = None) -> int | None:
@@ -104,6 +110,8 @@ class LowerMatMul(ir.passes.InPlacePass):
                 count += self._lower(node, bd)
             elif role(node) == "attention.qk":
                 count += self._lower_scores(node)
+            elif role(node) == "attention.pv":
+                count += self._lower_context(node)
         if count:
             model.opset_imports[OPS_DOMAIN] = OPS_VERSION
             self._drop_dead()
@@ -315,6 +323,48 @@ class LowerMatMul(ir.passes.InPlacePass):
         else:
             new.outputs[0].dtype = ir.DataType.FLOAT
             take_over(node.outputs[0], new.outputs[0])
+        return True
+
+    def _lower_context(self, node: ir.Node) -> bool:
+        """Attention context MatMul(Mul(Cast(p: uint8), 2^k), DQ(q_v, s_v)) with p from
+        IntSoftmax -> AttentionPV(p, q_v, s_v) (ref_attention.py); a following
+        Transpose(0, 2, 1, 3), the heads back next to each other, fused."""
+        mul = node.inputs[0].producer()
+        if not _is(mul, "Mul") or not self._scalar(mul.inputs[1]) or not is_const(mul.inputs[1]):
+            return self._skip(node, "P is not Cast(uint8) * constant")
+        factor = float(const_array(mul.inputs[1]).reshape(-1)[0])
+        exponent = int(np.log2(factor)) if factor > 0 else 1
+        cast = mul.inputs[0].producer()
+        if (
+            not _is(cast, "Cast")
+            or not _is(cast.inputs[0].producer(), "IntSoftmax", OPS_DOMAIN)
+            or cast.inputs[0].dtype != ir.DataType.UINT8
+            or not -32 <= exponent <= 0
+            or np.float32(2.0**exponent) != np.float32(factor)
+        ):
+            return self._skip(node, "P is not IntSoftmax's uint8 codes times a power of two")
+        v = self._blocked_codes(node.inputs[1])
+        if v is None:
+            return self._skip(node, "V is not block-quantized codes")
+        q_v, s_v, block = v
+        attrs = {"block_size": block, "segment": PV_SEGMENT, "p_exponent": exponent}
+        out = node.outputs[0]
+        transpose = _single_user(out)
+        rank = len(out.shape) if out.shape is not None else None
+        perm = transpose.attributes.get("perm") if _is(transpose, "Transpose") else None
+        if rank == 4 and perm is not None and list(perm.as_ints()) == [0, 2, 1, 3]:
+            attrs["transpose_output"] = 1
+            out = transpose.outputs[0]
+        new = ir.Node(
+            OPS_DOMAIN,
+            "AttentionPV",
+            [cast.inputs[0], q_v, s_v],
+            ir.convenience.convert_attributes(attrs),
+            name=node.name,
+        )
+        self.graph.insert_before(node, new)
+        new.outputs[0].dtype = ir.DataType.FLOAT
+        take_over(out, new.outputs[0])
         return True
 
     def _blocked_codes(self, value: ir.Value):

@@ -73,6 +73,7 @@ inline int64_t num_blocks(int64_t d, int64_t block_size) { return (d + block_siz
 void AddQuantOps(Ort::CustomOpDomain& domain);
 void AddNonlinearOps(Ort::CustomOpDomain& domain);
 void AddMatMulOps(Ort::CustomOpDomain& domain);
+void AddAttentionOps(Ort::CustomOpDomain& domain);
 
 // Keeps custom-op objects alive for the process lifetime (sessions hold raw pointers).
 void KeepAlive(std::unique_ptr<OrtCustomOp> op);

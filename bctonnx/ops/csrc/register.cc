@@ -27,6 +27,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
       bct::AddQuantOps(*domain);
       bct::AddNonlinearOps(*domain);
       bct::AddMatMulOps(*domain);
+      bct::AddAttentionOps(*domain);
     }
     Ort::UnownedSessionOptions(options).Add(*domain);
   } catch (const std::exception& e) {
