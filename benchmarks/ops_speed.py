@@ -1,6 +1,7 @@
 """Speed of the integer nonlinear ops vs onnxruntime's float ops on the same shapes.
 
     python benchmarks/ops_speed.py [--block-size 32] [--runs 400] [--threads 1 2] [--lib PATH]
+                                   [--ops Softmax LayerNorm]
 
 Each row: one single-node model of ours (IntGelu / IntSoftmax with a BERT mask [1, 1, 1, 128]
 and without / IntLayerNorm, int8 inputs in blocks) and the float32 op (Gelu opset 20 / Softmax
@@ -189,6 +190,7 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--runs", type=int, default=400)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--ops", nargs="+", choices=list(SHAPES), help="only these rows (default: all)")
     ap.add_argument("--lib", help="op library (default: bctonnx.runtime.op_library_path())")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "ops_speed.json")
     args = ap.parse_args()
@@ -199,6 +201,8 @@ def main() -> None:
     rows = []
     print(f"{'op':<15} {'shape':<15} {'thr':>3} {'int us':>9} {'float us':>9} {'int/float':>9}")
     for name, case in all_cases.items():
+        if args.ops and name not in args.ops:
+            continue
         for threads in args.threads:
             t = measure(case, threads, args.runs, lib)
             ratio = t["int"] / t["float"]
