@@ -2,7 +2,8 @@
 
 The library (``bctonnx/ops/libbctonnx_ops.so``, ops of the ``bctonnx`` domain) is built by the
 normal install: ``pip install .`` ships it in the wheel, ``pip install -e .`` builds it next to
-the sources (see ``bctonnx/ops/build_support.py``).
+the sources (see ``bctonnx/ops/build_support.py``). ``BCTONNX_OP_LIBRARY=/path/to/lib.so``
+selects another build of it (for example a sanitizer build, as the test suite does).
 """
 
 from __future__ import annotations
@@ -17,14 +18,21 @@ from .errors import BctError
 OP_DOMAIN = "bctonnx"
 LIBRARY_NAME = "libbctonnx_ops.so"
 REBUILD_HINT = "rebuild it with `pip install .` (or `pip install -e .` in a source checkout)"
+LIBRARY_ENV = "BCTONNX_OP_LIBRARY"
 
 
 def op_library_path() -> str | None:
     """Absolute path of the native custom-op library, or None when it is not built.
 
     It lives in the ``bctonnx.ops`` package directory in every layout: an installed wheel, an
-    editable install, or a source checkout where it was built in place.
+    editable install, or a source checkout where it was built in place; ``$BCTONNX_OP_LIBRARY``,
+    when set, names another build instead (an error if it is not a file).
     """
+    override = os.environ.get(LIBRARY_ENV)
+    if override:
+        if not Path(override).is_file():
+            raise BctError(f"{LIBRARY_ENV}={override} is not a file")
+        return str(Path(override).resolve())
     from . import ops
 
     path = Path(ops.__file__).resolve().parent / LIBRARY_NAME

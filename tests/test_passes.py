@@ -290,16 +290,10 @@ def activation_model(tiny_bert_onnx) -> ir.Model:
 
 def test_quantize_activations_inserts_one_fake_quant_per_quantized_tensor(activation_model):
     fqs = [n for n in activation_model.graph if is_fake_quant(n)]
-    # embeddings: word+type, sum (= LN input), LN output                                    -> 3
-    #   (the rows word, type and position come out of BlockGather already block-quantized)
+    # embeddings: word, type, word+type, position, sum (= LN input), LN output            -> 6
     # per layer: Q, K^T, V, scores, probs, context, attn-out, sum, LN, ffn1, gelu, ffn2,
     #            sum, LN (the LN outputs feed the next layer)                                 -> 14
-    assert len(fqs) == 3 + 14 * L
-    gathers = [n for n in activation_model.graph if n.op_type == "BlockGather"]
-    assert len(gathers) == 3
-    for node in gathers:
-        users = [user for user, _ in node.outputs[0].uses()]
-        assert users and not any(map(is_fake_quant, users)), "embedding rows quantized again"
+    assert len(fqs) == 6 + 14 * L
     for node in fqs:
         fmt = fmt_from_node(node)
         assert (fmt.bits, fmt.block_size, fmt.axis) == (8, 32, -1)
@@ -340,11 +334,7 @@ def test_residual_adds_read_quantized_inputs(activation_model):
     residual = [n for n in activation_model.graph if role(n) == "residual"]
     assert len(residual) == 2 * L + 2
     for node in residual:
-        # quantized activations, or embedding rows (already block-quantized by BlockGather)
-        assert all(
-            is_fake_quant(v.producer()) or v.producer().op_type == "BlockGather"
-            for v in node.inputs
-        ), node.name
+        assert all(is_fake_quant(v.producer()) for v in node.inputs), node.name
         assert read_only_by_fake_quant(node.outputs[0]), node.name
 
 
@@ -381,8 +371,8 @@ def test_lower_qdq_leaves_only_standard_onnx_ops(lowered_model):
     assert MID_DOMAIN not in lowered_model.opset_imports
     assert MID_DOMAIN not in lowered_model.graph.opset_imports
     ops = Counter(n.op_type for n in lowered_model.graph)
-    assert ops["QuantizeLinear"] == 3 + 14 * L  # one per fake-quant
-    assert ops["DequantizeLinear"] == (3 + 14 * L) + 6 * L + 3  # fake-quants, weights, tables
+    assert ops["QuantizeLinear"] == 6 + 14 * L  # one per fake-quant
+    assert ops["DequantizeLinear"] == (6 + 14 * L) + 6 * L + 3  # fake-quants, weights, tables
 
 
 def test_lowered_model_serializes_checks_and_runs_close_to_fp32(lowered_model, fp32_reference):

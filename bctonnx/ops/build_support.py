@@ -26,7 +26,7 @@ The headers are ONNX Runtime 1.21's (API version 21); onnxruntime 1.21 and later
 library (the C API is backward compatible).
 
 Compilation (`compile_library`): ``$CXX`` (default ``g++``) with
-``-O3 -std=c++17 -fPIC -fvisibility=hidden -shared`` plus ``$CXXFLAGS`` / ``$LDFLAGS``; no
+``-O3 -std=c++17 -fPIC -fvisibility=hidden -Wall -Wextra -shared`` plus ``$CXXFLAGS`` / ``$LDFLAGS``; no
 ``-march=native``, the library is portable across x86-64 (or aarch64) machines.
 """
 
@@ -53,7 +53,7 @@ SYSTEM_DIRS = ("/usr/include/onnxruntime", "/usr/local/include/onnxruntime")
 DEBIAN_SUITE = "trixie"
 DEBIAN_PACKAGE = "libonnxruntime-dev"
 DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
-CXX_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden")
+CXX_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-Wall", "-Wextra")
 LINK_FLAGS = ("-shared", "-pthread", "-Wl,--no-undefined")
 
 CSRC_DIR = Path(__file__).resolve().parent / "csrc"

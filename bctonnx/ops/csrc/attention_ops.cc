@@ -15,7 +15,7 @@
 //           registers. Needs an even segment (token pairs never straddle two segments).
 //   scalar  portable C++, the same float32 operations in the same order.
 // Heads run as tasks on the session's intra-op pool (KernelContext::ParallelFor).
-#include <immintrin.h>
+#include "simd.h"
 
 #include <algorithm>
 #include <cstdlib>

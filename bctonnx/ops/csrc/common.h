@@ -58,10 +58,11 @@ inline float pow2_float(int e) {
 
 // round_half_even(v / 2^n) for n >= 0, exact integer arithmetic (n up to 62).
 inline int64_t shift_round_even(int64_t v, int n) {
-  if (n <= 0) return v << (-n);
+  // a left shift of a negative value is undefined before C++20: shift the two's complement bits
+  if (n <= 0) return static_cast<int64_t>(static_cast<uint64_t>(v) << (-n));
   if (n > 62) return 0;
   const int64_t q = v >> n;  // floor
-  const int64_t r = v - (q << n);
+  const int64_t r = v & ((int64_t{1} << n) - 1);  // v - q * 2^n, in [0, 2^n)
   const int64_t half = int64_t{1} << (n - 1);
   if (r > half || (r == half && (q & 1))) return q + 1;
   return q;
@@ -76,6 +77,6 @@ void AddMatMulOps(Ort::CustomOpDomain& domain);
 void AddAttentionOps(Ort::CustomOpDomain& domain);
 
 // Keeps custom-op objects alive for the process lifetime (sessions hold raw pointers).
-void KeepAlive(std::unique_ptr<OrtCustomOp> op);
+void KeepAlive(OrtCustomOp* op);
 
 }  // namespace bct

@@ -43,7 +43,7 @@
 // pool, so intra_op_num_threads is respected and no threads of our own are created. Tasks are
 // (row chunk x column tile) pairs; each output element is computed by exactly one task in a
 // fixed order, so results do not depend on the thread count.
-#include <immintrin.h>
+#include "simd.h"
 
 #include <algorithm>
 #include <cfloat>

@@ -36,7 +36,7 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define BCT_X86 1
-#include <immintrin.h>
+#include "simd.h"
 #else
 #define BCT_X86 0
 #endif
@@ -87,7 +87,7 @@ inline int reblock_exponent(uint64_t m, int g) {
 // round_half_even(v / 2^n), __int128, 1 <= n <= 126.
 inline __int128 shift_round_even_128(__int128 v, int n) {
   const __int128 q = v >> n;  // floor
-  const __int128 r = v - (q << n);
+  const __int128 r = v & ((static_cast<__int128>(1) << n) - 1);  // v - q * 2^n, in [0, 2^n)
   const __int128 half = static_cast<__int128>(1) << (n - 1);
   if (r > half || (r == half && (q & 1))) return q + 1;
   return q;
@@ -931,7 +931,7 @@ BCT_CLONES void layernorm_rows_portable(const Blocking& bl, const LnParams& pp, 
     for (int64_t b = 0; b < bl.nb; ++b) {
       const int s = er[b] - e_c;
       for (int64_t i = b * bl.b; i < std::min(h, (b + 1) * bl.b); ++i) {
-        const int64_t xv = s >= 0 ? int64_t{xr[i]} << s : shift_round_even(xr[i], -s);
+        const int64_t xv = shift_round_even(xr[i], -s);  // s >= 0: an exact left shift
         s1 += xv;
         s2 += xv * xv;
       }
@@ -1328,9 +1328,9 @@ struct IntLayerNormKernel {
 
 template <class K>
 void add_op(Ort::CustomOpDomain& domain, const char* name) {
-  std::unique_ptr<OrtCustomOp> op{Ort::Custom::CreateLiteCustomOp<K>(name, "CPUExecutionProvider")};
-  domain.Add(op.get());
-  KeepAlive(std::move(op));
+  OrtCustomOp* op = Ort::Custom::CreateLiteCustomOp<K>(name, "CPUExecutionProvider");
+  domain.Add(op);
+  KeepAlive(op);
 }
 
 }  // namespace

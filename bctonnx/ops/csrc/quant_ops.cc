@@ -278,10 +278,9 @@ struct BlockRequantizeKernel {
   int bits_ = 8;
 };
 
-void AddOp(Ort::CustomOpDomain& domain, OrtCustomOp* raw) {
-  std::unique_ptr<OrtCustomOp> op{raw};
-  domain.Add(op.get());
-  KeepAlive(std::move(op));
+void AddOp(Ort::CustomOpDomain& domain, OrtCustomOp* op) {
+  domain.Add(op);
+  KeepAlive(op);
 }
 
 }  // namespace

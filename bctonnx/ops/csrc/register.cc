@@ -6,12 +6,15 @@
 
 namespace bct {
 
-static std::vector<std::unique_ptr<OrtCustomOp>>& Ops() {
-  static std::vector<std::unique_ptr<OrtCustomOp>> ops;
-  return ops;
+// The lite custom ops (Ort::Custom::CreateLiteCustomOp) are derived types without a virtual
+// destructor, so they cannot be deleted through an OrtCustomOp pointer; sessions keep raw
+// pointers to them anyway. They stay reachable here for the life of the process, never freed.
+void KeepAlive(OrtCustomOp* op) {
+  static std::mutex mu;
+  static std::vector<OrtCustomOp*> ops;
+  std::lock_guard<std::mutex> lock(mu);
+  ops.push_back(op);
 }
-
-void KeepAlive(std::unique_ptr<OrtCustomOp> op) { Ops().push_back(std::move(op)); }
 
 }  // namespace bct
 
