@@ -36,7 +36,8 @@ activation input that is not block-quantized (excluded nodes), weights that are 
     MatMul(Cast(IntSoftmax p) * 2^-8, DQ(V codes)) [-> Transpose(0, 2, 1, 3)]    attention.pv
         -> AttentionPV(p, V codes, V scales) (ref_attention.py: V's blocks run along the head
            dimension, across the reduction, so each 32-token segment of V is brought to one
-           exponent before the integer sum; the transpose is fused into the output layout)
+           exponent before the integer sum; the heads' transposes of V and of the output are
+           fused into the op's layouts)
 """
 
 from __future__ import annotations
@@ -348,6 +349,10 @@ class LowerMatMul(ir.passes.InPlacePass):
             return self._skip(node, "V is not block-quantized codes")
         q_v, s_v, block = v
         attrs = {"block_size": block, "segment": PV_SEGMENT, "p_exponent": exponent}
+        heads_first = [_heads_transpose_input(x) for x in (q_v, s_v)]
+        if all(x is not None for x in heads_first):  # V's Transpose(0, 2, 1, 3) fused too
+            q_v, s_v = heads_first
+            attrs["v_transposed"] = 1
         out = node.outputs[0]
         transpose = _single_user(out)
         rank = len(out.shape) if out.shape is not None else None
@@ -564,6 +569,16 @@ class LowerMatMul(ir.passes.InPlacePass):
                 if not any(id(o) in outputs or o.uses() for o in node.outputs):
                     self.graph.remove(node, safe=True)
                     changed = True
+
+
+def _heads_transpose_input(value: ir.Value) -> ir.Value | None:
+    """x when ``value`` is Transpose(x, perm=(0, 2, 1, 3)) (attention's [b, S, h, d] ->
+    [b, h, S, d]), else None."""
+    node = value.producer()
+    if not _is(node, "Transpose"):
+        return None
+    perm = node.attributes.get("perm")
+    return node.inputs[0] if perm is not None and list(perm.as_ints()) == [0, 2, 1, 3] else None
 
 
 def _fold_scalar(value: ir.Value, max_nodes: int = 32) -> np.ndarray | None:

@@ -14,7 +14,14 @@ from bctonnx.ops.ref_attention import attention_pv
 PV_ISAS = [isa for isa in ("scalar", "avx512") if isa in available_isas()]
 
 
-def pv_model(rank: int, block: int, segment: int = 32, p_exp: int = -8, transpose: bool = False):
+def pv_model(
+    rank: int,
+    block: int,
+    segment: int = 32,
+    p_exp: int = -8,
+    transpose: bool = False,
+    v_transposed: bool = False,
+):
     dims = [f"d{i}" for i in range(rank - 2)]
     node = helper.make_node(
         "AttentionPV",
@@ -25,6 +32,7 @@ def pv_model(rank: int, block: int, segment: int = 32, p_exp: int = -8, transpos
         segment=segment,
         p_exponent=p_exp,
         transpose_output=int(transpose),
+        v_transposed=int(v_transposed),
     )
     graph = helper.make_graph(
         [node],
@@ -111,6 +119,21 @@ def test_attention_pv_transposed_output_is_the_fused_transpose(monkeypatch):
         out = session(pv_model(4, 32, transpose=True), monkeypatch, isa).run(
             None, {"p": p, "v": v, "v_scale": vs}
         )[0]
+        np.testing.assert_array_equal(out, ref, err_msg=isa)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_attention_pv_reads_token_major_v(transpose, monkeypatch):
+    # v_transposed: v [b, S, h, D] (the heads' Transpose(0, 2, 1, 3) before P.V fused)
+    rng = np.random.default_rng(4)
+    p, v, vs = inputs(rng, (2, 3), 10, 45, 64, 32, spread=10)
+    v_t, vs_t = np.ascontiguousarray(v.transpose(0, 2, 1, 3)), vs.transpose(0, 2, 1, 3).copy()
+    want = attention_pv(p, v, vs, block_size=32, transpose_output=transpose)
+    ref = attention_pv(p, v_t, vs_t, block_size=32, transpose_output=transpose, v_transposed=True)
+    np.testing.assert_array_equal(ref, want)
+    model = pv_model(4, 32, transpose=transpose, v_transposed=True)
+    for isa in PV_ISAS:
+        out = session(model, monkeypatch, isa).run(None, {"p": p, "v": v_t, "v_scale": vs_t})[0]
         np.testing.assert_array_equal(out, ref, err_msg=isa)
 
 

@@ -346,10 +346,11 @@ def test_lower_matmul_makes_every_linear_layer_integer(tiny_bert_onnx, preset):
     assert ops[("bctonnx", "BlockBatchMatMul")] == 2  # attention scores
     assert ops[("bctonnx", "AttentionPV")] == 2  # attention context P.V
     assert ops[("", "MatMul")] == 0  # no float matmul left
-    for node in model.graph.node:  # the heads' Transpose(0, 2, 1, 3) is fused into P.V
+    for node in model.graph.node:  # the heads' Transposes (0, 2, 1, 3) are fused into P.V
         if node.op_type == "AttentionPV":
             attrs = {a.name: a.i for a in node.attribute}
-            assert attrs["transpose_output"] == 1 and attrs["p_exponent"] == -8, attrs
+            assert attrs["transpose_output"] == 1 and attrs["v_transposed"] == 1, attrs
+            assert attrs["p_exponent"] == -8, attrs
     softmax_out = {n.output[0] for n in model.graph.node if n.op_type == "IntSoftmax"}
     readers = {n.op_type for n in model.graph.node if softmax_out & set(n.input)}
     assert readers == {"AttentionPV"}  # the probabilities stay uint8 codes

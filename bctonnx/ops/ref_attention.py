@@ -14,7 +14,8 @@ ONNX signature::
         -> y: f32 [..., M, D], or [b, M, h, D] for rank-4 inputs [b, h, ...] when
            transpose_output = 1 (the following Transpose(0, 2, 1, 3) of attention, fused)
     attributes: block_size (B), segment (T, even, 2..256, default 32), p_exponent (default -8),
-                transpose_output (default 0)
+                transpose_output (default 0), v_transposed (default 0: with 1, v and v_scale
+                come as [b, S, h, ...], the heads' Transpose(0, 2, 1, 3) before them fused)
 
 Arithmetic, per batch index, V block ``c`` (columns ``j`` of that block) and segment ``g``
 (tokens ``s`` in ``[g T, (g + 1) T)``, the last one possibly shorter):
@@ -56,9 +57,15 @@ def attention_pv(
     segment: int = 32,
     p_exponent: int = -8,
     transpose_output: bool = False,
+    v_transposed: bool = False,
 ) -> np.ndarray:
     """Reference of ``bctonnx.AttentionPV`` (see the module doc)."""
     p, v = np.asarray(p), np.asarray(v)
+    if v_transposed:
+        if v.ndim != 4:
+            raise ValueError("AttentionPV: v_transposed needs rank-4 inputs")
+        v = v.transpose(0, 2, 1, 3)
+        v_scale = np.asarray(v_scale).transpose(0, 2, 1, 3)
     if p.dtype != np.uint8 or v.dtype != np.int8:
         raise ValueError("AttentionPV: p must be uint8 and v int8 codes")
     if p.ndim < 2 or v.ndim != p.ndim or p.shape[:-2] != v.shape[:-2] or p.shape[-1] != v.shape[-2]:

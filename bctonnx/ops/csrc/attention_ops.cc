@@ -14,7 +14,9 @@
 //           tile of 4 rows x 32 columns, int32 per segment then the float32 epilogue in
 //           registers. Needs an even segment (token pairs never straddle two segments).
 //   scalar  portable C++, the same float32 operations in the same order.
-// Heads run as tasks on the session's intra-op pool (KernelContext::ParallelFor).
+// Heads run as tasks on the session's intra-op pool (KernelContext::ParallelFor). Both layout
+// transposes around attention's P.V can be fused: v token-major (v_transposed) and the output
+// token-major (transpose_output).
 #include "simd.h"
 
 #include <algorithm>
@@ -86,10 +88,14 @@ struct PreparedV {
   float* factor;   // [nseg][dpad]
 };
 
-void PrepareV(const Dims& dm, const int8_t* v, const float* vs, PreparedV* out) {
+// v_row / s_row: elements between consecutive tokens of v and v_scale (D and nb, or h * D and
+// h * nb when the inputs come token-major, v_transposed).
+void PrepareV(const Dims& dm, const int8_t* v, int64_t v_row, const float* vs, int64_t s_row,
+              PreparedV* out) {
   thread_local std::vector<int> exps;
   exps.resize(static_cast<size_t>(dm.s * dm.nb));
-  for (int64_t i = 0; i < dm.s * dm.nb; ++i) exps[i] = pow2_exponent(vs[i]);
+  for (int64_t s = 0; s < dm.s; ++s)
+    for (int64_t c = 0; c < dm.nb; ++c) exps[s * dm.nb + c] = pow2_exponent(vs[s * s_row + c]);
   auto* w16 = reinterpret_cast<int16_t*>(out->w);
   std::memset(out->w, 0, sizeof(int32_t) * dm.pairs * dm.dpad);
   std::fill(out->factor, out->factor + dm.nseg * dm.dpad, 0.0f);
@@ -106,7 +112,7 @@ void PrepareV(const Dims& dm, const int8_t* v, const float* vs, PreparedV* out) 
         const int shift = r - exps[s * dm.nb + c];  // <= 0: left shift by up to 8
         for (int64_t j = j0; j < j1; ++j)
           w16[((s >> 1) * dm.dpad + j) * 2 + (s & 1)] =
-              static_cast<int16_t>(shift_round_even(v[s * dm.d + j], shift));
+              static_cast<int16_t>(shift_round_even(v[s * v_row + j], shift));
       }
     }
   }
@@ -239,6 +245,7 @@ struct AttentionPVKernel {
     seg_ = IntAttr(info, "segment", 32, false);
     p_exp_ = static_cast<int>(IntAttr(info, "p_exponent", -8, false));
     transpose_ = IntAttr(info, "transpose_output", 0, false) != 0;
+    v_transposed_ = IntAttr(info, "v_transposed", 0, false) != 0;
     if (block_ < 1) Fail("block_size must be >= 1");
     if (seg_ < 2 || seg_ > kMaxSegment || seg_ % 2)
       Fail("segment must be even, in 2..256, got " + std::to_string(seg_));
@@ -253,7 +260,7 @@ struct AttentionPVKernel {
     const int8_t* v;
     const float* vs;
     float* y;
-    int64_t heads;  // second dim of a rank-4 input (for transpose_output)
+    int64_t heads;  // h of rank-4 inputs [b, h, ...] (transpose_output, v_transposed)
     std::string error;
     std::mutex mu;
   };
@@ -273,7 +280,13 @@ struct AttentionPVKernel {
     thread_local std::vector<char> wbuf, fbuf;
     PreparedV pv{Scratch<int32_t>(wbuf, static_cast<size_t>(dm.pairs * dm.dpad)),
                  Scratch<float>(fbuf, static_cast<size_t>(dm.nseg * dm.dpad))};
-    PrepareV(dm, job.v + bh * dm.s * dm.d, job.vs + bh * dm.s * dm.nb, &pv);
+    if (v_transposed_) {  // v [b, S, h, D], v_scale [b, S, h, nb]
+      const int64_t b = bh / job.heads, h = bh % job.heads;
+      PrepareV(dm, job.v + (b * dm.s * job.heads + h) * dm.d, job.heads * dm.d,
+               job.vs + (b * dm.s * job.heads + h) * dm.nb, job.heads * dm.nb, &pv);
+    } else {
+      PrepareV(dm, job.v + bh * dm.s * dm.d, dm.d, job.vs + bh * dm.s * dm.nb, dm.nb, &pv);
+    }
     RowOut out;
     if (transpose_) {  // [b, h, m, d] -> [b, m, h, d]
       const int64_t b = bh / job.heads, h = bh % job.heads;
@@ -305,13 +318,19 @@ struct AttentionPVKernel {
     Ort::KernelContext ctx(raw);
     Ort::ConstValue p = ctx.GetInput(0), v = ctx.GetInput(1), vs = ctx.GetInput(2);
     const std::vector<int64_t> psh = p.GetTensorTypeAndShapeInfo().GetShape();
-    const std::vector<int64_t> vsh = v.GetTensorTypeAndShapeInfo().GetShape();
-    const std::vector<int64_t> ssh = vs.GetTensorTypeAndShapeInfo().GetShape();
+    std::vector<int64_t> vsh = v.GetTensorTypeAndShapeInfo().GetShape();
+    std::vector<int64_t> ssh = vs.GetTensorTypeAndShapeInfo().GetShape();
     const size_t rank = psh.size();
+    if (v_transposed_) {  // check them as the [b, h, S, ...] tensors they stand for
+      if (vsh.size() != 4 || ssh.size() != 4) Fail("v_transposed needs rank-4 v and v_scale");
+      std::swap(vsh[1], vsh[2]);
+      std::swap(ssh[1], ssh[2]);
+    }
     if (rank < 2 || vsh.size() != rank || psh.back() != vsh[rank - 2] ||
         !std::equal(psh.begin(), psh.end() - 2, vsh.begin()))
       Fail("shapes of p " + ShapeStr(psh) + " and v " + ShapeStr(vsh) + " do not match");
-    if (transpose_ && rank != 4) Fail("transpose_output needs rank-4 inputs");
+    if ((transpose_ || v_transposed_) && rank != 4)
+      Fail("transpose_output and v_transposed need rank-4 inputs");
     Job job;
     job.self = this;
     Dims& dm = job.dm;
@@ -338,7 +357,7 @@ struct AttentionPVKernel {
     job.v = v.GetTensorData<int8_t>();
     job.vs = vs.GetTensorData<float>();
     job.y = y.GetTensorMutableData<float>();
-    job.heads = transpose_ ? psh[1] : 1;
+    job.heads = rank == 4 ? psh[1] : 1;
     if (batches * dm.m * dm.d == 0) return;
     if (dm.s == 0) {
       std::fill(job.y, job.y + batches * dm.m * dm.d, 0.0f);
@@ -353,7 +372,7 @@ struct AttentionPVKernel {
 
   int64_t block_ = 0, seg_ = 32;
   int p_exp_ = -8;
-  bool transpose_ = false, avx512_ = false;
+  bool transpose_ = false, v_transposed_ = false, avx512_ = false;
 };
 
 struct AttentionPVOp : Ort::CustomOpBase<AttentionPVOp, AttentionPVKernel, true> {
