@@ -373,25 +373,7 @@ class LowerMatMul(ir.passes.InPlacePass):
         return True
 
     def _blocked_codes(self, value: ir.Value):
-        """(codes, scales, block) when ``value`` is DequantizeLinear of int8 codes made by a
-        bctonnx op (through Reshape / Transpose) with scales blocked along the last axis."""
-        dq = value.producer()
-        if not _is(dq, "DequantizeLinear") or len(dq.inputs) != 2:
-            return None
-        block = _attr_int(dq, "block_size", 0)
-        axis = _attr_int(dq, "axis", 1)
-        rank = len(value.shape) if value.shape is not None else None
-        if not block or (axis != -1 and (rank is None or axis != rank - 1)):
-            return None
-        q, s = dq.inputs
-        if q.dtype not in (None, ir.DataType.INT8):
-            return None
-        src = q.producer()
-        while src is not None and src.domain == "" and src.op_type in ("Reshape", "Transpose"):
-            src = src.inputs[0].producer()
-        if src is None or src.domain != OPS_DOMAIN:
-            return None  # pow2 scales are guaranteed only for our ops' codes
-        return q, s, block
+        return blocked_codes(value)
 
     @staticmethod
     def _scalar(value: ir.Value | None) -> bool:
@@ -569,6 +551,28 @@ class LowerMatMul(ir.passes.InPlacePass):
                 if not any(id(o) in outputs or o.uses() for o in node.outputs):
                     self.graph.remove(node, safe=True)
                     changed = True
+
+
+def blocked_codes(value: ir.Value):
+    """(codes, scales, block) when ``value`` is DequantizeLinear of int8 codes made by a
+    bctonnx op (through Reshape / Transpose) with scales blocked along the last axis."""
+    dq = value.producer()
+    if not _is(dq, "DequantizeLinear") or len(dq.inputs) != 2:
+        return None
+    block = _attr_int(dq, "block_size", 0)
+    axis = _attr_int(dq, "axis", 1)
+    rank = len(value.shape) if value.shape is not None else None
+    if not block or (axis != -1 and (rank is None or axis != rank - 1)):
+        return None
+    q, s = dq.inputs
+    if q.dtype not in (None, ir.DataType.INT8):
+        return None
+    src = q.producer()
+    while src is not None and src.domain == "" and src.op_type in ("Reshape", "Transpose"):
+        src = src.inputs[0].producer()
+    if src is None or src.domain != OPS_DOMAIN:
+        return None  # pow2 scales are guaranteed only for our ops' codes
+    return q, s, block
 
 
 def _heads_transpose_input(value: ir.Value) -> ir.Value | None:

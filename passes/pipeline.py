@@ -14,6 +14,7 @@ from bctonnx.config import CompressionConfig
 
 from .canonicalize import Canonicalize
 from .common import MID_DOMAIN, role
+from .lower_dequantize import LowerDequantize
 from .lower_integer import LowerInteger
 from .lower_matmul import LowerMatMul
 from .lower_qdq import LowerQDQ
@@ -48,7 +49,7 @@ def build_pipeline(config: CompressionConfig) -> list[ir.passes.PassBase]:
     elif config.mode == "integer":
         if config.activations is None:
             raise ValueError("mode 'integer' needs quantized activations (drop --no-activations)")
-        passes += [LowerInteger(), LowerMatMul(), LowerQDQ()]
+        passes += [LowerInteger(), LowerMatMul(), LowerQDQ(), LowerDequantize()]
     else:
         raise ValueError(f"unknown mode {config.mode!r}")
     if config.float_dtype == "float16":

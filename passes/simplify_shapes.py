@@ -10,13 +10,23 @@ is removed by the pipeline's final dead-node sweep.
     Shape(DequantizeLinear(q, s[, zp]))  -> Shape(q)
     Shape(QuantizeLinear(x, ...))        -> Shape(x)
     Shape(Cast(x)) / Shape(Identity(x))  -> Shape(x)
+    Shape(bctonnx.BlockDequantize(q, s)) -> Shape(q)
 """
 
 from __future__ import annotations
 
 import onnx_ir as ir
 
+from .common import OPS_DOMAIN
+
 SHAPE_PRESERVING = frozenset({"DequantizeLinear", "QuantizeLinear", "Cast", "Identity"})
+OPS_SHAPE_PRESERVING = frozenset({"BlockDequantize"})  # output 0 has input 0's shape
+
+
+def _preserves_shape(node: ir.Node) -> bool:
+    if node.domain in ("", "ai.onnx"):
+        return node.op_type in SHAPE_PRESERVING
+    return node.domain == OPS_DOMAIN and node.op_type in OPS_SHAPE_PRESERVING
 
 
 def shape_source(value: ir.Value) -> ir.Value:
@@ -24,10 +34,10 @@ def shape_source(value: ir.Value) -> ir.Value:
     node = value.producer()
     while (
         node is not None
-        and node.domain in ("", "ai.onnx")
-        and node.op_type in SHAPE_PRESERVING
+        and _preserves_shape(node)
         and node.inputs
         and node.inputs[0] is not None
+        and value is node.outputs[0]
     ):
         value = node.inputs[0]
         node = value.producer()

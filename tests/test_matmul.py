@@ -359,6 +359,15 @@ def test_lower_matmul_makes_every_linear_layer_integer(tiny_bert_onnx, preset):
         n for n in model.graph.node
         if n.op_type == "DequantizeLinear" and any(".bct_codes" in i for i in n.input)
     ]  # fmt: skip
+    # what is still dequantized (embedding sums, the output) is dequantized by the library,
+    # and a Shape never keeps a dequantization alive
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear":  # only the embedding tables' rows are left
+            assert producers[node.input[0]].domain == "", node.name
+        if node.op_type == "Shape" and node.input[0] in producers:
+            assert producers[node.input[0]].op_type not in ("BlockDequantize", "DequantizeLinear")
+    assert ops[("bctonnx", "BlockDequantize")] >= 1
     # activation quantization now lives in the matmuls: only the embeddings' remain
     assert ops[("bctonnx", "BlockQuantize")] <= 5
 

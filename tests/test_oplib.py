@@ -526,3 +526,58 @@ def test_block_requantize_errors():
     assert not y.any() and s.tolist() == [[np.float32(2.0**-128)]]
     y, s = run_requantize(np.zeros((2, 0), np.int8), np.float32(1.0), 0, 16)
     assert y.shape == (2, 0) and s.shape == (2, 0)
+
+
+# ------------------------------------------------------------------------------------------
+# BlockDequantize
+
+
+def _dequantize_session(block_size: int) -> ort.InferenceSession:
+    node = helper.make_node(
+        "BlockDequantize", ["x", "x_scale"], ["y"], domain="bctonnx", block_size=block_size
+    )
+    model = _model(
+        [node], [_vi("x", TensorProto.INT8), _vi("x_scale", TensorProto.FLOAT)],
+        [_vi("y", TensorProto.FLOAT)],
+    )  # fmt: skip
+    return ort.InferenceSession(
+        model.SerializeToString(), bctonnx.session_options(threads=1),
+        providers=["CPUExecutionProvider"],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("shape", "block_size"),
+    [((2, 5, 384), 32), ((7, 33), 16), ((1, 3, 130), 128), ((4, 1), 1), ((3, 20), 7), ((0, 8), 4)],
+)
+def test_block_dequantize_matches_reference(shape, block_size):
+    from bctonnx.ops.ref_quant import block_dequantize
+
+    rng = np.random.default_rng(sum(shape) + block_size)
+    x = rng.integers(-128, 128, shape).astype(np.int8)
+    x.reshape(-1)[:1] = -128  # the extremes
+    x.reshape(-1)[1:2] = 127
+    nb = -(-shape[-1] // block_size)
+    # normal and subnormal powers of two (2^-149 .. 2^127 as the ops make them)
+    exps = rng.integers(-149, 120, (*shape[:-1], nb))
+    scale = np.ldexp(np.float32(1), exps).astype(np.float32)
+    want = block_dequantize(x, scale, block_size)
+    got = _dequantize_session(block_size).run(None, {"x": x, "x_scale": scale})[0]
+    assert got.dtype == np.float32 and got.shape == shape
+    np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
+    if x.size:  # and the reference is DequantizeLinear's value
+        s = np.repeat(scale, block_size, axis=-1)[..., : shape[-1]]
+        np.testing.assert_array_equal(want, (x.astype(np.float64) * s).astype(np.float32))
+
+
+def test_block_dequantize_refuses_scales_that_are_not_powers_of_two():
+    from bctonnx.ops.ref_quant import block_dequantize
+
+    x = np.ones((2, 8), np.int8)
+    scale = np.array([[0.5], [0.3]], np.float32)
+    with pytest.raises(ValueError, match="not a power of two"):
+        block_dequantize(x, scale, 8)
+    with pytest.raises(Exception, match="not a power of two"):
+        _dequantize_session(8).run(None, {"x": x, "x_scale": scale})
+    with pytest.raises(Exception, match="x_scale must have shape"):
+        _dequantize_session(4).run(None, {"x": x, "x_scale": np.ones((2, 1), np.float32)})

@@ -26,6 +26,12 @@ format with ``frac_bits=0`` of `bctonnx.blockformat` (one signed byte per block)
       ``bits <= 3`` since float32 stops at ~2**128): error.
     - ``x`` must have rank >= 1; a zero-length last axis gives empty outputs.
 
+``BlockDequantize(x: int8, x_scale: float32) -> y: float32``
+    attribute ``block_size`` (int >= 1, required). ``y = x * x_scale`` per block (float32; the
+    product of an int8 and a power of two is exact unless it falls below 2**-126). Every scale
+    must be an exact power of two (error otherwise): this is DequantizeLinear with
+    ``block_size`` restricted to the scales these ops make.
+
 ``BlockRequantize(x: int32 | int8, x_scale: float32) -> (y: int8, y_scale: float32)``
     attributes ``in_block_size`` (int >= 0, required; 0: ``x_scale`` is one scale for the whole
     tensor, any shape with one element), ``block_size`` (int >= 1, required: output blocks),
@@ -75,6 +81,7 @@ from bctonnx.blockformat import BlockFormat, decode_scales, expand_blocks
 from bctonnx.blockformat import quantize as _bf_quantize
 
 __all__ = [
+    "block_dequantize",
     "block_quantize",
     "block_requantize",
     "pow2_exponents",
@@ -111,6 +118,20 @@ def block_quantize(x: np.ndarray, block_size: int, bits: int = 8) -> tuple[np.nd
             "blockformat.decode_scales; no exact reference for this block"
         )
     return bq.codes.astype(np.int8), bq.scales().astype(np.float32)
+
+
+def block_dequantize(x: np.ndarray, x_scale: np.ndarray, block_size: int) -> np.ndarray:
+    """Reference of ``bctonnx.BlockDequantize``: ``x * x_scale`` per block, float32."""
+    _check_attrs(block_size, 8)
+    x = np.asarray(x)
+    if x.dtype != np.int8 or x.ndim < 1:
+        raise ValueError("BlockDequantize: x must be int8 codes of rank >= 1")
+    scale = np.asarray(x_scale, np.float32)
+    if scale.shape != (*x.shape[:-1], -(-x.shape[-1] // block_size)):
+        raise ValueError(f"BlockDequantize: x_scale shape {scale.shape} does not fit x {x.shape}")
+    pow2_exponents(scale)
+    s = np.repeat(scale, block_size, axis=-1)[..., : x.shape[-1]]
+    return (x.astype(np.float32) * s).astype(np.float32)
 
 
 def pow2_exponents(scale: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-// BlockQuantize, BlockRequantize (domain "bctonnx", version 1).
+// BlockQuantize, BlockDequantize, BlockRequantize (domain "bctonnx", version 1).
 //
 // The specification of both ops is their numpy reference in bctonnx/ops/ref_quant.py; these
 // kernels are bit-exact with it. Blocks run along the last axis (see common.h).
@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "common.h"
+#include "simd.h"
 
 namespace bct {
 namespace {
@@ -174,6 +175,83 @@ struct BlockQuantizeKernel {
 };
 
 // ---------------------------------------------------------------------------------------------
+// BlockDequantize(x: int8, x_scale: float pow2) -> y: float = x * x_scale per block
+
+bool HasAvx512() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+  }();
+  return has;
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void DequantizeRowsAvx512(
+    const int8_t* x, const float* scales, int64_t rows, int64_t depth, int64_t block, float* y) {
+  const int64_t nb = num_blocks(depth, block);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int8_t* xr = x + r * depth;
+    float* yr = y + r * depth;
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m512 s = _mm512_set1_ps(scales[r * nb + b]);
+      const int64_t end = std::min(depth, (b + 1) * block);
+      for (int64_t i = b * block; i < end; i += 16) {
+        const int64_t n = std::min<int64_t>(16, end - i);
+        const __mmask16 m = n == 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
+        const __m128i q = _mm_maskz_loadu_epi8(m, xr + i);
+        const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
+        _mm512_mask_storeu_ps(yr + i, m, _mm512_mul_ps(v, s));
+      }
+    }
+  }
+}
+
+struct BlockDequantizeKernel {
+  BlockDequantizeKernel(const OrtApi* api, const OrtKernelInfo* info) {
+    block_size_ = CheckedBlockSize("BlockDequantize", "block_size",
+                                   IntAttribute(api, info, "BlockDequantize", "block_size", nullptr),
+                                   false);
+  }
+
+  Ort::Status Compute(const Ort::Custom::Tensor<int8_t>& x,
+                      const Ort::Custom::Tensor<float>& x_scale, Ort::Custom::Tensor<float>& y) {
+    try {
+      Run(x, x_scale, y);
+    } catch (const std::exception& e) {
+      return Failure(e);
+    }
+    return Ort::Status{nullptr};
+  }
+
+  void Run(const Ort::Custom::Tensor<int8_t>& x, const Ort::Custom::Tensor<float>& x_scale,
+           Ort::Custom::Tensor<float>& y) const {
+    const std::vector<int64_t> shape = x.Shape();
+    int64_t rows = 0, depth = 0;
+    RowsAndDepth("BlockDequantize", shape, &rows, &depth);
+    if (x_scale.Shape() != BlockedShape(shape, block_size_))
+      throw std::runtime_error("bctonnx.BlockDequantize: x_scale must have shape " +
+                               ShapeString(BlockedShape(shape, block_size_)) + ", got " +
+                               ShapeString(x_scale.Shape()));
+    float* out = y.Allocate(shape);
+    if (rows == 0 || depth == 0) return;
+    const float* scales = x_scale.Data();
+    const int64_t n_scales = rows * num_blocks(depth, block_size_);
+    for (int64_t i = 0; i < n_scales; ++i) pow2_exponent(scales[i]);  // throws if not pow2
+    const int8_t* in = x.Data();
+    if (HasAvx512()) {
+      DequantizeRowsAvx512(in, scales, rows, depth, block_size_, out);
+      return;
+    }
+    const int64_t nb = num_blocks(depth, block_size_);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t i = 0; i < depth; ++i)
+        out[r * depth + i] = static_cast<float>(in[r * depth + i]) * scales[r * nb + i / block_size_];
+  }
+
+  int64_t block_size_ = 0;
+};
+
+// ---------------------------------------------------------------------------------------------
 // BlockRequantize(x: int32 | int8, x_scale: float pow2) -> (y: int8, y_scale: float pow2)
 
 template <typename T>
@@ -288,6 +366,8 @@ void AddOp(Ort::CustomOpDomain& domain, OrtCustomOp* op) {
 void AddQuantOps(Ort::CustomOpDomain& domain) {
   AddOp(domain, Ort::Custom::CreateLiteCustomOp<BlockQuantizeKernel>("BlockQuantize",
                                                                       "CPUExecutionProvider"));
+  AddOp(domain, Ort::Custom::CreateLiteCustomOp<BlockDequantizeKernel>("BlockDequantize",
+                                                                        "CPUExecutionProvider"));
   // Two kernels under one name: onnxruntime picks the one matching x's element type.
   AddOp(domain, Ort::Custom::CreateLiteCustomOp<BlockRequantizeKernel<int32_t>>(
                     "BlockRequantize", "CPUExecutionProvider"));
