@@ -46,9 +46,11 @@ from .export import export_model
 from .glue import (
     GlueData,
     GlueTask,
+    bootstrap_indices,
     compute_metrics,
     get_task,
     label_permutation,
+    paired_difference_ci,
     predictions,
     read_task,
 )
@@ -63,7 +65,8 @@ CALIBRATION_EXAMPLES = 128
 
 @dataclass
 class EvalRecord:
-    """One model of the comparison. ``vs_fp32``: metric minus FP32's, in points."""
+    """One model of the comparison. ``vs_fp32``: metric minus FP32's, in points;
+    ``vs_fp32_ci95``: its paired bootstrap 95% interval (`glue.paired_difference_ci`)."""
 
     model: str
     kind: str  # "fp32", "bct" or "baseline"
@@ -72,6 +75,7 @@ class EvalRecord:
     error: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     vs_fp32: dict[str, float] = field(default_factory=dict)
+    vs_fp32_ci95: dict[str, tuple[float, float]] = field(default_factory=dict)
     bytes: int | None = None
     ratio: float | None = None
     build_seconds: float | None = None
@@ -398,21 +402,31 @@ def _run(
         dev_file=str(dev.path),
     )
 
+    resamples = bootstrap_indices(len(data))
+    fp32_preds: list[np.ndarray] = []
+
     def evaluate(record: EvalRecord, path: Path) -> None:
         t0 = time.perf_counter()
         logits = run_logits(path, encoded, task, threads, record.model, progress)
         record.eval_seconds = time.perf_counter() - t0
-        record.metrics = compute_metrics(task, predictions(task, logits, perm), data.labels)
+        preds = predictions(task, logits, perm)
+        record.metrics = compute_metrics(task, preds, data.labels)
         record.bytes = model_file_bytes(path)
         record.ratio = fp32_bytes / record.bytes
         if result.records:
             base = result.records[0].metrics
             record.vs_fp32 = {m: v - base[m] for m, v in record.metrics.items()}
+            record.vs_fp32_ci95 = paired_difference_ci(
+                task, preds, fp32_preds[0], data.labels, resamples
+            )
+        else:
+            fp32_preds.append(preds)
 
     fp32_bytes = model_file_bytes(fp32_file)
     fp32 = EvalRecord("fp32", "fp32", "fp32")
     evaluate(fp32, fp32_file)
     fp32.vs_fp32 = dict.fromkeys(fp32.metrics, 0.0)
+    fp32.vs_fp32_ci95 = dict.fromkeys(fp32.metrics, (0.0, 0.0))
     result.records.append(fp32)
 
     def attempt(record: EvalRecord, build) -> None:
@@ -472,18 +486,24 @@ def format_table(result: EvalResult) -> str:
     width = max(len("model"), *(len(r.model) for r in result.records))
     cols = [f"{m:>9}" for m in result.metrics]
     lines = [
-        f"{'model':<{width}}  {'  '.join(cols)}  {'vs FP32':>8}  {'size':>9}  {'ratio':>6}",
+        f"{'model':<{width}}  {'  '.join(cols)}  {'vs FP32':>8}  {'95% CI':>15}  {'size':>9}  "
+        f"{'ratio':>6}",
     ]
     for r in result.records:
         if r.status != "ok":
             lines.append(f"{r.model:<{width}}  failed: {r.error}")
             continue
         vals = "  ".join(f"{r.metrics[m]:>9.2f}" for m in result.metrics)
+        lo, hi = r.vs_fp32_ci95.get(primary, (0.0, 0.0))
         lines.append(
             f"{r.model:<{width}}  {vals}  {r.vs_fp32.get(primary, 0.0):>+8.2f}  "
-            f"{(r.bytes or 0) / 1e6:>6.1f} MB  {r.ratio or 0:>5.2f}x"
+            f"{f'[{lo:+.2f}, {hi:+.2f}]':>15}  {(r.bytes or 0) / 1e6:>6.1f} MB  {r.ratio or 0:>5.2f}x"
         )
-    notes = ["", f"metrics in points (x100); vs FP32 = {primary} difference in points"]
+    notes = [
+        "",
+        f"metrics in points (x100); vs FP32 = {primary} difference in points, 95% CI its paired "
+        "bootstrap interval (1000 resamples of the dev set; contains 0: not distinguishable)",
+    ]
     notes += [f"  {r.model}: {r.config}" for r in result.records if r.kind != "fp32"]
     return "\n".join(head + lines + notes)
 

@@ -207,6 +207,37 @@ def compute_metrics(task: GlueTask, preds: np.ndarray, labels: np.ndarray) -> di
     return {m: 100.0 * METRIC_FUNCTIONS[m](preds, labels) for m in task.metrics}
 
 
+BOOTSTRAP_SAMPLES = 1000
+
+
+def bootstrap_indices(n: int, samples: int = BOOTSTRAP_SAMPLES, seed: int = 0) -> np.ndarray:
+    """``samples`` resamples (with replacement) of ``n`` dev examples, fixed by ``seed``, so
+    every model of a comparison is judged on the same resamples."""
+    return np.random.default_rng(seed).integers(0, n, size=(samples, n))
+
+
+def paired_difference_ci(
+    task: GlueTask,
+    preds: np.ndarray,
+    base_preds: np.ndarray,
+    labels: np.ndarray,
+    indices: np.ndarray,
+    level: float = 95.0,
+) -> dict[str, tuple[float, float]]:
+    """Paired bootstrap confidence interval of ``metric(preds) - metric(base_preds)`` in points,
+    per metric: both models scored on the same resampled dev sets (``indices``), the central
+    ``level`` percent of the differences. An interval that contains 0 means the dev set cannot
+    tell the two models apart at that level."""
+    tail = (100.0 - level) / 2
+    out = {}
+    for m in task.metrics:
+        fn = METRIC_FUNCTIONS[m]
+        diffs = [100.0 * (fn(preds[i], labels[i]) - fn(base_preds[i], labels[i])) for i in indices]
+        lo, hi = np.percentile(diffs, [tail, 100.0 - tail])
+        out[m] = (float(lo), float(hi))
+    return out
+
+
 # --- reading ---------------------------------------------------------------------------------
 
 

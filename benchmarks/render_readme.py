@@ -43,7 +43,9 @@ def render_glue(data: dict) -> str:
     lines = [
         "GLUE dev sets, all-MiniLM-L6 fine-tuned per task (`../shared/models/minilm-<task>`), "
         f"onnxruntime {data['onnxruntime']} CPU, {data['threads']} threads; metrics in points "
-        "(x100), difference to FP32 in parentheses, ratio = FP32 file bytes / model file bytes:",
+        "(x100), difference to FP32 in parentheses (for the first metric, then its paired bootstrap "
+        "95% interval: 1000 resamples of the dev set; an interval containing 0 cannot tell the "
+        "model from FP32), ratio = FP32 file bytes / model file bytes:",
         "",
         "| task | metric | " + " | ".join(models) + " |",
         "|---|---|" + "---:|" * len(models),
@@ -64,6 +66,12 @@ def render_glue(data: dict) -> str:
                         failures.append((m, r["error"]))
                 elif r["kind"] == "fp32":
                     cells.append(f"{r['metrics'][metric]:.2f}")
+                elif metric == run["metrics"][0] and r.get("vs_fp32_ci95"):
+                    lo, hi = r["vs_fp32_ci95"][metric]
+                    cells.append(
+                        f"{r['metrics'][metric]:.2f} ({r['vs_fp32'][metric]:+.2f}; "
+                        f"{lo:+.1f}..{hi:+.1f})"
+                    )
                 else:
                     cells.append(f"{r['metrics'][metric]:.2f} ({r['vs_fp32'][metric]:+.2f})")
             lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")

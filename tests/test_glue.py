@@ -22,10 +22,12 @@ from bctonnx.glue import (
     TASKS,
     accuracy,
     average_ranks,
+    bootstrap_indices,
     compute_metrics,
     f1_binary,
     label_permutation,
     matthews_corrcoef,
+    paired_difference_ci,
     pearson,
     predictions,
     read_split,
@@ -93,6 +95,33 @@ def test_rank_metrics_agree_with_scipy_on_random_ties():
     y = x + rng.normal(0, 1.5, 200)
     assert spearman(x, y) == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
     assert pearson(x, y) == pytest.approx(stats.pearsonr(x, y).statistic, abs=1e-12)
+
+
+def test_paired_bootstrap_interval_of_identical_models_is_zero():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 300)
+    preds = np.where(rng.random(300) < 0.8, labels, 1 - labels)
+    idx = bootstrap_indices(300, samples=200)
+    assert idx.shape == (200, 300) and np.array_equal(idx, bootstrap_indices(300, samples=200))
+    ci = paired_difference_ci(TASKS["cola"], preds, preds, labels, idx)
+    assert ci == {"matthews": (0.0, 0.0)}
+
+
+def test_paired_bootstrap_interval_brackets_the_difference_and_separates_clear_gaps():
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 800)
+    good = np.where(rng.random(800) < 0.9, labels, 1 - labels)
+    idx = bootstrap_indices(800, samples=400)
+    # a few flips: the interval contains the observed difference
+    near = good.copy()
+    near[:6] = 1 - near[:6]
+    diff = compute_metrics(TASKS["sst2"], near, labels)["accuracy"] - 100 * accuracy(good, labels)
+    lo, hi = paired_difference_ci(TASKS["sst2"], near, good, labels, idx)["accuracy"]
+    assert lo <= diff <= hi and hi - lo < 3
+    # a model 20 points worse: clearly separated
+    bad = np.where(rng.random(800) < 0.7, labels, 1 - labels)
+    lo, hi = paired_difference_ci(TASKS["sst2"], bad, good, labels, idx)["accuracy"]
+    assert hi < 0 and lo > -35
 
 
 def test_compute_metrics_reports_points_primary_first():
