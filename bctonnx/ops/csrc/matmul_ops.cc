@@ -1271,6 +1271,19 @@ __attribute__((target("avx512f,avx512bw,avx512dq,fma"))) void RunAmx(
     }                                                         \
   } while (0)
 
+  // Weights come from L3 or memory (a model's do not fit in L2), and a tile load that misses
+  // stalls the tile unit: the next panel is prefetched while the current one is in use, a
+  // slice per step, and the first one now.
+  const int64_t pbytes = w.panel_bytes(), steps_per_panel = nrt * ((nseg + 3) / 4);
+  const int64_t pf_lines = (pbytes / 64 + steps_per_panel - 1) / steps_per_panel;
+  auto prefetch = [&](int64_t pi, int64_t line0, int64_t lines) {
+    if (pi >= p1 - p0) return;
+    const char* base = reinterpret_cast<const char*>(w.data.data() + (p0 + pi) * pbytes);
+    for (int64_t l = line0; l < std::min(line0 + lines, pbytes / 64); ++l)
+      _mm_prefetch(base + l * 64, _MM_HINT_T0);
+  };
+  prefetch(0, 0, pbytes / 64);
+
   AmxTiles tiles(kt);
   // position of the step being issued (pi, rt, g) and of the one in the epilogue (e*); the
   // epilogue's weight block b and segment jb in it (no divisions in the loop)
@@ -1278,6 +1291,7 @@ __attribute__((target("avx512f,avx512bw,avx512dq,fma"))) void RunAmx(
   int64_t pi = 0, rt = 0, g = 0, epi = 0, ert = 0, eg = 0, b = 0, jb = 0;
   for (int64_t step = 0; step <= steps; ++step) {
     if (step < steps) {  // issue group g of tile (rt, pi)
+      prefetch(pi + 1, (rt * ngroups + g) * pf_lines, pf_lines);
       if (w.int4 && g == 0 && rt == 0)
         UnpackInt4PanelAmx(w, p0 + pi, unpacked + (pi & 1) * panel_elems);
       const int8_t* wb = panel_weights(pi);
@@ -1631,6 +1645,7 @@ struct BlockMatMulKernel {
     const int8_t* xq;     // int8 input or null
     const float* xs;      // its scales
     int64_t rows, row_chunk, col_tiles, x_nb;
+    bool codes_in_place;  // op.a is x itself (AMX, int8 x, unpadded segments)
     int8_t* yq;
     float* ys;
     const int8_t* rq;   // residual codes [rows][n] or null
@@ -1644,7 +1659,7 @@ struct BlockMatMulKernel {
   };
 
   // Activation codes of rows [r0, r1): quantize (float input) or copy (int8 input), segment
-  // scales and sums.
+  // scales and sums (AMX: no sums, and int8 codes in unpadded segments are not copied).
   void PackRows(Job& job, int64_t r0, int64_t r1) const {
     const PackedWeights& w = w_;
     const int64_t lda = job.op.lda;
@@ -1659,8 +1674,18 @@ struct BlockMatMulKernel {
         q = job.xq + m * w.k;
         for (int64_t b = 0; b < job.x_nb; ++b) exps[b] = pow2_exponent(job.xs[m * job.x_nb + b]);
       }
-      int8_t* a = const_cast<int8_t*>(job.op.a) + m * lda;
       float* sx = const_cast<float*>(job.op.sx) + m * w.nseg;
+      if (isa_ == kAmx) {
+        for (int64_t j = 0; j < w.nseg; ++j) sx[j] = pow2_float(exps[(j * w.g) / act_block_]);
+        if (job.codes_in_place) continue;
+        int8_t* a = const_cast<int8_t*>(job.op.a) + m * lda;
+        for (int64_t j = 0; j < w.nseg; ++j) {
+          std::memcpy(a + j * w.gp, q + j * w.g, static_cast<size_t>(w.g));
+          std::memset(a + j * w.gp + w.g, 0, static_cast<size_t>(w.gp - w.g));
+        }
+        continue;
+      }
+      int8_t* a = const_cast<int8_t*>(job.op.a) + m * lda;
       for (int64_t j = 0; j < w.nseg; ++j) {
         const int8_t* __restrict src = q + j * w.g;
         int8_t* __restrict dst = a + j * w.gp;
@@ -1860,7 +1885,11 @@ struct BlockMatMulKernel {
 
     const int64_t lda = w.nseg * w.gp;
     job.op.w = &w;
-    job.op.a = ThreadScratch<int8_t>(kSlotA, static_cast<size_t>(rows * lda));
+    // AMX needs neither padded copies of int8 codes (a segment that is a whole number of
+    // 4-byte groups is read where it is) nor the per-segment sums (its weights are signed)
+    job.codes_in_place = isa_ == kAmx && job.xq != nullptr && w.gp == w.g;
+    job.op.a = job.codes_in_place ? job.xq
+                                  : ThreadScratch<int8_t>(kSlotA, static_cast<size_t>(rows * lda));
     job.op.sx = ThreadScratch<float>(kSlotSx, static_cast<size_t>(rows * w.nseg));
     job.op.sxt = isa_ == kAmx ? ThreadScratch<float>(
                                     kSlotSxTile, static_cast<size_t>((rows + 15) / 16 * 16 * w.nseg))
