@@ -23,7 +23,7 @@ from bctonnx.blockformat import BlockFormat, quantize, split_scale_codes
 from bctonnx.ops.ref_matmul import block_batch_matmul, block_matmul
 from bctonnx.ops.ref_quant import block_quantize
 
-ISAS = {"scalar": 0, "avx2": 1, "avx512": 2}
+ISAS = {"scalar": 0, "avx2": 1, "avx512": 2, "amx": 3}
 
 W8 = BlockFormat(bits=8, block_size=128, scale_kind="pow2", frac_bits=3)  # w8a8 weights
 W4 = BlockFormat(  # w4a8 weights
@@ -33,6 +33,7 @@ W4 = BlockFormat(  # w4a8 weights
 W8B32 = BlockFormat(bits=8, block_size=32, scale_kind="pow2", frac_bits=3)  # mixed-precision int8
 W4SYM = BlockFormat(bits=4, block_size=16, scale_kind="pow2", frac_bits=0)
 W6ASYM = BlockFormat(bits=6, block_size=32, scale_kind="pow2", frac_bits=2, symmetric=False)
+W8B12 = BlockFormat(bits=8, block_size=12, scale_kind="pow2", frac_bits=2)
 
 
 def available_isas() -> list[str]:
@@ -176,6 +177,8 @@ CASES = [
     (W4SYM, (4, 48), 7, 16),  # K = 48: not a multiple of the vector width
     (W4SYM, (3, 64), 9, 32),  # activation block 32 over weight blocks of 16
     (W6ASYM, (6, 64), 24, 32),  # 6-bit asymmetric in int8 storage
+    (W8, (2, 17, 256), 40, 128),  # segments of 128: two 64-byte K steps per AMX tile product
+    (W8B12, (3, 36), 20, 12),  # segments of 12: not a multiple of 8 or 16 bytes
 ]
 
 
@@ -306,7 +309,8 @@ def test_isa_request_is_capped_and_checked():
     lib = ctypes.CDLL(require_library())
     best = lib.bctonnx_block_matmul_isa(b"")
     assert lib.bctonnx_block_matmul_isa(b"scalar") == 0
-    assert lib.bctonnx_block_matmul_isa(b"avx512") == best  # never above what the CPU has
+    assert lib.bctonnx_block_matmul_isa(b"amx") == best  # never above what the CPU has
+    assert lib.bctonnx_block_matmul_isa(b"avx512") == min(best, 2)
     assert lib.bctonnx_block_matmul_isa(b"sse9") == -1
 
 

@@ -187,9 +187,9 @@ bool read_simd(const OrtKernelInfo* info, const char* op) {
   }
   if (const char* isa = std::getenv("BCTONNX_ISA"); isa && *isa) {
     if (std::strcmp(isa, "avx2") == 0 || std::strcmp(isa, "scalar") == 0) return false;
-    if (std::strcmp(isa, "avx512") != 0)
+    if (std::strcmp(isa, "avx512") != 0 && std::strcmp(isa, "amx") != 0)  // no AMX code here
       throw std::runtime_error(std::string(op) + ": BCTONNX_ISA=" + isa +
-                               " is not one of avx512, avx2, scalar");
+                               " is not one of amx, avx512, avx2, scalar");
   }
   return simd;
 }
