@@ -291,6 +291,28 @@ def test_block_quantize_random_matches_reference(block_size):
             assert_bit_exact(run_quantize(x, block_size, bits), block_quantize(x, block_size, bits))
 
 
+def test_block_quantize_is_bit_exact_on_every_instruction_set(monkeypatch):
+    # BlockQuantize runs BlockMatMul's row quantizer, chosen like BlockMatMul's kernels: every
+    # path this CPU has (scalar and avx2 always, avx512 / amx where present)
+    best = ctypes.CDLL(runtime.require_op_library()).bctonnx_block_matmul_isa(b"")
+    isas = ["scalar", "avx2", "avx512", "amx"][: best + 1]
+    assert len(isas) >= 2
+    rng = np.random.default_rng(7)
+    for isa in isas:
+        monkeypatch.setenv("BCTONNX_ISA", isa)
+        for block_size in (1, 16, 32, 33, 128):
+            sess = ort.InferenceSession(
+                _quantize_model(block_size, 8).SerializeToString(),
+                bctonnx.session_options(threads=1),
+                providers=["CPUExecutionProvider"],
+            )
+            for shape in [(3, 37), (2, 4, 128), (1, 300)]:
+                x = _float_rows(rng, shape)
+                x.reshape(-1)[:3] = [0.0, np.float32(2.0**-149), -np.float32(3.0e38)]
+                got = sess.run(None, {"x": x})
+                assert_bit_exact(got, block_quantize(x, block_size, 8))
+
+
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 def test_block_quantize_edge_values(block_size):
     rng = np.random.default_rng(100 + block_size)

@@ -70,6 +70,14 @@ inline int64_t shift_round_even(int64_t v, int n) {
 
 inline int64_t num_blocks(int64_t d, int64_t block_size) { return (d + block_size - 1) / block_size; }
 
+// BlockQuantize's rule (ref_quant.py) on `rows` rows of `d` floats, blocks of `b` along each
+// row: int8 codes and float32 pow2 scales [rows, ceil(d / b)]. `isa` from BestIsa() (the best
+// instruction set, capped by BCTONNX_ISA). Implemented with BlockMatMul's activation quantizer
+// (matmul_ops.cc); throws std::runtime_error on NaN / infinity or a scale beyond 2^127.
+int BestIsa();
+void QuantizeRowsPow2(int isa, const float* x, int64_t rows, int64_t d, int64_t b, int bits,
+                      int8_t* q, float* scales);
+
 // Registration hooks: each source file adds its ops to the one domain.
 void AddQuantOps(Ort::CustomOpDomain& domain);
 void AddNonlinearOps(Ort::CustomOpDomain& domain);

@@ -2218,6 +2218,19 @@ struct BlockBatchMatMulOp : Ort::CustomOpBase<BlockBatchMatMulOp, BlockBatchMatM
 
 }  // namespace
 
+int BestIsa() { return static_cast<int>(ChooseIsa(std::getenv("BCTONNX_ISA"))); }
+
+void QuantizeRowsPow2(int isa, const float* x, int64_t rows, int64_t d, int64_t b, int bits,
+                      int8_t* q, float* scales) {
+  const int64_t nb = (d + b - 1) / b;
+  thread_local std::vector<int> exps;
+  exps.resize(static_cast<size_t>(nb));
+  for (int64_t r = 0; r < rows; ++r) {
+    QuantizeRow(static_cast<Isa>(isa), x + r * d, d, b, bits, q + r * d, exps.data());
+    for (int64_t j = 0; j < nb; ++j) scales[r * nb + j] = pow2_float(exps[j]);
+  }
+}
+
 void AddMatMulOps(Ort::CustomOpDomain& domain) {
   // static: they live as long as the process (sessions keep raw pointers)
   static BlockMatMulOp matmul;

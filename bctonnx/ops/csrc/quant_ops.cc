@@ -65,14 +65,6 @@ Ort::Status Failure(const std::exception& e) { return Ort::Status(e.what(), ORT_
 // ---------------------------------------------------------------------------------------------
 // Exponent choice (see ref_quant.py, "Scale choice")
 
-// Smallest e with 2^e >= ideal, for a finite ideal >= 0; -128 for ideal == 0 (later clamped).
-int CeilLog2(float ideal) {
-  if (ideal == 0.0f) return -128;
-  int k = 0;
-  const float m = std::frexp(ideal, &k);  // ideal = m * 2^k, m in [0.5, 1): exact
-  return m == 0.5f ? k - 1 : k;
-}
-
 // fl32(M * 2^e_in / qmax) <= 2^e, decided in integers: with g = max(e - 24, -150) (half an ulp
 // of float32 just above 2^e is 2^g; a tie rounds to 2^e, whose mantissa is even), this is
 // M * 2^(e_in - g) <= qmax * (2^(e - g) + 1). Needs 1 <= M <= 2^31, e in [-128, 127].
@@ -132,46 +124,23 @@ struct BlockQuantizeKernel {
     const std::vector<int64_t> shape = x.Shape();
     int64_t rows = 0, depth = 0;
     RowsAndDepth("BlockQuantize", shape, &rows, &depth);
-    const int64_t nb = num_blocks(depth, block_size_);
     int8_t* out = y.Allocate(shape);
     float* scales = y_scale.Allocate(BlockedShape(shape, block_size_));
     if (rows == 0 || depth == 0) return;
-    const float* in = x.Data();
-    const float qmax_f = static_cast<float>((1 << (bits_ - 1)) - 1);
-
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* row = in + r * depth;
-      int8_t* orow = out + r * depth;
-      for (int64_t b = 0; b < nb; ++b) {
-        const int64_t begin = b * block_size_, end = std::min(depth, begin + block_size_);
-        float amax = 0.0f;
-        for (int64_t i = begin; i < end; ++i) {
-          const float a = std::fabs(row[i]);
-          if (!(a <= FLT_MAX))
-            throw std::runtime_error("bctonnx.BlockQuantize: input contains NaN or infinity");
-          amax = std::max(amax, a);
-        }
-        // The float32 division is the reference's (blockformat.encode_scales) on purpose.
-        int e = std::max(CeilLog2(amax / qmax_f), -128);
-        if (e > 127)
-          throw std::runtime_error(
-              "bctonnx.BlockQuantize: values too large for a pow2 scale (max |x| / qmax beyond "
-              "2^127)");
-        const float s = pow2_float(e);
-        scales[r * nb + b] = s;
-        for (int64_t i = begin; i < end; ++i) {
-          // x / 2^e is exact unless it is subnormal (then |q| < 1/2 rounds to 0 either way);
-          // 2^-e itself may not be a float32 (e = -128), so divide, as the reference does.
-          float q = std::nearbyint(row[i] / s);  // round half to even (default rounding mode)
-          q = std::min(std::max(q, -qmax_f), qmax_f);
-          orow[i] = static_cast<int8_t>(q);
-        }
-      }
+    // BlockMatMul's activation quantizer: the same rule, vectorized (bit-exact, tested)
+    try {
+      QuantizeRowsPow2(isa_, x.Data(), rows, depth, block_size_, bits_, out, scales);
+    } catch (const std::runtime_error& e) {
+      std::string what = e.what();
+      const std::string from = "bctonnx.BlockMatMul: ";
+      if (what.rfind(from, 0) == 0) what = "bctonnx.BlockQuantize: " + what.substr(from.size());
+      throw std::runtime_error(what);
     }
   }
 
   int64_t block_size_ = 0;
   int bits_ = 8;
+  int isa_ = BestIsa();
 };
 
 // ---------------------------------------------------------------------------------------------
