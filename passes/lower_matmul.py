@@ -18,6 +18,7 @@ Runs after ``lower_integer`` (activations are then int8 codes + pow2 block scale
         -> BlockMatMul(..., r_q, r_s) -> (y_q, y_scale)                   residual fusion
     MatMul(DQ(Q codes), [Mul(c)] Transpose(DQ(K codes)))  [-> BlockQuantize]     attention.qk
         -> BlockBatchMatMul(Q codes, Q scales, K codes', K scales', c) [-> (y_q, y_scale)]
+           (the heads' Transpose(0, 2, 1, 3) of Q and of K read token-major in the op)
 
 The ops multiply int8 activations by the stored weight codes (or by K's codes) with int32
 accumulation and apply both scales per block: the weights are never dequantized (they stay
@@ -295,11 +296,21 @@ class LowerMatMul(ir.passes.InPlacePass):
             if folded is not None:
                 mul = self._const(folded, f"{node.name}/y_multiplier")
         rows = [*perm[:-2], perm[-1], perm[-2]]  # K [..., N, K]: blocks stay on the last axis
-        q_rows = self._emit("Transpose", [q_b], node, ir.DataType.INT8, perm=rows)
-        s_rows = self._emit("Transpose", [s_b], node, ir.DataType.FLOAT, perm=rows)
+        attrs = {"block_size": block_a}
+        if rows == list(range(rank)):  # K already [..., N, K]
+            q_rows, s_rows = q_b, s_b
+        elif rows == [0, 2, 1, 3]:  # K token-major [b, N, h, K]: read in place
+            q_rows, s_rows = q_b, s_b
+            attrs["b_transposed"] = 1
+        else:
+            q_rows = self._emit("Transpose", [q_b], node, ir.DataType.INT8, perm=rows)
+            s_rows = self._emit("Transpose", [s_b], node, ir.DataType.FLOAT, perm=rows)
+        heads_first = [_heads_transpose_input(x) for x in (q_a, s_a)]
+        if all(x is not None for x in heads_first):  # Q token-major: its transpose fused too
+            q_a, s_a = heads_first
+            attrs["a_transposed"] = 1
         quant = _single_user(node.outputs[0])
         fuse = _is(quant, "BlockQuantize", OPS_DOMAIN) and bool(_attr_int(quant, "block_size"))
-        attrs = {"block_size": block_a}
         if fuse:
             attrs["out_block_size"] = _attr_int(quant, "block_size")
             attrs["out_bits"] = _attr_int(quant, "bits", 8)

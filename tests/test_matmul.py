@@ -282,9 +282,31 @@ def test_block_batch_matmul_is_bit_exact_on_every_isa(shape_a, n, block, isas, m
     )
     mul = np.float32(0.4204482)
     ref = block_batch_matmul(a, a_s, b, b_s, block_size=block, y_multiplier=mul, out_block_size=32)
+    layouts = [(False, False)]
+    if len(shape_a) == 4:  # token-major operands: [b, rows, h, K] (the heads transposes fused)
+        layouts += [(True, False), (False, True), (True, True)]
+    for a_t, b_t in layouts:
+        feeds = {"a": a, "a_s": a_s, "b": b, "b_s": b_s}
+        for key, flag in (("a", a_t), ("a_s", a_t), ("b", b_t), ("b_s", b_t)):
+            if flag:
+                feeds[key] = np.ascontiguousarray(feeds[key].transpose(0, 2, 1, 3))
+        kw = {"a_transposed": a_t, "b_transposed": b_t}
+        again = block_batch_matmul(
+            *feeds.values(), block_size=block, y_multiplier=mul, out_block_size=32, **kw
+        )
+        for key in ref:
+            np.testing.assert_array_equal(again[key], ref[key])
+        model = batch_model(block, int(a_t), int(b_t), mul)
+        for isa in isas:
+            out = run(model, monkeypatch, isa, feeds)
+            for key in ("y", "y_q", "y_scale"):
+                np.testing.assert_array_equal(out[key], ref[key], err_msg=f"{isa} {key} {kw}")
+
+
+def batch_model(block: int, a_t: int, b_t: int, mul: np.float32) -> onnx.ModelProto:
     node = helper.make_node(
         "BlockBatchMatMul", ["a", "a_s", "b", "b_s", "mul"], ["y", "y_q", "y_scale"],
-        domain="bctonnx", block_size=block, out_block_size=32,
+        domain="bctonnx", block_size=block, out_block_size=32, a_transposed=a_t, b_transposed=b_t,
     )  # fmt: skip
     graph = helper.make_graph(
         [node], "scores",
@@ -299,10 +321,7 @@ def test_block_batch_matmul_is_bit_exact_on_every_isa(shape_a, n, block, isas, m
         graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("bctonnx", 1)]
     )
     model.ir_version = 10
-    for isa in isas:
-        out = run(model, monkeypatch, isa, {"a": a, "a_s": a_s, "b": b, "b_s": b_s})
-        for key in ("y", "y_q", "y_scale"):
-            np.testing.assert_array_equal(out[key], ref[key], err_msg=f"{isa} {key}")
+    return model
 
 
 def test_isa_request_is_capped_and_checked():
@@ -350,6 +369,11 @@ def test_lower_matmul_makes_every_linear_layer_integer(tiny_bert_onnx, preset):
     assert ops[("bctonnx", "BlockBatchMatMul")] == 2  # attention scores
     assert ops[("bctonnx", "AttentionPV")] == 2  # attention context P.V
     assert ops[("", "MatMul")] == 0  # no float matmul left
+    assert ops[("", "Transpose")] == 0  # the heads' transposes are read token-major in the ops
+    for node in model.graph.node:
+        if node.op_type == "BlockBatchMatMul":
+            attrs = {a.name: a.i for a in node.attribute}
+            assert attrs["a_transposed"] == 1 and attrs["b_transposed"] == 1, attrs
     for node in model.graph.node:  # the heads' Transposes (0, 2, 1, 3) are fused into P.V
         if node.op_type == "AttentionPV":
             attrs = {a.name: a.i for a in node.attribute}

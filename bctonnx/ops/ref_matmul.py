@@ -205,6 +205,12 @@ def block_matmul(
     return out
 
 
+def _heads_first(q: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if q.ndim != 4 or np.ndim(scale) != 4:
+        raise ValueError("BlockBatchMatMul: a_transposed / b_transposed need rank-4 operands")
+    return q.transpose(0, 2, 1, 3), np.asarray(scale).transpose(0, 2, 1, 3)
+
+
 def _dequantize(q: np.ndarray, scale: np.ndarray, block_size: int) -> np.ndarray:
     """``codes * scale`` per block along the last axis, float32 (DequantizeLinear)."""
     s = np.repeat(np.asarray(scale, np.float32), block_size, axis=-1)[..., : q.shape[-1]]
@@ -221,13 +227,17 @@ def block_batch_matmul(
     y_multiplier: np.ndarray | float | None = None,
     out_block_size: int = 0,
     out_bits: int = 8,
+    a_transposed: bool = False,
+    b_transposed: bool = False,
 ) -> dict[str, np.ndarray]:
     """Reference of ``bctonnx.BlockBatchMatMul`` (attention scores, both operands dynamic)::
 
         BlockBatchMatMul(a: int8 [..., M, K], a_scale: f32 [..., M, K / B],
                          b: int8 [..., N, K], b_scale: f32 [..., N, K / B], y_multiplier?)
             -> (y?: f32 [..., M, N], y_q?: int8, y_scale?: f32 [..., M, ceil(N / out_block)])
-        attributes: block_size (B, divides K), out_block_size (default 0), out_bits (8)
+        attributes: block_size (B, divides K), out_block_size (default 0), out_bits (8),
+                    a_transposed, b_transposed (default 0; 1: that operand and its scales come
+                    token-major, [b, M, h, K] / [b, N, h, K], rank 4)
 
     ``y = a @ b^T`` per batch (same leading dims, no broadcasting), both operands blocked
     along K with pow2 scales. Per block ``j``: ``d_j = sum_k a[m, k] * b[n, k]`` (int32,
@@ -238,6 +248,12 @@ def block_batch_matmul(
     multiplier the 1/sqrt(sqrt(d)) that scales K^T.)
     """
     a, b = np.asarray(a), np.asarray(b)
+    # token-major operands ([b, rows, h, K], attention's heads transpose fused): as the
+    # [b, h, rows, K] tensors they stand for
+    if a_transposed:
+        a, a_scale = _heads_first(a, a_scale)
+    if b_transposed:
+        b, b_scale = _heads_first(b, b_scale)
     if a.dtype != np.int8 or b.dtype != np.int8:
         raise ValueError("BlockBatchMatMul: a and b must be int8 codes")
     if a.ndim < 2 or a.ndim != b.ndim or a.shape[:-2] != b.shape[:-2] or a.shape[-1] != b.shape[-1]:

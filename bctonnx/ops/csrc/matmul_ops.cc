@@ -62,6 +62,7 @@
 #include <mutex>
 #include <new>
 #include <string>
+#include <tuple>
 
 #include "common.h"
 
@@ -1995,6 +1996,8 @@ struct BlockMatMulOp : Ort::CustomOpBase<BlockMatMulOp, BlockMatMulKernel, true>
 //   -> (y?, y_q?, y_scale?): y = a @ b^T per batch, both operands block-quantized along K with
 // the same block size (attention scores Q.K^T; ref_matmul.block_batch_matmul). b is packed per
 // batch at run time into the weight layout above, then the BlockMatMul tiles run unchanged.
+// a_transposed / b_transposed (rank 4): that operand and its scales come token-major,
+// [b, M, h, K] / [b, N, h, K] -- attention's heads Transpose(0, 2, 1, 3) fused into the reads.
 
 struct BlockBatchMatMulKernel {
   BlockBatchMatMulKernel(const OrtApi&, const OrtKernelInfo* raw_info) {
@@ -2005,6 +2008,8 @@ struct BlockBatchMatMulKernel {
     out_bits_ = static_cast<int>(IntAttr(info, "out_bits", &k8));
     if (block_ < 1 || out_block_ < 0) Fail("BlockBatchMatMul: block sizes must be >= 1");
     if (out_bits_ < 2 || out_bits_ > 8) Fail("BlockBatchMatMul: out_bits must be in 2..8");
+    a_t_ = IntAttr(info, "a_transposed", &k0) != 0;
+    b_t_ = IntAttr(info, "b_transposed", &k0) != 0;
     // at most avx512: the AMX path does not pay here (attention scores of MiniLM, 12 heads of
     // 128 x 128 x 32 per layer: 1.28 ms/run against 1.23 on avx512, one thread)
     isa_ = std::min(ChooseIsa(std::getenv("BCTONNX_ISA")), kAvx512);
@@ -2018,9 +2023,22 @@ struct BlockBatchMatMulKernel {
     int8_t* yq;
     float* ys;
     int64_t m, n, k, nb, out_nb;
+    int64_t heads = 1;  // h of rank-4 operands (token-major layouts)
     std::string error;
     std::mutex mu;
   };
+
+  // Row r of batch bi = (b, h) of an operand with R rows and `width` values per row: offset
+  // and row stride, in the standard [b, h, R, width] or the token-major [b, R, h, width] layout.
+  static int64_t RowBase(const Job& job, bool token_major, int64_t bi, int64_t rows,
+                         int64_t width) {
+    if (!token_major) return bi * rows * width;
+    const int64_t b = bi / job.heads, h = bi % job.heads;
+    return (b * rows * job.heads + h) * width;
+  }
+  static int64_t RowStride(const Job& job, bool token_major, int64_t width) {
+    return token_major ? job.heads * width : width;
+  }
 
   static void BatchTask(void* data, size_t index) {
     Job& job = *static_cast<Job*>(data);
@@ -2047,12 +2065,13 @@ struct BlockBatchMatMulKernel {
     w.npad = w.npanel * kPanel;
     w.data.assign(static_cast<size_t>(w.npanel * w.panel_bytes()), 128);
     w.sw.assign(static_cast<size_t>(nb * w.npad), 0.0f);
-    const int8_t* b = job.b + bi * n * k;
-    const float* bs = job.bs + bi * n * nb;
+    const int8_t* b = job.b + RowBase(job, b_t_, bi, n, k);
+    const float* bs = job.bs + RowBase(job, b_t_, bi, n, nb);
+    const int64_t ldb = RowStride(job, b_t_, k), ldbs = RowStride(job, b_t_, nb);
     for (int64_t c = 0; c < n; ++c) {
       uint8_t* panel = w.data.data() + (c / kPanel) * w.panel_bytes() + (c % kPanel) * 4;
       for (int64_t j = 0; j < nb; ++j) {
-        const int8_t* src = b + c * k + j * w.g;
+        const int8_t* src = b + c * ldb + j * w.g;
         uint8_t* dst = panel + j * w.chunks * 64;
         int64_t i = 0;
         for (; i + 4 <= w.g; i += 4) {  // 4 k of one column: +128 on each byte
@@ -2062,23 +2081,27 @@ struct BlockBatchMatMulKernel {
           std::memcpy(dst + (i / 4) * 64, &four, 4);
         }
         for (; i < w.g; ++i) dst[(i / 4) * 64 + i % 4] = static_cast<uint8_t>(src[i] ^ 0x80);
-        pow2_exponent(bs[c * nb + j]);  // pow2 scales only (throws otherwise)
-        w.sw[j * w.npad + c] = bs[c * nb + j];
+        pow2_exponent(bs[c * ldbs + j]);  // pow2 scales only (throws otherwise)
+        w.sw[j * w.npad + c] = bs[c * ldbs + j];
       }
     }
     // a rows: used in place when the blocks need no padding
-    const int8_t* ab = job.a + bi * m * k;
-    const float* as = job.as + bi * m * nb;
+    const int8_t* ab = job.a + RowBase(job, a_t_, bi, m, k);
+    const float* as = job.as + RowBase(job, a_t_, bi, m, nb);
+    const int64_t a_row = RowStride(job, a_t_, k), as_row = RowStride(job, a_t_, nb);
     const bool in_place = w.gp == w.g;
-    const int64_t lda = in_place ? k : nb * w.gp;
+    const int64_t lda = in_place ? a_row : nb * w.gp;
     thread_local std::vector<int8_t> a;
     thread_local std::vector<int32_t> corr;
+    thread_local std::vector<float> asc;  // a's scales, [m][nb] (token-major: gathered)
     if (!in_place) a.assign(static_cast<size_t>(m * lda), 0);
     corr.resize(static_cast<size_t>(m * nb));
+    if (a_t_) asc.resize(static_cast<size_t>(m * nb));
     for (int64_t r = 0; r < m; ++r)
       for (int64_t j = 0; j < nb; ++j) {
-        pow2_exponent(as[r * nb + j]);
-        const int8_t* src = ab + r * k + j * w.g;
+        pow2_exponent(as[r * as_row + j]);
+        if (a_t_) asc[r * nb + j] = as[r * as_row + j];
+        const int8_t* src = ab + r * a_row + j * w.g;
         int32_t sum = 0;
         for (int64_t i = 0; i < w.g; ++i) sum += src[i];
         if (!in_place) std::memcpy(a.data() + r * lda + j * w.gp, src, static_cast<size_t>(w.g));
@@ -2093,7 +2116,7 @@ struct BlockBatchMatMulKernel {
     Operands op;
     op.w = &w;
     op.a = in_place ? ab : a.data();
-    op.sx = as;
+    op.sx = a_t_ ? asc.data() : as;
     op.corr = corr.data();
     op.ymul = job.ymul;
     op.y = y;
@@ -2126,9 +2149,17 @@ struct BlockBatchMatMulKernel {
     Ort::ConstValue a = ctx.GetInput(0), as = ctx.GetInput(1), b = ctx.GetInput(2),
                     bs = ctx.GetInput(3);
     Ort::ConstValue ymul = ctx.GetInputCount() > 4 ? ctx.GetInput(4) : Ort::ConstValue{nullptr};
-    const std::vector<int64_t> ash = ShapeOf(a), bsh = ShapeOf(b);
+    std::vector<int64_t> ash = ShapeOf(a), bsh = ShapeOf(b), assh = ShapeOf(as), bssh = ShapeOf(bs);
     if (ash.size() < 2 || bsh.size() != ash.size())
       Fail("BlockBatchMatMul: a and b must have the same rank >= 2");
+    // token-major operands are checked as the [b, h, rows, K] tensors they stand for
+    for (auto [flag, shp, sshp] : {std::tuple{a_t_, &ash, &assh}, std::tuple{b_t_, &bsh, &bssh}}) {
+      if (!flag) continue;
+      if (shp->size() != 4 || sshp->size() != 4)
+        Fail("BlockBatchMatMul: a_transposed / b_transposed need rank-4 operands and scales");
+      std::swap((*shp)[1], (*shp)[2]);
+      std::swap((*sshp)[1], (*sshp)[2]);
+    }
     const int64_t m = ash[ash.size() - 2], k = ash.back(), n = bsh[bsh.size() - 2];
     if (bsh.back() != k) Fail("BlockBatchMatMul: a " + ShapeStr(ash) + " and b " + ShapeStr(bsh) + " differ in K");
     int64_t batches = 1;
@@ -2140,10 +2171,10 @@ struct BlockBatchMatMulKernel {
     const int64_t nb = k / block_;
     std::vector<int64_t> want = ash;
     want.back() = nb;
-    if (ShapeOf(as) != want) Fail("BlockBatchMatMul: a_scale must be " + ShapeStr(want));
+    if (assh != want) Fail("BlockBatchMatMul: a_scale must be " + ShapeStr(want));
     want = bsh;
     want.back() = nb;
-    if (ShapeOf(bs) != want) Fail("BlockBatchMatMul: b_scale must be " + ShapeStr(want));
+    if (bssh != want) Fail("BlockBatchMatMul: b_scale must be " + ShapeStr(want));
     if (ymul != nullptr && ymul.GetTensorTypeAndShapeInfo().GetElementCount() != 1)
       Fail("BlockBatchMatMul: y_multiplier must hold one value");
     std::vector<int64_t> yshape = ash;
@@ -2176,6 +2207,7 @@ struct BlockBatchMatMulKernel {
     job.k = k;
     job.nb = nb;
     job.out_nb = out_nb;
+    job.heads = ash.size() == 4 ? ash[1] : 1;
     if ((job.y == nullptr && job.yq == nullptr) || batches * m * n == 0) return;
     if (batches == 1)
       BatchTask(&job, 0);
@@ -2185,6 +2217,7 @@ struct BlockBatchMatMulKernel {
   }
 
   Isa isa_ = kScalar;
+  bool a_t_ = false, b_t_ = false;
   int64_t block_ = 0, out_block_ = 0;
   int out_bits_ = 8;
 };
