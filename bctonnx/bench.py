@@ -8,9 +8,11 @@ a model file): onnxruntime's ``quantize_dynamic`` int8 (`bctonnx.baselines`) and
 each lowering mode (``integer`` is the native one, ``qdq`` the portable reference). Inputs are
 synthetic token ids of the given batch x sequence (`bctonnx.bench_util.fixed_inputs`).
 
-- Latency: all sessions are created first, then the runs alternate between models (as
-  `bctonnx.bench_util.interleaved_latency`, warm-up rounds first) so a noisy machine slows
-  every model alike; the median of ``--runs`` runs per model and shape. Token ids are drawn
+- Latency: all sessions are created first, then the models take turns in blocks of 5 timed
+  runs, each turn after 2 untimed ones (`bctonnx.bench_util.interleaved_latency`, warm-up
+  rounds first) so a noisy machine slows every model alike while every timed run is a
+  steady-state one (a run right after another model's measures onnxruntime's thread pools
+  switching over); the median of ``--runs`` runs per model and shape. Token ids are drawn
   below the model's vocabulary size (read from its word-embedding table).
 - File size: bytes on disk, external data included; ratio = FP32 bytes / model bytes.
 - Peak RSS: each model in its own fresh subprocess (``python -m bctonnx.bench --rss-probe``)

@@ -82,3 +82,28 @@ def test_bench_missing_model_is_a_one_line_error(capsys, tmp_path):
 
 def test_parse_ints():
     assert parse_ints("1, 8", "--batch") == [1, 8]
+
+
+def test_interleaved_latency_takes_turns_in_settled_blocks():
+    from types import SimpleNamespace
+
+    from bctonnx.bench_util import interleaved_latency
+
+    calls: list[str] = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def get_inputs(self):
+            return [SimpleNamespace(name="input_ids")]
+
+        def run(self, _outputs, feeds):
+            assert feeds["input_ids"].shape == (2, 8)
+            calls.append(self.name)
+
+    sessions = {"a": Fake("a"), "b": Fake("b")}
+    medians = interleaved_latency(sessions, 2, 8, runs=7, warmup=1, block=5, settle=2)
+    assert set(medians) == {"a", "b"} and all(v >= 0 for v in medians.values())
+    # warm-up a b, then turns: a x (2 + 5), b x (2 + 5), a x (2 + 2), b x (2 + 2)
+    assert calls == ["a", "b"] + ["a"] * 7 + ["b"] * 7 + ["a"] * 4 + ["b"] * 4

@@ -202,12 +202,15 @@ def test_block_matmul_is_bit_exact_on_every_isa(fmt, shape, n, act_block, isas, 
 
 
 @pytest.mark.parametrize("fmt", [W8, W4], ids=["w8a8", "w4a8"])
-def test_block_matmul_fast_tiles_are_bit_exact(fmt, isas, monkeypatch):
+@pytest.mark.parametrize("lead", [(2, 9), (3, 37)], ids=["18rows", "111rows"])
+def test_block_matmul_fast_tiles_are_bit_exact(fmt, lead, isas, monkeypatch):
     """Without the debug output the AVX-512 kernel runs its assembly loops (full 4 x 48
-    tiles, K loop and segment epilogue in registers); they must equal the reference too."""
+    tiles, K loop and segment epilogue in registers); they must equal the reference too.
+    111 rows: whole-row tasks (activations, product and output quantization in one task per
+    32 rows, the last one partial)."""
     k, n = 384, 100  # 100 columns: two full 48-column tiles and a partial one
     w = weights(k, n, fmt)
-    x = activations((2, 9, k))  # 18 rows: full 4-row tiles and a remainder
+    x = activations((*lead, k))  # 18 rows: full 4-row tiles and a remainder
     bias = np.random.default_rng(4).standard_normal(n).astype(np.float32)
     ref = block_matmul(
         x, w.codes, w.scale_codes, block_size=fmt.block_size, frac_bits=fmt.frac_bits,
@@ -236,11 +239,12 @@ def test_block_matmul_reference_is_the_dequantized_product():
     np.testing.assert_allclose(ref["y"], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
 
 
-def test_block_matmul_int8_input_multiplier_and_residual(isas, monkeypatch):
+@pytest.mark.parametrize("lead", [(2, 3), (3, 37)])  # 111 rows: whole-row tasks
+def test_block_matmul_int8_input_multiplier_and_residual(lead, isas, monkeypatch):
     w = weights(64, 48, W8B32)
-    x = activations((2, 3, 64))
+    x = activations((*lead, 64))
     qx, sx = block_quantize(x, 32)
-    res_q, res_s = block_quantize(activations((2, 3, 48), seed=5), 16)
+    res_q, res_s = block_quantize(activations((*lead, 48), seed=5), 16)
     bias = np.linspace(-1, 1, 48, dtype=np.float32)
     ref = block_matmul(
         qx, w.codes, w.scale_codes, x_scale=sx, block_size=32, frac_bits=3, act_block_size=32,
@@ -251,6 +255,8 @@ def test_block_matmul_int8_input_multiplier_and_residual(isas, monkeypatch):
         w, 3, x_int8=True, act_block=32, bias=bias, y_mul=0.4204482, residual_block=16,
         out_block=32,
     )  # fmt: skip
+    model.graph.node[0].output[3] = ""  # no segment sums (the debug output)
+    del model.graph.output[3]
     for isa in isas:
         out = run(model, monkeypatch, isa, {"x": qx, "x_scale": sx, "res": res_q, "res_s": res_s})
         np.testing.assert_array_equal(out["y"], ref["y"], err_msg=isa)

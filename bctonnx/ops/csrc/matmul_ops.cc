@@ -1382,6 +1382,7 @@ constexpr int kNvAvx512 = 3;
 constexpr int kMrAvx2 = 2;
 constexpr int kMrAmx = 16;      // rows of a tile
 constexpr int kPanelsAmx = 4;   // panels per task
+constexpr int64_t kRowsPerTask = 32;  // BlockMatMul's whole-row tasks (enough rows)
 constexpr int64_t kL1SliceBytes = 16 * 1024;  // weights of one K slice of a column tile
 
 template <int MR, bool INT4, bool SPB1>
@@ -1730,7 +1731,33 @@ struct BlockMatMulKernel {
   static void QuantizeOutputTask(void* data, size_t i) {
     Job& job = *static_cast<Job*>(data);
     try {
+      const int64_t r0 = static_cast<int64_t>(i) * job.row_chunk;
+      job.self->QuantizeOutputRows(job, r0, std::min(job.rows, r0 + job.row_chunk));
+    } catch (const std::exception& e) {
+      job.SetError(e.what());
+    }
+  }
+
+  // Rows [r0, r1) whole in one task: their activations, the product over every column panel,
+  // the output quantization -- no synchronisation between the steps (enough rows to keep every
+  // thread busy; fewer rows use the three-step split, which parallelises over columns too).
+  static void RowsTask(void* data, size_t i) {
+    Job& job = *static_cast<Job*>(data);
+    try {
       const BlockMatMulKernel& k = *job.self;
+      const int64_t r0 = static_cast<int64_t>(i) * job.row_chunk;
+      const int64_t r1 = std::min(job.rows, r0 + job.row_chunk);
+      k.PackRows(job, r0, r1);
+      RunTile(k.isa_, job.op, r0, r1, 0, k.w_.npanel);
+      if (job.yq != nullptr) k.QuantizeOutputRows(job, r0, r1);
+    } catch (const std::exception& e) {
+      job.SetError(e.what());
+    }
+  }
+
+  void QuantizeOutputRows(Job& job, int64_t r0, int64_t r1) const {
+    {
+      const BlockMatMulKernel& k = *this;
       const int64_t n = k.w_.n, nb = num_blocks(n, k.out_block_);
       std::vector<int> exps(static_cast<size_t>(nb));
       std::vector<int8_t> codes;
@@ -1740,8 +1767,7 @@ struct BlockMatMulKernel {
         sum.resize(static_cast<size_t>(n));
       }
       const int64_t rnb = job.rq ? num_blocks(n, k.residual_block_) : 0;
-      const int64_t r0 = static_cast<int64_t>(i) * job.row_chunk;
-      for (int64_t m = r0; m < std::min(job.rows, r0 + job.row_chunk); ++m) {
+      for (int64_t m = r0; m < r1; ++m) {
         const float* y = job.op.y + m * n;
         if (job.rq) {  // z = BQ(y) + residual, exactly as DequantizeLinear + Add: then BQ(z)
           QuantizeRow(k.isa_, y, n, k.out_block_, k.out_bits_, codes.data(), exps.data());
@@ -1762,8 +1788,6 @@ struct BlockMatMulKernel {
         QuantizeRow(k.isa_, y, n, k.out_block_, k.out_bits_, job.yq + m * n, exps.data());
         for (int64_t b = 0; b < nb; ++b) job.ys[m * nb + b] = pow2_float(exps[b]);
       }
-    } catch (const std::exception& e) {
-      job.SetError(e.what());
     }
   }
 
@@ -1907,6 +1931,14 @@ struct BlockMatMulKernel {
     job.yq = yq != nullptr ? yq.GetTensorMutableData<int8_t>() : nullptr;
     job.ys = ysc != nullptr ? ysc.GetTensorMutableData<float>() : nullptr;
 
+    // Enough rows: whole-row tasks of kRowsPerTask rows (multiple of every ISA's row tile and
+    // of 16 for the AMX scale layout), each doing all three steps below.
+    if (rows >= 2 * kRowsPerTask && job.op.seg == nullptr) {
+      job.row_chunk = kRowsPerTask;
+      Parallel(ctx, &RowsTask, (rows + kRowsPerTask - 1) / kRowsPerTask, &job);
+      if (!job.error.empty()) throw std::runtime_error(job.error);
+      return;
+    }
     // 1. activations (rows in chunks), 2. the product, 3. optional output quantization
     job.row_chunk = 16;
     const int64_t pack_tasks = (rows + job.row_chunk - 1) / job.row_chunk;
