@@ -21,7 +21,7 @@ RESULTS = REPO / "benchmarks" / "results"
 def render_embeddings(data: dict) -> str:
     lines = [
         f"all-MiniLM-L6-v2 sentence embeddings (mean pooled), {data['texts']} SST-2 dev sentences, "
-        "cosine vs FP32; latency batch 1 x 128 tokens, 2 threads, median of interleaved runs:",
+        "cosine vs FP32; latency batch 1 x 128 tokens, 2 threads, median of runs taken in turns:",
         "",
         "| model | size | ratio | cosine vs FP32 | latency |",
         "|---|---:|---:|---:|---:|",
@@ -101,8 +101,8 @@ def render_latency(data: dict) -> str:
     rss_base = run.get("rss_baseline_bytes")
     lines = [
         f"{run['model']}, onnxruntime {run['onnxruntime']} CPU ({run['cpu']}), "
-        f"{run['threads']} threads, synthetic token ids, median of {run['runs']} interleaved "
-        "runs per model; vs int8 = latency / onnxruntime dynamic int8's; peak RSS of a fresh "
+        f"{run['threads']} threads, synthetic token ids, median of {run['runs']} runs per model "
+        "(the models take turns in blocks of 5 timed runs, each after 2 untimed ones); vs int8 = latency / onnxruntime dynamic int8's; peak RSS of a fresh "
         "process that loads the model and runs the largest batch once"
         + (f" ({rss_base / 2**20:.0f} MB of it is Python + onnxruntime)" if rss_base else "")
         + ":",
@@ -132,8 +132,8 @@ def render_latency(data: dict) -> str:
                 parts.append(f"{name.removeprefix('bct ')} {ratios}")
         lines += [
             "",
-            "With onnxruntime denied AMX (`--block-amx`: its int8 GEMM on AVX-512 VNNI, as on "
-            "CPUs without AMX; bctonnx never uses AMX), latency / dynamic int8: "
+            "With AMX denied to the process (`--block-amx`: onnxruntime's int8 GEMM and bctonnx's "
+            "BlockMatMul on AVX-512 VNNI, as on CPUs without AMX), latency / dynamic int8: "
             + "; ".join(parts)
             + ".",
         ]
