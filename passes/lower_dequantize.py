@@ -1,11 +1,13 @@
 """lower_dequantize: (mode integer, last) the dequantizations left in the integer graph run in
-the op library: ``DequantizeLinear(q, s, axis=-1, block_size=B)`` of int8 codes that a bctonnx
-op made (so ``s`` holds exact powers of two) -> ``bctonnx.BlockDequantize(q, s, block_size=B)``
-(specification: ``ref_quant.block_dequantize``; the same values, ``q * s`` is exact).
+the op library: ``DequantizeLinear(q, s, axis=-1, block_size=B)`` of int8 codes (made by a
+bctonnx op, or known int8, such as embedding rows gathered from the int8 table), no zero point
+-> ``bctonnx.BlockDequantize(q, s, block_size=B)`` (specification:
+``ref_quant.block_dequantize``: the same values, one float32 product per element).
 
-What is left after ``lower_matmul`` are the embeddings' sums and the encoder's output: whole
-[batch, seq, hidden] tensors, which onnxruntime 1.31's blocked DequantizeLinear converts at
-~1.4 ns per element (measured on MiniLM: ~70 us for 1 x 128 x 384, ~5 us in the library).
+What is left after ``lower_matmul`` are the embedding rows, the embeddings' sums and the
+encoder's output: whole [batch, seq, hidden] tensors, which onnxruntime 1.31's blocked
+DequantizeLinear converts at ~1.4 ns per element (measured on MiniLM: ~70 us for
+1 x 128 x 384, ~5 us in the library).
 """
 
 from __future__ import annotations
@@ -14,6 +16,32 @@ import onnx_ir as ir
 
 from .common import OPS_DOMAIN, OPS_VERSION, take_over
 from .lower_matmul import blocked_codes
+
+
+def _int8_blocked(dq: ir.Node):
+    """(codes, scales, block) of a DequantizeLinear of known-int8 codes, blocked on the last
+    axis, without a zero point; None otherwise."""
+    block = dq.attributes.get("block_size")
+    axis = dq.attributes.get("axis")
+    if len(dq.inputs) != 2 or block is None or block.as_int() < 1:
+        return None
+    if axis is None or axis.as_int() != -1 or not _is_int8(dq.inputs[0]):
+        return None
+    return dq.inputs[0], dq.inputs[1], block.as_int()
+
+
+def _is_int8(value: ir.Value) -> bool:
+    """int8 by its type, or rows gathered from an int8 table (lower_qdq's embeddings)."""
+    if value.dtype is not None:
+        return value.dtype == ir.DataType.INT8
+    node = value.producer()
+    return (
+        node is not None
+        and node.op_type == "Gather"
+        and node.domain == ""
+        and node.inputs[0] is not None
+        and node.inputs[0].dtype == ir.DataType.INT8
+    )
 
 
 class LowerDequantize(ir.passes.InPlacePass):
@@ -25,7 +53,7 @@ class LowerDequantize(ir.passes.InPlacePass):
         for node in list(graph):
             if node.op_type != "DequantizeLinear" or node.domain != "":
                 continue
-            found = blocked_codes(node.outputs[0])
+            found = blocked_codes(node.outputs[0]) or _int8_blocked(node)
             if found is None:
                 continue
             q, s, block = found

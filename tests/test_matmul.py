@@ -397,8 +397,9 @@ def test_lower_matmul_makes_every_linear_layer_integer(tiny_bert_onnx, preset):
     # and a Shape never keeps a dequantization alive
     producers = {o: n for n in model.graph.node for o in n.output}
     for node in model.graph.node:
-        if node.op_type == "DequantizeLinear":  # only the embedding tables' rows are left
+        if node.op_type == "DequantizeLinear":  # only int4 / zero-point embedding rows are left
             assert producers[node.input[0]].domain == "", node.name
+            assert preset == "w4a8", node.name
         if node.op_type == "Shape" and node.input[0] in producers:
             assert producers[node.input[0]].op_type not in ("BlockDequantize", "DequantizeLinear")
     assert ops[("bctonnx", "BlockDequantize")] >= 1

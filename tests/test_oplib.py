@@ -592,14 +592,23 @@ def test_block_dequantize_matches_reference(shape, block_size):
         np.testing.assert_array_equal(want, (x.astype(np.float64) * s).astype(np.float32))
 
 
-def test_block_dequantize_refuses_scales_that_are_not_powers_of_two():
+def test_block_dequantize_of_any_scale_is_dequantize_linear():
+    # scales that are not powers of two (embedding tables' pow2/8 codes): one float32 product,
+    # the value onnxruntime's DequantizeLinear gives
     from bctonnx.ops.ref_quant import block_dequantize
 
-    x = np.ones((2, 8), np.int8)
-    scale = np.array([[0.5], [0.3]], np.float32)
-    with pytest.raises(ValueError, match="not a power of two"):
-        block_dequantize(x, scale, 8)
-    with pytest.raises(Exception, match="not a power of two"):
-        _dequantize_session(8).run(None, {"x": x, "x_scale": scale})
+    rng = np.random.default_rng(9)
+    x = rng.integers(-128, 128, (3, 5, 70)).astype(np.int8)
+    scale = rng.uniform(1e-4, 3.0, (3, 5, 3)).astype(np.float32)
+    want = block_dequantize(x, scale, 32)
+    got = _dequantize_session(32).run(None, {"x": x, "x_scale": scale})[0]
+    np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
+    dq = helper.make_node("DequantizeLinear", ["x", "x_scale"], ["y"], axis=-1, block_size=32)
+    model = _model(
+        [dq], [_vi("x", TensorProto.INT8), _vi("x_scale", TensorProto.FLOAT)],
+        [_vi("y", TensorProto.FLOAT)],
+    )  # fmt: skip
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(ref.run(None, {"x": x, "x_scale": scale})[0], want)
     with pytest.raises(Exception, match="x_scale must have shape"):
-        _dequantize_session(4).run(None, {"x": x, "x_scale": np.ones((2, 1), np.float32)})
+        _dequantize_session(4).run(None, {"x": x, "x_scale": np.ones((3, 5, 1), np.float32)})

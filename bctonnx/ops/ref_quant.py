@@ -27,10 +27,10 @@ format with ``frac_bits=0`` of `bctonnx.blockformat` (one signed byte per block)
     - ``x`` must have rank >= 1; a zero-length last axis gives empty outputs.
 
 ``BlockDequantize(x: int8, x_scale: float32) -> y: float32``
-    attribute ``block_size`` (int >= 1, required). ``y = x * x_scale`` per block (float32; the
-    product of an int8 and a power of two is exact unless it falls below 2**-126). Every scale
-    must be an exact power of two (error otherwise): this is DequantizeLinear with
-    ``block_size`` restricted to the scales these ops make.
+    attribute ``block_size`` (int >= 1, required). ``y = x * x_scale`` per block, one float32
+    multiplication (rounded to nearest even; exact for the pow2 scales the ops above make,
+    unless the product falls below 2**-126): DequantizeLinear of int8 codes with ``axis=-1``,
+    ``block_size`` and no zero point, value for value.
 
 ``BlockRequantize(x: int32 | int8, x_scale: float32) -> (y: int8, y_scale: float32)``
     attributes ``in_block_size`` (int >= 0, required; 0: ``x_scale`` is one scale for the whole
@@ -129,7 +129,6 @@ def block_dequantize(x: np.ndarray, x_scale: np.ndarray, block_size: int) -> np.
     scale = np.asarray(x_scale, np.float32)
     if scale.shape != (*x.shape[:-1], -(-x.shape[-1] // block_size)):
         raise ValueError(f"BlockDequantize: x_scale shape {scale.shape} does not fit x {x.shape}")
-    pow2_exponents(scale)
     s = np.repeat(scale, block_size, axis=-1)[..., : x.shape[-1]]
     return (x.astype(np.float32) * s).astype(np.float32)
 
