@@ -280,6 +280,9 @@ def test_softmax_rejects_non_attention_masks(lib):
         R.int_softmax(x, s, 16, m)
     with pytest.raises(Exception, match="mask values"):
         run_softmax(lib, x, s, 16, m)
+    m[..., 3] = np.nan  # NaN is not a mask value either (the vectorized mask reader too)
+    with pytest.raises(Exception, match="mask values"):
+        run_softmax(lib, x, s, 16, m)
 
 
 @pytest.mark.parametrize("simd", SIMD)

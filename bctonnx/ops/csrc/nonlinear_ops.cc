@@ -528,6 +528,29 @@ struct MaskRows {
   std::vector<uint32_t> k32;        // [mask rows, steps]: valid and unmasked lanes
 };
 
+#if BCT_X86
+// One mask row of length d (d > 0), 16 values at a time: the flags and 16-bit lane bits of the
+// scalar loop in build_mask (unmasked = not < -1000). Returns the index of the first value that
+// is neither 0 nor < -1000 (NaN included), or -1.
+BCT_AVX512 int64_t mask_row_avx512(const float* m, int64_t d, uint8_t* f, uint16_t* bits) {
+  const __m512 thr = _mm512_set1_ps(-1000.0f), zero = _mm512_setzero_ps();
+  const __m128i one = _mm_set1_epi8(1);
+  for (int64_t i = 0; i < d; i += 16) {
+    const int64_t n = std::min<int64_t>(16, d - i);
+    const __mmask16 valid = n == 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1u);
+    const __m512 v = _mm512_maskz_loadu_ps(valid, m + i);
+    const __mmask16 masked = _mm512_mask_cmp_ps_mask(valid, v, thr, _CMP_LT_OQ);
+    const __mmask16 nonzero = _mm512_mask_cmp_ps_mask(valid, v, zero, _CMP_NEQ_UQ);
+    const __mmask16 bad = static_cast<__mmask16>(nonzero & ~masked);
+    if (bad) return i + __builtin_ctz(bad);
+    const __mmask16 keep = static_cast<__mmask16>(valid & ~masked);
+    _mm_mask_storeu_epi8(f + i, valid, _mm_maskz_mov_epi8(keep, one));
+    bits[i / 16] = keep;
+  }
+  return -1;
+}
+#endif
+
 MaskRows build_mask(const Blocking& bl, const std::vector<int64_t>& xshape,
                     const Tensor<float>* mask) {
   MaskRows mr;
@@ -556,10 +579,20 @@ MaskRows build_mask(const Blocking& bl, const std::vector<int64_t>& xshape,
   mr.bits.assign(static_cast<size_t>(mrows * padded / 16), 0);
   mr.block_any.assign(static_cast<size_t>(mrows * bl.nb), 0);
   mr.row_any.assign(static_cast<size_t>(mrows), 0);
+  const bool fast = mlast != 1 && cpu_avx512();
   for (int64_t r = 0; r < mrows; ++r) {
     uint8_t* f = mr.flags.data() + r * padded;
     uint16_t* bits = mr.bits.data() + r * padded / 16;
-    for (int64_t i = 0; i < bl.d; ++i) {
+#if BCT_X86
+    if (fast) {
+      const int64_t bad = mask_row_avx512(md + r * mlast, bl.d, f, bits);
+      if (bad >= 0)
+        throw std::runtime_error(
+            "IntSoftmax: mask values must be 0 or < -1000 (an additive attention mask), got " +
+            std::to_string(md[r * mlast + bad]));
+    }
+#endif
+    for (int64_t i = 0; i < (fast ? 0 : bl.d); ++i) {
       const float v = md[r * mlast + (mlast == 1 ? 0 : i)];
       const bool masked = v < -1000.0f;
       if (!masked && v != 0.0f)
@@ -572,7 +605,11 @@ MaskRows build_mask(const Blocking& bl, const std::vector<int64_t>& xshape,
     for (int64_t b = 0; b < bl.nb; ++b) {
       const int64_t n = std::min(bl.b, bl.d - b * bl.b);
       bool any = false;
-      for (int64_t i = 0; i < n; ++i) any |= f[b * bl.b + i] != 0;
+      if (bl.b % 16 == 0) {  // whole 16-lane words (the bits past d are 0)
+        for (int64_t w = 0; w < (n + 15) / 16; ++w) any |= bits[(b * bl.b) / 16 + w] != 0;
+      } else {
+        for (int64_t i = 0; i < n; ++i) any |= f[b * bl.b + i] != 0;
+      }
       mr.block_any[r * bl.nb + b] = any;
       mr.row_any[r] |= any;
     }
