@@ -2082,10 +2082,21 @@ struct BlockBatchMatMulKernel {
     }
   }
 
+  struct BatchScratch {
+    PackedWeights w;
+    std::vector<int8_t> a;
+    std::vector<int32_t> corr;
+    std::vector<float> asc, yscratch;
+  };
+
   void RunBatch(Job& job, int64_t bi) const {
     const int64_t m = job.m, n = job.n, k = job.k, nb = job.nb;
     // b -> packed "weights": u8 = b + 128, one segment per block, scales per (block, column)
-    thread_local PackedWeights w;  // storage reused across batches and runs
+    // per-thread storage reused across batches and runs, its address taken once (every use
+    // of a thread_local in a shared library is a __tls_get_addr call otherwise: 7% of the op)
+    thread_local BatchScratch tls;
+    BatchScratch& sc = tls;
+    PackedWeights& w = sc.w;
     w.k = k;
     w.n = n;
     w.block = w.act_block = w.g = block_;
@@ -2100,21 +2111,26 @@ struct BlockBatchMatMulKernel {
     const int8_t* b = job.b + RowBase(job, b_t_, bi, n, k);
     const float* bs = job.bs + RowBase(job, b_t_, bi, n, nb);
     const int64_t ldb = RowStride(job, b_t_, k), ldbs = RowStride(job, b_t_, nb);
+    // (locals, not w's fields, in the loops: w is thread-local, and GCC re-derives its address
+    // with a __tls_get_addr call when it reloads a field after a store)
+    const int64_t g = w.g, chunk_bytes = w.chunks * 64, panel_bytes = w.panel_bytes(), npad = w.npad;
+    uint8_t* const packed = w.data.data();
+    float* const sw = w.sw.data();
     for (int64_t c = 0; c < n; ++c) {
-      uint8_t* panel = w.data.data() + (c / kPanel) * w.panel_bytes() + (c % kPanel) * 4;
+      uint8_t* panel = packed + (c / kPanel) * panel_bytes + (c % kPanel) * 4;
       for (int64_t j = 0; j < nb; ++j) {
-        const int8_t* src = b + c * ldb + j * w.g;
-        uint8_t* dst = panel + j * w.chunks * 64;
+        const int8_t* src = b + c * ldb + j * g;
+        uint8_t* dst = panel + j * chunk_bytes;
         int64_t i = 0;
-        for (; i + 4 <= w.g; i += 4) {  // 4 k of one column: +128 on each byte
+        for (; i + 4 <= g; i += 4) {  // 4 k of one column: +128 on each byte
           uint32_t four;
           std::memcpy(&four, src + i, 4);
           four ^= 0x80808080u;
           std::memcpy(dst + (i / 4) * 64, &four, 4);
         }
-        for (; i < w.g; ++i) dst[(i / 4) * 64 + i % 4] = static_cast<uint8_t>(src[i] ^ 0x80);
+        for (; i < g; ++i) dst[(i / 4) * 64 + i % 4] = static_cast<uint8_t>(src[i] ^ 0x80);
         pow2_exponent(bs[c * ldbs + j]);  // pow2 scales only (throws otherwise)
-        w.sw[j * w.npad + c] = bs[c * ldbs + j];
+        sw[j * npad + c] = bs[c * ldbs + j];
       }
     }
     // a rows: used in place when the blocks need no padding
@@ -2123,23 +2139,27 @@ struct BlockBatchMatMulKernel {
     const int64_t a_row = RowStride(job, a_t_, k), as_row = RowStride(job, a_t_, nb);
     const bool in_place = w.gp == w.g;
     const int64_t lda = in_place ? a_row : nb * w.gp;
-    thread_local std::vector<int8_t> a;
-    thread_local std::vector<int32_t> corr;
-    thread_local std::vector<float> asc;  // a's scales, [m][nb] (token-major: gathered)
+    std::vector<int8_t>& a = sc.a;
+    std::vector<int32_t>& corr = sc.corr;
+    std::vector<float>& asc = sc.asc;  // a's scales, [m][nb] (token-major: gathered)
     if (!in_place) a.assign(static_cast<size_t>(m * lda), 0);
     corr.resize(static_cast<size_t>(m * nb));
     if (a_t_) asc.resize(static_cast<size_t>(m * nb));
+    const int64_t gp = w.gp;
+    int8_t* const acopy = a.data();
+    int32_t* const corrp = corr.data();
+    float* const ascp = asc.data();
     for (int64_t r = 0; r < m; ++r)
       for (int64_t j = 0; j < nb; ++j) {
         pow2_exponent(as[r * as_row + j]);
-        if (a_t_) asc[r * nb + j] = as[r * as_row + j];
-        const int8_t* src = ab + r * a_row + j * w.g;
+        if (a_t_) ascp[r * nb + j] = as[r * as_row + j];
+        const int8_t* src = ab + r * a_row + j * g;
         int32_t sum = 0;
-        for (int64_t i = 0; i < w.g; ++i) sum += src[i];
-        if (!in_place) std::memcpy(a.data() + r * lda + j * w.gp, src, static_cast<size_t>(w.g));
-        corr[r * nb + j] = -128 * sum;
+        for (int64_t i = 0; i < g; ++i) sum += src[i];
+        if (!in_place) std::memcpy(acopy + r * lda + j * gp, src, static_cast<size_t>(g));
+        corrp[r * nb + j] = -128 * sum;
       }
-    thread_local std::vector<float> yscratch;
+    std::vector<float>& yscratch = sc.yscratch;
     float* y = job.y ? job.y + bi * m * n : nullptr;
     if (!y) {
       yscratch.resize(static_cast<size_t>(m * n));
