@@ -740,3 +740,53 @@ def test_store_float16_keeps_tensors_float16_cannot_hold():
     y = run_onnx(ir.serde.serialize_model(model), {"x": xv})["y"]
     expected = xv + np.linspace(-2, 2, 64, dtype=np.float32) - 3.4e38 + 1e-7
     np.testing.assert_allclose(y, expected, rtol=1e-3)
+
+
+def _heads_split_model(out_shape: list) -> ir.Model:
+    """x [batch, seq, 384] -> Reshape(x, Concat(Unsqueeze(Gather(Shape(x), 0)), [-1, 12, 32]))"""
+    b = onnx.helper
+    nodes = [
+        b.make_node("Shape", ["x"], ["shape"]),
+        b.make_node("Gather", ["shape", "zero"], ["batch"], axis=0),
+        b.make_node("Unsqueeze", ["batch", "axes"], ["batch1"]),
+        b.make_node("Concat", ["batch1", "rest"], ["target"], axis=0),
+        b.make_node("Reshape", ["x", "target"], ["y"]),
+    ]
+    graph = b.make_graph(
+        nodes,
+        "split",
+        [b.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", "seq", 384])],
+        [b.make_tensor_value_info("y", onnx.TensorProto.FLOAT, out_shape)],
+        [
+            b.make_tensor("zero", onnx.TensorProto.INT64, [], [0]),
+            b.make_tensor("axes", onnx.TensorProto.INT64, [1], [0]),
+            b.make_tensor("rest", onnx.TensorProto.INT64, [3], [-1, 12, 32]),
+        ],
+    )
+    proto = b.make_model(graph, opset_imports=[b.make_opsetid("", 21)], ir_version=10)
+    return ir.serde.deserialize_model(proto)
+
+
+@pytest.mark.parametrize(
+    ("out_shape", "want"),
+    [
+        (["batch", "unk_1", 12, 32], [0, 0, 12, 32]),  # -1 got a fresh symbol: still provable
+        (["batch", "seq", 12, 32], [0, 0, 12, 32]),
+        (["other", "unk_1", 12, 32], None),  # two leading dims not known equal
+        (["batch", "seq", 12, None], None),  # a trailing size unknown
+    ],
+)
+def test_reshape_targets_become_constants_where_the_shapes_prove_them(out_shape, want):
+    from bctonnx.passes.simplify_shapes import SimplifyShapes
+
+    model = _heads_split_model(out_shape)
+    reshape = next(n for n in model.graph if n.op_type == "Reshape")
+    SimplifyShapes()(model)
+    target = const_array(reshape.inputs[1])
+    if want is None:
+        assert target is None  # left computed
+        return
+    assert target.tolist() == want
+    x = np.random.default_rng(0).standard_normal((2, 5, 384)).astype(np.float32)
+    got = run_onnx(ir.serde.serialize_model(model), {"x": x})["y"]
+    np.testing.assert_array_equal(got, x.reshape(2, 5, 12, 32))
