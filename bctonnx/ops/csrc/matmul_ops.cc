@@ -478,6 +478,31 @@ void StoreSegmentSums(const Operands& op, int64_t m, int64_t j, int64_t col0, co
 // w4a8 whole-slice kernel and the generic full tile: unpack 3 weight vectors into 6 nibble
 // planes (zmm26-31), 2 x-broadcasts per row (zmm24/25), 24 vpdpbusd into zmm0-11, advance w
 // and x. M4 is the low-nibble mask operand as that asm statement names it.
+// One K step (4 k of 16 columns x 3 panels, 4 rows) of the int8 4 x 48 tile: zmm0-11 += the
+// u8 weights of the three panels times the broadcast s8 activations of the four rows.
+#define BCT_INT8_KSTEP \
+  "vmovdqu64 (%[w]), %%zmm28\n\t" \
+  "vmovdqu64 (%[w],%[pb]), %%zmm29\n\t" \
+  "vmovdqu64 (%[w],%[pb],2), %%zmm30\n\t" \
+  "vpbroadcastd (%[x]), %%zmm31\n\t" \
+  "vpdpbusd %%zmm31, %%zmm28, %%zmm0\n\t" \
+  "vpdpbusd %%zmm31, %%zmm29, %%zmm1\n\t" \
+  "vpdpbusd %%zmm31, %%zmm30, %%zmm2\n\t" \
+  "vpbroadcastd (%[x],%[lda]), %%zmm31\n\t" \
+  "vpdpbusd %%zmm31, %%zmm28, %%zmm3\n\t" \
+  "vpdpbusd %%zmm31, %%zmm29, %%zmm4\n\t" \
+  "vpdpbusd %%zmm31, %%zmm30, %%zmm5\n\t" \
+  "vpbroadcastd (%[x],%[lda],2), %%zmm31\n\t" \
+  "vpdpbusd %%zmm31, %%zmm28, %%zmm6\n\t" \
+  "vpdpbusd %%zmm31, %%zmm29, %%zmm7\n\t" \
+  "vpdpbusd %%zmm31, %%zmm30, %%zmm8\n\t" \
+  "vpbroadcastd (%[x],%[lda3]), %%zmm31\n\t" \
+  "vpdpbusd %%zmm31, %%zmm28, %%zmm9\n\t" \
+  "vpdpbusd %%zmm31, %%zmm29, %%zmm10\n\t" \
+  "vpdpbusd %%zmm31, %%zmm30, %%zmm11\n\t" \
+  "add $64, %[w]\n\t" \
+  "add $4, %[x]\n\t"
+
 #define BCT_INT4_KSTEP(M4) \
   "vmovdqu64 (%[w]), %%zmm26\n\t" \
   "vpsrlw $4, %%zmm26, %%zmm27\n\t" \
@@ -752,27 +777,7 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vnni,fma"))) void TileAvx
             "vmovdqa64 %%zmm9, %%zmm11\n\t"
             "mov %[chunks], %[k]\n\t"
             "1:\n\t"
-            "vmovdqu64 (%[w]), %%zmm28\n\t"
-            "vmovdqu64 (%[w],%[pb]), %%zmm29\n\t"
-            "vmovdqu64 (%[w],%[pb],2), %%zmm30\n\t"
-            "vpbroadcastd (%[x]), %%zmm31\n\t"
-            "vpdpbusd %%zmm31, %%zmm28, %%zmm0\n\t"
-            "vpdpbusd %%zmm31, %%zmm29, %%zmm1\n\t"
-            "vpdpbusd %%zmm31, %%zmm30, %%zmm2\n\t"
-            "vpbroadcastd (%[x],%[lda]), %%zmm31\n\t"
-            "vpdpbusd %%zmm31, %%zmm28, %%zmm3\n\t"
-            "vpdpbusd %%zmm31, %%zmm29, %%zmm4\n\t"
-            "vpdpbusd %%zmm31, %%zmm30, %%zmm5\n\t"
-            "vpbroadcastd (%[x],%[lda],2), %%zmm31\n\t"
-            "vpdpbusd %%zmm31, %%zmm28, %%zmm6\n\t"
-            "vpdpbusd %%zmm31, %%zmm29, %%zmm7\n\t"
-            "vpdpbusd %%zmm31, %%zmm30, %%zmm8\n\t"
-            "vpbroadcastd (%[x],%[lda3]), %%zmm31\n\t"
-            "vpdpbusd %%zmm31, %%zmm28, %%zmm9\n\t"
-            "vpdpbusd %%zmm31, %%zmm29, %%zmm10\n\t"
-            "vpdpbusd %%zmm31, %%zmm30, %%zmm11\n\t"
-            "add $64, %[w]\n\t"
-            "add $4, %[x]\n\t"
+            BCT_INT8_KSTEP
             "dec %[k]\n\t"
             "jnz 1b\n\t"
             "add %[xstep], %[x]\n\t"
@@ -868,27 +873,7 @@ __attribute__((target("avx512f,avx512bw,avx512dq,avx512vnni,fma"))) void TileAvx
               "vmovdqa64 640(%[acc]), %%zmm10\n\t"
               "vmovdqa64 704(%[acc]), %%zmm11\n\t"
               "1:\n\t"
-              "vmovdqu64 (%[w]), %%zmm28\n\t"
-              "vmovdqu64 (%[w],%[pb]), %%zmm29\n\t"
-              "vmovdqu64 (%[w],%[pb],2), %%zmm30\n\t"
-              "vpbroadcastd (%[x]), %%zmm31\n\t"
-              "vpdpbusd %%zmm31, %%zmm28, %%zmm0\n\t"
-              "vpdpbusd %%zmm31, %%zmm29, %%zmm1\n\t"
-              "vpdpbusd %%zmm31, %%zmm30, %%zmm2\n\t"
-              "vpbroadcastd (%[x],%[lda]), %%zmm31\n\t"
-              "vpdpbusd %%zmm31, %%zmm28, %%zmm3\n\t"
-              "vpdpbusd %%zmm31, %%zmm29, %%zmm4\n\t"
-              "vpdpbusd %%zmm31, %%zmm30, %%zmm5\n\t"
-              "vpbroadcastd (%[x],%[lda],2), %%zmm31\n\t"
-              "vpdpbusd %%zmm31, %%zmm28, %%zmm6\n\t"
-              "vpdpbusd %%zmm31, %%zmm29, %%zmm7\n\t"
-              "vpdpbusd %%zmm31, %%zmm30, %%zmm8\n\t"
-              "vpbroadcastd (%[x],%[lda3]), %%zmm31\n\t"
-              "vpdpbusd %%zmm31, %%zmm28, %%zmm9\n\t"
-              "vpdpbusd %%zmm31, %%zmm29, %%zmm10\n\t"
-              "vpdpbusd %%zmm31, %%zmm30, %%zmm11\n\t"
-              "add $64, %[w]\n\t"
-              "add $4, %[x]\n\t"
+              BCT_INT8_KSTEP
               "dec %[n]\n\t"
               "jnz 1b\n\t"
               "vmovdqa64 %%zmm0, 0(%[acc])\n\t"
