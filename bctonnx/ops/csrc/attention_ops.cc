@@ -20,7 +20,6 @@
 #include "simd.h"
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <string>
@@ -35,37 +34,6 @@ namespace {
 }
 
 constexpr int64_t kMaxSegment = 256;
-
-bool HasAvx512() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") &&
-         __builtin_cpu_supports("avx512vnni");
-}
-
-bool UseAvx512(const char* request) {
-  if (request == nullptr || *request == '\0' || std::strcmp(request, "amx") == 0 ||
-      std::strcmp(request, "avx512") == 0)
-    return HasAvx512();
-  if (std::strcmp(request, "avx2") == 0 || std::strcmp(request, "scalar") == 0) return false;
-  Fail(std::string("BCTONNX_ISA=") + request + " is not one of amx, avx512, avx2, scalar");
-}
-
-int64_t IntAttr(const Ort::ConstKernelInfo& info, const char* name, int64_t fallback,
-                bool required) {
-  int64_t value = 0;
-  OrtStatus* status = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &value);
-  if (status == nullptr) return value;
-  Ort::GetApi().ReleaseStatus(status);
-  if (required) Fail(std::string("attribute '") + name + "' is required");
-  return fallback;
-}
-
-std::string ShapeStr(const std::vector<int64_t>& s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? "," : "") + std::to_string(s[i]);
-  return out + "]";
-}
 
 // Per-thread scratch, grown and reused across runs (64-byte aligned).
 template <typename T>
@@ -241,16 +209,17 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void Avx512Head(
 struct AttentionPVKernel {
   AttentionPVKernel(const OrtApi&, const OrtKernelInfo* raw_info) {
     Ort::ConstKernelInfo info{raw_info};
-    block_ = IntAttr(info, "block_size", 0, true);
-    seg_ = IntAttr(info, "segment", 32, false);
-    p_exp_ = static_cast<int>(IntAttr(info, "p_exponent", -8, false));
-    transpose_ = IntAttr(info, "transpose_output", 0, false) != 0;
-    v_transposed_ = IntAttr(info, "v_transposed", 0, false) != 0;
+    static const int64_t k0 = 0, k32 = 32, km8 = -8;
+    block_ = int_attribute(info, "AttentionPV", "block_size", nullptr);
+    seg_ = int_attribute(info, "AttentionPV", "segment", &k32);
+    p_exp_ = static_cast<int>(int_attribute(info, "AttentionPV", "p_exponent", &km8));
+    transpose_ = int_attribute(info, "AttentionPV", "transpose_output", &k0) != 0;
+    v_transposed_ = int_attribute(info, "AttentionPV", "v_transposed", &k0) != 0;
     if (block_ < 1) Fail("block_size must be >= 1");
     if (seg_ < 2 || seg_ > kMaxSegment || seg_ % 2)
       Fail("segment must be even, in 2..256, got " + std::to_string(seg_));
     if (p_exp_ < -32 || p_exp_ > 0) Fail("p_exponent must be in -32..0");
-    avx512_ = UseAvx512(std::getenv("BCTONNX_ISA"));
+    avx512_ = BestIsa() >= kIsaAvx512;  // BlockMatMul's choice, BCTONNX_ISA included
   }
 
   struct Job {
@@ -304,14 +273,7 @@ struct AttentionPVKernel {
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* raw) {
-    try {
-      Compute(raw);
-    } catch (const Ort::Exception& e) {
-      return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
-    } catch (const std::exception& e) {
-      return Ort::GetApi().CreateStatus(ORT_RUNTIME_EXCEPTION, e.what());
-    }
-    return nullptr;
+    return status_of([&] { Compute(raw); });
   }
 
   void Compute(OrtKernelContext* raw) {
@@ -328,7 +290,7 @@ struct AttentionPVKernel {
     }
     if (rank < 2 || vsh.size() != rank || psh.back() != vsh[rank - 2] ||
         !std::equal(psh.begin(), psh.end() - 2, vsh.begin()))
-      Fail("shapes of p " + ShapeStr(psh) + " and v " + ShapeStr(vsh) + " do not match");
+      Fail("shapes of p " + shape_str(psh) + " and v " + shape_str(vsh) + " do not match");
     if ((transpose_ || v_transposed_) && rank != 4)
       Fail("transpose_output and v_transposed need rank-4 inputs");
     Job job;
@@ -346,7 +308,7 @@ struct AttentionPVKernel {
     dm.p_exp = p_exp_;
     std::vector<int64_t> want = vsh;
     want.back() = dm.nb;
-    if (ssh != want) Fail("v_scale must be " + ShapeStr(want) + ", got " + ShapeStr(ssh));
+    if (ssh != want) Fail("v_scale must be " + shape_str(want) + ", got " + shape_str(ssh));
     int64_t batches = 1;
     for (size_t i = 0; i + 2 < rank; ++i) batches *= psh[i];
     std::vector<int64_t> yshape(psh.begin(), psh.end() - 1);

@@ -70,11 +70,43 @@ inline int64_t shift_round_even(int64_t v, int n) {
 
 inline int64_t num_blocks(int64_t d, int64_t block_size) { return (d + block_size - 1) / block_size; }
 
+// "[d0,d1,...]", for error messages.
+inline std::string shape_str(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? "," : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+// An int64 attribute of a kernel: its value, else *fallback, else an error naming the op.
+inline int64_t int_attribute(const OrtKernelInfo* info, const char* op, const char* name,
+                             const int64_t* fallback) {
+  int64_t value = 0;
+  OrtStatus* status = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &value);
+  if (status == nullptr) return value;
+  Ort::GetApi().ReleaseStatus(status);
+  if (fallback != nullptr) return *fallback;
+  throw std::runtime_error(std::string("bctonnx.") + op + ": attribute '" + name + "' is required");
+}
+
+// The ComputeV2 of an Ort::CustomOpBase kernel: runs `compute`, exceptions become the status.
+template <class F>
+OrtStatusPtr status_of(F&& compute) {
+  try {
+    compute();
+  } catch (const Ort::Exception& e) {
+    return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
+  } catch (const std::exception& e) {
+    return Ort::GetApi().CreateStatus(ORT_RUNTIME_EXCEPTION, e.what());
+  }
+  return nullptr;
+}
+
 // BlockQuantize's rule (ref_quant.py) on `rows` rows of `d` floats, blocks of `b` along each
 // row: int8 codes and float32 pow2 scales [rows, ceil(d / b)]. `isa` from BestIsa() (the best
 // instruction set, capped by BCTONNX_ISA). Implemented with BlockMatMul's activation quantizer
 // (matmul_ops.cc); throws std::runtime_error on NaN / infinity or a scale beyond 2^127.
 int BestIsa();
+constexpr int kIsaAvx512 = 2;  // BestIsa() levels: 0 scalar, 1 avx2, 2 avx512 (VNNI), 3 amx
 void QuantizeRowsPow2(int isa, const float* x, int64_t rows, int64_t d, int64_t b, int bits,
                       int8_t* q, float* scales);
 

@@ -72,6 +72,7 @@ namespace {
 constexpr int kPanel = 16;  // output columns per packed weight panel (one zmm of int32)
 
 enum Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAmx = 3 };
+static_assert(kAvx512 == kIsaAvx512, "common.h's BestIsa() levels are these");
 
 // AMX needs the OS's permission to use the tile data state: on Linux one arch_prctl
 // (ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) per process, asked once (thread-safe static
@@ -1440,12 +1441,6 @@ std::vector<int64_t> ShapeOf(const Ort::ConstValue& v) {
   return v.GetTensorTypeAndShapeInfo().GetShape();
 }
 
-std::string ShapeStr(const std::vector<int64_t>& s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? "," : "") + std::to_string(s[i]);
-  return out + "]";
-}
-
 // The values of a constant int8 / int4 / uint4 tensor, unpacked to int32, with its shape.
 std::vector<int32_t> ConstInts(const Ort::ConstKernelInfo& info, size_t index, const char* name,
                                std::vector<int64_t>* shape, bool required) {
@@ -1486,15 +1481,6 @@ bool IsInt4(const Ort::ConstKernelInfo& info, size_t index) {
   return v.GetTensorTypeAndShapeInfo().GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT4;
 }
 
-int64_t IntAttr(const Ort::ConstKernelInfo& info, const char* name, const int64_t* fallback) {
-  int64_t value = 0;
-  OrtStatus* status = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &value);
-  if (status == nullptr) return value;
-  Ort::GetApi().ReleaseStatus(status);
-  if (fallback) return *fallback;
-  Fail(std::string("attribute '") + name + "' is required");
-}
-
 // ---------------------------------------------------------------------------------------------
 // The kernel
 
@@ -1508,13 +1494,13 @@ struct BlockMatMulKernel {
   BlockMatMulKernel(const OrtApi&, const OrtKernelInfo* raw_info) {
     Ort::ConstKernelInfo info{raw_info};
     static const int64_t k8 = 8, k0 = 0;
-    const int64_t block = IntAttr(info, "block_size", nullptr);
-    const int64_t frac_bits = IntAttr(info, "frac_bits", nullptr);
-    act_block_ = IntAttr(info, "act_block_size", nullptr);
-    act_bits_ = static_cast<int>(IntAttr(info, "act_bits", &k8));
-    out_block_ = IntAttr(info, "out_block_size", &k0);
-    out_bits_ = static_cast<int>(IntAttr(info, "out_bits", &k8));
-    residual_block_ = IntAttr(info, "residual_block_size", &k0);
+    const int64_t block = int_attribute(info, "BlockMatMul", "block_size", nullptr);
+    const int64_t frac_bits = int_attribute(info, "BlockMatMul", "frac_bits", nullptr);
+    act_block_ = int_attribute(info, "BlockMatMul", "act_block_size", nullptr);
+    act_bits_ = static_cast<int>(int_attribute(info, "BlockMatMul", "act_bits", &k8));
+    out_block_ = int_attribute(info, "BlockMatMul", "out_block_size", &k0);
+    out_bits_ = static_cast<int>(int_attribute(info, "BlockMatMul", "out_bits", &k8));
+    residual_block_ = int_attribute(info, "BlockMatMul", "residual_block_size", &k0);
     if (act_bits_ < 2 || act_bits_ > 8 || out_bits_ < 2 || out_bits_ > 8)
       Fail("act_bits and out_bits must be in 2..8");
     if (block < 1 || act_block_ < 1 || out_block_ < 0 || residual_block_ < 0)
@@ -1539,7 +1525,7 @@ struct BlockMatMulKernel {
     int64_t count = 1;
     for (int64_t d : shape) count *= d;
     if (shape.empty() || shape.back() != w_.n || count != w_.n)
-      Fail("bias must have N = " + std::to_string(w_.n) + " elements, got " + ShapeStr(shape));
+      Fail("bias must have N = " + std::to_string(w_.n) + " elements, got " + shape_str(shape));
   }
 
   void PackWeights(const Ort::ConstKernelInfo& info, int64_t block, int64_t frac_bits) {
@@ -1548,13 +1534,13 @@ struct BlockMatMulKernel {
     std::vector<int32_t> scodes = ConstInts(info, kScales, "w_scales", &sshape, true);
     const std::vector<int32_t> base = ConstInts(info, kScaleBase, "w_scale_base", &bshape, false);
     const std::vector<int32_t> zps = ConstInts(info, kZeroPoints, "w_zero_points", &zshape, false);
-    if (cshape.size() != 2) Fail("w_codes must be [K, N], got " + ShapeStr(cshape));
+    if (cshape.size() != 2) Fail("w_codes must be [K, N], got " + shape_str(cshape));
     PackedWeights& w = w_;
     w.k = cshape[0];
     w.n = cshape[1];
     w.block = block;
     w.act_block = act_block_;
-    if (w.k < 1 || w.n < 1) Fail("empty weights " + ShapeStr(cshape));
+    if (w.k < 1 || w.n < 1) Fail("empty weights " + shape_str(cshape));
     if (w.k % block) Fail("block_size " + std::to_string(block) + " does not divide K = " +
                           std::to_string(w.k));
     const int64_t lo = std::min(block, act_block_), hi = std::max(block, act_block_);
@@ -1570,14 +1556,14 @@ struct BlockMatMulKernel {
     w.npanel = (w.n + kPanel - 1) / kPanel;
     w.npad = w.npanel * kPanel;
     const std::vector<int64_t> blocked{w.nblk, w.n};
-    if (sshape != blocked) Fail("w_scales must be " + ShapeStr(blocked) + ", got " + ShapeStr(sshape));
+    if (sshape != blocked) Fail("w_scales must be " + shape_str(blocked) + ", got " + shape_str(sshape));
     if (!base.empty()) {
       if (bshape != std::vector<int64_t>{1, w.n}) Fail("w_scale_base must be [1, N]");
       for (int64_t b = 0; b < w.nblk; ++b)
         for (int64_t c = 0; c < w.n; ++c) scodes[b * w.n + c] += base[c];
     }
     if (!zps.empty() && zshape != blocked)
-      Fail("w_zero_points must be " + ShapeStr(blocked) + ", got " + ShapeStr(zshape));
+      Fail("w_zero_points must be " + shape_str(blocked) + ", got " + shape_str(zshape));
     auto q_at = [&](int64_t k, int64_t c) { return codes[k * w.n + c]; };
     auto zp_at = [&](int64_t b, int64_t c) { return zps.empty() ? 0 : zps[b * w.n + c]; };
 
@@ -1781,14 +1767,7 @@ struct BlockMatMulKernel {
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* raw) {
-    try {
-      Compute(raw);
-    } catch (const Ort::Exception& e) {
-      return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
-    } catch (const std::exception& e) {
-      return Ort::GetApi().CreateStatus(ORT_RUNTIME_EXCEPTION, e.what());
-    }
-    return nullptr;
+    return status_of([&] { Compute(raw); });
   }
 
   void Compute(OrtKernelContext* raw) {
@@ -1799,7 +1778,7 @@ struct BlockMatMulKernel {
     auto xinfo = x.GetTensorTypeAndShapeInfo();
     const std::vector<int64_t> xshape = xinfo.GetShape();
     if (xshape.empty() || xshape.back() != w.k)
-      Fail("x " + ShapeStr(xshape) + " does not end in K = " + std::to_string(w.k));
+      Fail("x " + shape_str(xshape) + " does not end in K = " + std::to_string(w.k));
     int64_t rows = 1;
     for (size_t i = 0; i + 1 < xshape.size(); ++i) rows *= xshape[i];
 
@@ -1819,9 +1798,9 @@ struct BlockMatMulKernel {
       std::vector<int64_t> want = xshape;
       want.back() = job.x_nb;
       if (ShapeOf(xs) != want)
-        Fail("x_scale shape " + ShapeStr(ShapeOf(xs)) + " does not match x " + ShapeStr(xshape) +
+        Fail("x_scale shape " + shape_str(ShapeOf(xs)) + " does not match x " + shape_str(xshape) +
              " with act_block_size " + std::to_string(act_block_) + " (expected " +
-             ShapeStr(want) + ")");
+             shape_str(want) + ")");
       job.xq = x.GetTensorData<int8_t>();
       job.xs = xs.GetTensorData<float>();
     } else {
@@ -1860,11 +1839,11 @@ struct BlockMatMulKernel {
         Fail("a residual needs out_block_size and residual_block_size");
       if (res_scale == nullptr) Fail("residual needs residual_scale");
       if (ShapeOf(res) != yshape)
-        Fail("residual " + ShapeStr(ShapeOf(res)) + " must have y's shape " + ShapeStr(yshape));
+        Fail("residual " + shape_str(ShapeOf(res)) + " must have y's shape " + shape_str(yshape));
       std::vector<int64_t> want = yshape;
       want.back() = num_blocks(w.n, residual_block_);
       if (ShapeOf(res_scale) != want)
-        Fail("residual_scale " + ShapeStr(ShapeOf(res_scale)) + ", expected " + ShapeStr(want));
+        Fail("residual_scale " + shape_str(ShapeOf(res_scale)) + ", expected " + shape_str(want));
       job.rq = res.GetTensorData<int8_t>();
       job.rs = res_scale.GetTensorData<float>();
     }
@@ -2020,13 +1999,13 @@ struct BlockBatchMatMulKernel {
   BlockBatchMatMulKernel(const OrtApi&, const OrtKernelInfo* raw_info) {
     Ort::ConstKernelInfo info{raw_info};
     static const int64_t k8 = 8, k0 = 0;
-    block_ = IntAttr(info, "block_size", nullptr);
-    out_block_ = IntAttr(info, "out_block_size", &k0);
-    out_bits_ = static_cast<int>(IntAttr(info, "out_bits", &k8));
+    block_ = int_attribute(info, "BlockBatchMatMul", "block_size", nullptr);
+    out_block_ = int_attribute(info, "BlockBatchMatMul", "out_block_size", &k0);
+    out_bits_ = static_cast<int>(int_attribute(info, "BlockBatchMatMul", "out_bits", &k8));
     if (block_ < 1 || out_block_ < 0) Fail("BlockBatchMatMul: block sizes must be >= 1");
     if (out_bits_ < 2 || out_bits_ > 8) Fail("BlockBatchMatMul: out_bits must be in 2..8");
-    a_t_ = IntAttr(info, "a_transposed", &k0) != 0;
-    b_t_ = IntAttr(info, "b_transposed", &k0) != 0;
+    a_t_ = int_attribute(info, "BlockBatchMatMul", "a_transposed", &k0) != 0;
+    b_t_ = int_attribute(info, "BlockBatchMatMul", "b_transposed", &k0) != 0;
     // at most avx512: the AMX path does not pay here (attention scores of MiniLM, 12 heads of
     // 128 x 128 x 32 per layer: 1.28 ms/run against 1.23 on avx512, one thread)
     isa_ = std::min(ChooseIsa(std::getenv("BCTONNX_ISA")), kAvx512);
@@ -2171,14 +2150,7 @@ struct BlockBatchMatMulKernel {
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* raw) {
-    try {
-      Compute(raw);
-    } catch (const Ort::Exception& e) {
-      return Ort::GetApi().CreateStatus(e.GetOrtErrorCode(), e.what());
-    } catch (const std::exception& e) {
-      return Ort::GetApi().CreateStatus(ORT_RUNTIME_EXCEPTION, e.what());
-    }
-    return nullptr;
+    return status_of([&] { Compute(raw); });
   }
 
   void Compute(OrtKernelContext* raw) {
@@ -2198,7 +2170,7 @@ struct BlockBatchMatMulKernel {
       std::swap((*sshp)[1], (*sshp)[2]);
     }
     const int64_t m = ash[ash.size() - 2], k = ash.back(), n = bsh[bsh.size() - 2];
-    if (bsh.back() != k) Fail("BlockBatchMatMul: a " + ShapeStr(ash) + " and b " + ShapeStr(bsh) + " differ in K");
+    if (bsh.back() != k) Fail("BlockBatchMatMul: a " + shape_str(ash) + " and b " + shape_str(bsh) + " differ in K");
     int64_t batches = 1;
     for (size_t i = 0; i + 2 < ash.size(); ++i) {
       if (ash[i] != bsh[i]) Fail("BlockBatchMatMul: batch dims differ (no broadcasting)");
@@ -2208,10 +2180,10 @@ struct BlockBatchMatMulKernel {
     const int64_t nb = k / block_;
     std::vector<int64_t> want = ash;
     want.back() = nb;
-    if (assh != want) Fail("BlockBatchMatMul: a_scale must be " + ShapeStr(want));
+    if (assh != want) Fail("BlockBatchMatMul: a_scale must be " + shape_str(want));
     want = bsh;
     want.back() = nb;
-    if (bssh != want) Fail("BlockBatchMatMul: b_scale must be " + ShapeStr(want));
+    if (bssh != want) Fail("BlockBatchMatMul: b_scale must be " + shape_str(want));
     if (ymul != nullptr && ymul.GetTensorTypeAndShapeInfo().GetElementCount() != 1)
       Fail("BlockBatchMatMul: y_multiplier must hold one value");
     std::vector<int64_t> yshape = ash;

@@ -15,16 +15,6 @@ namespace {
 // ---------------------------------------------------------------------------------------------
 // Attributes and shapes
 
-int64_t IntAttribute(const OrtApi* api, const OrtKernelInfo* info, const char* op, const char* name,
-                     const int64_t* fallback) {
-  int64_t value = 0;
-  OrtStatus* status = api->KernelInfoGetAttribute_int64(info, name, &value);
-  if (status == nullptr) return value;
-  api->ReleaseStatus(status);
-  if (fallback != nullptr) return *fallback;
-  throw std::runtime_error(std::string("bctonnx.") + op + ": attribute '" + name + "' is required");
-}
-
 int CheckedBits(const char* op, int64_t bits) {
   if (bits < 2 || bits > 8)
     throw std::runtime_error(std::string("bctonnx.") + op + ": bits must be in 2..8, got " +
@@ -37,12 +27,6 @@ int64_t CheckedBlockSize(const char* op, const char* name, int64_t b, bool zero_
     throw std::runtime_error(std::string("bctonnx.") + op + ": " + name + " must be " +
                              (zero_ok ? ">= 0" : ">= 1") + ", got " + std::to_string(b));
   return b;
-}
-
-std::string ShapeString(const std::vector<int64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? "," : "") + std::to_string(shape[i]);
-  return s + "]";
 }
 
 // Rows (product of the leading dims) and the last-axis length of a rank >= 1 tensor.
@@ -100,13 +84,13 @@ int SegmentExponent(int64_t m, int e_in, int64_t qmax, const char* op) {
 // BlockQuantize(x: float) -> (y: int8, y_scale: float)
 
 struct BlockQuantizeKernel {
-  BlockQuantizeKernel(const OrtApi* api, const OrtKernelInfo* info) {
+  BlockQuantizeKernel(const OrtApi*, const OrtKernelInfo* info) {
     static const int64_t kDefaultBits = 8;
     block_size_ = CheckedBlockSize("BlockQuantize", "block_size",
-                                   IntAttribute(api, info, "BlockQuantize", "block_size", nullptr),
+                                   int_attribute(info, "BlockQuantize", "block_size", nullptr),
                                    false);
     bits_ = CheckedBits("BlockQuantize",
-                        IntAttribute(api, info, "BlockQuantize", "bits", &kDefaultBits));
+                        int_attribute(info, "BlockQuantize", "bits", &kDefaultBits));
   }
 
   Ort::Status Compute(const Ort::Custom::Tensor<float>& x, Ort::Custom::Tensor<int8_t>& y,
@@ -146,15 +130,6 @@ struct BlockQuantizeKernel {
 // ---------------------------------------------------------------------------------------------
 // BlockDequantize(x: int8, x_scale: float) -> y: float = x * x_scale per block (one rounding)
 
-bool HasAvx512() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl");
-  }();
-  return has;
-}
-
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void DequantizeRowsAvx512(
     const int8_t* x, const float* scales, int64_t rows, int64_t depth, int64_t block, float* y) {
   const int64_t nb = num_blocks(depth, block);
@@ -176,9 +151,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void DequantizeRowsAvx512(
 }
 
 struct BlockDequantizeKernel {
-  BlockDequantizeKernel(const OrtApi* api, const OrtKernelInfo* info) {
+  BlockDequantizeKernel(const OrtApi*, const OrtKernelInfo* info) {
     block_size_ = CheckedBlockSize("BlockDequantize", "block_size",
-                                   IntAttribute(api, info, "BlockDequantize", "block_size", nullptr),
+                                   int_attribute(info, "BlockDequantize", "block_size", nullptr),
                                    false);
   }
 
@@ -199,13 +174,13 @@ struct BlockDequantizeKernel {
     RowsAndDepth("BlockDequantize", shape, &rows, &depth);
     if (x_scale.Shape() != BlockedShape(shape, block_size_))
       throw std::runtime_error("bctonnx.BlockDequantize: x_scale must have shape " +
-                               ShapeString(BlockedShape(shape, block_size_)) + ", got " +
-                               ShapeString(x_scale.Shape()));
+                               shape_str(BlockedShape(shape, block_size_)) + ", got " +
+                               shape_str(x_scale.Shape()));
     float* out = y.Allocate(shape);
     if (rows == 0 || depth == 0) return;
     const float* scales = x_scale.Data();
     const int8_t* in = x.Data();
-    if (HasAvx512()) {
+    if (isa_ >= kIsaAvx512) {
       DequantizeRowsAvx512(in, scales, rows, depth, block_size_, out);
       return;
     }
@@ -216,6 +191,7 @@ struct BlockDequantizeKernel {
   }
 
   int64_t block_size_ = 0;
+  int isa_ = BestIsa();
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -223,16 +199,16 @@ struct BlockDequantizeKernel {
 
 template <typename T>
 struct BlockRequantizeKernel {
-  BlockRequantizeKernel(const OrtApi* api, const OrtKernelInfo* info) {
+  BlockRequantizeKernel(const OrtApi*, const OrtKernelInfo* info) {
     static const int64_t kDefaultBits = 8;
     in_block_size_ = CheckedBlockSize(
         "BlockRequantize", "in_block_size",
-        IntAttribute(api, info, "BlockRequantize", "in_block_size", nullptr), true);
+        int_attribute(info, "BlockRequantize", "in_block_size", nullptr), true);
     block_size_ = CheckedBlockSize(
         "BlockRequantize", "block_size",
-        IntAttribute(api, info, "BlockRequantize", "block_size", nullptr), false);
+        int_attribute(info, "BlockRequantize", "block_size", nullptr), false);
     bits_ = CheckedBits("BlockRequantize",
-                        IntAttribute(api, info, "BlockRequantize", "bits", &kDefaultBits));
+                        int_attribute(info, "BlockRequantize", "bits", &kDefaultBits));
   }
 
   Ort::Status Compute(const Ort::Custom::Tensor<T>& x, const Ort::Custom::Tensor<float>& x_scale,
@@ -259,14 +235,14 @@ struct BlockRequantizeKernel {
     if (in_block_size_ == 0) {
       if (n_scales != 1)
         throw std::runtime_error(std::string("bctonnx.BlockRequantize: in_block_size=0 needs a "
-                                             "single x_scale, got shape ") + ShapeString(sshape));
+                                             "single x_scale, got shape ") + shape_str(sshape));
     } else {
       in_nb = num_blocks(depth, in_block_size_);
       if (sshape != BlockedShape(shape, in_block_size_))
         throw std::runtime_error(
-            "bctonnx.BlockRequantize: x_scale shape " + ShapeString(sshape) + " does not match x " +
-            ShapeString(shape) + " with in_block_size " + std::to_string(in_block_size_) +
-            " (expected " + ShapeString(BlockedShape(shape, in_block_size_)) + ")");
+            "bctonnx.BlockRequantize: x_scale shape " + shape_str(sshape) + " does not match x " +
+            shape_str(shape) + " with in_block_size " + std::to_string(in_block_size_) +
+            " (expected " + shape_str(BlockedShape(shape, in_block_size_)) + ")");
     }
     std::vector<int> e_in(static_cast<size_t>(n_scales));
     const float* sdata = x_scale.Data();
