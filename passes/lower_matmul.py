@@ -203,31 +203,15 @@ class LowerMatMul(ir.passes.InPlacePass):
             else:
                 y_mul = self._const(folded, f"{node.name}/y_multiplier")
         residual = self._residual(quant) if quant is not None and not chain else None
-        if quant is not None:
-            attrs["out_block_size"] = _attr_int(quant, "block_size")
-            attrs["out_bits"] = _attr_int(quant, "bits", 8)
         if residual is not None:
             attrs["residual_block_size"] = residual[2]
         weights = self._weights(bd, fmt)
         inputs = [x, x_scale, *weights, bias, y_mul, *(residual[:2] if residual else ())]
-        while inputs[-1] is None:
-            inputs.pop()
-        new = ir.Node(
-            OPS_DOMAIN,
-            "BlockMatMul",
-            inputs,
-            ir.convenience.convert_attributes(attrs),
-            num_outputs=3 if quant is not None else 1,
-            name=node.name,
-        )
-        self.graph.insert_before(node, new)
+        new = self._fused_node("BlockMatMul", inputs, attrs, node, quant)
         if quant is None:
-            new.outputs[0].dtype = ir.DataType.FLOAT
             take_over(out, new.outputs[0])
             return True
-        y, y_q, y_s = new.outputs
-        y.name = ""  # absent: only the quantized output is produced
-        y_q.dtype, y_s.dtype = ir.DataType.INT8, ir.DataType.FLOAT
+        _, y_q, y_s = new.outputs
         if residual is not None:
             quant = residual[3]  # the BlockQuantize of the residual sum
         for step, shape_readers in chain:  # Reshape / Transpose replayed on codes and scales
@@ -236,14 +220,11 @@ class LowerMatMul(ir.passes.InPlacePass):
                 heads, depth = split
                 blocks = depth // attrs["out_block_size"]
                 keep = [0] * (len(step.outputs[0].shape) - 2)
-                for value, last in ((y_q, depth), (y_s, blocks)):
-                    target = self._const(np.array([*keep, heads, last], np.int64), "split")
-                    out = self._emit("Reshape", [value, target], new, value.dtype)
-                    if value is y_q:
-                        y_q = out
-                        y_q.shape = step.outputs[0].shape
-                    else:
-                        y_s = out
+                codes_to = self._const(np.array([*keep, heads, depth], np.int64), "split")
+                scales_to = self._const(np.array([*keep, heads, blocks], np.int64), "split")
+                y_q = self._emit("Reshape", [y_q, codes_to], new, y_q.dtype)
+                y_q.shape = step.outputs[0].shape
+                y_s = self._emit("Reshape", [y_s, scales_to], new, y_s.dtype)
             elif step.op_type == "Reshape":
                 y_q = self._emit("Reshape", [y_q, step.inputs[1]], new, y_q.dtype)
                 y_q.shape = step.outputs[0].shape
@@ -273,7 +254,7 @@ class LowerMatMul(ir.passes.InPlacePass):
         """Attention scores MatMul(DQ(q_a, s_a), [Mul(, c)] Transpose(DQ(q_b, s_b)) [Mul(, c)])
         with K's blocks on the reduction axis -> BlockBatchMatMul(q_a, s_a, q_b', s_b', c)
         where ' is the transpose that keeps K last; its BlockQuantize fused when alone."""
-        a = self._blocked_codes(node.inputs[0])
+        a = blocked_codes(node.inputs[0])
         if a is None:
             return self._skip(node, "Q is not block-quantized codes")
         value, mul, transpose = node.inputs[1], None, None
@@ -287,7 +268,7 @@ class LowerMatMul(ir.passes.InPlacePass):
                 value = producer.inputs[0]
             else:
                 break
-        b = self._blocked_codes(value)
+        b = blocked_codes(value)
         if b is None or transpose is None:
             return self._skip(node, "K^T is not a transpose of block-quantized codes")
         (q_a, s_a, block_a), (q_b, s_b, block_b) = a, b
@@ -324,30 +305,15 @@ class LowerMatMul(ir.passes.InPlacePass):
             q_a, s_a = heads_first
             attrs["a_transposed"] = 1
         quant = _single_user(node.outputs[0])
-        fuse = _is(quant, "BlockQuantize", OPS_DOMAIN) and bool(_attr_int(quant, "block_size"))
-        if fuse:
-            attrs["out_block_size"] = _attr_int(quant, "block_size")
-            attrs["out_bits"] = _attr_int(quant, "bits", 8)
-        inputs = [q_a, s_a, q_rows, s_rows, mul]
-        while inputs[-1] is None:
-            inputs.pop()
-        new = ir.Node(
-            OPS_DOMAIN,
-            "BlockBatchMatMul",
-            inputs,
-            ir.convenience.convert_attributes(attrs),
-            num_outputs=3 if fuse else 1,
-            name=node.name,
+        if not (_is(quant, "BlockQuantize", OPS_DOMAIN) and _attr_int(quant, "block_size")):
+            quant = None
+        new = self._fused_node(
+            "BlockBatchMatMul", [q_a, s_a, q_rows, s_rows, mul], attrs, node, quant
         )
-        self.graph.insert_before(node, new)
-        if fuse:
-            y, y_q, y_s = new.outputs
-            y.name = ""
-            y_q.dtype, y_s.dtype = ir.DataType.INT8, ir.DataType.FLOAT
-            take_over(quant.outputs[0], y_q)
-            take_over(quant.outputs[1], y_s)
+        if quant is not None:
+            take_over(quant.outputs[0], new.outputs[1])
+            take_over(quant.outputs[1], new.outputs[2])
         else:
-            new.outputs[0].dtype = ir.DataType.FLOAT
             take_over(node.outputs[0], new.outputs[0])
         return True
 
@@ -369,7 +335,7 @@ class LowerMatMul(ir.passes.InPlacePass):
             or np.float32(2.0**exponent) != np.float32(factor)
         ):
             return self._skip(node, "P is not IntSoftmax's uint8 codes times a power of two")
-        v = self._blocked_codes(node.inputs[1])
+        v = blocked_codes(node.inputs[1])
         if v is None:
             return self._skip(node, "V is not block-quantized codes")
         q_v, s_v, block = v
@@ -385,20 +351,37 @@ class LowerMatMul(ir.passes.InPlacePass):
         if rank == 4 and perm is not None and list(perm.as_ints()) == [0, 2, 1, 3]:
             attrs["transpose_output"] = 1
             out = transpose.outputs[0]
-        new = ir.Node(
-            OPS_DOMAIN,
-            "AttentionPV",
-            [cast.inputs[0], q_v, s_v],
-            ir.convenience.convert_attributes(attrs),
-            name=node.name,
-        )
-        self.graph.insert_before(node, new)
-        new.outputs[0].dtype = ir.DataType.FLOAT
+        new = self._fused_node("AttentionPV", [cast.inputs[0], q_v, s_v], attrs, node, None)
         take_over(out, new.outputs[0])
         return True
 
-    def _blocked_codes(self, value: ir.Value):
-        return blocked_codes(value)
+    def _fused_node(
+        self, op_type: str, inputs: list, attrs: dict, anchor: ir.Node, quant: ir.Node | None
+    ) -> ir.Node:
+        """The bctonnx node that replaces ``anchor`` (inserted before it; trailing absent
+        inputs dropped). With ``quant``, the BlockQuantize that follows, its quantization is
+        fused: outputs (y absent, y_q int8, y_scale float); else one float output."""
+        if quant is not None:
+            attrs["out_block_size"] = _attr_int(quant, "block_size")
+            attrs["out_bits"] = _attr_int(quant, "bits", 8)
+        while inputs[-1] is None:
+            inputs.pop()
+        new = ir.Node(
+            OPS_DOMAIN,
+            op_type,
+            inputs,
+            ir.convenience.convert_attributes(attrs),
+            num_outputs=3 if quant is not None else 1,
+            name=anchor.name,
+        )
+        self.graph.insert_before(anchor, new)
+        if quant is None:
+            new.outputs[0].dtype = ir.DataType.FLOAT
+        else:
+            y, y_q, y_s = new.outputs
+            y.name = ""  # absent: only the quantized output is produced
+            y_q.dtype, y_s.dtype = ir.DataType.INT8, ir.DataType.FLOAT
+        return new
 
     @staticmethod
     def _scalar(value: ir.Value | None) -> bool:
