@@ -61,7 +61,7 @@ from .common import (
     role,
     take_over,
 )
-from .simplify_shapes import same_dim
+from .simplify_shapes import constant_target
 
 log = logging.getLogger(__name__)
 
@@ -215,16 +215,15 @@ class LowerMatMul(ir.passes.InPlacePass):
         if residual is not None:
             quant = residual[3]  # the BlockQuantize of the residual sum
         for step, shape_readers in chain:  # Reshape / Transpose replayed on codes and scales
-            split = _split_last_axis(step) if step.op_type == "Reshape" else None
-            if split is not None:  # [*lead, h*d] -> [*lead, h, d]: constant targets, 0 = keep
-                heads, depth = split
-                blocks = depth // attrs["out_block_size"]
-                keep = [0] * (len(step.outputs[0].shape) - 2)
-                codes_to = self._const(np.array([*keep, heads, depth], np.int64), "split")
-                scales_to = self._const(np.array([*keep, heads, blocks], np.int64), "split")
-                y_q = self._emit("Reshape", [y_q, codes_to], new, y_q.dtype)
+            target = constant_target(step)
+            if target is not None:  # known from the shapes: constant targets, 0 = keep a dim
+                scales_to = target.copy()
+                scales_to[-1] //= attrs["out_block_size"]  # the last axis is a block multiple
+                y_q = self._emit("Reshape", [y_q, self._const(target, "reshape")], new, y_q.dtype)
                 y_q.shape = step.outputs[0].shape
-                y_s = self._emit("Reshape", [y_s, scales_to], new, y_s.dtype)
+                y_s = self._emit(
+                    "Reshape", [y_s, self._const(scales_to, "reshape")], new, y_s.dtype
+                )
             elif step.op_type == "Reshape":
                 y_q = self._emit("Reshape", [y_q, step.inputs[1]], new, y_q.dtype)
                 y_q.shape = step.outputs[0].shape
@@ -581,27 +580,6 @@ def blocked_codes(value: ir.Value):
     if src is None or src.domain != OPS_DOMAIN:
         return None  # pow2 scales are guaranteed only for our ops' codes
     return q, s, block
-
-
-def _split_last_axis(step: ir.Node) -> tuple[int, int] | None:
-    """(h, d) when the Reshape ``step`` maps [*lead, h * d] to [*lead, h, d], the leading dims
-    known to stay (attention's heads split of Q, K, V): then the constant target
-    [0, .., 0, h, d] says the same without computing it from Shape at run time."""
-    src, dst = step.inputs[0].shape, step.outputs[0].shape
-    allowzero = step.attributes.get("allowzero")
-    if src is None or dst is None or len(dst) != len(src) + 1 or len(src) < 2:
-        return None
-    if allowzero is not None and allowzero.as_int() != 0:
-        return None
-    heads, depth, width = dst[-2], dst[-1], src[-1]
-    if not all(isinstance(v, int) and v > 0 for v in (heads, depth, width)):
-        return None
-    # the element count is kept, so with h * d == the last dim one leading dim not known equal
-    # (an export's -1 gets a fresh symbol in shape inference) is equal all the same
-    mismatches = sum(not same_dim(a, b) for a, b in zip(src[:-1], dst[:-2], strict=True))
-    if heads * depth != width or mismatches > 1:
-        return None
-    return heads, depth
 
 
 def _heads_transpose_input(value: ir.Value) -> ir.Value | None:

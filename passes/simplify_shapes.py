@@ -52,7 +52,7 @@ def shape_source(value: ir.Value) -> ir.Value:
     return value
 
 
-def same_dim(a, b) -> bool:
+def _same_dim(a, b) -> bool:
     """Two dims known equal: equal ints, or the same named symbolic dim."""
     if isinstance(a, int) or isinstance(b, int):
         return isinstance(a, int) and isinstance(b, int) and a == b
@@ -77,7 +77,7 @@ def constant_target(node: ir.Node) -> np.ndarray | None:
             continue
         if math.prod(tail_src) != math.prod(tail_dst):
             continue
-        if sum(not same_dim(a, b) for a, b in zip(src[:k], dst[:k], strict=True)) > 1:
+        if sum(not _same_dim(a, b) for a, b in zip(src[:k], dst[:k], strict=True)) > 1:
             continue
         return np.array([0] * k + tail_dst, np.int64)
     return None
