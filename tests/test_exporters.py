@@ -45,27 +45,13 @@ def tiny_checkpoint(root: Path, kind: str) -> Path:
     tf.BertTokenizerFast(vocab_file=str(d / "vocab.txt")).save_pretrained(str(d))
     torch.manual_seed(0)
     common = dict(vocab_size=VOCAB_SIZE, max_position_embeddings=66)
+    bert_like = dict(
+        hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128
+    )
     if kind == "bert":
-        model = tf.BertModel(
-            tf.BertConfig(
-                hidden_size=HIDDEN,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                intermediate_size=128,
-                **common,
-            )
-        )
+        model = tf.BertModel(tf.BertConfig(**bert_like, **common))
     elif kind == "roberta":
-        model = tf.RobertaModel(
-            tf.RobertaConfig(
-                hidden_size=HIDDEN,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                intermediate_size=128,
-                pad_token_id=0,
-                **common,
-            )
-        )
+        model = tf.RobertaModel(tf.RobertaConfig(pad_token_id=0, **bert_like, **common))
     else:
         model = tf.DistilBertModel(
             tf.DistilBertConfig(dim=HIDDEN, n_layers=2, n_heads=4, hidden_dim=128, **common)
