@@ -522,7 +522,7 @@ struct MaskRows {
   std::vector<uint16_t> bits;       // the same as 16-bit lane masks
   std::vector<uint8_t> block_any;   // [mask rows, nb]
   std::vector<uint8_t> row_any;     // [mask rows]
-  std::vector<int64_t> row_of;      // x row -> mask row
+  std::vector<int64_t> row_of;      // x row -> mask row (empty: one mask row for all)
   int64_t steps = 0;                // 32-lane steps per row
   std::vector<uint32_t> valid32;    // [steps]: lanes inside the row
   std::vector<uint32_t> k32;        // [mask rows, steps]: valid and unmasked lanes
@@ -620,7 +620,9 @@ MaskRows build_mask(const Blocking& bl, const std::vector<int64_t>& xshape,
       mr.k32[r * mr.steps + st] =
           mr.valid32[st] & (uint32_t{mr.bits[r * padded / 16 + 2 * st]} |
                             (uint32_t{mr.bits[r * padded / 16 + 2 * st + 1]} << 16));
-  // x row -> mask row: walk the multi-index of x.shape[:-1] (no divisions).
+  if (mrows == 1) return mr;  // every row reads mask row 0
+  // x row -> mask row: walk the multi-index of x.shape[:-2] (no divisions); along the last
+  // leading axis the mask row either stays (broadcast) or steps by one.
   mr.row_of.resize(static_cast<size_t>(bl.rows));
   const size_t lead = xr - 1;
   std::vector<int64_t> idx(lead, 0), mstride(lead, 0);
@@ -629,10 +631,12 @@ MaskRows build_mask(const Blocking& bl, const std::vector<int64_t>& xshape,
     mstride[i] = mfull[i] == 1 ? 0 : st;
     st *= mfull[i];
   }
+  const int64_t inner = lead ? xshape[lead - 1] : 1, step = lead ? mstride[lead - 1] : 0;
   int64_t cur = 0;
-  for (int64_t r = 0; r < bl.rows; ++r) {
-    mr.row_of[r] = cur;
-    for (size_t i = lead; i-- > 0;) {
+  for (int64_t r0 = 0; r0 < bl.rows; r0 += inner) {
+    int64_t* out = mr.row_of.data() + r0;
+    for (int64_t i = 0; i < inner; ++i) out[i] = cur + i * step;
+    for (size_t i = lead - 1; i-- > 0;) {
       ++idx[i];
       cur += mstride[i];
       if (idx[i] < xshape[i]) break;
@@ -770,7 +774,7 @@ BCT_AVX512 void softmax_rows_avx512(const Blocking& bl, const int8_t* x, const i
     row.valid32 = mr.valid32.data();
     row.k32 = mr.valid32.data();
     if (mr.present) {
-      const int64_t m = mr.row_of[r];
+      const int64_t m = mr.row_of.empty() ? 0 : mr.row_of[r];
       if (!mr.row_any[m]) {  // fully masked row
         std::memset(row.y, 0, d);
         continue;
@@ -863,7 +867,7 @@ void softmax_rows(const Blocking& bl, const int8_t* x, const int16_t* ex, const 
     row.e = ex + r * bl.nb;
     row.y = y + r * bl.d;
     if (mr.present) {
-      const int64_t m = mr.row_of[r];
+      const int64_t m = mr.row_of.empty() ? 0 : mr.row_of[r];
       row.flags = mr.flags.data() + m * mr.padded;
       row.bany = mr.block_any.data() + m * bl.nb;
     }
