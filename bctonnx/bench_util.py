@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -22,6 +23,39 @@ def fixed_inputs(session: ort.InferenceSession, batch: int, seq: int, vocab: int
     return feeds
 
 
+def interleaved_medians(
+    runs_by_name: dict[str, Callable[[], object]],
+    runs: int,
+    warmup: int = 3,
+    block: int = 5,
+    settle: int = 2,
+) -> dict[str, float]:
+    """Median wall time (seconds) of each callable over ``runs`` timed calls, the callables
+    taking turns in blocks: each turn is ``settle`` untimed calls, then up to ``block`` timed
+    ones, after ``warmup`` untimed rounds.
+
+    Blocks, not single calls: right after another onnxruntime session ran, that session's
+    intra-op threads are still spinning and this session's own threads are parked, so a
+    session's first run after a switch measures the switch (on MiniLM, 2 threads, alternating
+    single runs doubled every model's median; a single 80 us op at 2 threads measured as if it
+    had one); the untimed calls absorb it, and the timed ones are the steady state of a server
+    that keeps one model busy. Turns still share a slow phase of a shared machine.
+    """
+    for _ in range(warmup):
+        for fn in runs_by_name.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in runs_by_name}
+    while any(len(v) < runs for v in times.values()):
+        for k, fn in runs_by_name.items():
+            for _ in range(settle):
+                fn()
+            for _ in range(min(block, runs - len(times[k]))):
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def interleaved_latency(
     sessions: dict[str, ort.InferenceSession],
     batch: int,
@@ -32,28 +66,9 @@ def interleaved_latency(
     block: int = 5,
     settle: int = 2,
 ) -> dict[str, float]:
-    """Median latency (ms) per session over ``runs`` timed runs. Token ids are drawn below
-    ``vocab``.
-
-    The sessions take turns in blocks: each turn is ``settle`` untimed runs, then up to
-    ``block`` timed ones, so a slow phase of a shared machine is shared by every model.
-    Blocks, not single runs: right after another session ran, onnxruntime's intra-op threads
-    of that session are still spinning and this session's own threads are parked, so a
-    session's first run after a switch measures the switch (on MiniLM, 2 threads, alternating
-    single runs doubled every model's median); the untimed runs absorb it, and the timed ones
-    are the steady state of a server that keeps one model busy.
-    """
+    """Median latency (ms) per session over ``runs`` timed runs on fixed inputs (token ids
+    below ``vocab``), the sessions taking turns as in `interleaved_medians`."""
     feeds = {k: fixed_inputs(s, batch, seq, vocab=vocab) for k, s in sessions.items()}
-    for _ in range(warmup):
-        for k, s in sessions.items():
-            s.run(None, feeds[k])
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    while any(len(v) < runs for v in times.values()):
-        for k, s in sessions.items():
-            for _ in range(settle):
-                s.run(None, feeds[k])
-            for _ in range(min(block, runs - len(times[k]))):
-                t0 = time.perf_counter()
-                s.run(None, feeds[k])
-                times[k].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+    fns = {k: (lambda s=s, f=feeds[k]: s.run(None, f)) for k, s in sessions.items()}
+    medians = interleaved_medians(fns, runs, warmup=warmup, block=block, settle=settle)
+    return {k: v * 1e3 for k, v in medians.items()}

@@ -1,16 +1,19 @@
 """Speed of the integer nonlinear ops vs onnxruntime's float ops on the same shapes.
 
-    python benchmarks/ops_speed.py [--block-size 32] [--runs 400] [--threads 1 2] [--lib PATH]
+    python benchmarks/ops_speed.py [--block-size 32] [--runs 600] [--threads 1 2] [--lib PATH]
                                    [--ops Softmax LayerNorm]
 
 Each row: one single-node model of ours (IntGelu / IntSoftmax with a BERT mask [1, 1, 1, 128]
 and without / IntLayerNorm, int8 inputs in blocks) and the float32 op (Gelu opset 20 / Softmax
 / LayerNormalization; the float Softmax gets no mask Add, so it is the strict comparison) on
 the same shape, in separate sessions with the same thread settings (intra_op_num_threads =
-1 or 2, inter_op 1, sequential execution). Runs alternate between the two sessions (order
-flipped every round) so both share the machine's noise; the table shows medians in
-microseconds (session.run from Python, so a few microseconds of call overhead are included in
-both) and the ratio int / float (< 1: ours is faster). Writes
+1 or 2, inter_op 1, sequential execution). The two sessions take turns in blocks of 200 timed
+runs, each block after 100 untimed ones, so both share the machine's slow phases and neither is
+timed while the other one's intra-op threads still spin (alternating single runs, or blocks of
+20, measured that: at 2 threads our ops then looked as slow as at 1 thread and onnxruntime's
+Softmax took 40 or 78 us from one block to the next). The table shows medians in microseconds
+(session.run from Python, so a few microseconds of call overhead are included in both) and the
+ratio int / float (< 1: ours is faster). Writes
 benchmarks/results/ops_speed.json. A script, not a test.
 """
 
@@ -19,8 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from bctonnx import runtime
+from bctonnx.bench_util import interleaved_medians
 from bctonnx.ops.ref_nonlinear import quantize_pow2
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,26 +171,19 @@ def _session(model: bytes, threads: int, lib: str | None) -> ort.InferenceSessio
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 
-def measure(case: dict, threads: int, runs: int, lib: str, warmup: int = 50) -> dict[str, float]:
+def measure(case: dict, threads: int, runs: int, lib: str) -> dict[str, float]:
+    """Median microseconds of the int and float sessions, taking turns in blocks of 200 runs
+    (each after 100 untimed ones: see `bctonnx.bench_util.interleaved_medians`)."""
     sess = {k: _session(case[k][0], threads, lib if k == "int" else None) for k in ("int", "float")}
-    feeds = {k: case[k][1] for k in ("int", "float")}
-    for _ in range(warmup):
-        for k in sess:
-            sess[k].run(None, feeds[k])
-    times: dict[str, list[float]] = {"int": [], "float": []}
-    order = ["int", "float"]
-    for i in range(runs):
-        for k in order if i % 2 == 0 else order[::-1]:
-            t0 = time.perf_counter()
-            sess[k].run(None, feeds[k])
-            times[k].append((time.perf_counter() - t0) * 1e6)
-    return {k: statistics.median(v) for k, v in times.items()}
+    fns = {k: (lambda s=sess[k], f=case[k][1]: s.run(None, f)) for k in sess}
+    medians = interleaved_medians(fns, runs, warmup=50, block=200, settle=100)
+    return {k: v * 1e6 for k, v in medians.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--block-size", type=int, default=32)
-    ap.add_argument("--runs", type=int, default=400)
+    ap.add_argument("--runs", type=int, default=600)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--ops", nargs="+", choices=list(SHAPES), help="only these rows (default: all)")
     ap.add_argument("--lib", help="op library (default: bctonnx.runtime.op_library_path())")
