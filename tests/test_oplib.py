@@ -515,6 +515,37 @@ def test_block_requantize_extremes(block_size):
                 assert_bit_exact(run_requantize(x, s, in_bs, block_size, bits), want)
 
 
+@pytest.mark.parametrize("in_bs, block_size", [(32, 128), (16, 64), (16, 16), (32, 96), (8, 32)])
+def test_block_requantize_int8_nested_blocks(in_bs, block_size):
+    """int8 codes whose input blocks nest in the output blocks (BlockMatMul's re-blocking of
+    activations, the kernel's vectorized path): every code at exponents from the subnormal
+    range to the top, mixed within a row, partial last blocks, and rows of zeros."""
+    rng = np.random.default_rng(in_bs * block_size)
+    for depth in (block_size * 3, block_size * 2 + in_bs + 5, 7):
+        x = rng.integers(-128, 128, size=(9, depth)).astype(np.int8)
+        x[1] = -128
+        x[2] = 127
+        x[3] = 0
+        x[4, ::3] = 0
+        x[5] = rng.integers(-3, 4, size=depth)  # small codes: left shifts
+        nb = -(-depth // in_bs)
+        for lo, hi in ((-149, -120), (-20, 5), (100, 120), (-149, 120)):
+            e = rng.integers(lo, hi + 1, size=(9, nb))
+            e[6] = lo  # one exponent for the whole row
+            e[7, ::2] = hi  # alternating far apart
+            s = np.ldexp(np.float32(1), e.astype(np.int32)).astype(np.float32)
+            for bits in (8, 5):
+                want = block_requantize(x, s, in_bs, block_size, bits)
+                assert_bit_exact(run_requantize(x, s, in_bs, block_size, bits), want)
+    # -128 at 2**127 needs 2**128: an error, from either path
+    x = np.full((2, block_size), -128, np.int8)
+    s = np.full((2, block_size // in_bs), np.float32(2.0**127))
+    with pytest.raises(ValueError, match="too large"):
+        block_requantize(x, s, in_bs, block_size)
+    with pytest.raises(Exception, match="too large"):
+        run_requantize(x, s, in_bs, block_size)
+
+
 def test_block_requantize_int32_extremes_exact_codes():
     # int32 min at scale 1: max|v| = 2**31, scale 2**25 (2**31 / 2**25 = 64 <= 127 < 128)
     x = np.array([[np.iinfo(np.int32).min, np.iinfo(np.int32).max, 2**24 + 2**23, 2**24]], np.int32)

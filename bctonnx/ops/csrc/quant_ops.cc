@@ -3,8 +3,16 @@
 // The specification of both ops is their numpy reference in bctonnx/ops/ref_quant.py; these
 // kernels are bit-exact with it. Blocks run along the last axis (see common.h).
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cfloat>
+#include <climits>
 #include <cmath>
+#include <cstring>
+#include <mutex>
+#include <string>
+#include <type_traits>
+#include <vector>
 
 #include "common.h"
 #include "simd.h"
@@ -125,6 +133,7 @@ struct BlockQuantizeKernel {
   int64_t block_size_ = 0;
   int bits_ = 8;
   int isa_ = BestIsa();
+  std::array<int, 129> k_of_m_{};  // SegmentExponent(m, 0, qmax) of int8 maxima m
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -197,6 +206,96 @@ struct BlockDequantizeKernel {
 // ---------------------------------------------------------------------------------------------
 // BlockRequantize(x: int32 | int8, x_scale: float pow2) -> (y: int8, y_scale: float pow2)
 
+// int8 codes whose input blocks nest in the output blocks (in_block_size divides block_size),
+// rows [r0, r1), AVX-512BW: per input block its max |q| (vector) and the output exponent it
+// asks for (SegmentExponentInt8); per output block the largest of those; then every input block's
+// codes shifted by n = e_out - e_in on 16-bit lanes: a left shift (n < 0; n >= -7 for a nonzero
+// block, so |q| << 7 <= 2^14) or round_half_even(q / 2^n) (n capped at 15: from n = 9 on the
+// result is 0 either way). No clamp: e_out >= e_in + k where fl32(m / qmax) <= 2^k, so
+// |q| / 2^n <= m / 2^k <= qmax (1 + 2^-24) < qmax + 1/2 rounds to at most qmax (the
+// reference's clamp never acts). Bit-exact with the general loop (tests).
+// The output exponent of an int8 block with max |q| = m (0: none, INT_MIN) at exponent e_in:
+// SegmentExponent(m, e_in) = e_in + SegmentExponent(m, 0) (k_of_m) while both candidate
+// exponents are normal (the float32 rule only depends on e - e_in there), else computed.
+inline int SegmentExponentInt8(int64_t m, int e_in, int64_t qmax, const int* k_of_m) {
+  if (m == 0) return INT_MIN;
+  const int e = e_in + k_of_m[m];
+  return e >= -125 && e <= 127 ? e : SegmentExponent(m, e_in, qmax, "BlockRequantize");
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void RequantizeNestedInt8Avx512(
+    const int8_t* in, const int* e_in, int8_t* out, float* scales, int64_t r0, int64_t r1,
+    int64_t depth, int64_t in_block, int64_t block, int64_t qmax, const int* k_of_m, int* e_seg) {
+  const int64_t in_nb = num_blocks(depth, in_block), nb = num_blocks(depth, block);
+  const int64_t per = block / in_block;
+  const __m512i one = _mm512_set1_epi16(1);
+  for (int64_t r = r0; r < r1; ++r) {
+    const int8_t* row = in + r * depth;
+    int8_t* orow = out + r * depth;
+    const int* re = e_in + r * in_nb;
+    int64_t j = 0;
+    if (in_block == 32)  // two input blocks per 64-byte load: max |q| per 128-bit lane, then
+                         // per lane pair
+      for (; j + 2 <= in_nb && (j + 2) * 32 <= depth; j += 2) {
+        __m512i v = _mm512_abs_epi8(_mm512_loadu_si512(row + j * 32));
+        v = _mm512_max_epu8(v, _mm512_bsrli_epi128(v, 8));
+        v = _mm512_max_epu8(v, _mm512_bsrli_epi128(v, 4));
+        v = _mm512_max_epu8(v, _mm512_bsrli_epi128(v, 2));
+        v = _mm512_max_epu8(v, _mm512_bsrli_epi128(v, 1));
+        v = _mm512_max_epu8(v, _mm512_shuffle_i32x4(v, v, _MM_SHUFFLE(2, 3, 0, 1)));
+        const int64_t m0 = _mm512_cvtsi512_si32(v) & 0xFF;
+        const int64_t m1 = _mm_cvtsi128_si32(_mm512_extracti32x4_epi32(v, 2)) & 0xFF;
+        e_seg[j] = SegmentExponentInt8(m0, re[j], qmax, k_of_m);
+        e_seg[j + 1] = SegmentExponentInt8(m1, re[j + 1], qmax, k_of_m);
+      }
+    for (; j < in_nb; ++j) {  // max |q| of every (other) input block -> its exponent
+      const int64_t begin = j * in_block, end = std::min(depth, begin + in_block);
+      __m256i vmax = _mm256_setzero_si256();
+      for (int64_t i = begin; i < end; i += 32) {
+        const int64_t n = std::min<int64_t>(32, end - i);
+        const __mmask32 k = n == 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << n) - 1u);
+        vmax = _mm256_max_epu8(vmax, _mm256_abs_epi8(_mm256_maskz_loadu_epi8(k, row + i)));
+      }
+      __m128i x = _mm_max_epu8(_mm256_castsi256_si128(vmax), _mm256_extracti128_si256(vmax, 1));
+      x = _mm_max_epu8(x, _mm_srli_si128(x, 8));
+      x = _mm_max_epu8(x, _mm_srli_si128(x, 4));
+      x = _mm_max_epu8(x, _mm_srli_si128(x, 2));
+      x = _mm_max_epu8(x, _mm_srli_si128(x, 1));
+      const int64_t m = _mm_cvtsi128_si32(x) & 0xFF;  // |-128| = 128 as an unsigned byte
+      e_seg[j] = SegmentExponentInt8(m, re[j], qmax, k_of_m);
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t j0 = b * per, j1 = std::min(in_nb, j0 + per);
+      int e_out = -128;
+      for (int64_t j = j0; j < j1; ++j) e_out = std::max(e_out, e_seg[j]);
+      scales[r * nb + b] = pow2_float(e_out);
+      for (int64_t j = j0; j < j1; ++j) {
+        const int n = e_out - re[j];
+        const int64_t begin = j * in_block, end = std::min(depth, begin + in_block);
+        if (n == 0 || e_seg[j] == INT_MIN) {  // the same codes (or all zero)
+          std::memcpy(orow + begin, row + begin, static_cast<size_t>(end - begin));
+          continue;
+        }
+        const __m128i left = _mm_cvtsi32_si128(std::max(-n, 0));
+        const __m512i vn = _mm512_set1_epi16(static_cast<int16_t>(std::clamp(n, 1, 15)));
+        const __m512i bias = _mm512_sub_epi16(_mm512_sllv_epi16(one, _mm512_sub_epi16(vn, one)), one);
+        for (int64_t i = begin; i < end; i += 32) {
+          const int64_t cnt = std::min<int64_t>(32, end - i);
+          const __mmask32 k = cnt == 32 ? ~__mmask32{0} : static_cast<__mmask32>((1u << cnt) - 1u);
+          __m512i w = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(k, row + i));
+          if (n < 0) {
+            w = _mm512_sll_epi16(w, left);
+          } else {
+            const __m512i odd = _mm512_and_si512(_mm512_srav_epi16(w, vn), one);
+            w = _mm512_srav_epi16(_mm512_add_epi16(_mm512_add_epi16(w, bias), odd), vn);
+          }
+          _mm256_mask_storeu_epi8(orow + i, k, _mm512_cvtepi16_epi8(w));
+        }
+      }
+    }
+  }
+}
+
 template <typename T>
 struct BlockRequantizeKernel {
   BlockRequantizeKernel(const OrtApi*, const OrtKernelInfo* info) {
@@ -209,20 +308,24 @@ struct BlockRequantizeKernel {
         int_attribute(info, "BlockRequantize", "block_size", nullptr), false);
     bits_ = CheckedBits("BlockRequantize",
                         int_attribute(info, "BlockRequantize", "bits", &kDefaultBits));
+    const int64_t qmax = (int64_t{1} << (bits_ - 1)) - 1;
+    for (int64_t m = 1; m <= 128; ++m) k_of_m_[m] = SegmentExponent(m, 0, qmax, "BlockRequantize");
   }
 
-  Ort::Status Compute(const Ort::Custom::Tensor<T>& x, const Ort::Custom::Tensor<float>& x_scale,
-                      Ort::Custom::Tensor<int8_t>& y, Ort::Custom::Tensor<float>& y_scale) {
+  Ort::Status Compute(OrtKernelContext* ctx, const Ort::Custom::Tensor<T>& x,
+                      const Ort::Custom::Tensor<float>& x_scale, Ort::Custom::Tensor<int8_t>& y,
+                      Ort::Custom::Tensor<float>& y_scale) {
     try {
-      Run(x, x_scale, y, y_scale);
+      Run(ctx, x, x_scale, y, y_scale);
     } catch (const std::exception& e) {
       return Failure(e);
     }
     return Ort::Status{nullptr};
   }
 
-  void Run(const Ort::Custom::Tensor<T>& x, const Ort::Custom::Tensor<float>& x_scale,
-           Ort::Custom::Tensor<int8_t>& y, Ort::Custom::Tensor<float>& y_scale) const {
+  void Run(OrtKernelContext* ctx, const Ort::Custom::Tensor<T>& x,
+           const Ort::Custom::Tensor<float>& x_scale, Ort::Custom::Tensor<int8_t>& y,
+           Ort::Custom::Tensor<float>& y_scale) const {
     static const char* kOp = "BlockRequantize";
     const std::vector<int64_t> shape = x.Shape();
     int64_t rows = 0, depth = 0;
@@ -254,6 +357,54 @@ struct BlockRequantizeKernel {
     if (rows == 0 || depth == 0) return;
     const T* in = x.Data();
     const int64_t qmax = (int64_t{1} << (bits_ - 1)) - 1;
+    if constexpr (std::is_same_v<T, int8_t>) {
+      if (isa_ >= kIsaAvx512 && in_block_size_ > 0 && block_size_ % in_block_size_ == 0) {
+        // exponents are validated (pow2_exponent above); only SegmentExponent can still
+        // throw (values beyond 2^127 * qmax): an error flag, reported after the parallel part
+        struct Job {
+          const int8_t* in;
+          const int* e_in;
+          int8_t* out;
+          float* scales;
+          int64_t rows, per_task, depth, in_block, block, qmax;
+          const int* k_of_m;
+          std::atomic<bool> failed{false};
+          std::string error;
+          std::mutex mu;
+        } job;
+        job.in = in;
+        job.e_in = e_in.data();
+        job.out = out;
+        job.scales = scales;
+        job.rows = rows;
+        job.depth = depth;
+        job.in_block = in_block_size_;
+        job.block = block_size_;
+        job.qmax = qmax;
+        job.k_of_m = k_of_m_.data();
+        job.per_task = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(depth, 1));
+        const int64_t tasks = (rows + job.per_task - 1) / job.per_task;
+        auto task = [](void* data, size_t t) {
+          Job& jb = *static_cast<Job*>(data);
+          const int64_t r0 = static_cast<int64_t>(t) * jb.per_task;
+          const int64_t r1 = std::min(jb.rows, r0 + jb.per_task);
+          try {
+            std::vector<int> e_seg(static_cast<size_t>(num_blocks(jb.depth, jb.in_block)));
+            RequantizeNestedInt8Avx512(jb.in, jb.e_in, jb.out, jb.scales, r0, r1, jb.depth,
+                                       jb.in_block, jb.block, jb.qmax, jb.k_of_m, e_seg.data());
+          } catch (const std::exception& e) {
+            std::lock_guard<std::mutex> lock(jb.mu);
+            if (!jb.failed.exchange(true)) jb.error = e.what();
+          }
+        };
+        if (tasks <= 1)
+          task(&job, 0);
+        else
+          Ort::KernelContext(ctx).ParallelFor(task, static_cast<size_t>(tasks), 0, &job);
+        if (job.failed) throw std::runtime_error(job.error);
+        return;
+      }
+    }
 
     for (int64_t r = 0; r < rows; ++r) {
       const T* row = in + r * depth;
@@ -297,6 +448,8 @@ struct BlockRequantizeKernel {
   int64_t in_block_size_ = 0;
   int64_t block_size_ = 0;
   int bits_ = 8;
+  int isa_ = BestIsa();
+  std::array<int, 129> k_of_m_{};  // SegmentExponent(m, 0, qmax) of int8 maxima m
 };
 
 void AddOp(Ort::CustomOpDomain& domain, OrtCustomOp* op) {
