@@ -65,6 +65,13 @@ def _add_compress_flags(p: argparse.ArgumentParser) -> None:
         help="weights' pow2 scale codes: 8 = one byte per block, 4 = offsets from a per-column base",
     )
     g.add_argument(
+        "--match-weight-blocks",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="integer mode: linear layers read their activations re-blocked to their weight "
+        "block size (w8a8: on)",
+    )
+    g.add_argument(
         "--float-dtype",
         choices=("float32", "float16"),
         help="storage of tensors left in floating point (biases, LayerNorm, excluded weights)",
@@ -115,6 +122,7 @@ def _config_from_args(args):
         mode=args.mode,
         exclude=args.exclude,
         no_activations=args.no_activations,
+        match_weight_blocks=args.match_weight_blocks,
     )
     return config
 

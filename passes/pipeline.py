@@ -49,7 +49,12 @@ def build_pipeline(config: CompressionConfig) -> list[ir.passes.PassBase]:
     elif config.mode == "integer":
         if config.activations is None:
             raise ValueError("mode 'integer' needs quantized activations (drop --no-activations)")
-        passes += [LowerInteger(), LowerMatMul(), LowerQDQ(), LowerDequantize()]
+        passes += [
+            LowerInteger(),
+            LowerMatMul(match_weight_blocks=config.match_weight_blocks),
+            LowerQDQ(),
+            LowerDequantize(),
+        ]
     else:
         raise ValueError(f"unknown mode {config.mode!r}")
     if config.float_dtype == "float16":

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import onnx
 import pytest
 
 from bctonnx.cli import main
@@ -65,6 +66,19 @@ def test_compress_json_report_has_ratio_and_passes(capsys, tiny_copy, tmp_path):
     report = json.loads(stdout)
     assert report["ratio"] == pytest.approx(report["input_bytes"] / report["output_bytes"])
     assert [p["name"] for p in report["passes"]][0] == "Canonicalize"
+
+
+@pytest.mark.parametrize("flag, on", [(None, True), ("--no-match-weight-blocks", False)])
+def test_match_weight_blocks_flag_reaches_the_config(capsys, tiny_copy, tmp_path, flag, on):
+    out = tmp_path / "t.onnx"
+    argv = ["compress", tiny_copy / "model.onnx", "-o", out, "--block-size", "16"]
+    argv += ["--weight-block-size", "32", "--mode", "integer", "--json"]
+    rc, stdout, _ = run_cli(capsys, *argv, *([flag] if flag else []))
+    assert rc == 0
+    report = json.loads(stdout)
+    assert report["config"]["match_weight_blocks"] is on  # w8a8's default: on
+    ops = {n.op_type for n in onnx.load(out).graph.node}
+    assert ("BlockRequantize" in ops) is on
 
 
 def test_validate_prints_outputs_and_layer_table(capsys, tiny_copy, tmp_path):

@@ -423,6 +423,40 @@ def test_lower_matmul_equals_the_integer_form_without_it(tiny_bert_onnx, preset)
     assert cosine(with_pass, without) > 0.9999
 
 
+@pytest.mark.parametrize("match", [True, False])
+def test_match_weight_blocks_reblocks_the_linear_inputs(tiny_bert_onnx, fp32_reference, match):
+    """Weights in blocks of 32, activations in blocks of 16: with match_weight_blocks every
+    BlockMatMul reads 32-blocks, the int8 inputs through one BlockRequantize per tensor (LN
+    outputs feed Q, K and V together; the attention context is float, quantized by the
+    kernel itself); without it, nothing changes."""
+    model = bctonnx.compress(
+        tiny_bert_onnx,
+        preset="w8a8",
+        block_size=16,
+        weight_block_size=32,
+        mode="integer",
+        match_weight_blocks=match,
+    )
+    ops = Counter(n.op_type for n in model.graph.node)
+    assert ops["BlockMatMul"] == 12
+    acts = {
+        a.i
+        for n in model.graph.node
+        if n.op_type == "BlockMatMul"
+        for a in n.attribute
+        if a.name == "act_block_size"
+    }
+    assert acts == ({32} if match else {16})
+    # per layer: LN output (Q, K, V), second LN output (FFN1), GELU output (FFN2)
+    assert ops["BlockRequantize"] == (6 if match else 0)
+    for node in model.graph.node:
+        if node.op_type == "BlockRequantize":
+            attrs = {a.name: a.i for a in node.attribute}
+            assert attrs == {"in_block_size": 16, "block_size": 32, "bits": 8}
+    for seq in (7, 19):
+        assert cosine(_run_model(model, seq), fp32_reference(seq)) > 0.99
+
+
 def test_lower_matmul_keeps_weights_compressed_in_the_file(tiny_bert_onnx):
     with_pass = _compress(tiny_bert_onnx, "w4a8")
     without = _compress(tiny_bert_onnx, "w4a8", lower_matmul=False)
