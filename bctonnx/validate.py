@@ -368,9 +368,10 @@ def integer_op_stats(
         for node, q_name, s_name, mask_name, out_name, scale_name in plan:
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             block = int(attrs["block_size"])
+            out_block = int(attrs.get("out_block_size", 0)) or block  # IntGelu's may be larger
             x = _dequantize_blocks(values[q_name], values[s_name], block)
             if scale_name:
-                got = _dequantize_blocks(values[out_name], values[scale_name], block)
+                got = _dequantize_blocks(values[out_name], values[scale_name], out_block)
             else:  # IntSoftmax: uint8 probabilities in steps of 1/256
                 got = values[out_name].astype(np.float64) * 2.0**-8
             if node.op_type == "IntGelu":
@@ -395,7 +396,7 @@ def integer_op_stats(
                 var = ((x - mu) ** 2).mean(-1, keepdims=True)
                 ref = (x - mu) / np.sqrt(var + float(attrs.get("epsilon", 1e-5))) * gamma + beta
             if scale_name:
-                lsb = _dequantize_blocks(np.ones_like(got), values[scale_name], block)
+                lsb = _dequantize_blocks(np.ones_like(got), values[scale_name], out_block)
             else:
                 lsb = np.full_like(got, 2.0**-8)  # IntSoftmax: probabilities in steps of 1/256
             err = np.abs(got - ref)

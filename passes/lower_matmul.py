@@ -187,7 +187,7 @@ class LowerMatMul(ir.passes.InPlacePass):
         (x, x_scale), act_block, act_bits = act
         if max(act_block, fmt.block_size) % min(act_block, fmt.block_size):
             return self._skip(node, "weight and activation block sizes do not nest")
-        x, x_scale, act_block = self._reblocked(x, x_scale, act_block, act_bits, fmt, codes)
+        x, x_scale, act_block = self._reblocked(node, x, x_scale, act_block, act_bits, fmt, codes)
 
         out = node.outputs[0]
         bias = None
@@ -266,16 +266,26 @@ class LowerMatMul(ir.passes.InPlacePass):
         take_over(quant.outputs[1], y_s)
         return True
 
-    def _reblocked(self, x, x_scale, act_block: int, act_bits: int, fmt: BlockFormat, codes):
+    def _reblocked(
+        self, node: ir.Node, x, x_scale, act_block: int, act_bits: int, fmt: BlockFormat, codes
+    ):
         """With ``match_weight_blocks``, the activations in blocks of the weight block size
-        when that is a larger multiple of theirs and divides K: int8 codes go through one
-        BlockRequantize (shared by the linear layers reading the same codes), a float input
-        is quantized by the kernel at that block size directly."""
+        when that is a larger multiple of theirs and divides K: an IntGelu read by this layer
+        alone makes its output in those blocks, other int8 codes go through one BlockRequantize
+        (shared by the linear layers reading the same codes), a float input is quantized by the
+        kernel at that block size directly."""
         b = fmt.block_size
         if not self.match_weight_blocks or b <= act_block or b % act_block or codes.shape[0] % b:
             return x, x_scale, act_block
         if x_scale is None:
             return x, None, b
+        src = x.producer()
+        if _is(src, "IntGelu", OPS_DOMAIN) and self._only_read_by(src, node):
+            # the GELU's exact values quantized in blocks of b directly (ref_nonlinear.int_gelu
+            # out_block_size): no second rounding, no extra op
+            src.attributes["out_block_size"] = ir.AttrInt64("out_block_size", b)
+            x_scale.shape = None
+            return x, x_scale, b
         key = ("reblock", id(x), id(x_scale), b)
         if key not in self.shared:
             node = ir.Node(
@@ -296,6 +306,20 @@ class LowerMatMul(ir.passes.InPlacePass):
             self.shared[key] = (q, s)
         q, s = self.shared[key]
         return q, s, b
+
+    def _only_read_by(self, src: ir.Node, node: ir.Node) -> bool:
+        """Every output of ``src`` is read only by DequantizeLinear nodes that feed ``node``
+        alone (the lower_integer form of one MatMul's input)."""
+        for out in src.outputs:
+            if out in self.graph.outputs:
+                return False
+            for use in out.uses():
+                dq = use.node
+                if not _is(dq, "DequantizeLinear") or dq.outputs[0] in self.graph.outputs:
+                    return False
+                if any(u.node is not node for u in dq.outputs[0].uses()):
+                    return False
+        return True
 
     def _lower_scores(self, node: ir.Node) -> bool:
         """Attention scores MatMul(DQ(q_a, s_a), [Mul(, c)] Transpose(DQ(q_b, s_b)) [Mul(, c)])

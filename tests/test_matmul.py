@@ -426,9 +426,9 @@ def test_lower_matmul_equals_the_integer_form_without_it(tiny_bert_onnx, preset)
 @pytest.mark.parametrize("match", [True, False])
 def test_match_weight_blocks_reblocks_the_linear_inputs(tiny_bert_onnx, fp32_reference, match):
     """Weights in blocks of 32, activations in blocks of 16: with match_weight_blocks every
-    BlockMatMul reads 32-blocks, the int8 inputs through one BlockRequantize per tensor (LN
-    outputs feed Q, K and V together; the attention context is float, quantized by the
-    kernel itself); without it, nothing changes."""
+    BlockMatMul reads 32-blocks: the LN outputs through one BlockRequantize each (Q, K and V
+    share one), the GELU output made in 32-blocks by IntGelu itself, the attention context
+    (float) quantized by the kernel; without it, nothing changes."""
     model = bctonnx.compress(
         tiny_bert_onnx,
         preset="w8a8",
@@ -447,8 +447,14 @@ def test_match_weight_blocks_reblocks_the_linear_inputs(tiny_bert_onnx, fp32_ref
         if a.name == "act_block_size"
     }
     assert acts == ({32} if match else {16})
-    # per layer: LN output (Q, K, V), second LN output (FFN1), GELU output (FFN2)
-    assert ops["BlockRequantize"] == (6 if match else 0)
+    # per layer: LN output (Q, K, V), second LN output (FFN1)
+    assert ops["BlockRequantize"] == (4 if match else 0)
+    gelu_out = [
+        {a.name: a.i for a in n.attribute}.get("out_block_size", 0)
+        for n in model.graph.node
+        if n.op_type == "IntGelu"
+    ]
+    assert gelu_out == ([32, 32] if match else [0, 0])
     for node in model.graph.node:
         if node.op_type == "BlockRequantize":
             attrs = {a.name: a.i for a in node.attribute}

@@ -76,8 +76,10 @@ def _session(lib: str, op: str, threads: int = 1, **attrs) -> ort.InferenceSessi
     return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def run_gelu(lib, x, s, b, simd=1, threads=1):
-    return _session(lib, "IntGelu", threads, block_size=b, simd=simd).run(None, {"x": x, "s": s})
+def run_gelu(lib, x, s, b, simd=1, threads=1, out_block=0):
+    attrs = {"out_block_size": out_block} if out_block else {}
+    sess = _session(lib, "IntGelu", threads, block_size=b, simd=simd, **attrs)
+    return sess.run(None, {"x": x, "s": s})
 
 
 def run_softmax(lib, x, s, b, mask=None, simd=1, threads=1):
@@ -219,6 +221,45 @@ def test_gelu_every_code_at_every_exponent(lib, simd):
     x[:, 3] = np.tile(np.arange(-128, 128), 49)
     e1 = np.repeat(np.arange(-40, 9), 256)[:, None]
     assert_same(run_gelu(lib, x, scales(e1), 16, simd), R.int_gelu(x, scales(e1), 16))
+
+
+@pytest.mark.parametrize("simd", SIMD)
+@pytest.mark.parametrize("b, per", [(32, 4), (16, 2), (16, 8), (64, 3), (32, 1)])
+def test_gelu_out_blocks_bit_exact(lib, b, per, simd):
+    """out_block_size = per * block_size: several input blocks quantized together (partial
+    last groups, exponents far apart inside a group, all-zero blocks, extreme exponents)."""
+    rng = np.random.default_rng(b * per + simd)
+    cases = [random_case(rng, (3, 2, d), b) for d in (*LENGTHS, 384, b * per * 2 + b + 3)]
+    cases += edge_cases(rng, (2, 3, 2 * b * per + 5), b)
+    x = rng.integers(-128, 128, (8, b * per * 2)).astype(np.int8)
+    x[0, :b] = 0  # an all-zero block next to others
+    x[1] = -128
+    e = rng.integers(-149, 128, (8, 2 * per))
+    e[2] = -149
+    e[3] = 127
+    e[4, ::2] = -40  # far apart inside one group
+    cases.append((x, scales(e)))
+    for x, s in cases:
+        want = R.int_gelu(x, s, b, b * per)
+        got = run_gelu(lib, x, s, b, simd, out_block=b * per)
+        assert got[1].shape == x.shape[:-1] + (-(-x.shape[-1] // (b * per)),)
+        assert_same(got, want)
+    # per = 1 is the plain op; grouped exponents are the max of the blocks' own
+    x, s = random_case(rng, (4, 256), b)
+    assert_same(R.int_gelu(x, s, b, b), R.int_gelu(x, s, b))
+    own = R.int_gelu(x, s, b)[1]
+    grouped = R.int_gelu(x, s, b, b * per)[1]
+    pad = -own.shape[-1] % per
+    own = np.pad(own, [(0, 0), (0, pad)], constant_values=np.float32(2.0**-128))
+    assert np.array_equal(grouped, own.reshape(4, -1, per).max(axis=-1))
+
+
+def test_gelu_rejects_out_blocks_that_do_not_nest(lib):
+    x, s = random_case(np.random.default_rng(0), (2, 64), 32)
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        R.int_gelu(x, s, 32, 48)
+    with pytest.raises(Exception, match="multiple of block_size"):
+        run_gelu(lib, x, s, 32, out_block=48)
 
 
 @pytest.mark.parametrize("simd", SIMD)

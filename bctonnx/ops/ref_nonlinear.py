@@ -3,7 +3,8 @@
 
 Ops of the ``bctonnx`` domain, version 1::
 
-    IntGelu(x: int8, x_scale: f32) -> (y: int8, y_scale: f32)            attr block_size
+    IntGelu(x: int8, x_scale: f32) -> (y: int8, y_scale: f32)            attrs block_size,
+                                                                           out_block_size
     IntSoftmax(x: int8, x_scale: f32[, mask: f32]) -> y: uint8             attr block_size
     IntLayerNorm(x: int8, x_scale: f32, gamma: int8[H], gamma_scale: f32[ceil(H/B)],
                  beta: int8[H], beta_scale: f32[ceil(H/B)]) -> (y: int8, y_scale: f32)
@@ -14,7 +15,8 @@ tensor is int8 codes cut along its LAST axis into blocks of ``block_size`` eleme
 block may be partial); its scale tensor has the codes' shape with the last axis
 ``ceil(D / block_size)``, every scale an exact float32 power of two ``2**e`` (subnormals
 included, ``e`` in ``[-149, 127]``; anything else is an error). Input codes may be any int8,
--128 included. Output blocks have the input's block size, codes in ``[-127, 127]`` and
+-128 included. Output blocks have the input's block size (IntGelu: or ``out_block_size``, a
+multiple of it), codes in ``[-127, 127]`` and
 exponents chosen by `reblock`: the smallest ``e`` in ``[-128, 127]`` with
 ``max|v| <= 127 * 2**e`` for the block's exact output values ``v`` (a block of zeros gets
 ``e = -128``), codes ``round_half_even(v / 2**e)``. That is blockformat's pow2 rule
@@ -246,7 +248,29 @@ def gelu_table() -> np.ndarray:
     return t
 
 
-def int_gelu(x: np.ndarray, x_scale: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+def reblock_grouped(v: np.ndarray, g: np.ndarray, per: int) -> tuple[np.ndarray, np.ndarray]:
+    """`reblock` with output blocks of ``per`` consecutive input blocks (the last group may be
+    shorter): exact values ``v[..., nb, B] * 2**g[..., nb]`` -> (codes ``[..., nb, B]``,
+    exponents ``[..., ceil(nb / per)]``). Per group ``e`` = the largest of its blocks' `reblock`
+    exponents (the smallest one at which every value of the group fits in 127 codes; -128 when
+    all are zero), codes ``clamp(shift_round_even(v, e - g_b), -127, 127)`` in each block
+    ``b``. ``per = 1`` is `reblock`."""
+    v = np.asarray(v, np.int64)
+    g = np.asarray(g, np.int64)
+    _, e_blocks = reblock(v, g)  # clamped to [-128, 127]; max of clamped = clamped max
+    nb = v.shape[-2]
+    ngrp = -(-nb // per)
+    pad = ngrp * per - nb
+    padded = np.pad(e_blocks, [(0, 0)] * (e_blocks.ndim - 1) + [(0, pad)], constant_values=-128)
+    e = padded.reshape(*e_blocks.shape[:-1], ngrp, per).max(axis=-1)
+    e_b = np.repeat(e, per, axis=-1)[..., :nb]
+    codes = shift_round_even(v, (e_b - g)[..., None])
+    return np.clip(codes, -127, 127).astype(np.int8), e.astype(np.int64)
+
+
+def int_gelu(
+    x: np.ndarray, x_scale: np.ndarray, block_size: int, out_block_size: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Reference of ``bctonnx.IntGelu``: GELU (erf form) of ``x * x_scale``, re-blocked.
 
     Approximation: a lookup table indexed by block exponent and code, exact up to rounding.
@@ -258,7 +282,11 @@ def int_gelu(x: np.ndarray, x_scale: np.ndarray, block_size: int) -> tuple[np.nd
       ``q * 2**15`` (GELU(x) = x/2 + x^2/sqrt(2 pi) + ..., the quadratic term is below half a
       unit for e <= -30) and at ``GELU_E_HI`` every entry is ``max(q, 0) * 2**16`` (the tail
       ``x Phi(-x)`` is below half a unit for x >= 8); both checked by the tests.
-    - ``(y, e_out) = reblock(T, e - 16)``.
+    - ``(y, e_out) = reblock(T, e - 16)``; with ``out_block_size`` (a multiple of
+      ``block_size``; 0: the same) the output blocks are that long:
+      ``reblock_grouped(T, e - 16, out_block_size // block_size)``, the exact T values of
+      several input blocks quantized together (what a linear layer with weight blocks of that
+      size reads, `passes.lower_matmul`).
 
     The table is built from float64 with + - * / only (`_phi`: Taylor series of erf below
     z = 2.5, Laplace's continued fraction of erfc above, e^-y by Taylor + repeated
@@ -273,14 +301,20 @@ def int_gelu(x: np.ndarray, x_scale: np.ndarray, block_size: int) -> tuple[np.nd
     int8 code including -128 and any input exponent in [-149, 127] is valid.
     """
     block_size = _check_block_size(block_size)
+    out_block_size = int(out_block_size) or block_size
+    if out_block_size % block_size:
+        raise ValueError(
+            f"out_block_size {out_block_size} must be a multiple of block_size {block_size}"
+        )
     x = np.asarray(x)
     q, e, _ = _blocks(x, x_scale, block_size)
     if x.size == 0:
-        return x.astype(np.int8).copy(), np.asarray(x_scale, np.float32).copy()
+        out_nb = -(-x.shape[-1] // out_block_size)
+        return x.astype(np.int8).copy(), np.ones((*x.shape[:-1], out_nb), np.float32)
     table = gelu_table()
     ei = np.clip(e, GELU_E_LO, GELU_E_HI) - GELU_E_LO
     t = table[ei[..., None], q + 128]
-    codes, e_out = reblock(t, e - GELU_FRAC_BITS)
+    codes, e_out = reblock_grouped(t, e - GELU_FRAC_BITS, out_block_size // block_size)
     y = _unblock(codes, x.shape)
     return y.astype(np.int8), exponent_scales(e_out).reshape(*x.shape[:-1], -1)
 

@@ -365,11 +365,11 @@ const GeluTables& gelu_tables() {
 }
 
 // Per block, given the max code `hi` and whether a negative code is present: the block's
-// max |T| (exact; the scan over negative codes only runs when they might dominate), the output
-// exponent, and the code table row (nullptr: all codes 0).
+// max |T| (exact; the scan over negative codes only runs when they might dominate), its table
+// row index and grid g = e - 16, and the output exponent it asks for.
 struct GeluBlock {
-  int eo;
-  const int8_t* table;
+  int64_t m;
+  int ei, g, eo;
 };
 
 inline GeluBlock gelu_block(const GeluTables& tb, const int8_t* xb, int n, int e, int hi,
@@ -382,32 +382,59 @@ inline GeluBlock gelu_block(const GeluTables& tb, const int8_t* xb, int n, int e
     for (int i = 0; i < n; ++i) m = std::max<int64_t>(m, std::abs(t[xb[i] + 128]));
   }
   const int g = e - kGeluF;
-  const int eo = reblock_exponent(static_cast<uint64_t>(m), g);
-  const int k = eo - g;
-  if (m == 0 || k > kGeluKMax) return {eo, nullptr};
-  return {eo, tb.codes[ei][k - kGeluKMin]};
+  return {m, ei, g, reblock_exponent(static_cast<uint64_t>(m), g)};
 }
 
-BCT_CLONES void gelu_rows_portable(const GeluTables& tb, const Blocking& bl, const int8_t* x,
-                        const int16_t* ex, int8_t* y, float* ys, int64_t r0, int64_t r1) {
+// The code table row of a block at output exponent eo >= its own (nullptr: all codes 0). The
+// shift k = eo - g is at least the block's own, so >= kGeluKMin; beyond kGeluKMax every code
+// rounds to 0.
+inline const int8_t* gelu_codes_row(const GeluTables& tb, const GeluBlock& gb, int eo) {
+  const int k = eo - gb.g;
+  if (gb.m == 0 || k > kGeluKMax) return nullptr;
+  return tb.codes[gb.ei][k - kGeluKMin];
+}
+
+// Output blocks of `per` input blocks (ref: reblock_grouped; per = 1: reblock).
+struct GeluGrouping {
+  int64_t per, ngrp;
+};
+
+// Each block's output exponent: the largest of its group's (gbs[b].eo is overwritten), and
+// the group scales of one row.
+inline void gelu_group_exponents(const Blocking& bl, GeluGrouping gr, GeluBlock* gbs, float* ys) {
+  for (int64_t gi = 0; gi < gr.ngrp; ++gi) {
+    const int64_t b0 = gi * gr.per, b1 = std::min(bl.nb, b0 + gr.per);
+    int eo = -128;
+    for (int64_t b = b0; b < b1; ++b) eo = std::max(eo, gbs[b].eo);
+    for (int64_t b = b0; b < b1; ++b) gbs[b].eo = eo;
+    ys[gi] = pow2_float(eo);
+  }
+}
+
+// Per row: every block's max |T| (scan), the group exponents, then every block's codes from
+// its table row at the group's exponent (gbs: nb entries of scratch).
+BCT_CLONES void gelu_rows_portable(const GeluTables& tb, const Blocking& bl, GeluGrouping gr,
+                                   const int8_t* x, const int16_t* ex, int8_t* y, float* ys,
+                                   int64_t r0, int64_t r1, GeluBlock* gbs) {
   for (int64_t r = r0; r < r1; ++r) {
     for (int64_t b = 0; b < bl.nb; ++b) {
-      const int64_t off = r * bl.d + b * bl.b;
       const int n = static_cast<int>(std::min(bl.b, bl.d - b * bl.b));
-      const int8_t* xb = x + off;
+      const int8_t* xb = x + r * bl.d + b * bl.b;
       int hi = -128;
       bool anyneg = false;
       for (int i = 0; i < n; ++i) {
         hi = std::max<int>(hi, xb[i]);
         anyneg |= xb[i] < 0;
       }
-      const GeluBlock gb = gelu_block(tb, xb, n, ex[r * bl.nb + b], hi, anyneg);
-      ys[r * bl.nb + b] = pow2_float(gb.eo);
-      if (!gb.table) {
-        std::memset(y + off, 0, n);
-      } else {
-        for (int i = 0; i < n; ++i) y[off + i] = gb.table[static_cast<uint8_t>(xb[i]) ^ 0x80u];
-      }
+      gbs[b] = gelu_block(tb, xb, n, ex[r * bl.nb + b], hi, anyneg);
+    }
+    gelu_group_exponents(bl, gr, gbs, ys + r * gr.ngrp);
+    for (int64_t b = 0; b < bl.nb; ++b) {
+      const int64_t off = r * bl.d + b * bl.b;
+      const int n = static_cast<int>(std::min(bl.b, bl.d - b * bl.b));
+      const int8_t* row = gelu_codes_row(tb, gbs[b], gbs[b].eo);
+      for (int i = 0; i < n; ++i)
+        y[off + i] = row ? row[static_cast<uint8_t>(x[off + i]) ^ 0x80u] : int8_t{0};
     }
   }
 }
@@ -415,16 +442,15 @@ BCT_CLONES void gelu_rows_portable(const GeluTables& tb, const Blocking& bl, con
 #if BCT_X86
 // AVX-512 VBMI: the 256-entry byte table lives in four zmm registers; two vpermi2b pick from
 // its halves and the index's top bit chooses.
-BCT_AVX512VBMI void gelu_rows_avx512(const GeluTables& tb, const Blocking& bl, const int8_t* x,
-                                     const int16_t* ex, int8_t* y, float* ys, int64_t r0,
-                                     int64_t r1) {
+BCT_AVX512VBMI void gelu_rows_avx512(const GeluTables& tb, const Blocking& bl, GeluGrouping gr,
+                                     const int8_t* x, const int16_t* ex, int8_t* y, float* ys,
+                                     int64_t r0, int64_t r1, GeluBlock* gbs) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   const __m512i lowest = _mm512_set1_epi8(-128);
   for (int64_t r = r0; r < r1; ++r) {
     for (int64_t b = 0; b < bl.nb; ++b) {
-      const int64_t off = r * bl.d + b * bl.b;
       const int n = static_cast<int>(std::min(bl.b, bl.d - b * bl.b));
-      const int8_t* xb = x + off;
+      const int8_t* xb = x + r * bl.d + b * bl.b;
       __m512i mx = lowest;
       __mmask64 neg = 0;
       for (int i = 0; i < n; i += 64) {
@@ -436,19 +462,24 @@ BCT_AVX512VBMI void gelu_rows_avx512(const GeluTables& tb, const Blocking& bl, c
       __m256i m256 = _mm256_max_epi8(_mm512_castsi512_si256(mx), _mm512_extracti64x4_epi64(mx, 1));
       const int hi = hmax_epi8(
           _mm_max_epi8(_mm256_castsi256_si128(m256), _mm256_extracti128_si256(m256, 1)));
-      const GeluBlock gb = gelu_block(tb, xb, n, ex[r * bl.nb + b], hi, neg != 0);
-      ys[r * bl.nb + b] = pow2_float(gb.eo);
-      if (!gb.table) {
+      gbs[b] = gelu_block(tb, xb, n, ex[r * bl.nb + b], hi, neg != 0);
+    }
+    gelu_group_exponents(bl, gr, gbs, ys + r * gr.ngrp);
+    for (int64_t b = 0; b < bl.nb; ++b) {
+      const int64_t off = r * bl.d + b * bl.b;
+      const int n = static_cast<int>(std::min(bl.b, bl.d - b * bl.b));
+      const int8_t* row = gelu_codes_row(tb, gbs[b], gbs[b].eo);
+      if (!row) {
         std::memset(y + off, 0, n);
         continue;
       }
-      const __m512i t0 = _mm512_loadu_si512(gb.table);
-      const __m512i t1 = _mm512_loadu_si512(gb.table + 64);
-      const __m512i t2 = _mm512_loadu_si512(gb.table + 128);
-      const __m512i t3 = _mm512_loadu_si512(gb.table + 192);
+      const __m512i t0 = _mm512_loadu_si512(row);
+      const __m512i t1 = _mm512_loadu_si512(row + 64);
+      const __m512i t2 = _mm512_loadu_si512(row + 128);
+      const __m512i t3 = _mm512_loadu_si512(row + 192);
       for (int i = 0; i < n; i += 64) {
         const __mmask64 k = n - i >= 64 ? ~__mmask64{0} : ((__mmask64{1} << (n - i)) - 1);
-        const __m512i idx = _mm512_xor_si512(_mm512_maskz_loadu_epi8(k, xb + i), flip);
+        const __m512i idx = _mm512_xor_si512(_mm512_maskz_loadu_epi8(k, x + off + i), flip);
         const __m512i lo = _mm512_permutex2var_epi8(t0, idx, t1);
         const __m512i hv = _mm512_permutex2var_epi8(t2, idx, t3);
         const __m512i res = _mm512_mask_blend_epi8(_mm512_movepi8_mask(idx), lo, hv);
@@ -461,26 +492,38 @@ BCT_AVX512VBMI void gelu_rows_avx512(const GeluTables& tb, const Blocking& bl, c
 
 struct IntGeluKernel {
   int64_t block_size;
+  int64_t out_block_size;  // a multiple of block_size (attribute 0 or absent: the same)
   bool simd;
   IntGeluKernel(const OrtApi*, const OrtKernelInfo* info)
       : block_size(read_block_size(info, "IntGelu")), simd(read_simd(info, "IntGelu")) {
+    static const int64_t kSame = 0;
+    out_block_size = int_attribute(info, "IntGelu", "out_block_size", &kSame);
+    if (out_block_size == 0) out_block_size = block_size;
+    if (out_block_size < 0 || out_block_size % block_size)
+      throw std::runtime_error("IntGelu: out_block_size must be a multiple of block_size " +
+                               std::to_string(block_size) + ", got " +
+                               std::to_string(out_block_size));
     gelu_tables();
   }
   void Compute(OrtKernelContext* ctx, const Tensor<int8_t>& x, const Tensor<float>& x_scale,
                Tensor<int8_t>& y, Tensor<float>& y_scale) {
     const Blocking bl = check_blocked(x, x_scale, block_size, "IntGelu");
     int8_t* yo = y.Allocate(x.Shape());
-    float* so = y_scale.Allocate(x_scale.Shape());
+    std::vector<int64_t> sshape = x_scale.Shape();
+    const GeluGrouping gr{out_block_size / block_size, num_blocks(bl.d, out_block_size)};
+    sshape.back() = gr.ngrp;
+    float* so = y_scale.Allocate(sshape);
     if (bl.rows == 0 || bl.d == 0) return;
     const auto ex = scale_exponents(x_scale.Data(), bl.rows * bl.nb);
     const GeluTables& tb = gelu_tables();
     const int8_t* xi = x.Data();
     const bool fast = simd && cpu_avx512vbmi();
     parallel_rows(ctx, bl.rows, bl.d, [&](int64_t r0, int64_t r1) {
+      GeluBlock* gbs = scratch<GeluBlock, 1>(static_cast<size_t>(bl.nb));  // one row's blocks
 #if BCT_X86
-      if (fast) return gelu_rows_avx512(tb, bl, xi, ex.data(), yo, so, r0, r1);
+      if (fast) return gelu_rows_avx512(tb, bl, gr, xi, ex.data(), yo, so, r0, r1, gbs);
 #endif
-      gelu_rows_portable(tb, bl, xi, ex.data(), yo, so, r0, r1);
+      gelu_rows_portable(tb, bl, gr, xi, ex.data(), yo, so, r0, r1, gbs);
     });
   }
 };
