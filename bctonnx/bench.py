@@ -1,7 +1,7 @@
 """bench: latency, file size and peak memory of FP32, onnxruntime's dynamic int8 and BCT presets.
 
     bctonnx bench MODEL_OR_DIR [--batch 1,8] [--seq 128] [--threads 2] [--runs 20]
-                  [--presets w8a8,w4a8] [--modes integer,qdq] [--json FILE] [--plot FILE.png]
+                  [--presets w8a8,w8a8-fast,w4a8] [--modes integer,qdq] [--json FILE] [--plot FILE.png]
 
 One run builds every model from the same FP32 file (an exported directory's ``model.onnx`` or
 a model file): onnxruntime's ``quantize_dynamic`` int8 (`bctonnx.baselines`) and each preset in
@@ -35,7 +35,7 @@ from pathlib import Path
 
 from .errors import BctError
 
-DEFAULT_PRESETS = ("w8a8", "w4a8")
+DEFAULT_PRESETS = ("w8a8", "w8a8-fast", "w4a8")
 DEFAULT_MODES = ("integer", "qdq")
 BASELINE = "ort dynamic int8"
 
@@ -190,9 +190,13 @@ def _build_models(
         baseline.path = str(quantize_dynamic_int8(src, workdir / "dynamic_int8.onnx"))
     except Exception as exc:  # noqa: BLE001 - a failed baseline is a row, not the end
         baseline.status, baseline.error = "failed", f"{type(exc).__name__}: {exc}"
+    seen: set[str] = set()
     for preset in presets:
         for mode in modes:
             config = resolve_config(preset, mode=mode, block_size=block_size)
+            if config.describe() in seen:  # e.g. w8a8-fast in qdq mode is w8a8's qdq form
+                continue
+            seen.add(config.describe())
             rec = BenchRecord(
                 f"bct {preset} {mode}", "bct", preset=preset, mode=mode, config=config.describe()
             )

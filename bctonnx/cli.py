@@ -69,7 +69,7 @@ def _add_compress_flags(p: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="integer mode: linear layers read their activations re-blocked to their weight "
-        "block size (w8a8: on)",
+        "block size (on in w8a8-fast)",
     )
     g.add_argument(
         "--float-dtype",
@@ -540,7 +540,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
     p.add_argument("--runs", type=int, default=20, help="timed runs per model and shape")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
-    p.add_argument("--presets", action="append", metavar="NAMES", help="default: w8a8,w4a8")
+    p.add_argument(
+        "--presets", action="append", metavar="NAMES", help="default: w8a8,w8a8-fast,w4a8"
+    )
     p.add_argument("--modes", action="append", metavar="MODES", help="default: integer,qdq")
     p.add_argument(
         "--block-size", type=int, metavar="B", help="override every block size (small models)"

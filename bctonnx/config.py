@@ -60,14 +60,11 @@ class CompressionConfig:
 # reaches the stated ratio on BERT-family models; see README "Presets" for measured numbers.
 PRESETS: dict[str, CompressionConfig] = {
     # int8 everywhere: stored tensors in blocks of 128 with a one-byte scale (fractional
-    # pow2, steps of 2^(1/8)); activations in blocks of 32 with run-time fp32 scales, the
-    # linear layers' inputs re-blocked to 128 in integer mode (one scale pair per 128-long
-    # K segment: half the float steps of 32-long ones, measured 1.6x faster BlockMatMul).
+    # pow2, steps of 2^(1/8)); activations in blocks of 32 with run-time fp32 scales.
     "w8a8": CompressionConfig(
         weights=BlockFormat(bits=8, block_size=128, scale_kind="pow2", frac_bits=3),
         embeddings=BlockFormat(bits=8, block_size=128, scale_kind="pow2", frac_bits=3),
         activations=BlockFormat(bits=8, block_size=32),
-        match_weight_blocks=True,
     ),
     # 4-bit weights in asymmetric blocks of 32 (zero point per block, MSE-clipped, 4-bit
     # scale codes off a per-column base), 4-bit asymmetric embeddings in blocks of 128,
@@ -89,6 +86,12 @@ PRESETS: dict[str, CompressionConfig] = {
         float_dtype="float16",
     ),
 }
+
+
+# w8a8 in integer mode with the linear layers' inputs re-blocked to their weights' 128 (one
+# activation and one weight scale per 128-long K segment: a quarter of the float steps of
+# 32-long ones; BlockMatMul ~1.7x faster on MiniLM, embedding cosine 0.9967 vs 0.9980).
+PRESETS["w8a8-fast"] = replace(PRESETS["w8a8"], mode="integer", match_weight_blocks=True)
 
 
 def resolve_config(

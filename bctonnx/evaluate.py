@@ -196,15 +196,22 @@ def eval_configs(
         configs = load_config_file(config_file)
     else:
         configs = [(name, resolve_config(name)) for name in parse_presets(presets)]
-    if mode is None:
-        return configs
-    try:
-        return [
-            (n if c.mode == mode else f"{n} {mode}", resolve_config(c, mode=mode))
-            for n, c in configs
-        ]
-    except ValueError as exc:
-        raise BctError(str(exc)) from None
+    if mode is not None:
+        try:
+            configs = [
+                (n if c.mode == mode else f"{n} {mode}", resolve_config(c, mode=mode))
+                for n, c in configs
+            ]
+        except ValueError as exc:
+            raise BctError(str(exc)) from None
+    # one record per distinct compression (w8a8-fast in qdq mode is w8a8's qdq form)
+    seen: set[str] = set()
+    unique = []
+    for n, c in configs:
+        if c.describe() not in seen:
+            seen.add(c.describe())
+            unique.append((n, c))
+    return unique
 
 
 # --- models and data ---------------------------------------------------------------------------

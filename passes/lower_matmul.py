@@ -29,19 +29,21 @@ activation blocks stay the config's activation block size (32 in the presets) al
 kernel works on segments of the smaller of the two, which must divide the larger. So the result
 equals the ``lower_integer`` form up to float rounding (the order of the float sums,
 ref_matmul.py "Arithmetic"). One option changes that, on purpose: with
-``match_weight_blocks`` (the w8a8 preset), a layer whose weight blocks are a larger multiple of
-the activation blocks (128 vs 32) reads its activations re-blocked to the weight block size::
+``match_weight_blocks`` (the w8a8-fast preset), a layer whose weight blocks are a larger
+multiple of the activation blocks (128 vs 32) reads its activations re-blocked to the weight
+block size::
 
     BlockMatMul(q, s, ...)  ->  BlockMatMul(BlockRequantize(q, s, 32 -> 128), ...)
                                 (one BlockRequantize per codes tensor, shared by Q, K and V;
+                                 an IntGelu read by this layer alone makes 128-blocks itself;
                                  a float input is quantized by the kernel at 128 directly)
 
 BlockRequantize is BlockQuantize of the same real values at the larger block, so the layer sees
 activations in blocks of 128: one activation and one weight scale per 128-long K segment, a
 quarter of the float steps and tile stores of 32-long ones. Everything else (the residual stream,
 GELU, attention) keeps its blocks of 32. Measured on MiniLM w8a8 (integer, 256 SST-2
-sentences): embedding cosine vs FP32 0.9980 without, 0.9966 with; BlockMatMul 29.7 -> 17.1 ms at
-8 x 128 tokens, 2 threads (onnxruntime profile).
+sentences): embedding cosine vs FP32 0.9980 without, 0.9967 with; BlockMatMul 29.7 -> 17.1 ms at
+8 x 128 tokens, 2 threads (onnxruntime profile); STS-B Spearman -0.03 -> -0.21 vs FP32.
 
 Left alone (then lowered by ``lower_qdq`` as before), with a debug log naming the node: an
 activation input that is not block-quantized (excluded nodes), weights that are not pow2-scaled

@@ -68,15 +68,23 @@ def test_compress_json_report_has_ratio_and_passes(capsys, tiny_copy, tmp_path):
     assert [p["name"] for p in report["passes"]][0] == "Canonicalize"
 
 
-@pytest.mark.parametrize("flag, on", [(None, True), ("--no-match-weight-blocks", False)])
-def test_match_weight_blocks_flag_reaches_the_config(capsys, tiny_copy, tmp_path, flag, on):
+@pytest.mark.parametrize(
+    "preset, flag, on",
+    [
+        ("w8a8", None, False),
+        ("w8a8", "--match-weight-blocks", True),
+        ("w8a8-fast", None, True),
+        ("w8a8-fast", "--no-match-weight-blocks", False),
+    ],
+)
+def test_match_weight_blocks_flag_reaches_the_config(capsys, tiny_copy, tmp_path, preset, flag, on):
     out = tmp_path / "t.onnx"
     argv = ["compress", tiny_copy / "model.onnx", "-o", out, "--block-size", "16"]
-    argv += ["--weight-block-size", "32", "--mode", "integer", "--json"]
+    argv += ["--weight-block-size", "32", "--preset", preset, "--mode", "integer", "--json"]
     rc, stdout, _ = run_cli(capsys, *argv, *([flag] if flag else []))
     assert rc == 0
     report = json.loads(stdout)
-    assert report["config"]["match_weight_blocks"] is on  # w8a8's default: on
+    assert report["config"]["match_weight_blocks"] is on
     ops = {n.op_type for n in onnx.load(out).graph.node}
     assert ("BlockRequantize" in ops) is on
 

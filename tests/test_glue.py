@@ -327,6 +327,15 @@ def test_mode_goes_through_resolve_config():
         assert configs[0][0] == ("w8a8" if mode == "qdq" else f"w8a8 {mode}")
 
 
+def test_w8a8_fast_is_w8a8_integer_with_reblocked_linear_inputs_and_no_duplicate_in_qdq():
+    names = lambda mode: [n for n, _ in eval_configs(["w8a8", "w8a8-fast"], mode=mode)]  # noqa: E731
+    assert names("integer") == ["w8a8 integer", "w8a8-fast"]
+    assert names("qdq") == ["w8a8"]  # the flag only changes the integer form
+    ((_, fast),) = eval_configs(["w8a8-fast"])
+    assert fast.mode == "integer" and fast.match_weight_blocks
+    assert "linear inputs in weight blocks" in fast.describe()
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
