@@ -382,7 +382,8 @@ struct BlockRequantizeKernel {
         job.block = block_size_;
         job.qmax = qmax;
         job.k_of_m = k_of_m_.data();
-        job.per_task = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(depth, 1));
+        // up to 8 tasks of at least 8K codes (a 128 x 384 input: 8 tasks of 16 rows)
+        job.per_task = std::max<int64_t>({(rows + 7) / 8, (1 << 13) / std::max<int64_t>(depth, 1), 1});
         const int64_t tasks = (rows + job.per_task - 1) / job.per_task;
         auto task = [](void* data, size_t t) {
           Job& jb = *static_cast<Job*>(data);
