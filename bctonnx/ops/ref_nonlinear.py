@@ -16,10 +16,9 @@ block may be partial); its scale tensor has the codes' shape with the last axis
 ``ceil(D / block_size)``, every scale an exact float32 power of two ``2**e`` (subnormals
 included, ``e`` in ``[-149, 127]``; anything else is an error). Input codes may be any int8,
 -128 included. Output blocks have the input's block size (IntGelu: or ``out_block_size``, a
-multiple of it), codes in ``[-127, 127]`` and
-exponents chosen by `reblock`: the smallest ``e`` in ``[-128, 127]`` with
-``max|v| <= 127 * 2**e`` for the block's exact output values ``v`` (a block of zeros gets
-``e = -128``), codes ``round_half_even(v / 2**e)``. That is blockformat's pow2 rule
+multiple of it), codes in ``[-127, 127]`` and exponents chosen by `reblock`: the smallest
+``e`` in ``[-128, 127]`` with ``max|v| <= 127 * 2**e`` for the block's exact output values
+``v`` (a block of zeros gets ``e = -128``), codes ``round_half_even(v / 2**e)``. That is blockformat's pow2 rule
 ("smallest scale >= amax / 127") evaluated exactly in integers; it coincides with
 ``blockformat.quantize`` of the float32 values whenever those are exact float32 numbers and the
 scale is normal.
