@@ -337,6 +337,27 @@ def test_block_quantize_edge_values(block_size):
             assert_bit_exact(run_quantize(x, block_size, bits), block_quantize(x, block_size, bits))
 
 
+@pytest.mark.parametrize("block_size", [16, 32])
+def test_block_quantize_wide_rows_mixed_block_magnitudes(block_size):
+    """Rows of 24 blocks (the kernel decides exponents 16 blocks at a time): zero blocks,
+    quotients amax / qmax in the subnormal range, the 2**-128 boundary, near FLT_MAX."""
+    rng = np.random.default_rng(block_size)
+    mags = [0.0, 2.0**-149, 2.0**-140, 127 * 2.0**-128, 2.0**-126, 1e-30, 1.0, 3.0, 1e20, 3.0e38]
+    x = rng.standard_normal((5, 24, block_size)).astype(np.float64)
+    x /= np.abs(x).max(axis=-1, keepdims=True)
+    scale = np.array(mags * 12)[rng.permutation(120)].reshape(5, 24, 1)
+    x = (x * scale).astype(np.float32).reshape(5, 24 * block_size)
+    x[0, 3 * block_size : 5 * block_size] = 0.0  # two whole zero blocks
+    for bits in (8, 5, 3):
+        if bits == 3:  # scale code 127 (|x| > 3 * 2**126): test_block_quantize_scale_code_127
+            x = np.clip(x, -1e38, 1e38)
+        assert_bit_exact(run_quantize(x, block_size, bits), block_quantize(x, block_size, bits))
+    wide = np.ones((2, 24 * block_size), np.float32)
+    wide[1, 20 * block_size] = 3e38  # bits=2: 2**128 needed in block 20 of a wide row
+    with pytest.raises(Exception, match="too large"):
+        run_quantize(wide, block_size, bits=2)
+
+
 def test_block_quantize_zero_block_scale_is_subnormal_pow2():
     y, s = run_quantize(np.zeros((2, 20), np.float32), 16)
     assert not y.any() and s.shape == (2, 2)

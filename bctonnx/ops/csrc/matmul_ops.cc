@@ -236,7 +236,31 @@ __attribute__((target("avx512f,avx512bw,avx512dq"))) void QuantizeRowAvx512(
     amax[blk] = _mm512_reduce_max_ps(vmax);
   }
   if (bad) Fail("input contains NaN or infinity");
-  for (int64_t blk = 0; blk < nb; ++blk) exps[blk] = BlockExponent(amax[blk], qmax);
+  // BlockExponent of 16 blocks at once: CeilLog2(fl32(amax / qmax)) from the float's bits
+  // (normal: exponent field - 127, + 1 if any mantissa bit; zero: -128); subnormal quotients
+  // and exponents above 127 (an error) go through BlockExponent itself
+  int64_t blk = 0;
+  const __m512 vqmax = _mm512_set1_ps(qmax);
+  const __m512i mant_bits = _mm512_set1_epi32(0x7FFFFF), bias = _mm512_set1_epi32(127);
+  const __m512i lowest = _mm512_set1_epi32(-128), top = _mm512_set1_epi32(127);
+  const __m512i zero = _mm512_setzero_si512();
+  for (; blk + 16 <= nb; blk += 16) {
+    const __m512i bits = _mm512_castps_si512(_mm512_div_ps(_mm512_loadu_ps(amax + blk), vqmax));
+    const __m512i field = _mm512_srli_epi32(bits, 23);  // amax >= 0: no sign bit
+    const __mmask16 frac = _mm512_test_epi32_mask(bits, mant_bits);
+    __m512i e = _mm512_mask_add_epi32(_mm512_sub_epi32(field, bias), frac,
+                                      _mm512_sub_epi32(field, bias), _mm512_set1_epi32(1));
+    e = _mm512_mask_mov_epi32(_mm512_max_epi32(e, lowest), _mm512_cmpeq_epi32_mask(bits, zero),
+                              lowest);
+    _mm512_storeu_si512(exps + blk, e);
+    const __mmask16 odd = (_mm512_cmpeq_epi32_mask(field, zero) & frac) |  // subnormal
+                          _mm512_cmpgt_epi32_mask(e, top);
+    for (uint32_t m = odd; m; m &= m - 1) {
+      const int64_t i = blk + __builtin_ctz(m);
+      exps[i] = BlockExponent(amax[i], qmax);
+    }
+  }
+  for (; blk < nb; ++blk) exps[blk] = BlockExponent(amax[blk], qmax);
   for (int64_t blk = 0; blk < nb; ++blk) {
     const int64_t begin = blk * b, end = std::min(d, begin + b);
     const int e = exps[blk];
