@@ -176,7 +176,7 @@ def _build_models(
 ) -> list[BenchRecord]:
     from .api import compress_file
     from .baselines import quantize_dynamic_int8
-    from .config import resolve_config
+    from .config import distinct_configs, resolve_config
     from .modelio import model_file_bytes
 
     fp32_bytes = model_file_bytes(src)
@@ -190,24 +190,23 @@ def _build_models(
         baseline.path = str(quantize_dynamic_int8(src, workdir / "dynamic_int8.onnx"))
     except Exception as exc:  # noqa: BLE001 - a failed baseline is a row, not the end
         baseline.status, baseline.error = "failed", f"{type(exc).__name__}: {exc}"
-    seen: set[str] = set()
-    for preset in presets:
-        for mode in modes:
-            config = resolve_config(preset, mode=mode, block_size=block_size)
-            if config.describe() in seen:  # e.g. w8a8-fast in qdq mode is w8a8's qdq form
-                continue
-            seen.add(config.describe())
-            rec = BenchRecord(
-                f"bct {preset} {mode}", "bct", preset=preset, mode=mode, config=config.describe()
-            )
-            records.append(rec)
-            try:
-                progress(f"compress {preset} ({mode})")
-                out = workdir / f"{preset}-{mode}.onnx"
-                compress_file(src, out, config)
-                rec.path = str(out)
-            except Exception as exc:  # noqa: BLE001
-                rec.status, rec.error = "failed", f"{type(exc).__name__}: {exc}"
+    combos = [
+        (preset, mode, resolve_config(preset, mode=mode, block_size=block_size))
+        for preset in presets
+        for mode in modes
+    ]
+    for preset, mode, config in distinct_configs(combos):
+        rec = BenchRecord(
+            f"bct {preset} {mode}", "bct", preset=preset, mode=mode, config=config.describe()
+        )
+        records.append(rec)
+        try:
+            progress(f"compress {preset} ({mode})")
+            out = workdir / f"{preset}-{mode}.onnx"
+            compress_file(src, out, config)
+            rec.path = str(out)
+        except Exception as exc:  # noqa: BLE001
+            rec.status, rec.error = "failed", f"{type(exc).__name__}: {exc}"
     for rec in records:
         if rec.status == "ok":
             rec.bytes = model_file_bytes(rec.path)

@@ -185,3 +185,21 @@ def resolve_config(
             config.match_weight_blocks if match_weight_blocks is None else match_weight_blocks
         ),
     )
+
+
+def distinct_configs(combos: list[tuple[str, Any, CompressionConfig]]) -> list:
+    """``(preset, ..., config)`` tuples with one per distinct compression (same `describe`),
+    in their order; of equal ones, the one whose config keeps its preset's own mode (w8a8-fast
+    in qdq mode is w8a8's qdq form: the w8a8 entry stays)."""
+
+    def natural(item) -> bool:
+        preset, config = item[0], item[-1]
+        return preset in PRESETS and PRESETS[preset].mode == config.mode
+
+    keep: dict[str, Any] = {}
+    for item in combos:
+        key = item[-1].describe()
+        if key not in keep or (natural(item) and not natural(keep[key])):
+            keep[key] = item
+    chosen = {id(v) for v in keep.values()}
+    return [item for item in combos if id(item) in chosen]

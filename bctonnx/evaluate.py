@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from .api import compress_file
 from .baselines import BASELINES
-from .config import PRESETS, CompressionConfig, resolve_config
+from .config import PRESETS, CompressionConfig, distinct_configs, resolve_config
 from .errors import BctError
 from .export import export_model
 from .glue import (
@@ -205,13 +205,8 @@ def eval_configs(
         except ValueError as exc:
             raise BctError(str(exc)) from None
     # one record per distinct compression (w8a8-fast in qdq mode is w8a8's qdq form)
-    seen: set[str] = set()
-    unique = []
-    for n, c in configs:
-        if c.describe() not in seen:
-            seen.add(c.describe())
-            unique.append((n, c))
-    return unique
+    named = [(n.split(" ")[0], n, c) for n, c in configs]
+    return [(n, c) for _, n, c in distinct_configs(named)]
 
 
 # --- models and data ---------------------------------------------------------------------------

@@ -103,7 +103,36 @@ def test_interleaved_latency_takes_turns_in_settled_blocks():
             calls.append(self.name)
 
     sessions = {"a": Fake("a"), "b": Fake("b")}
-    medians = interleaved_latency(sessions, 2, 8, runs=7, warmup=1, block=5, settle=2)
+    medians = interleaved_latency(
+        sessions, 2, 8, runs=7, warmup=1, block=5, settle=2, settle_seconds=0.0
+    )
     assert set(medians) == {"a", "b"} and all(v >= 0 for v in medians.values())
     # warm-up a b, then turns: a x (2 + 5), b x (2 + 5), a x (2 + 2), b x (2 + 2)
     assert calls == ["a", "b"] + ["a"] * 7 + ["b"] * 7 + ["a"] * 4 + ["b"] * 4
+
+
+def test_interleaved_medians_settle_for_a_minimum_time():
+    """Untimed calls go on until the settling time has passed (at least ``settle`` of them)."""
+    import time
+
+    from bctonnx.bench_util import interleaved_medians
+
+    calls: list[tuple[str, float]] = []
+
+    def fn(name):
+        calls.append((name, time.perf_counter()))
+        time.sleep(0.005)
+
+    interleaved_medians(
+        {"a": lambda: fn("a"), "b": lambda: fn("b")},
+        runs=2,
+        warmup=0,
+        block=2,
+        settle=1,
+        settle_seconds=0.05,
+    )
+    names = [n for n, _ in calls]
+    # one turn each: >= 0.05 s of 5 ms calls untimed (>= 10), then 2 timed
+    first_b = names.index("b")
+    assert first_b >= 12 and set(names[:first_b]) == {"a"}
+    assert len(names) - first_b >= 12 and set(names[first_b:]) == {"b"}

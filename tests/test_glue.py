@@ -16,6 +16,7 @@ from shared_assets import require_shared
 
 from bctonnx.baselines import Baseline
 from bctonnx.cli import main
+from bctonnx.config import resolve_config
 from bctonnx.errors import BctError
 from bctonnx.evaluate import eval_configs, load_config_file, parse_presets, run_eval
 from bctonnx.glue import (
@@ -325,6 +326,16 @@ def test_mode_goes_through_resolve_config():
         configs = eval_configs(["w8a8"], mode=mode)
         assert [c.mode for _, c in configs] == [mode]
         assert configs[0][0] == ("w8a8" if mode == "qdq" else f"w8a8 {mode}")
+
+
+def test_distinct_configs_keeps_the_preset_in_its_own_mode():
+    from bctonnx.config import distinct_configs
+
+    combos = [
+        (p, m, resolve_config(p, mode=m)) for p in ("w8a8-fast", "w8a8") for m in ("integer", "qdq")
+    ]
+    kept = [(p, m) for p, m, _ in distinct_configs(combos)]
+    assert kept == [("w8a8-fast", "integer"), ("w8a8", "integer"), ("w8a8", "qdq")]
 
 
 def test_w8a8_fast_is_w8a8_integer_with_reblocked_linear_inputs_and_no_duplicate_in_qdq():
