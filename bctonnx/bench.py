@@ -9,7 +9,7 @@ each lowering mode (``integer`` is the native one, ``qdq`` the portable referenc
 synthetic token ids of the given batch x sequence (`bctonnx.bench_util.fixed_inputs`).
 
 - Latency: all sessions are created first, then the models take turns in blocks of 5 timed
-  runs, each turn after 2 untimed ones (`bctonnx.bench_util.interleaved_latency`, warm-up
+  runs, each turn after at least 0.1 s of untimed ones (`bctonnx.bench_util.interleaved_latency`, warm-up
   rounds first) so a noisy machine slows every model alike while every timed run is a
   steady-state one (a run right after another model's measures onnxruntime's thread pools
   switching over); the median of ``--runs`` runs per model and shape. Token ids are drawn

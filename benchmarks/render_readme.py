@@ -102,7 +102,7 @@ def render_latency(data: dict) -> str:
     lines = [
         f"{run['model']}, onnxruntime {run['onnxruntime']} CPU ({run['cpu']}), "
         f"{run['threads']} threads, synthetic token ids, median of {run['runs']} runs per model "
-        "(the models take turns in blocks of 5 timed runs, each after 2 untimed ones); vs int8 = latency / onnxruntime dynamic int8's; peak RSS of a fresh "
+        "(the models take turns in blocks of 5 timed runs, each after at least 0.1 s of untimed ones); vs int8 = latency / onnxruntime dynamic int8's; peak RSS of a fresh "
         "process that loads the model and runs the largest batch once"
         + (f" ({rss_base / 2**20:.0f} MB of it is Python + onnxruntime)" if rss_base else "")
         + ":",
