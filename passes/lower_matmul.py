@@ -290,7 +290,7 @@ class LowerMatMul(ir.passes.InPlacePass):
             return x, x_scale, b
         key = ("reblock", id(x), id(x_scale), b)
         if key not in self.shared:
-            node = ir.Node(
+            requant = ir.Node(
                 OPS_DOMAIN,
                 "BlockRequantize",
                 [x, x_scale],
@@ -300,8 +300,8 @@ class LowerMatMul(ir.passes.InPlacePass):
                 num_outputs=2,
                 name=f"{x.name}/reblock{b}",
             )
-            self.graph.append(node)  # run_pipeline sorts the graph after every pass
-            q, s = node.outputs
+            self.graph.append(requant)  # run_pipeline sorts the graph after every pass
+            q, s = requant.outputs
             q.dtype, s.dtype = ir.DataType.INT8, ir.DataType.FLOAT
             q.name, s.name = f"{x.name}.b{b}", f"{x_scale.name}.b{b}"
             q.shape = x.shape

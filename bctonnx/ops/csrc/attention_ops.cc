@@ -339,12 +339,7 @@ struct AttentionPVKernel {
 
 struct AttentionPVOp : Ort::CustomOpBase<AttentionPVOp, AttentionPVKernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-    try {
-      *kernel = new AttentionPVKernel(api, info);
-    } catch (const std::exception& e) {
-      return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());
-    }
-    return nullptr;
+    return create_kernel<AttentionPVKernel>(api, info, kernel);
   }
   const char* GetName() const { return "AttentionPV"; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }

@@ -12,6 +12,7 @@
 #undef ORT_API_MANUAL_INIT
 #include "onnxruntime_lite_custom_op.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -86,6 +87,45 @@ inline int64_t int_attribute(const OrtKernelInfo* info, const char* op, const ch
   Ort::GetApi().ReleaseStatus(status);
   if (fallback != nullptr) return *fallback;
   throw std::runtime_error(std::string("bctonnx.") + op + ": attribute '" + name + "' is required");
+}
+
+// Rows [0, rows) in up to 16 chunks of >= ~16K units of work over ORT's intra-op pool (inline
+// when there is one chunk). `f(r0, r1)` must not throw (catch inside and report after).
+template <class F>
+inline void parallel_rows(OrtKernelContext* ctx, int64_t rows, int64_t work_per_row, F&& f) {
+  const int64_t work = rows * std::max<int64_t>(1, work_per_row);
+  const int64_t want = std::clamp<int64_t>(work / 16384, 1, std::min<int64_t>(rows, 16));
+  const int64_t per_chunk = (rows + want - 1) / want;
+  const int64_t chunks = (rows + per_chunk - 1) / per_chunk;
+  if (chunks <= 1) {
+    f(int64_t{0}, rows);
+    return;
+  }
+  struct Job {
+    F* f;
+    int64_t rows, per_chunk;
+  } job{&f, rows, per_chunk};
+  Ort::KernelContext(ctx).ParallelFor(
+      [](void* p, size_t i) {
+        auto* j = static_cast<Job*>(p);
+        const int64_t r0 = static_cast<int64_t>(i) * j->per_chunk;
+        (*j->f)(r0, std::min(j->rows, r0 + j->per_chunk));
+      },
+      static_cast<size_t>(chunks), 0, &job);
+}
+
+// An Ort::CustomOpBase's CreateKernelV2: the kernel, or its constructor's error as a status
+// (an onnxruntime error keeps its code; any other is an invalid argument).
+template <class K>
+OrtStatusPtr create_kernel(const OrtApi& api, const OrtKernelInfo* info, void** kernel) {
+  try {
+    *kernel = new K(api, info);
+  } catch (const Ort::Exception& e) {
+    return api.CreateStatus(e.GetOrtErrorCode(), e.what());
+  } catch (const std::exception& e) {
+    return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+  }
+  return nullptr;
 }
 
 // The ComputeV2 of an Ort::CustomOpBase kernel: runs `compute`, exceptions become the status.

@@ -248,8 +248,8 @@ __attribute__((target("avx512f,avx512bw,avx512dq"))) void QuantizeRowAvx512(
     const __m512i bits = _mm512_castps_si512(_mm512_div_ps(_mm512_loadu_ps(amax + blk), vqmax));
     const __m512i field = _mm512_srli_epi32(bits, 23);  // amax >= 0: no sign bit
     const __mmask16 frac = _mm512_test_epi32_mask(bits, mant_bits);
-    __m512i e = _mm512_mask_add_epi32(_mm512_sub_epi32(field, bias), frac,
-                                      _mm512_sub_epi32(field, bias), _mm512_set1_epi32(1));
+    const __m512i unbiased = _mm512_sub_epi32(field, bias);
+    __m512i e = _mm512_mask_add_epi32(unbiased, frac, unbiased, _mm512_set1_epi32(1));
     e = _mm512_mask_mov_epi32(_mm512_max_epi32(e, lowest), _mm512_cmpeq_epi32_mask(bits, zero),
                               lowest);
     _mm512_storeu_si512(exps + blk, e);
@@ -1702,11 +1702,13 @@ struct BlockMatMulKernel {
       ScalesByTile(job.op.sx, w.nseg, r0, r1, job.rows, const_cast<float*>(job.op.sxt));
   }
 
-  static void PackTask(void* data, size_t i) {
+  // Task i of a row step (PackRows, QuantizeOutputRows): rows [i, i + 1) * row_chunk.
+  template <void (BlockMatMulKernel::*Step)(Job&, int64_t, int64_t) const>
+  static void RowChunkTask(void* data, size_t i) {
     Job& job = *static_cast<Job*>(data);
     try {
       const int64_t r0 = static_cast<int64_t>(i) * job.row_chunk;
-      job.self->PackRows(job, r0, std::min(job.rows, r0 + job.row_chunk));
+      (job.self->*Step)(job, r0, std::min(job.rows, r0 + job.row_chunk));
     } catch (const std::exception& e) {
       job.SetError(e.what());
     }
@@ -1721,16 +1723,6 @@ struct BlockMatMulKernel {
     const int64_t p0 = ct * tile, p1 = std::min(job.self->w_.npanel, p0 + tile);
     const int64_t m0 = rc * job.row_chunk, m1 = std::min(job.rows, m0 + job.row_chunk);
     RunTile(job.self->isa_, job.op, m0, m1, p0, p1);
-  }
-
-  static void QuantizeOutputTask(void* data, size_t i) {
-    Job& job = *static_cast<Job*>(data);
-    try {
-      const int64_t r0 = static_cast<int64_t>(i) * job.row_chunk;
-      job.self->QuantizeOutputRows(job, r0, std::min(job.rows, r0 + job.row_chunk));
-    } catch (const std::exception& e) {
-      job.SetError(e.what());
-    }
   }
 
   // Rows [r0, r1) whole in one task: their activations, the product over every column panel,
@@ -1930,7 +1922,7 @@ struct BlockMatMulKernel {
     // 1. activations (rows in chunks), 2. the product, 3. optional output quantization
     job.row_chunk = 16;
     const int64_t pack_tasks = (rows + job.row_chunk - 1) / job.row_chunk;
-    Parallel(ctx, &PackTask, pack_tasks, &job);
+    Parallel(ctx, &RowChunkTask<&BlockMatMulKernel::PackRows>, pack_tasks, &job);
     if (!job.error.empty()) throw std::runtime_error(job.error);
 
     const int64_t mr = isa_ == kAmx ? kMrAmx : isa_ == kAvx512 ? kMrAvx512 : kMrAvx2;
@@ -1941,7 +1933,7 @@ struct BlockMatMulKernel {
 
     if (job.yq != nullptr) {
       job.row_chunk = 16;
-      Parallel(ctx, &QuantizeOutputTask, (rows + 15) / 16, &job);
+      Parallel(ctx, &RowChunkTask<&BlockMatMulKernel::QuantizeOutputRows>, (rows + 15) / 16, &job);
       if (!job.error.empty()) throw std::runtime_error(job.error);
     }
   }
@@ -1966,14 +1958,7 @@ struct BlockMatMulKernel {
 
 struct BlockMatMulOp : Ort::CustomOpBase<BlockMatMulOp, BlockMatMulKernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-    try {
-      *kernel = new BlockMatMulKernel(api, info);
-    } catch (const Ort::Exception& e) {
-      return api.CreateStatus(e.GetOrtErrorCode(), e.what());
-    } catch (const std::exception& e) {
-      return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());
-    }
-    return nullptr;
+    return create_kernel<BlockMatMulKernel>(api, info, kernel);
   }
   const char* GetName() const { return "BlockMatMul"; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
@@ -2257,12 +2242,7 @@ struct BlockBatchMatMulKernel {
 
 struct BlockBatchMatMulOp : Ort::CustomOpBase<BlockBatchMatMulOp, BlockBatchMatMulKernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-    try {
-      *kernel = new BlockBatchMatMulKernel(api, info);
-    } catch (const std::exception& e) {
-      return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());
-    }
-    return nullptr;
+    return create_kernel<BlockBatchMatMulKernel>(api, info, kernel);
   }
   const char* GetName() const { return "BlockBatchMatMul"; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }

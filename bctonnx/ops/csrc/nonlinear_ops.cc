@@ -223,31 +223,6 @@ T* scratch(size_t n) {
   return buf.data();
 }
 
-// Rows [0, rows) in up to 16 chunks of >= ~16K units of work over ORT's intra-op pool (inline
-// when it has one thread).
-template <class F>
-void parallel_rows(OrtKernelContext* ctx, int64_t rows, int64_t work_per_row, F&& f) {
-  const int64_t work = rows * std::max<int64_t>(1, work_per_row);
-  const int64_t want = std::clamp<int64_t>(work / 16384, 1, std::min<int64_t>(rows, 16));
-  const int64_t per_chunk = (rows + want - 1) / want;
-  const int64_t chunks = (rows + per_chunk - 1) / per_chunk;
-  if (chunks <= 1) {
-    f(int64_t{0}, rows);
-    return;
-  }
-  struct Job {
-    F* f;
-    int64_t rows, per_chunk;
-  } job{&f, rows, per_chunk};
-  Ort::KernelContext(ctx).ParallelFor(
-      [](void* p, size_t i) {
-        auto* j = static_cast<Job*>(p);
-        const int64_t r0 = static_cast<int64_t>(i) * j->per_chunk;
-        (*j->f)(r0, std::min(j->rows, r0 + j->per_chunk));
-      },
-      static_cast<size_t>(chunks), 0, &job);
-}
-
 // 16-lane validity mask of the chunk starting at element `start` of a row of length d.
 __attribute__((always_inline)) inline uint16_t lanes16(int64_t start, int64_t d) {
   const int64_t left = d - start;

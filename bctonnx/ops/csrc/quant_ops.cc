@@ -4,7 +4,6 @@
 // kernels are bit-exact with it. Blocks run along the last axis (see common.h).
 #include <algorithm>
 #include <array>
-#include <atomic>
 #include <cfloat>
 #include <climits>
 #include <cmath>
@@ -133,7 +132,6 @@ struct BlockQuantizeKernel {
   int64_t block_size_ = 0;
   int bits_ = 8;
   int isa_ = BestIsa();
-  std::array<int, 129> k_of_m_{};  // SegmentExponent(m, 0, qmax) of int8 maxima m
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -206,14 +204,6 @@ struct BlockDequantizeKernel {
 // ---------------------------------------------------------------------------------------------
 // BlockRequantize(x: int32 | int8, x_scale: float pow2) -> (y: int8, y_scale: float pow2)
 
-// int8 codes whose input blocks nest in the output blocks (in_block_size divides block_size),
-// rows [r0, r1), AVX-512BW: per input block its max |q| (vector) and the output exponent it
-// asks for (SegmentExponentInt8); per output block the largest of those; then every input block's
-// codes shifted by n = e_out - e_in on 16-bit lanes: a left shift (n < 0; n >= -7 for a nonzero
-// block, so |q| << 7 <= 2^14) or round_half_even(q / 2^n) (n capped at 15: from n = 9 on the
-// result is 0 either way). No clamp: e_out >= e_in + k where fl32(m / qmax) <= 2^k, so
-// |q| / 2^n <= m / 2^k <= qmax (1 + 2^-24) < qmax + 1/2 rounds to at most qmax (the
-// reference's clamp never acts). Bit-exact with the general loop (tests).
 // The output exponent of an int8 block with max |q| = m (0: none, INT_MIN) at exponent e_in:
 // SegmentExponent(m, e_in) = e_in + SegmentExponent(m, 0) (k_of_m) while both candidate
 // exponents are normal (the float32 rule only depends on e - e_in there), else computed.
@@ -223,6 +213,14 @@ inline int SegmentExponentInt8(int64_t m, int e_in, int64_t qmax, const int* k_o
   return e >= -125 && e <= 127 ? e : SegmentExponent(m, e_in, qmax, "BlockRequantize");
 }
 
+// int8 codes whose input blocks nest in the output blocks (in_block_size divides block_size),
+// rows [r0, r1), AVX-512BW: per input block its max |q| (vector) and the output exponent it
+// asks for (SegmentExponentInt8); per output block the largest of those; then every input block's
+// codes shifted by n = e_out - e_in on 16-bit lanes: a left shift (n < 0; n >= -7 for a nonzero
+// block, so |q| << 7 <= 2^14) or round_half_even(q / 2^n) (n capped at 15: from n = 9 on the
+// result is 0 either way). No clamp: e_out >= e_in + k where fl32(m / qmax) <= 2^k, so
+// |q| / 2^n <= m / 2^k <= qmax (1 + 2^-24) < qmax + 1/2 rounds to at most qmax (the
+// reference's clamp never acts). Bit-exact with the general loop (tests).
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void RequantizeNestedInt8Avx512(
     const int8_t* in, const int* e_in, int8_t* out, float* scales, int64_t r0, int64_t r1,
     int64_t depth, int64_t in_block, int64_t block, int64_t qmax, const int* k_of_m, int* e_seg) {
@@ -360,49 +358,20 @@ struct BlockRequantizeKernel {
     if constexpr (std::is_same_v<T, int8_t>) {
       if (isa_ >= kIsaAvx512 && in_block_size_ > 0 && block_size_ % in_block_size_ == 0) {
         // exponents are validated (pow2_exponent above); only SegmentExponent can still
-        // throw (values beyond 2^127 * qmax): an error flag, reported after the parallel part
-        struct Job {
-          const int8_t* in;
-          const int* e_in;
-          int8_t* out;
-          float* scales;
-          int64_t rows, per_task, depth, in_block, block, qmax;
-          const int* k_of_m;
-          std::atomic<bool> failed{false};
-          std::string error;
-          std::mutex mu;
-        } job;
-        job.in = in;
-        job.e_in = e_in.data();
-        job.out = out;
-        job.scales = scales;
-        job.rows = rows;
-        job.depth = depth;
-        job.in_block = in_block_size_;
-        job.block = block_size_;
-        job.qmax = qmax;
-        job.k_of_m = k_of_m_.data();
-        // up to 8 tasks of at least 8K codes (a 128 x 384 input: 8 tasks of 16 rows)
-        job.per_task = std::max<int64_t>({(rows + 7) / 8, (1 << 13) / std::max<int64_t>(depth, 1), 1});
-        const int64_t tasks = (rows + job.per_task - 1) / job.per_task;
-        auto task = [](void* data, size_t t) {
-          Job& jb = *static_cast<Job*>(data);
-          const int64_t r0 = static_cast<int64_t>(t) * jb.per_task;
-          const int64_t r1 = std::min(jb.rows, r0 + jb.per_task);
+        // throw (values beyond 2^127 * qmax): caught in the task, reported after
+        std::string error;
+        std::mutex mu;
+        parallel_rows(ctx, rows, depth, [&](int64_t r0, int64_t r1) {
           try {
-            std::vector<int> e_seg(static_cast<size_t>(num_blocks(jb.depth, jb.in_block)));
-            RequantizeNestedInt8Avx512(jb.in, jb.e_in, jb.out, jb.scales, r0, r1, jb.depth,
-                                       jb.in_block, jb.block, jb.qmax, jb.k_of_m, e_seg.data());
+            std::vector<int> e_seg(static_cast<size_t>(num_blocks(depth, in_block_size_)));
+            RequantizeNestedInt8Avx512(in, e_in.data(), out, scales, r0, r1, depth, in_block_size_,
+                                       block_size_, qmax, k_of_m_.data(), e_seg.data());
           } catch (const std::exception& e) {
-            std::lock_guard<std::mutex> lock(jb.mu);
-            if (!jb.failed.exchange(true)) jb.error = e.what();
+            std::lock_guard<std::mutex> lock(mu);
+            if (error.empty()) error = e.what();
           }
-        };
-        if (tasks <= 1)
-          task(&job, 0);
-        else
-          Ort::KernelContext(ctx).ParallelFor(task, static_cast<size_t>(tasks), 0, &job);
-        if (job.failed) throw std::runtime_error(job.error);
+        });
+        if (!error.empty()) throw std::runtime_error(error);
         return;
       }
     }
