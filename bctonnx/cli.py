@@ -65,6 +65,13 @@ def _add_compress_flags(p: argparse.ArgumentParser) -> None:
         help="weights' pow2 scale codes: 8 = one byte per block, 4 = offsets from a per-column base",
     )
     g.add_argument(
+        "--superblock",
+        type=int,
+        metavar="S",
+        help="weights (<= 4 bits, pow2): blocks grouped S elements at a time, one scale code "
+        "per group and a 4-bit multiplier per block; 0 = none",
+    )
+    g.add_argument(
         "--match-weight-blocks",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -116,6 +123,7 @@ def _config_from_args(args):
         scale_dtype=args.scale_dtype,
         frac_bits=args.frac_bits,
         scale_bits=args.scale_bits,
+        superblock=args.superblock,
         symmetric=args.symmetric,
         clip=args.clip,
         float_dtype=args.float_dtype,

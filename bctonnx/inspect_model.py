@@ -22,7 +22,15 @@ import onnx_ir as ir
 
 from bctonnx.passes import Canonicalize, QuantizeActivations, QuantizeEmbeddings, QuantizeWeights
 from bctonnx.passes.canonicalize import left_alone
-from bctonnx.passes.common import MID_DOMAIN, const_array, excluded, fmt_from_node, is_const, role
+from bctonnx.passes.common import (
+    MID_DOMAIN,
+    const_array,
+    excluded,
+    fmt_from_node,
+    is_const,
+    role,
+    stored_weight,
+)
 from bctonnx.passes.pipeline import build_pipeline
 from bctonnx.passes.store_float16 import MIN_ELEMENTS, _fits_float16
 
@@ -116,7 +124,10 @@ def _scale_text(fmt: BlockFormat, stored: bool) -> str:
         return "fp32 at run time"
     if fmt.scale_kind == "pow2":
         kind = "pow2" if fmt.frac_bits == 0 else f"pow2/{2**fmt.frac_bits}"
-        return f"{kind} {'4-bit code' if fmt.scale_bits == 4 else '1 byte'}"
+        code = "4-bit code" if fmt.scale_bits == 4 else "1 byte"
+        if fmt.superblock:
+            return f"{kind} {code} per {fmt.superblock} x 4-bit multiplier"
+        return f"{kind} {code}"
     return fmt.scale_dtype.replace("float", "fp")
 
 
@@ -131,12 +142,15 @@ def _readers(value: ir.Value) -> list[str]:
 
 
 def _stored_plan(node: ir.Node, kind: str) -> TensorPlan:
-    fmt = fmt_from_node(node)
-    codes = const_array(node.inputs[0])
-    scales = const_array(node.inputs[1])
-    zp_index = 3 if kind == "embedding" else 2
-    zp = const_array(node.inputs[zp_index]) if len(node.inputs) > zp_index else None
-    stored = BlockQuantized(codes=codes, scale_codes=scales, fmt=fmt, zero_points=zp)
+    if kind == "embedding":  # BlockGather(codes, scales, ids[, zp])
+        zp = const_array(node.inputs[3]) if len(node.inputs) > 3 else None
+        stored = BlockQuantized(
+            const_array(node.inputs[0]), const_array(node.inputs[1]), fmt_from_node(node), zp
+        )
+    else:
+        stored = stored_weight(node)
+    fmt, codes = stored.fmt, stored.codes
+    nblocks = stored.scale_codes.size if stored.multipliers is None else stored.multipliers.size
     # the tensor's name: codes are "<tensor>.bct_codes" (see quantize_weights/embeddings)
     tensor = (node.inputs[0].name or "").removesuffix(".bct_codes")
     readers = _readers(node.outputs[0])
@@ -146,7 +160,7 @@ def _stored_plan(node: ir.Node, kind: str) -> TensorPlan:
         shape=list(codes.shape),
         axis=fmt.axis % codes.ndim,
         block_size=fmt.block_size,
-        num_blocks=int(scales.size),
+        num_blocks=int(nblocks),
         bits=fmt.bits,
         scale=_scale_text(fmt, True),
         symmetric=fmt.symmetric,

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from bctonnx.blockformat import BlockFormat
+from bctonnx.blockformat import BlockFormat, BlockQuantized, pack_int4
 
 # Nodes the quantize passes create and the lowering passes expand. They never reach a saved
 # model: lower_qdq (portable) or the integer lowering replaces every one of them.
@@ -75,6 +75,7 @@ def fmt_attrs(fmt: BlockFormat) -> dict[str, int | str]:
         "frac_bits": fmt.frac_bits,
         "symmetric": int(fmt.symmetric),
         "scale_bits": fmt.scale_bits,
+        "superblock": fmt.superblock,
     }
 
 
@@ -89,7 +90,30 @@ def fmt_from_node(node: ir.Node) -> BlockFormat:
         frac_bits=a["frac_bits"].as_int(),
         symmetric=bool(a["symmetric"].as_int()) if "symmetric" in a else True,
         scale_bits=a["scale_bits"].as_int() if "scale_bits" in a else 8,
+        superblock=a["superblock"].as_int() if "superblock" in a else 0,
     )
+
+
+def stored_weight(node: ir.Node) -> BlockQuantized:
+    """The constant weight of a mid-level BlockDequantize(codes, scales[, zp[, multipliers]])."""
+
+    def optional(i: int) -> np.ndarray | None:
+        return const_array(node.inputs[i]) if len(node.inputs) > i else None
+
+    return BlockQuantized(
+        const_array(node.inputs[0]),
+        const_array(node.inputs[1]),
+        fmt_from_node(node),
+        optional(2),
+        optional(3),
+    )
+
+
+def uint4_tensor(values: np.ndarray) -> ir.TensorProtocol:
+    """Values 0..15 as a packed ONNX UINT4 tensor (scale offsets, multipliers)."""
+    values = np.asarray(values)
+    packed = pack_int4(values.astype(np.int8) - 8) ^ np.uint8(0x88)  # offset binary -> unsigned
+    return ir.PackedTensor(packed, ir.DataType.UINT4, shape=ir.Shape(values.shape))
 
 
 def new_initializer(graph: ir.Graph, name: str, array: np.ndarray | ir.TensorProtocol) -> ir.Value:

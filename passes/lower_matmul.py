@@ -58,6 +58,7 @@ activation input that is not block-quantized (excluded nodes), weights that are 
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import onnx_ir as ir
@@ -73,11 +74,18 @@ from .common import (
     is_const,
     new_initializer,
     role,
+    stored_weight,
     take_over,
+    uint4_tensor,
 )
 from .simplify_shapes import constant_target
 
 log = logging.getLogger(__name__)
+
+# match_weight_blocks re-blocks activations to the weight blocks, up to this size: superblocks
+# of 384 are read in activation blocks of 128 (3 float steps per superblock; larger
+# activation blocks cost accuracy: every outlier channel coarsens its whole block)
+MATCHED_BLOCK = 128
 
 PV_SEGMENT = 32  # AttentionPV: tokens per common-exponent segment of V (ref_attention.py)
 
@@ -187,7 +195,8 @@ class LowerMatMul(ir.passes.InPlacePass):
         if isinstance(act, str):
             return self._skip(node, act)
         (x, x_scale), act_block, act_bits = act
-        if max(act_block, fmt.block_size) % min(act_block, fmt.block_size):
+        kernel_block = fmt.superblock or fmt.block_size  # superblock weights are widened
+        if max(act_block, kernel_block) % min(act_block, kernel_block):
             return self._skip(node, "weight and activation block sizes do not nest")
         x, x_scale, act_block = self._reblocked(node, x, x_scale, act_block, act_bits, fmt, codes)
 
@@ -224,8 +233,13 @@ class LowerMatMul(ir.passes.InPlacePass):
         residual = self._residual(quant) if quant is not None and not chain else None
         if residual is not None:
             attrs["residual_block_size"] = residual[2]
-        weights = self._weights(bd, fmt)
-        inputs = [x, x_scale, *weights, bias, y_mul, *(residual[:2] if residual else ())]
+        weights, multipliers = self._weights(bd, fmt)
+        inputs = [x, x_scale, *weights, bias, y_mul, *(residual[:2] if residual else (None, None))]
+        if multipliers is not None:
+            attrs["superblock"] = fmt.superblock
+            inputs.append(multipliers)
+        while inputs[-1] is None:
+            inputs.pop()
         new = self._fused_node("BlockMatMul", inputs, attrs, node, quant)
         if quant is None:
             take_over(out, new.outputs[0])
@@ -276,7 +290,9 @@ class LowerMatMul(ir.passes.InPlacePass):
         alone makes its output in those blocks, other int8 codes go through one BlockRequantize
         (shared by the linear layers reading the same codes), a float input is quantized by the
         kernel at that block size directly."""
-        b = fmt.block_size
+        # the kernel's weight blocks (superblock weights are widened), at most MATCHED_BLOCK
+        b = fmt.superblock or fmt.block_size
+        b = math.gcd(b, MATCHED_BLOCK) if b > MATCHED_BLOCK else b
         if not self.match_weight_blocks or b <= act_block or b % act_block or codes.shape[0] % b:
             return x, x_scale, act_block
         if x_scale is None:
@@ -585,41 +601,38 @@ class LowerMatMul(ir.passes.InPlacePass):
         array = const_array(bias).astype(np.float32).reshape(-1)
         return new_initializer(self.graph, f"{bias.name}.bct_bias", ir.tensor(array))
 
-    def _weights(self, bd: ir.Node, fmt: BlockFormat) -> list[ir.Value | None]:
+    def _weights(self, bd: ir.Node, fmt: BlockFormat) -> tuple[list, ir.Value | None]:
         """Constant inputs 2..5 (codes, scales, scale base, zero points) in the stored form:
         int4 packed (ONNX INT4) or int8 codes, int8 scale codes or 4-bit offsets (UINT4)
-        + int8 base per column, int4 / int8 zero points. Shared by every MatMul of a weight."""
+        + int8 base per column, int4 / int8 zero points; and input 10, the multipliers of
+        superblock weights (UINT4) or None. Shared by every MatMul of a weight."""
         if id(bd) in self.weights:
             return self.weights[id(bd)]
         name = (bd.inputs[0].name or bd.name).removesuffix(".bct_codes")
-        codes = const_array(bd.inputs[0]).astype(np.int8)
-        scale_codes = const_array(bd.inputs[1]).astype(np.int8)
-        zp = const_array(bd.inputs[2]) if len(bd.inputs) > 2 and bd.inputs[2] is not None else None
+        w = stored_weight(bd)
+        codes, scale_codes = w.codes.astype(np.int8), w.scale_codes.astype(np.int8)
         g = self.graph
         values: list[ir.Value | None] = [
             new_initializer(g, f"{name}.bmm_codes", _int_tensor(codes, fmt.packed))
         ]
         if fmt.scale_bits == 4:
             base, offsets = split_scale_codes(scale_codes, 0)
-            packed = ir.PackedTensor(
-                pack_int4(offsets.astype(np.int8) - 8) ^ np.uint8(0x88),
-                ir.DataType.UINT4,
-                shape=ir.Shape(offsets.shape),
-            )
             values += [
-                new_initializer(g, f"{name}.bmm_scale_offsets", packed),
+                new_initializer(g, f"{name}.bmm_scale_offsets", uint4_tensor(offsets)),
                 new_initializer(g, f"{name}.bmm_scale_base", ir.tensor(base.astype(np.int8))),
             ]
         else:
             values += [new_initializer(g, f"{name}.bmm_scales", ir.tensor(scale_codes)), None]
-        if zp is not None:
-            values.append(
-                new_initializer(g, f"{name}.bmm_zp", _int_tensor(zp.astype(np.int8), fmt.packed))
-            )
+        if w.zero_points is not None:
+            zp = w.zero_points.astype(np.int8)
+            values.append(new_initializer(g, f"{name}.bmm_zp", _int_tensor(zp, fmt.packed)))
         else:
             values.append(None)
-        self.weights[id(bd)] = values
-        return values
+        mult = None
+        if w.multipliers is not None:
+            mult = new_initializer(g, f"{name}.bmm_mult", uint4_tensor(w.multipliers))
+        self.weights[id(bd)] = values, mult
+        return values, mult
 
     def _drop_dead(self) -> None:
         """Remove what the rewrites left unread (MatMul, bias Add, BlockQuantize, DQ, weights,

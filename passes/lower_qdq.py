@@ -2,7 +2,9 @@
 model runs on stock onnxruntime with no op library.
 
     BlockDequantize(codes, scales[, zp]) -> DequantizeLinear(codes:int4|int8, scale[, zp], axis,
-                                          block_size)
+                                          block_size) (superblocks: scale = the superblock's
+                                          scale, Expanded, times Cast(multipliers), folded at
+                                          load like the pow2 decoding)
     BlockGather(codes, scales, ids[, zp]) -> Gather rows and their scales (and zero points),
                                           then DequantizeLinear (int4 tables: stored packed as
                                           uint8 [V, H/2]; the rows are unpacked with
@@ -33,7 +35,9 @@ from .common import (
     fmt_from_node,
     new_initializer,
     rank,
+    stored_weight,
     take_over,
+    uint4_tensor,
 )
 
 _SCALE_FLOOR = np.float32(2.0**-126)
@@ -66,11 +70,12 @@ class _Emitter:
         node.outputs[0].name = f"{self.prefix}/{self.count}"
         return node.outputs[0]
 
-    def const(self, array, name: str) -> ir.Value:
-        """A constant; small ones are shared by every emitter of the graph."""
+    def const(self, array, name: str, share: bool = False) -> ir.Value:
+        """A constant; small ones (and ``share`` ones) are shared by every emitter of the
+        graph."""
         tensor = array if isinstance(array, ir.TensorProtocol) else ir.tensor(np.asarray(array))
         key = None
-        if not isinstance(array, ir.TensorProtocol) and np.asarray(array).size <= 16:
+        if not isinstance(array, ir.TensorProtocol) and (share or np.asarray(array).size <= 16):
             arr = np.asarray(array)
             key = (arr.dtype.str, arr.shape, arr.tobytes())
             if key in self.shared:
@@ -115,32 +120,36 @@ def _finish(node: ir.Node, result: ir.Value) -> None:
 
 
 def lower_block_dequantize(graph: ir.Graph, node: ir.Node, shared: dict) -> None:
-    fmt = fmt_from_node(node)
+    w = stored_weight(node)
+    fmt = w.fmt
     e = _Emitter(graph, node, shared)
-    codes = e.const(_codes_tensor(const_array(node.inputs[0]), fmt), "codes")
-    scale_codes = const_array(node.inputs[1])
+    codes = e.const(_codes_tensor(w.codes, fmt), "codes")
     if fmt.scale_bits == 4:
         # code = base (int8 per slice) + offset (uint4 per block), decoded in float
-        base, offsets = split_scale_codes(scale_codes, fmt.axis)
-        packed = ir.PackedTensor(
-            pack_int4(offsets.astype(np.int8) - 8) ^ np.uint8(0x88),
-            ir.DataType.UINT4,
-            shape=ir.Shape(offsets.shape),
-        )
+        base, offsets = split_scale_codes(w.scale_codes, fmt.axis)
         code = e.op(
             "Add",
             [
-                e.op("Cast", [e.const(packed, "scale_offsets")], to=ir.DataType.FLOAT),
+                e.op(
+                    "Cast", [e.const(uint4_tensor(offsets), "scale_offsets")], to=ir.DataType.FLOAT
+                ),
                 e.op("Cast", [e.const(base, "scale_base")], to=ir.DataType.FLOAT),
             ],
         )
         code.dtype = ir.DataType.FLOAT
         scales = e.decode_scales(code, fmt)
     else:
-        scales = e.decode_scales(e.const(scale_codes, "scales"), fmt)
+        scales = e.decode_scales(e.const(w.scale_codes, "scales"), fmt)
+    if fmt.superblock:  # block scale = superblock scale * multiplier (blockformat.block_scales)
+        axis = fmt.axis % w.codes.ndim
+        nblocks = w.multipliers.shape[axis]
+        which = np.arange(nblocks, dtype=np.int64) // fmt.blocks_per_superblock
+        spread = e.op("Gather", [scales, e.const(which, "sb", share=True)], axis=axis)
+        mult = e.op("Cast", [e.const(uint4_tensor(w.multipliers), "mult")], to=ir.DataType.FLOAT)
+        scales = e.op("Mul", [spread, mult])
     inputs = [codes, scales]
-    if len(node.inputs) > 2 and node.inputs[2] is not None:
-        inputs.append(e.const(_codes_tensor(const_array(node.inputs[2]), fmt), "zp"))
+    if w.zero_points is not None:
+        inputs.append(e.const(_codes_tensor(w.zero_points, fmt), "zp"))
     _finish(
         node,
         e.op("DequantizeLinear", inputs, axis=fmt.axis, block_size=fmt.block_size),

@@ -1,12 +1,15 @@
 """quantize_weights: every ``linear`` MatMul/Gemm weight becomes a block-quantized constant.
 
     MatMul(x, W[K, N])        ->  MatMul(x, BlockDequantize(codes[K, N], scales[K/B, N] [, zp]))
+    (superblock formats: scales[K/S, N] and a fourth input, multipliers[K/B, N]; zp "" when
+    symmetric)
     Gemm(x, W, transB=1)      ->  Gemm(x, BlockDequantize(codes[N, K], scales[N, K/B]), transB=1)
 
 Blocks run along the reduction axis K (axis 0 of W, or axis 1 when Gemm transposes it), so an
 integer kernel can apply each scale once per block of the dot product. ``BlockDequantize`` is
 a mid-level node (domain ``bctonnx.mid``); a lowering pass decides its concrete form.
-A weight shared by several nodes is quantized once.
+A weight shared by several nodes is quantized once. A superblock format applies to each weight with the superblock that
+fits its K (`BlockFormat.superblock_for`).
 """
 
 from __future__ import annotations
@@ -83,7 +86,13 @@ class QuantizeWeights(ir.passes.InPlacePass):
                 f"{divisors_hint(size)} (or exclude the node)"
             ) from None
         return block_dequantize(
-            graph, weight.name or node.name, q.codes, q.scale_codes, fmt, q.zero_points
+            graph,
+            weight.name or node.name,
+            q.codes,
+            q.scale_codes,
+            q.fmt,
+            q.zero_points,
+            q.multipliers,
         )
 
 
@@ -94,15 +103,20 @@ def block_dequantize(
     scale_codes: np.ndarray,
     fmt: BlockFormat,
     zero_points: np.ndarray | None = None,
+    multipliers: np.ndarray | None = None,
 ) -> ir.Value:
     """Append a mid-level BlockDequantize of constant codes/scales (and zero points, for
-    asymmetric formats); returns its float output."""
+    asymmetric formats; multipliers for superblock ones); returns its float output."""
     inputs = [
         new_initializer(graph, f"{name}.bct_codes", codes),
         new_initializer(graph, f"{name}.bct_scales", scale_codes),
     ]
     if zero_points is not None:
         inputs.append(new_initializer(graph, f"{name}.bct_zp", zero_points))
+    if multipliers is not None:
+        if zero_points is None:
+            inputs.append(None)
+        inputs.append(new_initializer(graph, f"{name}.bct_mult", multipliers))
     node = ir.Node(
         MID_DOMAIN,
         "BlockDequantize",

@@ -23,6 +23,7 @@ from bctonnx.blockformat import (
     quantize,
     split_scale_codes,
     unpack_int4,
+    widen_superblocks,
 )
 
 settings.register_profile(
@@ -464,3 +465,114 @@ def test_four_bit_scale_codes_stay_within_sixteen_steps_of_the_slice_maximum():
 def test_four_bit_scale_codes_need_pow2_scales():
     with pytest.raises(ValueError, match="pow2"):
         BlockFormat(bits=4, scale_bits=4)
+
+
+# --- superblocks ---------------------------------------------------------------------------------
+
+SB = BlockFormat(  # the w4a8 weights
+    bits=4, block_size=32, axis=0, scale_kind="pow2", frac_bits=3, clip="mse", symmetric=False,
+    superblock=128,
+)  # fmt: skip
+
+
+def superblock_weights(seed: int = 6) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((384, 12)).astype(np.float32) * 0.05
+    w[:32, 0] *= 1e-3  # a block far below its superblock: multiplier 1
+    w[32:64, 1] = np.abs(w[32:64, 1])  # one-sided blocks: |q - zp| up to 15
+    w[64:96, 2] = -np.abs(w[64:96, 2]) * 10
+    w[96:128, 3] = 0  # a zero block
+    w[130, 4] = 3.0  # an outlier that sets its superblock's scale
+    return w
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_superblock_codes_widen_to_int8_exactly(symmetric):
+    fmt = BlockFormat(**{**SB.to_dict(), "symmetric": symmetric})
+    w = superblock_weights()
+    q = quantize(w, fmt)
+    assert q.scale_codes.shape == (3, 12) and q.multipliers.shape == (12, 12)
+    assert q.multipliers.min() >= 1 and q.multipliers.max() <= 15
+    assert (q.zero_points is None) == symmetric
+    wide, codes = widen_superblocks(q)
+    assert wide.dtype == np.int8 and codes is q.scale_codes
+    m = expand_blocks(q.multipliers.astype(int), 0, 32, 384)
+    zp = 0 if symmetric else expand_blocks(q.zero_points.astype(int), 0, 32, 384)
+    np.testing.assert_array_equal(wide.astype(int), m * (q.codes.astype(int) - zp))
+    # the widened form: one rounding of the exact product instead of two (1 ulp apart at most)
+    f8 = BlockFormat(bits=8, block_size=128, axis=0, scale_kind="pow2", frac_bits=3)
+    np.testing.assert_allclose(dequantize(wide, codes, f8), q.dequantize(), rtol=2**-23, atol=0)
+    assert np.all(q.dequantize()[96:128, 3] == 0)
+
+
+def test_superblock_multipliers_are_the_best_of_their_superblock_scale():
+    """Every block's multiplier (with its centred zero point) has the least squared error of
+    all multipliers whose widened codes fit int8, given its superblock's scale."""
+    w = superblock_weights(7)
+    q = quantize(w, SB)
+    s0 = np.repeat(decode_scales(q.scale_codes, SB), 4, axis=0)  # [12, 12] per block
+    blocks = w.reshape(12, 32, 12).transpose(0, 2, 1)  # [block, column, 32]
+    err = ((q.dequantize() - w) ** 2).reshape(12, 32, 12).sum(1)
+    for m in range(1, 16):
+        s = (s0 * np.float32(m)).astype(np.float32)
+        lo = np.minimum(blocks.min(-1), 0)
+        hi = np.maximum(blocks.max(-1), 0)
+        zp = np.clip(np.rint(np.float32(-0.5) - (hi + lo) / (2 * s)), -8, 7)
+        codes = np.clip(np.rint(blocks / s[..., None]) + zp[..., None], -8, 7)
+        d = (codes - zp[..., None]) * m
+        fits = (d.max(-1) <= 127) & (d.min(-1) >= -128)
+        e = (((codes - zp[..., None]) * s[..., None] - blocks) ** 2).sum(-1)
+        assert np.all(err <= np.where(fits, e, np.inf) * (1 + 1e-5))
+
+
+def test_superblocks_cost_at_most_two_percent_of_squared_error_against_free_block_codes():
+    """(On MiniLM's weights they are 2.5% better. Here a search with one fixed top multiplier
+    is 7% (8) or 110% (15) worse.)"""
+    rng = np.random.default_rng(8)
+    w = (rng.standard_normal((384, 64)) * rng.gamma(2.0, 0.02, (1, 64))).astype(np.float32)
+    w *= rng.gamma(4.0, 0.25, (384, 1)).astype(np.float32)  # rows of different magnitude
+    plain = BlockFormat(**{**SB.to_dict(), "superblock": 0, "scale_bits": 4})
+    err = {f.superblock: ((quantize(w, f).dequantize() - w) ** 2).sum() for f in (plain, SB)}
+    assert err[128] <= 1.02 * err[0]
+
+
+@pytest.mark.parametrize(
+    "size, superblock, fitted",
+    [(1536, 384, 384), (384, 384, 384), (1024, 384, 128), (64, 384, 64), (96, 384, 96),
+     (48, 384, 0), (32, 384, 0)],
+)  # fmt: skip
+def test_superblock_fits_each_axis(size, superblock, fitted):
+    fmt = BlockFormat(**{**SB.to_dict(), "superblock": superblock})
+    assert fmt.superblock_for(size) == fitted
+    if size % 32 == 0:
+        w = np.random.default_rng(9).standard_normal((size, 3)).astype(np.float32)
+        q = quantize(w, fmt)
+        assert q.fmt.superblock == fitted and (q.multipliers is None) == (fitted == 0)
+        assert q.nbytes == q.fmt.bytes_for(w.shape)
+
+
+def test_superblock_nbytes_counts_a_code_per_superblock_and_half_a_byte_per_block():
+    w = superblock_weights()
+    q = quantize(w, SB)
+    codes, blocks = 384 * 12 // 2, 12 * 12
+    assert q.nbytes == codes + 3 * 12 + blocks // 2 + blocks // 2 == SB.bytes_for(w.shape)
+    s4 = BlockFormat(**{**SB.to_dict(), "scale_bits": 4})
+    q4 = quantize(w, s4)
+    codes4 = q4.scale_codes.astype(int)
+    assert np.all(codes4.max(axis=0) - codes4.min(axis=0) <= 15)
+    assert q4.nbytes == codes + (3 * 12 // 2 + 12) + blocks // 2 + blocks // 2
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"bits": 8}, {"scale_kind": "float"}, {"superblock": 32}, {"superblock": 48}],
+)
+def test_superblock_formats_reject_what_cannot_widen(kwargs):
+    with pytest.raises(ValueError, match="superblock"):
+        BlockFormat(**{**SB.to_dict(), **kwargs})
+
+
+def test_superblocks_need_whole_superblocks():
+    with pytest.raises(ValueError, match="stored tensors"):
+        quantize(np.ones((4, 128), np.float32), BlockFormat(**{**SB.to_dict(), "axis": -1}),
+                 allow_partial=True)  # fmt: skip

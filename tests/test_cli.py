@@ -89,6 +89,41 @@ def test_match_weight_blocks_flag_reaches_the_config(capsys, tiny_copy, tmp_path
     assert ("BlockRequantize" in ops) is on
 
 
+@pytest.mark.parametrize(
+    "flags, superblock",
+    [
+        ([], 384),  # w4a8's own
+        (["--superblock", "0"], 0),
+        (["--superblock", "64"], 64),
+        (["--weight-bits", "8"], 0),  # 8-bit weights cannot widen: the preset's is dropped
+        (["--scale-kind", "float"], 0),
+    ],
+)
+def test_superblock_flag_and_overrides_reach_the_config(
+    capsys, tiny_copy, tmp_path, flags, superblock
+):
+    out = tmp_path / "t.onnx"
+    argv = ["compress", tiny_copy / "model.onnx", "-o", out, "--preset", "w4a8", "--json"]
+    rc, stdout, err = run_cli(capsys, *argv, "--block-size", "16", *flags)
+    assert rc == 0, err
+    assert json.loads(stdout)["config"]["weights"]["superblock"] == superblock
+
+
+@pytest.mark.parametrize("block, kept", [(32, 384), (128, 384), (256, 0), (384, 0)])
+def test_preset_superblock_is_dropped_where_the_block_size_does_not_fit(block, kept):
+    from bctonnx.config import resolve_config
+
+    assert resolve_config("w4a8", weight_block_size=block).weights.superblock == kept
+
+
+def test_bad_superblock_is_a_one_line_error(capsys, tiny_copy, tmp_path):
+    out = tmp_path / "t.onnx"
+    argv = ["compress", tiny_copy / "model.onnx", "-o", out, "--preset", "w4a8"]
+    rc, _, err = run_cli(capsys, *argv, "--superblock", "48")
+    assert_one_line_error(rc, err, "superblock 48")
+    assert not out.exists()
+
+
 def test_validate_prints_outputs_and_layer_table(capsys, tiny_copy, tmp_path):
     out = tmp_path / "t.onnx"
     assert (

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -34,6 +36,13 @@ W8B32 = BlockFormat(bits=8, block_size=32, scale_kind="pow2", frac_bits=3)  # mi
 W4SYM = BlockFormat(bits=4, block_size=16, scale_kind="pow2", frac_bits=0)
 W6ASYM = BlockFormat(bits=6, block_size=32, scale_kind="pow2", frac_bits=2, symmetric=False)
 W8B12 = BlockFormat(bits=8, block_size=12, scale_kind="pow2", frac_bits=2)
+W4SB = replace(W4, superblock=128)  # w4a8 weights: blocks of 32 in superblocks of 128
+W4SYMSB = BlockFormat(bits=4, block_size=16, scale_kind="pow2", frac_bits=0, superblock=64)
+
+
+def sb(w) -> dict:
+    """block_matmul's superblock keywords for weights ``w``."""
+    return {"w_multipliers": w.multipliers, "superblock": w.fmt.superblock}
 
 
 def available_isas() -> list[str]:
@@ -117,11 +126,16 @@ def matmul_model(
             helper.make_tensor_value_info("res_s", TensorProto.FLOAT, None),
         ]
     inputs = ["x", "x_scale" if x_int8 else "", "w_codes", scale, base, zp, names["bias"]]
-    inputs += [names["y_mul"], names["res"], names["res_s"]]
+    inputs += [names["y_mul"], names["res"], names["res_s"], ""]
+    if w.multipliers is not None:
+        inits.append(_int("w_mult", w.multipliers, True, unsigned=True))
+        inputs[-1] = "w_mult"
     while not inputs[-1]:
         inputs.pop()
     outputs = ["y", "y_q", "y_scale", "seg"] if out_block else ["y", "", "", "seg"]
     attrs = dict(block_size=fmt.block_size, frac_bits=fmt.frac_bits, act_block_size=act_block)
+    if fmt.superblock:
+        attrs["superblock"] = fmt.superblock
     if out_block:
         attrs["out_block_size"] = out_block
     if residual_block:
@@ -179,6 +193,9 @@ CASES = [
     (W6ASYM, (6, 64), 24, 32),  # 6-bit asymmetric in int8 storage
     (W8, (2, 17, 256), 40, 128),  # segments of 128: two 64-byte K steps per AMX tile product
     (W8B12, (3, 36), 20, 12),  # segments of 12: not a multiple of 8 or 16 bytes
+    (W4SB, (3, 256), 17, 32),  # superblocks: int4 widened to int8 blocks of 128
+    (W4SB, (2, 9, 384), 40, 128),  # ... read with activation blocks of 128 (match_weight_blocks)
+    (W4SYMSB, (5, 192), 9, 16),  # symmetric superblocks of 64 over blocks of 16
 ]
 
 
@@ -191,6 +208,7 @@ def test_block_matmul_is_bit_exact_on_every_isa(fmt, shape, n, act_block, isas, 
     ref = block_matmul(
         x, w.codes, w.scale_codes, block_size=fmt.block_size, frac_bits=fmt.frac_bits,
         act_block_size=act_block, w_zero_points=w.zero_points, bias=bias, out_block_size=16,
+        **sb(w),
     )  # fmt: skip
     model = matmul_model(w, len(shape), x_int8=False, act_block=act_block, bias=bias, out_block=16)
     for isa in isas:
@@ -201,7 +219,7 @@ def test_block_matmul_is_bit_exact_on_every_isa(fmt, shape, n, act_block, isas, 
         np.testing.assert_array_equal(out["y_scale"], ref["y_scale"], err_msg=isa)
 
 
-@pytest.mark.parametrize("fmt", [W8, W4], ids=["w8a8", "w4a8"])
+@pytest.mark.parametrize("fmt", [W8, W4, W4SB], ids=["w8a8", "w4a8", "w4a8-superblocks"])
 @pytest.mark.parametrize("lead", [(2, 9), (3, 37)], ids=["18rows", "111rows"])
 def test_block_matmul_fast_tiles_are_bit_exact(fmt, lead, isas, monkeypatch):
     """Without the debug output the AVX-512 kernel runs its assembly loops (full 4 x 48
@@ -214,7 +232,7 @@ def test_block_matmul_fast_tiles_are_bit_exact(fmt, lead, isas, monkeypatch):
     bias = np.random.default_rng(4).standard_normal(n).astype(np.float32)
     ref = block_matmul(
         x, w.codes, w.scale_codes, block_size=fmt.block_size, frac_bits=fmt.frac_bits,
-        act_block_size=32, w_zero_points=w.zero_points, bias=bias, out_block_size=32,
+        act_block_size=32, w_zero_points=w.zero_points, bias=bias, out_block_size=32, **sb(w),
     )  # fmt: skip
     model = matmul_model(w, 3, x_int8=False, act_block=32, bias=bias, out_block=32)
     model.graph.node[0].output[3] = ""  # no segment sums
@@ -225,13 +243,14 @@ def test_block_matmul_fast_tiles_are_bit_exact(fmt, lead, isas, monkeypatch):
         np.testing.assert_array_equal(out["y_q"], ref["y_q"], err_msg=isa)
 
 
-def test_block_matmul_reference_is_the_dequantized_product():
+@pytest.mark.parametrize("fmt", [W4, W4SB], ids=["w4a8", "w4a8-superblocks"])
+def test_block_matmul_reference_is_the_dequantized_product(fmt):
     """The spec's integer/float arithmetic is the matmul of the dequantized operands."""
-    w = weights(96, 20, W4)
-    x = activations((6, 96))
+    w = weights(256, 20, fmt)
+    x = activations((6, 256))
     ref = block_matmul(
         x, w.codes, w.scale_codes, block_size=32, frac_bits=3, act_block_size=32,
-        w_zero_points=w.zero_points,
+        w_zero_points=w.zero_points, **sb(w),
     )  # fmt: skip
     qx, sx = block_quantize(x, 32)
     xq = qx.astype(np.float64) * np.repeat(sx, 32, axis=-1)
@@ -276,6 +295,14 @@ def test_block_matmul_refuses_non_pow2_activation_scales(monkeypatch):
 def test_block_matmul_refuses_8bit_asymmetric_weights(monkeypatch):
     w = weights(32, 8, BlockFormat(bits=8, block_size=32, scale_kind="pow2", symmetric=False))
     with pytest.raises(Exception, match="asymmetric"):
+        session(matmul_model(w, 2, x_int8=False, act_block=32), monkeypatch, "avx512")
+
+
+def test_block_matmul_refuses_superblocks_that_do_not_widen_to_int8(monkeypatch):
+    w = weights(128, 8, W4SB)
+    w.multipliers[:] = 15
+    w.codes[0, 0], w.zero_points[0, 0] = 7, -8  # 15 * (7 + 8) = 225
+    with pytest.raises(Exception, match="outside int8"):
         session(matmul_model(w, 2, x_int8=False, act_block=32), monkeypatch, "avx512")
 
 
@@ -479,3 +506,28 @@ def test_lower_matmul_leaves_float_scale_weights_alone(tiny_bert_onnx, caplog):
     ops = Counter(n.op_type for n in model.graph.node)
     assert ops["BlockMatMul"] == 0 and ops["MatMul"] >= 12
     assert any("not pow2" in r.getMessage() for r in caplog.records)
+
+
+def test_w4a8_linear_layers_run_superblocks_read_in_their_blocks(tiny_bert_onnx, fp32_reference):
+    """w4a8 integer: every BlockMatMul gets its weights' multipliers (input 10, UINT4) and the
+    superblock that fits its K (384 does not divide the tiny model's 64 or 128: gcd), and
+    match_weight_blocks re-blocks its input to that superblock (at most 128)."""
+    model = _compress(tiny_bert_onnx, "w4a8")
+    inits = {t.name: t for t in model.graph.initializer}
+    seen = Counter()
+    for node in model.graph.node:
+        if node.op_type != "BlockMatMul":
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        k = inits[node.input[2]].dims[0]
+        assert attrs["superblock"] == math.gcd(k, 384), node.name
+        assert attrs["act_block_size"] == min(attrs["superblock"], 128), node.name
+        assert len(node.input) == 11 and inits[node.input[10]].data_type == TensorProto.UINT4
+        assert list(inits[node.input[10]].dims) == [
+            k // 16,
+            inits[node.input[2]].dims[1],
+        ]  # blocks of 16
+        seen[attrs["superblock"]] += 1
+    assert seen == {64: 10, 128: 2}  # hidden 64 (Q, K, V, out, FFN1), FFN 128 (FFN2)
+    for seq in (7, 19):
+        assert cosine(_run_model(model, seq), fp32_reference(seq)) > 0.98

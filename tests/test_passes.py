@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -421,8 +422,8 @@ def one_node_model(op_type: str, inputs: list[ir.Value], fmt: BlockFormat, out_s
     )
     y = node.outputs[0]
     y.name, y.dtype, y.shape = "y", ir.DataType.FLOAT, ir.Shape(out_shape)
-    graph_inputs = [v for v in inputs if v.const_value is None]
-    initializers = [v for v in inputs if v.const_value is not None]
+    graph_inputs = [v for v in inputs if v is not None and v.const_value is None]
+    initializers = [v for v in inputs if v is not None and v.const_value is not None]
     graph = ir.Graph(
         graph_inputs,
         [y],
@@ -521,24 +522,26 @@ STORED_FORMATS = [
     BlockFormat(bits=4, block_size=16, scale_kind="pow2", frac_bits=3, symmetric=False),
     BlockFormat(bits=4, block_size=32, scale_kind="pow2", frac_bits=3, clip="mse", symmetric=False),
 ]
-# 4-bit scale codes: weights only (embedding rows keep a byte per scale)
+# 4-bit scale codes and superblocks: weights only (embedding rows keep a byte per scale)
+_W4_ASYM_S4 = BlockFormat(
+    bits=4, block_size=16, scale_kind="pow2", frac_bits=3, clip="mse", symmetric=False, scale_bits=4
+)  # fmt: skip
 WEIGHT_FORMATS = STORED_FORMATS + [
     BlockFormat(bits=4, block_size=16, scale_kind="pow2", frac_bits=3, scale_bits=4),
-    BlockFormat(
-        bits=4,
-        block_size=16,
-        scale_kind="pow2",
-        frac_bits=3,
-        clip="mse",
-        symmetric=False,
-        scale_bits=4,
-    ),
+    _W4_ASYM_S4,
+    # superblocks of 64 (K = 64: one per column); of 32, with 4-bit codes for them
+    BlockFormat(bits=4, block_size=16, scale_kind="pow2", frac_bits=3, superblock=64),
+    replace(_W4_ASYM_S4, superblock=32),
 ]
 
 
 def stored_inputs(q) -> list[ir.Value]:
     values = [const_value("codes", q.codes), const_value("scales", q.scale_codes)]
-    return values + ([const_value("zp", q.zero_points)] if q.zero_points is not None else [])
+    if q.zero_points is not None:
+        values.append(const_value("zp", q.zero_points))
+    if q.multipliers is not None:
+        values += [None] * (q.zero_points is None) + [const_value("mult", q.multipliers)]
+    return values
 
 
 @pytest.mark.parametrize("fmt", WEIGHT_FORMATS, ids=lambda f: f.describe().replace(" ", "_"))

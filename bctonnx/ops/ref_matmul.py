@@ -11,7 +11,7 @@ float32. The weights are never dequantized to float.
 ONNX signature (every weight input a constant initializer; ``""`` for an absent optional)::
 
     BlockMatMul(x, x_scale?, w_codes, w_scales, w_scale_base?, w_zero_points?, bias?,
-                y_multiplier?, residual?, residual_scale?)
+                y_multiplier?, residual?, residual_scale?, w_multipliers?)
         -> (y?, y_q?, y_scale?, segment_sums?)
 
     x              float32 [..., K]: quantized on the fly exactly as BlockQuantize(x,
@@ -37,11 +37,17 @@ ONNX signature (every weight input a constant initializer; ``""`` for an absent 
                    BlockQuantize(DQ(BlockQuantize(y)) + DQ(residual)) instead, where DQ is
                    ``codes * scale`` per block (exact) and the sum one float32 addition: the
                    residual add of an encoder layer with its quantized inputs and output
+    w_multipliers  uint4 [K / block_size, N], with attribute ``superblock`` > 0: superblock
+                   weights (`blockformat` "Superblocks"): w_scales (and w_scale_base) then
+                   hold one code per superblock, [K / superblock, N], and the op first widens
+                   the codes to int8 ``m * (q - zp)`` (`blockformat.widen_superblocks`), which
+                   are then weights of 8 bits in blocks of ``superblock`` without zero points:
+                   everything below reads ``block_size`` as ``superblock``
     segment_sums   int32 [..., K / g, N]: the integer accumulators below (tests, debugging)
 
     attributes: block_size, frac_bits (weights); act_block_size, act_bits (default 8);
                 out_block_size (default 0 = no y_q), out_bits (default 8),
-                residual_block_size (with a residual)
+                residual_block_size (with a residual), superblock (default 0)
 
 Constraints: ``block_size`` divides K; one of ``block_size`` / ``act_block_size`` divides the
 other. 8-bit asymmetric weights (``q - zp`` outside int8) are not supported (the pass leaves
@@ -76,7 +82,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bctonnx.blockformat import BlockFormat, decode_scales
+from bctonnx.blockformat import BlockFormat, BlockQuantized, decode_scales, widen_superblocks
 from bctonnx.ops.ref_quant import block_quantize, pow2_exponents
 
 __all__ = ["block_matmul", "block_batch_matmul", "segment_size"]
@@ -111,16 +117,36 @@ def block_matmul(
     act_bits: int = 8,
     out_block_size: int = 0,
     out_bits: int = 8,
+    w_multipliers: np.ndarray | None = None,
+    superblock: int = 0,
 ) -> dict[str, np.ndarray]:
     """Reference of ``bctonnx.BlockMatMul``.
 
     ``w_codes`` are the logical (unpacked) int8 codes ``[K, N]``, ``w_scale_codes`` the full
-    pow2 codes ``[K / block_size, N]`` (base + offset already added), ``w_zero_points`` int8
-    ``[K / block_size, N]`` or None. Returns ``{"y", "segment_sums"}`` and, with
-    ``out_block_size``, ``"y_q"`` / ``"y_scale"``.
+    pow2 codes ``[K / block_size, N]`` (base + offset already added; with ``superblock``,
+    ``[K / superblock, N]``), ``w_zero_points`` int8 ``[K / block_size, N]`` or None,
+    ``w_multipliers`` (with ``superblock``) 1..15 ``[K / block_size, N]``. Returns
+    ``{"y", "segment_sums"}`` and, with ``out_block_size``, ``"y_q"`` / ``"y_scale"``.
     """
     x = np.asarray(x)
     w_codes = np.asarray(w_codes, dtype=np.int8)
+    if superblock:
+        if w_multipliers is None:
+            raise ValueError("BlockMatMul: superblock weights need w_multipliers")
+        fmt = BlockFormat(
+            bits=4,
+            block_size=block_size,
+            axis=0,
+            scale_kind="pow2",
+            frac_bits=frac_bits,
+            symmetric=w_zero_points is None,
+            superblock=superblock,
+        )
+        wide = BlockQuantized(
+            w_codes, np.asarray(w_scale_codes), fmt, w_zero_points, np.asarray(w_multipliers)
+        )
+        w_codes, w_scale_codes = widen_superblocks(wide)
+        w_zero_points, block_size = None, superblock
     if w_codes.ndim != 2:
         raise ValueError(f"BlockMatMul: w_codes must be [K, N], got shape {w_codes.shape}")
     k_dim, n_dim = w_codes.shape

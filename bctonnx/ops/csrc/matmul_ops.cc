@@ -1510,7 +1510,7 @@ bool IsInt4(const Ort::ConstKernelInfo& info, size_t index) {
 
 enum Input : size_t {
   kX = 0, kXScale, kCodes, kScales, kScaleBase, kZeroPoints, kBias, kYMul, kResidual,
-  kResidualScale, kNumInputs
+  kResidualScale, kMultipliers, kNumInputs
 };
 enum Output : size_t { kY = 0, kYQ, kYScale, kSegments, kNumOutputs };
 
@@ -1525,13 +1525,16 @@ struct BlockMatMulKernel {
     out_block_ = int_attribute(info, "BlockMatMul", "out_block_size", &k0);
     out_bits_ = static_cast<int>(int_attribute(info, "BlockMatMul", "out_bits", &k8));
     residual_block_ = int_attribute(info, "BlockMatMul", "residual_block_size", &k0);
+    const int64_t superblock = int_attribute(info, "BlockMatMul", "superblock", &k0);
     if (act_bits_ < 2 || act_bits_ > 8 || out_bits_ < 2 || out_bits_ > 8)
       Fail("act_bits and out_bits must be in 2..8");
     if (block < 1 || act_block_ < 1 || out_block_ < 0 || residual_block_ < 0)
       Fail("block sizes must be >= 1");
     if (frac_bits < 0 || frac_bits > 4) Fail("frac_bits must be in 0..4");
+    if (superblock < 0 || (superblock > 0 && (superblock <= block || superblock % block)))
+      Fail("superblock must be 0 or a multiple (> 1) of block_size");
     isa_ = ChooseIsa(std::getenv("BCTONNX_ISA"));
-    PackWeights(info, block, frac_bits);
+    PackWeights(info, block, frac_bits, superblock);
     // a constant bias is padded once; otherwise it is read at run time
     int is_constant = 0;
     if (kBias < info.GetInputCount() && !info.GetInputName(kBias).empty()) {
@@ -1552,13 +1555,42 @@ struct BlockMatMulKernel {
       Fail("bias must have N = " + std::to_string(w_.n) + " elements, got " + shape_str(shape));
   }
 
-  void PackWeights(const Ort::ConstKernelInfo& info, int64_t block, int64_t frac_bits) {
+  // Superblock weights (blockformat.widen_superblocks): the codes become m * (q - zp), int8,
+  // in blocks of the superblock, without zero points; from here on 8-bit weights.
+  static void WidenSuperblocks(const Ort::ConstKernelInfo& info, int64_t block,
+                               const std::vector<int64_t>& cshape, std::vector<int32_t>& codes,
+                               std::vector<int32_t>& zps, const std::vector<int64_t>& zshape) {
+    std::vector<int64_t> mshape;
+    const std::vector<int32_t> mult = ConstInts(info, kMultipliers, "w_multipliers", &mshape, true);
+    if (cshape.size() != 2 || cshape[0] % block) Fail("w_codes must be [K, N], K a multiple of block_size");
+    const std::vector<int64_t> blocked{cshape[0] / block, cshape[1]};
+    if (mshape != blocked)
+      Fail("w_multipliers must be " + shape_str(blocked) + ", got " + shape_str(mshape));
+    if (!zps.empty() && zshape != blocked)
+      Fail("w_zero_points must be " + shape_str(blocked) + ", got " + shape_str(zshape));
+    const int64_t n = cshape[1];
+    for (int64_t k = 0; k < cshape[0]; ++k)
+      for (int64_t c = 0; c < n; ++c) {
+        const int64_t b = (k / block) * n + c;
+        const int32_t v = mult[b] * (codes[k * n + c] - (zps.empty() ? 0 : zps[b]));
+        if (v < -128 || v > 127) Fail("superblock weights: m * (q - zp) outside int8");
+        codes[k * n + c] = v;
+      }
+    zps.clear();
+  }
+
+  void PackWeights(const Ort::ConstKernelInfo& info, int64_t block, int64_t frac_bits,
+                   int64_t superblock) {
     std::vector<int64_t> cshape, sshape, bshape, zshape;
-    const std::vector<int32_t> codes = ConstInts(info, kCodes, "w_codes", &cshape, true);
+    std::vector<int32_t> codes = ConstInts(info, kCodes, "w_codes", &cshape, true);
     std::vector<int32_t> scodes = ConstInts(info, kScales, "w_scales", &sshape, true);
     const std::vector<int32_t> base = ConstInts(info, kScaleBase, "w_scale_base", &bshape, false);
-    const std::vector<int32_t> zps = ConstInts(info, kZeroPoints, "w_zero_points", &zshape, false);
+    std::vector<int32_t> zps = ConstInts(info, kZeroPoints, "w_zero_points", &zshape, false);
     if (cshape.size() != 2) Fail("w_codes must be [K, N], got " + shape_str(cshape));
+    if (superblock > 0) {
+      WidenSuperblocks(info, block, cshape, codes, zps, zshape);
+      block = superblock;
+    }
     PackedWeights& w = w_;
     w.k = cshape[0];
     w.n = cshape[1];
@@ -1573,7 +1605,7 @@ struct BlockMatMulKernel {
     w.nblk = w.k / block;
     w.nseg = w.k / w.g;
     w.spb = block / w.g;
-    w.int4 = IsInt4(info, kCodes);
+    w.int4 = superblock == 0 && IsInt4(info, kCodes);
     w.signed8 = !w.int4 && isa_ == kAmx;
     w.gp = w.int4 ? (w.g + 7) / 8 * 8 : (w.g + 3) / 4 * 4;
     w.chunks = w.int4 ? w.gp / 8 : w.gp / 4;
