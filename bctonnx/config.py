@@ -68,7 +68,7 @@ PRESETS: dict[str, CompressionConfig] = {
     ),
     # 4-bit weights in asymmetric blocks of 32 (zero point per block) inside superblocks of
     # 384 (one byte pow2 code each; a 4-bit multiplier per block, chosen by squared error:
-    # 2% less weight error than free per-block codes), 4-bit asymmetric embeddings in blocks
+    # 0.7% less weight error than free per-block codes), 4-bit asymmetric embeddings in blocks
     # of 128, 8-bit activations, biases and LayerNorm stored as float16: >= 7.5x on MiniLM.
     # The integer kernels widen each superblock to int8 exactly and (match_weight_blocks)
     # read the linear layers' inputs in blocks of 128: one float step per 128 of K.
