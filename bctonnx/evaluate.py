@@ -66,7 +66,10 @@ CALIBRATION_EXAMPLES = 128
 @dataclass
 class EvalRecord:
     """One model of the comparison. ``vs_fp32``: metric minus FP32's, in points;
-    ``vs_fp32_ci95``: its paired bootstrap 95% interval (`glue.paired_difference_ci`)."""
+    ``vs_fp32_ci95``: its paired bootstrap 95% interval (`glue.paired_difference_ci`).
+    ``fidelity``: how close its predictions are to FP32's, example by example (much less
+    noisy than a metric difference): the percentage of equal labels (classification), or the
+    mean absolute difference of the scores (regression)."""
 
     model: str
     kind: str  # "fp32", "bct" or "baseline"
@@ -76,6 +79,7 @@ class EvalRecord:
     metrics: dict[str, float] = field(default_factory=dict)
     vs_fp32: dict[str, float] = field(default_factory=dict)
     vs_fp32_ci95: dict[str, tuple[float, float]] = field(default_factory=dict)
+    fidelity: float | None = None
     bytes: int | None = None
     ratio: float | None = None
     build_seconds: float | None = None
@@ -421,6 +425,7 @@ def _run(
             record.vs_fp32_ci95 = paired_difference_ci(
                 task, preds, fp32_preds[0], data.labels, resamples
             )
+            record.fidelity = fidelity(task, preds, fp32_preds[0])
         else:
             fp32_preds.append(preds)
 
@@ -474,6 +479,14 @@ def _run(
     return result
 
 
+def fidelity(task: GlueTask, preds: np.ndarray, reference: np.ndarray) -> float:
+    """Predictions against the reference's, example by example: % equal labels
+    (classification) or the mean absolute score difference (regression)."""
+    if task.is_regression:
+        return float(np.abs(np.asarray(preds, np.float64) - reference).mean())
+    return 100.0 * float((np.asarray(preds) == reference).mean())
+
+
 # --- report ------------------------------------------------------------------------------------
 
 
@@ -487,9 +500,10 @@ def format_table(result: EvalResult) -> str:
     head = [f"GLUE {task.folder} dev ({subset} examples), {result.model_dir}", ""]
     width = max(len("model"), *(len(r.model) for r in result.records))
     cols = [f"{m:>9}" for m in result.metrics]
+    fid = "|d score|" if task.is_regression else "same pred"
     lines = [
-        f"{'model':<{width}}  {'  '.join(cols)}  {'vs FP32':>8}  {'95% CI':>15}  {'size':>9}  "
-        f"{'ratio':>6}",
+        f"{'model':<{width}}  {'  '.join(cols)}  {'vs FP32':>8}  {'95% CI':>15}  {fid:>9}  "
+        f"{'size':>9}  {'ratio':>6}",
     ]
     for r in result.records:
         if r.status != "ok":
@@ -499,15 +513,27 @@ def format_table(result: EvalResult) -> str:
         lo, hi = r.vs_fp32_ci95.get(primary, (0.0, 0.0))
         lines.append(
             f"{r.model:<{width}}  {vals}  {r.vs_fp32.get(primary, 0.0):>+8.2f}  "
-            f"{f'[{lo:+.2f}, {hi:+.2f}]':>15}  {(r.bytes or 0) / 1e6:>6.1f} MB  {r.ratio or 0:>5.2f}x"
+            f"{f'[{lo:+.2f}, {hi:+.2f}]':>15}  {format_fidelity(task, r.fidelity):>9}  "
+            f"{(r.bytes or 0) / 1e6:>6.1f} MB  {r.ratio or 0:>5.2f}x"
         )
     notes = [
         "",
         f"metrics in points (x100); vs FP32 = {primary} difference in points, 95% CI its paired "
-        "bootstrap interval (1000 resamples of the dev set; contains 0: not distinguishable)",
+        "bootstrap interval (1000 resamples of the dev set; contains 0: not distinguishable); "
+        + (
+            "|d score| = mean absolute difference of the predicted scores from FP32's"
+            if task.is_regression
+            else "same pred = % of examples predicted as FP32 predicts them"
+        ),
     ]
     notes += [f"  {r.model}: {r.config}" for r in result.records if r.kind != "fp32"]
     return "\n".join(head + lines + notes)
+
+
+def format_fidelity(task: GlueTask, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if task.is_regression else f"{value:.1f}%"
 
 
 def write_json(result: EvalResult, dest: str) -> None:

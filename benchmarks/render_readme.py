@@ -12,6 +12,7 @@ import json
 import re
 from pathlib import Path
 
+from bctonnx.evaluate import format_fidelity
 from bctonnx.glue import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +46,9 @@ def render_glue(data: dict) -> str:
         f"onnxruntime {data['onnxruntime']} CPU, {data['threads']} threads; metrics in points "
         "(x100), difference to FP32 in parentheses (for the first metric, then its paired bootstrap "
         "95% interval: 1000 resamples of the dev set; an interval containing 0 cannot tell the "
-        "model from FP32), ratio = FP32 file bytes / model file bytes:",
+        "model from FP32); below them how close each model's predictions are to FP32's, "
+        "example by example (much less noisy than a metric difference); ratio = FP32 file "
+        "bytes / model file bytes:",
         "",
         "| task | metric | " + " | ".join(models) + " |",
         "|---|---|" + "---:|" * len(models),
@@ -82,6 +85,17 @@ def render_glue(data: dict) -> str:
             else ""
             for m in models
         ]
+        if any(r.get("fidelity") is not None for r in run["records"]):
+            fid = [
+                format_fidelity(TASKS[run["task"]], by_model[m].get("fidelity"))
+                if m in by_model and by_model[m]["kind"] != "fp32"
+                else ""
+                for m in models
+            ]
+            name = "mean abs score diff to FP32" if TASKS[run["task"]].is_regression else (
+                "predictions equal to FP32's"
+            )  # fmt: skip
+            lines.append(f"|  | {name} | " + " | ".join(fid) + " |")
         lines.append("|  | ratio | " + " | ".join(ratios) + " |")
     configs = {}
     for run in runs:

@@ -18,7 +18,14 @@ from bctonnx.baselines import Baseline
 from bctonnx.cli import main
 from bctonnx.config import resolve_config
 from bctonnx.errors import BctError
-from bctonnx.evaluate import eval_configs, load_config_file, parse_presets, run_eval
+from bctonnx.evaluate import (
+    eval_configs,
+    fidelity,
+    format_fidelity,
+    load_config_file,
+    parse_presets,
+    run_eval,
+)
 from bctonnx.glue import (
     TASKS,
     accuracy,
@@ -123,6 +130,18 @@ def test_paired_bootstrap_interval_brackets_the_difference_and_separates_clear_g
     bad = np.where(rng.random(800) < 0.7, labels, 1 - labels)
     lo, hi = paired_difference_ci(TASKS["sst2"], bad, good, labels, idx)["accuracy"]
     assert hi < 0 and lo > -35
+
+
+def test_fidelity_compares_predictions_example_by_example():
+    sst2, stsb = TASKS["sst2"], TASKS["stsb"]
+    ref = np.array([0, 1, 1, 0, 1, 0, 0, 1])
+    # accuracy-neutral swaps still count: 2 of 8 predictions differ from the reference
+    assert fidelity(sst2, np.array([1, 0, 1, 0, 1, 0, 0, 1]), ref) == 75.0
+    assert fidelity(sst2, ref.copy(), ref) == 100.0
+    scores = np.array([0.5, 2.0, 4.75])
+    assert fidelity(stsb, np.array([1.0, 2.0, 4.5]), scores) == pytest.approx(0.25)
+    assert format_fidelity(sst2, 75.0) == "75.0%" and format_fidelity(stsb, 0.25) == "0.2500"
+    assert format_fidelity(sst2, None) == "-"
 
 
 def test_compute_metrics_reports_points_primary_first():
@@ -568,6 +587,7 @@ def test_sst2_slice_fp32_and_w8a8(sst2_with_baselines):
     assert w8a8["vs_fp32"]["accuracy"] == pytest.approx(
         w8a8["metrics"]["accuracy"] - fp32["metrics"]["accuracy"]
     )
+    assert fp32["fidelity"] is None and 80 <= w8a8["fidelity"] <= 100
 
 
 @pytest.mark.shared
@@ -594,3 +614,4 @@ def test_stsb_slice_regression_metrics():
     assert fp32["metrics"]["spearman"] > 60 and fp32["metrics"]["pearson"] > 60
     assert w8a8["status"] == "ok" and w8a8["ratio"] > 3
     assert abs(w8a8["vs_fp32"]["spearman"]) < 10
+    assert 0 < w8a8["fidelity"] < 0.5  # mean |score difference|, scores 0..5
