@@ -576,3 +576,13 @@ def test_superblocks_need_whole_superblocks():
     with pytest.raises(ValueError, match="stored tensors"):
         quantize(np.ones((4, 128), np.float32), BlockFormat(**{**SB.to_dict(), "axis": -1}),
                  allow_partial=True)  # fmt: skip
+
+
+def test_superblocks_along_a_middle_axis_are_the_moved_tensor_quantized():
+    w = np.random.default_rng(10).standard_normal((3, 256, 4)).astype(np.float32)
+    q = quantize(w, BlockFormat(**{**SB.to_dict(), "axis": 1}))
+    moved = quantize(np.ascontiguousarray(np.moveaxis(w, 1, 0)), SB)
+    for a, b in ((q.codes, moved.codes), (q.multipliers, moved.multipliers)):
+        np.testing.assert_array_equal(a, np.moveaxis(b, 0, 1))
+    np.testing.assert_array_equal(q.scale_codes, np.moveaxis(moved.scale_codes, 0, 1))
+    np.testing.assert_array_equal(q.dequantize(), np.moveaxis(moved.dequantize(), 0, 1))
