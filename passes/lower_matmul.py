@@ -22,16 +22,19 @@ Runs after ``lower_integer`` (activations are then int8 codes + pow2 block scale
 
 The ops multiply int8 activations by the stored weight codes (or by K's codes) with int32
 accumulation and apply both scales per block: the weights are never dequantized (they stay
-int8 / packed int4 in the file and in memory), the activation quantization is the same
+int8 / packed int4 in the file and in memory; superblock weights, packed int4 in the file, are
+widened to int8 ``m * (q - zp)`` by the kernel at load and count as 8-bit weights in blocks of
+their superblock from there on), the activation quantization is the same
 ``BlockQuantize`` rule, done inside the kernel when its input is float, and the quantizations
 that follow are done in the kernel's epilogue. Weights keep their block size (128 / 32);
 activation blocks stay the config's activation block size (32 in the presets) along K, and the
 kernel works on segments of the smaller of the two, which must divide the larger. So the result
 equals the ``lower_integer`` form up to float rounding (the order of the float sums,
 ref_matmul.py "Arithmetic"). One option changes that, on purpose: with
-``match_weight_blocks`` (the w8a8-fast preset), a layer whose weight blocks are a larger
-multiple of the activation blocks (128 vs 32) reads its activations re-blocked to the weight
-block size::
+``match_weight_blocks`` (the w8a8-fast and w4a8 presets), a layer whose weight blocks are a
+larger multiple of the activation blocks (128 vs 32) reads its activations re-blocked to the
+weight block size (at most `MATCHED_BLOCK`: w4a8's superblocks of 384 are read in blocks of
+128)::
 
     BlockMatMul(q, s, ...)  ->  BlockMatMul(BlockRequantize(q, s, 32 -> 128), ...)
                                 (one BlockRequantize per codes tensor, shared by Q, K and V;
