@@ -53,7 +53,7 @@ class TensorPlan:
     block_size: int
     num_blocks: int | None  # None: depends on run-time sizes (activations)
     bits: int
-    scale: str  # e.g. "pow2/8 1 byte", "fp32 at run time"
+    scale: str  # e.g. "pow2/8 1 byte", "pow2/8 sb384 x m" (superblocks), "fp32 at run time"
     symmetric: bool
     bytes_before: int | None  # float32 bytes (stored tensors only)
     bytes_after: int | None  # codes + scales + zero points as stored
@@ -125,8 +125,8 @@ def _scale_text(fmt: BlockFormat, stored: bool) -> str:
     if fmt.scale_kind == "pow2":
         kind = "pow2" if fmt.frac_bits == 0 else f"pow2/{2**fmt.frac_bits}"
         code = "4-bit code" if fmt.scale_bits == 4 else "1 byte"
-        if fmt.superblock:
-            return f"{kind} {code} per {fmt.superblock} x 4-bit multiplier"
+        if fmt.superblock:  # one code per superblock, a 4-bit multiplier m per block
+            return f"{kind} sb{fmt.superblock} x m"
         return f"{kind} {code}"
     return fmt.scale_dtype.replace("float", "fp")
 

@@ -527,7 +527,7 @@ def test_inspect_text_output_and_bad_input(capsys, tiny_bert_onnx, tmp_path):
     assert rc == 0
     assert "weights (12):" in stdout and "expected:" in stdout
     # w4a8 weights: superblocks (the tiny model's K = 64: superblocks of 64, not 384)
-    assert "1 byte per 64 x 4-bit multiplier" in stdout
+    assert "pow2/8 sb64 x m" in stdout
     rc, _, err = run_cli(capsys, "inspect", tiny_bert_onnx, "--block-size", "24")
     assert_one_line_error(rc, err, "does not divide")
 
