@@ -257,11 +257,19 @@ class BlockQuantized:
         """Codes as stored: int4-packed uint8 (flattened, row-major) or int8."""
         return pack_int4(self.codes) if self.fmt.packed else self.codes.astype(np.int8)
 
+    def _per_block(self) -> np.ndarray:
+        """An array with one element per block (partial ones included), not per superblock."""
+        return self.scale_codes if self.multipliers is None else self.multipliers
+
+    @property
+    def num_blocks(self) -> int:
+        return self._per_block().size
+
     @property
     def nbytes(self) -> int:
         """Stored bytes: packed codes plus one scale per block (partial blocks included)."""
         code_bytes = (self.codes.size + 1) // 2 if self.fmt.packed else self.codes.size
-        per_block = self.scale_codes if self.multipliers is None else self.multipliers
+        per_block = self._per_block()
         nblocks = per_block.size
         nslices = nblocks // per_block.shape[self.axis]
         return (
@@ -379,6 +387,29 @@ SUPERBLOCK_TOPS = (8, 10, 12, 15)  # candidate largest multipliers of a superblo
 MAX_MULTIPLIER = 15
 
 
+def _block_codes(blocks: np.ndarray, s: np.ndarray, fmt: BlockFormat, lo, hi):
+    """(zero points, codes) of ``blocks`` [..., B] at scales ``s`` [...]: the centred zero
+    point of each block's range [lo, hi] (asymmetric formats) or zeros."""
+    if fmt.symmetric:
+        zp = np.zeros(s.shape, np.float32)
+    else:
+        zp = np.clip(np.rint(np.float32(-0.5) - (hi + lo) / (2 * s)), fmt.qmin, fmt.qmax)
+    q = np.clip(np.rint(blocks / s[..., None]) + zp[..., None], fmt.qmin, fmt.qmax)
+    return zp, q
+
+
+def _keep_better(best: list | None, candidate: list) -> list:
+    """Per element, the candidate ``[err, *values]`` where its error is below the best so far
+    (ties keep the earlier one); a value with trailing axes follows its element's choice."""
+    if best is None:
+        return list(candidate)
+    better = candidate[0] < best[0]
+    return [
+        np.where(better.reshape(better.shape + (1,) * (np.ndim(c) - better.ndim)), c, b)
+        for c, b in zip(candidate, best, strict=True)
+    ]
+
+
 def _quantize_superblocks(x: np.ndarray, fmt: BlockFormat, allow_partial: bool) -> BlockQuantized:
     """Superblock formats (see the module docstring): per superblock a pow2 code, per block a
     multiplier 1..15 and (asymmetric) a centred zero point, by the least squared error."""
@@ -393,7 +424,7 @@ def _quantize_superblocks(x: np.ndarray, fmt: BlockFormat, allow_partial: bool) 
     blocks = blocks.reshape(*blocks.shape[:-2], -1, per, fmt.block_size)  # [..., ns, per, B]
     if fmt.symmetric:
         lo = hi = None
-        full = np.abs(blocks).max(axis=-1) / np.float32(fmt.qmax)
+        full = np.abs(blocks).max(axis=-1) / np.float32(fmt.qmax)  # [..., ns, per]
     else:
         lo = np.minimum(blocks.min(axis=-1), 0)
         hi = np.maximum(blocks.max(axis=-1), 0)
@@ -405,39 +436,22 @@ def _quantize_superblocks(x: np.ndarray, fmt: BlockFormat, allow_partial: bool) 
         s0 = decode_scales(code, fmt)[..., None]  # [..., ns, 1]
         best = None
         for m in range(1, MAX_MULTIPLIER + 1):
-            s = s0 * np.float32(m)
-            if fmt.symmetric:
-                zp = np.zeros(s.shape[:-1] + (per,), np.float32)
-            else:
-                zp = np.clip(np.rint(np.float32(-0.5) - (hi + lo) / (2 * s)), fmt.qmin, fmt.qmax)
-            q = np.clip(np.rint(blocks / s[..., None]) + zp[..., None], fmt.qmin, fmt.qmax)
-            d = (q - zp[..., None]) * m
-            err = (((q - zp[..., None]) * s[..., None] - blocks) ** 2).sum(axis=-1)
-            err = np.where((d.max(axis=-1) <= 127) & (d.min(axis=-1) >= -128), err, np.inf)
-            if best is None:
-                best = [err, np.full(err.shape, m, np.uint8), zp, q]
-                continue
-            better = err < best[0]
-            best[0] = np.where(better, err, best[0])
-            best[1] = np.where(better, np.uint8(m), best[1])
-            best[2] = np.where(better, zp, best[2])
-            best[3] = np.where(better[..., None], q, best[3])
+            s = np.broadcast_to(s0 * np.float32(m), full.shape)  # [..., ns, per]
+            zp, q = _block_codes(blocks, s, fmt, lo, hi)
+            d = q - zp[..., None]
+            err = ((d * s[..., None] - blocks) ** 2).sum(axis=-1)
+            wide = d * m
+            fits = (wide.max(axis=-1) <= 127) & (wide.min(axis=-1) >= -128)
+            best = _keep_better(
+                best, [np.where(fits, err, np.inf), np.full(err.shape, m, np.uint8), zp, q]
+            )
         return best
 
     chosen = None
     for top in SUPERBLOCK_TOPS:
         code = encode_scales(s_max * np.float32(fmt.qmax / top), fmt)  # T * scale >= s_max
         err, m, zp, q = search(code)
-        total = err.sum(axis=-1)
-        if chosen is None:
-            chosen = [total, code, m, zp, q]
-            continue
-        better = total < chosen[0]
-        chosen[0] = np.where(better, total, chosen[0])
-        chosen[1] = np.where(better, code, chosen[1]).astype(code.dtype)
-        chosen[2] = np.where(better[..., None], m, chosen[2])
-        chosen[3] = np.where(better[..., None], zp, chosen[3])
-        chosen[4] = np.where(better[..., None, None], q, chosen[4])
+        chosen = _keep_better(chosen, [err.sum(axis=-1), code, m, zp, q])
     _, code, m, zp, q = chosen
     if fmt.scale_bits == 4:  # superblocks below the slice's floor: that code, searched again
         floor = scale_code_floor(code, -1)
@@ -508,17 +522,9 @@ def _quantize_asymmetric(x: np.ndarray, fmt: BlockFormat, allow_partial: bool) -
     best = None
     for code in candidates:
         s = decode_scales(code, fmt)
-        zp = np.clip(np.rint(np.float32(-0.5) - (hi + lo) / (2 * s)), fmt.qmin, fmt.qmax)
-        q = np.clip(np.rint(blocks / s[..., None]) + zp[..., None], fmt.qmin, fmt.qmax)
+        zp, q = _block_codes(blocks, s, fmt, lo, hi)
         err = (((q - zp[..., None]) * s[..., None] - blocks) ** 2).sum(axis=-1)
-        if best is None:
-            best = [err, code, zp, q]
-            continue
-        better = err < best[0]
-        best[0] = np.where(better, err, best[0])
-        best[1] = np.where(better, code, best[1]).astype(code.dtype)
-        best[2] = np.where(better, zp, best[2])
-        best[3] = np.where(better[..., None], q, best[3])
+        best = _keep_better(best, [err, code, zp, q])
     _, code, zp, q = best
     size = x.shape[axis]
     q = np.moveaxis(q.reshape(*q.shape[:-2], -1)[..., :size], -1, axis).astype(np.int8)

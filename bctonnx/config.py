@@ -177,24 +177,21 @@ def resolve_config(
     if mode is not None and mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     weights = config.weights
-    if weights is not None and weights.superblock and superblock is None:
-        # the preset's superblock only where it still fits the overridden format
-        probe = stored(replace(weights, superblock=0), weight_bits, weight_block_size or block_size)
-        sb = weights.superblock
-        if (
-            probe.bits > 4
-            or probe.scale_kind != "pow2"
-            or sb <= probe.block_size
-            or sb % probe.block_size
-        ):
-            weights = replace(weights, superblock=0)
-    if weights is not None and superblock is not None:
-        weights = replace(weights, superblock=0)  # set below, after the other overrides
-    weights = stored(weights, weight_bits, weight_block_size or block_size)
-    if weights is not None and scale_bits is not None:
-        weights = replace(weights, scale_bits=scale_bits)
-    if weights is not None and superblock:
-        weights = replace(weights, superblock=superblock)
+    if weights is not None:
+        sb = weights.superblock if superblock is None else superblock
+        # the other overrides first, on plain blocks; then the superblock, if it fits
+        weights = stored(
+            replace(weights, superblock=0), weight_bits, weight_block_size or block_size
+        )
+        if scale_bits is not None:
+            weights = replace(weights, scale_bits=scale_bits)
+        if sb:
+            try:
+                weights = replace(weights, superblock=sb)
+            except ValueError:
+                if superblock is not None:
+                    raise  # the caller's own superblock does not fit: say so
+                # the preset's does not fit the overridden format: plain blocks
     if float_dtype is not None and float_dtype not in ("float32", "float16"):
         raise ValueError(f"float dtype must be float32 or float16, got {float_dtype!r}")
     return CompressionConfig(

@@ -15,9 +15,10 @@ fails to build or run becomes a ``failed`` record with a one-line reason; the ot
 
 Every other key is a keyword of `bctonnx.config.resolve_config`, read from its signature
 (weight_bits, embedding_bits, act_bits, block_size, weight_block_size, embedding_block_size,
-act_block_size, scale_kind, scale_dtype, frac_bits, scale_bits, superblock, symmetric, clip, float_dtype,
-mode, exclude, no_activations, match_weight_blocks at the time of writing); integers, strings, booleans and lists
-of strings as the keyword takes them; unknown keys and wrong types are refused.
+act_block_size, scale_kind, scale_dtype, frac_bits, scale_bits, superblock, symmetric, clip,
+float_dtype, mode, exclude, no_activations, match_weight_blocks at the time of writing);
+integers, strings, booleans and lists of strings as the keyword takes them; unknown keys and
+wrong types are refused.
 """
 
 from __future__ import annotations

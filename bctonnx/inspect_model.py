@@ -124,10 +124,9 @@ def _scale_text(fmt: BlockFormat, stored: bool) -> str:
         return "fp32 at run time"
     if fmt.scale_kind == "pow2":
         kind = "pow2" if fmt.frac_bits == 0 else f"pow2/{2**fmt.frac_bits}"
-        code = "4-bit code" if fmt.scale_bits == 4 else "1 byte"
         if fmt.superblock:  # one code per superblock, a 4-bit multiplier m per block
             return f"{kind} sb{fmt.superblock} x m"
-        return f"{kind} {code}"
+        return f"{kind} {'4-bit code' if fmt.scale_bits == 4 else '1 byte'}"
     return fmt.scale_dtype.replace("float", "fp")
 
 
@@ -150,7 +149,6 @@ def _stored_plan(node: ir.Node, kind: str) -> TensorPlan:
     else:
         stored = stored_weight(node)
     fmt, codes = stored.fmt, stored.codes
-    nblocks = stored.scale_codes.size if stored.multipliers is None else stored.multipliers.size
     # the tensor's name: codes are "<tensor>.bct_codes" (see quantize_weights/embeddings)
     tensor = (node.inputs[0].name or "").removesuffix(".bct_codes")
     readers = _readers(node.outputs[0])
@@ -160,7 +158,7 @@ def _stored_plan(node: ir.Node, kind: str) -> TensorPlan:
         shape=list(codes.shape),
         axis=fmt.axis % codes.ndim,
         block_size=fmt.block_size,
-        num_blocks=int(nblocks),
+        num_blocks=stored.num_blocks,
         bits=fmt.bits,
         scale=_scale_text(fmt, True),
         symmetric=fmt.symmetric,

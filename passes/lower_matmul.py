@@ -131,7 +131,8 @@ class LowerMatMul(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.graph = model.graph
-        self.weights: dict[int, list[ir.Value | None]] = {}  # per BlockDequantize node
+        # per BlockDequantize node: (inputs 2..5, multipliers), see _weights
+        self.weights: dict[int, tuple[list[ir.Value | None], ir.Value | None]] = {}
         self.shared: dict = {}
         count = 0
         for node in list(self.graph):
@@ -241,8 +242,6 @@ class LowerMatMul(ir.passes.InPlacePass):
         if multipliers is not None:
             attrs["superblock"] = fmt.superblock
             inputs.append(multipliers)
-        while inputs[-1] is None:
-            inputs.pop()
         new = self._fused_node("BlockMatMul", inputs, attrs, node, quant)
         if quant is None:
             take_over(out, new.outputs[0])

@@ -3,8 +3,8 @@ model runs on stock onnxruntime with no op library.
 
     BlockDequantize(codes, scales[, zp]) -> DequantizeLinear(codes:int4|int8, scale[, zp], axis,
                                           block_size) (superblocks: scale = the superblock's
-                                          scale, Expanded, times Cast(multipliers), folded at
-                                          load like the pow2 decoding)
+                                          scale, Gathered per block, times Cast(multipliers),
+                                          folded at load like the pow2 decoding)
     BlockGather(codes, scales, ids[, zp]) -> Gather rows and their scales (and zero points),
                                           then DequantizeLinear (int4 tables: stored packed as
                                           uint8 [V, H/2]; the rows are unpacked with

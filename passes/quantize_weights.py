@@ -8,8 +8,8 @@
 Blocks run along the reduction axis K (axis 0 of W, or axis 1 when Gemm transposes it), so an
 integer kernel can apply each scale once per block of the dot product. ``BlockDequantize`` is
 a mid-level node (domain ``bctonnx.mid``); a lowering pass decides its concrete form.
-A weight shared by several nodes is quantized once. A superblock format applies to each weight with the superblock that
-fits its K (`BlockFormat.superblock_for`).
+A weight shared by several nodes is quantized once. A superblock format applies to each weight
+with the superblock that fits its K (`BlockFormat.superblock_for`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,13 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from bctonnx.blockformat import BlockFormat, BlockSizeError, divisors_hint, quantize
+from bctonnx.blockformat import (
+    BlockFormat,
+    BlockQuantized,
+    BlockSizeError,
+    divisors_hint,
+    quantize,
+)
 
 from .common import (
     MID_DOMAIN,
@@ -85,50 +91,35 @@ class QuantizeWeights(ir.passes.InPlacePass):
                 f"weight '{weight.name}' of node '{node.name}'; block sizes that do: "
                 f"{divisors_hint(size)} (or exclude the node)"
             ) from None
-        return block_dequantize(
-            graph,
-            weight.name or node.name,
-            q.codes,
-            q.scale_codes,
-            q.fmt,
-            q.zero_points,
-            q.multipliers,
-        )
+        return block_dequantize(graph, weight.name or node.name, q)
 
 
-def block_dequantize(
-    graph: ir.Graph,
-    name: str,
-    codes: np.ndarray,
-    scale_codes: np.ndarray,
-    fmt: BlockFormat,
-    zero_points: np.ndarray | None = None,
-    multipliers: np.ndarray | None = None,
-) -> ir.Value:
-    """Append a mid-level BlockDequantize of constant codes/scales (and zero points, for
-    asymmetric formats; multipliers for superblock ones); returns its float output."""
+def block_dequantize(graph: ir.Graph, name: str, q: BlockQuantized) -> ir.Value:
+    """Append a mid-level BlockDequantize of a constant block-quantized tensor (codes, scales,
+    zero points for asymmetric formats, multipliers for superblock ones; read back by
+    `common.stored_weight`); returns its float output."""
     inputs = [
-        new_initializer(graph, f"{name}.bct_codes", codes),
-        new_initializer(graph, f"{name}.bct_scales", scale_codes),
+        new_initializer(graph, f"{name}.bct_codes", q.codes),
+        new_initializer(graph, f"{name}.bct_scales", q.scale_codes),
     ]
-    if zero_points is not None:
-        inputs.append(new_initializer(graph, f"{name}.bct_zp", zero_points))
-    if multipliers is not None:
-        if zero_points is None:
+    if q.zero_points is not None:
+        inputs.append(new_initializer(graph, f"{name}.bct_zp", q.zero_points))
+    if q.multipliers is not None:
+        if q.zero_points is None:
             inputs.append(None)
-        inputs.append(new_initializer(graph, f"{name}.bct_mult", multipliers))
+        inputs.append(new_initializer(graph, f"{name}.bct_mult", q.multipliers))
     node = ir.Node(
         MID_DOMAIN,
         "BlockDequantize",
         inputs,
-        ir.convenience.convert_attributes(fmt_attrs(fmt)),
+        ir.convenience.convert_attributes(fmt_attrs(q.fmt)),
         name=f"{name}/BlockDequantize",
     )
     graph.append(node)
     out = node.outputs[0]
     out.name = f"{name}.bct_dq"
     out.dtype = ir.DataType.FLOAT
-    out.shape = ir.Shape(codes.shape)
+    out.shape = ir.Shape(q.codes.shape)
     return out
 
 

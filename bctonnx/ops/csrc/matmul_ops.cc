@@ -1562,7 +1562,9 @@ struct BlockMatMulKernel {
                                std::vector<int32_t>& zps, const std::vector<int64_t>& zshape) {
     std::vector<int64_t> mshape;
     const std::vector<int32_t> mult = ConstInts(info, kMultipliers, "w_multipliers", &mshape, true);
-    if (cshape.size() != 2 || cshape[0] % block) Fail("w_codes must be [K, N], K a multiple of block_size");
+    if (cshape[0] % block)
+      Fail("block_size " + std::to_string(block) + " does not divide K = " +
+           std::to_string(cshape[0]));
     const std::vector<int64_t> blocked{cshape[0] / block, cshape[1]};
     if (mshape != blocked)
       Fail("w_multipliers must be " + shape_str(blocked) + ", got " + shape_str(mshape));
