@@ -36,6 +36,9 @@ class CompressionConfig:
     # K segment of its integer product has one activation and one weight scale. The
     # activations everywhere else (residual stream, GELU, attention) keep their blocks.
     match_weight_blocks: bool = False
+    # the embeddings' block size is a maximum: a table whose hidden size it does not divide
+    # takes their greatest common divisor (presets; an explicit block size must divide)
+    fit_embedding_blocks: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -59,12 +62,17 @@ class CompressionConfig:
 # Presets. Block sizes and scale kinds are chosen so the whole file (scales, biases, graph)
 # reaches the stated ratio on BERT-family models; see README "Presets" for measured numbers.
 PRESETS: dict[str, CompressionConfig] = {
-    # int8 everywhere: stored tensors in blocks of 128 with a one-byte scale (fractional
-    # pow2, steps of 2^(1/8)); activations in blocks of 32 with run-time fp32 scales.
+    # int8 everywhere: weights in blocks of 128 with a one-byte scale (fractional pow2, steps
+    # of 2^(1/8)); embedding rows in blocks of 384 (gcd with the hidden size where 384 does
+    # not divide it: 128 for BERT-large's 1024); activations in blocks of 32 with run-time
+    # scales; biases and LayerNorm stored as float16. On MiniLM the file is 0.3% smaller than
+    # onnxruntime's dynamic int8 (blocks of 128 and float32 biases: 0.2% larger).
     "w8a8": CompressionConfig(
         weights=BlockFormat(bits=8, block_size=128, scale_kind="pow2", frac_bits=3),
-        embeddings=BlockFormat(bits=8, block_size=128, scale_kind="pow2", frac_bits=3),
+        embeddings=BlockFormat(bits=8, block_size=384, scale_kind="pow2", frac_bits=3),
         activations=BlockFormat(bits=8, block_size=32),
+        float_dtype="float16",
+        fit_embedding_blocks=True,
     ),
     # 4-bit weights in asymmetric blocks of 32 (zero point per block) inside superblocks of
     # 384 (one byte pow2 code each; a 4-bit multiplier per block, chosen by squared error:
@@ -205,6 +213,8 @@ def resolve_config(
         match_weight_blocks=(
             config.match_weight_blocks if match_weight_blocks is None else match_weight_blocks
         ),
+        fit_embedding_blocks=config.fit_embedding_blocks
+        and (embedding_block_size or block_size) is None,
     )
 
 

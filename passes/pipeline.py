@@ -41,7 +41,9 @@ def build_pipeline(config: CompressionConfig) -> list[ir.passes.PassBase]:
     if config.weights is not None:
         passes.append(QuantizeWeights(config.weights, config.exclude, config.weight_overrides))
     if config.embeddings is not None:
-        passes.append(QuantizeEmbeddings(config.embeddings, config.exclude))
+        passes.append(
+            QuantizeEmbeddings(config.embeddings, config.exclude, config.fit_embedding_blocks)
+        )
     if config.activations is not None:
         passes.append(QuantizeActivations(config.activations, config.exclude))
     if config.mode == "qdq":

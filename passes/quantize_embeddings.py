@@ -8,7 +8,9 @@ batch uses are ever dequantized (the table stays compressed in memory).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import onnx_ir as ir
@@ -28,16 +30,20 @@ from .common import (
 
 
 class QuantizeEmbeddings(ir.passes.InPlacePass):
-    """Gather(table, ids) on constant 2-D float tables -> BlockGather(codes, scales, ids)."""
+    """Gather(table, ids) on constant 2-D float tables -> BlockGather(codes, scales, ids).
 
-    def __init__(self, fmt: BlockFormat, exclude: Sequence[str] = ()):
+    ``fit_block``: the format's block size is a maximum; a table whose hidden size it does not
+    divide is cut in blocks of their greatest common divisor (without it: an error)."""
+
+    def __init__(self, fmt: BlockFormat, exclude: Sequence[str] = (), fit_block: bool = False):
         super().__init__()
         self.fmt = fmt
         self.exclude = tuple(exclude)
+        self.fit_block = fit_block
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        tables: dict[int, list[ir.Value]] = {}
+        tables: dict[int, tuple[BlockFormat, list[ir.Value]]] = {}
         modified = False
         for node in nodes_with_role(graph, "embedding"):
             axis_attr = node.attributes.get("axis")
@@ -46,8 +52,7 @@ class QuantizeEmbeddings(ir.passes.InPlacePass):
             table = node.inputs[0]
             if id(table) not in tables:
                 tables[id(table)] = self._quantize_table(graph, node, table)
-            codes_v, scales_v, *zp_v = tables[id(table)]
-            fmt = self.fmt.with_axis(1)
+            fmt, (codes_v, scales_v, *zp_v) = tables[id(table)]
             gather = ir.Node(
                 MID_DOMAIN,
                 "BlockGather",
@@ -63,12 +68,17 @@ class QuantizeEmbeddings(ir.passes.InPlacePass):
             modified = True
         return ir.passes.PassResult(model, modified=modified)
 
-    def _quantize_table(self, graph: ir.Graph, node: ir.Node, table: ir.Value) -> list[ir.Value]:
+    def _quantize_table(
+        self, graph: ir.Graph, node: ir.Node, table: ir.Value
+    ) -> tuple[BlockFormat, list[ir.Value]]:
         array = const_array(table).astype(np.float32)
         if self.fmt.scale_bits != 8:
             raise PassError("4-bit scale codes apply to weights only, not embedding tables")
+        fmt = self.fmt.with_axis(1)
+        if self.fit_block and array.ndim == 2:
+            fmt = replace(fmt, block_size=math.gcd(fmt.block_size, array.shape[1]))
         try:
-            q = quantize(array, self.fmt.with_axis(1))
+            q = quantize(array, fmt)
         except BlockSizeError:
             hidden = array.shape[1]
             raise PassError(
@@ -83,4 +93,4 @@ class QuantizeEmbeddings(ir.passes.InPlacePass):
         ]
         if q.zero_points is not None:
             values.append(new_initializer(graph, f"{name}.bct_zp", q.zero_points))
-        return values
+        return fmt, values

@@ -18,11 +18,13 @@ from bctonnx.passes import (
     QuantizeWeights,
 )
 from bctonnx.passes.common import MID_DOMAIN, const_array, fmt_attrs, fmt_from_node, role
+from bctonnx.passes.pipeline import build_pipeline
 from bctonnx.passes.simplify_shapes import SHAPE_PRESERVING
 from conftest import HIDDEN, NUM_LAYERS, run_onnx, tiny_feeds
 
 import bctonnx
 from bctonnx.blockformat import BlockFormat, dequantize, fake_quantize, quantize
+from bctonnx.config import resolve_config
 from bctonnx.errors import BctError
 from bctonnx.modelio import load_model
 
@@ -278,6 +280,43 @@ def test_quantize_embeddings_replaces_every_table_gather_by_a_block_gather(tiny_
         np.testing.assert_array_equal(dequantize(codes, scales, fmt), expected)
         assert node.inputs[2].dtype == ir.DataType.INT64  # the ids, still a graph value
         assert len(node.outputs[0].uses()) >= 1
+
+
+def test_quantize_embeddings_fits_a_maximum_block_to_the_hidden_size(tiny_bert_onnx):
+    # presets give the embeddings a maximum block (w8a8: 384); a table whose hidden size it
+    # does not divide gets their gcd: 48 on the tiny model's 64 -> blocks of 16
+    e48 = replace(E8, block_size=48)
+    with pytest.raises(PassError, match=r"block size 48 does not divide the hidden size \(64\)"):
+        QuantizeEmbeddings(e48)(run_passes(tiny_bert_onnx, Canonicalize()))
+    model = run_passes(tiny_bert_onnx, Canonicalize(), QuantizeEmbeddings(e48, fit_block=True))
+    fitted = run_passes(tiny_bert_onnx, Canonicalize(), QuantizeEmbeddings(E8))
+    gathers = [n for n in model.graph if n.op_type == "BlockGather"]
+    assert len(gathers) == 3
+    same_blocks = [n for n in fitted.graph if n.op_type == "BlockGather"]
+    for node, same in zip(gathers, same_blocks, strict=True):
+        assert (
+            fmt_from_node(node).block_size == 16 == HIDDEN // const_array(node.inputs[1]).shape[1]
+        )
+        np.testing.assert_array_equal(const_array(node.inputs[0]), const_array(same.inputs[0]))
+        np.testing.assert_array_equal(const_array(node.inputs[1]), const_array(same.inputs[1]))
+    # a block that divides is kept
+    model = run_passes(tiny_bert_onnx, Canonicalize(), QuantizeEmbeddings(E8, fit_block=True))
+    assert {fmt_from_node(n).block_size for n in model.graph if n.op_type == "BlockGather"} == {16}
+
+
+def test_w8a8_preset_fits_its_embedding_block_but_an_explicit_one_must_divide(tiny_bert_onnx):
+    config = resolve_config("w8a8", weight_block_size=16)  # the tiny model's K is 64
+    assert config.fit_embedding_blocks and config.embeddings.block_size == 384
+    assert not resolve_config("w8a8", embedding_block_size=384).fit_embedding_blocks
+    assert not resolve_config("w8a8", block_size=32).fit_embedding_blocks
+    # Canonicalize, QuantizeWeights, QuantizeEmbeddings: 384 on hidden 64 -> blocks of 64
+    model = run_passes(tiny_bert_onnx, *build_pipeline(config)[:3])
+    blocks = [fmt_from_node(n).block_size for n in model.graph if n.op_type == "BlockGather"]
+    assert blocks == [64, 64, 64]
+    with pytest.raises(BctError, match="block size 384 does not divide the hidden size"):
+        bctonnx.compress(
+            tiny_bert_onnx, preset="w8a8", weight_block_size=16, embedding_block_size=384
+        )
 
 
 # --- quantize_activations ----------------------------------------------------------------------
