@@ -363,6 +363,24 @@ def test_layernorm_bit_exact(lib, b, simd):
 
 
 @pytest.mark.parametrize("simd", SIMD)
+@pytest.mark.parametrize("b", [16, 32, 48, 128])
+def test_layernorm_bit_exact_over_row_tiles_and_both_sum_paths(lib, b, simd):
+    """Rows whose block exponents span <= 14 (the vpmaddwd sums) and wider ones (the widening
+    sums), mixed, over more rows than one tile of the AVX-512 kernel (64), odd H."""
+    rng = np.random.default_rng(700 + b + simd)
+    for d in (3 * b, 5 * b + 7, 384):
+        g, gs, bt, bs = gamma_beta(rng, d, b)
+        x, s = random_case(rng, (3, 50, d), b, -9, 5)  # span <= 14: the common path
+        wide = rng.random((3, 50)) < 0.25
+        e = np.log2(s).astype(np.int64)
+        e[wide, 0] = 9  # these rows span > 14
+        s = scales(e)
+        for eps in (1e-12, 1e-5):
+            want = R.int_layernorm(x, s, g, gs, bt, bs, b, eps)
+            assert_same(run_ln(lib, x, s, g, gs, bt, bs, b, eps, simd), want)
+
+
+@pytest.mark.parametrize("simd", SIMD)
 def test_layernorm_special_paths(lib, simd):
     """Constant rows (V = 0), blocks far below the grid window, beta far above gamma (z gamma
     rounded, and dropped beyond 30 bits), subnormal parameter scales (clamped output

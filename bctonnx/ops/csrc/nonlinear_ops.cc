@@ -1023,36 +1023,23 @@ BCT_AVX512 inline __m512i rne_epi32(__m512i v, int k) {
   return _mm512_srav_epi32(_mm512_add_epi32(_mm512_add_epi32(v, bias), odd), kk);
 }
 
-// Max of each of 16 vectors (unsigned dwords), lane j of the result = max of v[kTreeOrder[j]]
-// (a transposed reduction: 45 shuffles/maxes for 16 horizontal reductions).
-template <bool kAdd>
-BCT_AVX512CD __attribute__((always_inline)) inline __m512i tree_op(__m512i a, __m512i b) {
-  return kAdd ? _mm512_add_epi32(a, b) : _mm512_max_epu32(a, b);
-}
-template <bool kAdd>
-BCT_AVX512CD __attribute__((always_inline)) inline __m512i htree16(const int32_t* p) {
+// Unsigned max of each of 16 vectors of 16 dwords; lane j of the result reduces v[order[j]]
+// (a transposed reduction: 45 shuffles/maxes for 16 horizontal reductions; order: below).
+BCT_AVX512CD __attribute__((always_inline)) inline __m512i hmax16(const int32_t* p) {
   __m512i v[16], x[8], y[4], z[2];
   for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_si512(p + 16 * i);
   for (int i = 0; i < 8; ++i)
-    x[i] = tree_op<kAdd>(_mm512_shuffle_i32x4(v[2 * i], v[2 * i + 1], 0x44),
-                         _mm512_shuffle_i32x4(v[2 * i], v[2 * i + 1], 0xEE));
+    x[i] = _mm512_max_epu32(_mm512_shuffle_i32x4(v[2 * i], v[2 * i + 1], 0x44),
+                            _mm512_shuffle_i32x4(v[2 * i], v[2 * i + 1], 0xEE));
   for (int i = 0; i < 4; ++i)
-    y[i] = tree_op<kAdd>(_mm512_shuffle_i32x4(x[2 * i], x[2 * i + 1], 0x88),
-                         _mm512_shuffle_i32x4(x[2 * i], x[2 * i + 1], 0xDD));
+    y[i] = _mm512_max_epu32(_mm512_shuffle_i32x4(x[2 * i], x[2 * i + 1], 0x88),
+                            _mm512_shuffle_i32x4(x[2 * i], x[2 * i + 1], 0xDD));
   for (int i = 0; i < 2; ++i)
-    z[i] = tree_op<kAdd>(_mm512_unpacklo_epi64(y[2 * i], y[2 * i + 1]),
-                         _mm512_unpackhi_epi64(y[2 * i], y[2 * i + 1]));
+    z[i] = _mm512_max_epu32(_mm512_unpacklo_epi64(y[2 * i], y[2 * i + 1]),
+                            _mm512_unpackhi_epi64(y[2 * i], y[2 * i + 1]));
   const __m512 a = _mm512_castsi512_ps(z[0]), b = _mm512_castsi512_ps(z[1]);
-  return tree_op<kAdd>(_mm512_castps_si512(_mm512_shuffle_ps(a, b, 0x88)),
-                       _mm512_castps_si512(_mm512_shuffle_ps(a, b, 0xDD)));
-}
-// Unsigned max of each of 16 vectors; lane j of the result reduces v[order[j]] (see below).
-BCT_AVX512CD __attribute__((always_inline)) inline __m512i hmax16(const int32_t* p) {
-  return htree16<false>(p);
-}
-// Sum (mod 2^32) of each of 16 vectors, in the same lane order.
-BCT_AVX512CD __attribute__((always_inline)) inline __m512i hsum16(const int32_t* p) {
-  return htree16<true>(p);
+  return _mm512_max_epu32(_mm512_castps_si512(_mm512_shuffle_ps(a, b, 0x88)),
+                          _mm512_castps_si512(_mm512_shuffle_ps(a, b, 0xDD)));
 }
 
 // Lane permutation putting hmax16's result in block order (lane j = max of v[j]); found once by
@@ -1098,23 +1085,51 @@ BCT_AVX512CD __attribute__((always_inline)) inline __m512i reblock_exponents16(_
   return e;
 }
 
-// Steps 1-3 for one row: common grid, sums, row constants, per-chunk slopes; the codes to
+constexpr int64_t kLnTile = 64;  // rows per tile of layernorm_rows_avx512's three passes
+constexpr int kLnFastSpan = 14;  // block exponents within 14 of each other: the vpmaddwd sums
+
+// Step 4's slopes of every block: ln_alpha(lr, e_b - e_c); 8 blocks at a time (64-bit lanes,
+// round half even without branches) when 1 <= sh <= 62, which is every row in practice.
+BCT_AVX512CD __attribute__((always_inline)) inline void ln_alphas(const LnRow& lr, const int16_t* er,
+                                                                int e_c, int64_t nb, uint32_t* alpha) {
+  if (lr.hm == 0 || lr.sh < 1 || lr.sh > 62) {
+    for (int64_t b = 0; b < nb; ++b) alpha[b] = ln_alpha(lr, er[b] - e_c);
+    return;
+  }
+  const __m512i hm = _mm512_set1_epi64(lr.hm), ec = _mm512_set1_epi64(e_c);
+  const __m512i sh = _mm512_set1_epi64(lr.sh);
+  const __m512i mask = _mm512_set1_epi64((int64_t{1} << lr.sh) - 1);
+  const __m512i half = _mm512_set1_epi64(int64_t{1} << (lr.sh - 1));
+  const __m512i one = _mm512_set1_epi64(1), zero = _mm512_setzero_si512();
+  for (int64_t b = 0; b < nb; b += 8) {
+    const __mmask8 k = static_cast<__mmask8>(nb - b >= 8 ? 0xFF : (1u << (nb - b)) - 1u);
+    const __m512i e = _mm512_cvtepi16_epi64(_mm_maskz_loadu_epi16(k, er + b));
+    const __m512i v = _mm512_sllv_epi64(hm, _mm512_max_epi64(_mm512_sub_epi64(e, ec), zero));
+    const __m512i q = _mm512_srav_epi64(v, sh);
+    const __m512i r = _mm512_and_si512(v, mask);
+    const __mmask8 up = _mm512_cmpgt_epi64_mask(r, half) |
+                        (_mm512_cmpeq_epi64_mask(r, half) & _mm512_test_epi64_mask(q, one));
+    _mm256_mask_storeu_epi32(alpha + b, k, _mm512_cvtepi64_epi32(_mm512_mask_add_epi64(q, up, q, one)));
+  }
+}
+
+// Steps 1-3 for one row: common grid, sums, row constants, per-block slopes; the codes to
 // read in step 4 (xr itself, or a copy in xq with the blocks below the grid window rounded).
 struct LnRowState {
   LnRow lr{};
   const int8_t* q = nullptr;
+  int64_t s1 = 0, s2 = 0;
+  int e_c = 0;
 };
 
 struct LnScratch {
   int64_t nch, ngroups;
   const uint16_t* valid;  // [nch]
-  int32_t* bsum;          // [ngroups * 256]: per block 16 lanes of sum q (pair sums)
-  int32_t* bsq;           // [ngroups * 256]: per block 16 lanes of sum q^2
 };
 
 BCT_AVX512CD __attribute__((always_inline)) inline void layernorm_prologue_avx512(
-    const Blocking& bl, const LnParams& pp, const int8_t* xr, const int16_t* er,
-    const LnScratch& sc, int8_t* xq, uint32_t* alpha_ch, LnRowState* st) {
+    const Blocking& bl, const int8_t* xr, const int16_t* er, const LnScratch& sc, int8_t* xq,
+    LnRowState* st) {
   const int64_t h = bl.d, bsz = bl.b, nb = bl.nb, cpb = bsz / 16;
   int e_max = er[0], e_min = er[0];
   for (int64_t b = 1; b < nb; ++b) {
@@ -1122,6 +1137,39 @@ BCT_AVX512CD __attribute__((always_inline)) inline void layernorm_prologue_avx51
     e_min = std::min<int>(e_min, er[b]);
   }
   const int e_c = std::max(e_min, e_max - kLnWindow);  // 1.
+  if (e_max - e_min <= kLnFastSpan) {
+    // every block on the grid with s = e_b - e_c <= 14: S1 = sum q 2^s by vpmaddwd with the
+    // weight 2^s (int32 lanes: |.| < 2^22 per 32 codes, < 2^29 over H <= 4096), S2 = sum of
+    // the blocks' q^2 pair sums (< 2^21 per lane) times 4^s (vpmuludq, int64 lanes)
+    __m512i acc1 = _mm512_setzero_si512(), acc2 = _mm512_setzero_si512();
+    const int64_t pairs = cpb / 2;
+    for (int64_t b = 0, c = 0; b < nb; ++b) {
+      const int s = er[b] - e_c;
+      const __m512i w2 = _mm512_set1_epi16(static_cast<int16_t>(1 << s));
+      __m512i q2 = _mm512_setzero_si512();
+      for (int64_t j = 0; j < pairs; ++j, c += 2) {
+        const __mmask32 k = static_cast<__mmask32>(sc.valid[c]) | (static_cast<__mmask32>(sc.valid[c + 1]) << 16);
+        const __m512i w = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(k, xr + c * 16));
+        acc1 = _mm512_add_epi32(acc1, _mm512_madd_epi16(w, w2));
+        q2 = _mm512_add_epi32(q2, _mm512_madd_epi16(w, w));
+      }
+      if (cpb & 1) {
+        const __m512i w = _mm512_zextsi256_si512(
+            _mm256_cvtepi8_epi16(_mm_maskz_loadu_epi8(sc.valid[c], xr + c * 16)));
+        acc1 = _mm512_add_epi32(acc1, _mm512_madd_epi16(w, w2));
+        q2 = _mm512_add_epi32(q2, _mm512_madd_epi16(w, w));
+        ++c;
+      }
+      const __m512i q2e = _mm512_add_epi32(q2, _mm512_srli_epi64(q2, 32));  // even lanes
+      acc2 = _mm512_add_epi64(acc2, _mm512_mul_epu32(q2e, _mm512_set1_epi64(int64_t{1} << (2 * s))));
+    }
+    const int64_t s1 = _mm512_reduce_add_epi64(_mm512_add_epi64(
+        _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc1)),
+        _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc1, 1))));
+    const int64_t s2 = _mm512_reduce_add_epi64(acc2);
+    *st = LnRowState{LnRow{}, xr, s1, s2, e_c};
+    return;
+  }
   // 2. S1 = sum (sum q) << s, S2 = sum (sum q^2) << 2s: pair sums (vpmaddwd) per block,
   // widened to int64 lanes and shifted there (blocks below the window: below)
   const __m256i ones16 = _mm256_set1_epi16(1);
@@ -1159,17 +1207,9 @@ BCT_AVX512CD __attribute__((always_inline)) inline void layernorm_prologue_avx51
     }
     st->q = xq;
   }
-  st->lr = ln_row_constants(bl, pp, e_c, s1, s2);  // 3.
-  int last_s = INT_MIN;
-  uint32_t last_alpha = 0;
-  for (int64_t b = 0, c = 0; b < nb; ++b) {
-    const int s = std::max(er[b] - e_c, 0);
-    if (s != last_s) {
-      last_s = s;
-      last_alpha = ln_alpha(st->lr, s);
-    }
-    for (int64_t j = 0; j < cpb; ++j) alpha_ch[c++] = last_alpha;
-  }
+  st->s1 = s1;
+  st->s2 = s2;
+  st->e_c = e_c;
 }
 
 // Steps 1-5 with AVX-512 for block sizes that are multiples of 16 (<= 1024). Steps 1-3 of the
@@ -1182,18 +1222,12 @@ BCT_AVX512CD void layernorm_rows_avx512(const Blocking& bl, const LnParams& pp, 
   const int64_t nch = nb * cpb;            // 16-lane chunks (the last ones may be partly empty)
   const int64_t ngroups = (nb + 15) / 16;  // 16 blocks per tree reduction
   int32_t* vbuf = scratch<int32_t, 20>(static_cast<size_t>(nch * 16));
-  int8_t* xq = scratch<int8_t, 21>(static_cast<size_t>(2 * nch * 16));
   uint16_t* valid = scratch<uint16_t, 22>(static_cast<size_t>(nch));
-  uint32_t* alpha = scratch<uint32_t, 23>(static_cast<size_t>(2 * nch));
   int32_t* bmax = scratch<int32_t, 24>(static_cast<size_t>(ngroups * 256));  // per block 16 lanes
   int32_t* gpad = scratch<int32_t, 25>(static_cast<size_t>(ngroups * 16));
   int32_t* kk = scratch<int32_t, 26>(static_cast<size_t>(ngroups * 16));
   int32_t* kbias = scratch<int32_t, 27>(static_cast<size_t>(ngroups * 16));
-  int32_t* bsum = scratch<int32_t, 28>(static_cast<size_t>(ngroups * 256));
-  int32_t* bsq = scratch<int32_t, 29>(static_cast<size_t>(ngroups * 256));
   std::fill(bmax + nb * 16, bmax + ngroups * 256, 0);
-  std::fill(bsum + nb * 16, bsum + ngroups * 256, 0);
-  std::fill(bsq + nb * 16, bsq + ngroups * 256, 0);
   std::fill(gpad, gpad + ngroups * 16, 0);
   for (int64_t c = 0; c < nch; ++c) valid[c] = lanes16(c * 16, h);
   bool any_a1 = false;
@@ -1201,82 +1235,91 @@ BCT_AVX512CD void layernorm_rows_avx512(const Blocking& bl, const LnParams& pp, 
     any_a1 |= pp.a1[b] != 0;
     gpad[b] = pp.g[b];
   }
-  const LnScratch sc{nch, ngroups, valid, bsum, bsq};
+  const LnScratch sc{nch, ngroups, valid};
   const __m512i inv = _mm512_load_si512(tree_inverse().inv);
   const __m512i one32 = _mm512_set1_epi32(1);
   const __m512i zero = _mm512_setzero_si512();
-  LnRowState state[2];
-  if (r0 < r1)
-    layernorm_prologue_avx512(bl, pp, x + r0 * h, ex + r0 * nb, sc, xq, alpha, &state[0]);
-  for (int64_t r = r0; r < r1; ++r) {
-    const int cur = static_cast<int>((r - r0) & 1), nxt = cur ^ 1;
-    if (r + 1 < r1)
-      layernorm_prologue_avx512(bl, pp, x + (r + 1) * h, ex + (r + 1) * nb, sc,
-                                xq + nxt * nch * 16, alpha + nxt * nch, &state[nxt]);
-    const LnRowState& st = state[cur];
-    const uint32_t* al = alpha + cur * nch;
-    // 4.-5. v = round(z gamma, a1) + bterm for every chunk;
-    // z = (q alpha - beta + 128) >> 8 = (q alpha + (128 - beta)) >> 8 (mod 2^32, exact value in
-    // int32 range)
-    const __m512i vc = _mm512_set1_epi32(static_cast<int32_t>((1u << (kWBits - 1)) - st.lr.beta32));
-    for (int64_t b = 0, c = 0; b < nb; ++b) {
-      __m512i vm = zero;
-      const int a1 = pp.a1[b];
-      for (int64_t j = 0; j < cpb; ++j, ++c) {
-        const __m512i q = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(valid[c], st.q + c * 16));
-        const __m512i z = _mm512_srai_epi32(
-            _mm512_add_epi32(_mm512_mullo_epi32(q, _mm512_set1_epi32(static_cast<int32_t>(al[c]))), vc), kWBits);
-        __m512i zg = _mm512_mullo_epi32(z, _mm512_loadu_si512(pp.gamma.data() + c * 16));
-        if (any_a1) {
-          if (a1 > 30) {
-            zg = zero;  // |z gamma| < 2^30
-          } else if (a1 > 0) {
-            zg = rne_epi32(zg, a1);
+  // rows in tiles: 1.-2. every row's grid and sums; 3. every row's constants (independent
+  // rows: their scalar latency chains overlap); then 4.-5. row by row
+  LnRowState* states = scratch<LnRowState, 30>(static_cast<size_t>(kLnTile));
+  uint32_t* alpha = scratch<uint32_t, 23>(static_cast<size_t>(kLnTile * nb + 16));
+  int8_t* xq = scratch<int8_t, 21>(static_cast<size_t>(kLnTile * nch * 16));
+  for (int64_t t0 = r0; t0 < r1; t0 += kLnTile) {
+    const int64_t t1 = std::min(r1, t0 + kLnTile);
+    for (int64_t r = t0; r < t1; ++r)
+      layernorm_prologue_avx512(bl, x + r * h, ex + r * nb, sc, xq + (r - t0) * nch * 16,
+                                &states[r - t0]);
+    for (int64_t r = t0; r < t1; ++r) {
+      LnRowState& st = states[r - t0];
+      st.lr = ln_row_constants(bl, pp, st.e_c, st.s1, st.s2);
+      ln_alphas(st.lr, ex + r * nb, st.e_c, nb, alpha + (r - t0) * nb);
+    }
+    for (int64_t r = t0; r < t1; ++r) {
+      const LnRowState& st = states[r - t0];
+      const uint32_t* al = alpha + (r - t0) * nb;
+      // 4.-5. v = round(z gamma, a1) + bterm for every chunk;
+      // z = (q alpha - beta + 128) >> 8 = (q alpha + (128 - beta)) >> 8 (mod 2^32, exact value in
+      // int32 range)
+      const __m512i vc = _mm512_set1_epi32(static_cast<int32_t>((1u << (kWBits - 1)) - st.lr.beta32));
+      for (int64_t b = 0, c = 0; b < nb; ++b) {
+        __m512i vm = zero;
+        const int a1 = pp.a1[b];
+        const __m512i va = _mm512_set1_epi32(static_cast<int32_t>(al[b]));
+        for (int64_t j = 0; j < cpb; ++j, ++c) {
+          const __m512i q = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(valid[c], st.q + c * 16));
+          const __m512i z = _mm512_srai_epi32(_mm512_add_epi32(_mm512_mullo_epi32(q, va), vc), kWBits);
+          __m512i zg = _mm512_mullo_epi32(z, _mm512_loadu_si512(pp.gamma.data() + c * 16));
+          if (any_a1) {
+            if (a1 > 30) {
+              zg = zero;  // |z gamma| < 2^30
+            } else if (a1 > 0) {
+              zg = rne_epi32(zg, a1);
+            }
           }
+          const __m512i v = _mm512_maskz_add_epi32(valid[c], zg, _mm512_loadu_si512(pp.bterm.data() + c * 16));
+          _mm512_storeu_si512(vbuf + c * 16, v);
+          vm = _mm512_max_epu32(vm, _mm512_abs_epi32(v));
         }
-        const __m512i v = _mm512_maskz_add_epi32(valid[c], zg, _mm512_loadu_si512(pp.bterm.data() + c * 16));
-        _mm512_storeu_si512(vbuf + c * 16, v);
-        vm = _mm512_max_epu32(vm, _mm512_abs_epi32(v));
+        _mm512_storeu_si512(bmax + b * 16, vm);  // the block's max |v| per lane
       }
-      _mm512_storeu_si512(bmax + b * 16, vm);  // the block's max |v| per lane
-    }
-    // exponents and scales, 16 blocks at a time; blocks needing the exact scalar path
-    uint32_t special = 0;
-    for (int64_t gi = 0; gi < ngroups; ++gi) {
-      const __m512i m = _mm512_permutexvar_epi32(inv, hmax16(bmax + gi * 256));
-      const __m512i g = _mm512_loadu_si512(gpad + gi * 16);
-      __m512 scale;
-      const __m512i e = reblock_exponents16(m, g, &scale);
-      const __m512i k = _mm512_sub_epi32(e, g);
-      const __mmask16 cnt = static_cast<__mmask16>((1u << std::min<int64_t>(16, nb - gi * 16)) - 1u);
-      // the vector rounding needs 1 <= k <= 24 (|v| + 2^(k-1) < 2^31) and no clamp at 127
-      special |= (_mm512_cmplt_epi32_mask(k, one32) | _mm512_cmpgt_epi32_mask(k, _mm512_set1_epi32(24)) |
-                  _mm512_cmpeq_epi32_mask(e, _mm512_set1_epi32(127))) & cnt;
-      _mm512_storeu_si512(kk + gi * 16, k);
-      _mm512_storeu_si512(kbias + gi * 16,
-                          _mm512_sub_epi32(_mm512_sllv_epi32(one32, _mm512_sub_epi32(k, one32)), one32));
-      _mm512_mask_storeu_ps(ys + r * nb + gi * 16, cnt, scale);
-    }
-    // codes: round_half_even(v / 2^k), |.| <= 127 so the saturating pack is exact
-    int8_t* yr = y + r * h;
-    for (int64_t b = 0, c = 0; b < nb; ++b) {
-      const __m512i vk = _mm512_set1_epi32(kk[b]);
-      const __m512i bias = _mm512_set1_epi32(kbias[b]);
-      for (int64_t j = 0; j < cpb; ++j, ++c) {
-        const __m512i v = _mm512_loadu_si512(vbuf + c * 16);
-        const __m512i odd = _mm512_and_si512(_mm512_srav_epi32(v, vk), one32);
-        const __m512i cd = _mm512_srav_epi32(_mm512_add_epi32(_mm512_add_epi32(v, bias), odd), vk);
-        _mm_mask_storeu_epi8(yr + c * 16, valid[c], _mm512_cvtsepi32_epi8(cd));
+      // exponents and scales, 16 blocks at a time; blocks needing the exact scalar path
+      uint32_t special = 0;
+      for (int64_t gi = 0; gi < ngroups; ++gi) {
+        const __m512i m = _mm512_permutexvar_epi32(inv, hmax16(bmax + gi * 256));
+        const __m512i g = _mm512_loadu_si512(gpad + gi * 16);
+        __m512 scale;
+        const __m512i e = reblock_exponents16(m, g, &scale);
+        const __m512i k = _mm512_sub_epi32(e, g);
+        const __mmask16 cnt = static_cast<__mmask16>((1u << std::min<int64_t>(16, nb - gi * 16)) - 1u);
+        // the vector rounding needs 1 <= k <= 24 (|v| + 2^(k-1) < 2^31) and no clamp at 127
+        special |= (_mm512_cmplt_epi32_mask(k, one32) | _mm512_cmpgt_epi32_mask(k, _mm512_set1_epi32(24)) |
+                    _mm512_cmpeq_epi32_mask(e, _mm512_set1_epi32(127))) & cnt;
+        _mm512_storeu_si512(kk + gi * 16, k);
+        _mm512_storeu_si512(kbias + gi * 16,
+                            _mm512_sub_epi32(_mm512_sllv_epi32(one32, _mm512_sub_epi32(k, one32)), one32));
+        _mm512_mask_storeu_ps(ys + r * nb + gi * 16, cnt, scale);
       }
-    }
-    if (special) {  // rare (all-zero blocks, tiny or saturated exponents): exact scalar redo
-      for (int64_t b = 0; b < nb; ++b) {
-        const int k = kk[b], eo = k + pp.g[b];
-        if (k >= 1 && k <= 24 && eo != 127) continue;
-        const int n = static_cast<int>(std::min(bsz, h - b * bsz));
-        for (int i = 0; i < n; ++i)
-          yr[b * bsz + i] = static_cast<int8_t>(
-              std::clamp<int64_t>(shift_round_even(vbuf[b * bsz + i], k), -127, 127));
+      // codes: round_half_even(v / 2^k), |.| <= 127 so the saturating pack is exact
+      int8_t* yr = y + r * h;
+      for (int64_t b = 0, c = 0; b < nb; ++b) {
+        const __m512i vk = _mm512_set1_epi32(kk[b]);
+        const __m512i bias = _mm512_set1_epi32(kbias[b]);
+        for (int64_t j = 0; j < cpb; ++j, ++c) {
+          const __m512i v = _mm512_loadu_si512(vbuf + c * 16);
+          const __m512i odd = _mm512_and_si512(_mm512_srav_epi32(v, vk), one32);
+          const __m512i cd = _mm512_srav_epi32(_mm512_add_epi32(_mm512_add_epi32(v, bias), odd), vk);
+          _mm_mask_storeu_epi8(yr + c * 16, valid[c], _mm512_cvtsepi32_epi8(cd));
+        }
+      }
+      if (special) {  // rare (all-zero blocks, tiny or saturated exponents): exact scalar redo
+        for (int64_t b = 0; b < nb; ++b) {
+          const int k = kk[b], eo = k + pp.g[b];
+          if (k >= 1 && k <= 24 && eo != 127) continue;
+          const int n = static_cast<int>(std::min(bsz, h - b * bsz));
+          for (int i = 0; i < n; ++i)
+            yr[b * bsz + i] = static_cast<int8_t>(
+                std::clamp<int64_t>(shift_round_even(vbuf[b * bsz + i], k), -127, 127));
+        }
       }
     }
   }
