@@ -121,8 +121,7 @@ inline void requantize_block(const int32_t* v, int n, int g, int8_t* out, float*
 // Block exponents of a scale tensor, validated (pow2_exponent throws on a non-power of two).
 // Normal powers of two (sign 0, mantissa 0, exponent field 1..254) are decoded in a branch-free
 // loop; anything else goes through pow2_exponent (subnormals, or the error).
-std::vector<int16_t> scale_exponents(const float* s, int64_t count) {
-  std::vector<int16_t> e(static_cast<size_t>(count));
+BCT_CLONES void scale_exponents_into(const float* s, int64_t count, int16_t* e) {
   uint32_t bad = 0;
   for (int64_t i = 0; i < count; ++i) {
     uint32_t bits;
@@ -133,6 +132,11 @@ std::vector<int16_t> scale_exponents(const float* s, int64_t count) {
   }
   if (bad)
     for (int64_t i = 0; i < count; ++i) e[i] = static_cast<int16_t>(pow2_exponent(s[i]));
+}
+
+std::vector<int16_t> scale_exponents(const float* s, int64_t count) {
+  std::vector<int16_t> e(static_cast<size_t>(count));
+  scale_exponents_into(s, count, e.data());
   return e;
 }
 
@@ -221,6 +225,14 @@ T* scratch(size_t n) {
   thread_local std::vector<T> buf;
   if (buf.size() < n) buf.resize(n);
   return buf.data();
+}
+
+// An input's block exponents (scale_exponents), in the calling thread's scratch: valid until
+// that thread's next call; the kernels' pool threads only read it while the call runs.
+const int16_t* input_exponents(const float* s, int64_t count) {
+  int16_t* e = scratch<int16_t, 40>(static_cast<size_t>(count));
+  scale_exponents_into(s, count, e);
+  return e;
 }
 
 // 16-lane validity mask of the chunk starting at element `start` of a row of length d.
@@ -489,16 +501,16 @@ struct IntGeluKernel {
     sshape.back() = gr.ngrp;
     float* so = y_scale.Allocate(sshape);
     if (bl.rows == 0 || bl.d == 0) return;
-    const auto ex = scale_exponents(x_scale.Data(), bl.rows * bl.nb);
+    const int16_t* ex = input_exponents(x_scale.Data(), bl.rows * bl.nb);
     const GeluTables& tb = gelu_tables();
     const int8_t* xi = x.Data();
     const bool fast = simd && cpu_avx512vbmi();
     parallel_rows(ctx, bl.rows, bl.d, [&](int64_t r0, int64_t r1) {
       GeluBlock* gbs = scratch<GeluBlock, 1>(static_cast<size_t>(bl.nb));  // one row's blocks
 #if BCT_X86
-      if (fast) return gelu_rows_avx512(tb, bl, gr, xi, ex.data(), yo, so, r0, r1, gbs);
+      if (fast) return gelu_rows_avx512(tb, bl, gr, xi, ex, yo, so, r0, r1, gbs);
 #endif
-      gelu_rows_portable(tb, bl, gr, xi, ex.data(), yo, so, r0, r1, gbs);
+      gelu_rows_portable(tb, bl, gr, xi, ex, yo, so, r0, r1, gbs);
     });
   }
 };
@@ -903,12 +915,12 @@ struct IntSoftmaxKernel {
     const Blocking bl = check_blocked(x, x_scale, block_size, "IntSoftmax");
     uint8_t* yo = y.Allocate(x.Shape());
     if (bl.rows == 0 || bl.d == 0) return;
-    const auto ex = scale_exponents(x_scale.Data(), bl.rows * bl.nb);
+    const int16_t* ex = input_exponents(x_scale.Data(), bl.rows * bl.nb);
     const MaskRows mr = build_mask(bl, x.Shape(), mask.has_value() ? *mask : nullptr);
     const int8_t* xi = x.Data();
     const bool fast = simd && cpu_avx512() && bl.b % 16 == 0;
     parallel_rows(ctx, bl.rows, bl.d * 4, [&](int64_t r0, int64_t r1) {
-      softmax_rows(bl, xi, ex.data(), mr, fast, yo, r0, r1);
+      softmax_rows(bl, xi, ex, mr, fast, yo, r0, r1);
     });
   }
 };
@@ -1125,6 +1137,7 @@ struct LnRowState {
 struct LnScratch {
   int64_t nch, ngroups;
   const uint16_t* valid;  // [nch]
+  bool full;              // every chunk has 16 lanes (H a multiple of the block size)
 };
 
 BCT_AVX512CD __attribute__((always_inline)) inline void layernorm_prologue_avx512(
@@ -1149,7 +1162,9 @@ BCT_AVX512CD __attribute__((always_inline)) inline void layernorm_prologue_avx51
       __m512i q2 = _mm512_setzero_si512();
       for (int64_t j = 0; j < pairs; ++j, c += 2) {
         const __mmask32 k = static_cast<__mmask32>(sc.valid[c]) | (static_cast<__mmask32>(sc.valid[c + 1]) << 16);
-        const __m512i w = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(k, xr + c * 16));
+        const __m512i w = _mm512_cvtepi8_epi16(
+            sc.full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xr + c * 16))
+                    : _mm256_maskz_loadu_epi8(k, xr + c * 16));
         acc1 = _mm512_add_epi32(acc1, _mm512_madd_epi16(w, w2));
         q2 = _mm512_add_epi32(q2, _mm512_madd_epi16(w, w));
       }
@@ -1212,6 +1227,40 @@ BCT_AVX512CD __attribute__((always_inline)) inline void layernorm_prologue_avx51
   st->e_c = e_c;
 }
 
+// Steps 4-5 of one row up to v: v = round(z gamma, a1) + bterm per chunk into vbuf, and per
+// block 16 lanes of max |v| into bmax; z = (q alpha - beta + 128) >> 8 = (q alpha + vc) >> 8
+// (mod 2^32, exact value in int32 range). kFull: every chunk has 16 lanes (no masks).
+template <bool kFull>
+BCT_AVX512CD __attribute__((always_inline)) inline void layernorm_steps45(
+    int64_t nb, int64_t cpb, const LnParams& pp, const uint32_t* al, const int8_t* xq,
+    const uint16_t* valid, __m512i vc, bool any_a1, int32_t* vbuf, int32_t* bmax) {
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t b = 0, c = 0; b < nb; ++b) {
+    __m512i vm = zero;
+    const int a1 = pp.a1[b];
+    const __m512i va = _mm512_set1_epi32(static_cast<int32_t>(al[b]));
+    for (int64_t j = 0; j < cpb; ++j, ++c) {
+      const __m128i q8 = kFull ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(xq + c * 16))
+                               : _mm_maskz_loadu_epi8(valid[c], xq + c * 16);
+      const __m512i q = _mm512_cvtepi8_epi32(q8);
+      const __m512i z = _mm512_srai_epi32(_mm512_add_epi32(_mm512_mullo_epi32(q, va), vc), kWBits);
+      __m512i zg = _mm512_mullo_epi32(z, _mm512_loadu_si512(pp.gamma.data() + c * 16));
+      if (any_a1) {
+        if (a1 > 30) {
+          zg = zero;  // |z gamma| < 2^30
+        } else if (a1 > 0) {
+          zg = rne_epi32(zg, a1);
+        }
+      }
+      const __m512i bt = _mm512_loadu_si512(pp.bterm.data() + c * 16);
+      const __m512i v = kFull ? _mm512_add_epi32(zg, bt) : _mm512_maskz_add_epi32(valid[c], zg, bt);
+      _mm512_storeu_si512(vbuf + c * 16, v);
+      vm = _mm512_max_epu32(vm, _mm512_abs_epi32(v));
+    }
+    _mm512_storeu_si512(bmax + b * 16, vm);  // the block's max |v| per lane
+  }
+}
+
 // Steps 1-5 with AVX-512 for block sizes that are multiples of 16 (<= 1024). Steps 1-3 of the
 // next row are issued before steps 4-5 of this one, so the row constants' scalar latency (sqrt,
 // divisions) overlaps with vector work.
@@ -1235,10 +1284,15 @@ BCT_AVX512CD void layernorm_rows_avx512(const Blocking& bl, const LnParams& pp, 
     any_a1 |= pp.a1[b] != 0;
     gpad[b] = pp.g[b];
   }
-  const LnScratch sc{nch, ngroups, valid};
+  const bool all_full = h % bsz == 0;
+  const LnScratch sc{nch, ngroups, valid, all_full};
+  int32_t* cblock = scratch<int32_t, 28>(static_cast<size_t>(nch));  // chunk -> block
+  for (int64_t c = 0; c < nch; ++c) cblock[c] = static_cast<int32_t>(c / cpb);
+  // packs of four chunks: 128-bit lane i holds dword i of chunks 0..3; dword j of the store is
+  // chunk j / 4's dword j % 4
+  const __m512i unpack4 = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   const __m512i inv = _mm512_load_si512(tree_inverse().inv);
   const __m512i one32 = _mm512_set1_epi32(1);
-  const __m512i zero = _mm512_setzero_si512();
   // rows in tiles: 1.-2. every row's grid and sums; 3. every row's constants (independent
   // rows: their scalar latency chains overlap); then 4.-5. row by row
   LnRowState* states = scratch<LnRowState, 30>(static_cast<size_t>(kLnTile));
@@ -1261,27 +1315,11 @@ BCT_AVX512CD void layernorm_rows_avx512(const Blocking& bl, const LnParams& pp, 
       // z = (q alpha - beta + 128) >> 8 = (q alpha + (128 - beta)) >> 8 (mod 2^32, exact value in
       // int32 range)
       const __m512i vc = _mm512_set1_epi32(static_cast<int32_t>((1u << (kWBits - 1)) - st.lr.beta32));
-      for (int64_t b = 0, c = 0; b < nb; ++b) {
-        __m512i vm = zero;
-        const int a1 = pp.a1[b];
-        const __m512i va = _mm512_set1_epi32(static_cast<int32_t>(al[b]));
-        for (int64_t j = 0; j < cpb; ++j, ++c) {
-          const __m512i q = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(valid[c], st.q + c * 16));
-          const __m512i z = _mm512_srai_epi32(_mm512_add_epi32(_mm512_mullo_epi32(q, va), vc), kWBits);
-          __m512i zg = _mm512_mullo_epi32(z, _mm512_loadu_si512(pp.gamma.data() + c * 16));
-          if (any_a1) {
-            if (a1 > 30) {
-              zg = zero;  // |z gamma| < 2^30
-            } else if (a1 > 0) {
-              zg = rne_epi32(zg, a1);
-            }
-          }
-          const __m512i v = _mm512_maskz_add_epi32(valid[c], zg, _mm512_loadu_si512(pp.bterm.data() + c * 16));
-          _mm512_storeu_si512(vbuf + c * 16, v);
-          vm = _mm512_max_epu32(vm, _mm512_abs_epi32(v));
-        }
-        _mm512_storeu_si512(bmax + b * 16, vm);  // the block's max |v| per lane
-      }
+      // chunks all full (H a multiple of the block size): no lane masks
+      if (all_full)
+        layernorm_steps45<true>(nb, cpb, pp, al, st.q, valid, vc, any_a1, vbuf, bmax);
+      else
+        layernorm_steps45<false>(nb, cpb, pp, al, st.q, valid, vc, any_a1, vbuf, bmax);
       // exponents and scales, 16 blocks at a time; blocks needing the exact scalar path
       uint32_t special = 0;
       for (int64_t gi = 0; gi < ngroups; ++gi) {
@@ -1301,14 +1339,29 @@ BCT_AVX512CD void layernorm_rows_avx512(const Blocking& bl, const LnParams& pp, 
       }
       // codes: round_half_even(v / 2^k), |.| <= 127 so the saturating pack is exact
       int8_t* yr = y + r * h;
-      for (int64_t b = 0, c = 0; b < nb; ++b) {
-        const __m512i vk = _mm512_set1_epi32(kk[b]);
-        const __m512i bias = _mm512_set1_epi32(kbias[b]);
-        for (int64_t j = 0; j < cpb; ++j, ++c) {
-          const __m512i v = _mm512_loadu_si512(vbuf + c * 16);
-          const __m512i odd = _mm512_and_si512(_mm512_srav_epi32(v, vk), one32);
-          const __m512i cd = _mm512_srav_epi32(_mm512_add_epi32(_mm512_add_epi32(v, bias), odd), vk);
-          _mm_mask_storeu_epi8(yr + c * 16, valid[c], _mm512_cvtsepi32_epi8(cd));
+      if (all_full && nch % 4 == 0) {  // four chunks per store: two packs and one permute
+        for (int64_t c = 0; c < nch; c += 4) {
+          __m512i cd[4];
+          for (int u = 0; u < 4; ++u) {
+            const int32_t b = cblock[c + u];
+            const __m512i vk = _mm512_set1_epi32(kk[b]);
+            const __m512i v = _mm512_loadu_si512(vbuf + (c + u) * 16);
+            const __m512i odd = _mm512_and_si512(_mm512_srav_epi32(v, vk), one32);
+            cd[u] = _mm512_srav_epi32(_mm512_add_epi32(_mm512_add_epi32(v, _mm512_set1_epi32(kbias[b])), odd), vk);
+          }
+          const __m512i p = _mm512_packs_epi16(_mm512_packs_epi32(cd[0], cd[1]), _mm512_packs_epi32(cd[2], cd[3]));
+          _mm512_storeu_si512(yr + c * 16, _mm512_permutexvar_epi32(unpack4, p));
+        }
+      } else {
+        for (int64_t b = 0, c = 0; b < nb; ++b) {
+          const __m512i vk = _mm512_set1_epi32(kk[b]);
+          const __m512i bias = _mm512_set1_epi32(kbias[b]);
+          for (int64_t j = 0; j < cpb; ++j, ++c) {
+            const __m512i v = _mm512_loadu_si512(vbuf + c * 16);
+            const __m512i odd = _mm512_and_si512(_mm512_srav_epi32(v, vk), one32);
+            const __m512i cd = _mm512_srav_epi32(_mm512_add_epi32(_mm512_add_epi32(v, bias), odd), vk);
+            _mm_mask_storeu_epi8(yr + c * 16, valid[c], _mm512_cvtsepi32_epi8(cd));
+          }
         }
       }
       if (special) {  // rare (all-zero blocks, tiny or saturated exponents): exact scalar redo
@@ -1358,17 +1411,27 @@ struct IntLayerNormKernel {
                                                 const int8_t* bd, const float* bsd,
                                                 const Blocking& bl) {
     const int64_t h = bl.d;
-    std::vector<uint8_t> k(static_cast<size_t>(2 * h + 8 * bl.nb + 16));
-    uint8_t* p = k.data();
-    std::memcpy(p, &h, 8);
-    std::memcpy(p + 8, &bl.b, 8);
-    std::memcpy(p + 16, gd, h);
-    std::memcpy(p + 16 + h, bd, h);
-    std::memcpy(p + 16 + 2 * h, gsd, 4 * bl.nb);
-    std::memcpy(p + 16 + 2 * h + 4 * bl.nb, bsd, 4 * bl.nb);
+    const size_t n = static_cast<size_t>(2 * h + 8 * bl.nb + 16);
+    // the key: h, B, gamma, beta, gamma scales, beta scales (compared in place, no copy)
+    const std::pair<const void*, size_t> parts[] = {
+        {&h, 8}, {&bl.b, 8}, {gd, h}, {bd, h}, {gsd, 4 * bl.nb}, {bsd, 4 * bl.nb}};
     {
       std::lock_guard<std::mutex> lock(mu);
-      if (cached && k == key) return cached;
+      if (cached && key.size() == n) {
+        size_t off = 0;
+        bool same = true;
+        for (const auto& [ptr, len] : parts) {
+          same = same && std::memcmp(key.data() + off, ptr, len) == 0;
+          off += len;
+        }
+        if (same) return cached;
+      }
+    }
+    std::vector<uint8_t> k(n);
+    size_t off = 0;
+    for (const auto& [ptr, len] : parts) {
+      std::memcpy(k.data() + off, ptr, len);
+      off += len;
     }
     const auto eg = scale_exponents(gsd, bl.nb);
     const auto eb = scale_exponents(bsd, bl.nb);
@@ -1413,7 +1476,7 @@ struct IntLayerNormKernel {
     int8_t* yo = y.Allocate(x.Shape());
     float* so = y_scale.Allocate(x_scale.Shape());
     if (bl.rows == 0 || h == 0) return;
-    const auto ex = scale_exponents(x_scale.Data(), bl.rows * bl.nb);
+    const int16_t* ex = input_exponents(x_scale.Data(), bl.rows * bl.nb);
     const std::shared_ptr<const LnParams> params =
         affine_params(gamma.Data(), gamma_scale.Data(), beta.Data(), beta_scale.Data(), bl);
     const LnParams& pp = *params;
@@ -1421,9 +1484,9 @@ struct IntLayerNormKernel {
     const bool fast = simd && cpu_avx512cd() && bl.b % 16 == 0 && bl.b <= 1024;
     parallel_rows(ctx, bl.rows, h * 2, [&](int64_t r0, int64_t r1) {
 #if BCT_X86
-      if (fast) return layernorm_rows_avx512(bl, pp, xi, ex.data(), yo, so, r0, r1);
+      if (fast) return layernorm_rows_avx512(bl, pp, xi, ex, yo, so, r0, r1);
 #endif
-      layernorm_rows_portable(bl, pp, xi, ex.data(), yo, so, r0, r1);
+      layernorm_rows_portable(bl, pp, xi, ex, yo, so, r0, r1);
     });
   }
 };
