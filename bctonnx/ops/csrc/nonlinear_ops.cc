@@ -1099,6 +1099,17 @@ BCT_AVX512CD __attribute__((always_inline)) inline __m512i reblock_exponents16(_
 
 constexpr int64_t kLnTile = 64;  // rows per tile of layernorm_rows_avx512's three passes
 constexpr int kLnFastSpan = 14;  // block exponents within 14 of each other: the vpmaddwd sums
+// per s = 0..14: the int16 pair (2^s, 2^s) as one dword, and 4^s
+constexpr std::array<int32_t, kLnFastSpan + 1> kLnPow2Pair = [] {
+  std::array<int32_t, kLnFastSpan + 1> t{};
+  for (int i = 0; i <= kLnFastSpan; ++i) t[i] = (1 << i) | (1 << (16 + i));
+  return t;
+}();
+constexpr std::array<int64_t, kLnFastSpan + 1> kLnPow4 = [] {
+  std::array<int64_t, kLnFastSpan + 1> t{};
+  for (int i = 0; i <= kLnFastSpan; ++i) t[i] = int64_t{1} << (2 * i);
+  return t;
+}();
 
 // Step 4's slopes of every block: ln_alpha(lr, e_b - e_c); 8 blocks at a time (64-bit lanes,
 // round half even without branches) when 1 <= sh <= 62, which is every row in practice.
@@ -1158,7 +1169,7 @@ BCT_AVX512CD __attribute__((always_inline)) inline void layernorm_prologue_avx51
     const int64_t pairs = cpb / 2;
     for (int64_t b = 0, c = 0; b < nb; ++b) {
       const int s = er[b] - e_c;
-      const __m512i w2 = _mm512_set1_epi16(static_cast<int16_t>(1 << s));
+      const __m512i w2 = _mm512_set1_epi32(kLnPow2Pair[s]);  // memory broadcasts: no shuffle
       __m512i q2 = _mm512_setzero_si512();
       for (int64_t j = 0; j < pairs; ++j, c += 2) {
         const __mmask32 k = static_cast<__mmask32>(sc.valid[c]) | (static_cast<__mmask32>(sc.valid[c + 1]) << 16);
@@ -1176,7 +1187,7 @@ BCT_AVX512CD __attribute__((always_inline)) inline void layernorm_prologue_avx51
         ++c;
       }
       const __m512i q2e = _mm512_add_epi32(q2, _mm512_srli_epi64(q2, 32));  // even lanes
-      acc2 = _mm512_add_epi64(acc2, _mm512_mul_epu32(q2e, _mm512_set1_epi64(int64_t{1} << (2 * s))));
+      acc2 = _mm512_add_epi64(acc2, _mm512_mul_epu32(q2e, _mm512_set1_epi64(kLnPow4[s])));
     }
     const int64_t s1 = _mm512_reduce_add_epi64(_mm512_add_epi64(
         _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc1)),
