@@ -121,7 +121,7 @@ inline void requantize_block(const int32_t* v, int n, int g, int8_t* out, float*
 // Block exponents of a scale tensor, validated (pow2_exponent throws on a non-power of two).
 // Normal powers of two (sign 0, mantissa 0, exponent field 1..254) are decoded in a branch-free
 // loop; anything else goes through pow2_exponent (subnormals, or the error).
-BCT_CLONES void scale_exponents_into(const float* s, int64_t count, int16_t* e) {
+BCT_CLONES bool decode_pow2_exponents(const float* s, int64_t count, int16_t* e) {
   uint32_t bad = 0;
   for (int64_t i = 0; i < count; ++i) {
     uint32_t bits;
@@ -130,7 +130,11 @@ BCT_CLONES void scale_exponents_into(const float* s, int64_t count, int16_t* e) 
     bad |= (bits & 0x7FFFFFu) | static_cast<uint32_t>(field - 1u > 253u);
     e[i] = static_cast<int16_t>(static_cast<int32_t>(field) - 127);
   }
-  if (bad)
+  return bad == 0;
+}
+
+void scale_exponents_into(const float* s, int64_t count, int16_t* e) {
+  if (!decode_pow2_exponents(s, count, e))  // not all normal powers of two: exact, or the error
     for (int64_t i = 0; i < count; ++i) e[i] = static_cast<int16_t>(pow2_exponent(s[i]));
 }
 
