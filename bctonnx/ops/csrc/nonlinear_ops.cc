@@ -1242,6 +1242,24 @@ BCT_AVX512CD __attribute__((always_inline)) inline void layernorm_prologue_avx51
   st->e_c = e_c;
 }
 
+// layernorm_rows_avx512's per-thread buffers (grown, never shrunk).
+struct LnBuffers {
+  std::vector<int32_t> vbuf, bmax, gpad, kk, kbias, cblock;
+  std::vector<uint16_t> valid;
+  std::vector<uint32_t> alpha;
+  std::vector<int8_t> xq;
+  std::vector<LnRowState> states;
+  template <class T>
+  T* get(std::vector<T>& v, int64_t n) {
+    if (v.size() < static_cast<size_t>(n)) v.resize(static_cast<size_t>(n));
+    return v.data();
+  }
+};
+LnBuffers& ln_buffers() {
+  thread_local LnBuffers b;
+  return b;
+}
+
 // Steps 4-5 of one row up to v: v = round(z gamma, a1) + bterm per chunk into vbuf, and per
 // block 16 lanes of max |v| into bmax; z = (q alpha - beta + 128) >> 8 = (q alpha + vc) >> 8
 // (mod 2^32, exact value in int32 range). kFull: every chunk has 16 lanes (no masks).
@@ -1285,12 +1303,18 @@ BCT_AVX512CD void layernorm_rows_avx512(const Blocking& bl, const LnParams& pp, 
   const int64_t h = bl.d, bsz = bl.b, nb = bl.nb, cpb = bsz / 16;
   const int64_t nch = nb * cpb;            // 16-lane chunks (the last ones may be partly empty)
   const int64_t ngroups = (nb + 15) / 16;  // 16 blocks per tree reduction
-  int32_t* vbuf = scratch<int32_t, 20>(static_cast<size_t>(nch * 16));
-  uint16_t* valid = scratch<uint16_t, 22>(static_cast<size_t>(nch));
-  int32_t* bmax = scratch<int32_t, 24>(static_cast<size_t>(ngroups * 256));  // per block 16 lanes
-  int32_t* gpad = scratch<int32_t, 25>(static_cast<size_t>(ngroups * 16));
-  int32_t* kk = scratch<int32_t, 26>(static_cast<size_t>(ngroups * 16));
-  int32_t* kbias = scratch<int32_t, 27>(static_cast<size_t>(ngroups * 16));
+  // the thread's buffers: one thread-local lookup per call (in a shared library each is a call)
+  LnBuffers& buf = ln_buffers();
+  int32_t* vbuf = buf.get(buf.vbuf, nch * 16);
+  uint16_t* valid = buf.get(buf.valid, nch);
+  int32_t* bmax = buf.get(buf.bmax, ngroups * 256);  // per block 16 lanes
+  int32_t* gpad = buf.get(buf.gpad, ngroups * 16);
+  int32_t* kk = buf.get(buf.kk, ngroups * 16);
+  int32_t* kbias = buf.get(buf.kbias, ngroups * 16);
+  int32_t* cblock = buf.get(buf.cblock, nch);  // chunk -> block
+  LnRowState* states = buf.get(buf.states, kLnTile);
+  uint32_t* alpha = buf.get(buf.alpha, kLnTile * nb + 16);
+  int8_t* xq = buf.get(buf.xq, kLnTile * nch * 16);
   std::fill(bmax + nb * 16, bmax + ngroups * 256, 0);
   std::fill(gpad, gpad + ngroups * 16, 0);
   for (int64_t c = 0; c < nch; ++c) valid[c] = lanes16(c * 16, h);
@@ -1301,8 +1325,8 @@ BCT_AVX512CD void layernorm_rows_avx512(const Blocking& bl, const LnParams& pp, 
   }
   const bool all_full = h % bsz == 0;
   const LnScratch sc{nch, ngroups, valid, all_full};
-  int32_t* cblock = scratch<int32_t, 28>(static_cast<size_t>(nch));  // chunk -> block
-  for (int64_t c = 0; c < nch; ++c) cblock[c] = static_cast<int32_t>(c / cpb);
+  for (int64_t b = 0, c = 0; b < nb; ++b)
+    for (int64_t j = 0; j < cpb; ++j) cblock[c++] = static_cast<int32_t>(b);
   // packs of four chunks: 128-bit lane i holds dword i of chunks 0..3; dword j of the store is
   // chunk j / 4's dword j % 4
   const __m512i unpack4 = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
@@ -1310,9 +1334,6 @@ BCT_AVX512CD void layernorm_rows_avx512(const Blocking& bl, const LnParams& pp, 
   const __m512i one32 = _mm512_set1_epi32(1);
   // rows in tiles: 1.-2. every row's grid and sums; 3. every row's constants (independent
   // rows: their scalar latency chains overlap); then 4.-5. row by row
-  LnRowState* states = scratch<LnRowState, 30>(static_cast<size_t>(kLnTile));
-  uint32_t* alpha = scratch<uint32_t, 23>(static_cast<size_t>(kLnTile * nb + 16));
-  int8_t* xq = scratch<int8_t, 21>(static_cast<size_t>(kLnTile * nch * 16));
   for (int64_t t0 = r0; t0 < r1; t0 += kLnTile) {
     const int64_t t1 = std::min(r1, t0 + kLnTile);
     for (int64_t r = t0; r < t1; ++r)
