@@ -231,6 +231,13 @@ T* scratch(size_t n) {
   return buf.data();
 }
 
+// v's storage, grown to at least n elements (never shrunk).
+template <class T>
+T* grow(std::vector<T>& v, int64_t n) {
+  if (v.size() < static_cast<size_t>(n)) v.resize(static_cast<size_t>(n));
+  return v.data();
+}
+
 // An input's block exponents (scale_exponents), in the calling thread's scratch: valid until
 // that thread's next call; the kernels' pool threads only read it while the call runs.
 const int16_t* input_exponents(const float* s, int64_t count) {
@@ -764,6 +771,18 @@ constexpr WordIdx kWordIdx = [] {
   return w;
 }();
 
+// softmax_rows_avx512's per-thread buffers (a thread-local lookup is a call in a shared library:
+// one per kernel call).
+struct SoftmaxBuffers {
+  std::vector<int32_t> lbuf, c16;
+  std::vector<uint16_t> wbuf;
+  std::vector<uint32_t> ebuf;
+};
+SoftmaxBuffers& softmax_buffers() {
+  thread_local SoftmaxBuffers b;
+  return b;
+}
+
 // Step 4 for one row on 32 lanes: y = min(255, round_half_even(((E >> 16) * R) >> 16, 8)).
 BCT_AVX512 __attribute__((always_inline)) inline void softmax_normalize_avx512(
     const uint16_t* w, uint32_t rr, const uint32_t* valid32, int64_t steps, uint8_t* y) {
@@ -784,10 +803,11 @@ BCT_AVX512 __attribute__((always_inline)) inline void softmax_normalize_avx512(
 BCT_AVX512 void softmax_rows_avx512(const Blocking& bl, const int8_t* x, const int16_t* ex,
                                     const MaskRows& mr, uint8_t* y, int64_t r0, int64_t r1) {
   const int64_t d = bl.d, nb = bl.nb, steps = mr.steps, cpb = bl.b / 16;
-  int32_t* lbuf = scratch<int32_t, 10>(static_cast<size_t>(steps * 32));
-  int32_t* c16 = scratch<int32_t, 11>(static_cast<size_t>(steps * 2));
-  uint16_t* wbuf = scratch<uint16_t, 12>(static_cast<size_t>(steps * 64));
-  uint32_t* ebuf = scratch<uint32_t, 13>(static_cast<size_t>(d));
+  SoftmaxBuffers& buf = softmax_buffers();  // one thread-local lookup per call
+  int32_t* lbuf = grow(buf.lbuf, steps * 32);
+  int32_t* c16 = grow(buf.c16, steps * 2);
+  uint16_t* wbuf = grow(buf.wbuf, steps * 64);
+  uint32_t* ebuf = grow(buf.ebuf, d);
   const __m512i idx_f = _mm512_load_si512(kWordIdx.f);
   const __m512i idx_hi = _mm512_load_si512(kWordIdx.hi);
   const __m512i c0v = _mm512_set1_epi16(static_cast<int16_t>(kC0));
@@ -1249,11 +1269,6 @@ struct LnBuffers {
   std::vector<uint32_t> alpha;
   std::vector<int8_t> xq;
   std::vector<LnRowState> states;
-  template <class T>
-  T* get(std::vector<T>& v, int64_t n) {
-    if (v.size() < static_cast<size_t>(n)) v.resize(static_cast<size_t>(n));
-    return v.data();
-  }
 };
 LnBuffers& ln_buffers() {
   thread_local LnBuffers b;
@@ -1305,16 +1320,16 @@ BCT_AVX512CD void layernorm_rows_avx512(const Blocking& bl, const LnParams& pp, 
   const int64_t ngroups = (nb + 15) / 16;  // 16 blocks per tree reduction
   // the thread's buffers: one thread-local lookup per call (in a shared library each is a call)
   LnBuffers& buf = ln_buffers();
-  int32_t* vbuf = buf.get(buf.vbuf, nch * 16);
-  uint16_t* valid = buf.get(buf.valid, nch);
-  int32_t* bmax = buf.get(buf.bmax, ngroups * 256);  // per block 16 lanes
-  int32_t* gpad = buf.get(buf.gpad, ngroups * 16);
-  int32_t* kk = buf.get(buf.kk, ngroups * 16);
-  int32_t* kbias = buf.get(buf.kbias, ngroups * 16);
-  int32_t* cblock = buf.get(buf.cblock, nch);  // chunk -> block
-  LnRowState* states = buf.get(buf.states, kLnTile);
-  uint32_t* alpha = buf.get(buf.alpha, kLnTile * nb + 16);
-  int8_t* xq = buf.get(buf.xq, kLnTile * nch * 16);
+  int32_t* vbuf = grow(buf.vbuf, nch * 16);
+  uint16_t* valid = grow(buf.valid, nch);
+  int32_t* bmax = grow(buf.bmax, ngroups * 256);  // per block 16 lanes
+  int32_t* gpad = grow(buf.gpad, ngroups * 16);
+  int32_t* kk = grow(buf.kk, ngroups * 16);
+  int32_t* kbias = grow(buf.kbias, ngroups * 16);
+  int32_t* cblock = grow(buf.cblock, nch);  // chunk -> block
+  LnRowState* states = grow(buf.states, kLnTile);
+  uint32_t* alpha = grow(buf.alpha, kLnTile * nb + 16);
+  int8_t* xq = grow(buf.xq, kLnTile * nch * 16);
   std::fill(bmax + nb * 16, bmax + ngroups * 256, 0);
   std::fill(gpad, gpad + ngroups * 16, 0);
   for (int64_t c = 0; c < nch; ++c) valid[c] = lanes16(c * 16, h);
