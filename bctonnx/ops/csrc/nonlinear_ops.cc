@@ -222,20 +222,20 @@ bool cpu_avx512vbmi() { return false; }
 bool cpu_avx512cd() { return false; }
 #endif
 
-// Per-thread scratch buffer reused across calls (grows, never shrinks): no allocation per
-// row, chunk or call in steady state.
-template <class T, int Tag>
-T* scratch(size_t n) {
-  thread_local std::vector<T> buf;
-  if (buf.size() < n) buf.resize(n);
-  return buf.data();
-}
-
 // v's storage, grown to at least n elements (never shrunk).
 template <class T>
 T* grow(std::vector<T>& v, int64_t n) {
   if (v.size() < static_cast<size_t>(n)) v.resize(static_cast<size_t>(n));
   return v.data();
+}
+
+// Per-thread scratch buffer reused across calls (grows, never shrinks): no allocation per
+// row, chunk or call in steady state. (A kernel with several buffers keeps them in one
+// thread-local struct instead: each thread-local lookup is a call in a shared library.)
+template <class T, int Tag>
+T* scratch(size_t n) {
+  thread_local std::vector<T> buf;
+  return grow(buf, static_cast<int64_t>(n));
 }
 
 // An input's block exponents (scale_exponents), in the calling thread's scratch: valid until
@@ -1169,14 +1169,14 @@ struct LnRowState {
   int e_c = 0;
 };
 
-struct LnScratch {
-  int64_t nch, ngroups;
-  const uint16_t* valid;  // [nch]
+// The row layout layernorm_prologue_avx512 reads.
+struct LnChunks {
+  const uint16_t* valid;  // per 16-lane chunk: its lanes inside the row
   bool full;              // every chunk has 16 lanes (H a multiple of the block size)
 };
 
 BCT_AVX512CD __attribute__((always_inline)) inline void layernorm_prologue_avx512(
-    const Blocking& bl, const int8_t* xr, const int16_t* er, const LnScratch& sc, int8_t* xq,
+    const Blocking& bl, const int8_t* xr, const int16_t* er, const LnChunks& sc, int8_t* xq,
     LnRowState* st) {
   const int64_t h = bl.d, bsz = bl.b, nb = bl.nb, cpb = bsz / 16;
   int e_max = er[0], e_min = er[0];
@@ -1339,7 +1339,7 @@ BCT_AVX512CD void layernorm_rows_avx512(const Blocking& bl, const LnParams& pp, 
     gpad[b] = pp.g[b];
   }
   const bool all_full = h % bsz == 0;
-  const LnScratch sc{nch, ngroups, valid, all_full};
+  const LnChunks sc{valid, all_full};
   for (int64_t b = 0, c = 0; b < nb; ++b)
     for (int64_t j = 0; j < cpb; ++j) cblock[c++] = static_cast<int32_t>(b);
   // packs of four chunks: 128-bit lane i holds dword i of chunks 0..3; dword j of the store is
