@@ -10,9 +10,9 @@
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
-#include "onnxruntime_lite_custom_op.h"
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -114,6 +114,100 @@ inline void parallel_rows(OrtKernelContext* ctx, int64_t rows, int64_t work_per_
       static_cast<size_t>(chunks), 0, &job);
 }
 
+// BlockQuantize's rule (ref_quant.py) on `rows` rows of `d` floats, blocks of `b` along each
+// row: int8 codes and float32 pow2 scales [rows, ceil(d / b)]. `isa` from BestIsa() (the best
+// instruction set, capped by BCTONNX_ISA). Implemented with BlockMatMul's activation quantizer
+// (matmul_ops.cc); throws std::runtime_error on NaN / infinity or a scale beyond 2^127.
+int BestIsa();
+constexpr int kIsaAvx512 = 2;  // BestIsa() levels: 0 scalar, 1 avx2, 2 avx512 (VNNI), 3 amx
+void QuantizeRowsPow2(int isa, const float* x, int64_t rows, int64_t d, int64_t b, int bits,
+                      int8_t* q, float* scales);
+
+// ------------------------------------------------------------------------------------------
+// Kernel arguments, read through the C API with no objects of our own per call (onnxruntime's
+// lite custom-op wrapper built a heap object and a shape vector per argument per call: about a
+// microsecond of every small op's time).
+
+constexpr size_t kMaxRank = 8;
+
+// A tensor's shape, on the stack (rank <= kMaxRank).
+struct Dims {
+  std::array<int64_t, kMaxRank> d{};
+  size_t n = 0;
+  size_t size() const { return n; }
+  bool empty() const { return n == 0; }
+  int64_t operator[](size_t i) const { return d[i]; }
+  int64_t& operator[](size_t i) { return d[i]; }
+  int64_t back() const { return d[n - 1]; }
+  int64_t& back() { return d[n - 1]; }
+  const int64_t* data() const { return d.data(); }
+  int64_t count() const {
+    int64_t c = 1;
+    for (size_t i = 0; i < n; ++i) c *= d[i];
+    return c;
+  }
+  bool operator==(const Dims& o) const { return n == o.n && std::equal(d.begin(), d.begin() + n, o.d.begin()); }
+  bool operator!=(const Dims& o) const { return !(*this == o); }
+  std::string str() const {
+    std::string s = "[";
+    for (size_t i = 0; i < n; ++i) s += (i ? "," : "") + std::to_string(d[i]);
+    return s + "]";
+  }
+};
+
+// The last axis cut into blocks: `shape` with its last dimension ceil(D / block_size).
+inline Dims blocked_shape(Dims shape, int64_t block_size) {
+  shape.back() = num_blocks(shape.back(), block_size);
+  return shape;
+}
+
+// One kernel call's inputs and outputs.
+class KernelArgs {
+ public:
+  explicit KernelArgs(OrtKernelContext* ctx) : ctx_(ctx) {}
+  OrtKernelContext* context() const { return ctx_; }
+  // Input i (nullptr: an absent optional input).
+  const OrtValue* input(size_t i) const {
+    const OrtValue* v = nullptr;
+    Ort::ThrowOnError(Ort::GetApi().KernelContext_GetInput(ctx_, i, &v));
+    return v;
+  }
+  static Dims shape(const OrtValue* v) {
+    const OrtApi& api = Ort::GetApi();
+    OrtTensorTypeAndShapeInfo* info = nullptr;
+    Ort::ThrowOnError(api.GetTensorTypeAndShape(v, &info));
+    Dims s;
+    OrtStatus* st = api.GetDimensionsCount(info, &s.n);
+    if (st == nullptr && s.n > kMaxRank) {
+      api.ReleaseTensorTypeAndShapeInfo(info);
+      throw std::runtime_error("bctonnx: tensors of rank > " + std::to_string(kMaxRank) +
+                               " are not supported");
+    }
+    if (st == nullptr) st = api.GetDimensions(info, s.d.data(), s.n);
+    api.ReleaseTensorTypeAndShapeInfo(info);
+    Ort::ThrowOnError(st);
+    return s;
+  }
+  template <class T>
+  static const T* data(const OrtValue* v) {
+    void* p = nullptr;
+    Ort::ThrowOnError(Ort::GetApi().GetTensorMutableData(const_cast<OrtValue*>(v), &p));
+    return static_cast<const T*>(p);
+  }
+  // Output i with `shape`, allocated by onnxruntime.
+  template <class T>
+  T* output(size_t i, const Dims& shape) const {
+    OrtValue* v = nullptr;
+    Ort::ThrowOnError(Ort::GetApi().KernelContext_GetOutput(ctx_, i, shape.data(), shape.n, &v));
+    void* p = nullptr;
+    Ort::ThrowOnError(Ort::GetApi().GetTensorMutableData(v, &p));
+    return static_cast<T*>(p);
+  }
+
+ private:
+  OrtKernelContext* ctx_;
+};
+
 // An Ort::CustomOpBase's CreateKernelV2: the kernel, or its constructor's error as a status
 // (an onnxruntime error keeps its code; any other is an invalid argument).
 template <class K>
@@ -141,14 +235,37 @@ OrtStatusPtr status_of(F&& compute) {
   return nullptr;
 }
 
-// BlockQuantize's rule (ref_quant.py) on `rows` rows of `d` floats, blocks of `b` along each
-// row: int8 codes and float32 pow2 scales [rows, ceil(d / b)]. `isa` from BestIsa() (the best
-// instruction set, capped by BCTONNX_ISA). Implemented with BlockMatMul's activation quantizer
-// (matmul_ops.cc); throws std::runtime_error on NaN / infinity or a scale beyond 2^127.
-int BestIsa();
-constexpr int kIsaAvx512 = 2;  // BestIsa() levels: 0 scalar, 1 avx2, 2 avx512 (VNNI), 3 amx
-void QuantizeRowsPow2(int isa, const float* x, int64_t rows, int64_t d, int64_t b, int bits,
-                      int8_t* q, float* scales);
+// The custom op of a kernel class K that declares itself:
+//   static constexpr const char* kName;
+//   static constexpr std::array<ONNXTensorElementDataType, N> kInputs, kOutputs;
+//   static constexpr size_t kRequiredInputs;  // inputs from this index on are optional
+//   K(const OrtApi&, const OrtKernelInfo*);   // throws on bad attributes
+//   void Compute(OrtKernelContext*);          // throws on bad inputs
+// One static instance per op lives for the process (sessions keep raw pointers to it).
+template <class K>
+struct StatusKernel : K {
+  using K::K;
+  OrtStatusPtr ComputeV2(OrtKernelContext* ctx) {
+    return status_of([&] { this->Compute(ctx); });
+  }
+};
+
+template <class K>
+struct KernelOp : Ort::CustomOpBase<KernelOp<K>, StatusKernel<K>, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+    return create_kernel<StatusKernel<K>>(api, info, kernel);
+  }
+  // onnxruntime calls these through the base's function pointers
+  const char* GetName() const { return K::kName; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return K::kInputs.size(); }
+  ONNXTensorElementDataType GetInputType(size_t i) const { return K::kInputs[i]; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i < K::kRequiredInputs ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
+  size_t GetOutputTypeCount() const { return K::kOutputs.size(); }
+  ONNXTensorElementDataType GetOutputType(size_t i) const { return K::kOutputs[i]; }
+};
 
 // Registration hooks: each source file adds its ops to the one domain.
 void AddQuantOps(Ort::CustomOpDomain& domain);
@@ -156,7 +273,5 @@ void AddNonlinearOps(Ort::CustomOpDomain& domain);
 void AddMatMulOps(Ort::CustomOpDomain& domain);
 void AddAttentionOps(Ort::CustomOpDomain& domain);
 
-// Keeps custom-op objects alive for the process lifetime (sessions hold raw pointers).
-void KeepAlive(OrtCustomOp* op);
 
 }  // namespace bct

@@ -59,8 +59,6 @@
 namespace bct {
 namespace {
 
-using Ort::Custom::Tensor;
-
 // ------------------------------------------------------------------------------------------
 // Small integer helpers
 
@@ -148,10 +146,7 @@ struct Blocking {
   int64_t rows = 0, d = 0, nb = 0, b = 0;
 };
 
-Blocking check_blocked(const Tensor<int8_t>& x, const Tensor<float>& scale, int64_t block_size,
-                       const char* op) {
-  const auto& xs = x.Shape();
-  const auto& ss = scale.Shape();
+Blocking check_blocked(const Dims& xs, const Dims& ss, int64_t block_size, const char* op) {
   if (xs.empty()) throw std::runtime_error(std::string(op) + ": x must have rank >= 1");
   Blocking bl;
   bl.b = block_size;
@@ -159,13 +154,10 @@ Blocking check_blocked(const Tensor<int8_t>& x, const Tensor<float>& scale, int6
   bl.nb = num_blocks(bl.d, block_size);
   bl.rows = 1;
   for (size_t i = 0; i + 1 < xs.size(); ++i) bl.rows *= xs[i];
-  std::vector<int64_t> want(xs.begin(), xs.end() - 1);
-  want.push_back(bl.nb);
-  if (ss != want) {
-    std::string msg = std::string(op) + ": x_scale shape must be x.shape[:-1] + [ceil(D/B)] = [";
-    for (size_t i = 0; i < want.size(); ++i) msg += (i ? ", " : "") + std::to_string(want[i]);
-    throw std::runtime_error(msg + "], got [" + scale.Shape2Str() + "]");
-  }
+  const Dims want = blocked_shape(xs, block_size);
+  if (ss != want)
+    throw std::runtime_error(std::string(op) + ": x_scale shape must be x.shape[:-1] + [ceil(D/B)] = " +
+                             want.str() + ", got " + ss.str());
   return bl;
 }
 
@@ -492,7 +484,11 @@ struct IntGeluKernel {
   int64_t block_size;
   int64_t out_block_size;  // a multiple of block_size (attribute 0 or absent: the same)
   bool simd;
-  IntGeluKernel(const OrtApi*, const OrtKernelInfo* info)
+  static constexpr const char* kName = "IntGelu";
+  static constexpr std::array kInputs{ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+  static constexpr std::array kOutputs = kInputs;  // y, y_scale
+  static constexpr size_t kRequiredInputs = 2;
+  IntGeluKernel(const OrtApi&, const OrtKernelInfo* info)
       : block_size(read_block_size(info, "IntGelu")), simd(read_simd(info, "IntGelu")) {
     static const int64_t kSame = 0;
     out_block_size = int_attribute(info, "IntGelu", "out_block_size", &kSame);
@@ -503,18 +499,19 @@ struct IntGeluKernel {
                                std::to_string(out_block_size));
     gelu_tables();
   }
-  void Compute(OrtKernelContext* ctx, const Tensor<int8_t>& x, const Tensor<float>& x_scale,
-               Tensor<int8_t>& y, Tensor<float>& y_scale) {
-    const Blocking bl = check_blocked(x, x_scale, block_size, "IntGelu");
-    int8_t* yo = y.Allocate(x.Shape());
-    std::vector<int64_t> sshape = x_scale.Shape();
+  void Compute(OrtKernelContext* ctx) {
+    const KernelArgs args(ctx);
+    const OrtValue* x = args.input(0);
+    const OrtValue* x_scale = args.input(1);
+    const Dims xshape = KernelArgs::shape(x);
+    const Blocking bl = check_blocked(xshape, KernelArgs::shape(x_scale), block_size, "IntGelu");
+    int8_t* yo = args.output<int8_t>(0, xshape);
     const GeluGrouping gr{out_block_size / block_size, num_blocks(bl.d, out_block_size)};
-    sshape.back() = gr.ngrp;
-    float* so = y_scale.Allocate(sshape);
+    float* so = args.output<float>(1, blocked_shape(xshape, out_block_size));
     if (bl.rows == 0 || bl.d == 0) return;
-    const int16_t* ex = input_exponents(x_scale.Data(), bl.rows * bl.nb);
+    const int16_t* ex = input_exponents(KernelArgs::data<float>(x_scale), bl.rows * bl.nb);
     const GeluTables& tb = gelu_tables();
-    const int8_t* xi = x.Data();
+    const int8_t* xi = KernelArgs::data<int8_t>(x);
     const bool fast = simd && cpu_avx512vbmi();
     parallel_rows(ctx, bl.rows, bl.d, [&](int64_t r0, int64_t r1) {
       GeluBlock* gbs = scratch<GeluBlock, 1>(static_cast<size_t>(bl.nb));  // one row's blocks
@@ -592,8 +589,7 @@ BCT_AVX512 int64_t mask_row_avx512(const float* m, int64_t d, uint8_t* f, uint16
 }
 #endif
 
-MaskRows build_mask(const Blocking& bl, const std::vector<int64_t>& xshape,
-                    const Tensor<float>* mask) {
+MaskRows build_mask(const Blocking& bl, const Dims& xshape, const OrtValue* mask) {
   MaskRows mr;
   mr.padded = (bl.nb * bl.b + 31) / 32 * 32;
   mr.steps = (bl.d + 31) / 32;
@@ -602,19 +598,18 @@ MaskRows build_mask(const Blocking& bl, const std::vector<int64_t>& xshape,
     mr.valid32[st] = uint32_t{lanes16(st * 32, bl.d)} | (uint32_t{lanes16(st * 32 + 16, bl.d)} << 16);
   if (mask == nullptr) return mr;
   mr.present = true;
-  const auto& ms = mask->Shape();
+  const Dims ms = KernelArgs::shape(mask);
   const size_t xr = xshape.size();
   if (ms.size() > xr) throw std::runtime_error("IntSoftmax: mask has a higher rank than x");
   std::vector<int64_t> mfull(xr, 1);
   for (size_t i = 0; i < ms.size(); ++i) mfull[xr - ms.size() + i] = ms[i];
   for (size_t i = 0; i < xr; ++i)
     if (mfull[i] != 1 && mfull[i] != xshape[i])
-      throw std::runtime_error("IntSoftmax: mask shape [" + mask->Shape2Str() +
-                               "] does not broadcast to x");
+      throw std::runtime_error("IntSoftmax: mask shape " + ms.str() + " does not broadcast to x");
   const int64_t mlast = mfull[xr - 1];
   int64_t mrows = 1;
   for (size_t i = 0; i + 1 < xr; ++i) mrows *= mfull[i];
-  const float* md = mask->Data();
+  const float* md = KernelArgs::data<float>(mask);
   const int64_t padded = mr.padded;
   mr.flags.assign(static_cast<size_t>(mrows * padded), 0);
   mr.bits.assign(static_cast<size_t>(mrows * padded / 16), 0);
@@ -932,16 +927,25 @@ void softmax_rows(const Blocking& bl, const int8_t* x, const int16_t* ex, const 
 struct IntSoftmaxKernel {
   int64_t block_size;
   bool simd;
-  IntSoftmaxKernel(const OrtApi*, const OrtKernelInfo* info)
+  static constexpr const char* kName = "IntSoftmax";
+  static constexpr std::array kInputs{ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+                                      ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};  // x, x_scale, mask
+  static constexpr std::array kOutputs{ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8};
+  static constexpr size_t kRequiredInputs = 2;
+  IntSoftmaxKernel(const OrtApi&, const OrtKernelInfo* info)
       : block_size(read_block_size(info, "IntSoftmax")), simd(read_simd(info, "IntSoftmax")) {}
-  void Compute(OrtKernelContext* ctx, const Tensor<int8_t>& x, const Tensor<float>& x_scale,
-               std::optional<const Tensor<float>*> mask, Tensor<uint8_t>& y) {
-    const Blocking bl = check_blocked(x, x_scale, block_size, "IntSoftmax");
-    uint8_t* yo = y.Allocate(x.Shape());
+  void Compute(OrtKernelContext* ctx) {
+    const KernelArgs args(ctx);
+    const OrtValue* x = args.input(0);
+    const OrtValue* x_scale = args.input(1);
+    const OrtValue* mask = args.input(2);
+    const Dims xshape = KernelArgs::shape(x);
+    const Blocking bl = check_blocked(xshape, KernelArgs::shape(x_scale), block_size, "IntSoftmax");
+    uint8_t* yo = args.output<uint8_t>(0, xshape);
     if (bl.rows == 0 || bl.d == 0) return;
-    const int16_t* ex = input_exponents(x_scale.Data(), bl.rows * bl.nb);
-    const MaskRows mr = build_mask(bl, x.Shape(), mask.has_value() ? *mask : nullptr);
-    const int8_t* xi = x.Data();
+    const int16_t* ex = input_exponents(KernelArgs::data<float>(x_scale), bl.rows * bl.nb);
+    const MaskRows mr = build_mask(bl, xshape, mask);
+    const int8_t* xi = KernelArgs::data<int8_t>(x);
     const bool fast = simd && cpu_avx512() && bl.b % 16 == 0;
     parallel_rows(ctx, bl.rows, bl.d * 4, [&](int64_t r0, int64_t r1) {
       softmax_rows(bl, xi, ex, mr, fast, yo, r0, r1);
@@ -1436,7 +1440,14 @@ struct IntLayerNormKernel {
   float epsilon = 1e-5f;
   uint32_t eps_mant = 0;
   int eps_ex = 0;
-  IntLayerNormKernel(const OrtApi*, const OrtKernelInfo* info)
+  static constexpr const char* kName = "IntLayerNorm";
+  // x, x_scale, gamma, gamma_scale, beta, beta_scale
+  static constexpr std::array kInputs{ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+                                      ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+                                      ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+  static constexpr std::array kOutputs{ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+  static constexpr size_t kRequiredInputs = 6;
+  IntLayerNormKernel(const OrtApi&, const OrtKernelInfo* info)
       : block_size(read_block_size(info, "IntLayerNorm")), simd(read_simd(info, "IntLayerNorm")) {
     Ort::ConstKernelInfo ki(info);
     try {
@@ -1510,28 +1521,30 @@ struct IntLayerNormKernel {
     return cached;
   }
 
-  void Compute(OrtKernelContext* ctx, const Tensor<int8_t>& x, const Tensor<float>& x_scale,
-               const Tensor<int8_t>& gamma, const Tensor<float>& gamma_scale,
-               const Tensor<int8_t>& beta, const Tensor<float>& beta_scale, Tensor<int8_t>& y,
-               Tensor<float>& y_scale) {
-    const Blocking bl = check_blocked(x, x_scale, block_size, "IntLayerNorm");
+  void Compute(OrtKernelContext* ctx) {
+    const KernelArgs args(ctx);
+    const OrtValue* in[6];
+    for (size_t i = 0; i < 6; ++i) in[i] = args.input(i);
+    const Dims xshape = KernelArgs::shape(in[0]), sshape = KernelArgs::shape(in[1]);
+    const Blocking bl = check_blocked(xshape, sshape, block_size, "IntLayerNorm");
     const int64_t h = bl.d;
     if (h > kLnMaxH)
       throw std::runtime_error("IntLayerNorm: H must be <= 4096, got " + std::to_string(h));
-    if (gamma.NumberOfElement() != h || beta.NumberOfElement() != h)
+    if (KernelArgs::shape(in[2]).count() != h || KernelArgs::shape(in[4]).count() != h)
       throw std::runtime_error("IntLayerNorm: gamma and beta must have H = " + std::to_string(h) +
                                " elements");
-    if (gamma_scale.NumberOfElement() != bl.nb || beta_scale.NumberOfElement() != bl.nb)
+    if (KernelArgs::shape(in[3]).count() != bl.nb || KernelArgs::shape(in[5]).count() != bl.nb)
       throw std::runtime_error("IntLayerNorm: gamma_scale and beta_scale must have ceil(H/B) = " +
                                std::to_string(bl.nb) + " elements");
-    int8_t* yo = y.Allocate(x.Shape());
-    float* so = y_scale.Allocate(x_scale.Shape());
+    int8_t* yo = args.output<int8_t>(0, xshape);
+    float* so = args.output<float>(1, sshape);
     if (bl.rows == 0 || h == 0) return;
-    const int16_t* ex = input_exponents(x_scale.Data(), bl.rows * bl.nb);
+    const int16_t* ex = input_exponents(KernelArgs::data<float>(in[1]), bl.rows * bl.nb);
     const std::shared_ptr<const LnParams> params =
-        affine_params(gamma.Data(), gamma_scale.Data(), beta.Data(), beta_scale.Data(), bl);
+        affine_params(KernelArgs::data<int8_t>(in[2]), KernelArgs::data<float>(in[3]),
+                      KernelArgs::data<int8_t>(in[4]), KernelArgs::data<float>(in[5]), bl);
     const LnParams& pp = *params;
-    const int8_t* xi = x.Data();
+    const int8_t* xi = KernelArgs::data<int8_t>(in[0]);
     const bool fast = simd && cpu_avx512cd() && bl.b % 16 == 0 && bl.b <= 1024;
     parallel_rows(ctx, bl.rows, h * 2, [&](int64_t r0, int64_t r1) {
 #if BCT_X86
@@ -1542,19 +1555,16 @@ struct IntLayerNormKernel {
   }
 };
 
-template <class K>
-void add_op(Ort::CustomOpDomain& domain, const char* name) {
-  OrtCustomOp* op = Ort::Custom::CreateLiteCustomOp<K>(name, "CPUExecutionProvider");
-  domain.Add(op);
-  KeepAlive(op);
-}
-
 }  // namespace
 
 void AddNonlinearOps(Ort::CustomOpDomain& domain) {
-  add_op<IntGeluKernel>(domain, "IntGelu");
-  add_op<IntSoftmaxKernel>(domain, "IntSoftmax");
-  add_op<IntLayerNormKernel>(domain, "IntLayerNorm");
+  // static: they live as long as the process (sessions keep raw pointers)
+  static KernelOp<IntGeluKernel> gelu;
+  static KernelOp<IntSoftmaxKernel> softmax;
+  static KernelOp<IntLayerNormKernel> layernorm;
+  domain.Add(&gelu);
+  domain.Add(&softmax);
+  domain.Add(&layernorm);
 }
 
 }  // namespace bct

@@ -37,7 +37,7 @@ int64_t CheckedBlockSize(const char* op, const char* name, int64_t b, bool zero_
 }
 
 // Rows (product of the leading dims) and the last-axis length of a rank >= 1 tensor.
-void RowsAndDepth(const char* op, const std::vector<int64_t>& shape, int64_t* rows, int64_t* depth) {
+void RowsAndDepth(const char* op, const Dims& shape, int64_t* rows, int64_t* depth) {
   if (shape.empty())
     throw std::runtime_error(std::string("bctonnx.") + op + ": input must have rank >= 1 (blocks "
                              "run along the last axis), got a scalar");
@@ -46,12 +46,7 @@ void RowsAndDepth(const char* op, const std::vector<int64_t>& shape, int64_t* ro
   *depth = shape.back();
 }
 
-std::vector<int64_t> BlockedShape(std::vector<int64_t> shape, int64_t block_size) {
-  shape.back() = num_blocks(shape.back(), block_size);
-  return shape;
-}
 
-Ort::Status Failure(const std::exception& e) { return Ort::Status(e.what(), ORT_INVALID_ARGUMENT); }
 
 // ---------------------------------------------------------------------------------------------
 // Exponent choice (see ref_quant.py, "Scale choice")
@@ -91,7 +86,11 @@ int SegmentExponent(int64_t m, int e_in, int64_t qmax, const char* op) {
 // BlockQuantize(x: float) -> (y: int8, y_scale: float)
 
 struct BlockQuantizeKernel {
-  BlockQuantizeKernel(const OrtApi*, const OrtKernelInfo* info) {
+  static constexpr const char* kName = "BlockQuantize";
+  static constexpr std::array kInputs{ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+  static constexpr std::array kOutputs{ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+  static constexpr size_t kRequiredInputs = 1;
+  BlockQuantizeKernel(const OrtApi&, const OrtKernelInfo* info) {
     static const int64_t kDefaultBits = 8;
     block_size_ = CheckedBlockSize("BlockQuantize", "block_size",
                                    int_attribute(info, "BlockQuantize", "block_size", nullptr),
@@ -100,27 +99,18 @@ struct BlockQuantizeKernel {
                         int_attribute(info, "BlockQuantize", "bits", &kDefaultBits));
   }
 
-  Ort::Status Compute(const Ort::Custom::Tensor<float>& x, Ort::Custom::Tensor<int8_t>& y,
-                      Ort::Custom::Tensor<float>& y_scale) {
-    try {
-      Run(x, y, y_scale);
-    } catch (const std::exception& e) {
-      return Failure(e);
-    }
-    return Ort::Status{nullptr};
-  }
-
-  void Run(const Ort::Custom::Tensor<float>& x, Ort::Custom::Tensor<int8_t>& y,
-           Ort::Custom::Tensor<float>& y_scale) const {
-    const std::vector<int64_t> shape = x.Shape();
+  void Compute(OrtKernelContext* ctx) const {
+    const KernelArgs args(ctx);
+    const OrtValue* x = args.input(0);
+    const Dims shape = KernelArgs::shape(x);
     int64_t rows = 0, depth = 0;
     RowsAndDepth("BlockQuantize", shape, &rows, &depth);
-    int8_t* out = y.Allocate(shape);
-    float* scales = y_scale.Allocate(BlockedShape(shape, block_size_));
+    int8_t* out = args.output<int8_t>(0, shape);
+    float* scales = args.output<float>(1, blocked_shape(shape, block_size_));
     if (rows == 0 || depth == 0) return;
     // BlockMatMul's activation quantizer: the same rule, vectorized (bit-exact, tested)
     try {
-      QuantizeRowsPow2(isa_, x.Data(), rows, depth, block_size_, bits_, out, scales);
+      QuantizeRowsPow2(isa_, KernelArgs::data<float>(x), rows, depth, block_size_, bits_, out, scales);
     } catch (const std::runtime_error& e) {
       std::string what = e.what();
       const std::string from = "bctonnx.BlockMatMul: ";
@@ -158,35 +148,31 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void DequantizeRowsAvx512(
 }
 
 struct BlockDequantizeKernel {
-  BlockDequantizeKernel(const OrtApi*, const OrtKernelInfo* info) {
+  static constexpr const char* kName = "BlockDequantize";
+  static constexpr std::array kInputs{ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+  static constexpr std::array kOutputs{ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+  static constexpr size_t kRequiredInputs = 2;
+  BlockDequantizeKernel(const OrtApi&, const OrtKernelInfo* info) {
     block_size_ = CheckedBlockSize("BlockDequantize", "block_size",
                                    int_attribute(info, "BlockDequantize", "block_size", nullptr),
                                    false);
   }
 
-  Ort::Status Compute(const Ort::Custom::Tensor<int8_t>& x,
-                      const Ort::Custom::Tensor<float>& x_scale, Ort::Custom::Tensor<float>& y) {
-    try {
-      Run(x, x_scale, y);
-    } catch (const std::exception& e) {
-      return Failure(e);
-    }
-    return Ort::Status{nullptr};
-  }
-
-  void Run(const Ort::Custom::Tensor<int8_t>& x, const Ort::Custom::Tensor<float>& x_scale,
-           Ort::Custom::Tensor<float>& y) const {
-    const std::vector<int64_t> shape = x.Shape();
+  void Compute(OrtKernelContext* ctx) const {
+    const KernelArgs args(ctx);
+    const OrtValue* x = args.input(0);
+    const OrtValue* x_scale = args.input(1);
+    const Dims shape = KernelArgs::shape(x);
     int64_t rows = 0, depth = 0;
     RowsAndDepth("BlockDequantize", shape, &rows, &depth);
-    if (x_scale.Shape() != BlockedShape(shape, block_size_))
+    const Dims sshape = KernelArgs::shape(x_scale);
+    if (sshape != blocked_shape(shape, block_size_))
       throw std::runtime_error("bctonnx.BlockDequantize: x_scale must have shape " +
-                               shape_str(BlockedShape(shape, block_size_)) + ", got " +
-                               shape_str(x_scale.Shape()));
-    float* out = y.Allocate(shape);
+                               blocked_shape(shape, block_size_).str() + ", got " + sshape.str());
+    float* out = args.output<float>(0, shape);
     if (rows == 0 || depth == 0) return;
-    const float* scales = x_scale.Data();
-    const int8_t* in = x.Data();
+    const float* scales = KernelArgs::data<float>(x_scale);
+    const int8_t* in = KernelArgs::data<int8_t>(x);
     if (isa_ >= kIsaAvx512) {
       DequantizeRowsAvx512(in, scales, rows, depth, block_size_, out);
       return;
@@ -296,7 +282,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void RequantizeNestedInt8Av
 
 template <typename T>
 struct BlockRequantizeKernel {
-  BlockRequantizeKernel(const OrtApi*, const OrtKernelInfo* info) {
+  static constexpr const char* kName = "BlockRequantize";  // one kernel per x type
+  static constexpr std::array kInputs{Ort::TypeToTensorType<T>::type, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+  static constexpr std::array kOutputs{ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+  static constexpr size_t kRequiredInputs = 2;
+  BlockRequantizeKernel(const OrtApi&, const OrtKernelInfo* info) {
     static const int64_t kDefaultBits = 8;
     in_block_size_ = CheckedBlockSize(
         "BlockRequantize", "in_block_size",
@@ -310,50 +300,40 @@ struct BlockRequantizeKernel {
     for (int64_t m = 1; m <= 128; ++m) k_of_m_[m] = SegmentExponent(m, 0, qmax, "BlockRequantize");
   }
 
-  Ort::Status Compute(OrtKernelContext* ctx, const Ort::Custom::Tensor<T>& x,
-                      const Ort::Custom::Tensor<float>& x_scale, Ort::Custom::Tensor<int8_t>& y,
-                      Ort::Custom::Tensor<float>& y_scale) {
-    try {
-      Run(ctx, x, x_scale, y, y_scale);
-    } catch (const std::exception& e) {
-      return Failure(e);
-    }
-    return Ort::Status{nullptr};
-  }
-
-  void Run(OrtKernelContext* ctx, const Ort::Custom::Tensor<T>& x,
-           const Ort::Custom::Tensor<float>& x_scale, Ort::Custom::Tensor<int8_t>& y,
-           Ort::Custom::Tensor<float>& y_scale) const {
+  void Compute(OrtKernelContext* ctx) const {
     static const char* kOp = "BlockRequantize";
-    const std::vector<int64_t> shape = x.Shape();
+    const KernelArgs args(ctx);
+    const OrtValue* x = args.input(0);
+    const OrtValue* x_scale = args.input(1);
+    const Dims shape = KernelArgs::shape(x);
     int64_t rows = 0, depth = 0;
     RowsAndDepth(kOp, shape, &rows, &depth);
 
     // Input exponents: one for the tensor, or one per input block.
-    const std::vector<int64_t> sshape = x_scale.Shape();
-    const int64_t n_scales = x_scale.NumberOfElement();
+    const Dims sshape = KernelArgs::shape(x_scale);
+    const int64_t n_scales = sshape.count();
     int64_t in_nb = 1;
     if (in_block_size_ == 0) {
       if (n_scales != 1)
         throw std::runtime_error(std::string("bctonnx.BlockRequantize: in_block_size=0 needs a "
-                                             "single x_scale, got shape ") + shape_str(sshape));
+                                             "single x_scale, got shape ") + sshape.str());
     } else {
       in_nb = num_blocks(depth, in_block_size_);
-      if (sshape != BlockedShape(shape, in_block_size_))
+      if (sshape != blocked_shape(shape, in_block_size_))
         throw std::runtime_error(
-            "bctonnx.BlockRequantize: x_scale shape " + shape_str(sshape) + " does not match x " +
-            shape_str(shape) + " with in_block_size " + std::to_string(in_block_size_) +
-            " (expected " + shape_str(BlockedShape(shape, in_block_size_)) + ")");
+            "bctonnx.BlockRequantize: x_scale shape " + sshape.str() + " does not match x " +
+            shape.str() + " with in_block_size " + std::to_string(in_block_size_) +
+            " (expected " + blocked_shape(shape, in_block_size_).str() + ")");
     }
     std::vector<int> e_in(static_cast<size_t>(n_scales));
-    const float* sdata = x_scale.Data();
+    const float* sdata = KernelArgs::data<float>(x_scale);
     for (int64_t i = 0; i < n_scales; ++i) e_in[i] = pow2_exponent(sdata[i]);
 
     const int64_t nb = num_blocks(depth, block_size_);
-    int8_t* out = y.Allocate(shape);
-    float* scales = y_scale.Allocate(BlockedShape(shape, block_size_));
+    int8_t* out = args.output<int8_t>(0, shape);
+    float* scales = args.output<float>(1, blocked_shape(shape, block_size_));
     if (rows == 0 || depth == 0) return;
-    const T* in = x.Data();
+    const T* in = KernelArgs::data<T>(x);
     const int64_t qmax = (int64_t{1} << (bits_ - 1)) - 1;
     if constexpr (std::is_same_v<T, int8_t>) {
       if (isa_ >= kIsaAvx512 && in_block_size_ > 0 && block_size_ % in_block_size_ == 0) {
@@ -422,23 +402,19 @@ struct BlockRequantizeKernel {
   std::array<int, 129> k_of_m_{};  // SegmentExponent(m, 0, qmax) of int8 maxima m
 };
 
-void AddOp(Ort::CustomOpDomain& domain, OrtCustomOp* op) {
-  domain.Add(op);
-  KeepAlive(op);
-}
-
 }  // namespace
 
 void AddQuantOps(Ort::CustomOpDomain& domain) {
-  AddOp(domain, Ort::Custom::CreateLiteCustomOp<BlockQuantizeKernel>("BlockQuantize",
-                                                                      "CPUExecutionProvider"));
-  AddOp(domain, Ort::Custom::CreateLiteCustomOp<BlockDequantizeKernel>("BlockDequantize",
-                                                                        "CPUExecutionProvider"));
+  // static: they live as long as the process (sessions keep raw pointers)
+  static KernelOp<BlockQuantizeKernel> quantize;
+  static KernelOp<BlockDequantizeKernel> dequantize;
   // Two kernels under one name: onnxruntime picks the one matching x's element type.
-  AddOp(domain, Ort::Custom::CreateLiteCustomOp<BlockRequantizeKernel<int32_t>>(
-                    "BlockRequantize", "CPUExecutionProvider"));
-  AddOp(domain, Ort::Custom::CreateLiteCustomOp<BlockRequantizeKernel<int8_t>>(
-                    "BlockRequantize", "CPUExecutionProvider"));
+  static KernelOp<BlockRequantizeKernel<int32_t>> requantize_int32;
+  static KernelOp<BlockRequantizeKernel<int8_t>> requantize_int8;
+  domain.Add(&quantize);
+  domain.Add(&dequantize);
+  domain.Add(&requantize_int32);
+  domain.Add(&requantize_int8);
 }
 
 }  // namespace bct

@@ -4,20 +4,6 @@
 
 #include "common.h"
 
-namespace bct {
-
-// The lite custom ops (Ort::Custom::CreateLiteCustomOp) are derived types without a virtual
-// destructor, so they cannot be deleted through an OrtCustomOp pointer; sessions keep raw
-// pointers to them anyway. They stay reachable here for the life of the process, never freed.
-void KeepAlive(OrtCustomOp* op) {
-  static std::mutex mu;
-  static std::vector<OrtCustomOp*> ops;
-  std::lock_guard<std::mutex> lock(mu);
-  ops.push_back(op);
-}
-
-}  // namespace bct
-
 extern "C" __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL
 RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
   Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
