@@ -11,9 +11,12 @@ the same shape, in separate sessions with the same thread settings (intra_op_num
 runs, each block after 100 untimed ones, so both share the machine's slow phases and neither is
 timed while the other one's intra-op threads still spin (alternating single runs, or blocks of
 20, measured that: at 2 threads our ops then looked as slow as at 1 thread and onnxruntime's
-Softmax took 40 or 78 us from one block to the next). The table shows medians in microseconds
-(session.run from Python, so a few microseconds of call overhead are included in both) and the
-ratio int / float (< 1: ours is faster). Writes
+Softmax took 40 or 78 us from one block to the next). The table shows medians in microseconds and
+the ratio int / float (< 1: ours is faster), measured two ways in the same turns:
+``session.run`` with numpy feeds (Python's per-input and per-output conversions included: the
+integer ops have one or two more of those, scales and mask, about 2 us at LayerNorm's shape)
+and ``run_with_iobinding`` with inputs bound once and outputs allocated by onnxruntime (the
+"bound" columns: the op as it runs inside a graph). Writes
 benchmarks/results/ops_speed.json. A script, not a test.
 """
 
@@ -171,11 +174,31 @@ def _session(model: bytes, threads: int, lib: str | None) -> ort.InferenceSessio
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 
+def _bound(sess: ort.InferenceSession, feeds: dict) -> ort.IOBinding:
+    """The session's inputs bound once as OrtValues, its outputs to CPU memory that
+    onnxruntime allocates on every run (no numpy conversion on either side)."""
+    binding = sess.io_binding()
+    for name, value in feeds.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value))
+    for out in sess.get_outputs():
+        binding.bind_output(out.name, "cpu")
+    return binding
+
+
 def measure(case: dict, threads: int, runs: int, lib: str) -> dict[str, float]:
-    """Median microseconds of the int and float sessions, taking turns in blocks of 200 runs
-    (each after 100 untimed ones: see `bctonnx.bench_util.interleaved_medians`)."""
+    """Median microseconds of the int and float sessions, each called two ways: ``session.run``
+    with numpy feeds (``int``, ``float``) and ``run_with_iobinding`` (``int_bound``,
+    ``float_bound``: what the op costs inside a graph, without the per-call numpy conversion
+    of every input and output, of which the integer ops have more). All four take turns in
+    blocks of 200 runs, each after 100 untimed ones (see
+    `bctonnx.bench_util.interleaved_medians`)."""
     sess = {k: _session(case[k][0], threads, lib if k == "int" else None) for k in ("int", "float")}
-    fns = {k: (lambda s=sess[k], f=case[k][1]: s.run(None, f)) for k in sess}
+    fns = {}
+    for k, s in sess.items():
+        feeds = case[k][1]
+        binding = _bound(s, feeds)
+        fns[k] = lambda s=s, f=feeds: s.run(None, f)
+        fns[f"{k}_bound"] = lambda s=s, b=binding: s.run_with_iobinding(b)
     medians = interleaved_medians(fns, runs, warmup=50, block=200, settle=100)
     return {k: v * 1e6 for k, v in medians.items()}
 
@@ -194,16 +217,21 @@ def main() -> None:
         raise SystemExit(f"the op library is not built: {runtime.REBUILD_HINT}")
     all_cases = cases(args.block_size, np.random.default_rng(0))
     rows = []
-    print(f"{'op':<15} {'shape':<15} {'thr':>3} {'int us':>9} {'float us':>9} {'int/float':>9}")
+    print(
+        f"{'op':<15} {'shape':<15} {'thr':>3} {'int us':>9} {'float us':>9} {'int/float':>9}"
+        f" {'bound int':>9} {'bound flt':>9} {'int/float':>9}"
+    )
     for name, case in all_cases.items():
         if args.ops and name not in args.ops:
             continue
         for threads in args.threads:
             t = measure(case, threads, args.runs, lib)
             ratio = t["int"] / t["float"]
+            bound_ratio = t["int_bound"] / t["float_bound"]
             shape = "x".join(map(str, SHAPES[name]))
             print(
                 f"{name:<15} {shape:<15} {threads:>3} {t['int']:>9.1f} {t['float']:>9.1f} {ratio:>9.2f}"
+                f" {t['int_bound']:>9.1f} {t['float_bound']:>9.1f} {bound_ratio:>9.2f}"
             )
             rows.append(
                 {
@@ -213,6 +241,9 @@ def main() -> None:
                     "int_us": round(t["int"], 2),
                     "float_us": round(t["float"], 2),
                     "ratio": round(ratio, 3),
+                    "bound_int_us": round(t["int_bound"], 2),
+                    "bound_float_us": round(t["float_bound"], 2),
+                    "bound_ratio": round(bound_ratio, 3),
                 }
             )
     result = {

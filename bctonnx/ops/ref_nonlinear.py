@@ -57,6 +57,7 @@ __all__ = [
     "int_layernorm",
     "gelu_table",
     "exp2_neg_q16",
+    "softmax_tables",
     "reblock",
     "quantize_pow2",
     "exponent_scales",
@@ -365,6 +366,33 @@ def _mask_flags(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
     return ~masked
 
 
+SOFTMAX_E_LO, SOFTMAX_E_HI = -26, 4  # block exponents are clamped to this range for the tables
+
+
+def _exp2_neg(u: np.ndarray, frac_bits: int, cap: int) -> np.ndarray:
+    """``2**-(u / 2**16)`` in Q``frac_bits`` (<= 16), rounded half even, at most ``cap``, for
+    integer u >= 0: `exp2_neg_q16` of the fraction shifted by the integer part plus ``16 -
+    frac_bits`` (0 from 2**-(frac_bits + 1) on)."""
+    u = np.asarray(u, np.int64)
+    v = shift_round_even(exp2_neg_q16(u & 0xFFFF), np.minimum((u >> 16) + 16 - frac_bits, 62))
+    return np.minimum(v, cap)
+
+
+def softmax_tables() -> tuple[np.ndarray, np.ndarray]:
+    """IntSoftmax's constant tables, per clamped block exponent ``e`` in [SOFTMAX_E_LO,
+    SOFTMAX_E_HI] (row ``e - SOFTMAX_E_LO``): ``A[e][j] = 2**-(j 2**e log2 e)`` for j in [0, 32)
+    and ``B[e][k] = 2**-(32 k 2**e log2 e)`` for k in [0, 8), both in Q15 (rounded, at most
+    32767), the exponent in Q16 log2 units ``u = shift_round_even(j * round(log2(e) 2**30),
+    14 - e)``. Outside the range the tables would not change (tests): below, every u rounds to
+    0; above, every u > 0 gives 0."""
+    e = np.arange(SOFTMAX_E_LO, SOFTMAX_E_HI + 1, dtype=np.int64)[:, None]
+    j = np.arange(32, dtype=np.int64)[None, :]
+    k = np.arange(8, dtype=np.int64)[None, :]
+    a = _exp2_neg(shift_round_even(j * _LOG2E_Q30, 14 - e), 15, 32767)
+    b = _exp2_neg(shift_round_even(32 * k * _LOG2E_Q30, 14 - e), 15, 32767)
+    return a, b
+
+
 def int_softmax(
     x: np.ndarray, x_scale: np.ndarray, block_size: int, mask: np.ndarray | None = None
 ) -> np.ndarray:
@@ -375,43 +403,50 @@ def int_softmax(
     positions get probability 0 and take no part in the max or the sum. Any other mask value
     must be exactly 0 (error otherwise: a general additive bias is not supported, rather than
     silently ignored). A fully masked row outputs all zeros. In the kernel the mask is an
-    optional trailing input (leave it off the node's input list; an empty name is not
-    supported).
+    optional trailing input.
 
-    Per row (``q`` codes, ``e_b`` block exponents, only unmasked elements count):
+    ``exp(x_i - max) = exp(x_i - m_b) * exp(m_b - max)`` with ``m_b = qmax_b 2**e_b`` the
+    block's largest unmasked value: the first factor depends only on the block exponent and the
+    code difference ``d = qmax_b - q`` in [0, 255], so it comes from constant tables
+    (`softmax_tables`, split ``d = 32 k + j``: 2**-(d a) = A[j] B[k]), 16-bit per element; the
+    second is one number per block, applied to the block's sum and to its output scale. Per row
+    (``q`` codes, ``e_b`` block exponents, only unmasked elements count):
 
-    1. ``e_top`` = max exponent of the blocks holding an unmasked element. Values go to log2
-       units in fixed point, ``L = q * c_b`` with ``c_b = shift_round_even(round(log2(e) *
-       2**30), 10 + e_top - e_b)`` (``= log2(e) * 2**(e_b + P)``, ``P = 20 - e_top``; blocks
-       with no unmasked element: ``c_b = 0``). ``|L| < 2**28``.
-    2. ``d = max(L) - L >= 0`` (< 2**29); to Q16 log2 units: ``t = d >> (P - 16)`` if
-       ``P >= 16`` (shift capped at 31), else (scores above 2**12) ``t = 2**21 if d > (2**21
-       >> (16 - P)) else d << (16 - P)`` (shift capped at 31).
-    3. ``n = t >> 16``, ``g = exp2_neg_q16(t & 0xFFFF)`` and ``E = (g << 16) >> n`` for
-       ``n < 32``, else 0: ``2**-t`` in Q32 (uint32; the max element gets 65535 * 2**16);
-       masked: 0. ``S = sum(E >> 8)`` (int64, >= 2**24 - 2**8).
-    4. ``R = min(2**40 // S, 65535)`` (non-negative floor division), ``h = ((E >> 16) * R)
-       >> 16`` (16-bit unsigned operands, ``h`` is the high half of their product) and ``y =
-       min(255, shift_round_even(h, 8))``: ``256 E / sum(E)`` in 16-bit steps.
+    1. Per block with an unmasked element: ``qmax_b``. ``e_top`` = the largest such exponent;
+       ``c_b = shift_round_even(round(log2(e) 2**30), 10 + e_top - e_b)`` (log2 e in units of
+       ``2**-(20 - e_top + e_b)``), ``L_b = qmax_b c_b`` (``|L_b| < 2**28``), ``d_b = max(L) -
+       L_b >= 0``; to Q16 log2 units: ``t_b = d_b >> (4 - e_top)`` if ``e_top <= 4`` (shift
+       capped at 31), else (scores above 2**12) ``t_b = 2**21 if d_b > (2**21 >> (e_top - 4))
+       else d_b << (e_top - 4)`` (shift capped at 31).
+    2. Per unmasked element: ``d = qmax_b - q``, ``E = (A[e'][d & 31] B[e'][d >> 5] + 2**14)
+       >> 15`` (Q15, <= 32767, the kernel's vpmulhrsw; masked: 0), ``e' = clamp(e_b, -26, 4)``;
+       per block ``s_b = sum(E)``.
+    3. The block factor ``F_b = 2**-t_b`` in Q30: ``g = exp2_neg_q16(t_b & 0xFFFF)``, ``n = t_b
+       >> 16``, ``F_b = g << (14 - n)`` for n <= 14, else ``shift_round_even(g, n - 14)`` (the
+       max block: 65535 * 2**14). ``S = sum((F_b s_b) >> 14)`` (int64, > 2**30).
+    4. ``R0 = 2**62 // S``, per block ``R_b = min((F_b R0) >> 45, 65535)`` (``2**17 F_b / S``);
+       ``h = (E R_b) >> 16`` (16-bit unsigned operands: the high half of their product) and
+       ``y = min(255, shift_round_even(h, 7))``: ``256 E F_b / sum(E F)``.
 
-    Approximation: exp(x - max) = 2**-t with t in Q16 log2 units; 2**-frac(t) by the integer
-    polynomial `exp2_neg_q16` (degree 4, relative error <= 5.3e-5), the integer part as a shift.
-    Error: exp's relative error <= 6.5e-5 (polynomial 5.3e-5; t floored to 2**-16 log2 units:
-    1.1e-5; ``c_b`` rounding: ``|dt| <= 2**(e_top - 14)`` log2 units, 2**-17 for scores below
-    16), the normalization's floors (E >> 16, R, h) <= 0.012 LSB, so ``|y - 256 p| <= 0.5 +
-    512 * 6.5e-5 * p + 0.012 <= 0.55`` for the exact softmax ``p`` of the dequantized scores,
-    except where ``256 p > 255.5`` (clamped to 255: error < 1). Measured (tests): N(0, 3) scores
-    over 128 keys with 0..64 keys masked, blocks of 16..128: max 0.508 LSB (1/256) where
-    y < 255, 0.83 at the clamp, mean 0.09.
-    Row sum: ``|sum(y) - 256| <= 0.56 n + 1`` for n unmasked elements (each y within 0.56 of
-    256 p, plus the clamp); measured over 20000 such rows: max 14, mean 4.1, almost always
-    below 256 (probabilities under 0.5/256 round to 0, as with any 8-bit output).
-    Integer bounds: per element everything is int32/uint32 (``|L| < 2**28``, ``d < 2**29``,
-    the polynomial's operands and products are 16-bit unsigned, ``E < 2**32`` unsigned,
-    ``E >> 8 < 2**24``), the sum int64, ``(E >> 16) * R < 2**32``. Any int8 code and any
-    exponent in [-149, 127] is valid: huge scores take the saturated branch of step 2, tiny
-    ones shift to t = 0; a score more than 32 log2 units below the max gets E = 0 (exact
-    arithmetic rounds it to 0 as well).
+    Every step that feeds the sum rounds to nearest or keeps 30 bits: floors, or a Q15 block
+    factor, bias the sum of a long row by enough to move its largest probability by 0.1 LSB.
+    Error: per element ``E F_b / 2**45`` is ``exp(x - max)`` within a relative 1.7e-4 (three
+    values from `exp2_neg_q16`, relative error 5.3e-5 each, of exponents rounded to 2**-17 log2
+    units, 5.3e-6) and an absolute 2**-16 (E's rounding; A and B round to 2**-16 each), the
+    normalization's floors (R0, R_b, h) add <= 0.01 LSB for rows of D <= 65536, so ``|y - 256
+    p| <= 0.5 + 0.09 p + 0.03`` for the exact softmax ``p`` of the dequantized scores (< 0.62
+    LSB), except where ``256 p > 255.5`` (clamped to 255: error < 1). Measured (tests): N(0, 3)
+    scores over 128 keys with 0..64 keys masked, blocks of 16..128: max 0.54 LSB (1/256) where
+    y < 255 (0.51 with the previous, per-element exp2 specification, which cost twice the
+    work per element), mean 0.09. Row sum: ``|sum(y) - 256| <= 0.62 n + 1`` for n unmasked elements;
+    measured over 5000 such rows: max 14, mean 4.2 (probabilities under 0.5/256 round to 0,
+    as with any 8-bit output).
+    Integer bounds: ``|L| < 2**28``, ``d_b < 2**29``; per element the tables, E, R_b and h are
+    16-bit unsigned and their products 32-bit; per block ``s_b <= 32767 B``, ``F_b < 2**30``,
+    ``F_b s_b < 2**57``, ``F_b R0 < 2**62``. Any int8 code and any exponent in [-149, 127] is
+    valid: huge scores take the saturated branch of step 1 (F rounds to 0 more than 30 log2
+    units below the max), and exponents outside [-26, 4] use
+    the edge tables, which are exact there.
     """
     block_size = _check_block_size(block_size)
     x = np.asarray(x)
@@ -425,26 +460,34 @@ def int_softmax(
     flags &= valid
     blk = flags.any(axis=-1)  # [R, nb]
     row = blk.any(axis=-1)  # [R]
-    e_top = np.where(blk, e, np.iinfo(np.int64).min).max(axis=-1, initial=np.iinfo(np.int64).min)
+    lowest = np.iinfo(np.int64).min
+    e_top = np.where(blk, e, lowest).max(axis=-1, initial=lowest)
     e_top = np.where(row, e_top, 0)
+    qmax = np.where(flags, q, -128).max(axis=-1)  # [R, nb]
     c = np.where(blk, shift_round_even(np.int64(_LOG2E_Q30), 10 + e_top[:, None] - e), 0)
-    big_l = q * c[..., None]
-    l_max = np.where(flags, big_l, np.iinfo(np.int64).min).max(axis=(-1, -2))
-    l_max = np.where(row, l_max, 0)
-    d = np.where(flags, l_max[:, None, None] - big_l, 0)
-    sh = (4 - e_top)[:, None, None]  # P - 16
+    big_l = qmax * c
+    l_max = np.where(blk, big_l, lowest).max(axis=-1, initial=lowest)
+    d = np.where(blk, np.where(row, l_max, 0)[:, None] - big_l, 0)
+    sh = (4 - e_top)[:, None]  # P - 16
     right = d >> np.clip(sh, 0, 31)
     shl = np.clip(-sh, 0, 31)
     left = np.where(d > (_T_SAT >> shl), _T_SAT, d << shl)
     t = np.where(sh >= 0, right, left)
+    ta, tb = softmax_tables()
+    ei = np.clip(e, SOFTMAX_E_LO, SOFTMAX_E_HI) - SOFTMAX_E_LO  # [R, nb]
+    dq = np.where(flags, qmax[..., None] - q, 0)  # [R, nb, B], in [0, 255]
+    a = np.take_along_axis(ta[ei], dq & 31, axis=-1)
+    big_e = np.where(flags, (a * np.take_along_axis(tb[ei], dq >> 5, axis=-1) + (1 << 14)) >> 15, 0)
+    g = exp2_neg_q16(t & 0xFFFF)
     n = t >> 16
-    big_e = (exp2_neg_q16(t & 0xFFFF) << 16) >> np.minimum(n, 63)
-    big_e = np.where(flags & (n < 32), big_e, 0)
-    s = (big_e >> 8).sum(axis=(-1, -2))
+    f = np.where(n <= 14, g << np.clip(14 - n, 0, 14), shift_round_even(g, np.clip(n - 14, 0, 62)))
+    f = np.where(blk, f, 0)
+    s = ((f * big_e.sum(axis=-1)) >> 14).sum(axis=-1)  # [R]
     s = np.where(row, s, 1)
-    r = np.minimum((np.int64(1) << 40) // s, 0xFFFF)
-    h = ((big_e >> 16) * r[:, None, None]) >> 16
-    y = np.minimum(shift_round_even(h, 8), 255)
+    r0 = (np.int64(1) << 62) // s
+    rb = np.minimum((f * r0[:, None]) >> 45, 0xFFFF)  # [R, nb]
+    h = (big_e * rb[..., None]) >> 16
+    y = np.minimum(shift_round_even(h, 7), 255)
     y = np.where(row[:, None, None], y, 0)
     return _unblock(y, x.shape).astype(np.uint8)
 

@@ -6,7 +6,8 @@
 // docstrings); per row int64 and, for LayerNorm's variance, unsigned __int128. The only floating
 // point is the construction of GELU's constant table (float64 with + - * / in the reference's
 // order, no FMA contraction), the exact float32 powers of two of the scales and the starting
-// guess of an exact integer square root.
+// guesses of an exact integer square root (IntLayerNorm) and of an exact integer division
+// (IntSoftmax's 2^62 // S), both corrected to the exact integer result.
 //
 // Two implementations of every row kernel, giving the same bits:
 // - portable: the reference's steps literally, scalar C++ (target_clones avx2/default so the
@@ -233,7 +234,7 @@ T* scratch(size_t n) {
 // An input's block exponents (scale_exponents), in the calling thread's scratch: valid until
 // that thread's next call; the kernels' pool threads only read it while the call runs.
 const int16_t* input_exponents(const float* s, int64_t count) {
-  int16_t* e = scratch<int16_t, 40>(static_cast<size_t>(count));
+  int16_t* e = scratch<int16_t, 40>(static_cast<size_t>(count) + 16);  // + 16: IntSoftmax's gathers
   scale_exponents_into(s, count, e);
   return e;
 }
@@ -523,6 +524,52 @@ struct IntGeluKernel {
   }
 };
 
+#if BCT_X86
+// Horizontal reductions of 16 vectors of 16 dwords at once (a transposed tree: 45 shuffles /
+// ops instead of 16 separate reductions); lane j of the result reduces v[order[j]] (order:
+// tree_inverse). `op` is an associative, commutative lane-wise operation (max, add).
+template <class Op>
+BCT_AVX512 __attribute__((always_inline)) inline __m512i tree16(const int32_t* p, Op op) {
+  __m512i v[16], x[8], y[4], z[2];
+  for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_si512(p + 16 * i);
+  for (int i = 0; i < 8; ++i)
+    x[i] = op(_mm512_shuffle_i32x4(v[2 * i], v[2 * i + 1], 0x44),
+              _mm512_shuffle_i32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)
+    y[i] = op(_mm512_shuffle_i32x4(x[2 * i], x[2 * i + 1], 0x88),
+              _mm512_shuffle_i32x4(x[2 * i], x[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)
+    z[i] = op(_mm512_unpacklo_epi64(y[2 * i], y[2 * i + 1]), _mm512_unpackhi_epi64(y[2 * i], y[2 * i + 1]));
+  const __m512 a = _mm512_castsi512_ps(z[0]), b = _mm512_castsi512_ps(z[1]);
+  return op(_mm512_castps_si512(_mm512_shuffle_ps(a, b, 0x88)), _mm512_castps_si512(_mm512_shuffle_ps(a, b, 0xDD)));
+}
+struct MaxU32 {
+  BCT_AVX512 __m512i operator()(__m512i a, __m512i b) const { return _mm512_max_epu32(a, b); }
+};
+struct AddI32 {
+  BCT_AVX512 __m512i operator()(__m512i a, __m512i b) const { return _mm512_add_epi32(a, b); }
+};
+
+// Lane permutation putting tree16's result in vector order (lane j reduces v[j]); found once by
+// running the tree on constant vectors.
+struct TreeInverse {
+  alignas(64) int32_t inv[16];
+};
+BCT_AVX512 TreeInverse make_tree_inverse() {
+  std::array<int32_t, 256> v;
+  for (int i = 0; i < 256; ++i) v[i] = i / 16;
+  alignas(64) int32_t order[16];
+  _mm512_store_si512(order, tree16(v.data(), MaxU32{}));
+  TreeInverse t{};
+  for (int j = 0; j < 16; ++j) t.inv[order[j]] = j;
+  return t;
+}
+const TreeInverse& tree_inverse() {
+  static const TreeInverse t = make_tree_inverse();
+  return t;
+}
+#endif
+
 // ------------------------------------------------------------------------------------------
 // IntSoftmax (ref: int_softmax, exp2_neg_q16)
 
@@ -536,12 +583,24 @@ constexpr int32_t log2e_coef_at(int n) {
   const int64_t q = kLog2eQ30 >> n, r = kLog2eQ30 - (q << n), half = int64_t{1} << (n - 1);
   return static_cast<int32_t>((r > half || (r == half && (q & 1))) ? q + 1 : q);
 }
-constexpr std::array<int32_t, 22> kLog2eCoef = [] {
-  std::array<int32_t, 22> t{};
-  for (int i = 0; i < 22; ++i) t[i] = log2e_coef_at(10 + i);
+struct Log2eCoefs {
+  alignas(64) int32_t c[32];  // 0 from delta = 22 on
+};
+constexpr Log2eCoefs kLog2eCoef = [] {
+  Log2eCoefs t{};
+  for (int i = 0; i < 22; ++i) t.c[i] = log2e_coef_at(10 + i);
   return t;
 }();
-inline int32_t log2e_coef(int delta) { return delta < 22 ? kLog2eCoef[delta] : 0; }
+inline int32_t log2e_coef(int delta) { return delta < 32 ? kLog2eCoef.c[delta] : 0; }
+
+// Bits i of blocks b + i (i < 16, b + i < nb) that hold an unmasked element (bany: per block
+// 0/1, nullptr = all).
+inline uint32_t block_mask16(const uint8_t* bany, int64_t b, int64_t nb) {
+  const int64_t n = std::min<int64_t>(16, nb - b);
+  uint32_t m = 0;
+  for (int64_t i = 0; i < n; ++i) m |= static_cast<uint32_t>(bany ? bany[b + i] != 0 : 1) << i;
+  return m;
+}
 
 // ~65536 * 2^(-f/65536), f in [0, 65536): ref exp2_neg_q16 (every operand < 2^16).
 inline uint32_t exp2_neg_q16(uint32_t f) {
@@ -683,22 +742,73 @@ MaskRows build_mask(const Blocking& bl, const Dims& xshape, const OrtValue* mask
   return mr;
 }
 
+// Constant tables of step 2, per clamped block exponent (ref: softmax_tables): A[j] = 2^-(j a)
+// and B[k] = 2^-(32 k a) in Q15 with a = 2^e log2(e); B padded to 32 entries (zeros) so one
+// vpermw reads either table.
+constexpr int kSmELo = -26, kSmEHi = 4, kSmTables = kSmEHi - kSmELo + 1;
+struct SoftmaxTables {
+  alignas(64) uint16_t a[kSmTables][32];
+  alignas(64) uint16_t b[kSmTables][32];
+};
+// 2^-(u / 2^16) in Q15, rounded half even, at most 32767 (ref: _exp2_neg(u, 15, 32767)).
+inline uint16_t exp2_neg_q15(int64_t u) {
+  const int64_t v = shift_round_even(exp2_neg_q16(static_cast<uint32_t>(u & 0xFFFF)),
+                                     static_cast<int>(std::min<int64_t>((u >> 16) + 1, 62)));
+  return static_cast<uint16_t>(std::min<int64_t>(v, 32767));
+}
+const SoftmaxTables& softmax_tables() {
+  static const SoftmaxTables t = [] {
+    SoftmaxTables s{};
+    for (int i = 0; i < kSmTables; ++i) {
+      const int sh = 14 - (kSmELo + i);  // 10..40
+      for (int j = 0; j < 32; ++j) s.a[i][j] = exp2_neg_q15(shift_round_even(j * kLog2eQ30, sh));
+      for (int k = 0; k < 8; ++k) s.b[i][k] = exp2_neg_q15(shift_round_even(32 * k * kLog2eQ30, sh));
+    }
+    return s;
+  }();
+  return t;
+}
+inline int softmax_table_index(int e) { return std::clamp(e, kSmELo, kSmEHi) - kSmELo; }
+
+// Step 1's t_b from d_b = max(L) - L_b >= 0, sh = 4 - e_top (either sign).
+inline int64_t softmax_t(int64_t d, int sh) {
+  if (sh >= 0) return d >> std::min(sh, 31);
+  const int shl = std::min(-sh, 31);
+  return d > (kTSat >> shl) ? kTSat : (d << shl);
+}
+
+// Step 3's F_b = 2^-t in Q30.
+inline int64_t softmax_factor(int64_t t) {
+  const int64_t g = exp2_neg_q16(static_cast<uint32_t>(t & 0xFFFF)), n = t >> 16;
+  return n <= 14 ? g << (14 - n) : shift_round_even(g, static_cast<int>(std::min<int64_t>(n - 14, 62)));
+}
+
+// Step 4's per-block output factor: min((F_b R0) >> 45, 65535), R0 = 2^62 // S.
+inline uint32_t softmax_rb(int64_t f, uint64_t r0) {
+  return static_cast<uint32_t>(std::min<uint64_t>((static_cast<uint64_t>(f) * r0) >> 45, 0xFFFF));
+}
+
+// y = min(255, round_half_even(h, 7)).
+inline uint8_t softmax_out(uint32_t h) {
+  return static_cast<uint8_t>(std::min<uint32_t>((h + 63 + ((h >> 7) & 1u)) >> 7, 255));
+}
+
 struct SoftmaxRow {
   const int8_t* q = nullptr;
   const int16_t* e = nullptr;
   const uint8_t* flags = nullptr;  // nullptr: nothing masked
-  const uint16_t* bits = nullptr;
   const uint8_t* bany = nullptr;
-  const uint32_t* k32 = nullptr;     // per 32-lane step: valid and unmasked lanes
-  const uint32_t* valid32 = nullptr; // per 32-lane step: valid lanes
+  const uint32_t* k32 = nullptr;      // per 32-lane step: valid and unmasked lanes
+  const uint32_t* valid32 = nullptr;  // per 32-lane step: valid lanes
   uint8_t* y = nullptr;
 };
 
-// Steps 1-4 of the reference for one row, literally (scalar).
-BCT_CLONES void softmax_row_portable(const Blocking& bl, const SoftmaxRow& row, uint32_t* ebuf) {
+// Steps 1-4 of the reference for one row, literally (scalar). ebuf: D entries.
+BCT_CLONES void softmax_row_portable(const Blocking& bl, const SoftmaxRow& row, uint16_t* ebuf) {
   const bool masked = row.flags != nullptr;
   auto unmasked = [&](int64_t i) { return !masked || row.flags[i] != 0; };
   auto block_any = [&](int64_t b) { return !masked || row.bany[b] != 0; };
+  const SoftmaxTables& tb = softmax_tables();
   int e_top = INT_MIN;
   for (int64_t b = 0; b < bl.nb; ++b)
     if (block_any(b)) e_top = std::max<int>(e_top, row.e[b]);
@@ -706,210 +816,376 @@ BCT_CLONES void softmax_row_portable(const Blocking& bl, const SoftmaxRow& row, 
     std::memset(row.y, 0, bl.d);
     return;
   }
+  // 1. per block qmax and L; max(L)
   int64_t lmax = INT64_MIN;
   for (int64_t b = 0; b < bl.nb; ++b) {
     if (!block_any(b)) continue;
-    const int64_t c = log2e_coef(e_top - row.e[b]);
+    int qmax = -128;
     for (int64_t i = b * bl.b; i < std::min(bl.d, (b + 1) * bl.b); ++i)
-      if (unmasked(i)) lmax = std::max<int64_t>(lmax, row.q[i] * c);
+      if (unmasked(i)) qmax = std::max<int>(qmax, row.q[i]);
+    lmax = std::max<int64_t>(lmax, qmax * int64_t{log2e_coef(e_top - row.e[b])});
   }
-  const int sh = 4 - e_top;  // P - 16
+  const int sh = 4 - e_top;
   uint64_t s = 0;
   for (int64_t b = 0; b < bl.nb; ++b) {
-    const int64_t c = block_any(b) ? log2e_coef(e_top - row.e[b]) : 0;
-    for (int64_t i = b * bl.b; i < std::min(bl.d, (b + 1) * bl.b); ++i) {
+    const int64_t end = std::min(bl.d, (b + 1) * bl.b);
+    if (!block_any(b)) {
+      for (int64_t i = b * bl.b; i < end; ++i) ebuf[i] = 0;
+      continue;
+    }
+    int qmax = -128;
+    for (int64_t i = b * bl.b; i < end; ++i)
+      if (unmasked(i)) qmax = std::max<int>(qmax, row.q[i]);
+    // 2. E per element, the block's sum
+    const int ti = softmax_table_index(row.e[b]);
+    int64_t sb = 0;
+    for (int64_t i = b * bl.b; i < end; ++i) {
       if (!unmasked(i)) {
         ebuf[i] = 0;
         continue;
       }
-      const int64_t d = lmax - row.q[i] * c;  // >= 0
-      int64_t t;
-      if (sh >= 0) {
-        t = d >> std::min(sh, 31);
-      } else {
-        const int shl = std::min(-sh, 31);
-        t = d > (kTSat >> shl) ? kTSat : (d << shl);
-      }
-      const int64_t n = t >> 16;
-      const uint32_t g = exp2_neg_q16(static_cast<uint32_t>(t & 0xFFFF));
-      ebuf[i] = n < 32 ? (g << 16) >> n : 0;
-      s += ebuf[i] >> 8;
+      const int d = qmax - row.q[i];  // 0..255
+      ebuf[i] = static_cast<uint16_t>((uint32_t{tb.a[ti][d & 31]} * tb.b[ti][d >> 5] + (1u << 14)) >> 15);
+      sb += ebuf[i];
     }
+    // 3. the block factor, the sum
+    const int64_t t = softmax_t(lmax - qmax * int64_t{log2e_coef(e_top - row.e[b])}, sh);
+    s += static_cast<uint64_t>((softmax_factor(t) * sb) >> 14);
   }
-  const uint32_t rr = static_cast<uint32_t>(std::min<uint64_t>((uint64_t{1} << 40) / s, 0xFFFF));
-  for (int64_t i = 0; i < bl.d; ++i) {
-    const uint32_t h = ((ebuf[i] >> 16) * rr) >> 16;
-    const uint32_t p = (h + 127 + ((h >> 8) & 1u)) >> 8;
-    row.y[i] = static_cast<uint8_t>(std::min<uint32_t>(p, 255));
+  // 4. normalization
+  const uint64_t r0 = (uint64_t{1} << 62) / s;
+  for (int64_t b = 0; b < bl.nb; ++b) {
+    const int64_t end = std::min(bl.d, (b + 1) * bl.b);
+    uint32_t rb = 0;
+    if (block_any(b)) {
+      int qmax = -128;
+      for (int64_t i = b * bl.b; i < end; ++i)
+        if (unmasked(i)) qmax = std::max<int>(qmax, row.q[i]);
+      rb = softmax_rb(softmax_factor(softmax_t(lmax - qmax * int64_t{log2e_coef(e_top - row.e[b])}, sh)), r0);
+    }
+    for (int64_t i = b * bl.b; i < end; ++i) row.y[i] = softmax_out((uint32_t{ebuf[i]} * rb) >> 16);
   }
 }
 
 #if BCT_X86
-// Word permutations (vpermt2w indices): kIdxF gathers the low words (f) of two dword vectors
-// so that unpacklo/hi_epi16(0, .) give back dwords in the order of the first / second vector;
-// kIdxHi gathers the high words of two dword vectors in element order.
-struct WordIdx {
-  alignas(64) uint16_t f[32];
-  alignas(64) uint16_t hi[32];
-};
-constexpr WordIdx kWordIdx = [] {
-  WordIdx w{};
-  for (int j = 0; j < 4; ++j)
-    for (int i = 0; i < 4; ++i) {
-      w.f[8 * j + i] = static_cast<uint16_t>(2 * (4 * j + i));
-      w.f[8 * j + 4 + i] = static_cast<uint16_t>(32 + 2 * (4 * j + i));
-    }
-  for (int k = 0; k < 16; ++k) {
-    w.hi[k] = static_cast<uint16_t>(2 * k + 1);
-    w.hi[16 + k] = static_cast<uint16_t>(32 + 2 * k + 1);
-  }
-  return w;
-}();
-
-// softmax_rows_avx512's per-thread buffers (a thread-local lookup is a call in a shared library:
-// one per kernel call).
 struct SoftmaxBuffers {
-  std::vector<int32_t> lbuf, c16;
-  std::vector<uint16_t> wbuf;
-  std::vector<uint32_t> ebuf;
+  std::vector<uint16_t> wbuf;  // E of the tile's rows, steps * 32 words each
+  std::vector<int32_t> bsum;   // [block][row of tile][16 lanes]: partial sums of E
+  std::vector<int8_t> qmax16;  // [block][row][16 bytes]: per-lane maxima
+  std::vector<int32_t> eb, qm, fq30;  // [block][row]: exponent, qmax, F_b (Q30)
+  std::vector<uint16_t> rb;    // [block][row]: R_b
+  std::vector<uint16_t> bany;  // per block: bit i = the tile's row i has an unmasked element there
+  std::vector<uint16_t> ebuf;  // the portable row's E
 };
 SoftmaxBuffers& softmax_buffers() {
   thread_local SoftmaxBuffers b;
   return b;
 }
 
-// Step 4 for one row on 32 lanes: y = min(255, round_half_even(((E >> 16) * R) >> 16, 8)).
+constexpr int64_t kSmTile = 16;  // rows per tile: the per-block constants run with rows in lanes
+
+// Bits 0, 2, ..., 14 of m as bits 0..7.
+inline __mmask8 even_bits(uint32_t m) {
+  m &= 0x5555u;
+  m = (m | (m >> 1)) & 0x3333u;
+  m = (m | (m >> 2)) & 0x0F0Fu;
+  return static_cast<__mmask8>((m | (m >> 4)) & 0xFFu);
+}
+
+// floor(2^62 / S) per 64-bit lane (S in [2^30, 2^53), lanes outside k: 0): the double quotient
+// (S is exact in a double; the rounded quotient < 2^32 is within 2^-20 of the exact one), then
+// exact integer corrections of +-1.
+BCT_AVX512 __attribute__((always_inline)) inline __m512i softmax_r0(__m512i s, __mmask8 k) {
+  s = _mm512_mask_mov_epi64(_mm512_set1_epi64(1), k, s);
+  const __m512i two62 = _mm512_set1_epi64(int64_t{1} << 62);
+  __m512i q = _mm512_cvttpd_epu64(_mm512_div_pd(_mm512_set1_pd(4611686018427387904.0), _mm512_cvtepu64_pd(s)));
+  q = _mm512_mask_sub_epi64(q, _mm512_cmpgt_epu64_mask(_mm512_mullo_epi64(q, s), two62), q, _mm512_set1_epi64(1));
+  const __m512i q1 = _mm512_add_epi64(q, _mm512_set1_epi64(1));
+  q = _mm512_mask_mov_epi64(q, _mm512_cmple_epu64_mask(_mm512_mullo_epi64(q1, s), two62), q1);
+  return _mm512_maskz_mov_epi64(k, q);
+}
+
+// F = 2^-t in Q30 per int32 lane (ref step 3), t >= 0.
+BCT_AVX512 __attribute__((always_inline)) inline __m512i softmax_factor16(__m512i t) {
+  const __m512i f = _mm512_and_si512(t, _mm512_set1_epi32(0xFFFF));
+  __m512i a = _mm512_sub_epi32(_mm512_set1_epi32(kC3), _mm512_srli_epi32(_mm512_mullo_epi32(f, _mm512_set1_epi32(kC4)), 16));
+  a = _mm512_sub_epi32(_mm512_set1_epi32(kC2), _mm512_srli_epi32(_mm512_mullo_epi32(f, a), 16));
+  a = _mm512_sub_epi32(_mm512_set1_epi32(kC1), _mm512_srli_epi32(_mm512_mullo_epi32(f, a), 16));
+  const __m512i g = _mm512_sub_epi32(_mm512_set1_epi32(kC0), _mm512_srli_epi32(_mm512_mullo_epi32(f, a), 16));
+  const __m512i n = _mm512_srli_epi32(t, 16);
+  const __m512i c14 = _mm512_set1_epi32(14), one = _mm512_set1_epi32(1);
+  const __m512i up = _mm512_sllv_epi32(g, _mm512_max_epi32(_mm512_sub_epi32(c14, n), _mm512_setzero_si512()));
+  // n > 14: round_half_even(g / 2^(n - 14)); g < 2^16, so from n - 14 = 17 on the result is 0
+  const __m512i k = _mm512_min_epi32(_mm512_sub_epi32(n, c14), _mm512_set1_epi32(17));
+  const __m512i odd = _mm512_and_si512(_mm512_srlv_epi32(g, k), one);
+  const __m512i bias = _mm512_sub_epi32(_mm512_sllv_epi32(one, _mm512_sub_epi32(k, one)), one);
+  const __m512i down = _mm512_srlv_epi32(_mm512_add_epi32(_mm512_add_epi32(g, bias), odd), k);
+  return _mm512_mask_blend_epi32(_mm512_cmple_epi32_mask(n, c14), down, up);
+}
+
+// Step 4 for one row on 32 lanes: y = min(255, round_half_even((E R_b) >> 16, 7)). rb: the
+// row's per-block factors, `stride` apart; cpb: 16-lane chunks per block.
+BCT_AVX512 __attribute__((always_inline)) inline __m256i softmax_out32(__m512i e, __m512i vr) {
+  const __m512i h = _mm512_mulhi_epu16(e, vr);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi16(h, 7), _mm512_set1_epi16(1));
+  return _mm512_cvtusepi16_epi8(_mm512_srli_epi16(_mm512_add_epi16(_mm512_add_epi16(h, _mm512_set1_epi16(63)), odd), 7));
+}
+template <int kCpb>
 BCT_AVX512 __attribute__((always_inline)) inline void softmax_normalize_avx512(
-    const uint16_t* w, uint32_t rr, const uint32_t* valid32, int64_t steps, uint8_t* y) {
-  const __m512i vr = _mm512_set1_epi16(static_cast<int16_t>(rr));
-  const __m512i bias = _mm512_set1_epi16(127);
-  const __m512i one16 = _mm512_set1_epi16(1);
-  for (int64_t st = 0; st < steps; ++st) {
-    const __m512i h = _mm512_mulhi_epu16(_mm512_loadu_si512(w + st * 32), vr);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi16(h, 8), one16);
-    const __m512i p = _mm512_srli_epi16(_mm512_adds_epu16(_mm512_adds_epu16(h, bias), odd), 8);
-    _mm256_mask_storeu_epi8(y + st * 32, valid32[st], _mm512_cvtepi16_epi8(p));
+    const uint16_t* w, const uint16_t* rb, int64_t stride, int64_t nb, int64_t cpb,
+    const uint32_t* valid32, int64_t steps, uint8_t* y) {
+  if (kCpb) {  // whole steps per block (kCpb even)
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m512i vr = _mm512_set1_epi16(static_cast<int16_t>(rb[b * stride]));
+      for (int64_t j = 0; j < kCpb / 2; ++j) {
+        const int64_t st = b * (kCpb / 2) + j;
+        if (st >= steps) break;  // the last block may be partial
+        _mm256_mask_storeu_epi8(y + st * 32, valid32[st], softmax_out32(_mm512_loadu_si512(w + st * 32), vr));
+      }
+    }
+    return;
+  }
+  for (int64_t st = 0, c = 0, b = 0, left = cpb; st < steps; ++st) {
+    // the blocks of the step's two 16-lane chunks (the second may be past the row: no lanes)
+    const int64_t b0 = b;
+    if (--left == 0) b += 1, left = cpb;
+    const int64_t b1 = std::min(nb - 1, b);
+    if (--left == 0) b += 1, left = cpb;
+    c += 2;
+    const __m512i vr = _mm512_mask_blend_epi16(0xFFFF0000u, _mm512_set1_epi16(static_cast<int16_t>(rb[b0 * stride])),
+                                               _mm512_set1_epi16(static_cast<int16_t>(rb[b1 * stride])));
+    _mm256_mask_storeu_epi8(y + st * 32, valid32[st], softmax_out32(_mm512_loadu_si512(w + st * 32), vr));
   }
 }
 
 // Steps 1-4 with AVX-512 for block sizes that are multiples of 16 (a 16-lane chunk never
-// straddles two blocks), 32 elements per step. Step 4 of a row runs after steps 1-3 of the
-// next one, so the row's division is off the critical path.
+// straddles two blocks), in tiles of 16 rows: per row the block maxima and the per-element
+// step 2 (32 elements per step: two table lookups and vpmulhrsw); per tile the per-block
+// constants (exponents, L, t, F, the sums, R_b) with the tile's rows in the 16 lanes, so the
+// long scalar-like chains of one row overlap with those of 15 others; then per row step 4.
+// kCpb: the block's 16-lane chunks, 2, 4 or 8 (compile-time: the short per-block loops unroll);
+// 0: any multiple of 16.
+template <int kCpb>
 BCT_AVX512 void softmax_rows_avx512(const Blocking& bl, const int8_t* x, const int16_t* ex,
                                     const MaskRows& mr, uint8_t* y, int64_t r0, int64_t r1) {
-  const int64_t d = bl.d, nb = bl.nb, steps = mr.steps, cpb = bl.b / 16;
+  const int64_t d = bl.d, nb = bl.nb, steps = mr.steps, cpb = kCpb ? kCpb : bl.b / 16;
+  const int64_t nbq = (nb + 3) / 4 * 4;  // qmax16 rows are reduced 4 at a time
   SoftmaxBuffers& buf = softmax_buffers();  // one thread-local lookup per call
-  int32_t* lbuf = grow(buf.lbuf, steps * 32);
-  int32_t* c16 = grow(buf.c16, steps * 2);
-  uint16_t* wbuf = grow(buf.wbuf, steps * 64);
-  uint32_t* ebuf = grow(buf.ebuf, d);
-  const __m512i idx_f = _mm512_load_si512(kWordIdx.f);
-  const __m512i idx_hi = _mm512_load_si512(kWordIdx.hi);
-  const __m512i c0v = _mm512_set1_epi16(static_cast<int16_t>(kC0));
-  const __m512i c1v = _mm512_set1_epi16(static_cast<int16_t>(kC1));
-  const __m512i c2v = _mm512_set1_epi16(static_cast<int16_t>(kC2));
-  const __m512i c3v = _mm512_set1_epi16(static_cast<int16_t>(kC3));
-  const __m512i c4v = _mm512_set1_epi16(static_cast<int16_t>(kC4));
-  const __m512i zero = _mm512_setzero_si512();
-  const __m512i lowest = _mm512_set1_epi32(INT_MIN);
-  int64_t prev = -1;  // row waiting for step 4, its R and its wbuf slot (slot ^ 1)
-  uint32_t prev_rr = 0;
-  int slot = 0;
-  for (int64_t r = r0; r < r1; ++r) {
-    SoftmaxRow row;
-    row.q = x + r * d;
-    row.e = ex + r * nb;
-    row.y = y + r * d;
-    row.valid32 = mr.valid32.data();
-    row.k32 = mr.valid32.data();
-    if (mr.present) {
-      const int64_t m = mr.row_of.empty() ? 0 : mr.row_of[r];
-      if (!mr.row_any[m]) {  // fully masked row
-        std::memset(row.y, 0, d);
+  uint16_t* wbuf = grow(buf.wbuf, kSmTile * steps * 32);
+  int32_t* bsum = grow(buf.bsum, nb * kSmTile * 16);
+  int8_t* qmax16 = grow(buf.qmax16, nbq * kSmTile * 16);
+  int32_t* eb = grow(buf.eb, nb * kSmTile);
+  int32_t* qm = grow(buf.qm, nbq * kSmTile);
+  int32_t* fq30 = grow(buf.fq30, nb * kSmTile);
+  uint16_t* rbuf = grow(buf.rb, nb * kSmTile);
+  uint16_t* ebuf = grow(buf.ebuf, d);
+  const SoftmaxTables& tabs = softmax_tables();
+  const __m512i inv = _mm512_load_si512(tree_inverse().inv);
+  const __m512i ones16 = _mm512_set1_epi16(1);
+  const __m512i lane_hi = _mm512_maskz_set1_epi16(0xFFFF0000u, 32);  // upper 16 lanes: 2nd table
+  const __m128i neg128 = _mm_set1_epi8(-128);
+  const bool pair = cpb % 2 != 0;  // 32-lane steps that span two blocks
+  const __m512i gidx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                          _mm512_set1_epi32(static_cast<int32_t>(2 * nb)));
+  uint16_t* bany = grow(buf.bany, nb);
+  SoftmaxRow rows[kSmTile];
+  for (int64_t t0 = r0; t0 < r1; t0 += kSmTile) {
+    const int64_t nt = std::min(kSmTile, r1 - t0);
+    uint32_t live = 0;  // rows with an unmasked element
+    for (int64_t i = 0; i < nt; ++i) {
+      SoftmaxRow& row = rows[i];
+      const int64_t r = t0 + i;
+      row.q = x + r * d;
+      row.e = ex + r * nb;
+      row.y = y + r * d;
+      row.valid32 = mr.valid32.data();
+      row.k32 = mr.valid32.data();
+      row.flags = nullptr;
+      row.bany = nullptr;
+      if (mr.present) {
+        const int64_t m = mr.row_of.empty() ? 0 : mr.row_of[r];
+        if (!mr.row_any[m]) {  // fully masked row
+          std::memset(row.y, 0, d);
+          continue;
+        }
+        row.flags = mr.flags.data() + m * mr.padded;
+        row.bany = mr.block_any.data() + m * nb;
+        row.k32 = mr.k32.data() + m * steps;
+      }
+      live |= 1u << i;
+    }
+    // the tile's exponents per block, rows in lanes (dword gathers of the int16 exponents:
+    // the buffer has 16 spare entries after the last row)
+    const int16_t* et = ex + t0 * nb;
+    const __mmask16 tile_rows = static_cast<__mmask16>((1u << nt) - 1u);
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), tile_rows, gidx, et + b, 1);
+      _mm512_storeu_si512(eb + b * kSmTile, _mm512_srai_epi32(_mm512_slli_epi32(g, 16), 16));
+    }
+    bool shared = true;  // every live row reads the same mask row (BERT: the heads and queries)
+    const uint8_t* bany0 = live ? rows[__builtin_ctz(live)].bany : nullptr;
+    for (int64_t i = 0; i < nt; ++i) shared = shared && (!(live >> i & 1u) || rows[i].bany == bany0);
+    for (int64_t b = 0; b < nb; ++b) {
+      uint32_t m = 0;
+      if (shared) {
+        m = !bany0 || bany0[b] ? live : 0;
+      } else {
+        for (int64_t i = 0; i < nt; ++i)
+          m |= static_cast<uint32_t>((live >> i & 1u) && (!rows[i].bany || rows[i].bany[b])) << i;
+      }
+      bany[b] = static_cast<uint16_t>(m);
+    }
+    // 1. qmax per (block, row): per-lane maxima of the block's chunks, then 4 at a time
+    for (int64_t i = 0; i < nt; ++i) {
+      if (!(live >> i & 1u)) continue;
+      const SoftmaxRow& row = rows[i];
+      if (kCpb) {  // whole 32-lane steps per block
+        const __m256i neg = _mm256_set1_epi8(-128);
+        for (int64_t b = 0; b < nb; ++b) {
+          __m256i m = neg;
+          for (int64_t j = 0; j < kCpb / 2; ++j) {
+            const int64_t st = b * (kCpb / 2) + j;
+            if (st >= steps) break;  // the last block may be partial
+            m = _mm256_max_epi8(m, _mm256_mask_loadu_epi8(neg, row.k32[st], row.q + st * 32));
+          }
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(qmax16 + (b * kSmTile + i) * 16),
+                           _mm_max_epi8(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1)));
+        }
         continue;
       }
-      row.flags = mr.flags.data() + m * mr.padded;
-      row.bits = mr.bits.data() + m * mr.padded / 16;
-      row.bany = mr.block_any.data() + m * nb;
-      row.k32 = mr.k32.data() + m * steps;
-    }
-    int e_top = INT_MIN;
-    for (int64_t b = 0; b < nb; ++b)
-      if (!row.bany || row.bany[b]) e_top = std::max<int>(e_top, row.e[b]);
-    const int sh = 4 - e_top;
-    if (sh < 0) {  // huge scores (> 2^12): rare, portable
-      softmax_row_portable(bl, row, ebuf);
-      continue;
-    }
-    for (int64_t b = 0, j = 0; b < nb; ++b) {
-      const int32_t c = !row.bany || row.bany[b] ? log2e_coef(e_top - row.e[b]) : 0;
-      for (int64_t i = 0; i < cpb && j < steps * 2; ++i) c16[j++] = c;
-    }
-    if (steps * 2 > nb * cpb) c16[steps * 2 - 1] = 0;  // odd number of 16-lane chunks
-    // 1. L = q c_b and its max over unmasked lanes
-    __m512i vmax = lowest;
-    for (int64_t st = 0; st < steps; ++st) {
-      const uint32_t kk = row.k32[st];
-      const __m256i qq = _mm256_maskz_loadu_epi8(kk, row.q + st * 32);
-      const __m512i l0 = _mm512_mullo_epi32(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(qq)),
-                                            _mm512_set1_epi32(c16[2 * st]));
-      const __m512i l1 = _mm512_mullo_epi32(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(qq, 1)),
-                                            _mm512_set1_epi32(c16[2 * st + 1]));
-      vmax = _mm512_mask_max_epi32(vmax, static_cast<__mmask16>(kk), vmax, l0);
-      vmax = _mm512_mask_max_epi32(vmax, static_cast<__mmask16>(kk >> 16), vmax, l1);
-      _mm512_storeu_si512(lbuf + st * 32, l0);
-      _mm512_storeu_si512(lbuf + st * 32 + 16, l1);
-    }
-    const __m512i vlmax = _mm512_set1_epi32(_mm512_reduce_max_epi32(vmax));
-    // 2.-3. t = (lmax - L) >> sh; g = 65535 - f (C1 - f (...)) on 16-bit lanes; E = (g << 16) >> n
-    const __m512i vsh = _mm512_set1_epi32(std::min(sh, 31));
-    uint16_t* w = wbuf + slot * steps * 32;
-    __m512i acc32 = zero, acc64 = zero;
-    for (int64_t st0 = 0; st0 < steps; st0 += 120) {  // each lane grows by < 2^25 per step
-      const int64_t st1 = std::min(steps, st0 + 120);
-      for (int64_t st = st0; st < st1; ++st) {
-        const uint32_t kk = row.k32[st];
-        const __mmask16 k0 = static_cast<__mmask16>(kk), k1 = static_cast<__mmask16>(kk >> 16);
-        const __m512i t0 = _mm512_maskz_srav_epi32(
-            k0, _mm512_sub_epi32(vlmax, _mm512_loadu_si512(lbuf + st * 32)), vsh);
-        const __m512i t1 = _mm512_maskz_srav_epi32(
-            k1, _mm512_sub_epi32(vlmax, _mm512_loadu_si512(lbuf + st * 32 + 16)), vsh);
-        const __m512i f = _mm512_permutex2var_epi16(t0, idx_f, t1);
-        __m512i a = _mm512_sub_epi16(c3v, _mm512_mulhi_epu16(f, c4v));
-        a = _mm512_sub_epi16(c2v, _mm512_mulhi_epu16(f, a));
-        a = _mm512_sub_epi16(c1v, _mm512_mulhi_epu16(f, a));
-        const __m512i g = _mm512_sub_epi16(c0v, _mm512_mulhi_epu16(f, a));
-        const __m512i e0 = _mm512_maskz_srlv_epi32(k0, _mm512_unpacklo_epi16(zero, g), _mm512_srli_epi32(t0, 16));
-        const __m512i e1 = _mm512_maskz_srlv_epi32(k1, _mm512_unpackhi_epi16(zero, g), _mm512_srli_epi32(t1, 16));
-        _mm512_storeu_si512(w + st * 32, _mm512_permutex2var_epi16(e0, idx_hi, e1));
-        acc32 = _mm512_add_epi32(acc32, _mm512_add_epi32(_mm512_srli_epi32(e0, 8), _mm512_srli_epi32(e1, 8)));
+      const uint16_t* bits = row.flags ? mr.bits.data() + (row.flags - mr.flags.data()) / 16 : nullptr;
+      for (int64_t b = 0, c = 0; b < nb; ++b) {
+        __m128i m = neg128;
+        for (int64_t j = 0; j < cpb; ++j, ++c) {
+          const __mmask16 k = static_cast<__mmask16>(bits ? (bits[c] & lanes16(c * 16, d)) : lanes16(c * 16, d));
+          m = _mm_max_epi8(m, _mm_mask_loadu_epi8(neg128, k, row.q + c * 16));
+        }
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(qmax16 + (b * kSmTile + i) * 16), m);
       }
-      acc64 = _mm512_add_epi64(acc64, _mm512_cvtepu32_epi64(_mm512_castsi512_si256(acc32)));
-      acc64 = _mm512_add_epi64(acc64, _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(acc32, 1)));
-      acc32 = zero;
     }
-    const uint64_t s = static_cast<uint64_t>(_mm512_reduce_add_epi64(acc64));
-    const uint32_t rr = static_cast<uint32_t>(std::min<uint64_t>((uint64_t{1} << 40) / s, 0xFFFF));
-    if (prev >= 0)
-      softmax_normalize_avx512(wbuf + (slot ^ 1) * steps * 32, prev_rr,
-                               mr.valid32.data(), steps, y + prev * d);
-    prev = r;
-    prev_rr = rr;
-    slot ^= 1;
+    for (int64_t j = 0; j < nb * kSmTile; j += 4) {
+      __m512i v = _mm512_loadu_si512(qmax16 + j * 16);
+      v = _mm512_max_epi8(v, _mm512_bsrli_epi128(v, 8));
+      v = _mm512_max_epi8(v, _mm512_bsrli_epi128(v, 4));
+      v = _mm512_max_epi8(v, _mm512_bsrli_epi128(v, 2));
+      v = _mm512_max_epi8(v, _mm512_bsrli_epi128(v, 1));
+      const __m128i sel = _mm512_castsi512_si128(_mm512_maskz_compress_epi32(0x1111, v));  // bytes 0, 16, 32, 48
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(qm + j), _mm_srai_epi32(_mm_slli_epi32(sel, 24), 24));
+    }
+    // 1. e_top, L_b = qmax_b c_b, max L, t_b; 3. F_b (rows in lanes)
+    __m512i vtop = _mm512_set1_epi32(INT_MIN);
+    for (int64_t b = 0; b < nb; ++b)
+      vtop = _mm512_mask_max_epi32(vtop, bany[b], vtop, _mm512_loadu_si512(eb + b * kSmTile));
+    const __m512i vsh = _mm512_sub_epi32(_mm512_set1_epi32(4), vtop);
+    // rows with huge scores (> 2^12, sh < 0): the portable row, rare
+    const uint32_t huge = _mm512_mask_cmplt_epi32_mask(static_cast<__mmask16>(live), vsh, _mm512_setzero_si512());
+    const uint32_t vec = live & ~huge;
+    __m512i vl = _mm512_set1_epi32(INT_MIN);
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m512i delta = _mm512_min_epu32(_mm512_sub_epi32(vtop, _mm512_loadu_si512(eb + b * kSmTile)), _mm512_set1_epi32(31));
+      const __m512i c = _mm512_permutex2var_epi32(_mm512_load_si512(kLog2eCoef.c), delta, _mm512_load_si512(kLog2eCoef.c + 16));
+      const __m512i l = _mm512_mullo_epi32(_mm512_loadu_si512(qm + b * kSmTile), c);
+      vl = _mm512_mask_max_epi32(vl, bany[b], vl, l);
+      _mm512_storeu_si512(fq30 + b * kSmTile, l);  // L for now
+    }
+    const __m512i vshc = _mm512_min_epi32(_mm512_max_epi32(vsh, _mm512_setzero_si512()), _mm512_set1_epi32(31));
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m512i t = _mm512_srav_epi32(_mm512_sub_epi32(vl, _mm512_loadu_si512(fq30 + b * kSmTile)), vshc);
+      _mm512_storeu_si512(fq30 + b * kSmTile, _mm512_maskz_mov_epi32(bany[b] & vec, softmax_factor16(t)));
+    }
+    // 2. E per element, per (block, row) partial sums (rows without: zeros)
+    for (int64_t i = 0; i < kSmTile; ++i) {
+      if (pair || !(vec >> i & 1u))
+        for (int64_t b = 0; b < nb; ++b) std::memset(bsum + (b * kSmTile + i) * 16, 0, 64);
+      if (!(vec >> i & 1u)) continue;
+      const SoftmaxRow& row = rows[i];
+      uint16_t* w = wbuf + i * steps * 32;
+      if (!pair) {
+        for (int64_t b = 0, st = 0; b < nb; ++b) {
+          const int ti = softmax_table_index(row.e[b]);
+          const __m512i ta = _mm512_load_si512(tabs.a[ti]), tb = _mm512_load_si512(tabs.b[ti]);
+          const __m512i qv = _mm512_set1_epi16(static_cast<int16_t>(qm[b * kSmTile + i]));
+          __m512i acc = _mm512_setzero_si512();
+          for (int64_t j = 0; j < (kCpb ? kCpb / 2 : cpb / 2) && st < steps; ++j, ++st) {
+            const __mmask32 k = row.k32[st];
+            const __m512i q = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(k, row.q + st * 32));
+            const __m512i dq = _mm512_sub_epi16(qv, q);
+            const __m512i a = _mm512_permutexvar_epi16(dq, ta);
+            const __m512i bb = _mm512_permutexvar_epi16(_mm512_srli_epi16(dq, 5), tb);
+            const __m512i e = _mm512_maskz_mulhrs_epi16(k, a, bb);
+            _mm512_storeu_si512(w + st * 32, e);
+            acc = _mm512_add_epi32(acc, _mm512_madd_epi16(e, ones16));
+          }
+          _mm512_storeu_si512(bsum + (b * kSmTile + i) * 16, acc);
+        }
+      } else {  // blocks of 16, 48, ...: a step's lower and upper 16 lanes may be two blocks
+        for (int64_t st = 0; st < steps; ++st) {
+          const int64_t b0 = (2 * st) / cpb, b1 = std::min(nb - 1, (2 * st + 1) / cpb);
+          const int t0i = softmax_table_index(row.e[b0]), t1i = softmax_table_index(row.e[b1]);
+          const __mmask32 k = row.k32[st];
+          const __m512i qv = _mm512_mask_blend_epi16(0xFFFF0000u, _mm512_set1_epi16(static_cast<int16_t>(qm[b0 * kSmTile + i])),
+                                                     _mm512_set1_epi16(static_cast<int16_t>(qm[b1 * kSmTile + i])));
+          const __m512i q = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(k, row.q + st * 32));
+          const __m512i dq = _mm512_sub_epi16(qv, q);
+          // indices into the pair of tables: + 32 in the upper 16 lanes (the second block's)
+          const __m512i ja = _mm512_or_si512(_mm512_and_si512(dq, _mm512_set1_epi16(31)), lane_hi);
+          const __m512i jb = _mm512_or_si512(_mm512_srli_epi16(dq, 5), lane_hi);
+          const __m512i a = _mm512_permutex2var_epi16(_mm512_load_si512(tabs.a[t0i]), ja, _mm512_load_si512(tabs.a[t1i]));
+          const __m512i bb = _mm512_permutex2var_epi16(_mm512_load_si512(tabs.b[t0i]), jb, _mm512_load_si512(tabs.b[t1i]));
+          const __m512i e = _mm512_maskz_mulhrs_epi16(k, a, bb);
+          _mm512_storeu_si512(w + st * 32, e);
+          const __m512i s = _mm512_madd_epi16(e, ones16);  // dwords 0-7: chunk 0, 8-15: chunk 1
+          int32_t* s0 = bsum + (b0 * kSmTile + i) * 16;
+          int32_t* s1 = bsum + (b1 * kSmTile + i) * 16;
+          _mm512_storeu_si512(s0, _mm512_mask_add_epi32(_mm512_loadu_si512(s0), 0x00FF, _mm512_loadu_si512(s0), s));
+          _mm512_storeu_si512(s1, _mm512_mask_add_epi32(_mm512_loadu_si512(s1), 0xFF00, _mm512_loadu_si512(s1), s));
+        }
+      }
+    }
+    // 3. S = sum_b (F_b s_b) >> 14 per row (even and odd rows in 64-bit lanes)
+    __m512i se = _mm512_setzero_si512(), so = _mm512_setzero_si512();
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m512i sb = _mm512_permutexvar_epi32(inv, tree16(bsum + b * kSmTile * 16, AddI32{}));
+      const __m512i f = _mm512_loadu_si512(fq30 + b * kSmTile);
+      se = _mm512_add_epi64(se, _mm512_srli_epi64(_mm512_mul_epu32(f, sb), 14));
+      so = _mm512_add_epi64(so, _mm512_srli_epi64(_mm512_mul_epu32(_mm512_srli_epi64(f, 32), _mm512_srli_epi64(sb, 32)), 14));
+    }
+    // 4. R0 = 2^62 // S (< 2^32), R_b = min((F_b R0) >> 45, 65535)
+    const __m512i qe = softmax_r0(se, even_bits(vec));
+    const __m512i qo = softmax_r0(so, even_bits(vec >> 1));
+    const __m512i cap = _mm512_set1_epi64(0xFFFF);
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m512i f = _mm512_loadu_si512(fq30 + b * kSmTile);
+      const __m512i lo = _mm512_min_epu64(_mm512_srli_epi64(_mm512_mul_epu32(f, qe), 45), cap);
+      const __m512i hi = _mm512_min_epu64(_mm512_srli_epi64(_mm512_mul_epu32(_mm512_srli_epi64(f, 32), qo), 45), cap);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(rbuf + b * kSmTile),
+                          _mm512_cvtepi32_epi16(_mm512_or_si512(lo, _mm512_slli_epi64(hi, 32))));
+    }
+    for (int64_t i = 0; i < nt; ++i) {
+      if (vec >> i & 1u)
+        softmax_normalize_avx512<kCpb>(wbuf + i * steps * 32, rbuf + i, kSmTile, nb, cpb, mr.valid32.data(),
+                                       steps, rows[i].y);
+      else if (huge >> i & 1u)
+        softmax_row_portable(bl, rows[i], ebuf);
+    }
   }
-  if (prev >= 0)
-    softmax_normalize_avx512(wbuf + (slot ^ 1) * steps * 32, prev_rr, mr.valid32.data(),
-                             steps, y + prev * d);
 }
 #endif
 
 void softmax_rows(const Blocking& bl, const int8_t* x, const int16_t* ex, const MaskRows& mr,
                   bool fast, uint8_t* y, int64_t r0, int64_t r1) {
 #if BCT_X86
-  if (fast) return softmax_rows_avx512(bl, x, ex, mr, y, r0, r1);
+  if (fast) {
+    switch (bl.b) {  // the preset block sizes with the per-block loops unrolled
+      case 32: return softmax_rows_avx512<2>(bl, x, ex, mr, y, r0, r1);
+      case 64: return softmax_rows_avx512<4>(bl, x, ex, mr, y, r0, r1);
+      case 128: return softmax_rows_avx512<8>(bl, x, ex, mr, y, r0, r1);
+      default: return softmax_rows_avx512<0>(bl, x, ex, mr, y, r0, r1);
+    }
+  }
 #endif
   (void)fast;
-  std::vector<uint32_t> ebuf(static_cast<size_t>(bl.d));
+  std::vector<uint16_t> ebuf(static_cast<size_t>(bl.d));
   for (int64_t r = r0; r < r1; ++r) {
     SoftmaxRow row;
     row.q = x + r * bl.d;
@@ -1061,44 +1337,6 @@ BCT_AVX512 inline __m512i rne_epi32(__m512i v, int k) {
   const __m512i odd = _mm512_and_si512(_mm512_srav_epi32(v, kk), _mm512_set1_epi32(1));
   const __m512i bias = _mm512_set1_epi32((1 << (k - 1)) - 1);
   return _mm512_srav_epi32(_mm512_add_epi32(_mm512_add_epi32(v, bias), odd), kk);
-}
-
-// Unsigned max of each of 16 vectors of 16 dwords; lane j of the result reduces v[order[j]]
-// (a transposed reduction: 45 shuffles/maxes for 16 horizontal reductions; order: below).
-BCT_AVX512CD __attribute__((always_inline)) inline __m512i hmax16(const int32_t* p) {
-  __m512i v[16], x[8], y[4], z[2];
-  for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_si512(p + 16 * i);
-  for (int i = 0; i < 8; ++i)
-    x[i] = _mm512_max_epu32(_mm512_shuffle_i32x4(v[2 * i], v[2 * i + 1], 0x44),
-                            _mm512_shuffle_i32x4(v[2 * i], v[2 * i + 1], 0xEE));
-  for (int i = 0; i < 4; ++i)
-    y[i] = _mm512_max_epu32(_mm512_shuffle_i32x4(x[2 * i], x[2 * i + 1], 0x88),
-                            _mm512_shuffle_i32x4(x[2 * i], x[2 * i + 1], 0xDD));
-  for (int i = 0; i < 2; ++i)
-    z[i] = _mm512_max_epu32(_mm512_unpacklo_epi64(y[2 * i], y[2 * i + 1]),
-                            _mm512_unpackhi_epi64(y[2 * i], y[2 * i + 1]));
-  const __m512 a = _mm512_castsi512_ps(z[0]), b = _mm512_castsi512_ps(z[1]);
-  return _mm512_max_epu32(_mm512_castps_si512(_mm512_shuffle_ps(a, b, 0x88)),
-                          _mm512_castps_si512(_mm512_shuffle_ps(a, b, 0xDD)));
-}
-
-// Lane permutation putting hmax16's result in block order (lane j = max of v[j]); found once by
-// running hmax16 on constant vectors.
-struct TreeInverse {
-  alignas(64) int32_t inv[16];
-};
-BCT_AVX512CD TreeInverse make_tree_inverse() {
-  std::array<int32_t, 256> v;
-  for (int i = 0; i < 256; ++i) v[i] = i / 16;
-  alignas(64) int32_t order[16];
-  _mm512_store_si512(order, hmax16(v.data()));
-  TreeInverse t{};
-  for (int j = 0; j < 16; ++j) t.inv[order[j]] = j;
-  return t;
-}
-const TreeInverse& tree_inverse() {
-  static const TreeInverse t = make_tree_inverse();
-  return t;
 }
 
 // Step 5's re-blocking for 16 blocks at once: exponent e = clamp(g + k, -128, 127) with k the
@@ -1378,7 +1616,7 @@ BCT_AVX512CD void layernorm_rows_avx512(const Blocking& bl, const LnParams& pp, 
       // exponents and scales, 16 blocks at a time; blocks needing the exact scalar path
       uint32_t special = 0;
       for (int64_t gi = 0; gi < ngroups; ++gi) {
-        const __m512i m = _mm512_permutexvar_epi32(inv, hmax16(bmax + gi * 256));
+        const __m512i m = _mm512_permutexvar_epi32(inv, tree16(bmax + gi * 256, MaxU32{}));
         const __m512i g = _mm512_loadu_si512(gpad + gi * 16);
         __m512 scale;
         const __m512i e = reblock_exponents16(m, g, &scale);
