@@ -1241,6 +1241,11 @@ struct LnParams {
   std::vector<int32_t> gamma;  // [nb * B] (zero padded), int32 for the vector loops
   std::vector<int32_t> bterm;  // shift_round_even(beta, g - eb), [nb * B]
   std::vector<int> g, a1;      // per block: output grid, right shift of z * gamma
+  bool any_a1 = false;         // some a1 != 0
+  // the AVX-512 kernel's row layout (B a multiple of 16): per 16-lane chunk its lanes inside
+  // the row and its block; g padded with zeros to whole groups of 16 blocks
+  std::vector<uint16_t> valid;
+  std::vector<int32_t> cblock, gpad;
   uint32_t eps_mant = 0;       // epsilon = eps_mant * 2^eps_ex
   int eps_ex = 0;
 };
@@ -1418,9 +1423,9 @@ struct LnChunks {
 };
 
 BCT_AVX512CD __attribute__((always_inline)) inline void layernorm_prologue_avx512(
-    const Blocking& bl, const int8_t* xr, const int16_t* er, const LnChunks& sc, int8_t* xq,
-    LnRowState* st) {
-  const int64_t h = bl.d, bsz = bl.b, nb = bl.nb, cpb = bsz / 16;
+    const Blocking& bl, int64_t cpb, const int8_t* xr, const int16_t* er, const LnChunks& sc,
+    int8_t* xq, LnRowState* st) {
+  const int64_t h = bl.d, bsz = bl.b, nb = bl.nb;
   int e_max = er[0], e_min = er[0];
   for (int64_t b = 1; b < nb; ++b) {
     e_max = std::max<int>(e_max, er[b]);
@@ -1506,8 +1511,7 @@ BCT_AVX512CD __attribute__((always_inline)) inline void layernorm_prologue_avx51
 
 // layernorm_rows_avx512's per-thread buffers (grown, never shrunk).
 struct LnBuffers {
-  std::vector<int32_t> vbuf, bmax, gpad, kk, kbias, cblock;
-  std::vector<uint16_t> valid;
+  std::vector<int32_t> vbuf, bmax, kk, kbias, kbit;
   std::vector<uint32_t> alpha;
   std::vector<int8_t> xq;
   std::vector<LnRowState> states;
@@ -1520,29 +1524,32 @@ LnBuffers& ln_buffers() {
 // Steps 4-5 of one row up to v: v = round(z gamma, a1) + bterm per chunk into vbuf, and per
 // block 16 lanes of max |v| into bmax; z = (q alpha - beta + 128) >> 8 = (q alpha + vc) >> 8
 // (mod 2^32, exact value in int32 range). kFull: every chunk has 16 lanes (no masks).
-template <bool kFull>
+template <bool kFull, bool kA1>
 BCT_AVX512CD __attribute__((always_inline)) inline void layernorm_steps45(
     int64_t nb, int64_t cpb, const LnParams& pp, const uint32_t* al, const int8_t* xq,
-    const uint16_t* valid, __m512i vc, bool any_a1, int32_t* vbuf, int32_t* bmax) {
+    const uint16_t* valid, __m512i vc, int32_t* vbuf, int32_t* bmax) {
   const __m512i zero = _mm512_setzero_si512();
+  const int32_t* gamma = pp.gamma.data();  // locals: the stores below cannot make them reload
+  const int32_t* bterm = pp.bterm.data();
+  const int* a1s = pp.a1.data();
   for (int64_t b = 0, c = 0; b < nb; ++b) {
     __m512i vm = zero;
-    const int a1 = pp.a1[b];
     const __m512i va = _mm512_set1_epi32(static_cast<int32_t>(al[b]));
     for (int64_t j = 0; j < cpb; ++j, ++c) {
       const __m128i q8 = kFull ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(xq + c * 16))
                                : _mm_maskz_loadu_epi8(valid[c], xq + c * 16);
       const __m512i q = _mm512_cvtepi8_epi32(q8);
       const __m512i z = _mm512_srai_epi32(_mm512_add_epi32(_mm512_mullo_epi32(q, va), vc), kWBits);
-      __m512i zg = _mm512_mullo_epi32(z, _mm512_loadu_si512(pp.gamma.data() + c * 16));
-      if (any_a1) {
+      __m512i zg = _mm512_mullo_epi32(z, _mm512_loadu_si512(gamma + c * 16));
+      if (kA1) {  // some block's beta grid is coarser than z gamma's (rare)
+        const int a1 = a1s[b];
         if (a1 > 30) {
           zg = zero;  // |z gamma| < 2^30
         } else if (a1 > 0) {
           zg = rne_epi32(zg, a1);
         }
       }
-      const __m512i bt = _mm512_loadu_si512(pp.bterm.data() + c * 16);
+      const __m512i bt = _mm512_loadu_si512(bterm + c * 16);
       const __m512i v = kFull ? _mm512_add_epi32(zg, bt) : _mm512_maskz_add_epi32(valid[c], zg, bt);
       _mm512_storeu_si512(vbuf + c * 16, v);
       vm = _mm512_max_epu32(vm, _mm512_abs_epi32(v));
@@ -1554,36 +1561,32 @@ BCT_AVX512CD __attribute__((always_inline)) inline void layernorm_steps45(
 // Steps 1-5 with AVX-512 for block sizes that are multiples of 16 (<= 1024). Steps 1-3 of the
 // next row are issued before steps 4-5 of this one, so the row constants' scalar latency (sqrt,
 // divisions) overlaps with vector work.
+// kCpb: the block's 16-lane chunks, 2, 4 or 8 (compile-time: the short per-block loops unroll);
+// 0: any multiple of 16.
+template <int kCpb>
 BCT_AVX512CD void layernorm_rows_avx512(const Blocking& bl, const LnParams& pp, const int8_t* x,
                                         const int16_t* ex, int8_t* y, float* ys, int64_t r0,
                                         int64_t r1) {
-  const int64_t h = bl.d, bsz = bl.b, nb = bl.nb, cpb = bsz / 16;
+  const int64_t h = bl.d, bsz = bl.b, nb = bl.nb, cpb = kCpb ? kCpb : bsz / 16;
   const int64_t nch = nb * cpb;            // 16-lane chunks (the last ones may be partly empty)
   const int64_t ngroups = (nb + 15) / 16;  // 16 blocks per tree reduction
   // the thread's buffers: one thread-local lookup per call (in a shared library each is a call)
   LnBuffers& buf = ln_buffers();
   int32_t* vbuf = grow(buf.vbuf, nch * 16);
-  uint16_t* valid = grow(buf.valid, nch);
+  const uint16_t* valid = pp.valid.data();
+  const int32_t* gpad = pp.gpad.data();
+  const int32_t* cblock = pp.cblock.data();  // chunk -> block
+  const bool any_a1 = pp.any_a1;
   int32_t* bmax = grow(buf.bmax, ngroups * 256);  // per block 16 lanes
-  int32_t* gpad = grow(buf.gpad, ngroups * 16);
   int32_t* kk = grow(buf.kk, ngroups * 16);
   int32_t* kbias = grow(buf.kbias, ngroups * 16);
-  int32_t* cblock = grow(buf.cblock, nch);  // chunk -> block
+  int32_t* kbit = grow(buf.kbit, ngroups * 16);
   LnRowState* states = grow(buf.states, kLnTile);
   uint32_t* alpha = grow(buf.alpha, kLnTile * nb + 16);
   int8_t* xq = grow(buf.xq, kLnTile * nch * 16);
   std::fill(bmax + nb * 16, bmax + ngroups * 256, 0);
-  std::fill(gpad, gpad + ngroups * 16, 0);
-  for (int64_t c = 0; c < nch; ++c) valid[c] = lanes16(c * 16, h);
-  bool any_a1 = false;
-  for (int64_t b = 0; b < nb; ++b) {
-    any_a1 |= pp.a1[b] != 0;
-    gpad[b] = pp.g[b];
-  }
   const bool all_full = h % bsz == 0;
   const LnChunks sc{valid, all_full};
-  for (int64_t b = 0, c = 0; b < nb; ++b)
-    for (int64_t j = 0; j < cpb; ++j) cblock[c++] = static_cast<int32_t>(b);
   // packs of four chunks: 128-bit lane i holds dword i of chunks 0..3; dword j of the store is
   // chunk j / 4's dword j % 4
   const __m512i unpack4 = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
@@ -1594,7 +1597,7 @@ BCT_AVX512CD void layernorm_rows_avx512(const Blocking& bl, const LnParams& pp, 
   for (int64_t t0 = r0; t0 < r1; t0 += kLnTile) {
     const int64_t t1 = std::min(r1, t0 + kLnTile);
     for (int64_t r = t0; r < t1; ++r)
-      layernorm_prologue_avx512(bl, x + r * h, ex + r * nb, sc, xq + (r - t0) * nch * 16,
+      layernorm_prologue_avx512(bl, cpb, x + r * h, ex + r * nb, sc, xq + (r - t0) * nch * 16,
                                 &states[r - t0]);
     for (int64_t r = t0; r < t1; ++r) {
       LnRowState& st = states[r - t0];
@@ -1609,10 +1612,14 @@ BCT_AVX512CD void layernorm_rows_avx512(const Blocking& bl, const LnParams& pp, 
       // int32 range)
       const __m512i vc = _mm512_set1_epi32(static_cast<int32_t>((1u << (kWBits - 1)) - st.lr.beta32));
       // chunks all full (H a multiple of the block size): no lane masks
-      if (all_full)
-        layernorm_steps45<true>(nb, cpb, pp, al, st.q, valid, vc, any_a1, vbuf, bmax);
+      if (all_full && !any_a1)
+        layernorm_steps45<true, false>(nb, cpb, pp, al, st.q, valid, vc, vbuf, bmax);
+      else if (all_full)
+        layernorm_steps45<true, true>(nb, cpb, pp, al, st.q, valid, vc, vbuf, bmax);
+      else if (!any_a1)
+        layernorm_steps45<false, false>(nb, cpb, pp, al, st.q, valid, vc, vbuf, bmax);
       else
-        layernorm_steps45<false>(nb, cpb, pp, al, st.q, valid, vc, any_a1, vbuf, bmax);
+        layernorm_steps45<false, true>(nb, cpb, pp, al, st.q, valid, vc, vbuf, bmax);
       // exponents and scales, 16 blocks at a time; blocks needing the exact scalar path
       uint32_t special = 0;
       for (int64_t gi = 0; gi < ngroups; ++gi) {
@@ -1628,9 +1635,11 @@ BCT_AVX512CD void layernorm_rows_avx512(const Blocking& bl, const LnParams& pp, 
         _mm512_storeu_si512(kk + gi * 16, k);
         _mm512_storeu_si512(kbias + gi * 16,
                             _mm512_sub_epi32(_mm512_sllv_epi32(one32, _mm512_sub_epi32(k, one32)), one32));
+        _mm512_storeu_si512(kbit + gi * 16, _mm512_sllv_epi32(one32, k));
         _mm512_mask_storeu_ps(ys + r * nb + gi * 16, cnt, scale);
       }
-      // codes: round_half_even(v / 2^k), |.| <= 127 so the saturating pack is exact
+      // codes: round_half_even(v / 2^k) = (v + 2^(k-1) - 1 + bit k of v) >> k, |.| <= 127 so
+      // the saturating pack is exact
       int8_t* yr = y + r * h;
       if (all_full && nch % 4 == 0) {  // four chunks per store: two packs and one permute
         for (int64_t c = 0; c < nch; c += 4) {
@@ -1639,8 +1648,9 @@ BCT_AVX512CD void layernorm_rows_avx512(const Blocking& bl, const LnParams& pp, 
             const int32_t b = cblock[c + u];
             const __m512i vk = _mm512_set1_epi32(kk[b]);
             const __m512i v = _mm512_loadu_si512(vbuf + (c + u) * 16);
-            const __m512i odd = _mm512_and_si512(_mm512_srav_epi32(v, vk), one32);
-            cd[u] = _mm512_srav_epi32(_mm512_add_epi32(_mm512_add_epi32(v, _mm512_set1_epi32(kbias[b])), odd), vk);
+            const __m512i t = _mm512_add_epi32(v, _mm512_set1_epi32(kbias[b]));
+            const __mmask16 odd = _mm512_test_epi32_mask(v, _mm512_set1_epi32(kbit[b]));
+            cd[u] = _mm512_srav_epi32(_mm512_mask_add_epi32(t, odd, t, one32), vk);
           }
           const __m512i p = _mm512_packs_epi16(_mm512_packs_epi32(cd[0], cd[1]), _mm512_packs_epi32(cd[2], cd[3]));
           _mm512_storeu_si512(yr + c * 16, _mm512_permutexvar_epi32(unpack4, p));
@@ -1648,11 +1658,11 @@ BCT_AVX512CD void layernorm_rows_avx512(const Blocking& bl, const LnParams& pp, 
       } else {
         for (int64_t b = 0, c = 0; b < nb; ++b) {
           const __m512i vk = _mm512_set1_epi32(kk[b]);
-          const __m512i bias = _mm512_set1_epi32(kbias[b]);
+          const __m512i bias = _mm512_set1_epi32(kbias[b]), bit = _mm512_set1_epi32(kbit[b]);
           for (int64_t j = 0; j < cpb; ++j, ++c) {
             const __m512i v = _mm512_loadu_si512(vbuf + c * 16);
-            const __m512i odd = _mm512_and_si512(_mm512_srav_epi32(v, vk), one32);
-            const __m512i cd = _mm512_srav_epi32(_mm512_add_epi32(_mm512_add_epi32(v, bias), odd), vk);
+            const __m512i t = _mm512_add_epi32(v, bias);
+            const __m512i cd = _mm512_srav_epi32(_mm512_mask_add_epi32(t, _mm512_test_epi32_mask(v, bit), t, one32), vk);
             _mm_mask_storeu_epi8(yr + c * 16, valid[c], _mm512_cvtsepi32_epi8(cd));
           }
         }
@@ -1747,11 +1757,23 @@ struct IntLayerNormKernel {
       const int g = std::max(eg[b] - kZBits, eb[b] - 23);  // 5.
       pp->g[b] = g;
       pp->a1[b] = g - eg[b] + kZBits;
+      pp->any_a1 |= pp->a1[b] != 0;
       const int64_t n = std::min(bl.b, h - b * bl.b);
       for (int64_t i = 0; i < n; ++i) {
         pp->gamma[b * bl.b + i] = gd[b * bl.b + i];
         pp->bterm[b * bl.b + i] = static_cast<int32_t>(shift_round_even(bd[b * bl.b + i], g - eb[b]));
       }
+    }
+    if (bl.b % 16 == 0) {
+      const int64_t cpb = bl.b / 16, nch = bl.nb * cpb;
+      pp->valid.resize(static_cast<size_t>(nch));
+      pp->cblock.resize(static_cast<size_t>(nch));
+      for (int64_t c = 0; c < nch; ++c) {
+        pp->valid[c] = lanes16(c * 16, h);
+        pp->cblock[c] = static_cast<int32_t>(c / cpb);
+      }
+      pp->gpad.assign(static_cast<size_t>((bl.nb + 15) / 16 * 16), 0);
+      std::copy(pp->g.begin(), pp->g.end(), pp->gpad.begin());
     }
     std::lock_guard<std::mutex> lock(mu);
     key = std::move(k);
@@ -1786,7 +1808,14 @@ struct IntLayerNormKernel {
     const bool fast = simd && cpu_avx512cd() && bl.b % 16 == 0 && bl.b <= 1024;
     parallel_rows(ctx, bl.rows, h * 2, [&](int64_t r0, int64_t r1) {
 #if BCT_X86
-      if (fast) return layernorm_rows_avx512(bl, pp, xi, ex, yo, so, r0, r1);
+      if (fast) {
+        switch (bl.b) {  // the preset block sizes with the per-block loops unrolled
+          case 32: return layernorm_rows_avx512<2>(bl, pp, xi, ex, yo, so, r0, r1);
+          case 64: return layernorm_rows_avx512<4>(bl, pp, xi, ex, yo, so, r0, r1);
+          case 128: return layernorm_rows_avx512<8>(bl, pp, xi, ex, yo, so, r0, r1);
+          default: return layernorm_rows_avx512<0>(bl, pp, xi, ex, yo, so, r0, r1);
+        }
+      }
 #endif
       layernorm_rows_portable(bl, pp, xi, ex, yo, so, r0, r1);
     });
