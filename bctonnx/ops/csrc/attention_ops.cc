@@ -44,7 +44,7 @@ T* Scratch(std::vector<char>& buf, size_t count) {
   return reinterpret_cast<T*>((addr + 63) & ~uintptr_t{63});
 }
 
-struct Dims {
+struct PvDims {
   int64_t m, s, d, nb, block, seg, nseg, dpad, pairs;
   int p_exp;
 };
@@ -58,7 +58,7 @@ struct PreparedV {
 
 // v_row / s_row: elements between consecutive tokens of v and v_scale (D and nb, or h * D and
 // h * nb when the inputs come token-major, v_transposed).
-void PrepareV(const Dims& dm, const int8_t* v, int64_t v_row, const float* vs, int64_t s_row,
+void PrepareV(const PvDims& dm, const int8_t* v, int64_t v_row, const float* vs, int64_t s_row,
               PreparedV* out) {
   thread_local std::vector<int> exps;
   exps.resize(static_cast<size_t>(dm.s * dm.nb));
@@ -93,7 +93,7 @@ struct RowOut {
   float* row(int64_t m) const { return base + m * stride; }
 };
 
-void ScalarHead(const Dims& dm, const uint8_t* p, const PreparedV& pv, const RowOut& out) {
+void ScalarHead(const PvDims& dm, const uint8_t* p, const PreparedV& pv, const RowOut& out) {
   const auto* w16 = reinterpret_cast<const int16_t*>(pv.w);
   for (int64_t m = 0; m < dm.m; ++m) {
     float* y = out.row(m);
@@ -112,7 +112,7 @@ void ScalarHead(const Dims& dm, const uint8_t* p, const PreparedV& pv, const Row
 }
 
 // p rows as dword pairs (p[2t] | p[2t+1] << 16), zero padded to `pairs`.
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void PairRows(const Dims& dm, const uint8_t* p,
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void PairRows(const PvDims& dm, const uint8_t* p,
                                                            int64_t m0, int64_t rows,
                                                            int32_t* out) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -136,7 +136,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void PairRows(const Dims& d
 // MR rows x 2 column vectors (32 columns), one segment loop; cols = valid columns in the
 // 32-wide tile, for the masked store.
 template <int MR>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void Tile(const Dims& dm,
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void Tile(const PvDims& dm,
                                                                  const int32_t* prow,
                                                                  const PreparedV& pv,
                                                                  int64_t j0, int nv,
@@ -179,7 +179,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void Tile(const 
   }
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void Avx512Head(const Dims& dm,
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void Avx512Head(const PvDims& dm,
                                                                        const uint8_t* p,
                                                                        const PreparedV& pv,
                                                                        const RowOut& out) {
@@ -224,7 +224,7 @@ struct AttentionPVKernel {
 
   struct Job {
     const AttentionPVKernel* self;
-    Dims dm;
+    PvDims dm;
     const uint8_t* p;
     const int8_t* v;
     const float* vs;
@@ -245,7 +245,7 @@ struct AttentionPVKernel {
   }
 
   void RunHead(const Job& job, int64_t bh) const {
-    const Dims& dm = job.dm;
+    const PvDims& dm = job.dm;
     thread_local std::vector<char> wbuf, fbuf;
     PreparedV pv{Scratch<int32_t>(wbuf, static_cast<size_t>(dm.pairs * dm.dpad)),
                  Scratch<float>(fbuf, static_cast<size_t>(dm.nseg * dm.dpad))};
@@ -295,7 +295,7 @@ struct AttentionPVKernel {
       Fail("transpose_output and v_transposed need rank-4 inputs");
     Job job;
     job.self = this;
-    Dims& dm = job.dm;
+    PvDims& dm = job.dm;
     dm.m = psh[rank - 2];
     dm.s = psh.back();
     dm.d = vsh.back();
