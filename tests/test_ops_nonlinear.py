@@ -15,7 +15,7 @@ import os
 import numpy as np
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from bctonnx import runtime
 from bctonnx.blockformat import BlockFormat, quantize
@@ -611,6 +611,70 @@ def test_block_sizes_not_multiple_of_16(lib, b):
     assert_same(
         run_ln(lib, x, s, g, gs, bt, bs, b, 1e-5), R.int_layernorm(x, s, g, gs, bt, bs, b, 1e-5)
     )
+
+
+def _ln_with_constants(lib, g, gs, bt, bs, b, eps, simd):
+    """An IntLayerNorm session with gamma/beta and their scales as initializers (the kernel
+    reads, checks and converts them once, at session creation)."""
+    f32, i8 = TensorProto.FLOAT, TensorProto.INT8
+    node = helper.make_node(
+        "IntLayerNorm",
+        ["x", "s", "g", "gs", "b", "bs"],
+        ["y", "ys"],
+        domain="bctonnx",
+        block_size=b,
+        epsilon=eps,
+        simd=simd,
+    )
+    inits = [
+        numpy_helper.from_array(a, n) for a, n in ((g, "g"), (gs, "gs"), (bt, "b"), (bs, "bs"))
+    ]
+    graph = helper.make_graph(
+        [node],
+        "ln",
+        [
+            helper.make_tensor_value_info("x", i8, None),
+            helper.make_tensor_value_info("s", f32, None),
+        ],
+        [
+            helper.make_tensor_value_info("y", i8, None),
+            helper.make_tensor_value_info("ys", f32, None),
+        ],
+        inits,
+    )
+    m = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("bctonnx", 1)],
+        ir_version=10,
+    )
+    so = ort.SessionOptions()
+    so.register_custom_ops_library(lib)
+    so.log_severity_level = 3
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("simd", SIMD)
+@pytest.mark.parametrize("b", [16, 32, 128])
+def test_layernorm_constant_gamma_beta_path(lib, b, simd):
+    """Initializer gamma/beta (converted once per session) give the reference's bits; an x of
+    another H, or a gamma scale that is not a power of two, is still reported at run time."""
+    rng = np.random.default_rng(800 + b + simd)
+    d = 3 * b + 7
+    g, gs, bt, bs = gamma_beta(rng, d, b)
+    sess = _ln_with_constants(lib, g, gs, bt, bs, b, 1e-5, simd)
+    for shape in ((2, 3, d), (70, d)):
+        x, s = random_case(rng, shape, b)
+        want = R.int_layernorm(x, s, g, gs, bt, bs, b, 1e-5)
+        assert_same(sess.run(None, {"x": x, "s": s}), want)
+    x, s = random_case(rng, (2, d - 1), b)
+    with pytest.raises(Exception, match="gamma and beta must have H"):
+        sess.run(None, {"x": x, "s": s})
+    bad = gs.copy()
+    bad[0] = 0.3
+    sess = _ln_with_constants(lib, g, bad, bt, bs, b, 1e-5, simd)  # created fine
+    x, s = random_case(rng, (2, d), b)
+    with pytest.raises(Exception, match="not a power of two"):
+        sess.run(None, {"x": x, "s": s})
 
 
 def test_bctonnx_isa_caps_to_the_portable_kernels(lib, monkeypatch):

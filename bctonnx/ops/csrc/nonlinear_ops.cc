@@ -1707,7 +1707,7 @@ struct IntLayerNormKernel {
                                       ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
   static constexpr std::array kOutputs{ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
   static constexpr size_t kRequiredInputs = 6;
-  IntLayerNormKernel(const OrtApi&, const OrtKernelInfo* info)
+  IntLayerNormKernel(const OrtApi& api, const OrtKernelInfo* info)
       : block_size(read_block_size(info, "IntLayerNorm")), simd(read_simd(info, "IntLayerNorm")) {
     Ort::ConstKernelInfo ki(info);
     try {
@@ -1722,7 +1722,39 @@ struct IntLayerNormKernel {
     const uint32_t ef = (bits >> 23) & 0xFFu, mf = bits & 0x7FFFFFu;
     eps_mant = ef == 0 ? mf : (mf | 0x800000u);
     eps_ex = ef == 0 ? -149 : static_cast<int>(ef) - 150;
+    constant_affine(api, info);
   }
+
+  // gamma/beta and their scales as constant initializers of the session (the case in every
+  // model bctonnx writes): read, checked and converted once here, so a call reads only x and
+  // x_scale. Anything else (inputs computed at run time, or values a call would reject) takes
+  // the per-call path, which validates and reports.
+  std::shared_ptr<const LnParams> const_params;
+  int64_t const_h = -1;
+  void constant_affine(const OrtApi& api, const OrtKernelInfo* info) {
+    const OrtValue* v[4];
+    for (size_t i = 0; i < 4; ++i) {
+      int is_const = 0;
+      OrtStatus* st = api.KernelInfoGetConstantInput_tensor(info, 2 + i, &is_const, &v[i]);
+      if (st != nullptr) {
+        api.ReleaseStatus(st);
+        return;
+      }
+      if (!is_const || v[i] == nullptr) return;
+    }
+    try {
+      const int64_t h = KernelArgs::shape(v[0]).count();
+      if (h < 1 || h > kLnMaxH || KernelArgs::shape(v[2]).count() != h) return;
+      const Blocking bl{1, h, num_blocks(h, block_size), block_size};
+      if (KernelArgs::shape(v[1]).count() != bl.nb || KernelArgs::shape(v[3]).count() != bl.nb) return;
+      const_params = affine_params(KernelArgs::data<int8_t>(v[0]), KernelArgs::data<float>(v[1]),
+                                   KernelArgs::data<int8_t>(v[2]), KernelArgs::data<float>(v[3]), bl);
+      const_h = h;
+    } catch (const std::exception&) {  // e.g. a scale that is not a power of two: per call
+      const_params.reset();
+    }
+  }
+
   // gamma/beta are initializers in practice: their integer form is built once and reused while
   // the bytes stay the same (compared on every call).
   std::mutex mu;
@@ -1795,28 +1827,35 @@ struct IntLayerNormKernel {
 
   void Compute(OrtKernelContext* ctx) {
     const KernelArgs args(ctx);
-    const OrtValue* in[6];
-    for (size_t i = 0; i < 6; ++i) in[i] = args.input(i);
-    const Dims xshape = KernelArgs::shape(in[0]), sshape = KernelArgs::shape(in[1]);
+    const OrtValue* x = args.input(0);
+    const OrtValue* x_scale = args.input(1);
+    const Dims xshape = KernelArgs::shape(x), sshape = KernelArgs::shape(x_scale);
     const Blocking bl = check_blocked(xshape, sshape, block_size, "IntLayerNorm");
     const int64_t h = bl.d;
     if (h > kLnMaxH)
       throw std::runtime_error("IntLayerNorm: H must be <= 4096, got " + std::to_string(h));
-    if (KernelArgs::shape(in[2]).count() != h || KernelArgs::shape(in[4]).count() != h)
-      throw std::runtime_error("IntLayerNorm: gamma and beta must have H = " + std::to_string(h) +
-                               " elements");
-    if (KernelArgs::shape(in[3]).count() != bl.nb || KernelArgs::shape(in[5]).count() != bl.nb)
-      throw std::runtime_error("IntLayerNorm: gamma_scale and beta_scale must have ceil(H/B) = " +
-                               std::to_string(bl.nb) + " elements");
+    std::shared_ptr<const LnParams> params;
+    if (const_params && h == const_h) {
+      params = const_params;
+    } else {
+      const OrtValue* in[6] = {x, x_scale};
+      for (size_t i = 2; i < 6; ++i) in[i] = args.input(i);
+      if (KernelArgs::shape(in[2]).count() != h || KernelArgs::shape(in[4]).count() != h)
+        throw std::runtime_error("IntLayerNorm: gamma and beta must have H = " + std::to_string(h) +
+                                 " elements");
+      if (KernelArgs::shape(in[3]).count() != bl.nb || KernelArgs::shape(in[5]).count() != bl.nb)
+        throw std::runtime_error("IntLayerNorm: gamma_scale and beta_scale must have ceil(H/B) = " +
+                                 std::to_string(bl.nb) + " elements");
+      if (bl.rows > 0 && h > 0)
+        params = affine_params(KernelArgs::data<int8_t>(in[2]), KernelArgs::data<float>(in[3]),
+                               KernelArgs::data<int8_t>(in[4]), KernelArgs::data<float>(in[5]), bl);
+    }
     int8_t* yo = args.output<int8_t>(0, xshape);
     float* so = args.output<float>(1, sshape);
     if (bl.rows == 0 || h == 0) return;
-    const int16_t* ex = input_exponents(KernelArgs::data<float>(in[1]), bl.rows * bl.nb);
-    const std::shared_ptr<const LnParams> params =
-        affine_params(KernelArgs::data<int8_t>(in[2]), KernelArgs::data<float>(in[3]),
-                      KernelArgs::data<int8_t>(in[4]), KernelArgs::data<float>(in[5]), bl);
+    const int16_t* ex = input_exponents(KernelArgs::data<float>(x_scale), bl.rows * bl.nb);
     const LnParams& pp = *params;
-    const int8_t* xi = KernelArgs::data<int8_t>(in[0]);
+    const int8_t* xi = KernelArgs::data<int8_t>(x);
     const bool fast = simd && cpu_avx512cd() && bl.b % 16 == 0 && bl.b <= 1024;
     parallel_rows(ctx, bl.rows, h * 2, [&](int64_t r0, int64_t r1) {
 #if BCT_X86
