@@ -426,7 +426,7 @@ def int_softmax(
        max block: 65535 * 2**14). ``S = sum((F_b s_b) >> 14)`` (int64, > 2**30).
     4. ``R0 = 2**62 // S``, per block ``R_b = min((F_b R0) >> 45, 65535)`` (``2**17 F_b / S``);
        ``h = (E R_b) >> 16`` (16-bit unsigned operands: the high half of their product) and
-       ``y = min(255, shift_round_even(h, 7))``: ``256 E F_b / sum(E F)``.
+       ``y = min(255, (h + 64) >> 7)`` (round half up): ``256 E F_b / sum(E F)``.
 
     Every step that feeds the sum rounds to nearest or keeps 30 bits: floors, or a Q15 block
     factor, bias the sum of a long row by enough to move its largest probability by 0.1 LSB.
@@ -487,7 +487,7 @@ def int_softmax(
     r0 = (np.int64(1) << 62) // s
     rb = np.minimum((f * r0[:, None]) >> 45, 0xFFFF)  # [R, nb]
     h = (big_e * rb[..., None]) >> 16
-    y = np.minimum(shift_round_even(h, 7), 255)
+    y = np.minimum((h + 64) >> 7, 255)
     y = np.where(row[:, None, None], y, 0)
     return _unblock(y, x.shape).astype(np.uint8)
 

@@ -788,10 +788,8 @@ inline uint32_t softmax_rb(int64_t f, uint64_t r0) {
   return static_cast<uint32_t>(std::min<uint64_t>((static_cast<uint64_t>(f) * r0) >> 45, 0xFFFF));
 }
 
-// y = min(255, round_half_even(h, 7)).
-inline uint8_t softmax_out(uint32_t h) {
-  return static_cast<uint8_t>(std::min<uint32_t>((h + 63 + ((h >> 7) & 1u)) >> 7, 255));
-}
+// y = min(255, (h + 64) >> 7).
+inline uint8_t softmax_out(uint32_t h) { return static_cast<uint8_t>(std::min<uint32_t>((h + 64) >> 7, 255)); }
 
 struct SoftmaxRow {
   const int8_t* q = nullptr;
@@ -923,39 +921,45 @@ BCT_AVX512 __attribute__((always_inline)) inline __m512i softmax_factor16(__m512
   return _mm512_mask_blend_epi32(_mm512_cmple_epi32_mask(n, c14), down, up);
 }
 
-// Step 4 for one row on 32 lanes: y = min(255, round_half_even((E R_b) >> 16, 7)). rb: the
-// row's per-block factors, `stride` apart; cpb: 16-lane chunks per block.
-BCT_AVX512 __attribute__((always_inline)) inline __m256i softmax_out32(__m512i e, __m512i vr) {
-  const __m512i h = _mm512_mulhi_epu16(e, vr);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi16(h, 7), _mm512_set1_epi16(1));
-  return _mm512_cvtusepi16_epi8(_mm512_srli_epi16(_mm512_add_epi16(_mm512_add_epi16(h, _mm512_set1_epi16(63)), odd), 7));
+// Step 4 for one row, 32 lanes per step: y = min(255, (((E R_b) >> 16) + 64) >> 7), two steps
+// per store (the saturating pack gives the min). rb: the row's per-block factors, `stride` apart;
+// cpb: 16-lane chunks per block.
+BCT_AVX512 __attribute__((always_inline)) inline __m512i softmax_out16(__m512i e, __m512i vr) {
+  return _mm512_srli_epi16(_mm512_add_epi16(_mm512_mulhi_epu16(e, vr), _mm512_set1_epi16(64)), 7);
 }
+// The R_b of each step's lanes, steps in order: whole steps per block (kCpb even), or per
+// 16-lane chunk.
+template <int kCpb>
+struct SoftmaxStepR {
+  const uint16_t* rb;
+  int64_t stride, nb, cpb;
+  int64_t b = 0, left = cpb;
+  BCT_AVX512 __attribute__((always_inline)) __m512i operator()(int64_t st) {
+    if (kCpb) return _mm512_set1_epi16(static_cast<int16_t>(rb[(st / (kCpb / 2)) * stride]));
+    const int64_t b0 = b;
+    if (--left == 0) b += 1, left = cpb;
+    const int64_t b1 = std::min(nb - 1, b);  // past the row: no lanes
+    if (--left == 0) b += 1, left = cpb;
+    return _mm512_mask_blend_epi16(0xFFFF0000u, _mm512_set1_epi16(static_cast<int16_t>(rb[b0 * stride])),
+                                   _mm512_set1_epi16(static_cast<int16_t>(rb[b1 * stride])));
+  }
+};
 template <int kCpb>
 BCT_AVX512 __attribute__((always_inline)) inline void softmax_normalize_avx512(
     const uint16_t* w, const uint16_t* rb, int64_t stride, int64_t nb, int64_t cpb,
     const uint32_t* valid32, int64_t steps, uint8_t* y) {
-  if (kCpb) {  // whole steps per block (kCpb even)
-    for (int64_t b = 0; b < nb; ++b) {
-      const __m512i vr = _mm512_set1_epi16(static_cast<int16_t>(rb[b * stride]));
-      for (int64_t j = 0; j < kCpb / 2; ++j) {
-        const int64_t st = b * (kCpb / 2) + j;
-        if (st >= steps) break;  // the last block may be partial
-        _mm256_mask_storeu_epi8(y + st * 32, valid32[st], softmax_out32(_mm512_loadu_si512(w + st * 32), vr));
-      }
-    }
-    return;
+  SoftmaxStepR<kCpb> step_r{rb, stride, nb, cpb};
+  const __m512i order = _mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7);  // undo packus' lane interleave
+  int64_t st = 0;
+  for (; st + 2 <= steps; st += 2) {
+    const __m512i p0 = softmax_out16(_mm512_loadu_si512(w + st * 32), step_r(st));
+    const __m512i p1 = softmax_out16(_mm512_loadu_si512(w + st * 32 + 32), step_r(st + 1));
+    const __mmask64 k = valid32[st] | (static_cast<__mmask64>(valid32[st + 1]) << 32);
+    _mm512_mask_storeu_epi8(y + st * 32, k, _mm512_permutexvar_epi64(order, _mm512_packus_epi16(p0, p1)));
   }
-  for (int64_t st = 0, c = 0, b = 0, left = cpb; st < steps; ++st) {
-    // the blocks of the step's two 16-lane chunks (the second may be past the row: no lanes)
-    const int64_t b0 = b;
-    if (--left == 0) b += 1, left = cpb;
-    const int64_t b1 = std::min(nb - 1, b);
-    if (--left == 0) b += 1, left = cpb;
-    c += 2;
-    const __m512i vr = _mm512_mask_blend_epi16(0xFFFF0000u, _mm512_set1_epi16(static_cast<int16_t>(rb[b0 * stride])),
-                                               _mm512_set1_epi16(static_cast<int16_t>(rb[b1 * stride])));
-    _mm256_mask_storeu_epi8(y + st * 32, valid32[st], softmax_out32(_mm512_loadu_si512(w + st * 32), vr));
-  }
+  if (st < steps)
+    _mm256_mask_storeu_epi8(y + st * 32, valid32[st],
+                            _mm512_cvtusepi16_epi8(softmax_out16(_mm512_loadu_si512(w + st * 32), step_r(st))));
 }
 
 // Steps 1-4 with AVX-512 for block sizes that are multiples of 16 (a 16-lane chunk never
