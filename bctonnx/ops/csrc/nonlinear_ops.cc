@@ -795,6 +795,7 @@ struct SoftmaxRow {
   const int8_t* q = nullptr;
   const int16_t* e = nullptr;
   const uint8_t* flags = nullptr;  // nullptr: nothing masked
+  const uint16_t* bits = nullptr;  // the flags as 16-lane masks
   const uint8_t* bany = nullptr;
   const uint32_t* k32 = nullptr;      // per 32-lane step: valid and unmasked lanes
   const uint32_t* valid32 = nullptr;  // per 32-lane step: valid lanes
@@ -1005,6 +1006,7 @@ BCT_AVX512 void softmax_rows_avx512(const Blocking& bl, const int8_t* x, const i
       row.valid32 = mr.valid32.data();
       row.k32 = mr.valid32.data();
       row.flags = nullptr;
+      row.bits = nullptr;
       row.bany = nullptr;
       if (mr.present) {
         const int64_t m = mr.row_of.empty() ? 0 : mr.row_of[r];
@@ -1013,6 +1015,7 @@ BCT_AVX512 void softmax_rows_avx512(const Blocking& bl, const int8_t* x, const i
           continue;
         }
         row.flags = mr.flags.data() + m * mr.padded;
+        row.bits = mr.bits.data() + m * mr.padded / 16;
         row.bany = mr.block_any.data() + m * nb;
         row.k32 = mr.k32.data() + m * steps;
       }
@@ -1057,7 +1060,7 @@ BCT_AVX512 void softmax_rows_avx512(const Blocking& bl, const int8_t* x, const i
         }
         continue;
       }
-      const uint16_t* bits = row.flags ? mr.bits.data() + (row.flags - mr.flags.data()) / 16 : nullptr;
+      const uint16_t* bits = row.bits;
       for (int64_t b = 0, c = 0; b < nb; ++b) {
         __m128i m = neg128;
         for (int64_t j = 0; j < cpb; ++j, ++c) {
