@@ -1,7 +1,7 @@
 """Speed of the integer nonlinear ops vs onnxruntime's float ops on the same shapes.
 
-    python benchmarks/ops_speed.py [--block-size 32] [--runs 600] [--threads 1 2] [--lib PATH]
-                                   [--ops Softmax LayerNorm]
+    python benchmarks/ops_speed.py [--block-size 32] [--runs 600] [--rounds 3] [--threads 1 2]
+                                   [--lib PATH] [--ops Softmax LayerNorm]
 
 Each row: one single-node model of ours (IntGelu / IntSoftmax with a BERT mask [1, 1, 1, 128]
 and without / IntLayerNorm, int8 inputs in blocks) and the float32 op (Gelu opset 20 / Softmax
@@ -16,7 +16,10 @@ the ratio int / float (< 1: ours is faster), measured two ways in the same turns
 ``session.run`` with numpy feeds (Python's per-input and per-output conversions included: the
 integer ops have one or two more of those, scales and mask, about 2 us at LayerNorm's shape)
 and ``run_with_iobinding`` with inputs bound once and outputs allocated by onnxruntime (the
-"bound" columns: the op as it runs inside a graph). Writes
+"bound" columns: the op as it runs inside a graph). The whole measurement runs in ``--rounds``
+fresh processes and the table gives each number's median over them, with every round's ratio:
+onnxruntime's float times (and ours) move by up to 10% from one process to the next on this
+machine, far more than within one. Writes
 benchmarks/results/ops_speed.json. A script, not a test.
 """
 
@@ -25,6 +28,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -203,36 +210,15 @@ def measure(case: dict, threads: int, runs: int, lib: str) -> dict[str, float]:
     return {k: v * 1e6 for k, v in medians.items()}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--block-size", type=int, default=32)
-    ap.add_argument("--runs", type=int, default=600)
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--ops", nargs="+", choices=list(SHAPES), help="only these rows (default: all)")
-    ap.add_argument("--lib", help="op library (default: bctonnx.runtime.op_library_path())")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "ops_speed.json")
-    args = ap.parse_args()
-    lib = args.lib or runtime.op_library_path()
-    if lib is None:
-        raise SystemExit(f"the op library is not built: {runtime.REBUILD_HINT}")
+def _run_round(args, lib: str) -> list[dict]:
+    """One round in this process: every selected op and thread count."""
     all_cases = cases(args.block_size, np.random.default_rng(0))
     rows = []
-    print(
-        f"{'op':<15} {'shape':<15} {'thr':>3} {'int us':>9} {'float us':>9} {'int/float':>9}"
-        f" {'bound int':>9} {'bound flt':>9} {'int/float':>9}"
-    )
     for name, case in all_cases.items():
         if args.ops and name not in args.ops:
             continue
         for threads in args.threads:
             t = measure(case, threads, args.runs, lib)
-            ratio = t["int"] / t["float"]
-            bound_ratio = t["int_bound"] / t["float_bound"]
-            shape = "x".join(map(str, SHAPES[name]))
-            print(
-                f"{name:<15} {shape:<15} {threads:>3} {t['int']:>9.1f} {t['float']:>9.1f} {ratio:>9.2f}"
-                f" {t['int_bound']:>9.1f} {t['float_bound']:>9.1f} {bound_ratio:>9.2f}"
-            )
             rows.append(
                 {
                     "op": name,
@@ -240,15 +226,78 @@ def main() -> None:
                     "threads": threads,
                     "int_us": round(t["int"], 2),
                     "float_us": round(t["float"], 2),
-                    "ratio": round(ratio, 3),
+                    "ratio": round(t["int"] / t["float"], 3),
                     "bound_int_us": round(t["int_bound"], 2),
                     "bound_float_us": round(t["float_bound"], 2),
-                    "bound_ratio": round(bound_ratio, 3),
+                    "bound_ratio": round(t["int_bound"] / t["float_bound"], 3),
                 }
             )
+    return rows
+
+
+def _combine(rounds: list[list[dict]]) -> list[dict]:
+    """Per op and thread count: the median of each number over the rounds, and every round's
+    ratios."""
+    out = []
+    for i, row in enumerate(rounds[0]):
+        same = [r[i] for r in rounds]
+        med = dict(row)
+        for key in ("int_us", "float_us", "ratio", "bound_int_us", "bound_float_us", "bound_ratio"):
+            med[key] = round(statistics.median(r[key] for r in same), 3)
+        med["ratios"] = [r["ratio"] for r in same]
+        med["bound_ratios"] = [r["bound_ratio"] for r in same]
+        out.append(med)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--runs", type=int, default=600)
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="fresh processes; the table is their median"
+    )
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--ops", nargs="+", choices=list(SHAPES), help="only these rows (default: all)")
+    ap.add_argument("--lib", help="op library (default: bctonnx.runtime.op_library_path())")
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "ops_speed.json")
+    ap.add_argument("--round-json", type=Path, help=argparse.SUPPRESS)  # one round, for the parent
+    args = ap.parse_args()
+    lib = args.lib or runtime.op_library_path()
+    if lib is None:
+        raise SystemExit(f"the op library is not built: {runtime.REBUILD_HINT}")
+    if args.round_json:
+        args.round_json.write_text(json.dumps(_run_round(args, lib)))
+        return
+    rounds = []
+    with tempfile.TemporaryDirectory(prefix="bctonnx-ops-speed-") as tmp:
+        for i in range(args.rounds):
+            out = Path(tmp) / f"round{i}.json"
+            cmd = [sys.executable, __file__, "--round-json", str(out), "--lib", lib]
+            cmd += ["--block-size", str(args.block_size), "--runs", str(args.runs), "--threads"]
+            cmd += [str(t) for t in args.threads] + (["--ops", *args.ops] if args.ops else [])
+            subprocess.run(cmd, check=True)
+            rounds.append(json.loads(out.read_text()))
+            print(
+                f"round {i + 1}/{args.rounds}: "
+                + ", ".join(f"{r['op']}@{r['threads']} {r['ratio']:.2f}" for r in rounds[-1])
+            )
+    rows = _combine(rounds)
+    print(
+        f"{'op':<15} {'shape':<15} {'thr':>3} {'int us':>9} {'float us':>9} {'int/float':>9}"
+        f" {'bound int':>9} {'bound flt':>9} {'int/float':>9}   (medians of {args.rounds} rounds)"
+    )
+    for r in rows:
+        shape = "x".join(map(str, r["shape"]))
+        print(
+            f"{r['op']:<15} {shape:<15} {r['threads']:>3} {r['int_us']:>9.1f} {r['float_us']:>9.1f}"
+            f" {r['ratio']:>9.2f} {r['bound_int_us']:>9.1f} {r['bound_float_us']:>9.1f}"
+            f" {r['bound_ratio']:>9.2f}   rounds: {' '.join(f'{x:.2f}' for x in r['ratios'])}"
+        )
     result = {
         "block_size": args.block_size,
         "runs": args.runs,
+        "rounds": args.rounds,
         "onnxruntime": ort.__version__,
         "machine": platform.machine(),
         "processor": platform.processor() or platform.platform(),
