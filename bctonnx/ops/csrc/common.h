@@ -165,7 +165,6 @@ inline Dims blocked_shape(Dims shape, int64_t block_size) {
 class KernelArgs {
  public:
   explicit KernelArgs(OrtKernelContext* ctx) : ctx_(ctx) {}
-  OrtKernelContext* context() const { return ctx_; }
   // Input i (nullptr: an absent optional input).
   const OrtValue* input(size_t i) const {
     const OrtValue* v = nullptr;
