@@ -72,7 +72,8 @@ inline int64_t shift_round_even(int64_t v, int n) {
 inline int64_t num_blocks(int64_t d, int64_t block_size) { return (d + block_size - 1) / block_size; }
 
 // "[d0,d1,...]", for error messages.
-inline std::string shape_str(const std::vector<int64_t>& shape) {
+template <class Shape>  // std::vector<int64_t> or Dims
+std::string shape_str(const Shape& shape) {
   std::string s = "[";
   for (size_t i = 0; i < shape.size(); ++i) s += (i ? "," : "") + std::to_string(shape[i]);
   return s + "]";
@@ -148,11 +149,6 @@ struct Dims {
   }
   bool operator==(const Dims& o) const { return n == o.n && std::equal(d.begin(), d.begin() + n, o.d.begin()); }
   bool operator!=(const Dims& o) const { return !(*this == o); }
-  std::string str() const {
-    std::string s = "[";
-    for (size_t i = 0; i < n; ++i) s += (i ? "," : "") + std::to_string(d[i]);
-    return s + "]";
-  }
 };
 
 // The last axis cut into blocks: `shape` with its last dimension ceil(D / block_size).
@@ -271,6 +267,5 @@ void AddQuantOps(Ort::CustomOpDomain& domain);
 void AddNonlinearOps(Ort::CustomOpDomain& domain);
 void AddMatMulOps(Ort::CustomOpDomain& domain);
 void AddAttentionOps(Ort::CustomOpDomain& domain);
-
 
 }  // namespace bct

@@ -158,7 +158,7 @@ Blocking check_blocked(const Dims& xs, const Dims& ss, int64_t block_size, const
   const Dims want = blocked_shape(xs, block_size);
   if (ss != want)
     throw std::runtime_error(std::string(op) + ": x_scale shape must be x.shape[:-1] + [ceil(D/B)] = " +
-                             want.str() + ", got " + ss.str());
+                             shape_str(want) + ", got " + shape_str(ss));
   return bl;
 }
 
@@ -593,15 +593,6 @@ constexpr Log2eCoefs kLog2eCoef = [] {
 }();
 inline int32_t log2e_coef(int delta) { return delta < 32 ? kLog2eCoef.c[delta] : 0; }
 
-// Bits i of blocks b + i (i < 16, b + i < nb) that hold an unmasked element (bany: per block
-// 0/1, nullptr = all).
-inline uint32_t block_mask16(const uint8_t* bany, int64_t b, int64_t nb) {
-  const int64_t n = std::min<int64_t>(16, nb - b);
-  uint32_t m = 0;
-  for (int64_t i = 0; i < n; ++i) m |= static_cast<uint32_t>(bany ? bany[b + i] != 0 : 1) << i;
-  return m;
-}
-
 // ~65536 * 2^(-f/65536), f in [0, 65536): ref exp2_neg_q16 (every operand < 2^16).
 inline uint32_t exp2_neg_q16(uint32_t f) {
   uint32_t acc = kC4;
@@ -664,7 +655,7 @@ MaskRows build_mask(const Blocking& bl, const Dims& xshape, const OrtValue* mask
   for (size_t i = 0; i < ms.size(); ++i) mfull[xr - ms.size() + i] = ms[i];
   for (size_t i = 0; i < xr; ++i)
     if (mfull[i] != 1 && mfull[i] != xshape[i])
-      throw std::runtime_error("IntSoftmax: mask shape " + ms.str() + " does not broadcast to x");
+      throw std::runtime_error("IntSoftmax: mask shape " + shape_str(ms) + " does not broadcast to x");
   const int64_t mlast = mfull[xr - 1];
   int64_t mrows = 1;
   for (size_t i = 0; i + 1 < xr; ++i) mrows *= mfull[i];
@@ -802,8 +793,10 @@ struct SoftmaxRow {
   uint8_t* y = nullptr;
 };
 
-// Steps 1-4 of the reference for one row, literally (scalar). ebuf: D entries.
-BCT_CLONES void softmax_row_portable(const Blocking& bl, const SoftmaxRow& row, uint16_t* ebuf) {
+// Steps 1-4 of the reference for one row, literally (scalar). ebuf: D entries; fbuf: nb
+// entries (each block's qmax, then its factor F_b).
+BCT_CLONES void softmax_row_portable(const Blocking& bl, const SoftmaxRow& row, uint16_t* ebuf,
+                                     int64_t* fbuf) {
   const bool masked = row.flags != nullptr;
   auto unmasked = [&](int64_t i) { return !masked || row.flags[i] != 0; };
   auto block_any = [&](int64_t b) { return !masked || row.bany[b] != 0; };
@@ -815,13 +808,14 @@ BCT_CLONES void softmax_row_portable(const Blocking& bl, const SoftmaxRow& row, 
     std::memset(row.y, 0, bl.d);
     return;
   }
-  // 1. per block qmax and L; max(L)
+  // 1. per block qmax (into fbuf) and L; max(L)
   int64_t lmax = INT64_MIN;
   for (int64_t b = 0; b < bl.nb; ++b) {
     if (!block_any(b)) continue;
     int qmax = -128;
     for (int64_t i = b * bl.b; i < std::min(bl.d, (b + 1) * bl.b); ++i)
       if (unmasked(i)) qmax = std::max<int>(qmax, row.q[i]);
+    fbuf[b] = qmax;
     lmax = std::max<int64_t>(lmax, qmax * int64_t{log2e_coef(e_top - row.e[b])});
   }
   const int sh = 4 - e_top;
@@ -830,11 +824,10 @@ BCT_CLONES void softmax_row_portable(const Blocking& bl, const SoftmaxRow& row, 
     const int64_t end = std::min(bl.d, (b + 1) * bl.b);
     if (!block_any(b)) {
       for (int64_t i = b * bl.b; i < end; ++i) ebuf[i] = 0;
+      fbuf[b] = 0;
       continue;
     }
-    int qmax = -128;
-    for (int64_t i = b * bl.b; i < end; ++i)
-      if (unmasked(i)) qmax = std::max<int>(qmax, row.q[i]);
+    const int qmax = static_cast<int>(fbuf[b]);
     // 2. E per element, the block's sum
     const int ti = softmax_table_index(row.e[b]);
     int64_t sb = 0;
@@ -847,22 +840,16 @@ BCT_CLONES void softmax_row_portable(const Blocking& bl, const SoftmaxRow& row, 
       ebuf[i] = static_cast<uint16_t>((uint32_t{tb.a[ti][d & 31]} * tb.b[ti][d >> 5] + (1u << 14)) >> 15);
       sb += ebuf[i];
     }
-    // 3. the block factor, the sum
-    const int64_t t = softmax_t(lmax - qmax * int64_t{log2e_coef(e_top - row.e[b])}, sh);
-    s += static_cast<uint64_t>((softmax_factor(t) * sb) >> 14);
+    // 3. the block factor (into fbuf), the sum
+    fbuf[b] = softmax_factor(softmax_t(lmax - qmax * int64_t{log2e_coef(e_top - row.e[b])}, sh));
+    s += static_cast<uint64_t>((fbuf[b] * sb) >> 14);
   }
   // 4. normalization
   const uint64_t r0 = (uint64_t{1} << 62) / s;
   for (int64_t b = 0; b < bl.nb; ++b) {
-    const int64_t end = std::min(bl.d, (b + 1) * bl.b);
-    uint32_t rb = 0;
-    if (block_any(b)) {
-      int qmax = -128;
-      for (int64_t i = b * bl.b; i < end; ++i)
-        if (unmasked(i)) qmax = std::max<int>(qmax, row.q[i]);
-      rb = softmax_rb(softmax_factor(softmax_t(lmax - qmax * int64_t{log2e_coef(e_top - row.e[b])}, sh)), r0);
-    }
-    for (int64_t i = b * bl.b; i < end; ++i) row.y[i] = softmax_out((uint32_t{ebuf[i]} * rb) >> 16);
+    const uint32_t rb = softmax_rb(fbuf[b], r0);  // 0 for blocks without an unmasked element
+    for (int64_t i = b * bl.b; i < std::min(bl.d, (b + 1) * bl.b); ++i)
+      row.y[i] = softmax_out((uint32_t{ebuf[i]} * rb) >> 16);
   }
 }
 
@@ -875,6 +862,7 @@ struct SoftmaxBuffers {
   std::vector<uint16_t> rb;    // [block][row]: R_b
   std::vector<uint16_t> bany;  // per block: bit i = the tile's row i has an unmasked element there
   std::vector<uint16_t> ebuf;  // the portable row's E
+  std::vector<int64_t> fbuf;   // and its per-block qmax / F_b
 };
 SoftmaxBuffers& softmax_buffers() {
   thread_local SoftmaxBuffers b;
@@ -984,6 +972,7 @@ BCT_AVX512 void softmax_rows_avx512(const Blocking& bl, const int8_t* x, const i
   int32_t* fq30 = grow(buf.fq30, nb * kSmTile);
   uint16_t* rbuf = grow(buf.rb, nb * kSmTile);
   uint16_t* ebuf = grow(buf.ebuf, d);
+  int64_t* fbuf = grow(buf.fbuf, nb);
   const SoftmaxTables& tabs = softmax_tables();
   const __m512i inv = _mm512_load_si512(tree_inverse().inv);
   const __m512i ones16 = _mm512_set1_epi16(1);
@@ -1173,7 +1162,7 @@ BCT_AVX512 void softmax_rows_avx512(const Blocking& bl, const int8_t* x, const i
         softmax_normalize_avx512<kCpb>(wbuf + i * steps * 32, rbuf + i, kSmTile, nb, cpb, mr.valid32.data(),
                                        steps, rows[i].y);
       else if (huge >> i & 1u)
-        softmax_row_portable(bl, rows[i], ebuf);
+        softmax_row_portable(bl, rows[i], ebuf, fbuf);
     }
   }
 }
@@ -1193,6 +1182,7 @@ void softmax_rows(const Blocking& bl, const int8_t* x, const int16_t* ex, const 
 #endif
   (void)fast;
   std::vector<uint16_t> ebuf(static_cast<size_t>(bl.d));
+  std::vector<int64_t> fbuf(static_cast<size_t>(bl.nb));
   for (int64_t r = r0; r < r1; ++r) {
     SoftmaxRow row;
     row.q = x + r * bl.d;
@@ -1203,7 +1193,7 @@ void softmax_rows(const Blocking& bl, const int8_t* x, const int16_t* ex, const 
       row.flags = mr.flags.data() + m * mr.padded;
       row.bany = mr.block_any.data() + m * bl.nb;
     }
-    softmax_row_portable(bl, row, ebuf.data());
+    softmax_row_portable(bl, row, ebuf.data(), fbuf.data());
   }
 }
 
@@ -1247,12 +1237,13 @@ constexpr int kWBits = 8;
 struct LnParams {
   std::vector<int32_t> gamma;  // [nb * B] (zero padded), int32 for the vector loops
   std::vector<int32_t> bterm;  // shift_round_even(beta, g - eb), [nb * B]
-  std::vector<int> g, a1;      // per block: output grid, right shift of z * gamma
+  std::vector<int32_t> g;      // per block: output grid (zeros after nb, to whole groups of 16)
+  std::vector<int> a1;         // per block: right shift of z * gamma
   bool any_a1 = false;         // some a1 != 0
   // the AVX-512 kernel's row layout (B a multiple of 16): per 16-lane chunk its lanes inside
-  // the row and its block; g padded with zeros to whole groups of 16 blocks
+  // the row and its block
   std::vector<uint16_t> valid;
-  std::vector<int32_t> cblock, gpad;
+  std::vector<int32_t> cblock;
   uint32_t eps_mant = 0;       // epsilon = eps_mant * 2^eps_ex
   int eps_ex = 0;
 };
@@ -1577,9 +1568,9 @@ BCT_AVX512CD __attribute__((always_inline)) inline void layernorm_steps45(
   }
 }
 
-// Steps 1-5 with AVX-512 for block sizes that are multiples of 16 (<= 1024). Steps 1-3 of the
-// next row are issued before steps 4-5 of this one, so the row constants' scalar latency (sqrt,
-// divisions) overlaps with vector work.
+// Steps 1-5 with AVX-512 for block sizes that are multiples of 16 (<= 1024), rows in tiles:
+// every row's sums first, then every row's constants (independent rows, so their scalar
+// latency chains, sqrt and divisions, overlap), then the vector steps row by row.
 // kCpb: the block's 16-lane chunks, 2, 4 or 8 (compile-time: the short per-block loops unroll);
 // 0: any multiple of 16.
 template <int kCpb>
@@ -1593,7 +1584,7 @@ BCT_AVX512CD void layernorm_rows_avx512(const Blocking& bl, const LnParams& pp, 
   LnBuffers& buf = ln_buffers();
   int32_t* vbuf = grow(buf.vbuf, nch * 16);
   const uint16_t* valid = pp.valid.data();
-  const int32_t* gpad = pp.gpad.data();
+  const int32_t* grids = pp.g.data();  // per block, padded to whole groups of 16
   const int32_t* cblock = pp.cblock.data();  // chunk -> block
   const bool any_a1 = pp.any_a1;
   int32_t* bmax = grow(buf.bmax, ngroups * 256);  // per block 16 lanes
@@ -1643,7 +1634,7 @@ BCT_AVX512CD void layernorm_rows_avx512(const Blocking& bl, const LnParams& pp, 
       uint32_t special = 0;
       for (int64_t gi = 0; gi < ngroups; ++gi) {
         const __m512i m = _mm512_permutexvar_epi32(inv, tree16(bmax + gi * 256, MaxU32{}));
-        const __m512i g = _mm512_loadu_si512(gpad + gi * 16);
+        const __m512i g = _mm512_loadu_si512(grids + gi * 16);
         __m512 scale;
         const __m512i e = reblock_exponents16(m, g, &scale);
         const __m512i k = _mm512_sub_epi32(e, g);
@@ -1802,7 +1793,7 @@ struct IntLayerNormKernel {
     const int64_t padded = bl.nb * bl.b;
     pp->gamma.assign(static_cast<size_t>(padded), 0);
     pp->bterm.assign(static_cast<size_t>(padded), 0);
-    pp->g.resize(static_cast<size_t>(bl.nb));
+    pp->g.assign(static_cast<size_t>((bl.nb + 15) / 16 * 16), 0);
     pp->a1.resize(static_cast<size_t>(bl.nb));
     for (int64_t b = 0; b < bl.nb; ++b) {
       const int g = std::max(eg[b] - kZBits, eb[b] - 23);  // 5.
@@ -1823,8 +1814,6 @@ struct IntLayerNormKernel {
         pp->valid[c] = lanes16(c * 16, h);
         pp->cblock[c] = static_cast<int32_t>(c / cpb);
       }
-      pp->gpad.assign(static_cast<size_t>((bl.nb + 15) / 16 * 16), 0);
-      std::copy(pp->g.begin(), pp->g.end(), pp->gpad.begin());
     }
     std::lock_guard<std::mutex> lock(mu);
     key = std::move(k);

@@ -46,8 +46,6 @@ void RowsAndDepth(const char* op, const Dims& shape, int64_t* rows, int64_t* dep
   *depth = shape.back();
 }
 
-
-
 // ---------------------------------------------------------------------------------------------
 // Exponent choice (see ref_quant.py, "Scale choice")
 
@@ -168,7 +166,7 @@ struct BlockDequantizeKernel {
     const Dims sshape = KernelArgs::shape(x_scale);
     if (sshape != blocked_shape(shape, block_size_))
       throw std::runtime_error("bctonnx.BlockDequantize: x_scale must have shape " +
-                               blocked_shape(shape, block_size_).str() + ", got " + sshape.str());
+                               shape_str(blocked_shape(shape, block_size_)) + ", got " + shape_str(sshape));
     float* out = args.output<float>(0, shape);
     if (rows == 0 || depth == 0) return;
     const float* scales = KernelArgs::data<float>(x_scale);
@@ -316,14 +314,14 @@ struct BlockRequantizeKernel {
     if (in_block_size_ == 0) {
       if (n_scales != 1)
         throw std::runtime_error(std::string("bctonnx.BlockRequantize: in_block_size=0 needs a "
-                                             "single x_scale, got shape ") + sshape.str());
+                                             "single x_scale, got shape ") + shape_str(sshape));
     } else {
       in_nb = num_blocks(depth, in_block_size_);
       if (sshape != blocked_shape(shape, in_block_size_))
         throw std::runtime_error(
-            "bctonnx.BlockRequantize: x_scale shape " + sshape.str() + " does not match x " +
-            shape.str() + " with in_block_size " + std::to_string(in_block_size_) +
-            " (expected " + blocked_shape(shape, in_block_size_).str() + ")");
+            "bctonnx.BlockRequantize: x_scale shape " + shape_str(sshape) + " does not match x " +
+            shape_str(shape) + " with in_block_size " + std::to_string(in_block_size_) +
+            " (expected " + shape_str(blocked_shape(shape, in_block_size_)) + ")");
     }
     std::vector<int> e_in(static_cast<size_t>(n_scales));
     const float* sdata = KernelArgs::data<float>(x_scale);
