@@ -370,9 +370,9 @@ SOFTMAX_E_LO, SOFTMAX_E_HI = -26, 4  # block exponents are clamped to this range
 
 
 def _exp2_neg(u: np.ndarray, frac_bits: int, cap: int) -> np.ndarray:
-    """``2**-(u / 2**16)`` in Q``frac_bits`` (<= 16), rounded half even, at most ``cap``, for
-    integer u >= 0: `exp2_neg_q16` of the fraction shifted by the integer part plus ``16 -
-    frac_bits`` (0 from 2**-(frac_bits + 1) on)."""
+    """``2**-(u / 2**16)`` in Q``frac_bits`` (<= 30), rounded half even, at most ``cap``, for
+    integer u >= 0: `exp2_neg_q16` of the fraction shifted right by the integer part plus ``16 -
+    frac_bits`` (left where that is negative; 0 from 2**-(frac_bits + 1) on)."""
     u = np.asarray(u, np.int64)
     v = shift_round_even(exp2_neg_q16(u & 0xFFFF), np.minimum((u >> 16) + 16 - frac_bits, 62))
     return np.minimum(v, cap)
@@ -478,10 +478,7 @@ def int_softmax(
     dq = np.where(flags, qmax[..., None] - q, 0)  # [R, nb, B], in [0, 255]
     a = np.take_along_axis(ta[ei], dq & 31, axis=-1)
     big_e = np.where(flags, (a * np.take_along_axis(tb[ei], dq >> 5, axis=-1) + (1 << 14)) >> 15, 0)
-    g = exp2_neg_q16(t & 0xFFFF)
-    n = t >> 16
-    f = np.where(n <= 14, g << np.clip(14 - n, 0, 14), shift_round_even(g, np.clip(n - 14, 0, 62)))
-    f = np.where(blk, f, 0)
+    f = np.where(blk, _exp2_neg(t, 30, 1 << 30), 0)  # F_b in Q30
     s = ((f * big_e.sum(axis=-1)) >> 14).sum(axis=-1)  # [R]
     s = np.where(row, s, 1)
     r0 = (np.int64(1) << 62) // s

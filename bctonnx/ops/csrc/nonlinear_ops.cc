@@ -741,12 +741,13 @@ struct SoftmaxTables {
   alignas(64) uint16_t a[kSmTables][32];
   alignas(64) uint16_t b[kSmTables][32];
 };
-// 2^-(u / 2^16) in Q15, rounded half even, at most 32767 (ref: _exp2_neg(u, 15, 32767)).
-inline uint16_t exp2_neg_q15(int64_t u) {
-  const int64_t v = shift_round_even(exp2_neg_q16(static_cast<uint32_t>(u & 0xFFFF)),
-                                     static_cast<int>(std::min<int64_t>((u >> 16) + 1, 62)));
-  return static_cast<uint16_t>(std::min<int64_t>(v, 32767));
+// 2^-(u / 2^16) in Q`frac_bits` (<= 30), rounded half even, for u >= 0 (ref: _exp2_neg; its
+// caps are applied by the callers).
+inline int64_t exp2_neg_fixed(int64_t u, int frac_bits) {
+  return shift_round_even(exp2_neg_q16(static_cast<uint32_t>(u & 0xFFFF)),
+                          static_cast<int>(std::min<int64_t>((u >> 16) + 16 - frac_bits, 62)));
 }
+inline uint16_t exp2_neg_q15(int64_t u) { return static_cast<uint16_t>(std::min<int64_t>(exp2_neg_fixed(u, 15), 32767)); }
 const SoftmaxTables& softmax_tables() {
   static const SoftmaxTables t = [] {
     SoftmaxTables s{};
@@ -768,11 +769,8 @@ inline int64_t softmax_t(int64_t d, int sh) {
   return d > (kTSat >> shl) ? kTSat : (d << shl);
 }
 
-// Step 3's F_b = 2^-t in Q30.
-inline int64_t softmax_factor(int64_t t) {
-  const int64_t g = exp2_neg_q16(static_cast<uint32_t>(t & 0xFFFF)), n = t >> 16;
-  return n <= 14 ? g << (14 - n) : shift_round_even(g, static_cast<int>(std::min<int64_t>(n - 14, 62)));
-}
+// Step 3's F_b = 2^-t in Q30 (< 2^30: no cap).
+inline int64_t softmax_factor(int64_t t) { return exp2_neg_fixed(t, 30); }
 
 // Step 4's per-block output factor: min((F_b R0) >> 45, 65535), R0 = 2^62 // S.
 inline uint32_t softmax_rb(int64_t f, uint64_t r0) {
