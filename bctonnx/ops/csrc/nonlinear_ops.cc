@@ -101,8 +101,16 @@ inline uint64_t isqrt_u64(uint64_t v) {
   return r;
 }
 
+// floor(v / 2^n + 1/2) for n <= 62 (n <= 0: a left shift) (ref: shift_round_half_up).
+inline int64_t shift_round_half_up(int64_t v, int n) {
+  if (n <= 0) return static_cast<int64_t>(static_cast<uint64_t>(v) << (-n));
+  return (v + (int64_t{1} << (n - 1))) >> n;
+}
+
 // int8 codes of one block from exact values v (|v| < 2^31) on the grid 2^g: the exponent and
-// clamp(round_half_even(v / 2^(e - g)), -127, 127) (ref: reblock). Portable.
+// clamp(round(v / 2^(e - g)), -127, 127), rounding half to even or, kHalfUp, half up (ref:
+// reblock). Portable.
+template <bool kHalfUp = false>
 inline void requantize_block(const int32_t* v, int n, int g, int8_t* out, float* scale) {
   int64_t m = 0;
   for (int i = 0; i < n; ++i) m = std::max<int64_t>(m, std::abs(static_cast<int64_t>(v[i])));
@@ -114,7 +122,8 @@ inline void requantize_block(const int32_t* v, int n, int g, int8_t* out, float*
     return;
   }
   for (int i = 0; i < n; ++i)
-    out[i] = static_cast<int8_t>(std::clamp<int64_t>(shift_round_even(v[i], k), -127, 127));
+    out[i] = static_cast<int8_t>(
+        std::clamp<int64_t>(kHalfUp ? shift_round_half_up(v[i], k) : shift_round_even(v[i], k), -127, 127));
 }
 
 // Block exponents of a scale tensor, validated (pow2_exponent throws on a non-power of two).
@@ -1234,6 +1243,7 @@ constexpr int kWBits = 8;
 
 struct LnParams {
   std::vector<int32_t> gamma;  // [nb * B] (zero padded), int32 for the vector loops
+  std::vector<int32_t> gpair;  // the int16 pairs (gamma, 256 gamma), [nb * B]
   std::vector<int32_t> bterm;  // shift_round_even(beta, g - eb), [nb * B]
   std::vector<int32_t> g;      // per block: output grid (zeros after nb, to whole groups of 16)
   std::vector<int> a1;         // per block: right shift of z * gamma
@@ -1266,23 +1276,29 @@ struct LnRow {
   int sh;      // 37 + j
 };
 
-inline LnRow ln_row_constants(const Blocking& bl, const LnParams& pp, int e_c, int64_t s1,
-                              int64_t s2) {
+inline void ln_row_constants(const Blocking& bl, const LnParams& pp, int e_c, int64_t s1,
+                             int64_t s2, LnRow* out) {
   const int64_t h = bl.d;
   const unsigned __int128 vv =
       static_cast<unsigned __int128>(h) * static_cast<unsigned __int128>(s2) -
       static_cast<unsigned __int128>(static_cast<__int128>(s1) * s1) +
       static_cast<unsigned __int128>(h * h) * eps_int(pp.eps_mant, pp.eps_ex, e_c);
-  LnRow lr{e_c, 0, 0, 0};
-  if (vv == 0) return lr;
+  // field by field (see layernorm_prologue_avx512)
+  out->e_c = e_c;
+  if (vv == 0) {
+    out->beta32 = 0;
+    out->hm = 0;
+    out->sh = 0;
+    return;
+  }
   const int j = (bitlen_u128(vv) - 61) >> 1;  // floor (arithmetic shift)
   const uint64_t vn = static_cast<uint64_t>(j >= 0 ? vv >> (2 * j) : vv << (-2 * j));
   const uint64_t m = (uint64_t{1} << 61) / isqrt_u64(vn);
-  lr.sh = 45 + j - kWBits;
-  lr.hm = h * static_cast<int64_t>(m);
-  lr.beta32 = static_cast<uint32_t>(
-      shift_round_even_128(static_cast<__int128>(s1) * static_cast<__int128>(m), lr.sh));
-  return lr;
+  const int sh = 45 + j - kWBits;
+  out->sh = sh;
+  out->hm = h * static_cast<int64_t>(m);
+  out->beta32 = static_cast<uint32_t>(
+      shift_round_even_128(static_cast<__int128>(s1) * static_cast<__int128>(m), sh));
 }
 
 inline uint32_t ln_alpha(const LnRow& lr, int s) {
@@ -1312,7 +1328,8 @@ BCT_CLONES void layernorm_rows_portable(const Blocking& bl, const LnParams& pp, 
         s2 += xv * xv;
       }
     }
-    const LnRow lr = ln_row_constants(bl, pp, e_c, s1, s2);  // 3.
+    LnRow lr;
+    ln_row_constants(bl, pp, e_c, s1, s2, &lr);  // 3.
     for (int64_t b = 0; b < bl.nb; ++b) {                    // 4.-5.
       const int n = static_cast<int>(std::min(bl.b, h - b * bl.b));
       const int s = er[b] - e_c;
@@ -1326,7 +1343,7 @@ BCT_CLONES void layernorm_rows_portable(const Blocking& bl, const LnParams& pp, 
         const int64_t zg = z * pp.gamma[b * bl.b + i];
         v[i] = static_cast<int32_t>(shift_round_even(zg, pp.a1[b]) + pp.bterm[b * bl.b + i]);
       }
-      requantize_block(v.data(), n, pp.g[b], y + r * h + b * bl.b, ys + r * bl.nb + b);
+      requantize_block<true>(v.data(), n, pp.g[b], y + r * h + b * bl.b, ys + r * bl.nb + b);
     }
   }
 }
@@ -1472,7 +1489,11 @@ BCT_AVX512CD __attribute__((always_inline)) inline void layernorm_prologue_avx51
         _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc1)),
         _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc1, 1))));
     const int64_t s2 = _mm512_reduce_add_epi64(acc2);
-    *st = LnRowState{LnRow{}, xr, s1, s2, e_c};
+    // field by field: an aggregate copy here is a wide load of narrow stores (no forwarding)
+    st->q = xr;
+    st->s1 = s1;
+    st->s2 = s2;
+    st->e_c = e_c;
     return;
   }
   // 2. S1 = sum (sum q) << s, S2 = sum (sum q^2) << 2s: pair sums (vpmaddwd) per block,
@@ -1519,7 +1540,7 @@ BCT_AVX512CD __attribute__((always_inline)) inline void layernorm_prologue_avx51
 
 // layernorm_rows_avx512's per-thread buffers (grown, never shrunk).
 struct LnBuffers {
-  std::vector<int32_t> vbuf, bmax, kk, kbias, kbit;
+  std::vector<int32_t> vbuf, bmax, kk, khalf;
   std::vector<uint32_t> alpha;
   std::vector<int8_t> xq;
   std::vector<LnRowState> states;
@@ -1537,7 +1558,7 @@ BCT_AVX512CD __attribute__((always_inline)) inline void layernorm_steps45(
     int64_t nb, int64_t cpb, const LnParams& pp, const uint32_t* al, const int8_t* xq,
     const uint16_t* valid, __m512i vc, int32_t* vbuf, int32_t* bmax) {
   const __m512i zero = _mm512_setzero_si512();
-  const int32_t* gamma = pp.gamma.data();  // locals: the stores below cannot make them reload
+  const int32_t* gamma = pp.gpair.data();  // locals: the stores below cannot make them reload
   const int32_t* bterm = pp.bterm.data();
   const int* a1s = pp.a1.data();
   for (int64_t b = 0, c = 0; b < nb; ++b) {
@@ -1547,8 +1568,11 @@ BCT_AVX512CD __attribute__((always_inline)) inline void layernorm_steps45(
       const __m128i q8 = kFull ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(xq + c * 16))
                                : _mm_maskz_loadu_epi8(valid[c], xq + c * 16);
       const __m512i q = _mm512_cvtepi8_epi32(q8);
-      const __m512i z = _mm512_srai_epi32(_mm512_add_epi32(_mm512_mullo_epi32(q, va), vc), kWBits);
-      __m512i zg = _mm512_mullo_epi32(z, _mm512_loadu_si512(gamma + c * 16));
+      const __m512i p = _mm512_add_epi32(_mm512_mullo_epi32(q, va), vc);
+      // z = p >> 8 as the int16 pair (z & 0xFF, z >> 8) = ((p >> 8) & 0xFF, p >> 16), times
+      // the pair (gamma, 256 gamma) by vpmaddwd: z gamma exactly
+      const __m512i zp = _mm512_ternarylogic_epi32(p, _mm512_srli_epi16(p, 8), _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u)), 0xE4);
+      __m512i zg = _mm512_madd_epi16(zp, _mm512_loadu_si512(gamma + c * 16));
       if (kA1) {  // some block's beta grid is coarser than z gamma's (rare)
         const int a1 = a1s[b];
         if (a1 > 30) {
@@ -1560,7 +1584,8 @@ BCT_AVX512CD __attribute__((always_inline)) inline void layernorm_steps45(
       const __m512i bt = _mm512_loadu_si512(bterm + c * 16);
       const __m512i v = kFull ? _mm512_add_epi32(zg, bt) : _mm512_maskz_add_epi32(valid[c], zg, bt);
       _mm512_storeu_si512(vbuf + c * 16, v);
-      vm = _mm512_max_epu32(vm, _mm512_abs_epi32(v));
+      const __m512i av = _mm512_abs_epi32(v);
+      vm = _mm512_mask_mov_epi32(vm, _mm512_cmpgt_epu32_mask(av, vm), av);
     }
     _mm512_storeu_si512(bmax + b * 16, vm);  // the block's max |v| per lane
   }
@@ -1587,8 +1612,7 @@ BCT_AVX512CD void layernorm_rows_avx512(const Blocking& bl, const LnParams& pp, 
   const bool any_a1 = pp.any_a1;
   int32_t* bmax = grow(buf.bmax, ngroups * 256);  // per block 16 lanes
   int32_t* kk = grow(buf.kk, ngroups * 16);
-  int32_t* kbias = grow(buf.kbias, ngroups * 16);
-  int32_t* kbit = grow(buf.kbit, ngroups * 16);
+  int32_t* khalf = grow(buf.khalf, ngroups * 16);
   LnRowState* states = grow(buf.states, kLnTile);
   uint32_t* alpha = grow(buf.alpha, kLnTile * nb + 16);
   int8_t* xq = grow(buf.xq, kLnTile * nch * 16);
@@ -1609,7 +1633,7 @@ BCT_AVX512CD void layernorm_rows_avx512(const Blocking& bl, const LnParams& pp, 
                                 &states[r - t0]);
     for (int64_t r = t0; r < t1; ++r) {
       LnRowState& st = states[r - t0];
-      st.lr = ln_row_constants(bl, pp, st.e_c, st.s1, st.s2);
+      ln_row_constants(bl, pp, st.e_c, st.s1, st.s2, &st.lr);
       ln_alphas(st.lr, ex + r * nb, st.e_c, nb, alpha + (r - t0) * nb);
     }
     for (int64_t r = t0; r < t1; ++r) {
@@ -1641,36 +1665,38 @@ BCT_AVX512CD void layernorm_rows_avx512(const Blocking& bl, const LnParams& pp, 
         special |= (_mm512_cmplt_epi32_mask(k, one32) | _mm512_cmpgt_epi32_mask(k, _mm512_set1_epi32(24)) |
                     _mm512_cmpeq_epi32_mask(e, _mm512_set1_epi32(127))) & cnt;
         _mm512_storeu_si512(kk + gi * 16, k);
-        _mm512_storeu_si512(kbias + gi * 16,
-                            _mm512_sub_epi32(_mm512_sllv_epi32(one32, _mm512_sub_epi32(k, one32)), one32));
-        _mm512_storeu_si512(kbit + gi * 16, _mm512_sllv_epi32(one32, k));
+        _mm512_storeu_si512(khalf + gi * 16, _mm512_sllv_epi32(one32, _mm512_sub_epi32(k, one32)));
         _mm512_mask_storeu_ps(ys + r * nb + gi * 16, cnt, scale);
       }
-      // codes: round_half_even(v / 2^k) = (v + 2^(k-1) - 1 + bit k of v) >> k, |.| <= 127 so
-      // the saturating pack is exact
+      // codes: round half up, (v + 2^(k-1)) >> k; |.| <= 127 so the saturating pack is exact
       int8_t* yr = y + r * h;
       if (all_full && nch % 4 == 0) {  // four chunks per store: two packs and one permute
         for (int64_t c = 0; c < nch; c += 4) {
           __m512i cd[4];
-          for (int u = 0; u < 4; ++u) {
-            const int32_t b = cblock[c + u];
-            const __m512i vk = _mm512_set1_epi32(kk[b]);
-            const __m512i v = _mm512_loadu_si512(vbuf + (c + u) * 16);
-            const __m512i t = _mm512_add_epi32(v, _mm512_set1_epi32(kbias[b]));
-            const __mmask16 odd = _mm512_test_epi32_mask(v, _mm512_set1_epi32(kbit[b]));
-            cd[u] = _mm512_srav_epi32(_mm512_mask_add_epi32(t, odd, t, one32), vk);
+          if (kCpb == 2 || (kCpb > 0 && kCpb % 4 == 0)) {  // the 4 chunks in one block, or two (cpb = 2)
+            const int64_t b0 = c / cpb, b1 = kCpb == 2 ? b0 + 1 : b0;
+            const __m512i k0 = _mm512_set1_epi32(kk[b0]), h0 = _mm512_set1_epi32(khalf[b0]);
+            const __m512i k1 = _mm512_set1_epi32(kk[b1]), h1 = _mm512_set1_epi32(khalf[b1]);
+            cd[0] = _mm512_srav_epi32(_mm512_add_epi32(_mm512_loadu_si512(vbuf + c * 16), h0), k0);
+            cd[1] = _mm512_srav_epi32(_mm512_add_epi32(_mm512_loadu_si512(vbuf + c * 16 + 16), h0), k0);
+            cd[2] = _mm512_srav_epi32(_mm512_add_epi32(_mm512_loadu_si512(vbuf + c * 16 + 32), h1), k1);
+            cd[3] = _mm512_srav_epi32(_mm512_add_epi32(_mm512_loadu_si512(vbuf + c * 16 + 48), h1), k1);
+          } else {
+            for (int u = 0; u < 4; ++u) {
+              const int32_t b = cblock[c + u];
+              cd[u] = _mm512_srav_epi32(_mm512_add_epi32(_mm512_loadu_si512(vbuf + (c + u) * 16),
+                                                         _mm512_set1_epi32(khalf[b])),
+                                        _mm512_set1_epi32(kk[b]));
+            }
           }
           const __m512i p = _mm512_packs_epi16(_mm512_packs_epi32(cd[0], cd[1]), _mm512_packs_epi32(cd[2], cd[3]));
           _mm512_storeu_si512(yr + c * 16, _mm512_permutexvar_epi32(unpack4, p));
         }
       } else {
         for (int64_t b = 0, c = 0; b < nb; ++b) {
-          const __m512i vk = _mm512_set1_epi32(kk[b]);
-          const __m512i bias = _mm512_set1_epi32(kbias[b]), bit = _mm512_set1_epi32(kbit[b]);
+          const __m512i vk = _mm512_set1_epi32(kk[b]), half = _mm512_set1_epi32(khalf[b]);
           for (int64_t j = 0; j < cpb; ++j, ++c) {
-            const __m512i v = _mm512_loadu_si512(vbuf + c * 16);
-            const __m512i t = _mm512_add_epi32(v, bias);
-            const __m512i cd = _mm512_srav_epi32(_mm512_mask_add_epi32(t, _mm512_test_epi32_mask(v, bit), t, one32), vk);
+            const __m512i cd = _mm512_srav_epi32(_mm512_add_epi32(_mm512_loadu_si512(vbuf + c * 16), half), vk);
             _mm_mask_storeu_epi8(yr + c * 16, valid[c], _mm512_cvtsepi32_epi8(cd));
           }
         }
@@ -1682,7 +1708,7 @@ BCT_AVX512CD void layernorm_rows_avx512(const Blocking& bl, const LnParams& pp, 
           const int n = static_cast<int>(std::min(bsz, h - b * bsz));
           for (int i = 0; i < n; ++i)
             yr[b * bsz + i] = static_cast<int8_t>(
-                std::clamp<int64_t>(shift_round_even(vbuf[b * bsz + i], k), -127, 127));
+                std::clamp<int64_t>(shift_round_half_up(vbuf[b * bsz + i], k), -127, 127));
         }
       }
     }
@@ -1790,6 +1816,7 @@ struct IntLayerNormKernel {
     pp->eps_ex = eps_ex;
     const int64_t padded = bl.nb * bl.b;
     pp->gamma.assign(static_cast<size_t>(padded), 0);
+    pp->gpair.assign(static_cast<size_t>(padded), 0);
     pp->bterm.assign(static_cast<size_t>(padded), 0);
     pp->g.assign(static_cast<size_t>((bl.nb + 15) / 16 * 16), 0);
     pp->a1.resize(static_cast<size_t>(bl.nb));
@@ -1800,7 +1827,9 @@ struct IntLayerNormKernel {
       pp->any_a1 |= pp->a1[b] != 0;
       const int64_t n = std::min(bl.b, h - b * bl.b);
       for (int64_t i = 0; i < n; ++i) {
-        pp->gamma[b * bl.b + i] = gd[b * bl.b + i];
+        const int32_t gm = gd[b * bl.b + i];
+        pp->gamma[b * bl.b + i] = gm;
+        pp->gpair[b * bl.b + i] = static_cast<int32_t>((static_cast<uint32_t>(gm) & 0xFFFFu) | (static_cast<uint32_t>(gm * 256) << 16));
         pp->bterm[b * bl.b + i] = static_cast<int32_t>(shift_round_even(bd[b * bl.b + i], g - eb[b]));
       }
     }
