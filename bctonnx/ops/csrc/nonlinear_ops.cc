@@ -1561,6 +1561,8 @@ BCT_AVX512CD __attribute__((always_inline)) inline void layernorm_steps45(
   const int32_t* gamma = pp.gpair.data();  // locals: the stores below cannot make them reload
   const int32_t* bterm = pp.bterm.data();
   const int* a1s = pp.a1.data();
+  // per dword: byte 1, zero (index with the high bit set), bytes 2 and 3
+  const __m512i pair_bytes = _mm512_broadcast_i32x4(_mm_setr_epi8(1, -128, 2, 3, 5, -128, 6, 7, 9, -128, 10, 11, 13, -128, 14, 15));
   for (int64_t b = 0, c = 0; b < nb; ++b) {
     __m512i vm = zero;
     const __m512i va = _mm512_set1_epi32(static_cast<int32_t>(al[b]));
@@ -1569,9 +1571,9 @@ BCT_AVX512CD __attribute__((always_inline)) inline void layernorm_steps45(
                                : _mm_maskz_loadu_epi8(valid[c], xq + c * 16);
       const __m512i q = _mm512_cvtepi8_epi32(q8);
       const __m512i p = _mm512_add_epi32(_mm512_mullo_epi32(q, va), vc);
-      // z = p >> 8 as the int16 pair (z & 0xFF, z >> 8) = ((p >> 8) & 0xFF, p >> 16), times
-      // the pair (gamma, 256 gamma) by vpmaddwd: z gamma exactly
-      const __m512i zp = _mm512_ternarylogic_epi32(p, _mm512_srli_epi16(p, 8), _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u)), 0xE4);
+      // z = p >> 8 as the int16 pair (z & 0xFF, z >> 8) = (byte 1 of p, bytes 2-3 of p) (one
+      // byte shuffle), times the pair (gamma, 256 gamma) by vpmaddwd: z gamma exactly
+      const __m512i zp = _mm512_shuffle_epi8(p, pair_bytes);
       __m512i zg = _mm512_madd_epi16(zp, _mm512_loadu_si512(gamma + c * 16));
       if (kA1) {  // some block's beta grid is coarser than z gamma's (rare)
         const int a1 = a1s[b];
@@ -1585,7 +1587,7 @@ BCT_AVX512CD __attribute__((always_inline)) inline void layernorm_steps45(
       const __m512i v = kFull ? _mm512_add_epi32(zg, bt) : _mm512_maskz_add_epi32(valid[c], zg, bt);
       _mm512_storeu_si512(vbuf + c * 16, v);
       const __m512i av = _mm512_abs_epi32(v);
-      vm = _mm512_mask_mov_epi32(vm, _mm512_cmpgt_epu32_mask(av, vm), av);
+      vm = j == 0 ? av : _mm512_max_epu32(vm, av);
     }
     _mm512_storeu_si512(bmax + b * 16, vm);  // the block's max |v| per lane
   }
