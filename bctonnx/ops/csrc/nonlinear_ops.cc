@@ -1439,22 +1439,11 @@ BCT_AVX512CD __attribute__((always_inline)) inline void layernorm_prologue_avx51
     const Blocking& bl, int64_t cpb, const int8_t* xr, const int16_t* er, const LnChunks& sc,
     int8_t* xq, LnRowState* st) {
   const int64_t h = bl.d, bsz = bl.b, nb = bl.nb;
-  int e_max, e_min;
-  if (nb <= 32) {  // masked loads (absent lanes: the neutral element), fold, reduce
-    const __mmask32 k = static_cast<__mmask32>(nb == 32 ? ~0u : (1u << nb) - 1u);
-    __m512i hi = _mm512_mask_loadu_epi16(_mm512_set1_epi16(INT16_MIN), k, er);
-    __m512i lo = _mm512_mask_loadu_epi16(_mm512_set1_epi16(INT16_MAX), k, er);
-    hi = _mm512_max_epi16(hi, _mm512_shuffle_i64x2(hi, hi, 0x4E));
-    lo = _mm512_min_epi16(lo, _mm512_shuffle_i64x2(lo, lo, 0x4E));
-    e_max = _mm512_reduce_max_epi32(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(hi)));
-    e_min = _mm512_reduce_min_epi32(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(lo)));
-  } else {
-    e_max = er[0];
-    e_min = er[0];
-    for (int64_t b = 1; b < nb; ++b) {
-      e_max = std::max<int>(e_max, er[b]);
-      e_min = std::min<int>(e_min, er[b]);
-    }
+  // scalar (the ports the vector code leaves idle)
+  int e_max = er[0], e_min = er[0];
+  for (int64_t b = 1; b < nb; ++b) {
+    e_max = std::max<int>(e_max, er[b]);
+    e_min = std::min<int>(e_min, er[b]);
   }
   const int e_c = std::max(e_min, e_max - kLnWindow);  // 1.
   if (e_max - e_min <= kLnFastSpan) {
