@@ -94,9 +94,11 @@ def _add_compress_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-activations", action="store_true", help="leave activations in FP32")
     g.add_argument(
         "--mode",
-        choices=("qdq", "integer"),
-        help="lowering: qdq = portable QuantizeLinear/DequantizeLinear (stock onnxruntime); "
-        "integer = bctonnx's integer GELU/Softmax/LayerNorm ops (needs the op library)",
+        choices=("integer", "qdq"),
+        help="lowering: integer (default) = bctonnx's integer ops for the linear layers, GELU, "
+        "Softmax and LayerNorm (running it needs the op library: bctonnx.session_options()); "
+        "qdq = portable QuantizeLinear/DequantizeLinear that stock onnxruntime runs (the "
+        "default where activations stay float or are wider than 8 bits)",
     )
     g.add_argument(
         "--exclude",

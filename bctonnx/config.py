@@ -12,10 +12,12 @@ from typing import Any, Literal
 
 from .blockformat import BlockFormat
 
-# qdq: portable QuantizeLinear/DequantizeLinear, stock onnxruntime. integer: GELU, Softmax,
-# LayerNorm and activation quantization as bctonnx's native integer ops (needs the library).
+# integer (the default): GELU, Softmax, LayerNorm, activation quantization and the linear
+# layers as bctonnx's native integer ops (running it needs the op library). qdq: portable
+# QuantizeLinear/DequantizeLinear that stock onnxruntime runs; also the form of configs the
+# integer one cannot express (activations left in float, or wider than 8 bits).
 Mode = Literal["qdq", "integer"]
-MODES = ("qdq", "integer")
+MODES = ("integer", "qdq")
 
 
 @dataclass(frozen=True)
@@ -23,7 +25,7 @@ class CompressionConfig:
     weights: BlockFormat | None = None
     embeddings: BlockFormat | None = None
     activations: BlockFormat | None = None
-    mode: Mode = "qdq"
+    mode: Mode = "integer"
     exclude: tuple[str, ...] = field(default_factory=tuple)
     # storage of the tensors left in floating point (biases, LayerNorm, excluded weights)
     float_dtype: Literal["float32", "float16"] = "float32"
@@ -138,7 +140,9 @@ def resolve_config(
     ``superblock`` groups the weights' blocks (0 = none; see `blockformat`); a preset's
     superblock is dropped when the overrides leave a format it does not fit (more than 4
     bits, float scales, blocks that do not divide it). ``float_dtype`` is how tensors left in
-    floating point are stored. ``match_weight_blocks``: in integer mode, linear layers read
+    floating point are stored. ``mode``: None keeps the preset's (integer), except for what
+    the integer form cannot express (no quantized activations, or wider than 8 bits): qdq.
+    ``match_weight_blocks``: in integer mode, linear layers read
     their activations in their weight block size (with superblocks: the superblock size).
     """
     if isinstance(preset, CompressionConfig):
@@ -184,6 +188,8 @@ def resolve_config(
         acts = replace(acts, **changes)
     if mode is not None and mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+    if mode is None and (acts is None or acts.bits > 8):
+        mode = "qdq"  # what the integer form cannot express: the portable form, unasked
     weights = config.weights
     if weights is not None:
         sb = weights.superblock if superblock is None else superblock
@@ -220,12 +226,16 @@ def resolve_config(
 
 def distinct_configs(combos: list[tuple[str, Any, CompressionConfig]]) -> list:
     """``(preset, ..., config)`` tuples with one per distinct compression (same `describe`),
-    in their order; of equal ones, the one whose config keeps its preset's own mode (w8a8-fast
-    in qdq mode is w8a8's qdq form: the w8a8 entry stays)."""
+    in their order; of equal ones, one that keeps every setting of its preset (w8a8-fast in qdq
+    mode is w8a8's qdq form without w8a8-fast's integer-only re-blocking: the w8a8 entry
+    stays)."""
 
     def natural(item) -> bool:
         preset, config = item[0], item[-1]
-        return preset in PRESETS and PRESETS[preset].mode == config.mode
+        if preset not in PRESETS:
+            return False
+        own = PRESETS[preset]
+        return own.mode == config.mode or not own.match_weight_blocks
 
     keep: dict[str, Any] = {}
     for item in combos:

@@ -54,7 +54,7 @@ def extract_minilm(workdir: Path) -> Path:
 
 def run_demo(
     workdir: Path | None = None,
-    presets: tuple[str, ...] = ("w8a8", "w4a8", "w8a8 integer", "w8a8-fast", "w4a8 integer"),
+    presets: tuple[str, ...] = ("w8a8", "w8a8-fast", "w4a8", "w8a8 qdq", "w4a8 qdq"),
     texts: list[str] | None = None,
     threads: int = 2,
     runs: int = 20,

@@ -4,8 +4,9 @@ Reports, per graph output: max / mean abs error and cosine similarity (per row o
 axis, masked by the attention mask for token outputs); for a token-level hidden state also the
 mean-pooled sentence-embedding cosine; for logits, top-1 agreement. The per-layer table compares
 every LayerNormalization output that both models still carry under the same name (bctonnx
-keeps tensor names through compression) and labels it with its encoder layer, so the block that
-hurts stands out. For a candidate in the integer form, each integer op (IntGelu, IntSoftmax,
+keeps tensor names through compression), or, in the integer form, the dequantized output of the
+IntLayerNorm that replaced it (it keeps the node's name), and labels it with its encoder layer,
+so the block that hurts stands out. For a candidate in the integer form, each integer op (IntGelu, IntSoftmax,
 IntLayerNorm) is compared with its float original applied to the op's own (dequantized) input
 on real activations: max and mean abs error in units of the op's output scale (LSB) and the
 relative error.
@@ -168,8 +169,8 @@ def make_feeds(
 _LAYER_RE = re.compile(r"layers?[._/]?(\d+)")
 
 
-def layer_probes(proto: onnx.ModelProto) -> list[tuple[str, str]]:
-    """(label, tensor name) of each LayerNormalization output, in graph order."""
+def layer_probes(proto: onnx.ModelProto) -> list[tuple[str, str, str]]:
+    """(label, tensor name, node name) of each LayerNormalization output, in graph order."""
     probes = []
     for node in proto.graph.node:
         if node.op_type != "LayerNormalization" or not node.output:
@@ -183,7 +184,50 @@ def layer_probes(proto: onnx.ModelProto) -> list[tuple[str, str]]:
             label = "embeddings"
         else:
             label = lname
-        probes.append((label, node.output[0]))
+        probes.append((label, node.output[0], node.name))
+    return probes
+
+
+@dataclass(frozen=True)
+class _CandProbe:
+    """Where the candidate has a reference LayerNorm's output: the tensor itself, or (integer
+    form) the codes and block scales of the IntLayerNorm of the same node name."""
+
+    tensor: str
+    scales: str | None = None
+    block_size: int = 0
+
+    def fetch(self) -> list[str]:
+        return [self.tensor] + ([self.scales] if self.scales else [])
+
+    def value(self, values: dict[str, np.ndarray]) -> np.ndarray:
+        if self.scales is None:
+            return values[self.tensor]
+        return _dequantize_blocks(values[self.tensor], values[self.scales], self.block_size)
+
+
+def _candidate_probes(
+    ref_proto: onnx.ModelProto, cand_proto: onnx.ModelProto, skip: list[str]
+) -> list[tuple[str, str, _CandProbe]]:
+    """(label, reference tensor, where the candidate has it) for `layer_probes` of the
+    reference that the candidate still has, except the tensors in ``skip`` (graph outputs)."""
+    cand_tensors = {o for n in cand_proto.graph.node for o in n.output}
+    int_ln = {
+        n.name: n
+        for n in cand_proto.graph.node
+        if n.domain == "bctonnx" and n.op_type == "IntLayerNorm" and n.name and len(n.output) > 1
+    }
+    probes = []
+    for label, tensor, node_name in layer_probes(ref_proto):
+        if tensor in skip:
+            continue
+        if tensor in cand_tensors:
+            probes.append((label, tensor, _CandProbe(tensor)))
+        elif node_name in int_ln:
+            node = int_ln[node_name]
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            cand = _CandProbe(node.output[0], node.output[1], int(attrs["block_size"]))
+            probes.append((label, tensor, cand))
     return probes
 
 
@@ -288,14 +332,11 @@ def validate(
     missing = [o for o in outputs if o not in cand_outputs]
     if missing:
         raise BctError(f"candidate model lacks outputs {missing} of the reference")
-    probes = []
-    if per_layer:
-        cand_tensors = {o for n in cand_proto.graph.node for o in n.output}
-        probes = [(lbl, t) for lbl, t in layer_probes(ref_proto) if t in cand_tensors]
-        probes = [(lbl, t) for lbl, t in probes if t not in outputs]
-    probe_names = [t for _, t in probes]
+    probes = _candidate_probes(ref_proto, cand_proto, outputs) if per_layer else []
+    probe_names = [t for _, t, _ in probes]
+    cand_fetch = list(outputs) + sorted({t for _, _, c in probes for t in c.fetch()})
     ref_sess = _session(_with_outputs(ref_proto, probe_names), threads)
-    cand_sess = _session(_with_outputs(cand_proto, probe_names), threads)
+    cand_sess = _session(_with_outputs(cand_proto, cand_fetch), threads)
     input_names = [i.name for i in ref_sess.get_inputs()]
     vocab = vocab_size(ref_proto)
     batches = make_feeds(input_names, texts, tokenizer, batch_size, max_length, vocab_size=vocab)
@@ -303,16 +344,18 @@ def validate(
     accs = {n: _Acc() for n in fetch}
     n_inputs = 0
     for feeds in tqdm(batches, desc="validate", unit="batch", disable=not progress, leave=False):
-        ref_out = ref_sess.run(fetch, feeds)
-        cand_out = cand_sess.run(fetch, feeds)
+        ref_out = dict(zip(fetch, ref_sess.run(fetch, feeds), strict=True))
+        cand_out = dict(zip(cand_fetch, cand_sess.run(cand_fetch, feeds), strict=True))
         mask = feeds.get("attention_mask")
-        for name, r, c in zip(fetch, ref_out, cand_out, strict=True):
-            accs[name].add(np.asarray(r), np.asarray(c), mask, name)
+        for name in outputs:
+            accs[name].add(np.asarray(ref_out[name]), np.asarray(cand_out[name]), mask, name)
+        for _, name, cand in probes:
+            accs[name].add(np.asarray(ref_out[name]), cand.value(cand_out), mask, name)
         n_inputs += len(next(iter(feeds.values())))
     report = ValidationReport(num_inputs=n_inputs)
     report.int_ops = integer_op_stats(cand_proto, batches, threads)
     report.outputs = [accs[n].stats(n) for n in outputs]
-    for label, name in probes:
+    for label, name, _ in probes:
         s = accs[name].stats(name)
         acc = accs[name]
         rel = acc.abs_sum / acc.ref_abs_sum if acc.ref_abs_sum else float("nan")

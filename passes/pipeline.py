@@ -50,7 +50,10 @@ def build_pipeline(config: CompressionConfig) -> list[ir.passes.PassBase]:
         passes.append(LowerQDQ())
     elif config.mode == "integer":
         if config.activations is None:
-            raise ValueError("mode 'integer' needs quantized activations (drop --no-activations)")
+            raise ValueError(
+                "mode 'integer' needs quantized activations (drop --no-activations, or use "
+                "mode 'qdq')"
+            )
         passes += [
             LowerInteger(),
             LowerMatMul(match_weight_blocks=config.match_weight_blocks),

@@ -17,6 +17,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+import bctonnx
+
 NUM_LAYERS = 2
 HIDDEN = 64
 VOCAB_SIZE = 512
@@ -96,11 +98,20 @@ def tiny_bert_onnx(tiny_bert_dir: Path) -> Path:
 
 
 def session_for(model_or_path) -> ort.InferenceSession:
-    """A stock CPU onnxruntime session (no custom-op library) for a path or a ModelProto."""
+    """A CPU onnxruntime session for a path or a ModelProto: stock onnxruntime (no custom-op
+    library) unless the model imports bctonnx's domain (the integer form), which gets
+    `bctonnx.session_options()`."""
     if isinstance(model_or_path, onnx.ModelProto):
+        proto = model_or_path
         model_or_path = model_or_path.SerializeToString()
-    elif isinstance(model_or_path, os.PathLike):
+    else:
         model_or_path = os.fspath(model_or_path)
+        proto = onnx.load(model_or_path, load_external_data=False)
+    if any(o.domain == "bctonnx" for o in proto.opset_import):
+        so = bctonnx.session_options()
+        so.log_severity_level = 3
+        so.intra_op_num_threads = 1
+        return ort.InferenceSession(model_or_path, so, providers=["CPUExecutionProvider"])
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.intra_op_num_threads = 1

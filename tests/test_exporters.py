@@ -175,8 +175,10 @@ def test_each_export_compresses_runs_and_validates(exports, tmp_path, name):
     assert v.num_inputs == len(TEXTS)
     assert all(o.cosine > 0.99 for o in v.outputs), [(o.name, o.cosine) for o in v.outputs]
     proto = onnx.load(str(out))
-    quantized = Counter(n.op_type for n in proto.graph.node)
-    assert quantized["DequantizeLinear"] >= 6 and quantized["QuantizeLinear"] >= 6
+    ops = Counter((n.domain, n.op_type) for n in proto.graph.node)
+    # the integer form: every linear layer outside a fused op one BlockMatMul, every LayerNorm
+    # an IntLayerNorm
+    assert ops[("bctonnx", "BlockMatMul")] >= 6 and ops[("bctonnx", "IntLayerNorm")] >= 4
     if not name.startswith("ort-fused"):
         # every weight and table compressed: no float matrix bigger than a bias is left
         floats = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
@@ -197,7 +199,7 @@ def test_fused_ops_are_left_alone_with_a_warning_naming_them(exports, tmp_path, 
     assert ops[("com.microsoft", "EmbedLayerNormalization")] == 1
     # unfused: SkipLayerNormalization / BiasGelu became LayerNormalization / Gelu, compressed
     assert ops[("com.microsoft", "SkipLayerNormalization")] == 0
-    assert ops[("", "LayerNormalization")] == 4 and ops[("", "Gelu")] == 2
+    assert ops[("bctonnx", "IntLayerNorm")] == 4 and ops[("bctonnx", "IntGelu")] == 2
     # the fused ops' weights are exactly the original ones
     before = {t.name: t.raw_data for t in original.graph.initializer}
     after = {t.name: t.raw_data for t in result.model.graph.initializer}

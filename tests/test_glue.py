@@ -335,7 +335,8 @@ def test_config_file_schema(tmp_path):
     assert (n1, n2) == ("w4 b64", "custom 2")
     assert c1.weights.bits == 4 and c1.weights.block_size == 64 and c1.exclude == ("*pooler*",)
     assert c2.weights.bits == 8 and c2.activations.bits == 6
-    assert [n for n, _ in eval_configs(config_file=f, mode="qdq")] == ["w4 b64", "custom 2"]
+    assert [n for n, _ in eval_configs(config_file=f, mode="integer")] == ["w4 b64", "custom 2"]
+    assert [n for n, _ in eval_configs(config_file=f, mode="qdq")] == ["w4 b64 qdq", "custom 2 qdq"]
 
 
 def test_mode_goes_through_resolve_config():
@@ -344,23 +345,24 @@ def test_mode_goes_through_resolve_config():
     for mode in MODES:
         configs = eval_configs(["w8a8"], mode=mode)
         assert [c.mode for _, c in configs] == [mode]
-        assert configs[0][0] == ("w8a8" if mode == "qdq" else f"w8a8 {mode}")
+        assert configs[0][0] == ("w8a8" if mode == "integer" else f"w8a8 {mode}")
 
 
 def test_distinct_configs_keeps_the_preset_in_its_own_mode():
     from bctonnx.config import distinct_configs
 
     combos = [
-        (p, m, resolve_config(p, mode=m)) for p in ("w8a8-fast", "w8a8") for m in ("integer", "qdq")
+        (p, m, resolve_config(p, mode=m)) for p in ("w8a8-fast", "w8a8") for m in ("qdq", "integer")
     ]
     kept = [(p, m) for p, m, _ in distinct_configs(combos)]
-    assert kept == [("w8a8-fast", "integer"), ("w8a8", "integer"), ("w8a8", "qdq")]
+    # w8a8-fast's qdq form comes first but is w8a8's without its own re-blocking: w8a8 stays
+    assert kept == [("w8a8-fast", "integer"), ("w8a8", "qdq"), ("w8a8", "integer")]
 
 
 def test_w8a8_fast_is_w8a8_integer_with_reblocked_linear_inputs_and_no_duplicate_in_qdq():
     names = lambda mode: [n for n, _ in eval_configs(["w8a8", "w8a8-fast"], mode=mode)]  # noqa: E731
-    assert names("integer") == ["w8a8 integer", "w8a8-fast"]
-    assert names("qdq") == ["w8a8"]  # the flag only changes the integer form
+    assert names("integer") == ["w8a8", "w8a8-fast"]
+    assert names("qdq") == ["w8a8 qdq"]  # the flag only changes the integer form
     ((_, fast),) = eval_configs(["w8a8-fast"])
     assert fast.mode == "integer" and fast.match_weight_blocks
     assert "linear inputs in weight blocks" in fast.describe()
