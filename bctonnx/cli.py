@@ -181,6 +181,12 @@ def cmd_compress(args) -> int:
             f"{args.input} ({report.input_bytes / 1e6:.2f} MB) -> {args.output} "
             f"({report.output_bytes / 1e6:.2f} MB): compression ratio {report.ratio:.3f}x"
         )
+        if config.mode == "integer":
+            print(
+                "integer form: onnxruntime runs it with bctonnx's op library "
+                "(bctonnx.session_options(), or register bctonnx.op_library_path()); "
+                "--mode qdq for stock onnxruntime"
+            )
     return 0
 
 

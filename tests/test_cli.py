@@ -44,6 +44,19 @@ def test_compress_file_writes_model_and_reports_ratio(capsys, tiny_copy, tmp_pat
     assert rc == 0
     assert out.is_file()
     assert "compression ratio" in stdout
+    assert "mode=integer" in stdout and "bctonnx.session_options()" in stdout  # the default
+    rc, stdout, _ = run_cli(
+        capsys,
+        "compress",
+        tiny_copy / "model.onnx",
+        "-o",
+        out,
+        "--block-size",
+        "16",
+        "--mode",
+        "qdq",
+    )
+    assert rc == 0 and "mode=qdq" in stdout and "session_options" not in stdout
 
 
 def test_compress_directory_copies_config_and_tokenizer(capsys, tiny_copy, tmp_path):
