@@ -14,7 +14,11 @@
 
 Graphs of other exporters and optimizers come to the same form where that is cheap and exact:
 
-- torch.onnx dynamo exporter's per-node debug metadata (stack traces, module names) dropped;
+- torch.onnx dynamo exporter's per-node debug metadata (stack traces, module names) dropped,
+  and its K^T of attention, ``Reshape([b, h, S, d] -> [b*h, S, d])``, ``Transpose(0, 2, 1)``,
+  ``Reshape(-> [b, h, d, S])``, becomes the one ``Transpose(0, 1, 3, 2)`` it is (checked on
+  the inferred shapes), the form TorchScript exports write, so the scores get the integer
+  ``BlockBatchMatMul`` too;
 - initializers also listed as graph inputs (``keep_initializers_as_inputs=True``) become plain
   constants (a warning says so); weights that are graph inputs without a value are refused;
 - onnxruntime's fused ops (``onnxruntime.transformers.optimizer``, domain ``com.microsoft``)
@@ -138,6 +142,8 @@ class Canonicalize(ir.passes.InPlacePass):
         infer_shapes(model)
         if any(n.domain == CONTRIB_DOMAIN for n in model.graph):
             infer_contrib_shapes(model)
+        if collapse_flattened_transposes(model.graph):
+            common_passes.RemoveUnusedNodesPass()(model)
         tag_roles(model.graph)
         warn_left_alone(model.graph)
         if not any(role(n) in ("linear", "embedding") for n in model.graph):
@@ -208,6 +214,63 @@ KNOWN_DOMAINS = ("", "ai.onnx")
 # Per-node debug metadata of torch.onnx's dynamo exporter (stack traces with local paths,
 # module names): several hundred bytes per node, a visible share of a compressed file.
 _DEBUG_METADATA = ("pkg.torch.onnx.", "namespace")
+
+
+def _same_dims(a: ir.Shape | None, b: list) -> bool:
+    """``a`` is known and equal, dim by dim, to ``b`` (ints or named symbolic dims)."""
+    if a is None or len(a) != len(b):
+        return False
+    for x, y in zip(a, b, strict=True):
+        if isinstance(x, int) and isinstance(y, int):
+            if x != y:
+                return False
+        elif isinstance(x, int) or isinstance(y, int) or x.value is None or x.value != y.value:
+            return False
+    return True
+
+
+def collapse_flattened_transposes(graph: ir.Graph) -> int:
+    """``Reshape(x: [a, b, c, d] -> [a*b, c, d])``, ``Transpose(0, 2, 1)``, ``Reshape(-> [a, b,
+    d, c])`` (each read only by the next) -> ``Transpose(x, perm=(0, 1, 3, 2))``: the same
+    elements in the same places (row-major merge and split of the leading dims). Only where
+    the inferred shapes show it: x's dims, c and d in the middle and a, b, d, c at the end.
+    Returns how many were collapsed."""
+    count = 0
+    for node in list(graph):
+        if node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+            continue
+        perm = node.attributes.get("perm")
+        if perm is None or list(perm.as_ints()) != [0, 2, 1]:
+            continue
+        first, mid, out = node.inputs[0].producer(), node.inputs[0], node.outputs[0]
+        uses = list(out.uses())
+        if (
+            first is None
+            or first.op_type != "Reshape"
+            or len(uses) != 1
+            or uses[0][0].op_type != "Reshape"
+            or len(list(mid.uses())) != 1
+            or out in graph.outputs
+            or mid in graph.outputs
+        ):
+            continue
+        last = uses[0][0]
+        x, y = first.inputs[0], last.outputs[0]
+        if x.shape is None or len(x.shape) != 4 or mid.shape is None or len(mid.shape) != 3:
+            continue
+        a, b, c, d = x.shape
+        if not (
+            _same_dims(ir.Shape(list(mid.shape)[1:]), [c, d]) and _same_dims(y.shape, [a, b, d, c])
+        ):
+            continue
+        new = ir.node("Transpose", [x], {"perm": [0, 1, 3, 2]}, name=f"{last.name}/kt")
+        graph.insert_before(first, new)
+        new.outputs[0].shape, new.outputs[0].type = y.shape, y.type
+        take_over(y, new.outputs[0])
+        count += 1
+    if count:
+        log.info("dynamo K^T: %d Reshape/Transpose/Reshape collapsed to Transpose", count)
+    return count
 
 
 def drop_exporter_debug_info(graph: ir.Graph) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import HIDDEN, VOCAB_SIZE, _write_vocab, run_onnx, tiny_feeds
+from conftest import HIDDEN, NUM_LAYERS, VOCAB_SIZE, _write_vocab, run_onnx, tiny_feeds
 from test_cli import assert_one_line_error, run_cli
 
 import bctonnx
@@ -179,6 +179,10 @@ def test_each_export_compresses_runs_and_validates(exports, tmp_path, name):
     # the integer form: every linear layer outside a fused op one BlockMatMul, every LayerNorm
     # an IntLayerNorm
     assert ops[("bctonnx", "BlockMatMul")] >= 6 and ops[("bctonnx", "IntLayerNorm")] >= 4
+    if not name.startswith("ort-fused"):  # attention in integer ops, on every exporter's graph
+        assert ops[("bctonnx", "BlockBatchMatMul")] == NUM_LAYERS
+        assert ops[("bctonnx", "AttentionPV")] == NUM_LAYERS
+        assert ops[("", "MatMul")] == 0
     if not name.startswith("ort-fused"):
         # every weight and table compressed: no float matrix bigger than a bias is left
         floats = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]

@@ -200,6 +200,41 @@ def test_canonicalized_model_computes_what_the_export_computes(tiny_bert_onnx, f
     np.testing.assert_allclose(out, fp32_reference(7), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(("split", "collapsed"), [((2, 3), True), ((3, 2), False)])
+def test_canonicalize_collapses_the_dynamo_exporters_flattened_transpose(split, collapsed):
+    """Reshape([a, b, c, d] -> [a*b, c, d]), Transpose(0, 2, 1), Reshape(-> [a, b, d, c]) is
+    Transpose(0, 1, 3, 2) (the dynamo exporter's K^T); split the other way round it is not."""
+    from bctonnx.passes.canonicalize import collapse_flattened_transposes, infer_shapes
+
+    h = onnx.helper
+    nodes = [
+        h.make_node("Reshape", ["x", "s3"], ["m"]),
+        h.make_node("Transpose", ["m"], ["t"], perm=[0, 2, 1]),
+        h.make_node("Reshape", ["t", "s4"], ["y"]),
+    ]
+    inits = [
+        onnx.numpy_helper.from_array(np.array([6, 5, 7], np.int64), "s3"),
+        onnx.numpy_helper.from_array(np.array([*split, 7, 5], np.int64), "s4"),
+    ]
+    graph = h.make_graph(
+        nodes,
+        "g",
+        [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3, 5, 7])],
+        [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        inits,
+    )
+    proto = h.make_model(graph, opset_imports=[h.make_opsetid("", 21)], ir_version=10)
+    model = ir.serde.deserialize_model(proto)
+    infer_shapes(model)
+    assert collapse_flattened_transposes(model.graph) == int(collapsed)
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    ops = [n.op_type for n in model.graph]
+    assert ops == (["Transpose"] if collapsed else ["Reshape", "Transpose", "Reshape"])
+    x = {"x": np.random.default_rng(0).standard_normal((2, 3, 5, 7)).astype(np.float32)}
+    got = run_onnx(ir.serde.serialize_model(model), x)["y"]
+    np.testing.assert_array_equal(got, run_onnx(proto, x)["y"])
+
+
 # --- quantize_weights --------------------------------------------------------------------------
 
 
