@@ -368,10 +368,15 @@ def validate(
 INT_OPS = ("IntGelu", "IntSoftmax", "IntLayerNorm")
 
 
-def _float_gelu(x: np.ndarray, _node, _inits) -> np.ndarray:
+def _float_gelu(x: np.ndarray, node, _inits) -> np.ndarray:
     import torch
 
-    return torch.nn.functional.gelu(torch.from_numpy(x.astype(np.float32))).numpy()
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    approximate = attrs.get("approximate", b"none")
+    approximate = approximate.decode() if isinstance(approximate, bytes) else approximate
+    return torch.nn.functional.gelu(
+        torch.from_numpy(x.astype(np.float32)), approximate=approximate
+    ).numpy()
 
 
 def _float_softmax(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:

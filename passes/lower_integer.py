@@ -5,6 +5,7 @@ library (``bctonnx.session_options()``).
     BlockFakeQuant(x)                        -> BlockQuantize(x) -> (q:int8, s:pow2)
                                                 -> DequantizeLinear(q, s, block_size)
     Gelu(fq(x)) -> fq                        -> IntGelu(q, s) -> DequantizeLinear
+                                                (approximate="tanh" carried over)
     Softmax(fq(scores) + mask) -> fq         -> IntSoftmax(q, s, mask) -> Cast(uint8 p) * 2^-8
     LayerNormalization(fq(x), g, b) -> fq    -> IntLayerNorm(q, s, g_q, g_s, b_q, b_s)
                                                 -> DequantizeLinear
@@ -186,12 +187,20 @@ class LowerInteger(ir.passes.InPlacePass):
             self._skip(node, "its input is not block-quantized")
             return
         approx = node.attributes.get("approximate")
-        if approx is not None and approx.as_string() != "none":
-            self._skip(node, "tanh-approximated GELU")
+        approx = "none" if approx is None else approx.as_string()
+        if approx not in ("none", "tanh"):
+            self._skip(node, f"GELU with approximate={approx!r}")
             return
         q, s, fmt = self._quantize(fq)
+        attrs = {"approximate": approx} if approx == "tanh" else {}
         y = self._node(
-            "IntGelu", [q, s], node, num_outputs=2, name=node.name, block_size=fmt.block_size
+            "IntGelu",
+            [q, s],
+            node,
+            num_outputs=2,
+            name=node.name,
+            block_size=fmt.block_size,
+            **attrs,
         )
         self._finish(node, self._dequantize(node, *y.outputs, fmt))
 

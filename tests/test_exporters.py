@@ -179,6 +179,13 @@ def test_each_export_compresses_runs_and_validates(exports, tmp_path, name):
     # the integer form: every linear layer outside a fused op one BlockMatMul, every LayerNorm
     # an IntLayerNorm
     assert ops[("bctonnx", "BlockMatMul")] >= 6 and ops[("bctonnx", "IntLayerNorm")] >= 4
+    gelus = [n for n in proto.graph.node if n.op_type == "IntGelu"]
+    assert len(gelus) == NUM_LAYERS  # FastGelu too: IntGelu(approximate="tanh")
+    tanh = [a.s == b"tanh" for n in gelus for a in n.attribute if a.name == "approximate"]
+    assert tanh == ([True] * NUM_LAYERS if name.endswith("fastgelu") else [])
+    gelu_err = [o.max_err_lsb for o in v.int_ops if o.op_type == "IntGelu"]
+    # vs its own float form (erf or tanh): half an output LSB plus the table rounding
+    assert len(gelu_err) == NUM_LAYERS and max(gelu_err) <= 0.5005
     if not name.startswith("ort-fused"):  # attention in integer ops, on every exporter's graph
         assert ops[("bctonnx", "BlockBatchMatMul")] == NUM_LAYERS
         assert ops[("bctonnx", "AttentionPV")] == NUM_LAYERS

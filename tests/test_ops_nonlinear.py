@@ -76,8 +76,10 @@ def _session(lib: str, op: str, threads: int = 1, **attrs) -> ort.InferenceSessi
     return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def run_gelu(lib, x, s, b, simd=1, threads=1, out_block=0):
+def run_gelu(lib, x, s, b, simd=1, threads=1, out_block=0, approximate=None):
     attrs = {"out_block_size": out_block} if out_block else {}
+    if approximate is not None:
+        attrs["approximate"] = approximate
     sess = _session(lib, "IntGelu", threads, block_size=b, simd=simd, **attrs)
     return sess.run(None, {"x": x, "s": s})
 
@@ -142,9 +144,11 @@ def assert_same(got, want):
 # reference building blocks
 
 
-def test_gelu_table_is_exact_rounding_and_its_clamps_are_exact():
-    t = R.gelu_table()
+@pytest.mark.parametrize("approximate", R.GELU_APPROXIMATIONS)
+def test_gelu_table_is_exact_rounding_and_its_clamps_are_exact(approximate):
+    t = R.gelu_table(approximate)
     q = np.arange(-128, 128)
+    k, c = math.sqrt(2 / math.pi), 0.044715
     assert np.array_equal(t[0], q * 2**15)  # e = GELU_E_LO: GELU(x) = x/2 to the unit
     assert np.array_equal(t[-1], np.maximum(q, 0) * 2**16)  # e = GELU_E_HI: max(x, 0)
     assert not np.array_equal(t[1], q * 2**15) and not np.array_equal(t[-2], t[-1])  # tight
@@ -152,10 +156,14 @@ def test_gelu_table_is_exact_rounding_and_its_clamps_are_exact():
     for i, e in enumerate(range(R.GELU_E_LO, R.GELU_E_HI + 1)):
         for qq in range(-128, 128):
             x = math.ldexp(qq, e)
-            exact = qq * 65536 * 0.5 * (1 + math.erf(x / math.sqrt(2)))
+            if approximate == "tanh":
+                exact = qq * 65536 * 0.5 * (1 + math.tanh(k * (x + c * x**3)))
+            else:
+                exact = qq * 65536 * 0.5 * (1 + math.erf(x / math.sqrt(2)))
             worst = max(worst, abs(t[i, qq + 128] - exact))
     assert worst <= 0.5 + 1e-6  # table = correctly rounded GELU in units of 2^(e-16)
     assert np.abs(t).max() < 2**23
+    assert (t != R.gelu_table("none" if approximate == "tanh" else "tanh")).sum() > 1000
 
 
 def test_exp2_polynomial_exhaustive():
@@ -240,21 +248,40 @@ def test_gelu_bit_exact(lib, b, simd):
     cases += edge_cases(rng, (2, 3, 2 * b + 5), b)
     for x, s in cases:
         assert_same(run_gelu(lib, x, s, b, simd), R.int_gelu(x, s, b))
+        tanh = R.int_gelu(x, s, b, approximate="tanh")
+        assert_same(run_gelu(lib, x, s, b, simd, approximate="tanh"), tanh)
 
 
+def test_gelu_approximate_attribute(lib):
+    """ "none" is the default (erf); anything but "none" / "tanh" is refused at session load."""
+    x = np.arange(-128, 128, dtype=np.int16).astype(np.int8).reshape(1, 256)
+    s = np.full((1, 8), 2.0**-5, np.float32)  # x in [-4, 4): where the two forms differ most
+    assert_same(run_gelu(lib, x, s, 32, approximate="none"), run_gelu(lib, x, s, 32))
+    erf, tanh = R.int_gelu(x, s, 32), R.int_gelu(x, s, 32, approximate="tanh")
+    assert not np.array_equal(erf[0], tanh[0])  # this input tells the two forms apart
+    assert_same(run_gelu(lib, x, s, 32, approximate="tanh"), tanh)
+    with pytest.raises(Exception, match="approximate"):
+        run_gelu(lib, x, s, 32, approximate="sigmoid")
+    with pytest.raises(ValueError, match="approximate"):
+        R.int_gelu(x, s, 32, approximate="sigmoid")
+
+
+@pytest.mark.parametrize("approximate", R.GELU_APPROXIMATIONS)
 @pytest.mark.parametrize("simd", SIMD)
-def test_gelu_every_code_at_every_exponent(lib, simd):
+def test_gelu_every_code_at_every_exponent(lib, simd, approximate):
     """All 256 codes at exponents -40..+8 (the table range and beyond, both clamps)."""
     codes = np.tile(np.arange(-128, 128, dtype=np.int16), (49, 1)).astype(np.int8)
     e = np.repeat(np.arange(-40, 9)[:, None], 2, axis=1)
     for perm in (np.arange(256), np.random.default_rng(1).permutation(256)):
         x = np.ascontiguousarray(codes[:, perm])
-        assert_same(run_gelu(lib, x, scales(e), 128, simd), R.int_gelu(x, scales(e), 128))
+        want = R.int_gelu(x, scales(e), 128, approximate=approximate)
+        assert_same(run_gelu(lib, x, scales(e), 128, simd, approximate=approximate), want)
     # one code per block: the exact table value decides the block's scale
     x = np.zeros((49 * 256, 16), np.int8)
     x[:, 3] = np.tile(np.arange(-128, 128), 49)
     e1 = np.repeat(np.arange(-40, 9), 256)[:, None]
-    assert_same(run_gelu(lib, x, scales(e1), 16, simd), R.int_gelu(x, scales(e1), 16))
+    want = R.int_gelu(x, scales(e1), 16, approximate=approximate)
+    assert_same(run_gelu(lib, x, scales(e1), 16, simd, approximate=approximate), want)
 
 
 @pytest.mark.parametrize("simd", SIMD)
@@ -537,17 +564,21 @@ def dequant(q, s, b):
     return q.astype(np.float64) * np.repeat(s.astype(np.float64), b, -1)[..., : q.shape[-1]]
 
 
+@pytest.mark.parametrize("approximate", R.GELU_APPROXIMATIONS)
 @pytest.mark.parametrize("b", BLOCK_SIZES)
-def test_gelu_accuracy(b):
+def test_gelu_accuracy(b, approximate):
     rng = np.random.default_rng(20 + b)
     x = rng.normal(0.0, 2.0, (64, 1536)).astype(np.float32)
     x[rng.random(x.shape) < 0.01] *= 20
     q, s = R.quantize_pow2(x, b)
-    y, ys = R.int_gelu(q, s, b)
+    y, ys = R.int_gelu(q, s, b, approximate=approximate)
     xd = dequant(q, s, b)
-    ref = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in xd.ravel()]).reshape(
-        xd.shape
-    )
+    if approximate == "tanh":
+        k = math.sqrt(2 / math.pi)
+        ref = 0.5 * xd * (1 + np.tanh(k * (xd + 0.044715 * xd**3)))
+    else:
+        ref = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in xd.ravel()])
+        ref = ref.reshape(xd.shape)
     err_lsb = np.abs(dequant(y, ys, b) - ref) / np.repeat(ys.astype(np.float64), b, -1)
     bound = 0.5 + 2.0**-17 * np.repeat(s.astype(np.float64) / ys.astype(np.float64), b, -1)
     assert np.all(err_lsb <= bound + 1e-9)

@@ -188,6 +188,9 @@ _TWO_OVER_SQRTPI = 1.1283791670955126
 _INV_SQRTPI = 0.5641895835477563
 _INV_SQRT2 = 0.7071067811865475
 _E_INV = 0.36787944117144233  # e^-1
+_SQRT_2_OVER_PI = 0.7978845608028654  # tanh GELU: Phi(x) ~ (1 + tanh(k (x + c x^3))) / 2
+_GELU_TANH_C = 0.044715
+GELU_APPROXIMATIONS = ("none", "tanh")  # ONNX Gelu's ``approximate`` attribute
 
 
 def _exp_neg(y: np.ndarray) -> np.ndarray:
@@ -244,16 +247,39 @@ def _phi(x: np.ndarray) -> np.ndarray:
     return out
 
 
-@functools.lru_cache(maxsize=1)
-def gelu_table() -> np.ndarray:
+def _phi_tanh(x: np.ndarray) -> np.ndarray:
+    """The tanh approximation of Phi (ONNX Gelu approximate="tanh", onnxruntime's FastGelu):
+    ``z = |x|``, ``u = k * (z + c * z * z * z)`` (k = sqrt(2/pi), c = 0.044715, in that order),
+    ``tanh(u) = (1 - e) / (1 + e)`` with ``e = _exp_neg(2 u)`` (2u < 100; above, tanh = 1 to
+    far below T's resolution), ``0.5 +- 0.5 tanh(u)`` by the sign of x."""
+    x = np.asarray(x, np.float64)
+    z = np.abs(x)
+    u = _SQRT_2_OVER_PI * (z + _GELU_TANH_C * z * z * z)
+    y = 2.0 * u
+    small = y < 100.0
+    e = _exp_neg(np.where(small, y, 0.0))
+    t = np.where(small, (1.0 - e) / (1.0 + e), 1.0)
+    return np.where(x >= 0, 0.5 + 0.5 * t, 0.5 - 0.5 * t)
+
+
+def _check_approximate(approximate: str) -> str:
+    if approximate not in GELU_APPROXIMATIONS:
+        raise ValueError(f"approximate must be one of {GELU_APPROXIMATIONS}, got {approximate!r}")
+    return approximate
+
+
+@functools.lru_cache(maxsize=2)
+def gelu_table(approximate: str = "none") -> np.ndarray:
     """``T[e - GELU_E_LO, q + 128] = rint(q * 2**16 * Phi(q * 2**e))`` for e in
     [GELU_E_LO, GELU_E_HI], q in [-128, 127] (int64 array [34, 256]; ``rint`` = round half
-    even; ``q * 2**16`` and ``q * 2**e`` are exact doubles). |T| < 2**23."""
+    even; ``q * 2**16`` and ``q * 2**e`` are exact doubles); Phi is `_phi` (erf) or, with
+    ``approximate="tanh"``, `_phi_tanh`. |T| < 2**23."""
+    phi = _phi_tanh if _check_approximate(approximate) == "tanh" else _phi
     e = np.arange(GELU_E_LO, GELU_E_HI + 1, dtype=np.int64)[:, None]
     q = np.arange(-128, 128, dtype=np.int64)[None, :]
     x = np.ldexp(q.astype(np.float64), e)
     qs = q.astype(np.float64) * float(2**GELU_FRAC_BITS)
-    t = np.rint(qs * _phi(x)).astype(np.int64)
+    t = np.rint(qs * phi(x)).astype(np.int64)
     t.setflags(write=False)
     return t
 
@@ -279,19 +305,25 @@ def reblock_grouped(v: np.ndarray, g: np.ndarray, per: int) -> tuple[np.ndarray,
 
 
 def int_gelu(
-    x: np.ndarray, x_scale: np.ndarray, block_size: int, out_block_size: int = 0
+    x: np.ndarray,
+    x_scale: np.ndarray,
+    block_size: int,
+    out_block_size: int = 0,
+    approximate: str = "none",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Reference of ``bctonnx.IntGelu``: GELU (erf form) of ``x * x_scale``, re-blocked.
+    """Reference of ``bctonnx.IntGelu``: GELU (erf form; ``approximate="tanh"``: the tanh
+    form, ONNX Gelu's attribute of that name) of ``x * x_scale``, re-blocked.
 
     Approximation: a lookup table indexed by block exponent and code, exact up to rounding.
     For a block with exponent ``e`` and codes ``q``:
 
-    - ``T = gelu_table()[clamp(e, GELU_E_LO, GELU_E_HI) - GELU_E_LO, q + 128]``, i.e.
+    - ``T = gelu_table(approximate)[clamp(e, GELU_E_LO, GELU_E_HI) - GELU_E_LO, q + 128]``, i.e.
       ``T = rint(2**(16 - e) * GELU(q * 2**e))``: GELU in units of ``2**(e - 16)`` (1/65536 of
       an input step). Clamping ``e`` changes nothing: at ``GELU_E_LO`` every entry is already
       ``q * 2**15`` (GELU(x) = x/2 + x^2/sqrt(2 pi) + ..., the quadratic term is below half a
-      unit for e <= -30) and at ``GELU_E_HI`` every entry is ``max(q, 0) * 2**16`` (the tail
-      ``x Phi(-x)`` is below half a unit for x >= 8); both checked by the tests.
+      unit for e <= -30; the tanh form has the same quadratic term) and at ``GELU_E_HI`` every
+      entry is ``max(q, 0) * 2**16`` (the tail ``x Phi(-x)`` is below half a unit for x >= 8);
+      both checked by the tests, for both forms.
     - ``(y, e_out) = reblock(T, e - 16)``; with ``out_block_size`` (a multiple of
       ``block_size``; 0: the same) the output blocks are that long:
       ``reblock_grouped(T, e - 16, out_block_size // block_size)``, the exact T values of
@@ -321,7 +353,7 @@ def int_gelu(
     if x.size == 0:
         out_nb = -(-x.shape[-1] // out_block_size)
         return x.astype(np.int8).copy(), np.ones((*x.shape[:-1], out_nb), np.float32)
-    table = gelu_table()
+    table = gelu_table(_check_approximate(approximate))
     ei = np.clip(e, GELU_E_LO, GELU_E_HI) - GELU_E_LO
     t = table[ei[..., None], q + 128]
     codes, e_out = reblock_grouped(t, e - GELU_FRAC_BITS, out_block_size // block_size)

@@ -290,6 +290,8 @@ constexpr double kTwoOverSqrtPi = 1.1283791670955126;
 constexpr double kInvSqrtPi = 0.5641895835477563;
 constexpr double kInvSqrt2 = 0.7071067811865475;
 constexpr double kEInv = 0.36787944117144233;
+constexpr double kSqrt2OverPi = 0.7978845608028654;
+constexpr double kGeluTanhC = 0.044715;
 
 double exp_neg(double y) {  // ref: _exp_neg, 0 <= y < 100
   const double n = std::floor(y);
@@ -331,6 +333,18 @@ double phi(double x) {  // ref: _phi
   return pos ? 1.0 : 0.0;
 }
 
+double phi_tanh(double x) {  // ref: _phi_tanh
+  const double z = std::fabs(x);
+  const double u = kSqrt2OverPi * (z + kGeluTanhC * z * z * z);
+  const double y = 2.0 * u;
+  double t = 1.0;
+  if (y < 100.0) {
+    const double e = exp_neg(y);
+    t = (1.0 - e) / (1.0 + e);
+  }
+  return x >= 0 ? 0.5 + 0.5 * t : 0.5 - 0.5 * t;
+}
+
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC pop_options
 #endif
@@ -341,27 +355,35 @@ struct GeluTables {
   alignas(64) int8_t codes[kGeluNE][kGeluNK][256];  // clamp(shift_round_even(T, k), -127, 127)
 };
 
-const GeluTables& gelu_tables() {
-  static const GeluTables* tables = [] {
-    auto* g = new GeluTables;
-    for (int ei = 0; ei < kGeluNE; ++ei) {
-      const int e = kGeluELo + ei;
-      g->negmax[ei] = 0;
-      for (int q = -128; q < 128; ++q) {
-        const double qs = static_cast<double>(q) * 65536.0;
-        const double v = std::nearbyint(qs * phi(std::ldexp(static_cast<double>(q), e)));
-        const int32_t t = static_cast<int32_t>(v);
-        g->t[ei][q + 128] = t;
-        if (q < 0) g->negmax[ei] = std::max(g->negmax[ei], std::abs(t));
-      }
-      for (int ki = 0; ki < kGeluNK; ++ki)
-        for (int q = 0; q < 256; ++q)
-          g->codes[ei][ki][q] = static_cast<int8_t>(
-              std::clamp<int64_t>(shift_round_even(g->t[ei][q], kGeluKMin + ki), -127, 127));
+// ref: gelu_table(approximate): the erf form, or (tanh) the tanh form.
+GeluTables* make_gelu_tables(bool tanh) {
+  auto* g = new GeluTables;
+  for (int ei = 0; ei < kGeluNE; ++ei) {
+    const int e = kGeluELo + ei;
+    g->negmax[ei] = 0;
+    for (int q = -128; q < 128; ++q) {
+      const double qs = static_cast<double>(q) * 65536.0;
+      const double x = std::ldexp(static_cast<double>(q), e);
+      const double v = std::nearbyint(qs * (tanh ? phi_tanh(x) : phi(x)));
+      const int32_t t = static_cast<int32_t>(v);
+      g->t[ei][q + 128] = t;
+      if (q < 0) g->negmax[ei] = std::max(g->negmax[ei], std::abs(t));
     }
-    return g;
-  }();
-  return *tables;
+    for (int ki = 0; ki < kGeluNK; ++ki)
+      for (int q = 0; q < 256; ++q)
+        g->codes[ei][ki][q] = static_cast<int8_t>(
+            std::clamp<int64_t>(shift_round_even(g->t[ei][q], kGeluKMin + ki), -127, 127));
+  }
+  return g;
+}
+
+const GeluTables& gelu_tables(bool tanh) {  // each built once, when first asked for
+  if (tanh) {
+    static const GeluTables* tanh_tables = make_gelu_tables(true);
+    return *tanh_tables;
+  }
+  static const GeluTables* erf_tables = make_gelu_tables(false);
+  return *erf_tables;
 }
 
 // Per block, given the max code `hi` and whether a negative code is present: the block's
@@ -494,6 +516,7 @@ struct IntGeluKernel {
   int64_t block_size;
   int64_t out_block_size;  // a multiple of block_size (attribute 0 or absent: the same)
   bool simd;
+  bool tanh = false;  // attribute approximate: "none" (erf GELU, the default) or "tanh"
   static constexpr const char* kName = "IntGelu";
   static constexpr std::array kInputs{ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
   static constexpr std::array kOutputs = kInputs;  // y, y_scale
@@ -507,7 +530,16 @@ struct IntGeluKernel {
       throw std::runtime_error("IntGelu: out_block_size must be a multiple of block_size " +
                                std::to_string(block_size) + ", got " +
                                std::to_string(out_block_size));
-    gelu_tables();
+    std::string approximate = "none";
+    try {
+      approximate = Ort::ConstKernelInfo(info).GetAttribute<std::string>("approximate");
+    } catch (const Ort::Exception&) {  // absent: the erf form
+    }
+    if (approximate != "none" && approximate != "tanh")
+      throw std::runtime_error("IntGelu: approximate must be \"none\" or \"tanh\", got \"" +
+                               approximate + "\"");
+    tanh = approximate == "tanh";
+    gelu_tables(tanh);
   }
   void Compute(OrtKernelContext* ctx) {
     const KernelArgs args(ctx);
@@ -520,7 +552,7 @@ struct IntGeluKernel {
     float* so = args.output<float>(1, blocked_shape(xshape, out_block_size));
     if (bl.rows == 0 || bl.d == 0) return;
     const int16_t* ex = input_exponents(KernelArgs::data<float>(x_scale), bl.rows * bl.nb);
-    const GeluTables& tb = gelu_tables();
+    const GeluTables& tb = gelu_tables(tanh);
     const int8_t* xi = KernelArgs::data<int8_t>(x);
     const bool fast = simd && cpu_avx512vbmi();
     parallel_rows(ctx, bl.rows, bl.d, [&](int64_t r0, int64_t r1) {
