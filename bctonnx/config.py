@@ -52,7 +52,11 @@ class CompressionConfig:
             if fmt is not None and name == "activations" and self.mode == "integer":
                 # the integer form quantizes activations with BCT's shift scales
                 fmt = replace(fmt, scale_kind="pow2", frac_bits=0)
-            parts.append(f"{name}={fmt.describe() if fmt else 'fp32'}")
+            text = fmt.describe() if fmt else "fp32"
+            if fmt is not None and name == "embeddings" and self.fit_embedding_blocks:
+                # a maximum: a table whose hidden size it does not divide takes their gcd
+                text = text.replace(f"b{fmt.block_size}", f"b<={fmt.block_size}", 1)
+            parts.append(f"{name}={text}")
         extra = ", floats=fp16" if self.float_dtype == "float16" else ""
         if self.match_weight_blocks and self.mode == "integer":
             extra += ", linear inputs in weight blocks"

@@ -345,6 +345,9 @@ def test_w8a8_preset_fits_its_embedding_block_but_an_explicit_one_must_divide(ti
     assert config.fit_embedding_blocks and config.embeddings.block_size == 384
     assert not resolve_config("w8a8", embedding_block_size=384).fit_embedding_blocks
     assert not resolve_config("w8a8", block_size=32).fit_embedding_blocks
+    # the description says the 384 is a maximum (the table here gets 64)
+    assert "embeddings=int8 b<=384 " in config.describe()
+    assert "embeddings=int8 b384 " in resolve_config("w8a8", embedding_block_size=384).describe()
     # Canonicalize, QuantizeWeights, QuantizeEmbeddings: 384 on hidden 64 -> blocks of 64
     model = run_passes(tiny_bert_onnx, *build_pipeline(config)[:3])
     blocks = [fmt_from_node(n).block_size for n in model.graph if n.op_type == "BlockGather"]
