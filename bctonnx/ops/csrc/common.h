@@ -151,6 +151,17 @@ struct Dims {
   bool operator!=(const Dims& o) const { return !(*this == o); }
 };
 
+// Rows (the product of the leading dims) and the last-axis length of a rank >= 1 tensor; a
+// scalar is refused with "<op>: input must have rank >= 1 (blocks run along the last axis)".
+inline void rows_and_depth(const std::string& op, const Dims& shape, int64_t* rows, int64_t* depth) {
+  if (shape.empty())
+    throw std::runtime_error(op + ": input must have rank >= 1 (blocks run along the last axis), "
+                             "got a scalar");
+  *rows = 1;
+  for (size_t i = 0; i + 1 < shape.size(); ++i) *rows *= shape[i];
+  *depth = shape.back();
+}
+
 // The last axis cut into blocks: `shape` with its last dimension ceil(D / block_size).
 inline Dims blocked_shape(Dims shape, int64_t block_size) {
   shape.back() = num_blocks(shape.back(), block_size);

@@ -157,13 +157,10 @@ struct Blocking {
 };
 
 Blocking check_blocked(const Dims& xs, const Dims& ss, int64_t block_size, const char* op) {
-  if (xs.empty()) throw std::runtime_error(std::string(op) + ": x must have rank >= 1");
   Blocking bl;
+  rows_and_depth(op, xs, &bl.rows, &bl.d);
   bl.b = block_size;
-  bl.d = xs.back();
   bl.nb = num_blocks(bl.d, block_size);
-  bl.rows = 1;
-  for (size_t i = 0; i + 1 < xs.size(); ++i) bl.rows *= xs[i];
   const Dims want = blocked_shape(xs, block_size);
   if (ss != want)
     throw std::runtime_error(std::string(op) + ": x_scale shape must be x.shape[:-1] + [ceil(D/B)] = " +

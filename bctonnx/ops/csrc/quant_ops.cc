@@ -36,16 +36,6 @@ int64_t CheckedBlockSize(const char* op, const char* name, int64_t b, bool zero_
   return b;
 }
 
-// Rows (product of the leading dims) and the last-axis length of a rank >= 1 tensor.
-void RowsAndDepth(const char* op, const Dims& shape, int64_t* rows, int64_t* depth) {
-  if (shape.empty())
-    throw std::runtime_error(std::string("bctonnx.") + op + ": input must have rank >= 1 (blocks "
-                             "run along the last axis), got a scalar");
-  *rows = 1;
-  for (size_t i = 0; i + 1 < shape.size(); ++i) *rows *= shape[i];
-  *depth = shape.back();
-}
-
 // ---------------------------------------------------------------------------------------------
 // Exponent choice (see ref_quant.py, "Scale choice")
 
@@ -102,7 +92,7 @@ struct BlockQuantizeKernel {
     const OrtValue* x = args.input(0);
     const Dims shape = KernelArgs::shape(x);
     int64_t rows = 0, depth = 0;
-    RowsAndDepth("BlockQuantize", shape, &rows, &depth);
+    rows_and_depth("bctonnx.BlockQuantize", shape, &rows, &depth);
     int8_t* out = args.output<int8_t>(0, shape);
     float* scales = args.output<float>(1, blocked_shape(shape, block_size_));
     if (rows == 0 || depth == 0) return;
@@ -162,7 +152,7 @@ struct BlockDequantizeKernel {
     const OrtValue* x_scale = args.input(1);
     const Dims shape = KernelArgs::shape(x);
     int64_t rows = 0, depth = 0;
-    RowsAndDepth("BlockDequantize", shape, &rows, &depth);
+    rows_and_depth("bctonnx.BlockDequantize", shape, &rows, &depth);
     const Dims sshape = KernelArgs::shape(x_scale);
     if (sshape != blocked_shape(shape, block_size_))
       throw std::runtime_error("bctonnx.BlockDequantize: x_scale must have shape " +
@@ -305,7 +295,7 @@ struct BlockRequantizeKernel {
     const OrtValue* x_scale = args.input(1);
     const Dims shape = KernelArgs::shape(x);
     int64_t rows = 0, depth = 0;
-    RowsAndDepth(kOp, shape, &rows, &depth);
+    rows_and_depth(std::string("bctonnx.") + kOp, shape, &rows, &depth);
 
     // Input exponents: one for the tensor, or one per input block.
     const Dims sshape = KernelArgs::shape(x_scale);
