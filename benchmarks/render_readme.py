@@ -97,6 +97,7 @@ def render_glue(data: dict) -> str:
             )  # fmt: skip
             lines.append(f"|  | {name} | " + " | ".join(fid) + " |")
         lines.append("|  | ratio | " + " | ".join(ratios) + " |")
+    lines += ["", *render_at_ratio(runs)]
     configs = {}
     for run in runs:
         for r in run["records"]:
@@ -106,6 +107,48 @@ def render_glue(data: dict) -> str:
     lines += [f"- {m}: {c}" for m, c in configs.items()]
     lines += [f"- {m} failed: {e}" for m, e in failures]
     return "\n".join(lines)
+
+
+def at_ratio(run: dict) -> list[tuple[dict, dict | None]]:
+    """Per baseline of one task: (baseline record, the most accurate BCT record at least as
+    compressed, or None), by the task's first metric."""
+    ok = [r for r in run["records"] if r["status"] == "ok"]
+    metric = run["metrics"][0]
+    pairs = []
+    for base in (r for r in ok if r["kind"] == "baseline"):
+        rivals = [r for r in ok if r["kind"] == "bct" and r["ratio"] >= base["ratio"]]
+        best = max(rivals, key=lambda r: r["metrics"][metric], default=None)
+        pairs.append((base, best))
+    return pairs
+
+
+def render_at_ratio(runs: list[dict]) -> list[str]:
+    """The accuracy bar's rule, task by task: at every ratio a baseline reaches, a BCT preset
+    at least as compressed and at least as accurate."""
+    lines = [
+        "At each baseline's compression ratio: the most accurate BCT model at least as "
+        "compressed, first metric's difference to FP32 (met: at least as accurate):",
+        "",
+        "| task | baseline | ratio | vs FP32 | best BCT at >= its ratio | ratio | vs FP32 | met |",
+        "|---|---|---:|---:|---|---:|---:|:---:|",
+    ]
+    for run in runs:
+        metric = run["metrics"][0]
+        task = TASKS[run["task"]].folder
+        for base, best in at_ratio(run):
+            b = f"{base['vs_fp32'][metric]:+.2f}"
+            if best is None:
+                lines.append(
+                    f"| {task} | {base['model']} | {base['ratio']:.2f}x | {b} | none | | | no |"
+                )
+                continue
+            met = best["metrics"][metric] >= base["metrics"][metric]
+            lines.append(
+                f"| {task} | {base['model']} | {base['ratio']:.2f}x | {b} | {best['model']} | "
+                f"{best['ratio']:.2f}x | {best['vs_fp32'][metric]:+.2f} | {'yes' if met else 'no'} |"
+            )
+            task = ""
+    return lines
 
 
 def render_latency(data: dict) -> str:
