@@ -101,3 +101,6 @@ def test_integer_form_has_no_float_nonlinearity_and_keeps_the_embeddings(
     # IntGelu's bound (ref_nonlinear.int_gelu): half an output LSB plus the table's rounding,
     # in blocks of 128 too (w8a8: FFN2 reads them)
     assert all(o.max_err_lsb < 0.6 for o in v.int_ops if o.op_type == "IntGelu")
+    # the per-layer table reads every LayerNorm's integer replacement (13: embeddings + 2 x 6;
+    # the last one's output is the graph output, compared above)
+    assert len(v.layers) == 12 and all(layer.cosine > 0.98 for layer in v.layers)
