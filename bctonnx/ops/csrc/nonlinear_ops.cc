@@ -1474,7 +1474,10 @@ BCT_AVX512CD __attribute__((always_inline)) inline void layernorm_prologue_avx51
     e_max = std::max<int>(e_max, er[b]);
     e_min = std::min<int>(e_min, er[b]);
   }
-  const int e_c = std::max(e_min, e_max - kLnWindow);  // 1.
+  int e_c = std::max(e_min, e_max - kLnWindow);  // 1.
+  // kept in a general register: GCC otherwise holds it in an xmm and makes each block's
+  // e_b - e_c two transfers and a vector subtract, on the vector ports this loop is bound by
+  asm("" : "+r"(e_c));
   if (e_max - e_min <= kLnFastSpan) {
     // every block on the grid with s = e_b - e_c <= 14: S1 = sum q 2^s by vpmaddwd with the
     // weight 2^s (int32 lanes: |.| < 2^22 per 32 codes, < 2^29 over H <= 4096), S2 = sum of
