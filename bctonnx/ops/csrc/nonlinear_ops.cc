@@ -895,6 +895,7 @@ struct SoftmaxBuffers {
   std::vector<int32_t> bsum;   // [block][row of tile][16 lanes]: partial sums of E
   std::vector<int8_t> qmax16;  // [block][row][16 bytes]: per-lane maxima
   std::vector<int32_t> eb, qm, fq30;  // [block][row]: exponent, qmax, F_b (Q30)
+  std::vector<int32_t> toff;   // [block][row]: offset of the block's table row (32 per index)
   std::vector<uint16_t> rb;    // [block][row]: R_b
   std::vector<uint16_t> bany;  // per block: bit i = the tile's row i has an unmasked element there
   std::vector<uint16_t> ebuf;  // the portable row's E
@@ -1004,6 +1005,7 @@ BCT_AVX512 void softmax_rows_avx512(const Blocking& bl, const int8_t* x, const i
   int32_t* bsum = grow(buf.bsum, nb * kSmTile * 16);
   int8_t* qmax16 = grow(buf.qmax16, nbq * kSmTile * 16);
   int32_t* eb = grow(buf.eb, nb * kSmTile);
+  int32_t* toff = grow(buf.toff, nb * kSmTile);
   int32_t* qm = grow(buf.qm, nbq * kSmTile);
   int32_t* fq30 = grow(buf.fq30, nb * kSmTile);
   uint16_t* rbuf = grow(buf.rb, nb * kSmTile);
@@ -1052,7 +1054,13 @@ BCT_AVX512 void softmax_rows_avx512(const Blocking& bl, const int8_t* x, const i
     const __mmask16 tile_rows = static_cast<__mmask16>((1u << nt) - 1u);
     for (int64_t b = 0; b < nb; ++b) {
       const __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), tile_rows, gidx, et + b, 1);
-      _mm512_storeu_si512(eb + b * kSmTile, _mm512_srai_epi32(_mm512_slli_epi32(g, 16), 16));
+      const __m512i e = _mm512_srai_epi32(_mm512_slli_epi32(g, 16), 16);
+      _mm512_storeu_si512(eb + b * kSmTile, e);
+      // softmax_table_index(e) * 32, rows in lanes (the step-2 loop then reads no exponent)
+      const __m512i ti = _mm512_sub_epi32(
+          _mm512_min_epi32(_mm512_max_epi32(e, _mm512_set1_epi32(kSmELo)), _mm512_set1_epi32(kSmEHi)),
+          _mm512_set1_epi32(kSmELo));
+      _mm512_storeu_si512(toff + b * kSmTile, _mm512_slli_epi32(ti, 5));
     }
     bool shared = true;  // every live row reads the same mask row (BERT: the heads and queries)
     const uint8_t* bany0 = live ? rows[__builtin_ctz(live)].bany : nullptr;
@@ -1071,6 +1079,24 @@ BCT_AVX512 void softmax_rows_avx512(const Blocking& bl, const int8_t* x, const i
     for (int64_t i = 0; i < nt; ++i) {
       if (!(live >> i & 1u)) continue;
       const SoftmaxRow& row = rows[i];
+      if (kCpb == 2) {  // two blocks per 64-byte load: pair the 16-byte lanes, store lanes 0 and 2
+        const __m512i neg = _mm512_set1_epi8(-128);
+        int64_t b = 0;
+        for (; b + 1 < nb; b += 2) {
+          const __mmask64 k = row.k32[b] | (static_cast<__mmask64>(row.k32[b + 1]) << 32);
+          __m512i m = _mm512_mask_loadu_epi8(neg, k, row.q + b * 32);
+          m = _mm512_max_epi8(m, _mm512_shuffle_i64x2(m, m, 0xB1));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(qmax16 + (b * kSmTile + i) * 16), _mm512_castsi512_si128(m));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(qmax16 + ((b + 1) * kSmTile + i) * 16),
+                           _mm512_extracti32x4_epi32(m, 2));
+        }
+        if (b < nb) {
+          const __m256i m = _mm256_mask_loadu_epi8(_mm256_set1_epi8(-128), row.k32[b], row.q + b * 32);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(qmax16 + (b * kSmTile + i) * 16),
+                           _mm_max_epi8(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1)));
+        }
+        continue;
+      }
       if (kCpb) {  // whole 32-lane steps per block
         const __m256i neg = _mm256_set1_epi8(-128);
         for (int64_t b = 0; b < nb; ++b) {
@@ -1134,8 +1160,8 @@ BCT_AVX512 void softmax_rows_avx512(const Blocking& bl, const int8_t* x, const i
       uint16_t* w = wbuf + i * steps * 32;
       if (!pair) {
         for (int64_t b = 0, st = 0; b < nb; ++b) {
-          const int ti = softmax_table_index(row.e[b]);
-          const __m512i ta = _mm512_load_si512(tabs.a[ti]), tb = _mm512_load_si512(tabs.b[ti]);
+          const int32_t to = toff[b * kSmTile + i];  // softmax_table_index(row.e[b]) * 32
+          const __m512i ta = _mm512_load_si512(&tabs.a[0][0] + to), tb = _mm512_load_si512(&tabs.b[0][0] + to);
           const __m512i qv = _mm512_set1_epi16(static_cast<int16_t>(qm[b * kSmTile + i]));
           __m512i acc = _mm512_setzero_si512();
           for (int64_t j = 0; j < (kCpb ? kCpb / 2 : cpb / 2) && st < steps; ++j, ++st) {
