@@ -988,6 +988,39 @@ BCT_AVX512 __attribute__((always_inline)) inline void softmax_normalize_avx512(
                             _mm512_cvtusepi16_epi8(softmax_out16(_mm512_loadu_si512(w + st * 32), step_r(st))));
 }
 
+// Step 2 of one row whose blocks are whole 32-lane steps: E per element into w, the partial
+// sums of each block into bsum (16 lanes, [block][row of tile]). toff and qm point at the row's
+// column of the tile's [block][row] arrays. Not inlined: alone, its loop keeps every pointer
+// in a register (inside the tile function the compiler spilled them, one reload per block).
+template <int kCpb>
+BCT_AVX512 __attribute__((noinline)) void softmax_step2_row(const SoftmaxRow& row, const SoftmaxTables& tabs,
+                                                            const int32_t* toff, const int32_t* qm, int64_t nb,
+                                                            int64_t spb, int64_t steps, uint16_t* w,
+                                                            int32_t* bsum) {
+  const __m512i ones16 = _mm512_set1_epi16(1);
+  const uint16_t* ta0 = &tabs.a[0][0];
+  const uint16_t* tb0 = &tabs.b[0][0];
+  const uint32_t* k32 = row.k32;
+  const int8_t* q8 = row.q;
+  for (int64_t b = 0, st = 0; b < nb; ++b) {
+    const int32_t to = toff[b * kSmTile];  // softmax_table_index(row.e[b]) * 32
+    const __m512i ta = _mm512_load_si512(ta0 + to), tb = _mm512_load_si512(tb0 + to);
+    const __m512i qv = _mm512_set1_epi16(static_cast<int16_t>(qm[b * kSmTile]));
+    __m512i acc = _mm512_setzero_si512();
+    for (int64_t j = 0; j < (kCpb ? kCpb / 2 : spb) && st < steps; ++j, ++st) {
+      const __mmask32 k = k32[st];
+      const __m512i q = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(k, q8 + st * 32));
+      const __m512i dq = _mm512_sub_epi16(qv, q);
+      const __m512i a = _mm512_permutexvar_epi16(dq, ta);
+      const __m512i bb = _mm512_permutexvar_epi16(_mm512_srli_epi16(dq, 5), tb);
+      const __m512i e = _mm512_maskz_mulhrs_epi16(k, a, bb);
+      _mm512_storeu_si512(w + st * 32, e);
+      acc = _mm512_add_epi32(acc, _mm512_madd_epi16(e, ones16));
+    }
+    _mm512_storeu_si512(bsum + b * kSmTile * 16, acc);
+  }
+}
+
 // Steps 1-4 with AVX-512 for block sizes that are multiples of 16 (a 16-lane chunk never
 // straddles two blocks), in tiles of 16 rows: per row the block maxima and the per-element
 // step 2 (32 elements per step: two table lookups and vpmulhrsw); per tile the per-block
@@ -1159,23 +1192,8 @@ BCT_AVX512 void softmax_rows_avx512(const Blocking& bl, const int8_t* x, const i
       const SoftmaxRow& row = rows[i];
       uint16_t* w = wbuf + i * steps * 32;
       if (!pair) {
-        for (int64_t b = 0, st = 0; b < nb; ++b) {
-          const int32_t to = toff[b * kSmTile + i];  // softmax_table_index(row.e[b]) * 32
-          const __m512i ta = _mm512_load_si512(&tabs.a[0][0] + to), tb = _mm512_load_si512(&tabs.b[0][0] + to);
-          const __m512i qv = _mm512_set1_epi16(static_cast<int16_t>(qm[b * kSmTile + i]));
-          __m512i acc = _mm512_setzero_si512();
-          for (int64_t j = 0; j < (kCpb ? kCpb / 2 : cpb / 2) && st < steps; ++j, ++st) {
-            const __mmask32 k = row.k32[st];
-            const __m512i q = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(k, row.q + st * 32));
-            const __m512i dq = _mm512_sub_epi16(qv, q);
-            const __m512i a = _mm512_permutexvar_epi16(dq, ta);
-            const __m512i bb = _mm512_permutexvar_epi16(_mm512_srli_epi16(dq, 5), tb);
-            const __m512i e = _mm512_maskz_mulhrs_epi16(k, a, bb);
-            _mm512_storeu_si512(w + st * 32, e);
-            acc = _mm512_add_epi32(acc, _mm512_madd_epi16(e, ones16));
-          }
-          _mm512_storeu_si512(bsum + (b * kSmTile + i) * 16, acc);
-        }
+        softmax_step2_row<kCpb>(row, tabs, toff + i, qm + i, nb, kCpb ? kCpb / 2 : cpb / 2, steps, w,
+                                bsum + i * 16);
       } else {  // blocks of 16, 48, ...: a step's lower and upper 16 lanes may be two blocks
         for (int64_t st = 0; st < steps; ++st) {
           const int64_t b0 = (2 * st) / cpb, b1 = std::min(nb - 1, (2 * st + 1) / cpb);
