@@ -677,19 +677,24 @@ BCT_AVX512 int64_t mask_row_avx512(const float* m, int64_t d, uint8_t* f, uint16
 }
 #endif
 
-MaskRows build_mask(const Blocking& bl, const Dims& xshape, const OrtValue* mask) {
-  MaskRows mr;
+// Fills `mr` (a thread's MaskRows, reused across calls: its vectors keep their memory, so a
+// call allocates nothing once they are large enough).
+void build_mask(const Blocking& bl, const Dims& xshape, const OrtValue* mask, MaskRows& mr) {
+  mr.present = false;
+  mr.row_of.clear();
   mr.padded = (bl.nb * bl.b + 31) / 32 * 32;
   mr.steps = (bl.d + 31) / 32;
   mr.valid32.resize(static_cast<size_t>(mr.steps));
   for (int64_t st = 0; st < mr.steps; ++st)
     mr.valid32[st] = uint32_t{lanes16(st * 32, bl.d)} | (uint32_t{lanes16(st * 32 + 16, bl.d)} << 16);
-  if (mask == nullptr) return mr;
+  if (mask == nullptr) return;
   mr.present = true;
   const Dims ms = KernelArgs::shape(mask);
   const size_t xr = xshape.size();
   if (ms.size() > xr) throw std::runtime_error("IntSoftmax: mask has a higher rank than x");
-  std::vector<int64_t> mfull(xr, 1);
+  Dims mfull;  // the mask's shape left-padded with 1s to x's rank
+  mfull.n = xr;
+  for (size_t i = 0; i < xr; ++i) mfull[i] = 1;
   for (size_t i = 0; i < ms.size(); ++i) mfull[xr - ms.size() + i] = ms[i];
   for (size_t i = 0; i < xr; ++i)
     if (mfull[i] != 1 && mfull[i] != xshape[i])
@@ -744,7 +749,7 @@ MaskRows build_mask(const Blocking& bl, const Dims& xshape, const OrtValue* mask
       mr.k32[r * mr.steps + st] =
           mr.valid32[st] & (uint32_t{mr.bits[r * padded / 16 + 2 * st]} |
                             (uint32_t{mr.bits[r * padded / 16 + 2 * st + 1]} << 16));
-  if (mrows == 1) return mr;  // every row reads mask row 0
+  if (mrows == 1) return;  // every row reads mask row 0
   // x row -> mask row: walk the multi-index of x.shape[:-2] (no divisions); along the last
   // leading axis the mask row either stays (broadcast) or steps by one.
   mr.row_of.resize(static_cast<size_t>(bl.rows));
@@ -768,7 +773,11 @@ MaskRows build_mask(const Blocking& bl, const Dims& xshape, const OrtValue* mask
       idx[i] = 0;
     }
   }
-  return mr;
+}
+
+MaskRows& mask_rows_buffer() {  // the calling thread's, reused by every IntSoftmax call on it
+  thread_local MaskRows m;
+  return m;
 }
 
 // Constant tables of step 2, per clamped block exponent (ref: softmax_tables): A[j] = 2^-(j a)
@@ -1297,7 +1306,8 @@ struct IntSoftmaxKernel {
     uint8_t* yo = args.output<uint8_t>(0, xshape);
     if (bl.rows == 0 || bl.d == 0) return;
     const int16_t* ex = input_exponents(KernelArgs::data<float>(x_scale), bl.rows * bl.nb);
-    const MaskRows mr = build_mask(bl, xshape, mask);
+    MaskRows& mr = mask_rows_buffer();
+    build_mask(bl, xshape, mask, mr);
     const int8_t* xi = KernelArgs::data<int8_t>(x);
     const bool fast = simd && cpu_avx512() && bl.b % 16 == 0;
     parallel_rows(ctx, bl.rows, bl.d * 4, [&](int64_t r0, int64_t r1) {
