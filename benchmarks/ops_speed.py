@@ -16,7 +16,10 @@ the ratio int / float (< 1: ours is faster), measured two ways in the same turns
 ``session.run`` with numpy feeds (Python's per-input and per-output conversions included: the
 integer ops have one or two more of those, scales and mask, about 2 us at LayerNorm's shape)
 and ``run_with_iobinding`` with inputs bound once and outputs allocated by onnxruntime (the
-"bound" columns: the op as it runs inside a graph). The whole measurement runs in ``--rounds``
+"bound" columns: the op as it runs inside a graph), and then, in sessions of their own with
+onnxruntime's profiler on, the op's kernel time alone (the "kernel" columns: the mean of the
+middle 80% of the per-node ``kernel_time`` events onnxruntime records; no Python, no per-call
+session work: the op against the op). The whole measurement runs in ``--rounds``
 fresh processes and the table gives each number's median over them, with every round's ratio:
 onnxruntime's float times (and ours) move by up to 10% from one process to the next on this
 machine, far more than within one. Writes
@@ -170,8 +173,13 @@ def cases(block: int, rng: np.random.Generator) -> dict[str, dict]:
     return out
 
 
-def _session(model: bytes, threads: int, lib: str | None) -> ort.InferenceSession:
+def _session(
+    model: bytes, threads: int, lib: str | None, profile: str | None = None
+) -> ort.InferenceSession:
     so = ort.SessionOptions()
+    if profile:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile
     if lib:
         so.register_custom_ops_library(lib)
     so.intra_op_num_threads = threads
@@ -210,6 +218,33 @@ def measure(case: dict, threads: int, runs: int, lib: str) -> dict[str, float]:
     return {k: v * 1e6 for k, v in medians.items()}
 
 
+def kernel_medians(case: dict, threads: int, runs: int, lib: str, tmp: str) -> dict[str, float]:
+    """Kernel time in microseconds of the int and float op, from onnxruntime's own profile (the
+    ``kernel_time`` event of the one node) over ``runs`` runs after 100 untimed ones, the mean
+    of the middle 80%; each session profiled alone (profiling costs a little per event, the
+    same for both)."""
+    out = {}
+    for k in ("int", "float"):
+        model, feeds = case[k]
+        sess = _session(model, threads, lib if k == "int" else None, profile=f"{tmp}/{k}")
+        for _ in range(100 + runs):
+            sess.run(None, feeds)
+        path = Path(sess.end_profiling())
+        events = json.loads(path.read_text())
+        path.unlink()
+        durs = [
+            e["dur"]
+            for e in events
+            if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")
+        ]
+        # onnxruntime records whole microseconds: the mean of the middle 80% resolves finer
+        # than the median, without the outliers
+        d = sorted(durs[100:])
+        cut = len(d) // 10
+        out[k] = round(statistics.fmean(d[cut : len(d) - cut]), 2)
+    return out
+
+
 def _run_round(args, lib: str) -> list[dict]:
     """One round in this process: every selected op and thread count."""
     all_cases = cases(args.block_size, np.random.default_rng(0))
@@ -219,6 +254,8 @@ def _run_round(args, lib: str) -> list[dict]:
             continue
         for threads in args.threads:
             t = measure(case, threads, args.runs, lib)
+            with tempfile.TemporaryDirectory(prefix="bctonnx-ops-profile-") as tmp:
+                kern = kernel_medians(case, threads, 2 * args.runs, lib, tmp)
             rows.append(
                 {
                     "op": name,
@@ -230,6 +267,9 @@ def _run_round(args, lib: str) -> list[dict]:
                     "bound_int_us": round(t["int_bound"], 2),
                     "bound_float_us": round(t["float_bound"], 2),
                     "bound_ratio": round(t["int_bound"] / t["float_bound"], 3),
+                    "kernel_int_us": kern["int"],
+                    "kernel_float_us": kern["float"],
+                    "kernel_ratio": round(kern["int"] / kern["float"], 3),
                 }
             )
     return rows
@@ -242,10 +282,21 @@ def _combine(rounds: list[list[dict]]) -> list[dict]:
     for i, row in enumerate(rounds[0]):
         same = [r[i] for r in rounds]
         med = dict(row)
-        for key in ("int_us", "float_us", "ratio", "bound_int_us", "bound_float_us", "bound_ratio"):
+        for key in (
+            "int_us",
+            "float_us",
+            "ratio",
+            "bound_int_us",
+            "bound_float_us",
+            "bound_ratio",
+            "kernel_int_us",
+            "kernel_float_us",
+            "kernel_ratio",
+        ):
             med[key] = round(statistics.median(r[key] for r in same), 3)
         med["ratios"] = [r["ratio"] for r in same]
         med["bound_ratios"] = [r["bound_ratio"] for r in same]
+        med["kernel_ratios"] = [r["kernel_ratio"] for r in same]
         out.append(med)
     return out
 
@@ -285,14 +336,17 @@ def main() -> None:
     rows = _combine(rounds)
     print(
         f"{'op':<15} {'shape':<15} {'thr':>3} {'int us':>9} {'float us':>9} {'int/float':>9}"
-        f" {'bound int':>9} {'bound flt':>9} {'int/float':>9}   (medians of {args.rounds} rounds)"
+        f" {'bound int':>9} {'bound flt':>9} {'int/float':>9} {'kern int':>9} {'kern flt':>9}"
+        f" {'int/float':>9}   (medians of {args.rounds} rounds)"
     )
     for r in rows:
         shape = "x".join(map(str, r["shape"]))
         print(
             f"{r['op']:<15} {shape:<15} {r['threads']:>3} {r['int_us']:>9.1f} {r['float_us']:>9.1f}"
             f" {r['ratio']:>9.2f} {r['bound_int_us']:>9.1f} {r['bound_float_us']:>9.1f}"
-            f" {r['bound_ratio']:>9.2f}   rounds: {' '.join(f'{x:.2f}' for x in r['ratios'])}"
+            f" {r['bound_ratio']:>9.2f} {r['kernel_int_us']:>9.1f} {r['kernel_float_us']:>9.1f}"
+            f" {r['kernel_ratio']:>9.2f}   rounds: {' '.join(f'{x:.2f}' for x in r['ratios'])}"
+            f" | kernel {' '.join(f'{x:.2f}' for x in r['kernel_ratios'])}"
         )
     result = {
         "block_size": args.block_size,
