@@ -4,7 +4,7 @@
 Ops of the ``bctonnx`` domain, version 1::
 
     IntGelu(x: int8, x_scale: f32) -> (y: int8, y_scale: f32)            attrs block_size,
-                                                                           out_block_size
+                                                              out_block_size, approximate
     IntSoftmax(x: int8, x_scale: f32[, mask: f32]) -> y: uint8             attr block_size
     IntLayerNorm(x: int8, x_scale: f32, gamma: int8[H], gamma_scale: f32[ceil(H/B)],
                  beta: int8[H], beta_scale: f32[ceil(H/B)]) -> (y: int8, y_scale: f32)
@@ -18,7 +18,8 @@ included, ``e`` in ``[-149, 127]``; anything else is an error). Input codes may 
 -128 included. Output blocks have the input's block size (IntGelu: or ``out_block_size``, a
 multiple of it), codes in ``[-127, 127]`` and exponents chosen by `reblock`: the smallest
 ``e`` in ``[-128, 127]`` with ``max|v| <= 127 * 2**e`` for the block's exact output values
-``v`` (a block of zeros gets ``e = -128``), codes ``round_half_even(v / 2**e)``. That is blockformat's pow2 rule
+``v`` (a block of zeros gets ``e = -128``), codes ``round_half_even(v / 2**e)`` (IntLayerNorm:
+round half up). That is blockformat's pow2 rule
 ("smallest scale >= amax / 127") evaluated exactly in integers; it coincides with
 ``blockformat.quantize`` of the float32 values whenever those are exact float32 numbers and the
 scale is normal.
@@ -30,8 +31,9 @@ per row). Rounding conventions, the same in numpy and C++:
   ``v / 2**n``, exact; ``n <= 0`` is a left shift; ``n > 62`` gives 0.
 - ``>>`` is an arithmetic shift = floor division by a power of two, in both languages. Every
   other division is of non-negative integers (floor = C++ truncation) and named below.
-- The two constant tables (GELU's ``T`` and nothing else) are built from float64 arithmetic
-  using only ``+ - * /`` in a fixed order (`_phi`), no libm / numpy transcendental; IEEE
+- The constant tables of IntGelu (``T``, one per ``approximate``: erf or tanh) are built
+  from float64 arithmetic using only ``+ - * /`` in a fixed order (`_phi`, `_phi_tanh`), no
+  libm / numpy transcendental; IEEE
   double is deterministic for those, so numpy and C++ (compiled without FMA contraction)
   produce the same table. Numbers below were measured with ``tests/test_ops_nonlinear.py``'s
   generators and are re-checked there.
