@@ -1063,6 +1063,25 @@ BCT_AVX512 void softmax_rows_avx512(const Blocking& bl, const int8_t* x, const i
                                           _mm512_set1_epi32(static_cast<int32_t>(2 * nb)));
   uint16_t* bany = grow(buf.bany, nb);
   SoftmaxRow rows[kSmTile];
+  // a row's mask fields (mask row m); with one mask row for all (BERT's [1, 1, 1, S], or none)
+  // they are set once here and a tile only sets each row's data pointers
+  const auto set_mask = [&](SoftmaxRow& row, int64_t m) {
+    row.valid32 = mr.valid32.data();
+    row.k32 = mr.valid32.data();
+    row.flags = nullptr;
+    row.bits = nullptr;
+    row.bany = nullptr;
+    if (mr.present) {
+      row.flags = mr.flags.data() + m * mr.padded;
+      row.bits = mr.bits.data() + m * mr.padded / 16;
+      row.bany = mr.block_any.data() + m * nb;
+      row.k32 = mr.k32.data() + m * steps;
+    }
+  };
+  const bool one_mask = mr.row_of.empty();
+  const bool all_masked = one_mask && mr.present && !mr.row_any[0];
+  if (one_mask)
+    for (SoftmaxRow& row : rows) set_mask(row, 0);
   for (int64_t t0 = r0; t0 < r1; t0 += kSmTile) {
     const int64_t nt = std::min(kSmTile, r1 - t0);
     uint32_t live = 0;  // rows with an unmasked element
@@ -1072,22 +1091,12 @@ BCT_AVX512 void softmax_rows_avx512(const Blocking& bl, const int8_t* x, const i
       row.q = x + r * d;
       row.e = ex + r * nb;
       row.y = y + r * d;
-      row.valid32 = mr.valid32.data();
-      row.k32 = mr.valid32.data();
-      row.flags = nullptr;
-      row.bits = nullptr;
-      row.bany = nullptr;
-      if (mr.present) {
-        const int64_t m = mr.row_of.empty() ? 0 : mr.row_of[r];
-        if (!mr.row_any[m]) {  // fully masked row
-          std::memset(row.y, 0, d);
-          continue;
-        }
-        row.flags = mr.flags.data() + m * mr.padded;
-        row.bits = mr.bits.data() + m * mr.padded / 16;
-        row.bany = mr.block_any.data() + m * nb;
-        row.k32 = mr.k32.data() + m * steps;
+      const int64_t m = one_mask ? 0 : mr.row_of[r];
+      if (all_masked || (!one_mask && !mr.row_any[m])) {  // fully masked row
+        std::memset(row.y, 0, d);
+        continue;
       }
+      if (!one_mask) set_mask(row, m);
       live |= 1u << i;
     }
     // the tile's exponents per block, rows in lanes (dword gathers of the int16 exponents:
