@@ -225,10 +225,14 @@ def _candidate_probes(
             probes.append((label, tensor, _CandProbe(tensor)))
         elif node_name in int_ln:
             node = int_ln[node_name]
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            cand = _CandProbe(node.output[0], node.output[1], int(attrs["block_size"]))
+            cand = _CandProbe(node.output[0], node.output[1], int(_attrs(node)["block_size"]))
             probes.append((label, tensor, cand))
     return probes
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    """A node's attributes by name (onnx's Python values; strings as bytes)."""
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _with_outputs(proto: onnx.ModelProto, names: list[str]) -> bytes:
@@ -371,8 +375,7 @@ INT_OPS = ("IntGelu", "IntSoftmax", "IntLayerNorm")
 def _float_gelu(x: np.ndarray, node, _inits) -> np.ndarray:
     import torch
 
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    approximate = attrs.get("approximate", b"none")
+    approximate = _attrs(node).get("approximate", b"none")
     approximate = approximate.decode() if isinstance(approximate, bytes) else approximate
     return torch.nn.functional.gelu(
         torch.from_numpy(x.astype(np.float32)), approximate=approximate
@@ -414,7 +417,7 @@ def integer_op_stats(
     for feeds in batches[:max_batches]:
         values = dict(zip(fetch, sess.run(fetch, feeds), strict=True))
         for node, q_name, s_name, mask_name, out_name, scale_name in plan:
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            attrs = _attrs(node)
             block = int(attrs["block_size"])
             out_block = int(attrs.get("out_block_size", 0)) or block  # IntGelu's may be larger
             x = _dequantize_blocks(values[q_name], values[s_name], block)

@@ -218,7 +218,7 @@ def measure(case: dict, threads: int, runs: int, lib: str) -> dict[str, float]:
     return {k: v * 1e6 for k, v in medians.items()}
 
 
-def kernel_medians(case: dict, threads: int, runs: int, lib: str, tmp: str) -> dict[str, float]:
+def kernel_times(case: dict, threads: int, runs: int, lib: str, tmp: str) -> dict[str, float]:
     """Kernel time in microseconds of the int and float op, from onnxruntime's own profile (the
     ``kernel_time`` event of the one node) over ``runs`` runs after 100 untimed ones, the mean
     of the middle 80%; each session profiled alone (profiling costs a little per event, the
@@ -255,7 +255,7 @@ def _run_round(args, lib: str) -> list[dict]:
         for threads in args.threads:
             t = measure(case, threads, args.runs, lib)
             with tempfile.TemporaryDirectory(prefix="bctonnx-ops-profile-") as tmp:
-                kern = kernel_medians(case, threads, 2 * args.runs, lib, tmp)
+                kern = kernel_times(case, threads, 2 * args.runs, lib, tmp)
             rows.append(
                 {
                     "op": name,

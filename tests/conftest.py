@@ -107,12 +107,8 @@ def session_for(model_or_path) -> ort.InferenceSession:
     else:
         model_or_path = os.fspath(model_or_path)
         proto = onnx.load(model_or_path, load_external_data=False)
-    if any(o.domain == "bctonnx" for o in proto.opset_import):
-        so = bctonnx.session_options()
-        so.log_severity_level = 3
-        so.intra_op_num_threads = 1
-        return ort.InferenceSession(model_or_path, so, providers=["CPUExecutionProvider"])
-    so = ort.SessionOptions()
+    integer = any(o.domain == "bctonnx" for o in proto.opset_import)
+    so = bctonnx.session_options() if integer else ort.SessionOptions()
     so.log_severity_level = 3
     so.intra_op_num_threads = 1
     return ort.InferenceSession(model_or_path, so, providers=["CPUExecutionProvider"])

@@ -1210,7 +1210,7 @@ BCT_AVX512 void softmax_rows_avx512(const Blocking& bl, const int8_t* x, const i
       const SoftmaxRow& row = rows[i];
       uint16_t* w = wbuf + i * steps * 32;
       if (!pair) {
-        softmax_step2_row<kCpb>(row, tabs, toff + i, qm + i, nb, kCpb ? kCpb / 2 : cpb / 2, steps, w,
+        softmax_step2_row<kCpb>(row, tabs, toff + i, qm + i, nb, cpb / 2, steps, w,
                                 bsum + i * 16);
       } else {  // blocks of 16, 48, ...: a step's lower and upper 16 lanes may be two blocks
         for (int64_t st = 0; st < steps; ++st) {
@@ -1362,7 +1362,6 @@ unsigned __int128 eps_int(uint32_t mant, int ex, int e_c) {
 
 // Per row after the sums: steps 2-4's row constants.
 struct LnRow {
-  int e_c;
   uint32_t beta32;
   int64_t hm;  // H * m (0: constant row)
   int sh;      // 37 + j
@@ -1376,7 +1375,6 @@ inline void ln_row_constants(const Blocking& bl, const LnParams& pp, int e_c, in
       static_cast<unsigned __int128>(static_cast<__int128>(s1) * s1) +
       static_cast<unsigned __int128>(h * h) * eps_int(pp.eps_mant, pp.eps_ex, e_c);
   // field by field (see layernorm_prologue_avx512)
-  out->e_c = e_c;
   if (vv == 0) {
     out->beta32 = 0;
     out->hm = 0;
