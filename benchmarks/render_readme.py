@@ -197,7 +197,48 @@ def render_latency(data: dict) -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"embeddings": render_embeddings, "glue": render_glue, "latency": render_latency}
+OPS_NAMES = {
+    "Gelu": "IntGelu",
+    "Softmax": "IntSoftmax + mask",
+    "Softmax-nomask": "IntSoftmax, no mask",
+    "LayerNorm": "IntLayerNorm",
+}
+
+
+def render_ops_speed(data: dict) -> str:
+    """benchmarks/ops_speed.py: per op, ours / onnxruntime's float op at each thread count,
+    three ways (session.run, run_with_iobinding, onnxruntime's per-node kernel time)."""
+    ops: dict[str, dict[int, dict]] = {}
+    for r in data["rows"]:
+        ops.setdefault(r["op"], {})[r["threads"]] = r
+    threads = sorted({r["threads"] for r in data["rows"]})
+    per = " / ".join(str(t) for t in threads)
+    lines = [
+        f"Integer ops / onnxruntime {data['onnxruntime']}'s float op on the same shape "
+        f"(`benchmarks/ops_speed.py`, medians of {data['rounds']} rounds in fresh processes, "
+        f"at {per} thread(s); < 1: ours is faster): through `session.run` with numpy feeds, "
+        "through `run_with_iobinding` (inputs bound once: the op inside a graph), and "
+        "onnxruntime's own per-node kernel time (the op against the op):",
+        "",
+        "| op | shape | session.run | bound | kernel |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for op, by_thr in ops.items():
+        shape = "x".join(map(str, next(iter(by_thr.values()))["shape"]))
+        cells = [
+            " / ".join(f"{by_thr[t][key]:.2f}x" for t in threads if t in by_thr)
+            for key in ("ratio", "bound_ratio", "kernel_ratio")
+        ]
+        lines.append(f"| {OPS_NAMES.get(op, op)} | {shape} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+RENDERERS = {
+    "embeddings": render_embeddings,
+    "glue": render_glue,
+    "latency": render_latency,
+    "ops_speed": render_ops_speed,
+}
 
 
 def main() -> None:
