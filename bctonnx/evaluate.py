@@ -88,6 +88,21 @@ class EvalRecord:
 
 
 @dataclass
+class AtRatio:
+    """The accuracy bar's rule for one baseline: the most accurate BCT model at least as
+    compressed (``bct``; None when none is), by the task's first metric. ``diff``: BCT minus
+    baseline in points; ``diff_ci95``: its paired bootstrap 95% interval (an interval that
+    contains 0: the dev set cannot tell the two apart); ``met``: BCT at least as accurate."""
+
+    baseline: str
+    bct: str | None
+    metric: str
+    diff: float | None = None
+    diff_ci95: tuple[float, float] | None = None
+    met: bool = False
+
+
+@dataclass
 class EvalResult:
     task: str
     metrics: list[str]  # primary first
@@ -96,6 +111,7 @@ class EvalResult:
     model_dir: str
     dev_file: str
     records: list[EvalRecord] = field(default_factory=list)
+    at_ratio: list[AtRatio] = field(default_factory=list)  # one per baseline that ran
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -410,7 +426,7 @@ def _run(
     )
 
     resamples = bootstrap_indices(len(data))
-    fp32_preds: list[np.ndarray] = []
+    preds_of: dict[str, np.ndarray] = {}  # model name -> its predictions
 
     def evaluate(record: EvalRecord, path: Path) -> None:
         t0 = time.perf_counter()
@@ -421,14 +437,13 @@ def _run(
         record.bytes = model_file_bytes(path)
         record.ratio = fp32_bytes / record.bytes
         if result.records:
-            base = result.records[0].metrics
-            record.vs_fp32 = {m: v - base[m] for m, v in record.metrics.items()}
+            base = result.records[0]
+            record.vs_fp32 = {m: v - base.metrics[m] for m, v in record.metrics.items()}
             record.vs_fp32_ci95 = paired_difference_ci(
-                task, preds, fp32_preds[0], data.labels, resamples
+                task, preds, preds_of[base.model], data.labels, resamples
             )
-            record.fidelity = fidelity(task, preds, fp32_preds[0])
-        else:
-            fp32_preds.append(preds)
+            record.fidelity = fidelity(task, preds, preds_of[base.model])
+        preds_of[record.model] = preds
 
     fp32_bytes = model_file_bytes(fp32_file)
     fp32 = EvalRecord("fp32", "fp32", "fp32")
@@ -477,7 +492,34 @@ def _run(
                 return path
 
             attempt(EvalRecord(baseline.name, "baseline", baseline.describe), build_baseline)
+    result.at_ratio = at_ratio(task, result.records, preds_of, data.labels, resamples)
     return result
+
+
+def at_ratio(
+    task: GlueTask,
+    records: list[EvalRecord],
+    preds_of: dict[str, np.ndarray],
+    labels: np.ndarray,
+    resamples: np.ndarray,
+) -> list[AtRatio]:
+    """Per baseline that ran: the most accurate BCT model at least as compressed, by the first
+    metric, and how the two compare on the same resamples of the dev set (`AtRatio`)."""
+    metric = task.metrics[0]
+    ok = [r for r in records if r.status == "ok"]
+    out = []
+    for base in (r for r in ok if r.kind == "baseline"):
+        rivals = [r for r in ok if r.kind == "bct" and r.ratio >= base.ratio]
+        best = max(rivals, key=lambda r: r.metrics[metric], default=None)
+        if best is None:
+            out.append(AtRatio(base.model, None, metric))
+            continue
+        ci = paired_difference_ci(
+            task, preds_of[best.model], preds_of[base.model], labels, resamples
+        )[metric]
+        diff = best.metrics[metric] - base.metrics[metric]
+        out.append(AtRatio(base.model, best.model, metric, diff, ci, diff >= 0))
+    return out
 
 
 def fidelity(task: GlueTask, preds: np.ndarray, reference: np.ndarray) -> float:
@@ -528,7 +570,31 @@ def format_table(result: EvalResult) -> str:
         ),
     ]
     notes += [f"  {r.model}: {r.config}" for r in result.records if r.kind != "fp32"]
-    return "\n".join(head + lines + notes)
+    return "\n".join(head + lines + notes + format_at_ratio(result))
+
+
+def format_at_ratio(result: EvalResult) -> list[str]:
+    """`EvalResult.at_ratio` as text lines (none without baselines)."""
+    if not result.at_ratio:
+        return []
+    ratio = {r.model: r.ratio for r in result.records}
+    lines = [
+        "",
+        f"at each baseline's ratio, the most accurate BCT model at least as compressed "
+        f"({result.metrics[0]}, BCT minus baseline, paired 95% CI):",
+    ]
+    for a in result.at_ratio:
+        where = f"  {a.baseline} ({ratio[a.baseline]:.2f}x): "
+        if a.bct is None:
+            lines.append(where + "no BCT model this compressed  not met")
+            continue
+        lo, hi = a.diff_ci95
+        lines.append(
+            where
+            + f"{a.bct} ({ratio[a.bct]:.2f}x) {a.diff:+.2f} [{lo:+.2f}, {hi:+.2f}]  "
+            + ("met" if a.met else "not met")
+        )
+    return lines
 
 
 def format_fidelity(task: GlueTask, value: float | None) -> str:

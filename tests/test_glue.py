@@ -19,6 +19,8 @@ from bctonnx.cli import main
 from bctonnx.config import resolve_config
 from bctonnx.errors import BctError
 from bctonnx.evaluate import (
+    EvalRecord,
+    at_ratio,
     eval_configs,
     fidelity,
     format_fidelity,
@@ -130,6 +132,51 @@ def test_paired_bootstrap_interval_brackets_the_difference_and_separates_clear_g
     bad = np.where(rng.random(800) < 0.7, labels, 1 - labels)
     lo, hi = paired_difference_ci(TASKS["sst2"], bad, good, labels, idx)["accuracy"]
     assert hi < 0 and lo > -35
+
+
+def test_at_ratio_picks_the_most_accurate_bct_model_at_least_as_compressed():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, 400)
+    task = TASKS["sst2"]
+
+    def flip(k):  # the labels with the first k wrong
+        p = labels.copy()
+        p[:k] = 1 - p[:k]
+        return p
+
+    preds_of = {
+        "fp32": flip(40),
+        "bct a": flip(44),  # 3.9x, 89.0
+        "bct b": flip(42),  # 3.8x, 89.5: more accurate, less compressed than dyn
+        "bct c": flip(80),  # 7.5x, 80.0
+        "bct broken": flip(0),
+        "dyn": flip(48),  # 3.85x, 88.0
+        "nbits": flip(36),  # 1.6x, 91.0
+        "tiny": flip(60),  # 9x: no BCT model reaches it
+    }
+    ratios = {"fp32": 1.0, "bct a": 3.9, "bct b": 3.8, "bct c": 7.5, "bct broken": 20.0}
+    ratios |= {"dyn": 3.85, "nbits": 1.6, "tiny": 9.0}
+
+    def rec(name):
+        kind = "fp32" if name == "fp32" else ("bct" if name.startswith("bct") else "baseline")
+        r = EvalRecord(name, kind, "", ratio=ratios[name])
+        r.metrics = compute_metrics(task, preds_of[name], labels)
+        r.status = "failed" if name == "bct broken" else "ok"
+        return r
+
+    records = [rec(n) for n in preds_of]
+    idx = bootstrap_indices(400, samples=300)
+    got = {a.baseline: a for a in at_ratio(task, records, preds_of, labels, idx)}
+    assert list(got) == ["dyn", "nbits", "tiny"]  # a failed record is no rival
+    dyn, nbits, tiny = got["dyn"], got["nbits"], got["tiny"]
+    assert (dyn.bct, dyn.metric, dyn.met) == ("bct a", "accuracy", True)
+    assert dyn.diff == pytest.approx(1.0)  # 4 examples of 400
+    # the same 4 examples differ in every resample's favour: the interval never goes below 0
+    assert 0 <= dyn.diff_ci95[0] <= 1.0 <= dyn.diff_ci95[1]
+    # at 1.6x every BCT model qualifies: b is the best of them, still 6 examples behind
+    assert (nbits.bct, nbits.met) == ("bct b", False) and nbits.diff == pytest.approx(-1.5)
+    assert nbits.diff_ci95[1] < 0  # all 6 the baseline's way
+    assert (tiny.bct, tiny.diff, tiny.diff_ci95, tiny.met) == (None, None, None, False)
 
 
 def test_fidelity_compares_predictions_example_by_example():
@@ -600,6 +647,21 @@ def test_sst2_slice_every_baseline_row_has_a_size(sst2_with_baselines):
         assert row["status"] == "ok", (name, row["error"])
         assert row["bytes"] > 0 and row["ratio"] > 1.2
         assert 0 <= row["metrics"]["accuracy"] <= 100
+
+
+@pytest.mark.shared
+def test_sst2_slice_at_ratio_compares_w8a8_with_each_baseline(sst2_with_baselines):
+    r = sst2_with_baselines
+    acc = {x["model"]: x["metrics"]["accuracy"] for x in r["records"]}
+    by_base = {a["baseline"]: a for a in r["at_ratio"]}
+    assert set(by_base) == {"ort dynamic int8", "ort static qdq int8", "ort matmulnbits 4bit"}
+    for base, a in by_base.items():
+        # w8a8 (3.97x) is at least as compressed as every baseline (<= 3.96x)
+        assert a["bct"] == "bct w8a8" and a["metric"] == "accuracy"
+        assert a["diff"] == pytest.approx(acc["bct w8a8"] - acc[base])
+        assert a["met"] == (a["diff"] >= 0)
+        lo, hi = a["diff_ci95"]
+        assert lo <= a["diff"] <= hi
 
 
 @pytest.mark.shared
