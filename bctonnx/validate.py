@@ -169,21 +169,27 @@ def make_feeds(
 _LAYER_RE = re.compile(r"layers?[._/]?(\d+)")
 
 
+_LAYER_NORMS = ("LayerNormalization", "SkipLayerNormalization", "EmbedLayerNormalization")
+
+
 def layer_probes(proto: onnx.ModelProto) -> list[tuple[str, str, str]]:
-    """(label, tensor name, node name) of each LayerNormalization output, in graph order."""
+    """(label, tensor name, node name) of each LayerNorm output (onnxruntime's fused ones
+    too), in graph order; labelled by the node's name, or its output's where the name says
+    nothing (onnxruntime's optimizer names a node SkipLayerNorm_AddBias_3 and keeps the
+    exporter's output name)."""
     probes = []
     for node in proto.graph.node:
-        if node.op_type != "LayerNormalization" or not node.output:
+        if node.op_type not in _LAYER_NORMS or not node.output:
             continue
-        m = _LAYER_RE.search(node.name or node.output[0])
-        lname = node.name or node.output[0]
+        names = [n for n in (node.name, node.output[0]) if n]
+        m = next((m for m in map(_LAYER_RE.search, names) if m), None)
         if m:
-            where = "attention" if "attention" in lname else "output"
+            where = "attention" if "attention" in m.string else "output"
             label = f"layer {m.group(1)} {where}"
-        elif "embed" in lname:
+        elif any("embed" in n.lower() for n in names):
             label = "embeddings"
         else:
-            label = lname
+            label = names[0]
         probes.append((label, node.output[0], node.name))
     return probes
 

@@ -22,11 +22,16 @@ Graphs of other exporters and optimizers come to the same form where that is che
 - initializers also listed as graph inputs (``keep_initializers_as_inputs=True``) become plain
   constants (a warning says so); weights that are graph inputs without a value are refused;
 - onnxruntime's fused ops (``onnxruntime.transformers.optimizer``, domain ``com.microsoft``)
-  ``SkipLayerNormalization`` -> Add(s) + LayerNormalization, ``BiasGelu`` / ``Gelu`` -> (Add +)
-  Gelu, ``FastGelu`` -> (Add +) Gelu(approximate="tanh");
-- every other node of a domain bctonnx does not know (fused ``Attention``,
-  ``EmbedLayerNormalization``, ...) is left exactly as it is, with its weights, and one WARNING
-  names each such node: never silently rewritten, never silently skipped;
+  back to the standard ops they compute (`_UNFUSE`): ``SkipLayerNormalization`` -> Add(s) +
+  LayerNormalization, ``BiasGelu`` / ``Gelu`` -> (Add +) Gelu, ``FastGelu`` -> (Add +)
+  Gelu(approximate="tanh"), ``EmbedLayerNormalization`` -> Gathers + Adds + LayerNormalization
+  (its mask index a ReduceSum of the mask), ``Attention`` -> the self-attention as the
+  exporters write it (three MatMul + Add, heads by Reshape + Transpose, Q.(K^T * scale) +
+  additive mask, Softmax, .V, heads joined);
+- every other node of a domain bctonnx does not know, and a fused op used in a way the above
+  does not express (a causal ``Attention``, past state, ...), is left exactly as it is, with its
+  weights, and one WARNING names each such node: never silently rewritten, never silently
+  skipped;
 - a graph with no MatMul/Gemm weight and no embedding table is refused (nothing to compress).
 """
 
@@ -36,6 +41,7 @@ import contextlib
 import logging
 import math
 
+import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 import onnxscript.optimizer
@@ -49,6 +55,7 @@ from .common import (
     const_array,
     is_const,
     is_float,
+    new_initializer,
     role,
     set_role,
     take_over,
@@ -295,76 +302,263 @@ def initializers_as_constants(graph: ir.Graph) -> None:
     )
 
 
-def _contrib_add(graph: ir.Graph, anchor: ir.Node, a: ir.Value, b: ir.Value, name: str) -> ir.Value:
-    node = ir.Node("", "Add", [a, b], name=name)
+def _op(
+    graph: ir.Graph,
+    anchor: ir.Node,
+    op_type: str,
+    inputs: list,
+    name: str,
+    dtype: ir.DataType | None = None,
+    **attrs,
+) -> ir.Value:
+    """One standard-ONNX node inserted before ``anchor``; its output (named ``name``)."""
+    node = ir.Node(
+        "", op_type, inputs, ir.convenience.convert_attributes(attrs) if attrs else (), name=name
+    )
     graph.insert_before(anchor, node)
     out = node.outputs[0]
     out.name = name
-    if a.dtype is not None:
-        out.dtype = a.dtype
+    if dtype is not None:
+        out.dtype = dtype
+    elif inputs and inputs[0] is not None and inputs[0].dtype is not None:
+        out.dtype = inputs[0].dtype
     return out
 
 
-def _unfuse(graph: ir.Graph, node: ir.Node) -> bool:
+def _ints(graph: ir.Graph, name: str, values: list[int]) -> ir.Value:
+    return new_initializer(graph, name, np.asarray(values, np.int64))
+
+
+def _positions(graph: ir.Graph, anchor: ir.Node, x: ir.Value, base: str) -> ir.Value:
+    """Range(0, x.shape[1]): the positions of a (batch, sequence, ...) tensor."""
+    shape = _op(graph, anchor, "Shape", [x], f"{base}/shape", ir.DataType.INT64)
+    index = new_initializer(graph, f"{base}/seq_axis", np.int64(1))
+    length = _op(graph, anchor, "Gather", [shape, index], f"{base}/seq_len")
+    zero = new_initializer(graph, f"{base}/zero", np.int64(0))
+    step = new_initializer(graph, f"{base}/step", np.int64(1))
+    return _op(graph, anchor, "Range", [zero, length, step], f"{base}/positions")
+
+
+def _layer_norm(graph, anchor, x, gamma, beta, eps, name) -> ir.Value:
+    inputs = [x, gamma] + ([beta] if beta is not None else [])
+    return _op(graph, anchor, "LayerNormalization", inputs, name, axis=-1, epsilon=eps)
+
+
+def _float_attr(node: ir.Node, name: str, default: float) -> float:
+    attr = node.attributes.get(name)
+    return attr.as_float() if attr is not None else default
+
+
+def _input(ins: list, i: int) -> ir.Value | None:
+    return ins[i] if len(ins) > i else None
+
+
+def _unfuse_skip_layer_norm(
+    graph: ir.Graph, node: ir.Node, base: str, used: list, cache: dict
+) -> bool:
+    """output, mean, inv_std_var, input_skip_bias_sum = LN(input + skip + bias)."""
+    ins = list(node.inputs)
+    if len(ins) < 3 or ins[0] is None or ins[1] is None or ins[2] is None:
+        return False
+    if any(used[1:3]):
+        return False  # mean / inv_std_var read by someone: keep the fused op
+    x = ins[0]
+    bias = _input(ins, 4)
+    if bias is not None:
+        x = _op(graph, node, "Add", [x, bias], f"{base}/bias_add")
+    total = _op(graph, node, "Add", [x, ins[1]], f"{base}/skip_add")
+    eps = _float_attr(node, "epsilon", 1e-12)
+    take_over(node.outputs[0], _layer_norm(graph, node, total, ins[2], _input(ins, 3), eps, base))
+    if len(node.outputs) > 3 and used[3]:
+        take_over(node.outputs[3], total)
+    return True
+
+
+def _unfuse_gelu(
+    graph: ir.Graph, node: ir.Node, base: str, used: list, cache: dict
+) -> bool:
+    """BiasGelu / Gelu / FastGelu(x [, bias]) -> Gelu(x + bias), FastGelu the tanh form."""
+    ins = list(node.inputs)
+    if not ins or ins[0] is None:
+        return False
+    x = ins[0]
+    if _input(ins, 1) is not None:
+        x = _op(graph, node, "Add", [x, ins[1]], f"{base}/bias_add")
+    approximate = "tanh" if node.op_type == "FastGelu" else "none"
+    take_over(node.outputs[0], _op(graph, node, "Gelu", [x], base, approximate=approximate))
+    return True
+
+
+def _unfuse_embed_layer_norm(
+    graph: ir.Graph, node: ir.Node, base: str, used: list, cache: dict
+) -> bool:
+    """EmbedLayerNormalization(input_ids, segment_ids, word, position, segment tables, gamma,
+    beta, mask, position_ids) -> LN(Gather(word) + Gather(position) [+ Gather(segment)]);
+    its mask_index output (the mask's row sums: right-padded lengths) a ReduceSum; its
+    embedding_sum output the sum before the LayerNorm."""
+    ins = list(node.inputs)
+    ids, seg_ids, word, pos, seg, gamma, beta = (_input(ins, i) for i in range(7))
+    mask, pos_ids = _input(ins, 7), _input(ins, 8)
+    if any(v is None for v in (ids, word, pos, gamma)) or (seg_ids is None) != (seg is None):
+        return False
+    if len(used) > 1 and used[1] and mask is None:
+        return False  # a mask index without a mask: keep onnxruntime's own
+    if pos_ids is None:  # positions 0 .. S-1
+        pos_ids = _positions(graph, node, ids, base)
+    total = _op(graph, node, "Gather", [word, ids], f"{base}/word", ir.DataType.FLOAT)
+    position = _op(graph, node, "Gather", [pos, pos_ids], f"{base}/position", ir.DataType.FLOAT)
+    total = _op(graph, node, "Add", [total, position], f"{base}/add_position")
+    if seg is not None:
+        segment = _op(graph, node, "Gather", [seg, seg_ids], f"{base}/segment", ir.DataType.FLOAT)
+        total = _op(graph, node, "Add", [total, segment], f"{base}/add_segment")
+    eps = _float_attr(node, "epsilon", 1e-12)
+    take_over(node.outputs[0], _layer_norm(graph, node, total, gamma, beta, eps, base))
+    if len(used) > 1 and used[1]:
+        lengths = _op(
+            graph, node, "ReduceSum", [_op(graph, node, "Cast", [mask], f"{base}/mask_int32",
+            ir.DataType.INT32, to=ir.DataType.INT32), _ints(graph, f"{base}/axis", [1])],
+            f"{base}/mask_index", ir.DataType.INT32, keepdims=0,
+        )  # fmt: skip
+        take_over(node.outputs[1], lengths)
+    if len(used) > 2 and used[2]:
+        take_over(node.outputs[2], total)
+    return True
+
+
+def _mask_rank(mask: ir.Value | None) -> int | None:
+    """The rank of Attention's mask_index before shapes are inferred: its own, a Cast's
+    input's (the optimizer casts the 0/1 mask to int32), or 1 for an unfused mask index."""
+    while mask is not None:
+        if mask.shape is not None:
+            return len(mask.shape)
+        producer = mask.producer()
+        if producer is None or producer.op_type not in ("Cast", "ReduceSum"):
+            return None
+        if producer.op_type == "ReduceSum":  # EmbedLayerNormalization's, unfused above
+            return 1
+        mask = producer.inputs[0]
+    return None
+
+
+def _unfuse_attention(
+    graph: ir.Graph, node: ir.Node, base: str, used: list, cache: dict
+) -> bool:
+    """Attention(input, packed QKV weight, bias, mask_index) -> the BERT self-attention as the
+    exporters write it: three MatMul + Add, heads split by Reshape + Transpose, scores
+    Q.(K^T * scale), + mask, Softmax, .V, heads joined. Handled: constant weight and bias, no
+    past / present / attention bias, not unidirectional, no mask or a 2-D 0/1 mask
+    (batch, sequence) or 1-D right-padded lengths (batch); else the fused op stays."""
+    ins = list(node.inputs)
+    x, w, bias, mask_index = (_input(ins, i) for i in range(4))
+    heads = node.attributes.get("num_heads")
+    w_arr, b_arr = const_array(w), const_array(bias)
+    if x is None or heads is None or w_arr is None or w_arr.ndim != 2:
+        return False
+    if any(_input(ins, i) is not None for i in range(4, len(ins))) or any(used[1:]):
+        return False  # past state, attention bias or present output
+    for attr in ("unidirectional", "do_rotary", "past_present_share_buffer"):
+        a = node.attributes.get(attr)
+        if a is not None and a.as_int():
+            return False
+    heads = heads.as_int()
+    sizes = node.attributes.get("qkv_hidden_sizes")
+    sizes = list(sizes.as_ints()) if sizes is not None else [w_arr.shape[1] // 3] * 3
+    if (
+        sum(sizes) != w_arr.shape[1]
+        or sizes[0] != sizes[1]
+        or any(n % heads for n in sizes)
+        or (b_arr is not None and b_arr.shape != (w_arr.shape[1],))
+        or (bias is not None and b_arr is None)
+    ):
+        return False
+    mask_rank = _mask_rank(mask_index)
+    if mask_index is not None and mask_rank not in (1, 2):
+        return False
+    head_qk, head_v = sizes[0] // heads, sizes[2] // heads
+    scale = _float_attr(node, "scale", 0.0) or 1.0 / math.sqrt(head_qk)
+    offsets = np.cumsum([0, *sizes])
+    proj = []
+    for i, part in enumerate("qkv"):
+        cols = slice(offsets[i], offsets[i + 1])
+        wp = new_initializer(graph, f"{base}.{part}.weight", np.ascontiguousarray(w_arr[:, cols]))
+        y = _op(graph, node, "MatMul", [x, wp], f"{base}/{part}/MatMul")
+        if b_arr is not None:
+            bp = new_initializer(graph, f"{base}.{part}.bias", np.ascontiguousarray(b_arr[cols]))
+            y = _op(graph, node, "Add", [y, bp], f"{base}/{part}/Add")
+        head = head_v if part == "v" else head_qk
+        shape = _ints(graph, f"{base}/{part}/heads_shape", [0, 0, heads, head])
+        proj.append(_op(graph, node, "Reshape", [y, shape], f"{base}/{part}/Reshape"))
+    q, k, v = proj
+    q = _op(graph, node, "Transpose", [q], f"{base}/q/Transpose", perm=[0, 2, 1, 3])
+    kt = _op(graph, node, "Transpose", [k], f"{base}/k/Transpose", perm=[0, 2, 3, 1])
+    c = new_initializer(graph, f"{base}/scale", np.asarray(scale, np.float32))
+    kt = _op(graph, node, "Mul", [kt, c], f"{base}/k/Mul")
+    scores = _op(graph, node, "MatMul", [q, kt], f"{base}/scores")
+    filler = _float_attr(node, "mask_filter_value", -10000.0)
+    key = (mask_index, filler)
+    if mask_index is not None and key in cache:
+        scores = _op(graph, node, "Add", [scores, cache[key]], f"{base}/masked_scores")
+    elif mask_index is not None:
+        if mask_rank == 2:  # 0/1 per key
+            keep = _op(graph, node, "Cast", [mask_index], f"{base}/mask_bool", ir.DataType.BOOL,
+                       to=ir.DataType.BOOL)  # fmt: skip
+        else:  # keys 0 .. length-1 of each row
+            keys = _positions(graph, node, x, base)
+            keys = _op(graph, node, "Unsqueeze", [keys, _ints(graph, f"{base}/ax0", [0])],
+                       f"{base}/keys_row")  # fmt: skip
+            lengths = _op(graph, node, "Cast", [mask_index], f"{base}/lengths", ir.DataType.INT64,
+                          to=ir.DataType.INT64)  # fmt: skip
+            lengths = _op(graph, node, "Unsqueeze", [lengths, _ints(graph, f"{base}/ax1", [1])],
+                          f"{base}/lengths_col")  # fmt: skip
+            keep = _op(graph, node, "Less", [keys, lengths], f"{base}/mask_bool", ir.DataType.BOOL)
+        zero_f = new_initializer(graph, f"{base}/mask_zero", np.asarray(0.0, np.float32))
+        fill = new_initializer(graph, f"{base}/mask_filter", np.asarray(filler, np.float32))
+        additive = _op(graph, node, "Where", [keep, zero_f, fill], f"{base}/mask",
+                       ir.DataType.FLOAT)  # fmt: skip
+        additive = _op(graph, node, "Unsqueeze", [additive, _ints(graph, f"{base}/ax12", [1, 2])],
+                       f"{base}/mask_4d")  # fmt: skip
+        cache[key] = additive  # one mask for every layer
+        scores = _op(graph, node, "Add", [scores, additive], f"{base}/masked_scores")
+    probs = _op(graph, node, "Softmax", [scores], f"{base}/Softmax", axis=-1)
+    v = _op(graph, node, "Transpose", [v], f"{base}/v/Transpose", perm=[0, 2, 1, 3])
+    context = _op(graph, node, "MatMul", [probs, v], f"{base}/context")
+    context = _op(graph, node, "Transpose", [context], f"{base}/context/Transpose",
+                  perm=[0, 2, 1, 3])  # fmt: skip
+    joined = _ints(graph, f"{base}/joined_shape", [0, 0, sizes[2]])
+    take_over(node.outputs[0], _op(graph, node, "Reshape", [context, joined], f"{base}/output"))
+    return True
+
+
+_UNFUSE = {
+    "SkipLayerNormalization": _unfuse_skip_layer_norm,
+    "BiasGelu": _unfuse_gelu,
+    "FastGelu": _unfuse_gelu,
+    "Gelu": _unfuse_gelu,
+    "EmbedLayerNormalization": _unfuse_embed_layer_norm,
+    "Attention": _unfuse_attention,
+}
+
+
+def _unfuse(graph: ir.Graph, node: ir.Node, cache: dict) -> bool:
     """Replace one com.microsoft fused op by its standard-ONNX equivalent (same math).
-    Returns False (node kept) for an op or an output this does not handle."""
-    op, ins = node.op_type, list(node.inputs)
-    base = node.name or op
+    Returns False (node kept) for an op or a use of it this does not handle. ``cache``: what
+    the rewrites of one graph share (the additive attention mask)."""
+    rewrite = _UNFUSE.get(node.op_type)
+    if rewrite is None:
+        return False
     used = [bool(o.uses()) or o in graph.outputs for o in node.outputs]
-    if op == "SkipLayerNormalization":
-        # output, mean, inv_std_var, input_skip_bias_sum = LN(input + skip + bias)
-        if len(ins) < 3 or ins[0] is None or ins[1] is None or ins[2] is None:
-            return False
-        if any(used[1:3]):
-            return False  # mean / inv_std_var read by someone: keep the fused op
-        x = ins[0]
-        bias = ins[4] if len(ins) > 4 else None
-        if bias is not None:
-            x = _contrib_add(graph, node, x, bias, f"{base}/bias_add")
-        total = _contrib_add(graph, node, x, ins[1], f"{base}/skip_add")
-        eps = node.attributes.get("epsilon")
-        ln_inputs = [total, ins[2]] + ([ins[3]] if len(ins) > 3 and ins[3] is not None else [])
-        ln = ir.Node(
-            "",
-            "LayerNormalization",
-            ln_inputs,
-            ir.convenience.convert_attributes(
-                {"axis": -1, "epsilon": eps.as_float() if eps is not None else 1e-12}
-            ),
-            name=base,
-        )
-        graph.insert_before(node, ln)
-        take_over(node.outputs[0], ln.outputs[0])
-        if len(node.outputs) > 3 and used[3]:
-            take_over(node.outputs[3], total)
-    elif op in ("BiasGelu", "FastGelu", "Gelu"):
-        if not ins or ins[0] is None:
-            return False
-        x = ins[0]
-        if len(ins) > 1 and ins[1] is not None:
-            x = _contrib_add(graph, node, x, ins[1], f"{base}/bias_add")
-        approximate = "tanh" if op == "FastGelu" else "none"
-        gelu = ir.Node(
-            "",
-            "Gelu",
-            [x],
-            ir.convenience.convert_attributes({"approximate": approximate}),
-            name=base,
-        )
-        graph.insert_before(node, gelu)
-        take_over(node.outputs[0], gelu.outputs[0])
-    else:
+    if not rewrite(graph, node, node.name or node.op_type, used, cache):
         return False
     graph.remove(node, safe=True)
     return True
 
 
 def unfuse_contrib_ops(graph: ir.Graph) -> None:
-    """onnxruntime's fused SkipLayerNormalization / BiasGelu / FastGelu / Gelu back to the
-    standard ops the passes recognise (Gelu needs opset >= 20: run after upgrade_opset)."""
-    count = 0
+    """onnxruntime's fused ops (`_UNFUSE`) back to the standard ops the passes recognise
+    (Gelu needs opset >= 20: run after upgrade_opset)."""
+    count, cache = 0, {}
     for node in list(graph):
-        if node.domain == CONTRIB_DOMAIN and _unfuse(graph, node):
+        if node.domain == CONTRIB_DOMAIN and _unfuse(graph, node, cache):
             count += 1
     if count:
         log.info("unfused %d com.microsoft nodes into standard ONNX ops", count)
@@ -405,7 +599,7 @@ def infer_contrib_shapes(model: ir.Model) -> None:
 
 def left_alone(graph: ir.Graph) -> list[tuple[ir.Node, str]]:
     """Nodes no pass will touch although they may hold weights or compute what BCT quantizes:
-    ops of domains bctonnx does not know (fused Attention, EmbedLayerNormalization, ...)."""
+    ops of domains bctonnx does not know, or fused ops it could not unfuse (a causal Attention)."""
     found = []
     for node in graph:
         if node.domain in KNOWN_DOMAINS or node.domain.startswith("bctonnx"):

@@ -596,10 +596,12 @@ def test_validate_report_with_a_bad_name_is_refused_before_running(
 
 
 def test_log_level_flag(tiny_bert_onnx, tmp_path):
-    """Warnings (here: fused ops left alone) show by default, not with --log-level error."""
-    from test_exporters import fused_model
+    """Warnings (here: a fused op left alone) show by default, not with --log-level error."""
+    from test_exporters import fused_model, with_causal_attention
 
-    model = fused_model(tiny_bert_onnx, tmp_path / "fused.onnx")
+    model = with_causal_attention(
+        fused_model(tiny_bert_onnx, tmp_path / "fused.onnx"), tmp_path / "causal.onnx"
+    )
 
     def stderr(*flags):
         proc = subprocess.run(

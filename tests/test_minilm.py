@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 from shared_assets import sst2_dev_sentences
@@ -104,3 +105,51 @@ def test_integer_form_has_no_float_nonlinearity_and_keeps_the_embeddings(
     # the per-layer table reads every LayerNorm's integer replacement (13: embeddings + 2 x 6;
     # the last one's output is the graph output, compared above)
     assert len(v.layers) == 12 and all(layer.cosine > 0.98 for layer in v.layers)
+
+
+def test_onnxruntime_optimized_graph_is_unfused_exactly_and_compressed_like_the_export(
+    minilm_dir, tmp_path, sentences
+):
+    """MiniLM through onnxruntime's transformer optimizer (fused Attention with the lengths
+    mask of EmbedLayerNormalization, SkipLayerNormalization, BiasGelu): canonicalize unfuses
+    all of it with the same math (real attention scores, so the mask and the scale matter),
+    and w8a8 compresses it as it does the plain export."""
+    import onnx_ir as ir
+    from bctonnx.passes import Canonicalize
+    from bctonnx.passes.pipeline import strip_annotations
+    from conftest import run_onnx
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    from bctonnx.modelio import load_model
+    from bctonnx.validate import load_tokenizer, make_feeds
+
+    fused = tmp_path / "fused.onnx"
+    optimize_model(
+        str(minilm_dir / "model.onnx"), model_type="bert", num_heads=12, hidden_size=384
+    ).save_model_to_file(str(fused))
+    ops = [n.op_type for n in onnx.load(fused).graph.node if n.domain == "com.microsoft"]
+    assert ops.count("Attention") == 6 and ops.count("EmbedLayerNormalization") == 1
+    model, _ = load_model(fused)
+    Canonicalize()(model)
+    strip_annotations(model)
+    unfused = ir.serde.serialize_model(model)
+    assert not [n.op_type for n in unfused.graph.node if n.domain == "com.microsoft"]
+    names = [i.name for i in unfused.graph.input]
+    tokenizer = load_tokenizer(minilm_dir)
+    for feeds in make_feeds(names, sentences[:32], tokenizer, 16, 128):  # padded batches
+        assert feeds["attention_mask"].min() == 0
+        got = run_onnx(unfused, feeds)["last_hidden_state"]
+        want = run_onnx(fused, feeds)["last_hidden_state"]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+    out = tmp_path / "fused-w8a8.onnx"
+    report = bctonnx.compress_file(fused, out, bctonnx.resolve_config("w8a8"))
+    assert report.ratio >= 3.9
+    graph = onnx.load(out, load_external_data=False).graph
+    assert not [n.op_type for n in graph.node if n.domain == "com.microsoft"]
+    v = validate(fused, out, tokenizer_dir=minilm_dir, texts=sentences, progress=False)
+    assert v.embedding_cosine >= 0.995
+    # the per-layer table reads the fused LayerNorms' integer replacements, as for the export
+    labels = [layer.label for layer in v.layers]
+    assert labels[0] == "embeddings" and labels[1:3] == ["layer 0 attention", "layer 0 output"]
+    assert len(labels) == 12 and all(layer.cosine > 0.98 for layer in v.layers)
