@@ -517,7 +517,7 @@ def at_ratio(
         ci = paired_difference_ci(
             task, preds_of[best.model], preds_of[base.model], labels, resamples
         )[metric]
-        diff = best.metrics[metric] - base.metrics[metric]
+        diff = float(best.metrics[metric] - base.metrics[metric])  # metrics may be numpy's
         out.append(AtRatio(base.model, best.model, metric, diff, ci, diff >= 0))
     return out
 

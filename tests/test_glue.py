@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +178,11 @@ def test_at_ratio_picks_the_most_accurate_bct_model_at_least_as_compressed():
     assert (nbits.bct, nbits.met) == ("bct b", False) and nbits.diff == pytest.approx(-1.5)
     assert nbits.diff_ci95[1] < 0  # all 6 the baseline's way
     assert (tiny.bct, tiny.diff, tiny.diff_ci95, tiny.met) == (None, None, None, False)
+    # plain JSON types, whatever the metric function returns (matthews: numpy floats)
+    for r in records:
+        r.metrics = compute_metrics(TASKS["cola"], preds_of[r.model], labels)
+    cola = at_ratio(TASKS["cola"], records, preds_of, labels, idx)
+    assert json.loads(json.dumps([asdict(a) for a in cola]))[0]["met"] is True
 
 
 def test_fidelity_compares_predictions_example_by_example():
