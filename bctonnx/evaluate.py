@@ -70,7 +70,8 @@ class EvalRecord:
     ``vs_fp32_ci95``: its paired bootstrap 95% interval (`glue.paired_difference_ci`).
     ``fidelity``: how close its predictions are to FP32's, example by example (much less
     noisy than a metric difference): the percentage of equal labels (classification), or the
-    mean absolute difference of the scores (regression)."""
+    mean absolute difference of the scores (regression). ``changed``: of the predictions
+    that differ from FP32's (classification), how many are right and how many wrong."""
 
     model: str
     kind: str  # "fp32", "bct" or "baseline"
@@ -81,6 +82,7 @@ class EvalRecord:
     vs_fp32: dict[str, float] = field(default_factory=dict)
     vs_fp32_ci95: dict[str, tuple[float, float]] = field(default_factory=dict)
     fidelity: float | None = None
+    changed: tuple[int, int] | None = None
     bytes: int | None = None
     ratio: float | None = None
     build_seconds: float | None = None
@@ -443,6 +445,7 @@ def _run(
                 task, preds, preds_of[base.model], data.labels, resamples
             )
             record.fidelity = fidelity(task, preds, preds_of[base.model])
+            record.changed = changed_predictions(task, preds, preds_of[base.model], data.labels)
         preds_of[record.model] = preds
 
     fp32_bytes = model_file_bytes(fp32_file)
@@ -530,6 +533,18 @@ def fidelity(task: GlueTask, preds: np.ndarray, reference: np.ndarray) -> float:
     return 100.0 * float((np.asarray(preds) == reference).mean())
 
 
+def changed_predictions(
+    task: GlueTask, preds: np.ndarray, reference: np.ndarray, labels: np.ndarray
+) -> tuple[int, int] | None:
+    """Of the predictions that differ from the reference's: (now right, now wrong); None for
+    regression. Where they split evenly, the metric difference is chance."""
+    if task.is_regression:
+        return None
+    differ = np.asarray(preds) != reference
+    right = int((differ & (np.asarray(preds) == labels)).sum())
+    return right, int(differ.sum()) - right
+
+
 # --- report ------------------------------------------------------------------------------------
 
 
@@ -544,8 +559,9 @@ def format_table(result: EvalResult) -> str:
     width = max(len("model"), *(len(r.model) for r in result.records))
     cols = [f"{m:>9}" for m in result.metrics]
     fid = "|d score|" if task.is_regression else "same pred"
+    fid_width = 9 if task.is_regression else 16
     lines = [
-        f"{'model':<{width}}  {'  '.join(cols)}  {'vs FP32':>8}  {'95% CI':>15}  {fid:>9}  "
+        f"{'model':<{width}}  {'  '.join(cols)}  {'vs FP32':>8}  {'95% CI':>15}  {fid:>{fid_width}}  "
         f"{'size':>9}  {'ratio':>6}",
     ]
     for r in result.records:
@@ -556,7 +572,7 @@ def format_table(result: EvalResult) -> str:
         lo, hi = r.vs_fp32_ci95.get(primary, (0.0, 0.0))
         lines.append(
             f"{r.model:<{width}}  {vals}  {r.vs_fp32.get(primary, 0.0):>+8.2f}  "
-            f"{f'[{lo:+.2f}, {hi:+.2f}]':>15}  {format_fidelity(task, r.fidelity):>9}  "
+            f"{f'[{lo:+.2f}, {hi:+.2f}]':>15}  {format_fidelity(task, r.fidelity, r.changed):>{fid_width}}  "
             f"{(r.bytes or 0) / 1e6:>6.1f} MB  {r.ratio or 0:>5.2f}x"
         )
     notes = [
@@ -566,7 +582,8 @@ def format_table(result: EvalResult) -> str:
         + (
             "|d score| = mean absolute difference of the predicted scores from FP32's"
             if task.is_regression
-            else "same pred = % of examples predicted as FP32 predicts them"
+            else "same pred = % of examples predicted as FP32 predicts them, then how many of "
+            "the others are now right (+) and wrong (-)"
         ),
     ]
     notes += [f"  {r.model}: {r.config}" for r in result.records if r.kind != "fp32"]
@@ -597,10 +614,14 @@ def format_at_ratio(result: EvalResult) -> list[str]:
     return lines
 
 
-def format_fidelity(task: GlueTask, value: float | None) -> str:
+def format_fidelity(
+    task: GlueTask, value: float | None, changed: tuple[int, int] | None = None
+) -> str:
     if value is None:
         return "-"
-    return f"{value:.4f}" if task.is_regression else f"{value:.1f}%"
+    if task.is_regression:
+        return f"{value:.4f}"
+    return f"{value:.1f}%" + (f" +{changed[0]}/-{changed[1]}" if changed else "")
 
 
 def write_json(result: EvalResult, dest: str) -> None:

@@ -87,7 +87,9 @@ def render_glue(data: dict) -> str:
         ]
         if any(r.get("fidelity") is not None for r in run["records"]):
             fid = [
-                format_fidelity(TASKS[run["task"]], by_model[m].get("fidelity"))
+                format_fidelity(
+                    TASKS[run["task"]], by_model[m].get("fidelity"), by_model[m].get("changed")
+                )
                 if m in by_model and by_model[m]["kind"] != "fp32"
                 else ""
                 for m in models

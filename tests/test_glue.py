@@ -22,6 +22,7 @@ from bctonnx.errors import BctError
 from bctonnx.evaluate import (
     EvalRecord,
     at_ratio,
+    changed_predictions,
     eval_configs,
     fidelity,
     format_fidelity,
@@ -195,6 +196,12 @@ def test_fidelity_compares_predictions_example_by_example():
     assert fidelity(stsb, np.array([1.0, 2.0, 4.5]), scores) == pytest.approx(0.25)
     assert format_fidelity(sst2, 75.0) == "75.0%" and format_fidelity(stsb, 0.25) == "0.2500"
     assert format_fidelity(sst2, None) == "-"
+    # the two changed predictions: one now right, one now wrong
+    labels = np.array([1, 1, 1, 0, 1, 0, 0, 1])
+    assert changed_predictions(sst2, np.array([1, 0, 1, 0, 1, 0, 0, 1]), ref, labels) == (1, 1)
+    assert changed_predictions(sst2, ref.copy(), ref, labels) == (0, 0)
+    assert changed_predictions(stsb, scores, scores, scores) is None
+    assert format_fidelity(sst2, 75.0, (1, 1)) == "75.0% +1/-1"
 
 
 def test_compute_metrics_reports_points_primary_first():
@@ -643,6 +650,11 @@ def test_sst2_slice_fp32_and_w8a8(sst2_with_baselines):
         w8a8["metrics"]["accuracy"] - fp32["metrics"]["accuracy"]
     )
     assert fp32["fidelity"] is None and 80 <= w8a8["fidelity"] <= 100
+    right, wrong = w8a8["changed"]  # the predictions unlike FP32's, and what they changed
+    assert right + wrong == round(16 * (100 - w8a8["fidelity"]) / 100)
+    assert w8a8["metrics"]["accuracy"] - fp32["metrics"]["accuracy"] == pytest.approx(
+        100 * (right - wrong) / 16
+    )
 
 
 @pytest.mark.shared
