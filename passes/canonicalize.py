@@ -374,9 +374,7 @@ def _unfuse_skip_layer_norm(
     return True
 
 
-def _unfuse_gelu(
-    graph: ir.Graph, node: ir.Node, base: str, used: list, cache: dict
-) -> bool:
+def _unfuse_gelu(graph: ir.Graph, node: ir.Node, base: str, used: list, cache: dict) -> bool:
     """BiasGelu / Gelu / FastGelu(x [, bias]) -> Gelu(x + bias), FastGelu the tanh form."""
     ins = list(node.inputs)
     if not ins or ins[0] is None:
@@ -440,9 +438,7 @@ def _mask_rank(mask: ir.Value | None) -> int | None:
     return None
 
 
-def _unfuse_attention(
-    graph: ir.Graph, node: ir.Node, base: str, used: list, cache: dict
-) -> bool:
+def _unfuse_attention(graph: ir.Graph, node: ir.Node, base: str, used: list, cache: dict) -> bool:
     """Attention(input, packed QKV weight, bias, mask_index) -> the BERT self-attention as the
     exporters write it: three MatMul + Add, heads split by Reshape + Transpose, scores
     Q.(K^T * scale), + mask, Softmax, .V, heads joined. Handled: constant weight and bias, no

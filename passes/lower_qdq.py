@@ -165,27 +165,47 @@ def lower_block_gather(graph: ir.Graph, node: ir.Node, shared: dict) -> None:
         node.inputs[2],
     )
     zp_table = const_array(node.inputs[3]) if len(node.inputs) > 3 else None
-    scales = e.decode_scales(e.op("Gather", [e.const(scale_codes, "scales"), ids], axis=0), fmt)
+
+    def table(source: ir.Value, make, name: str) -> ir.Value:
+        """One stored copy of a table however many lookups read it (an optimized graph can
+        keep the exporter's Gather beside EmbedLayerNormalization's)."""
+        key = ("table", id(source), name)
+        if key not in shared:
+            shared[key] = e.const(make(), name)
+        return shared[key]
+
+    scales = e.decode_scales(
+        e.op("Gather", [table(node.inputs[1], lambda: scale_codes, "scales"), ids], axis=0), fmt
+    )
     q_args = dict(axis=-1, block_size=fmt.block_size)
     if not fmt.packed:
-        rows = e.op("Gather", [e.const(codes.astype(np.int8), "codes"), ids], axis=0)
+        rows = e.op(
+            "Gather", [table(node.inputs[0], lambda: codes.astype(np.int8), "codes"), ids], axis=0
+        )
         dq_inputs = [rows, scales]
         if zp_table is not None:
-            dq_inputs.append(e.op("Gather", [e.const(zp_table.astype(np.int8), "zp"), ids], axis=0))
+            zp = table(node.inputs[3], lambda: zp_table.astype(np.int8), "zp")
+            dq_inputs.append(e.op("Gather", [zp, ids], axis=0))
         _finish(node, e.op("DequantizeLinear", dq_inputs, **q_args))
         return
     vocab, hidden = codes.shape
     ids_rank = rank(ids)
     if hidden % 2 or ids_rank is None:
         raise PassError(f"cannot pack table '{node.inputs[0].name}' (odd hidden or unknown rank)")
-    nibbles = _gather_nibbles(e, pack_int4(codes).reshape(vocab, hidden // 2), ids, ids_rank)
+    packed = table(
+        node.inputs[0], lambda: pack_int4(codes).reshape(vocab, hidden // 2), "codes_packed"
+    )
+    nibbles = _gather_nibbles(e, packed, ids, ids_rank)
     if zp_table is None:
         zero_point = e.op("Expand", [e.const(np.uint8(8), "eight"), e.op("Shape", [scales])])
     else:  # zero points packed per row the same way (a padding nibble when the count is odd)
         nblocks = zp_table.shape[1]
-        padded = np.pad(zp_table, [(0, 0), (0, nblocks % 2)])
-        zp_packed = pack_int4(padded).reshape(vocab, -1)
-        zero_point = _gather_nibbles(e, zp_packed, ids, ids_rank, "zp_packed")
+
+        def zp_packed() -> np.ndarray:
+            return pack_int4(np.pad(zp_table, [(0, 0), (0, nblocks % 2)])).reshape(vocab, -1)
+
+        zp = table(node.inputs[3], zp_packed, "zp_packed")
+        zero_point = _gather_nibbles(e, zp, ids, ids_rank)
         if nblocks % 2:
             zero_point = e.op(
                 "Slice",
@@ -199,12 +219,10 @@ def lower_block_gather(graph: ir.Graph, node: ir.Node, shared: dict) -> None:
     _finish(node, e.op("DequantizeLinear", [nibbles, scales, zero_point], **q_args))
 
 
-def _gather_nibbles(
-    e: _Emitter, packed: np.ndarray, ids: ir.Value, ids_rank: int, name: str = "codes_packed"
-) -> ir.Value:
+def _gather_nibbles(e: _Emitter, packed: ir.Value, ids: ir.Value, ids_rank: int) -> ir.Value:
     """Gather rows of a table of packed int4 pairs; returns them unpacked as offset-binary
     uint8 (code + 8), which DequantizeLinear reads with zero point 8 (or zp + 8)."""
-    rows = e.op("Gather", [e.const(packed, name), ids], axis=0)
+    rows = e.op("Gather", [packed, ids], axis=0)
     rows = e.op("BitwiseXor", [rows, e.const(np.uint8(0x88), "xor88")])
     low = e.op("BitwiseAnd", [rows, e.const(np.uint8(0x0F), "low_mask")])
     high = e.op("BitShift", [rows, e.const(np.uint8(4), "four")], direction="RIGHT")

@@ -150,6 +150,10 @@ def exports(tmp_path_factory, tiny_bert_dir):
     out["ort-fused"] = (fused_model(src, root / "fused.onnx"), bert)
     out["ort-fused-fastgelu"] = (fused_model(src, root / "fused_fast.onnx", fast_gelu=True), bert)
     out["ort-fused-rawmask"] = (fused_model(src, root / "fused_raw.onnx", raw_mask=True), bert)
+    # DistilBERT through the BERT fusions: EmbedLayerNormalization with position ids and no
+    # token types, and the exporter's word-embedding Gather kept beside it (for a Shape)
+    distil = out["optimum-distilbert"]
+    out["ort-fused-distilbert"] = (fused_model(distil[0], root / "fused_distil.onnx"), distil[1])
     return out
 
 
@@ -172,6 +176,11 @@ def test_the_exports_are_what_the_exporters_make(exports):
     assert masks["ort-fused"] == {"EmbedLayerNormalization_0_dummy_mask_index"}
     assert len(masks["ort-fused-rawmask"]) == 1
     assert "EmbedLayerNormalization" not in masks["ort-fused-rawmask"].pop()
+    distil = onnx.load(str(exports["ort-fused-distilbert"][0])).graph
+    (embed,) = [n for n in distil.node if n.op_type == "EmbedLayerNormalization"]
+    assert embed.input[1] == "" and embed.input[8]  # no token types; position ids
+    words = [n for n in distil.node if n.op_type == "Gather" and n.input[0] == embed.input[2]]
+    assert len(words) == 1  # the exporter's lookup of the same table, still there
     # the dynamo exporter keeps its weights in external data by default
     assert (exports["dynamo"][0].parent / "dynamo.onnx.data").is_file()
     assert ops["torchscript"][("", "Erf")] == 2  # GELU decomposed
@@ -188,6 +197,7 @@ def test_the_exports_are_what_the_exporters_make(exports):
         "ort-fused",
         "ort-fused-fastgelu",
         "ort-fused-rawmask",
+        "ort-fused-distilbert",
     ],
 )
 def test_each_export_compresses_runs_and_validates(exports, tmp_path, name):
@@ -247,7 +257,9 @@ def test_a_fused_op_it_cannot_unfuse_is_left_alone_with_a_warning(exports, tmp_p
                     assert after[name] == before[name], name
 
 
-@pytest.mark.parametrize("name", ["ort-fused", "ort-fused-fastgelu", "ort-fused-rawmask"])
+@pytest.mark.parametrize(
+    "name", ["ort-fused", "ort-fused-fastgelu", "ort-fused-rawmask", "ort-fused-distilbert"]
+)
 def test_unfusing_contrib_ops_is_exact(exports, name):
     """Canonicalize alone (no quantization): the unfused graph computes what the fused one does."""
     import onnx_ir as ir

@@ -653,10 +653,25 @@ def test_lowered_block_gather_returns_the_dequantized_rows(fmt):
     if q.zero_points is not None:
         inputs.append(const_value("zp", q.zero_points))
     model = one_node_model("BlockGather", inputs, q.fmt, ["b", "s", width])
+    # a second lookup of the same table (an optimized graph can keep the exporter's Gather
+    # beside EmbedLayerNormalization's): the table is still stored once
+    ids2 = ir.Value(name="ids2", shape=ir.Shape([4]), type=ir.TensorType(ir.DataType.INT64))
+    mid = model.graph.node(0)
+    second = ir.Node(MID_DOMAIN, "BlockGather", [*inputs[:2], ids2, *inputs[3:]],
+                     mid.attributes.values(), name="mid2")  # fmt: skip
+    second.outputs[0].name, second.outputs[0].dtype = "y2", ir.DataType.FLOAT
+    second.outputs[0].shape = ir.Shape([4, width])
+    model.graph.append(second)
+    model.graph.inputs.append(ids2)
+    model.graph.outputs.append(second.outputs[0])
     proto = lower_and_serialize(model)
-    idx = np.array([[0, 49, 7], [3, 3, 12]], np.int64)
-    y = run_onnx(proto, {"ids": idx})["y"]
-    np.testing.assert_allclose(y, q.dequantize()[idx], rtol=1e-6, atol=0)
+    read = {i for n in proto.graph.node for i in n.input}
+    tables = [t.name for t in proto.graph.initializer if t.dims[:1] == [50] and t.name in read]
+    assert len(tables) == len(inputs) - 1  # codes, scales (and zero points), once each
+    idx, idx2 = np.array([[0, 49, 7], [3, 3, 12]], np.int64), np.array([5, 0, 49, 5])
+    out = run_onnx(proto, {"ids": idx, "ids2": idx2})
+    np.testing.assert_allclose(out["y"], q.dequantize()[idx], rtol=1e-6, atol=0)
+    np.testing.assert_allclose(out["y2"], q.dequantize()[idx2], rtol=1e-6, atol=0)
 
 
 # --- the pipeline: bctonnx.compress ------------------------------------------------------------
