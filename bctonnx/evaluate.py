@@ -55,7 +55,7 @@ from .glue import (
     predictions,
     read_task,
 )
-from .modelio import MODEL_FILENAME, copy_sidecars, model_file_bytes
+from .modelio import MODEL_FILENAME, copy_sidecars, model_file_bytes, resolve_model_path
 from .runtime import make_session
 from .validate import load_tokenizer, make_feeds
 
@@ -239,7 +239,7 @@ def check_model_dir(model_dir: str | os.PathLike) -> Path:
     d = Path(model_dir)
     if not d.is_dir():
         raise BctError(f"{d}: model directory not found")
-    if not (d / MODEL_FILENAME).is_file() and not (d / "config.json").is_file():
+    if not _is_exported(d) and not (d / "config.json").is_file():
         raise BctError(
             f"{d}: no {MODEL_FILENAME} and no config.json (expected an exported ONNX directory "
             "or a fine-tuned Hugging Face checkpoint)"
@@ -247,9 +247,15 @@ def check_model_dir(model_dir: str | os.PathLike) -> Path:
     return d
 
 
+def _is_exported(d: Path) -> bool:
+    """An ONNX directory: model.onnx, or another .onnx (ORTOptimizer's model_optimized.onnx;
+    `modelio.resolve_model_path` picks the file)."""
+    return (d / MODEL_FILENAME).is_file() or any(f.is_file() for f in d.glob("*.onnx"))
+
+
 def fp32_model_dir(model_dir: Path, workdir: Path) -> Path:
     """An exported ONNX directory as is; a Hugging Face checkpoint exported to workdir/fp32."""
-    if (model_dir / MODEL_FILENAME).is_file():
+    if _is_exported(model_dir):
         return model_dir
     log.info("exporting %s (text-classification)", model_dir)
     with warnings.catch_warnings():
@@ -413,7 +419,7 @@ def _run(
     progress: bool,
 ) -> EvalResult:
     fp32_dir = fp32_model_dir(src, workdir)
-    fp32_file = fp32_dir / MODEL_FILENAME
+    fp32_file = resolve_model_path(fp32_dir)
     tokenizer = load_tokenizer(fp32_dir)
     perm = label_permutation(task, _read_model_config(fp32_dir))
     input_names = [i.name for i in make_session(fp32_file, threads).get_inputs()]

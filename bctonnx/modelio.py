@@ -1,10 +1,10 @@
 """Loading and saving models safely.
 
-Loading refuses, with one clear sentence: a missing path, a directory without model.onnx, an
-empty file, bytes that are not an ONNX model (or a truncated one), and external-data locations
-outside the model's folder (never read). Saving writes to a temporary name in the target folder
-and renames it into place, so a failed run never leaves a half-written file and never touches
-the input.
+Loading refuses, with one clear sentence: a missing path, a directory without model.onnx (and
+not exactly one other .onnx file), an empty file, bytes that are not an ONNX model (or a
+truncated one), and external-data locations outside the model's folder (never read). Saving
+writes to a temporary name in the target folder and renames it into place, so a failed run
+never leaves a half-written file and never touches the input.
 """
 
 from __future__ import annotations
@@ -41,15 +41,24 @@ SIDECAR_FILES = (
 
 
 def resolve_model_path(path: str | os.PathLike) -> Path:
-    """The ONNX file a user means: the file itself, or DIR/model.onnx."""
+    """The ONNX file a user means: the file itself, DIR/model.onnx, or a directory's only
+    .onnx file (optimum's ORTOptimizer writes model_optimized.onnx beside the config)."""
     p = Path(path)
     if not p.exists():
         raise ModelLoadError(f"{p}: no such file or directory")
     if p.is_dir():
         candidate = p / MODEL_FILENAME
-        if not candidate.is_file():
-            raise ModelLoadError(f"{p}: directory has no {MODEL_FILENAME}")
-        return candidate
+        if candidate.is_file():
+            return candidate
+        found = sorted(f.name for f in p.glob("*.onnx") if f.is_file())
+        if len(found) == 1:
+            return p / found[0]
+        if found:
+            raise ModelLoadError(
+                f"{p}: directory has no {MODEL_FILENAME} and {len(found)} .onnx files "
+                f"({', '.join(found)}); name the one to use"
+            )
+        raise ModelLoadError(f"{p}: directory has no {MODEL_FILENAME}")
     return p
 
 

@@ -191,6 +191,18 @@ def test_directory_without_model_is_refused(capsys, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_directory_with_several_onnx_files_and_no_model_onnx_is_refused(
+    capsys, tmp_path, tiny_bert_onnx
+):
+    d = tmp_path / "d"
+    d.mkdir()
+    for name in ("model_optimized.onnx", "model_quantized.onnx"):
+        shutil.copy(tiny_bert_onnx, d / name)
+    rc, _, err = run_cli(capsys, "compress", d, "-o", tmp_path / "out")
+    assert_one_line_error(rc, err, "model_optimized.onnx, model_quantized.onnx")
+    assert not (tmp_path / "out").exists()
+
+
 def test_output_equal_to_input_is_refused_and_input_untouched(capsys, tiny_copy):
     model = tiny_copy / "model.onnx"
     before = model.read_bytes()

@@ -146,6 +146,31 @@ def test_compressed_directory_loads_in_optimum_and_a_pipeline_gives_labels(tiny_
     assert max(abs(a["score"] - b["score"]) for a, b in zip(got, want, strict=True)) < 0.05
 
 
+def test_an_ortoptimizer_directory_compresses_and_runs_in_a_pipeline(tiny_cls_dir, tmp_path):
+    """optimum's ORTOptimizer (O2: fused Attention, SkipLayerNormalization, ...) writes
+    model_optimized.onnx beside the config; bctonnx compress takes that directory as it is,
+    unfuses and compresses everything, and the pipeline gives FP32's labels."""
+    from optimum.onnxruntime import ORTOptimizer
+    from optimum.onnxruntime.configuration import OptimizationConfig
+
+    optimized = tmp_path / "optimized"
+    ORTOptimizer.from_pretrained(tiny_cls_dir).optimize(
+        save_dir=optimized, optimization_config=OptimizationConfig(optimization_level=2)
+    )
+    assert not (optimized / "model.onnx").exists()
+    fused = {n.op_type for n in onnx.load(optimized / "model_optimized.onnx").graph.node}
+    assert {"Attention", "SkipLayerNormalization"} <= fused
+    out = tmp_path / "w8a8"
+    report = bctonnx.compress_file(optimized, out, bctonnx.resolve_config("w8a8", block_size=16))
+    assert report.ratio > 2.0
+    ops = {(n.domain, n.op_type) for n in onnx.load(out / "model.onnx").graph.node}
+    assert ("bctonnx", "BlockBatchMatMul") in ops and ("bctonnx", "IntSoftmax") in ops
+    assert not [op for domain, op in ops if domain == "com.microsoft"]
+    _, fp32 = ort_pipeline(tiny_cls_dir)
+    _, compressed = ort_pipeline(out)
+    assert [r["label"] for r in compressed(TEXTS)] == [r["label"] for r in fp32(TEXTS)]
+
+
 def test_feature_extraction_model_loads_in_optimum(tiny_bert_dir, tmp_path):
     out = tmp_path / "w8a8"
     bctonnx.compress_file(tiny_bert_dir, out, bctonnx.resolve_config("w8a8", block_size=16))

@@ -515,6 +515,25 @@ def test_swapped_id2label_mirrors_accuracy(tiny_classifier, tiny_glue, tmp_path)
     assert acc + acc_swapped == pytest.approx(100.0)
 
 
+def test_eval_takes_an_ortoptimizer_directory(tiny_classifier, tiny_glue, tmp_path):
+    """optimum's ORTOptimizer writes model_optimized.onnx (fused ops) beside the config: eval
+    runs it as the FP32 model, as it is, and compresses it."""
+    from optimum.onnxruntime import ORTOptimizer
+    from optimum.onnxruntime.configuration import OptimizationConfig
+
+    optimized = tmp_path / "optimized"
+    ORTOptimizer.from_pretrained(tiny_classifier).optimize(
+        save_dir=optimized, optimization_config=OptimizationConfig(optimization_level=2)
+    )
+    config = [("w8a8", resolve_config("w8a8", block_size=16))]
+    plain = run_eval(tiny_classifier, "sst2", tiny_glue, [], progress=False)
+    fused = run_eval(optimized, "sst2", tiny_glue, config, progress=False)
+    assert fused.model_dir == str(optimized)
+    assert fused.records[0].metrics == pytest.approx(plain.records[0].metrics)
+    w8a8 = fused.records[1]
+    assert w8a8.status == "ok" and w8a8.ratio > 2.0 and w8a8.fidelity >= 75.0
+
+
 def test_config_file_and_failures_become_rows(
     capsys, tiny_classifier, tiny_glue, tmp_path, monkeypatch
 ):
