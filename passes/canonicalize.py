@@ -325,13 +325,21 @@ def _op(
     return out
 
 
+INT32, INT64 = ir.DataType.INT32, ir.DataType.INT64
+BOOL, FLOAT = ir.DataType.BOOL, ir.DataType.FLOAT
+
+
 def _ints(graph: ir.Graph, name: str, values: list[int]) -> ir.Value:
     return new_initializer(graph, name, np.asarray(values, np.int64))
 
 
+def _unsqueeze(graph: ir.Graph, anchor: ir.Node, x: ir.Value, axes: list[int], name: str):
+    return _op(graph, anchor, "Unsqueeze", [x, _ints(graph, f"{name}/axes", axes)], name)
+
+
 def _positions(graph: ir.Graph, anchor: ir.Node, x: ir.Value, base: str) -> ir.Value:
     """Range(0, x.shape[1]): the positions of a (batch, sequence, ...) tensor."""
-    shape = _op(graph, anchor, "Shape", [x], f"{base}/shape", ir.DataType.INT64)
+    shape = _op(graph, anchor, "Shape", [x], f"{base}/shape", INT64)
     index = new_initializer(graph, f"{base}/seq_axis", np.int64(1))
     length = _op(graph, anchor, "Gather", [shape, index], f"{base}/seq_len")
     zero = new_initializer(graph, f"{base}/zero", np.int64(0))
@@ -403,20 +411,18 @@ def _unfuse_embed_layer_norm(
         return False  # a mask index without a mask: keep onnxruntime's own
     if pos_ids is None:  # positions 0 .. S-1
         pos_ids = _positions(graph, node, ids, base)
-    total = _op(graph, node, "Gather", [word, ids], f"{base}/word", ir.DataType.FLOAT)
-    position = _op(graph, node, "Gather", [pos, pos_ids], f"{base}/position", ir.DataType.FLOAT)
+    total = _op(graph, node, "Gather", [word, ids], f"{base}/word", FLOAT)
+    position = _op(graph, node, "Gather", [pos, pos_ids], f"{base}/position", FLOAT)
     total = _op(graph, node, "Add", [total, position], f"{base}/add_position")
     if seg is not None:
-        segment = _op(graph, node, "Gather", [seg, seg_ids], f"{base}/segment", ir.DataType.FLOAT)
+        segment = _op(graph, node, "Gather", [seg, seg_ids], f"{base}/segment", FLOAT)
         total = _op(graph, node, "Add", [total, segment], f"{base}/add_segment")
     eps = _float_attr(node, "epsilon", 1e-12)
     take_over(node.outputs[0], _layer_norm(graph, node, total, gamma, beta, eps, base))
     if len(used) > 1 and used[1]:
-        lengths = _op(
-            graph, node, "ReduceSum", [_op(graph, node, "Cast", [mask], f"{base}/mask_int32",
-            ir.DataType.INT32, to=ir.DataType.INT32), _ints(graph, f"{base}/axis", [1])],
-            f"{base}/mask_index", ir.DataType.INT32, keepdims=0,
-        )  # fmt: skip
+        mask32 = _op(graph, node, "Cast", [mask], f"{base}/mask_int32", INT32, to=INT32)
+        axis = _ints(graph, f"{base}/axis", [1])
+        lengths = _op(graph, node, "ReduceSum", [mask32, axis], f"{base}/mask_index", keepdims=0)
         take_over(node.outputs[1], lengths)
     if len(used) > 2 and used[2]:
         take_over(node.outputs[2], total)
@@ -496,30 +502,24 @@ def _unfuse_attention(graph: ir.Graph, node: ir.Node, base: str, used: list, cac
         scores = _op(graph, node, "Add", [scores, cache[key]], f"{base}/masked_scores")
     elif mask_index is not None:
         if mask_rank == 2:  # 0/1 per key
-            keep = _op(graph, node, "Cast", [mask_index], f"{base}/mask_bool", ir.DataType.BOOL,
-                       to=ir.DataType.BOOL)  # fmt: skip
+            keep = _op(graph, node, "Cast", [mask_index], f"{base}/mask_bool", BOOL, to=BOOL)
         else:  # keys 0 .. length-1 of each row
-            keys = _positions(graph, node, x, base)
-            keys = _op(graph, node, "Unsqueeze", [keys, _ints(graph, f"{base}/ax0", [0])],
-                       f"{base}/keys_row")  # fmt: skip
-            lengths = _op(graph, node, "Cast", [mask_index], f"{base}/lengths", ir.DataType.INT64,
-                          to=ir.DataType.INT64)  # fmt: skip
-            lengths = _op(graph, node, "Unsqueeze", [lengths, _ints(graph, f"{base}/ax1", [1])],
-                          f"{base}/lengths_col")  # fmt: skip
-            keep = _op(graph, node, "Less", [keys, lengths], f"{base}/mask_bool", ir.DataType.BOOL)
-        zero_f = new_initializer(graph, f"{base}/mask_zero", np.asarray(0.0, np.float32))
+            keys = _unsqueeze(graph, node, _positions(graph, node, x, base), [0], f"{base}/keys")
+            lengths = _op(graph, node, "Cast", [mask_index], f"{base}/lengths", INT64, to=INT64)
+            lengths = _unsqueeze(graph, node, lengths, [1], f"{base}/lengths_col")
+            keep = _op(graph, node, "Less", [keys, lengths], f"{base}/mask_bool", BOOL)
+        zero = new_initializer(graph, f"{base}/mask_zero", np.asarray(0.0, np.float32))
         fill = new_initializer(graph, f"{base}/mask_filter", np.asarray(filler, np.float32))
-        additive = _op(graph, node, "Where", [keep, zero_f, fill], f"{base}/mask",
-                       ir.DataType.FLOAT)  # fmt: skip
-        additive = _op(graph, node, "Unsqueeze", [additive, _ints(graph, f"{base}/ax12", [1, 2])],
-                       f"{base}/mask_4d")  # fmt: skip
+        additive = _op(graph, node, "Where", [keep, zero, fill], f"{base}/mask", FLOAT)
+        additive = _unsqueeze(graph, node, additive, [1, 2], f"{base}/mask_4d")
         cache[key] = additive  # one mask for every layer
         scores = _op(graph, node, "Add", [scores, additive], f"{base}/masked_scores")
     probs = _op(graph, node, "Softmax", [scores], f"{base}/Softmax", axis=-1)
     v = _op(graph, node, "Transpose", [v], f"{base}/v/Transpose", perm=[0, 2, 1, 3])
     context = _op(graph, node, "MatMul", [probs, v], f"{base}/context")
-    context = _op(graph, node, "Transpose", [context], f"{base}/context/Transpose",
-                  perm=[0, 2, 1, 3])  # fmt: skip
+    context = _op(
+        graph, node, "Transpose", [context], f"{base}/context/Transpose", perm=[0, 2, 1, 3]
+    )
     joined = _ints(graph, f"{base}/joined_shape", [0, 0, sizes[2]])
     take_over(node.outputs[0], _op(graph, node, "Reshape", [context, joined], f"{base}/output"))
     return True
