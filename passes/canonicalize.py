@@ -154,10 +154,20 @@ class Canonicalize(ir.passes.InPlacePass):
         tag_roles(model.graph)
         warn_left_alone(model.graph)
         if not any(role(n) in ("linear", "embedding") for n in model.graph):
+            half = any(
+                v.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+                for v in model.graph.initializers.values()
+            )
             raise PassError(
                 "nothing to compress: no MatMul/Gemm with a constant weight and no embedding "
                 "table (Gather from a constant 2-D table) in the graph; bctonnx compresses "
                 "BERT-family encoders"
+                + (
+                    " with float32 weights, and this model's are float16 / bfloat16: compress "
+                    "its float32 export"
+                    if half
+                    else ""
+                )
             )
         return ir.passes.PassResult(model, modified=True)
 

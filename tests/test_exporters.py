@@ -406,6 +406,12 @@ def bad_input(kind: str, tiny_bert_dir: Path, tmp_path: Path) -> tuple[Path, str
         return _external_outside(onnx_file, tmp_path / "m", str(secret)), "outside"
     if kind == "nothing-to-compress":
         return _nothing_to_compress(tmp_path), "nothing to compress"
+    if kind == "float16-weights":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        half = convert_float_to_float16(onnx.load(str(onnx_file)), keep_io_types=True)
+        onnx.save(half, str(tmp_path / "fp16.onnx"))
+        return tmp_path / "fp16.onnx", "float16 / bfloat16: compress its float32 export"
     raise AssertionError(kind)
 
 
@@ -417,6 +423,7 @@ BAD = [
     "external-data-outside-folder",
     "external-data-absolute",
     "nothing-to-compress",
+    "float16-weights",
 ]
 
 
