@@ -434,22 +434,32 @@ def _unfuse_embed_layer_norm(
         axis = _ints(graph, f"{base}/axis", [1])
         lengths = _op(graph, node, "ReduceSum", [mask32, axis], f"{base}/mask_index", keepdims=0)
         take_over(node.outputs[1], lengths)
+        cache.setdefault("lengths", []).append(lengths)
     if len(used) > 2 and used[2]:
         take_over(node.outputs[2], total)
     return True
 
 
-def _mask_rank(mask: ir.Value | None) -> int | None:
+def _mask_rank(mask: ir.Value | None, cache: dict) -> int | None:
     """The rank of Attention's mask_index before shapes are inferred: its own, a Cast's
-    input's (the optimizer casts the 0/1 mask to int32), or 1 for an unfused mask index."""
+    input's (the optimizer casts the 0/1 mask to int32), or 1 for lengths: the row sums of a
+    2-D mask (the optimizer's ReduceSum(mask, axes=[1], keepdims=0), or an
+    EmbedLayerNormalization's unfused above)."""
     while mask is not None:
         if mask.shape is not None:
             return len(mask.shape)
-        producer = mask.producer()
-        if producer is None or producer.op_type not in ("Cast", "ReduceSum"):
-            return None
-        if producer.op_type == "ReduceSum":  # EmbedLayerNormalization's, unfused above
+        if any(mask is v for v in cache.get("lengths", ())):
             return 1
+        producer = mask.producer()
+        if producer is not None and producer.op_type == "ReduceSum":
+            keepdims = producer.attributes.get("keepdims")
+            axes = const_array(_input(list(producer.inputs), 1))
+            rows = _mask_rank(producer.inputs[0], cache)
+            if keepdims is not None and not keepdims.as_int() and rows == 2 and axes is not None:
+                return 1 if [int(a) % 2 for a in axes.reshape(-1)] == [1] else None
+            return None
+        if producer is None or producer.op_type != "Cast":
+            return None
         mask = producer.inputs[0]
     return None
 
@@ -483,7 +493,7 @@ def _unfuse_attention(graph: ir.Graph, node: ir.Node, base: str, used: list, cac
         or (bias is not None and b_arr is None)
     ):
         return False
-    mask_rank = _mask_rank(mask_index)
+    mask_rank = _mask_rank(mask_index, cache)
     if mask_index is not None and mask_rank not in (1, 2):
         return False
     head_qk, head_v = sizes[0] // heads, sizes[2] // heads

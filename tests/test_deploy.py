@@ -160,6 +160,25 @@ def test_an_ortoptimizer_directory_compresses_and_runs_in_a_pipeline(tiny_cls_di
     assert not (optimized / "model.onnx").exists()
     fused = {n.op_type for n in onnx.load(optimized / "model_optimized.onnx").graph.node}
     assert {"Attention", "SkipLayerNormalization"} <= fused
+    # its mask index is the optimizer's own ReduceSum(Cast(mask)): lengths, unfused exactly
+    import onnx_ir as ir
+    from bctonnx.passes import Canonicalize
+    from bctonnx.passes.pipeline import strip_annotations
+
+    from bctonnx.modelio import load_model
+
+    model, _ = load_model(optimized / "model_optimized.onnx")
+    Canonicalize()(model)
+    strip_annotations(model)
+    unfused = ir.serde.serialize_model(model)
+    assert not [n for n in unfused.graph.node if n.domain == "com.microsoft"]
+    feeds = tiny_feeds(batch=3, seq=9)
+    np.testing.assert_allclose(
+        run_onnx(unfused, feeds)["logits"],
+        run_onnx(optimized / "model_optimized.onnx", feeds)["logits"],
+        rtol=1e-4,
+        atol=1e-4,
+    )
     out = tmp_path / "w8a8"
     report = bctonnx.compress_file(optimized, out, bctonnx.resolve_config("w8a8", block_size=16))
     assert report.ratio > 2.0
