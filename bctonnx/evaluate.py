@@ -250,7 +250,7 @@ def check_model_dir(model_dir: str | os.PathLike) -> Path:
 def _is_exported(d: Path) -> bool:
     """An ONNX directory: model.onnx, or another .onnx (ORTOptimizer's model_optimized.onnx;
     `modelio.resolve_model_path` picks the file)."""
-    return (d / MODEL_FILENAME).is_file() or any(f.is_file() for f in d.glob("*.onnx"))
+    return any(f.is_file() for f in d.glob("*.onnx"))
 
 
 def fp32_model_dir(model_dir: Path, workdir: Path) -> Path:

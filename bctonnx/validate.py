@@ -6,10 +6,10 @@ mean-pooled sentence-embedding cosine; for logits, top-1 agreement. The per-laye
 every LayerNormalization output that both models still carry under the same name (bctonnx
 keeps tensor names through compression), or, in the integer form, the dequantized output of the
 IntLayerNorm that replaced it (it keeps the node's name), and labels it with its encoder layer,
-so the block that hurts stands out. For a candidate in the integer form, each integer op (IntGelu, IntSoftmax,
-IntLayerNorm) is compared with its float original applied to the op's own (dequantized) input
-on real activations: max and mean abs error in units of the op's output scale (LSB) and the
-relative error.
+so the block that hurts stands out. For a candidate in the integer form, each integer op
+(IntGelu, IntSoftmax, IntLayerNorm) is compared with its float original applied to the op's
+own (dequantized) input on real activations: max and mean abs error in units of the op's output
+scale (LSB) and the relative error.
 """
 
 from __future__ import annotations

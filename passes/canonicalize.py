@@ -357,7 +357,7 @@ def _positions(graph: ir.Graph, anchor: ir.Node, x: ir.Value, base: str) -> ir.V
     return _op(graph, anchor, "Range", [zero, length, step], f"{base}/positions")
 
 
-def _layer_norm(graph, anchor, x, gamma, beta, eps, name) -> ir.Value:
+def _layer_norm_node(graph, anchor, x, gamma, beta, eps, name) -> ir.Value:
     inputs = [x, gamma] + ([beta] if beta is not None else [])
     return _op(graph, anchor, "LayerNormalization", inputs, name, axis=-1, epsilon=eps)
 
@@ -386,7 +386,9 @@ def _unfuse_skip_layer_norm(
         x = _op(graph, node, "Add", [x, bias], f"{base}/bias_add")
     total = _op(graph, node, "Add", [x, ins[1]], f"{base}/skip_add")
     eps = _float_attr(node, "epsilon", 1e-12)
-    take_over(node.outputs[0], _layer_norm(graph, node, total, ins[2], _input(ins, 3), eps, base))
+    take_over(
+        node.outputs[0], _layer_norm_node(graph, node, total, ins[2], _input(ins, 3), eps, base)
+    )
     if len(node.outputs) > 3 and used[3]:
         take_over(node.outputs[3], total)
     return True
@@ -428,7 +430,7 @@ def _unfuse_embed_layer_norm(
         segment = _op(graph, node, "Gather", [seg, seg_ids], f"{base}/segment", FLOAT)
         total = _op(graph, node, "Add", [total, segment], f"{base}/add_segment")
     eps = _float_attr(node, "epsilon", 1e-12)
-    take_over(node.outputs[0], _layer_norm(graph, node, total, gamma, beta, eps, base))
+    take_over(node.outputs[0], _layer_norm_node(graph, node, total, gamma, beta, eps, base))
     if len(used) > 1 and used[1]:
         mask32 = _op(graph, node, "Cast", [mask], f"{base}/mask_int32", INT32, to=INT32)
         axis = _ints(graph, f"{base}/axis", [1])

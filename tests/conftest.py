@@ -114,6 +114,33 @@ def session_for(model_or_path) -> ort.InferenceSession:
     return ort.InferenceSession(model_or_path, so, providers=["CPUExecutionProvider"])
 
 
+def canonicalized(model_path) -> onnx.ModelProto:
+    """The model after bctonnx's Canonicalize pass alone (no quantization), annotations
+    stripped: the float graph the other passes start from (fused onnxruntime ops unfused)."""
+    import onnx_ir as ir
+    from bctonnx.passes import Canonicalize
+    from bctonnx.passes.pipeline import strip_annotations
+
+    from bctonnx.modelio import load_model
+
+    model, _ = load_model(model_path)
+    Canonicalize()(model)
+    strip_annotations(model)
+    return ir.serde.serialize_model(model)
+
+
+def ort_optimized(src_dir, dst_dir) -> Path:
+    """optimum's ORTOptimizer at O2 on an exported directory (fused Attention,
+    SkipLayerNormalization, ...): writes dst_dir/model_optimized.onnx beside the config."""
+    from optimum.onnxruntime import ORTOptimizer
+    from optimum.onnxruntime.configuration import OptimizationConfig
+
+    ORTOptimizer.from_pretrained(src_dir).optimize(
+        save_dir=dst_dir, optimization_config=OptimizationConfig(optimization_level=2)
+    )
+    return Path(dst_dir)
+
+
 def run_onnx(model_or_path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Run on onnxruntime CPU; feeds the session does not take are dropped.
 

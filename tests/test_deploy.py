@@ -18,7 +18,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import VOCAB_SIZE, _write_vocab, run_onnx, tiny_feeds
+from conftest import (
+    VOCAB_SIZE,
+    _write_vocab,
+    canonicalized,
+    ort_optimized,
+    run_onnx,
+    tiny_feeds,
+)
 from shared_assets import require_shared, sst2_dev_sentences
 from test_cli import assert_one_line_error, run_cli
 
@@ -150,27 +157,12 @@ def test_an_ortoptimizer_directory_compresses_and_runs_in_a_pipeline(tiny_cls_di
     """optimum's ORTOptimizer (O2: fused Attention, SkipLayerNormalization, ...) writes
     model_optimized.onnx beside the config; bctonnx compress takes that directory as it is,
     unfuses and compresses everything, and the pipeline gives FP32's labels."""
-    from optimum.onnxruntime import ORTOptimizer
-    from optimum.onnxruntime.configuration import OptimizationConfig
-
-    optimized = tmp_path / "optimized"
-    ORTOptimizer.from_pretrained(tiny_cls_dir).optimize(
-        save_dir=optimized, optimization_config=OptimizationConfig(optimization_level=2)
-    )
+    optimized = ort_optimized(tiny_cls_dir, tmp_path / "optimized")
     assert not (optimized / "model.onnx").exists()
     fused = {n.op_type for n in onnx.load(optimized / "model_optimized.onnx").graph.node}
     assert {"Attention", "SkipLayerNormalization"} <= fused
     # its mask index is the optimizer's own ReduceSum(Cast(mask)): lengths, unfused exactly
-    import onnx_ir as ir
-    from bctonnx.passes import Canonicalize
-    from bctonnx.passes.pipeline import strip_annotations
-
-    from bctonnx.modelio import load_model
-
-    model, _ = load_model(optimized / "model_optimized.onnx")
-    Canonicalize()(model)
-    strip_annotations(model)
-    unfused = ir.serde.serialize_model(model)
+    unfused = canonicalized(optimized / "model_optimized.onnx")
     assert not [n for n in unfused.graph.node if n.domain == "com.microsoft"]
     feeds = tiny_feeds(batch=3, seq=9)
     np.testing.assert_allclose(

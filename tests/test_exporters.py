@@ -16,7 +16,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import HIDDEN, NUM_LAYERS, VOCAB_SIZE, _write_vocab, run_onnx, tiny_feeds
+from conftest import (
+    HIDDEN,
+    NUM_LAYERS,
+    VOCAB_SIZE,
+    _write_vocab,
+    canonicalized,
+    run_onnx,
+    tiny_feeds,
+)
 from test_cli import assert_one_line_error, run_cli
 
 import bctonnx
@@ -262,17 +270,8 @@ def test_a_fused_op_it_cannot_unfuse_is_left_alone_with_a_warning(exports, tmp_p
 )
 def test_unfusing_contrib_ops_is_exact(exports, name):
     """Canonicalize alone (no quantization): the unfused graph computes what the fused one does."""
-    import onnx_ir as ir
-    from bctonnx.passes import Canonicalize
-    from bctonnx.passes.pipeline import strip_annotations
-
-    from bctonnx.modelio import load_model
-
     model, _ = exports[name]
-    ir_model, _ = load_model(model)
-    Canonicalize()(ir_model)
-    strip_annotations(ir_model)
-    unfused = ir.serde.serialize_model(ir_model)
+    unfused = canonicalized(model)
     # Attention, EmbedLayerNormalization, SkipLayerNormalization, BiasGelu / FastGelu: none left
     assert not [n.op_type for n in unfused.graph.node if n.domain == "com.microsoft"]
     if name.endswith("fastgelu"):

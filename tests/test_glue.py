@@ -518,13 +518,9 @@ def test_swapped_id2label_mirrors_accuracy(tiny_classifier, tiny_glue, tmp_path)
 def test_eval_takes_an_ortoptimizer_directory(tiny_classifier, tiny_glue, tmp_path):
     """optimum's ORTOptimizer writes model_optimized.onnx (fused ops) beside the config: eval
     runs it as the FP32 model, as it is, and compresses it."""
-    from optimum.onnxruntime import ORTOptimizer
-    from optimum.onnxruntime.configuration import OptimizationConfig
+    from conftest import ort_optimized
 
-    optimized = tmp_path / "optimized"
-    ORTOptimizer.from_pretrained(tiny_classifier).optimize(
-        save_dir=optimized, optimization_config=OptimizationConfig(optimization_level=2)
-    )
+    optimized = ort_optimized(tiny_classifier, tmp_path / "optimized")
     config = [("w8a8", resolve_config("w8a8", block_size=16))]
     plain = run_eval(tiny_classifier, "sst2", tiny_glue, [], progress=False)
     fused = run_eval(optimized, "sst2", tiny_glue, config, progress=False)

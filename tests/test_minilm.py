@@ -114,13 +114,9 @@ def test_onnxruntime_optimized_graph_is_unfused_exactly_and_compressed_like_the_
     mask of EmbedLayerNormalization, SkipLayerNormalization, BiasGelu): canonicalize unfuses
     all of it with the same math (real attention scores, so the mask and the scale matter),
     and w8a8 compresses it as it does the plain export."""
-    import onnx_ir as ir
-    from bctonnx.passes import Canonicalize
-    from bctonnx.passes.pipeline import strip_annotations
-    from conftest import run_onnx
+    from conftest import canonicalized, run_onnx
     from onnxruntime.transformers.optimizer import optimize_model
 
-    from bctonnx.modelio import load_model
     from bctonnx.validate import load_tokenizer, make_feeds
 
     fused = tmp_path / "fused.onnx"
@@ -129,10 +125,7 @@ def test_onnxruntime_optimized_graph_is_unfused_exactly_and_compressed_like_the_
     ).save_model_to_file(str(fused))
     ops = [n.op_type for n in onnx.load(fused).graph.node if n.domain == "com.microsoft"]
     assert ops.count("Attention") == 6 and ops.count("EmbedLayerNormalization") == 1
-    model, _ = load_model(fused)
-    Canonicalize()(model)
-    strip_annotations(model)
-    unfused = ir.serde.serialize_model(model)
+    unfused = canonicalized(fused)
     assert not [n.op_type for n in unfused.graph.node if n.domain == "com.microsoft"]
     names = [i.name for i in unfused.graph.input]
     tokenizer = load_tokenizer(minilm_dir)
