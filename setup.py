@@ -52,8 +52,8 @@ setup(
     ext_modules=[
         Extension(
             EXT_NAME,
-            sources=sorted(str(p.relative_to(HERE)) for p in (HERE / CSRC).glob("*.cc")),
-            depends=sorted(str(p.relative_to(HERE)) for p in (HERE / CSRC).glob("*.h")),
+            sources=sorted(str(p.relative_to(HERE)) for p in (HERE / CSRC).rglob("*.cc")),
+            depends=sorted(str(p.relative_to(HERE)) for p in (HERE / CSRC).rglob("*.h")),
             language="c++",
         )
     ],

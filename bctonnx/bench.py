@@ -1,11 +1,15 @@
 """bench: latency, file size and peak memory of FP32, onnxruntime's dynamic int8 and BCT presets.
 
-    bctonnx bench MODEL_OR_DIR [--batch 1,8] [--seq 128] [--threads 2] [--runs 20]
-                  [--presets w8a8,w8a8-fast,w4a8] [--modes integer,qdq] [--json FILE] [--plot FILE.png]
+    bctonnx bench MODEL_OR_DIR | --random-bert {mini,base,large} [--batch 1,8] [--seq 128]
+                  [--threads 2] [--runs 20] [--presets w8a8,w8a8-fast,w4a8] [--modes integer,qdq]
+                  [--no-peers] [--json FILE] [--plot FILE.png]
 
 One run builds every model from the same FP32 file (an exported directory's ``model.onnx`` or
-a model file): onnxruntime's ``quantize_dynamic`` int8 (`bctonnx.baselines`) and each preset in
-each lowering mode (``integer`` is the native one, ``qdq`` the portable reference). Inputs are
+a model file; ``--random-bert SIZE``: a random-weight BERT of that size, `bctonnx.random_bert`):
+onnxruntime's ``quantize_dynamic`` int8 (`bctonnx.baselines`), each preset in each lowering mode
+(``integer`` is the native one, ``qdq`` the portable reference) and, with the optional extra
+``bctonnx[peers]``, OpenVINO at its default precision and OpenVINO + NNCF int8 (`bctonnx.peers`;
+without the extra the table says how to add them, ``--no-peers`` leaves them out). Inputs are
 synthetic token ids of the given batch x sequence (`bctonnx.bench_util.fixed_inputs`).
 
 - Latency: all sessions are created first, then the models take turns in blocks of 5 timed
@@ -43,7 +47,7 @@ BASELINE = "ort dynamic int8"
 @dataclass
 class BenchRecord:
     model: str
-    kind: str  # fp32 | baseline | bct
+    kind: str  # fp32 | baseline | peer | bct
     path: str = ""
     preset: str | None = None
     mode: str | None = None
@@ -53,6 +57,7 @@ class BenchRecord:
     peak_rss_bytes: int | None = None
     latency_ms: dict[str, float] = field(default_factory=dict)  # "1x128" -> median ms
     vs_baseline: dict[str, float] = field(default_factory=dict)  # latency / dynamic int8's
+    vs_peer: dict[str, float] = field(default_factory=dict)  # latency / OpenVINO int8's
     status: str = "ok"
     error: str = ""
 
@@ -67,6 +72,9 @@ class BenchResult:
     cpu: str
     rss_baseline_bytes: int | None
     records: list[BenchRecord]
+    cpu_isa: str = ""  # the CPU's instruction sets that matter here (AMX or not)
+    bct_isa: str = ""  # the path bctonnx's integer kernels take on it
+    peers: str = ""  # OpenVINO / NNCF versions, or how to install them
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,6 +102,52 @@ def parse_names(values: list[str] | str | None, allowed, what: str) -> list[str]
     return list(dict.fromkeys(names))
 
 
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_isa_summary(flags: set[str] | None = None) -> str:
+    """The instruction sets that decide int8 speed, e.g. 'AVX-512 VNNI, AVX-512 BF16, no AMX'."""
+    flags = cpu_flags() if flags is None else flags
+    if not flags:
+        return "unknown"
+    parts = []
+    if "amx_int8" in flags:
+        parts.append("AMX-INT8" + (" + BF16" if "amx_bf16" in flags else ""))
+    if "avx512_vnni" in flags:
+        parts.append("AVX-512 VNNI")
+    elif "avx512f" in flags:
+        parts.append("AVX-512 (no VNNI)")
+    if "avx512_bf16" in flags:
+        parts.append("AVX-512 BF16")
+    if "avx_vnni" in flags:
+        parts.append("AVX-VNNI")
+    if not any(p.startswith("AVX-512") for p in parts) and "avx2" in flags:
+        parts.append("AVX2")
+    if "amx_int8" not in flags:
+        parts.append("no AMX")
+    return ", ".join(parts)
+
+
+def bct_kernel_isa() -> str:
+    """The instruction set bctonnx's BlockMatMul takes here (BCTONNX_ISA included)."""
+    import ctypes
+
+    from .runtime import op_library_path
+
+    path = op_library_path()
+    if path is None:
+        return "op library not built"
+    level = ctypes.CDLL(path).bctonnx_block_matmul_isa(None)
+    return {0: "scalar", 1: "avx2", 2: "avx512", 3: "amx"}.get(level, "unknown")
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -110,9 +164,17 @@ def cpu_name() -> str:
 # Peak RSS, measured in a fresh process per model
 
 
-def _rss_probe(path: str | None, batch: int, seq: int, threads: int) -> int:
-    """Create a session for ``path`` (None: nothing), run it once, return the peak RSS bytes."""
-    if path:
+def _rss_probe(path: str | None, batch: int, seq: int, threads: int, runtime: str = "ort") -> int:
+    """Create a session for ``path`` (None: nothing) with onnxruntime (``runtime`` "ort") or
+    OpenVINO ("ov"), run it once, return the peak RSS bytes."""
+    if path and runtime == "ov":
+        from . import peers
+        from .bench_util import synthetic_feeds
+
+        compiled = peers.compile_model(path, threads)
+        names = [i.get_any_name() for i in compiled.inputs]
+        peers.runner(compiled, synthetic_feeds(names, batch, seq, vocab=30000))()
+    elif path:
         from .bench_util import fixed_inputs
         from .runtime import make_session
 
@@ -131,10 +193,12 @@ def _rss_probe(path: str | None, batch: int, seq: int, threads: int) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def peak_rss(path: str | None, batch: int, seq: int, threads: int, timeout: float = 600) -> int:
+def peak_rss(
+    path: str | None, batch: int, seq: int, threads: int, timeout: float = 600, runtime: str = "ort"
+) -> int:
     """Peak RSS (bytes) of a fresh process that loads ``path`` and runs it once."""
     cmd = [sys.executable, "-m", "bctonnx.bench", "--rss-probe", path or "", str(batch), str(seq)]
-    cmd.append(str(threads))
+    cmd += [str(threads), runtime]
     # the probe must import this very bctonnx (and its op library), not whatever the current
     # directory holds: run it elsewhere with this package's parent first on the path
     import bctonnx
@@ -161,14 +225,6 @@ def vocab_size(path: str | os.PathLike, default: int = 1000) -> int:
     from .validate import vocab_size as proto_vocab_size
 
     return proto_vocab_size(onnx.load(str(path), load_external_data=False), default)
-
-
-def interleaved(sessions: dict, batch: int, seq: int, runs: int, warmup: int, vocab: int):
-    """Median latency (ms) per session, runs alternating between sessions (bench_util's
-    interleaved_latency with ids below ``vocab``)."""
-    from .bench_util import interleaved_latency
-
-    return interleaved_latency(sessions, batch, seq, runs, warmup, vocab=max(vocab, 101))
 
 
 def _build_models(
@@ -214,9 +270,81 @@ def _build_models(
     return records
 
 
+def _build_peers(src: Path, workdir: Path, seq: int, progress) -> list[BenchRecord]:
+    """OpenVINO at its default precision and OpenVINO + NNCF int8 (bctonnx.peers)."""
+    from . import peers
+    from .modelio import model_file_bytes
+    from .validate import default_texts, find_tokenizer_dir
+
+    fp32_bytes = model_file_bytes(src)
+    ov_fp32 = BenchRecord(
+        peers.OPENVINO, "peer", str(src), config="OpenVINO, default CPU inference precision",
+        bytes=fp32_bytes, ratio=1.0,
+    )  # fmt: skip
+    ov_int8 = BenchRecord(peers.OPENVINO_INT8, "peer", config="")
+    try:
+        progress(f"build {peers.OPENVINO_INT8}")
+        texts = calibration_texts(peers.CALIBRATION_SENTENCES) or default_texts()
+        feeds = peers.calibration_feeds(src, texts, find_tokenizer_dir(src), vocab_size(src), seq)
+        xml = peers.quantize_nncf_int8(src, workdir / "openvino_int8.xml", feeds)
+        ov_int8.path = str(xml)
+        ov_int8.bytes = peers.ir_bytes(xml)
+        ov_int8.ratio = fp32_bytes / ov_int8.bytes
+        ov_int8.config = f"NNCF int8 post-training, {len(feeds)} unlabeled sentences"
+    except Exception as exc:  # noqa: BLE001 - a failed peer is a row, not the end
+        ov_int8.status, ov_int8.error = "failed", f"{type(exc).__name__}: {exc}"
+    return [ov_fp32, ov_int8]
+
+
+def calibration_texts(n: int) -> list[str]:
+    """Up to ``n`` unlabeled sentences from the package's calibration text (empty if none)."""
+    from importlib import resources
+
+    data = resources.files("bctonnx.data")
+    for name in ("calibration.txt", "sentences.txt"):
+        f = data / name
+        if f.is_file():
+            lines = [ln.split("\t")[0].strip() for ln in f.read_text("utf-8").splitlines()]
+            lines = [ln for ln in lines if ln]
+            if lines:
+                return lines[:n]
+    return []
+
+
+def _runners(records, threads: int, batch: int, seq: int, vocab: int, cache: dict):
+    """name -> a callable running that model once on fixed synthetic inputs; records whose
+    model does not load become failed rows. ``cache`` keeps the sessions across shapes."""
+    from .bench_util import fixed_inputs, synthetic_feeds
+    from .runtime import make_session
+
+    fns = {}
+    for rec in records:
+        if rec.status != "ok":
+            continue
+        try:
+            if rec.kind == "peer":
+                from . import peers
+
+                if rec.model not in cache:
+                    cache[rec.model] = peers.compile_model(rec.path, threads)
+                compiled = cache[rec.model]
+                names = [i.get_any_name() for i in compiled.inputs]
+                fns[rec.model] = peers.runner(compiled, synthetic_feeds(names, batch, seq, vocab))
+            else:
+                if rec.model not in cache:
+                    cache[rec.model] = make_session(rec.path, threads)
+                sess = cache[rec.model]
+                feeds = fixed_inputs(sess, batch, seq, vocab=vocab)
+                fns[rec.model] = lambda s=sess, f=feeds: s.run(None, f)
+        except Exception as exc:  # noqa: BLE001
+            rec.status, rec.error = "failed", f"{type(exc).__name__}: {exc}"
+    return fns
+
+
 def run_bench(
-    model: str | os.PathLike,
+    model: str | os.PathLike | None = None,
     *,
+    random_bert: str | None = None,
     batches: list[int] = (1, 8),  # type: ignore[assignment]
     seq: int = 128,
     threads: int = 2,
@@ -225,6 +353,7 @@ def run_bench(
     presets: list[str] = DEFAULT_PRESETS,  # type: ignore[assignment]
     modes: list[str] = DEFAULT_MODES,  # type: ignore[assignment]
     block_size: int | None = None,
+    peers: bool = True,
     rss: bool = True,
     keep: str | os.PathLike | None = None,
     progress=None,
@@ -232,13 +361,26 @@ def run_bench(
     """Build, then time every model interleaved, then probe each one's peak RSS."""
     import onnxruntime as ort
 
+    from . import peers as peer_mod
+    from .bench_util import interleaved_medians
     from .modelio import resolve_model_path
-    from .runtime import make_session
 
     say = progress or (lambda msg: None)
-    src = resolve_model_path(model)
+    if (model is None) == (random_bert is None):
+        raise BctError("give a model (file or exported directory) or --random-bert SIZE, not both")
     if runs < 1 or warmup < 0 or threads < 1 or seq < 1:
         raise BctError("--runs and --threads must be >= 1, --seq >= 1")
+    if random_bert is not None:
+        from .random_bert import random_bert as build_random_bert
+
+        say(f"random-weight BERT {random_bert} (built once, then cached)")
+        model = build_random_bert(random_bert)
+    src = resolve_model_path(model)
+    peer_note = ""
+    if peers:
+        missing = peer_mod.missing_reason()
+        peer_note = missing or peer_mod.versions()
+        peers = missing is None
     tmp = None
     if keep:
         workdir = Path(keep)
@@ -248,31 +390,35 @@ def run_bench(
         workdir = Path(tmp.name)
     try:
         records = _build_models(src, workdir, presets, modes, block_size, say)
-        vocab = vocab_size(src)
-        sessions = {}
+        if peers:
+            records[2:2] = _build_peers(src, workdir, seq, say)
+        vocab = max(vocab_size(src), 101)
+        shapes = [f"{b}x{seq}" for b in batches]
+        cache: dict = {}
+        for batch, shape in zip(batches, shapes, strict=True):
+            fns = _runners(records, threads, batch, seq, vocab, cache)
+            say(f"latency {shape} ({len(fns)} models x {runs} runs)")
+            medians = interleaved_medians(fns, runs, warmup=warmup)
+            for rec in records:
+                if rec.model in medians:
+                    rec.latency_ms[shape] = medians[rec.model] * 1e3
+        del fns
+        cache.clear()  # every session closed before the memory probes
+        base = next((r for r in records if r.model == BASELINE and r.status == "ok"), None)
+        peer = next(
+            (r for r in records if r.model == peer_mod.OPENVINO_INT8 and r.status == "ok"), None
+        )
         for rec in records:
             if rec.status != "ok":
                 continue
-            try:
-                sessions[rec.model] = make_session(rec.path, threads)
-            except Exception as exc:  # noqa: BLE001
-                rec.status, rec.error = "failed", f"{type(exc).__name__}: {exc}"
-        shapes = [f"{b}x{seq}" for b in batches]
-        for batch, shape in zip(batches, shapes, strict=True):
-            say(f"latency {shape} ({len(sessions)} models x {runs} runs)")
-            medians = interleaved(sessions, batch, seq, runs, warmup, vocab)
-            for rec in records:
-                if rec.model in medians:
-                    rec.latency_ms[shape] = medians[rec.model]
-        del sessions
-        base = next((r for r in records if r.model == BASELINE and r.status == "ok"), None)
-        for rec in records:
-            if base is not None and rec.status == "ok":
-                rec.vs_baseline = {
-                    s: rec.latency_ms[s] / base.latency_ms[s]
-                    for s in shapes
-                    if s in rec.latency_ms and s in base.latency_ms
-                }
+            for ref, attr in ((base, "vs_baseline"), (peer, "vs_peer")):
+                if ref is not None:
+                    ratios = {
+                        s: rec.latency_ms[s] / ref.latency_ms[s]
+                        for s in shapes
+                        if s in rec.latency_ms and s in ref.latency_ms
+                    }
+                    setattr(rec, attr, ratios)
         rss_base = None
         if rss:
             say("peak RSS (one process per model)")
@@ -284,7 +430,8 @@ def run_bench(
                 if rec.status != "ok":
                     continue
                 try:
-                    rec.peak_rss_bytes = peak_rss(rec.path, max(batches), seq, threads)
+                    rt = "ov" if rec.kind == "peer" else "ort"
+                    rec.peak_rss_bytes = peak_rss(rec.path, max(batches), seq, threads, runtime=rt)
                 except Exception as exc:  # noqa: BLE001
                     rec.error = str(exc)
         return BenchResult(
@@ -296,6 +443,9 @@ def run_bench(
             cpu=cpu_name(),
             rss_baseline_bytes=rss_base,
             records=records,
+            cpu_isa=cpu_isa_summary(),
+            bct_isa=bct_kernel_isa(),
+            peers=peer_note,
         )
     finally:
         if tmp is not None:
@@ -309,26 +459,33 @@ def run_bench(
 def format_table(result: BenchResult) -> str:
     lines = [
         f"{result.model}: {result.threads} threads, median of {result.runs} interleaved runs, "
-        f"onnxruntime {result.onnxruntime}, {result.cpu}",
-        "",
+        f"onnxruntime {result.onnxruntime}, {result.cpu} ({result.cpu_isa}; bctonnx kernels: "
+        f"{result.bct_isa})",
     ]
-    head = f"{'model':<20} {'size MB':>8} {'ratio':>6} {'peak RSS MB':>11}"
+    if result.peers:
+        lines.append(f"peers: {result.peers}")
+    lines.append("")
+    has_peer = any(r.vs_peer for r in result.records)
+    head = f"{'model':<22} {'size MB':>8} {'ratio':>6} {'peak RSS MB':>11}"
     for s in result.shapes:
-        head += f" {s + ' ms':>11} {'vs int8':>7}"
+        head += f" {s + ' ms':>11} {'vs int8':>7}" + (f" {'vs OV int8':>10}" if has_peer else "")
     lines.append(head)
     failures = []
     for r in result.records:
         if r.status != "ok":
-            lines.append(f"{r.model:<20} failed")
+            lines.append(f"{r.model:<22} failed")
             failures.append(f"{r.model}: {r.error}")
             continue
         rss = f"{r.peak_rss_bytes / 2**20:.0f}" if r.peak_rss_bytes else "-"
-        row = f"{r.model:<20} {r.bytes / 1e6:>8.1f} {r.ratio:>5.2f}x {rss:>11}"
+        row = f"{r.model:<22} {r.bytes / 1e6:>8.1f} {r.ratio:>5.2f}x {rss:>11}"
         for s in result.shapes:
             ms = r.latency_ms.get(s)
             vs = r.vs_baseline.get(s)
             row += f" {ms:>11.2f}" if ms is not None else f" {'-':>11}"
             row += f" {vs:>6.2f}x" if vs is not None else f" {'-':>7}"
+            if has_peer:
+                vp = r.vs_peer.get(s)
+                row += f" {vp:>9.2f}x" if vp is not None else f" {'-':>10}"
         lines.append(row)
     if result.rss_baseline_bytes:
         lines += [
@@ -381,8 +538,8 @@ def write_json(result: BenchResult, path: str | os.PathLike) -> None:
 
 
 if __name__ == "__main__":  # python -m bctonnx.bench --rss-probe PATH BATCH SEQ THREADS
-    if len(sys.argv) == 6 and sys.argv[1] == "--rss-probe":
-        _, _, model_path, b, s, t = sys.argv
-        print(_rss_probe(model_path or None, int(b), int(s), int(t)))
+    if len(sys.argv) == 7 and sys.argv[1] == "--rss-probe":
+        _, _, model_path, b, s, t, rt = sys.argv
+        print(_rss_probe(model_path or None, int(b), int(s), int(t), rt))
     else:
-        sys.exit("usage: python -m bctonnx.bench --rss-probe PATH BATCH SEQ THREADS")
+        sys.exit("usage: python -m bctonnx.bench --rss-probe PATH BATCH SEQ THREADS {ort,ov}")

@@ -11,15 +11,21 @@ import onnxruntime as ort
 
 
 def fixed_inputs(session: ort.InferenceSession, batch: int, seq: int, vocab: int = 1000) -> dict:
+    """Synthetic token ids (below ``vocab``), an all-ones mask, zero token types."""
+    return synthetic_feeds([i.name for i in session.get_inputs()], batch, seq, vocab)
+
+
+def synthetic_feeds(names: list[str], batch: int, seq: int, vocab: int = 1000) -> dict:
+    """`fixed_inputs` for a runtime that is not onnxruntime: the same arrays by input name."""
     rng = np.random.default_rng(0)
     feeds = {}
-    for inp in session.get_inputs():
-        if inp.name == "input_ids":
-            feeds[inp.name] = rng.integers(100, vocab, size=(batch, seq), dtype=np.int64)
-        elif inp.name == "attention_mask":
-            feeds[inp.name] = np.ones((batch, seq), np.int64)
+    for name in names:
+        if name == "input_ids":
+            feeds[name] = rng.integers(100, vocab, size=(batch, seq), dtype=np.int64)
+        elif name == "attention_mask":
+            feeds[name] = np.ones((batch, seq), np.int64)
         else:
-            feeds[inp.name] = np.zeros((batch, seq), np.int64)
+            feeds[name] = np.zeros((batch, seq), np.int64)
     return feeds
 
 

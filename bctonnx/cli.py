@@ -363,6 +363,7 @@ def cmd_bench(args) -> int:
     show = not args.quiet and sys.stderr.isatty()
     result = run_bench(
         args.model,
+        random_bert=args.random_bert,
         batches=parse_ints(args.batch, "--batch"),
         seq=args.seq,
         threads=args.threads,
@@ -371,6 +372,7 @@ def cmd_bench(args) -> int:
         presets=presets,
         modes=modes,
         block_size=args.block_size,
+        peers=not args.no_peers,
         rss=not args.no_rss,
         keep=args.keep,
         progress=(lambda msg: print(f"bench: {msg}", file=sys.stderr)) if show else None,
@@ -545,12 +547,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "bench",
-        help="latency, size and peak RSS: FP32 vs onnxruntime dynamic int8 vs BCT presets",
-        description="Build onnxruntime's dynamic int8 and each BCT preset (integer and qdq "
-        "lowering) from one FP32 model, time them interleaved on synthetic token ids, and "
-        "report file size and each model's peak RSS (one process per model).",
+        help="latency, size and peak RSS: FP32 vs onnxruntime dynamic int8 vs OpenVINO vs BCT",
+        description="Build onnxruntime's dynamic int8, OpenVINO (default precision and NNCF "
+        "int8, with the bctonnx[peers] extra) and each BCT preset (integer and qdq lowering) "
+        "from one FP32 model, time them interleaved on synthetic token ids, and report file "
+        "size and each model's peak RSS (one process per model).",
     )
-    p.add_argument("model", metavar="MODEL_OR_DIR", help="FP32 .onnx file or exported directory")
+    p.add_argument(
+        "model", metavar="MODEL_OR_DIR", nargs="?", help="FP32 .onnx file or exported directory"
+    )
+    p.add_argument(
+        "--random-bert",
+        metavar="SIZE",
+        help="mini, base or large; instead of MODEL: a random-weight BERT of that size (base: 12 x 768, FFN 3072), "
+        "built once and cached, for speed at the paper's scale without a download",
+    )
+    p.add_argument(
+        "--no-peers", action="store_true", help="leave OpenVINO out (default: in, if installed)"
+    )
     p.add_argument("--batch", default="1,8", help="batch sizes, comma list (default 1,8)")
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence (default 128)")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")

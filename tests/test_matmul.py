@@ -46,9 +46,15 @@ def sb(w) -> dict:
 
 
 def available_isas() -> list[str]:
+    """Every instruction-set path this CPU runs; on an AVX-512 CPU without AMX also
+    ``amx-emulated``: the AMX path with its tile instructions emulated (platform.h), so its
+    integer and float steps are checked on any AVX-512 machine."""
     lib = ctypes.CDLL(require_library())
     best = lib.bctonnx_block_matmul_isa(b"")
-    return [name for name, level in ISAS.items() if level <= best]
+    names = [name for name, level in ISAS.items() if level <= best]
+    if best == ISAS["avx512"]:
+        names.append("amx-emulated")
+    return names
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +66,9 @@ def session(model: onnx.ModelProto, monkeypatch, isa: str, threads: int = 2):
     """A session whose BlockMatMul kernels use ``isa`` (BCTONNX_ISA is read when a kernel is
     created, i.e. at session creation)."""
     require_library()
+    if isa == "amx-emulated":
+        monkeypatch.setenv("BCTONNX_AMX_EMULATE", "1")
+        isa = "amx"
     monkeypatch.setenv("BCTONNX_ISA", isa)
     try:
         return ort.InferenceSession(
@@ -69,6 +78,7 @@ def session(model: onnx.ModelProto, monkeypatch, isa: str, threads: int = 2):
         )
     finally:
         monkeypatch.delenv("BCTONNX_ISA")
+        monkeypatch.delenv("BCTONNX_AMX_EMULATE", raising=False)
 
 
 def _int(name: str, array: np.ndarray, packed: bool, unsigned: bool = False) -> onnx.TensorProto:
@@ -531,3 +541,39 @@ def test_w4a8_linear_layers_run_superblocks_read_in_their_blocks(tiny_bert_onnx,
     assert seen == {64: 10, 128: 2}  # hidden 64 (Q, K, V, out, FFN1), FFN 128 (FFN2)
     for seq in (7, 19):
         assert cosine(_run_model(model, seq), fp32_reference(seq)) > 0.98
+
+
+@pytest.mark.parametrize("x_int8", [False, True], ids=["float-x", "int8-x"])
+def test_segments_far_below_their_block_are_requantized_exactly_as_the_reference(
+    x_int8, isas, monkeypatch
+):
+    """ref_matmul.py step 2: a segment of 32 more than S = 9 binades below the largest of its
+    weight block of 128 is re-quantized to the block's exponent E before the integer sums are
+    combined. Every path must do the same (the AVX-512 assembly tile included), and the
+    result stays within the quantization error of the dequantized product."""
+    k, n = 384, 100
+    w = weights(k, n, W8)
+    x = activations((2, 9, k))
+    x[..., 32:64] *= 2.0**-12  # segment 1 of block 0: ~12 binades below segment 0's outlier
+    x[..., 200:224] *= 2.0**-20  # part of a segment in block 1
+    x[0, 0, 256:288] = 0.0  # an all-zero segment
+    qx, sx = block_quantize(x, 32)
+    e = np.log2(sx).astype(int)
+    assert (e[..., 1] < e[..., 0] - 9).all()  # the case under test occurs
+    kw = dict(block_size=128, frac_bits=3, act_block_size=32, out_block_size=32)
+    ref = (
+        block_matmul(qx, w.codes, w.scale_codes, x_scale=sx, **kw)
+        if x_int8
+        else (block_matmul(x, w.codes, w.scale_codes, **kw))
+    )
+    exact = (qx.astype(np.float64) * np.repeat(sx, 32, -1)) @ w.dequantize().astype(np.float64)
+    # re-quantizing a segment moves each of its codes by at most half a step of 2^E
+    assert np.abs(ref["y"] - exact).max() <= 1e-4 * np.abs(exact).max()
+    model = matmul_model(w, 3, x_int8=x_int8, act_block=32, out_block=32)
+    model.graph.node[0].output[3] = ""  # no segment sums: the fast tiles
+    del model.graph.output[3]
+    feeds = {"x": qx, "x_scale": sx} if x_int8 else {"x": x}
+    for isa in isas:
+        out = run(model, monkeypatch, isa, feeds)
+        np.testing.assert_array_equal(out["y"], ref["y"], err_msg=isa)
+        np.testing.assert_array_equal(out["y_q"], ref["y_q"], err_msg=isa)

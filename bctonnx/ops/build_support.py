@@ -2,7 +2,7 @@
 
 Used by ``setup.py`` inside pip's isolated build environment, so it needs only the standard
 library (no numpy, no onnxruntime). It finds the ONNX Runtime C/C++ API headers and compiles
-``bctonnx/ops/csrc/*.cc`` into one shared library that onnxruntime loads with
+``bctonnx/ops/csrc/**/*.cc`` into one shared library that onnxruntime loads with
 ``SessionOptions.register_custom_ops_library`` (the library does not link against onnxruntime:
 it gets the API table at registration, so headers are all it needs).
 
@@ -204,11 +204,12 @@ def find_ort_include_dir(
 
 
 def sources(csrc: Path = CSRC_DIR) -> list[Path]:
-    return sorted(csrc.glob("*.cc"))
+    """Every ``.cc`` under ``csrc`` (one folder per op family, e.g. ``matmul/``)."""
+    return sorted(csrc.rglob("*.cc"))
 
 
 def dependencies(csrc: Path = CSRC_DIR) -> list[Path]:
-    return sorted([*csrc.glob("*.cc"), *csrc.glob("*.h")])
+    return sorted([*csrc.rglob("*.cc"), *csrc.rglob("*.h")])
 
 
 def compile_command(
@@ -245,9 +246,11 @@ def compile_library(
     include_dir: Path | str | None = None,
     force: bool = False,
     log: Callable[[str], None] = print,
+    jobs: int | None = None,
 ) -> Path:
-    """Compile ``csrc/*.cc`` into ``output`` (skipped when it is newer than every source and
-    header, unless ``force``). Writes to a temporary file first, so a failed build never
+    """Compile ``csrc/**/*.cc`` into ``output`` (skipped when it is newer than every source and
+    header, unless ``force``): one compiler process per source, ``jobs`` at a time (default:
+    the CPU count), then one link. Writes to a temporary file first, so a failed build never
     leaves a broken library behind."""
     output = Path(output)
     if not force and up_to_date(output, dependencies(csrc)):
@@ -259,19 +262,49 @@ def compile_library(
         raise BuildError(f"no C++ sources in {csrc}")
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")
-    cmd = compile_command(srcs, tmp, include)
-    log("bctonnx: " + shlex.join(cmd))
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    except FileNotFoundError as e:
-        raise BuildError(f"C++ compiler not found ({cmd[0]}): install g++ or set CXX") from e
-    if proc.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        raise BuildError(
-            f"compiling bctonnx's op library failed:\n{shlex.join(cmd)}\n{proc.stderr[-8000:]}"
-        )
+    env = os.environ
+    cxx = shlex.split(env.get("CXX") or "g++")
+    cflags = [*CXX_FLAGS, *shlex.split(env.get("CXXFLAGS", "")), f"-I{include}"]
+    with tempfile.TemporaryDirectory(prefix="bctonnx-build.") as objdir:
+        objects = [Path(objdir) / f"{i:03d}_{src.stem}.o" for i, src in enumerate(srcs)]
+        commands = [
+            [*cxx, *cflags, "-c", str(src), "-o", str(obj)]
+            for src, obj in zip(srcs, objects, strict=True)
+        ]
+        log(f"bctonnx: compiling {len(srcs)} sources: {shlex.join(commands[0][:-4])} ...")
+        _run_all(commands, jobs or os.cpu_count() or 1)
+        link = [*cxx, *map(str, objects), *LINK_FLAGS, *shlex.split(env.get("LDFLAGS", ""))]
+        link += ["-o", str(tmp)]
+        _run_all([link], 1)
     os.replace(tmp, output)
     return output
+
+
+def _run_all(commands: list[list[str]], jobs: int) -> None:
+    """Run the commands, ``jobs`` at a time; the first failure raises `BuildError` with its
+    command and the end of its error output."""
+    pending, running = list(commands), []
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                cmd = pending.pop(0)
+                try:
+                    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+                except FileNotFoundError as e:
+                    raise BuildError(
+                        f"C++ compiler not found ({cmd[0]}): install g++ or set CXX"
+                    ) from e
+                running.append((cmd, proc))
+            cmd, proc = running.pop(0)
+            _, err = proc.communicate()
+            if proc.returncode != 0:
+                raise BuildError(
+                    f"compiling bctonnx's op library failed:\n{shlex.join(cmd)}\n{err[-8000:]}"
+                )
+    finally:
+        for _, proc in running:
+            proc.kill()
+            proc.wait()
 
 
 if __name__ == "__main__":  # python bctonnx/ops/build_support.py [OUTPUT]: build in place

@@ -56,25 +56,34 @@ those MatMuls in float).
 Arithmetic (the kernels follow it step by step)
 -----------------------------------------------
 K is cut into segments of ``g = min(block_size, act_block_size)``; segment ``j`` has one
-activation scale ``sx[m, j]`` (pow2) and one weight block ``b(j)`` (scale ``sw[b, n]``, zero
-point ``zp[b, n]``, 0 if symmetric). Per output element ``(m, n)``:
+activation exponent ``e[m, j]`` (its scale ``sx = 2**e``) and lies in one weight block ``b(j)``
+(scale ``sw[b, n]``, zero point ``zp[b, n]``, 0 if symmetric). Per row ``m``, weight block
+``b`` and column ``n``:
 
-1. integer: ``d[m, j, n] = sum_{k in segment j} qx[m, k] * (qw[k, n] - zp[b(j), n])``, exact
-   (``|d| <= g * 128 * 255``, well inside int32: the kernels accumulate in int32, never
-   saturating);
-2. per weight block ``b``, in K order over its segments, float32:
-   ``t_b = t_b + float(d[m, j, n]) * sx[m, j]`` starting from ``t_b = 0`` (the product is
-   exact: ``|d| < 2**24`` times a power of two);
-3. over the weight blocks in K order, float32: ``y = y + t_b * sw[b, n]`` (product rounded,
-   then the sum rounded), starting from ``y = 0``;
+1. integer: ``d[m, j, n] = sum_{k in segment j} qx[m, k] * (qw[k, n] - zp[b(j), n])``, exact.
+2. one integer and one exponent per weight block, ``acc[m, b, n] * 2**E[m, b]``, exact:
+
+   - a block of one segment (``block_size <= act_block_size``): ``acc = d``, ``E = e``;
+   - a block of several segments (``block_size > act_block_size``, BCT's blocks of 32
+     activations inside blocks of 128 weights): ``E = max_j e[m, j] - S`` over the block's
+     segments with ``S = 16 - ceil(log2(block_size))`` (9 for blocks of 128); a segment with
+     ``e < E`` is first re-quantized to ``E`` (codes ``round_half_even(q * 2**(e - E))``,
+     exact integer arithmetic; only segments more than ``S`` binades below the block's largest,
+     whose codes then lose bits worth at most ``2**-S`` of the block's step) and
+     ``acc = sum_j d[m, j, n] * 2**(e[m, j] - E)`` over the block's segments, an exact
+     integer: ``|acc| <= block_size * 2**14 * 2**S <= 2**30``.
+3. float32, over the weight blocks in K order from ``y = 0``:
+   ``y = y + fl(fl(acc) * sw[b, n]) * 2**E`` -- ``fl(acc)`` rounds once (``|acc| > 2**24``),
+   the product by ``sw`` rounds, the product by ``2**E`` is exact, the sum rounds;
 4. ``y = y + bias[n]``, then ``y = y * y_multiplier``.
 
-Every float32 operation rounds to nearest even, one at a time; the kernels may fuse a
-multiply into an add only where the product is exact (step 2), and may apply the pow2
-``sx`` after rounding ``d * sw`` when a weight block is one segment (``round(d * sw) * sx ==
-round(d * sx * sw)``). Both identities hold unless a value leaves float32's normal range
-(activation scales below ``2**-126 / |d|``, i.e. blocks whose max |x| is under ~``2**-119``):
-there the kernels may differ from this reference in the last bits of such products.
+Every float32 operation rounds to nearest even, one at a time. Step 2 is why the kernels are
+fast: the segments of a block are combined by integer shifts and adds (the int32 sums of a
+block's segments, shifted by ``e - E`` in ``0..S``), with one conversion to float per weight
+block instead of one per segment, and it is more accurate than summing the segments in float.
+The identities hold unless a value leaves float32's normal range (``2**E`` or a product below
+``2**-126``, i.e. blocks whose max |x| is under ~``2**-110``): there the kernels may differ from
+this reference in the last bits of such products.
 ``sw`` is ``fl32(2**(code / 2**frac_bits))``, correctly rounded (= `blockformat.decode_scales`).
 """
 
@@ -83,9 +92,9 @@ from __future__ import annotations
 import numpy as np
 
 from bctonnx.blockformat import BlockFormat, BlockQuantized, decode_scales, widen_superblocks
-from bctonnx.ops.ref_quant import block_quantize, pow2_exponents
+from bctonnx.ops.ref_quant import block_quantize, pow2_exponents, shift_round_even
 
-__all__ = ["block_matmul", "block_batch_matmul", "segment_size"]
+__all__ = ["block_matmul", "block_batch_matmul", "combine_span", "segment_size"]
 
 
 def segment_size(block_size: int, act_block_size: int) -> int:
@@ -97,6 +106,12 @@ def segment_size(block_size: int, act_block_size: int) -> int:
             "must divide the other"
         )
     return lo
+
+
+def combine_span(block_size: int) -> int:
+    """``S``: how many binades below a weight block's largest activation exponent its segments
+    are combined exactly (step 2 of "Arithmetic"); ``block_size * 2**14 * 2**S <= 2**30``."""
+    return 16 - (int(block_size) - 1).bit_length()
 
 
 def block_matmul(
@@ -182,7 +197,6 @@ def block_matmul(
     qx2 = qx.reshape(rows, k_dim).astype(np.int64)
     sx2 = sx.reshape(rows, -1)
     seg_act = (np.arange(nseg) * g) // act_block_size  # activation block of each segment
-    seg_blk = (np.arange(nseg) * g) // block_size  # weight block of each segment
 
     w = w_codes.astype(np.int64)
     if w_zero_points is not None:
@@ -193,6 +207,21 @@ def block_matmul(
     fmt = BlockFormat(bits=8, block_size=block_size, scale_kind="pow2", frac_bits=frac_bits)
     sw = decode_scales(np.asarray(w_scale_codes).astype(np.int8), fmt)  # [nblk, N] float32
 
+    # 2. (several segments per weight block) exponents E and re-quantized codes first
+    e = pow2_exponents(sx2)[:, seg_act]  # [rows, nseg]: each segment's activation exponent
+    spb = block_size // g  # segments per weight block
+    if spb > 1:
+        span = combine_span(block_size)
+        e_blk = e.reshape(rows, nblk, spb)
+        big_e = e_blk.max(axis=2, keepdims=True) - span  # E per (row, block)
+        low = np.repeat((e_blk < big_e).reshape(rows, nseg), g, axis=1)
+        lowered = shift_round_even(qx2, np.repeat((big_e - e_blk).reshape(rows, nseg), g, axis=1))
+        qx2 = np.where(low, lowered, qx2)
+        e_seg = np.maximum(e_blk, big_e).reshape(rows, nseg)
+        big_e = big_e[:, :, 0]
+    else:
+        e_seg, big_e = e, e
+
     # 1. exact integer segment sums
     d = np.empty((rows, nseg, n_dim), np.int64)
     for j in range(nseg):
@@ -200,14 +229,18 @@ def block_matmul(
     if np.abs(d).max(initial=0) >= 2**31:
         raise AssertionError("segment sum outside int32")  # impossible for int8 operands
 
-    # 2.-3. float32, one rounding per operation, in K order
+    # 2. one exact integer per weight block
+    shift = (e_seg - np.repeat(big_e, spb, axis=1))[:, :, None]  # [rows, nseg, 1], 0..S
+    acc = (d << shift).reshape(rows, nblk, spb, n_dim).sum(axis=2)
+    if np.abs(acc).max(initial=0) >= 2**31:
+        raise AssertionError("block sum outside int32")  # impossible: |acc| <= 2**30
+
+    # 3. float32, one rounding per operation, in K order
     f32 = np.float32
     y = np.zeros((rows, n_dim), f32)
     for b in range(nblk):
-        t = np.zeros((rows, n_dim), f32)
-        for j in np.flatnonzero(seg_blk == b):
-            t = (t + d[:, j, :].astype(f32) * sx2[:, seg_act[j]][:, None]).astype(f32)
-        y = (y + (t * sw[b][None, :]).astype(f32)).astype(f32)
+        v = (acc[:, b, :].astype(f32) * sw[b][None, :]).astype(f32)
+        y = (y + v * np.ldexp(f32(1), big_e[:, b])[:, None].astype(f32)).astype(f32)
     # 4. bias, multiplier
     if bias is not None:
         y = (y + np.asarray(bias, f32).reshape(1, n_dim)).astype(f32)

@@ -115,12 +115,14 @@ inline void parallel_rows(OrtKernelContext* ctx, int64_t rows, int64_t work_per_
       static_cast<size_t>(chunks), 0, &job);
 }
 
-// BlockQuantize's rule (ref_quant.py) on `rows` rows of `d` floats, blocks of `b` along each
-// row: int8 codes and float32 pow2 scales [rows, ceil(d / b)]. `isa` from BestIsa() (the best
-// instruction set, capped by BCTONNX_ISA). Implemented with BlockMatMul's activation quantizer
-// (matmul_ops.cc); throws std::runtime_error on NaN / infinity or a scale beyond 2^127.
+// The instruction set of a kernel created now (platform.h: the CPU's best, capped by
+// BCTONNX_ISA), as an int: 0 scalar, 1 avx2, 2 avx512 (VNNI), 3 amx.
 int BestIsa();
-constexpr int kIsaAvx512 = 2;  // BestIsa() levels: 0 scalar, 1 avx2, 2 avx512 (VNNI), 3 amx
+constexpr int kIsaAvx512 = 2;
+
+// BlockQuantize's rule (ref_quant.py) on `rows` rows of `d` floats, blocks of `b` along each
+// row: int8 codes and float32 pow2 scales [rows, ceil(d / b)]. `isa` from BestIsa(). Throws
+// std::runtime_error ("bctonnx.BlockQuantize: ...") on NaN / infinity or a scale beyond 2^127.
 void QuantizeRowsPow2(int isa, const float* x, int64_t rows, int64_t d, int64_t b, int bits,
                       int8_t* q, float* scales);
 
@@ -276,7 +278,8 @@ struct KernelOp : Ort::CustomOpBase<KernelOp<K>, StatusKernel<K>, true> {
 // Registration hooks: each source file adds its ops to the one domain.
 void AddQuantOps(Ort::CustomOpDomain& domain);
 void AddNonlinearOps(Ort::CustomOpDomain& domain);
-void AddMatMulOps(Ort::CustomOpDomain& domain);
+void AddBlockMatMulOp(Ort::CustomOpDomain& domain);
+void AddBlockBatchMatMulOp(Ort::CustomOpDomain& domain);
 void AddAttentionOps(Ort::CustomOpDomain& domain);
 
 }  // namespace bct

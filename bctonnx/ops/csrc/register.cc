@@ -15,7 +15,8 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
       domain = std::make_unique<Ort::CustomOpDomain>(bct::kDomain);
       bct::AddQuantOps(*domain);
       bct::AddNonlinearOps(*domain);
-      bct::AddMatMulOps(*domain);
+      bct::AddBlockMatMulOp(*domain);
+      bct::AddBlockBatchMatMulOp(*domain);
       bct::AddAttentionOps(*domain);
     }
     Ort::UnownedSessionOptions(options).Add(*domain);
