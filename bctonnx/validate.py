@@ -375,7 +375,7 @@ def validate(
 
 # --- integer ops vs their float originals ---------------------------------------------------------
 
-INT_OPS = ("IntGelu", "IntSoftmax", "IntLayerNorm")
+INT_OPS = ("IntGelu", "IntSoftmax", "IntLayerNorm", "BlockAttention")
 
 
 def _float_gelu(x: np.ndarray, node, _inits) -> np.ndarray:
@@ -395,10 +395,55 @@ def _float_softmax(x: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def _float_attention(values: dict, node, inits) -> tuple[np.ndarray, np.ndarray]:
+    """BlockAttention's float original on its dequantized q, k, v ([b, S, h, d]): softmax(q.k^T
+    * multiplier + mask) v, and the unit its error is counted in: per output element the
+    largest V step of its head and column block (the output is a mix of V rows)."""
+
+    def get(name: str) -> np.ndarray | None:
+        if not name:
+            return None
+        if name in values:
+            return values[name]
+        return onnx.numpy_helper.to_array(inits[name]) if name in inits else None
+
+    attrs = _attrs(node)
+    block = int(attrs["block_size"])
+    q, k, v = (
+        _dequantize_blocks(get(node.input[i]), get(node.input[i + 1]), block) for i in (0, 2, 4)
+    )
+    q, k, v = (  # heads-first operands as the token-major tensors they stand for
+        np.swapaxes(x, 1, 2) if int(attrs.get(f"{n}_heads_first", 0)) else x
+        for x, n in ((q, "q"), (k, "k"), (v, "v"))
+    )
+    inputs = list(node.input) + [""] * (8 - len(node.input))
+    mask, mul = get(inputs[6]), get(inputs[7])
+    scores = np.einsum("bshd,bthd->bhst", q, k) * (
+        float(mul.reshape(-1)[0]) if mul is not None else 1.0
+    )
+    p = _float_softmax(scores, None if mask is None else mask.astype(np.float64))
+    ref = np.einsum("bhst,bthd->bshd", p, v)
+    v_scale = get(node.input[5])
+    if int(attrs.get("v_heads_first", 0)):
+        v_scale = np.swapaxes(v_scale, 1, 2)
+    v_step = v_scale.max(axis=1, keepdims=True)  # [b, 1, h, nb]
+    lsb = np.repeat(v_step.astype(np.float64), block, -1)[..., : ref.shape[-1]]
+    return ref, np.broadcast_to(lsb, ref.shape)
+
+
 def _dequantize_blocks(codes: np.ndarray, scales: np.ndarray, block: int) -> np.ndarray:
     """codes * their block's scale, blocks along the last axis (the last may be partial)."""
     d = codes.shape[-1]
     return codes.astype(np.float64) * np.repeat(scales.astype(np.float64), block, -1)[..., :d]
+
+
+def _accumulate(a: list, err: np.ndarray, lsb: np.ndarray, ref: np.ndarray) -> None:
+    """max and sum of err in LSB, element count, sum of err, sum of |ref|."""
+    a[0] = max(a[0], float((err / lsb).max(initial=0)))
+    a[1] += float((err / lsb).sum())
+    a[2] += err.size
+    a[3] += float(err.sum())
+    a[4] += float(np.abs(ref).sum())
 
 
 def integer_op_stats(
@@ -411,11 +456,16 @@ def integer_op_stats(
     inits = {t.name: t for t in proto.graph.initializer}
     # (node, input codes, input scales, mask or None, output codes, output scales or None)
     plan = []
+    extra = set()  # BlockAttention reads k, v, their scales and the mask too
     for node in nodes:
         mask = node.input[2] if node.op_type == "IntSoftmax" and len(node.input) > 2 else None
         scale = node.output[1] if len(node.output) > 1 else None
         plan.append((node, node.input[0], node.input[1], mask, node.output[0], scale))
-    fetch = sorted({t for p in plan for t in p[1:] if t and t not in inits})
+        if node.op_type == "BlockAttention":
+            extra |= set(node.input[2:])
+    fetch = sorted(
+        {t for p in plan for t in p[1:] if t and t not in inits} | extra - set(inits) - {""}
+    )
     if not plan:
         return []
     sess = _session(_with_outputs(proto, fetch), threads)
@@ -424,6 +474,11 @@ def integer_op_stats(
         values = dict(zip(fetch, sess.run(fetch, feeds), strict=True))
         for node, q_name, s_name, mask_name, out_name, scale_name in plan:
             attrs = _attrs(node)
+            if node.op_type == "BlockAttention":
+                ref, lsb = _float_attention(values, node, inits)
+                got = values[out_name].astype(np.float64)
+                _accumulate(acc[node.name or node.output[0]], np.abs(got - ref), lsb, ref)
+                continue
             block = int(attrs["block_size"])
             out_block = int(attrs.get("out_block_size", 0)) or block  # IntGelu's may be larger
             x = _dequantize_blocks(values[q_name], values[s_name], block)
@@ -456,13 +511,7 @@ def integer_op_stats(
                 lsb = _dequantize_blocks(np.ones_like(got), values[scale_name], out_block)
             else:
                 lsb = np.full_like(got, 2.0**-8)  # IntSoftmax: probabilities in steps of 1/256
-            err = np.abs(got - ref)
-            a = acc[node.name or node.output[0]]
-            a[0] = max(a[0], float((err / lsb).max(initial=0)))
-            a[1] += float((err / lsb).sum())
-            a[2] += err.size
-            a[3] += float(err.sum())
-            a[4] += float(np.abs(ref).sum())
+            _accumulate(acc[node.name or node.output[0]], np.abs(got - ref), lsb, ref)
     return [
         IntOpStats(
             node=name,
@@ -521,11 +570,12 @@ def format_report(report: ValidationReport) -> str:
         lines += [
             "",
             "integer ops vs their float originals on the same activations:",
-            "(float op on the same dequantized input; LSB = the op's output scale)",
-            f"{'op':<13} {'max err (LSB)':>14} {'mean err (LSB)':>15} {'rel err':>9}  node",
+            "(float op on the same dequantized input; LSB = the op's output scale; BlockAttention:"
+            " float attention on its q, k, v, LSB = V's largest step in the head and block)",
+            f"{'op':<15} {'max err (LSB)':>14} {'mean err (LSB)':>15} {'rel err':>9}  node",
         ]
         for o in report.int_ops:
             lines.append(
-                f"{o.op_type:<13} {o.max_err_lsb:>14.2f} {o.mean_err_lsb:>15.3f} {o.rel_err:>9.5f}  {o.node}"
+                f"{o.op_type:<15} {o.max_err_lsb:>14.2f} {o.mean_err_lsb:>15.3f} {o.rel_err:>9.5f}  {o.node}"
             )
     return "\n".join(lines)

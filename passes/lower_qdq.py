@@ -35,6 +35,7 @@ from .common import (
     fmt_from_node,
     new_initializer,
     rank,
+    role,
     stored_weight,
     take_over,
     uint4_tensor,
@@ -234,6 +235,17 @@ def _gather_nibbles(e: _Emitter, packed: ir.Value, ids: ir.Value, ids_rank: int)
     return e.op("Reshape", [pairs, shape])
 
 
+def _attention_mask_of(node: ir.Node) -> ir.Value | None:
+    """The additive attention mask added to this quantization's output (quantize_activations
+    quantizes the scores before the mask), else None."""
+    users = list(node.outputs[0].uses())
+    if len(users) != 1 or role(users[0][0]) != "attention.mask":
+        return None
+    add, index = users[0]
+    other = add.inputs[1 - index] if len(add.inputs) == 2 else None
+    return other
+
+
 def lower_block_fake_quant(graph: ir.Graph, node: ir.Node, shared: dict) -> None:
     fmt = fmt_from_node(node)
     x = node.inputs[0]
@@ -241,6 +253,13 @@ def lower_block_fake_quant(graph: ir.Graph, node: ir.Node, shared: dict) -> None
     if r is None:
         raise PassError(f"tensor '{x.name}' has unknown rank; cannot quantize it blockwise")
     e = _Emitter(graph, node, shared)
+    mask = _attention_mask_of(node)
+    if mask is not None:
+        # attention scores: the keys the mask drops are zeroed first, so their scores cannot
+        # raise a block's scale; a sequence's output then does not depend on its padding (as
+        # the integer form's BlockAttention; their probabilities are 0 either way)
+        dropped = e.op("Less", [mask, e.const(np.float32(-1000.0), "mask_threshold")])
+        x = e.op("Where", [dropped, e.const(np.float32(0.0), "zero"), x])
     b = fmt.block_size
     last = x.shape[-1]
     if isinstance(last, int) and last % b == 0:

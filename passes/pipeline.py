@@ -14,6 +14,7 @@ from bctonnx.config import CompressionConfig
 
 from .canonicalize import Canonicalize
 from .common import MID_DOMAIN, role
+from .fuse_attention import FuseAttention
 from .lower_dequantize import LowerDequantize
 from .lower_integer import LowerInteger
 from .lower_matmul import LowerMatMul
@@ -57,6 +58,7 @@ def build_pipeline(config: CompressionConfig) -> list[ir.passes.PassBase]:
         passes += [
             LowerInteger(),
             LowerMatMul(match_weight_blocks=config.match_weight_blocks),
+            FuseAttention(),
             LowerQDQ(),
             LowerDequantize(),
         ]

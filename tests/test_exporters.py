@@ -229,10 +229,10 @@ def test_each_export_compresses_runs_and_validates(exports, tmp_path, name):
     gelu_err = [o.max_err_lsb for o in v.int_ops if o.op_type == "IntGelu"]
     # vs its own float form (erf or tanh): half an output LSB plus the table rounding
     assert len(gelu_err) == NUM_LAYERS and max(gelu_err) <= 0.5005
-    # attention in integer ops, on every exporter's graph
-    assert ops[("bctonnx", "BlockBatchMatMul")] == NUM_LAYERS
-    assert ops[("bctonnx", "AttentionPV")] == NUM_LAYERS
-    assert ops[("bctonnx", "IntSoftmax")] == NUM_LAYERS
+    # attention in integer ops, on every exporter's graph: one fused BlockAttention per layer
+    # (every exporter's mask is recognized as a key mask)
+    assert ops[("bctonnx", "BlockAttention")] == NUM_LAYERS
+    assert ops[("bctonnx", "BlockBatchMatMul")] == ops[("bctonnx", "AttentionPV")] == 0
     assert ops[("", "MatMul")] == 0 and not [d for d, _ in ops if d == "com.microsoft"]
     # every weight and table compressed: no float matrix bigger than a bias is left
     floats = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
@@ -253,7 +253,7 @@ def test_a_fused_op_it_cannot_unfuse_is_left_alone_with_a_warning(exports, tmp_p
     ops = Counter((n.domain, n.op_type) for n in result.model.graph.node)
     assert ops[("com.microsoft", "Attention")] == 1
     assert sum(n for (domain, _), n in ops.items() if domain == "com.microsoft") == 1
-    assert ops[("bctonnx", "BlockBatchMatMul")] == ops[("bctonnx", "AttentionPV")] == 1
+    assert ops[("bctonnx", "BlockAttention")] == 1
     assert ops[("bctonnx", "IntLayerNorm")] == 5 and ops[("bctonnx", "IntGelu")] == 2
     # the fused op's weights are exactly the original ones
     before = {t.name: t.raw_data for t in original.graph.initializer}

@@ -49,7 +49,7 @@ def test_integer_form_has_no_float_gelu_softmax_or_layernorm(integer_tiny):
     ops = Counter((n.domain, n.op_type) for n in integer_tiny.graph.node)
     assert not [op for (domain, op) in ops if domain == "" and op in FLOAT_NONLINEAR]
     assert ops[("bctonnx", "IntGelu")] == 2  # tiny BERT: 2 layers
-    assert ops[("bctonnx", "IntSoftmax")] == 2
+    assert ops[("bctonnx", "BlockAttention")] == 2  # softmax inside the fused attention
     assert ops[("bctonnx", "IntLayerNorm")] == 5  # embeddings + 2 per layer
     # every activation is quantized by the native op, none by the QDQ dynamic-scale graph
     assert ops[("", "QuantizeLinear")] == 0 and ops[("bctonnx", "BlockQuantize")] > 0
@@ -91,7 +91,7 @@ def test_integer_form_leaves_an_unrecognised_softmax_float_with_a_warning(tiny_b
         softmax.name in r.getMessage() and "stays float" in r.getMessage() for r in caplog.records
     )
     ops = Counter(n.op_type for n in model.graph)
-    assert ops["Softmax"] == 1 and ops["IntSoftmax"] == 1
+    assert ops["Softmax"] == 1 and ops["BlockAttention"] == 1
 
 
 def test_integer_mode_needs_quantized_activations(tiny_bert_onnx):

@@ -43,7 +43,7 @@ import numpy as np
 
 from bctonnx.ops.ref_quant import pow2_exponents, shift_round_even
 
-__all__ = ["attention_pv"]
+__all__ = ["attention_pv", "block_attention", "key_mask"]
 
 MAX_SEGMENT = 256
 
@@ -58,8 +58,15 @@ def attention_pv(
     p_exponent: int = -8,
     transpose_output: bool = False,
     v_transposed: bool = False,
+    valid: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Reference of ``bctonnx.AttentionPV`` (see the module doc)."""
+    """Reference of ``bctonnx.AttentionPV`` (see the module doc).
+
+    ``valid`` (bool, broadcastable to ``p.shape[:-2] + (S,)``; BlockAttention's key mask): only
+    these tokens take part: the others get ``w = 0`` and no say in their segment's ``emax``
+    (a segment without one has ``r`` at its floor and contributes 0), so neither their codes
+    nor their scales can change the result.
+    """
     p, v = np.asarray(p), np.asarray(v)
     if v_transposed:
         if v.ndim != 4:
@@ -80,6 +87,10 @@ def attention_pv(
     if scale.shape != (*v.shape[:-1], nb):
         raise ValueError(f"AttentionPV: v_scale must have shape {(*v.shape[:-1], nb)}")
     e = np.repeat(pow2_exponents(scale), block_size, axis=-1)[..., :d]  # [..., S, D]
+    if valid is not None:
+        keep = np.broadcast_to(np.asarray(valid, bool), (*p.shape[:-2], s_len))[..., :, None]
+        v = np.where(keep, v, 0).astype(np.int8)
+        e = np.where(keep, e, np.iinfo(np.int64).min // 2)  # no say in emax
     p64 = p.astype(np.int64)
     y = np.zeros((*p.shape[:-1], d), np.float32)
     for start in range(0, s_len, segment):
@@ -95,3 +106,99 @@ def attention_pv(
             raise ValueError("AttentionPV: transpose_output needs rank-4 inputs")
         y = np.ascontiguousarray(y.transpose(0, 2, 1, 3))
     return y
+
+
+def key_mask(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The keys a BlockAttention mask keeps, bool [b, 1, S] for scores of ``shape`` [b, h, S, S]:
+    the additive mask (float, broadcastable to [b, 1, S, S] with every query row the same: BERT's
+    [b, 1, 1, S], which exports expand to [b, 1, S, S]) keeps a key iff its value is not below
+    -1000. A mask value other than 0 or < -1000, or a mask that differs between query rows, is
+    refused (ValueError)."""
+    if mask is None:
+        return None
+    m = np.asarray(mask, np.float32)
+    if m.ndim > 4:
+        raise ValueError("BlockAttention: mask rank above 4")
+    m = m.reshape((1,) * (4 - m.ndim) + m.shape)
+    b, _, s_q, s_k = shape
+    if (
+        m.shape[1] != 1
+        or m.shape[0] not in (1, b)
+        or m.shape[2] not in (1, s_q)
+        or (m.shape[3] not in (1, s_k))
+    ):
+        raise ValueError(f"BlockAttention: mask shape {np.shape(mask)} is not a key mask")
+    if not np.array_equal(m, np.broadcast_to(m[:, :, :1, :], m.shape)):
+        raise ValueError("BlockAttention: the mask differs between query rows (not a key mask)")
+    if not np.all((m == 0) | (m < -1000)):
+        raise ValueError("BlockAttention: mask values must be 0 or < -1000")
+    return np.broadcast_to(m[:, 0, :1, :] >= -1000, (b, 1, s_k))
+
+
+def block_attention(
+    q: np.ndarray,
+    q_scale: np.ndarray,
+    k: np.ndarray,
+    k_scale: np.ndarray,
+    v: np.ndarray,
+    v_scale: np.ndarray,
+    mask: np.ndarray | None = None,
+    y_multiplier: np.ndarray | float | None = None,
+    *,
+    block_size: int,
+    score_block_size: int = 32,
+    segment: int = 32,
+    p_exponent: int = -8,
+    q_heads_first: bool = False,
+    k_heads_first: bool = False,
+    v_heads_first: bool = False,
+) -> np.ndarray:
+    """Reference of ``bctonnx.BlockAttention``: one attention of an encoder layer in integers,
+    ``AttentionPV(IntSoftmax(BlockQuantize(BlockBatchMatMul(q, k^T))), v)``, where the keys the
+    mask drops take no part at all, so a sequence's output does not depend on the padding or the
+    other sequences of its batch::
+
+        BlockAttention(q, q_scale, k, k_scale, v, v_scale: int8 / f32 [b, S, h, d] and
+                       [b, S, h, ceil(d / B)] (token-major, as the projections write them),
+                       mask?: f32 [b, 1, 1 or S, S] (additive: 0 keeps, < -1000 drops a key;
+                       the same for every query row, see `key_mask`),
+                       y_multiplier?: f32 scalar) -> y: f32 [b, S, h, d]
+        attributes: block_size (B), score_block_size (32), segment (32), p_exponent (-8),
+                    q_heads_first, k_heads_first, v_heads_first (0; 1: that operand and its
+                    scales come [b, h, S, d], as some exporters leave K)
+
+    1. scores ``y = BlockBatchMatMul(q, k, y_multiplier)`` (ref_matmul.block_batch_matmul,
+       both token-major): [b, h, S, S];
+    2. the scores of dropped keys are set to 0 (so they cannot raise a block's scale), then
+       ``BlockQuantize(y, score_block_size)``;
+    3. ``p = IntSoftmax(codes, scales, mask)`` (ref_nonlinear.int_softmax: dropped keys get 0);
+    4. ``y = AttentionPV(p, v, v_scale, valid=kept keys)`` (`attention_pv`: dropped tokens'
+       V neither counts nor sets a segment's exponent), heads back token-major.
+    """
+    from bctonnx.ops.ref_matmul import block_batch_matmul
+    from bctonnx.ops.ref_nonlinear import int_softmax
+    from bctonnx.ops.ref_quant import block_quantize
+
+    q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
+    operands = []
+    for x, s, heads_first in ((q, q_scale, q_heads_first), (k, k_scale, k_heads_first),
+                              (v, v_scale, v_heads_first)):  # fmt: skip
+        if heads_first:  # as the token-major tensors they stand for
+            x, s = np.swapaxes(x, 1, 2), np.swapaxes(np.asarray(s), 1, 2)
+        operands += [x, s]
+    q, q_scale, k, k_scale, v, v_scale = operands
+    if q.ndim != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"BlockAttention: q {q.shape}, k {k.shape}, v {v.shape} do not match")
+    scores = block_batch_matmul(
+        q, q_scale, k, k_scale, block_size=block_size, y_multiplier=y_multiplier,
+        a_transposed=True, b_transposed=True,
+    )["y"]  # fmt: skip
+    keep = key_mask(mask, scores.shape)
+    if keep is not None:
+        scores = np.where(keep[:, :, None, :], scores, np.float32(0)).astype(np.float32)
+    codes, scales = block_quantize(scores, score_block_size)
+    p = int_softmax(codes, scales, score_block_size, mask)
+    return attention_pv(
+        p, v, v_scale, block_size=block_size, segment=segment, p_exponent=p_exponent,
+        transpose_output=True, v_transposed=True, valid=keep,
+    )  # fmt: skip

@@ -281,5 +281,6 @@ void AddNonlinearOps(Ort::CustomOpDomain& domain);
 void AddBlockMatMulOp(Ort::CustomOpDomain& domain);
 void AddBlockBatchMatMulOp(Ort::CustomOpDomain& domain);
 void AddAttentionOps(Ort::CustomOpDomain& domain);
+void AddBlockAttentionOp(Ort::CustomOpDomain& domain);
 
 }  // namespace bct

@@ -18,6 +18,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
       bct::AddBlockMatMulOp(*domain);
       bct::AddBlockBatchMatMulOp(*domain);
       bct::AddAttentionOps(*domain);
+      bct::AddBlockAttentionOp(*domain);
     }
     Ort::UnownedSessionOptions(options).Add(*domain);
   } catch (const std::exception& e) {

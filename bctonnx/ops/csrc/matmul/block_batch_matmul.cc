@@ -100,34 +100,9 @@ struct BlockBatchMatMulKernel {
     BatchScratch& sc = tls;
     PackedWeights& w = sc.w;
     gemm::ShapeWeights(k, n, block_, block_, false, isa_, &w);
-    w.data.assign(static_cast<size_t>(w.npanel * w.panel_bytes()), 128);
-    w.sw.assign(static_cast<size_t>(nb * w.npad), 0.0f);
-    // b -> packed "weights": u8 = b + 128, one segment per block, scales per (block, column)
     const int8_t* b = job.b + RowBase(job, b_t_, bi, n, k);
     const float* bs = job.bs + RowBase(job, b_t_, bi, n, nb);
-    const int64_t ldb = RowStride(job, b_t_, k), ldbs = RowStride(job, b_t_, nb);
-    // (locals, not w's fields, in the loops: w is thread-local, and GCC re-derives its address
-    // with a __tls_get_addr call when it reloads a field after a store)
-    const int64_t g = w.g, chunk_bytes = w.chunks * 64, panel_bytes = w.panel_bytes(), npad = w.npad;
-    uint8_t* const packed = w.data.data();
-    float* const sw = w.sw.data();
-    for (int64_t c = 0; c < n; ++c) {
-      uint8_t* panel = packed + (c / kPanel) * panel_bytes + (c % kPanel) * 4;
-      for (int64_t j = 0; j < nb; ++j) {
-        const int8_t* src = b + c * ldb + j * g;
-        uint8_t* dst = panel + j * chunk_bytes;
-        int64_t i = 0;
-        for (; i + 4 <= g; i += 4) {  // 4 k of one column: +128 on each byte
-          uint32_t four;
-          std::memcpy(&four, src + i, 4);
-          four ^= 0x80808080u;
-          std::memcpy(dst + (i / 4) * 64, &four, 4);
-        }
-        for (; i < g; ++i) dst[(i / 4) * 64 + i % 4] = static_cast<uint8_t>(src[i] ^ 0x80);
-        pow2_exponent(bs[c * ldbs + j]);  // pow2 scales only (throws otherwise)
-        sw[j * npad + c] = bs[c * ldbs + j];
-      }
-    }
+    gemm::PackRowsAsWeights(b, RowStride(job, b_t_, k), bs, RowStride(job, b_t_, nb), &w);
     // a -> packed activations
     const bool interleaved = true;
     const gemm::ActsSizes sz = gemm::ActsLayout(w, interleaved, m);

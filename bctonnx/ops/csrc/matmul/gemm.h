@@ -98,6 +98,13 @@ inline int32_t ActDword(const int8_t* tile, int64_t s, int r) {
 // std::runtime_error (no op prefix) on codes outside their range.
 void PackWeights(const WeightCodes& wc, int64_t act_block, Isa isa, PackedWeights* w);
 
+// Weights from a run-time int8 operand given row by row (attention's keys): row c of `b` (every
+// `ldb` bytes) is column c of the weights, K = w->k codes in blocks of w->block with pow2 scales
+// `bs` (every `ldbs` floats per row, one per block), which become the weight scales. `w` must be
+// shaped by ShapeWeights(k, n, block, block, false, isa <= avx512). Throws on a non-pow2 scale.
+void PackRowsAsWeights(const int8_t* b, int64_t ldb, const float* bs, int64_t ldbs,
+                       PackedWeights* w);
+
 // The shared shape fields of a weight layout (what PackWeights sets before the data).
 void ShapeWeights(int64_t k, int64_t n, int64_t block, int64_t act_block, bool int4, Isa isa,
                   PackedWeights* w);

@@ -103,6 +103,36 @@ void PackWeights(const WeightCodes& wc, int64_t act_block, Isa isa, PackedWeight
   }
 }
 
+void PackRowsAsWeights(const int8_t* b, int64_t ldb, const float* bs, int64_t ldbs,
+                       PackedWeights* out) {
+  PackedWeights& w = *out;
+  // (locals, not w's fields, in the loops: w may be thread-local, and GCC re-derives its
+  // address with a __tls_get_addr call when it reloads a field after a store)
+  const int64_t n = w.n, nb = w.nblk, g = w.g, chunk_bytes = w.seg_bytes(),
+                panel_bytes = w.panel_bytes(), npad = w.npad;
+  w.data.assign(static_cast<size_t>(w.npanel * panel_bytes), 128);
+  w.sw.assign(static_cast<size_t>(nb * npad), 0.0f);
+  uint8_t* const packed = w.data.data();
+  float* const sw = w.sw.data();
+  for (int64_t c = 0; c < n; ++c) {  // u8 = b + 128, one segment per block
+    uint8_t* panel = packed + (c / kPanel) * panel_bytes + (c % kPanel) * 4;
+    for (int64_t j = 0; j < nb; ++j) {
+      const int8_t* src = b + c * ldb + j * g;
+      uint8_t* dst = panel + j * chunk_bytes;
+      int64_t i = 0;
+      for (; i + 4 <= g; i += 4) {  // 4 k of one column: +128 on each byte
+        uint32_t four;
+        std::memcpy(&four, src + i, 4);
+        four ^= 0x80808080u;
+        std::memcpy(dst + (i / 4) * 64, &four, 4);
+      }
+      for (; i < g; ++i) dst[(i / 4) * 64 + i % 4] = static_cast<uint8_t>(src[i] ^ 0x80);
+      pow2_exponent(bs[c * ldbs + j]);  // pow2 scales only (throws otherwise)
+      sw[j * npad + c] = bs[c * ldbs + j];
+    }
+  }
+}
+
 ActsSizes ActsLayout(const PackedWeights& w, bool interleaved, int64_t rows) {
   ActsSizes s;
   const int64_t tile = interleaved ? kRowTile : 16;

@@ -1,4 +1,5 @@
-// AttentionPV (domain "bctonnx", version 1): attention's context product P.V in integers,
+// AttentionPV's per-head arithmetic (pv.h): V preparation, the portable and AVX-512 VNNI heads.
+// The op: attention's context product P.V in integers,
 // uint8 probabilities (IntSoftmax's codes) times int8 V codes with per-token pow2 scales.
 //
 // The specification is the numpy reference bctonnx/ops/ref_attention.py ("Arithmetic"); this
@@ -17,23 +18,16 @@
 // Heads run as tasks on the session's intra-op pool (KernelContext::ParallelFor). Both layout
 // transposes around attention's P.V can be fused: v token-major (v_transposed) and the output
 // token-major (transpose_output).
-#include "simd.h"
+#include "pv.h"
 
 #include <algorithm>
 #include <cstring>
-#include <mutex>
-#include <string>
 
-#include "common.h"
+#include "../simd.h"
 
 namespace bct {
+namespace pv {
 namespace {
-
-[[noreturn]] void Fail(const std::string& what) {
-  throw std::runtime_error("bctonnx.AttentionPV: " + what);
-}
-
-constexpr int64_t kMaxSegment = 256;
 
 // Per-thread scratch, grown and reused across runs (64-byte aligned).
 template <typename T>
@@ -44,22 +38,31 @@ T* Scratch(std::vector<char>& buf, size_t count) {
   return reinterpret_cast<T*>((addr + 63) & ~uintptr_t{63});
 }
 
-struct PvDims {
-  int64_t m, s, d, nb, block, seg, nseg, dpad, pairs;
-  int p_exp;
-};
+}  // namespace
 
-// One head's prepared V: w as int16 pairs (tokens 2t, 2t+1) x dpad columns (zero padded), and
-// the epilogue factors 2^(r + p_exponent) per segment x column.
-struct PreparedV {
-  int32_t* w;      // [pairs][dpad] dwords: low half w[2t, j], high half w[2t + 1, j]
-  float* factor;   // [nseg][dpad]
-};
+PvDims MakeDims(int64_t m, int64_t s, int64_t d, int64_t block, int64_t seg, int p_exp) {
+  PvDims dm;
+  dm.m = m;
+  dm.s = s;
+  dm.d = d;
+  dm.block = block;
+  dm.nb = num_blocks(d, block);
+  dm.seg = seg;
+  dm.nseg = num_blocks(s, seg);
+  dm.dpad = num_blocks(d, 32) * 32 + 32;  // whole 32-column tiles, + a zero tile
+  dm.pairs = (s + 1) / 2;
+  dm.p_exp = p_exp;
+  return dm;
+}
 
-// v_row / s_row: elements between consecutive tokens of v and v_scale (D and nb, or h * D and
-// h * nb when the inputs come token-major, v_transposed).
+PreparedV HeadScratch(const PvDims& dm) {
+  thread_local std::vector<char> wbuf, fbuf;
+  return PreparedV{Scratch<int32_t>(wbuf, static_cast<size_t>(dm.pairs * dm.dpad)),
+                   Scratch<float>(fbuf, static_cast<size_t>(dm.nseg * dm.dpad))};
+}
+
 void PrepareV(const PvDims& dm, const int8_t* v, int64_t v_row, const float* vs, int64_t s_row,
-              PreparedV* out) {
+              const uint8_t* valid, PreparedV* out) {
   thread_local std::vector<int> exps;
   exps.resize(static_cast<size_t>(dm.s * dm.nb));
   for (int64_t s = 0; s < dm.s; ++s)
@@ -70,13 +73,15 @@ void PrepareV(const PvDims& dm, const int8_t* v, int64_t v_row, const float* vs,
   for (int64_t g = 0; g < dm.nseg; ++g) {
     const int64_t s0 = g * dm.seg, s1 = std::min(s0 + dm.seg, dm.s);
     for (int64_t c = 0; c < dm.nb; ++c) {
-      int emax = -100000;
-      for (int64_t s = s0; s < s1; ++s) emax = std::max(emax, exps[s * dm.nb + c]);
+      int emax = -100000;  // over the segment's valid tokens (none: r is the floor below)
+      for (int64_t s = s0; s < s1; ++s)
+        if (valid == nullptr || valid[s]) emax = std::max(emax, exps[s * dm.nb + c]);
       const int r = std::max(emax - 8, -149 - dm.p_exp);
       const int64_t j0 = c * dm.block, j1 = std::min(j0 + dm.block, dm.d);
       const float f = pow2_float(r + dm.p_exp);
       for (int64_t j = j0; j < j1; ++j) out->factor[g * dm.dpad + j] = f;
       for (int64_t s = s0; s < s1; ++s) {
+        if (valid != nullptr && !valid[s]) continue;  // w = 0 (memset above)
         const int shift = r - exps[s * dm.nb + c];  // <= 0: left shift by up to 8
         for (int64_t j = j0; j < j1; ++j)
           w16[((s >> 1) * dm.dpad + j) * 2 + (s & 1)] =
@@ -86,12 +91,7 @@ void PrepareV(const PvDims& dm, const int8_t* v, int64_t v_row, const float* vs,
   }
 }
 
-// y row pointer for output row m of this head; columns contiguous.
-struct RowOut {
-  float* base;
-  int64_t stride;  // between rows m
-  float* row(int64_t m) const { return base + m * stride; }
-};
+namespace {
 
 void ScalarHead(const PvDims& dm, const uint8_t* p, const PreparedV& pv, const RowOut& out) {
   const auto* w16 = reinterpret_cast<const int16_t*>(pv.w);
@@ -206,158 +206,14 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void Avx512Head(
   }
 }
 
-struct AttentionPVKernel {
-  AttentionPVKernel(const OrtApi&, const OrtKernelInfo* raw_info) {
-    Ort::ConstKernelInfo info{raw_info};
-    static const int64_t k0 = 0, k32 = 32, km8 = -8;
-    block_ = int_attribute(info, "AttentionPV", "block_size", nullptr);
-    seg_ = int_attribute(info, "AttentionPV", "segment", &k32);
-    p_exp_ = static_cast<int>(int_attribute(info, "AttentionPV", "p_exponent", &km8));
-    transpose_ = int_attribute(info, "AttentionPV", "transpose_output", &k0) != 0;
-    v_transposed_ = int_attribute(info, "AttentionPV", "v_transposed", &k0) != 0;
-    if (block_ < 1) Fail("block_size must be >= 1");
-    if (seg_ < 2 || seg_ > kMaxSegment || seg_ % 2)
-      Fail("segment must be even, in 2..256, got " + std::to_string(seg_));
-    if (p_exp_ < -32 || p_exp_ > 0) Fail("p_exponent must be in -32..0");
-    avx512_ = BestIsa() >= kIsaAvx512;  // BlockMatMul's choice, BCTONNX_ISA included
-  }
-
-  struct Job {
-    const AttentionPVKernel* self;
-    PvDims dm;
-    const uint8_t* p;
-    const int8_t* v;
-    const float* vs;
-    float* y;
-    int64_t heads;  // h of rank-4 inputs [b, h, ...] (transpose_output, v_transposed)
-    std::string error;
-    std::mutex mu;
-  };
-
-  static void HeadTask(void* data, size_t index) {
-    Job& job = *static_cast<Job*>(data);
-    try {
-      job.self->RunHead(job, static_cast<int64_t>(index));
-    } catch (const std::exception& e) {
-      std::lock_guard<std::mutex> lock(job.mu);
-      if (job.error.empty()) job.error = e.what();
-    }
-  }
-
-  void RunHead(const Job& job, int64_t bh) const {
-    const PvDims& dm = job.dm;
-    thread_local std::vector<char> wbuf, fbuf;
-    PreparedV pv{Scratch<int32_t>(wbuf, static_cast<size_t>(dm.pairs * dm.dpad)),
-                 Scratch<float>(fbuf, static_cast<size_t>(dm.nseg * dm.dpad))};
-    if (v_transposed_) {  // v [b, S, h, D], v_scale [b, S, h, nb]
-      const int64_t b = bh / job.heads, h = bh % job.heads;
-      PrepareV(dm, job.v + (b * dm.s * job.heads + h) * dm.d, job.heads * dm.d,
-               job.vs + (b * dm.s * job.heads + h) * dm.nb, job.heads * dm.nb, &pv);
-    } else {
-      PrepareV(dm, job.v + bh * dm.s * dm.d, dm.d, job.vs + bh * dm.s * dm.nb, dm.nb, &pv);
-    }
-    RowOut out;
-    if (transpose_) {  // [b, h, m, d] -> [b, m, h, d]
-      const int64_t b = bh / job.heads, h = bh % job.heads;
-      out.base = job.y + (b * dm.m * job.heads + h) * dm.d;
-      out.stride = job.heads * dm.d;
-    } else {
-      out.base = job.y + bh * dm.m * dm.d;
-      out.stride = dm.d;
-    }
-    const uint8_t* p = job.p + bh * dm.m * dm.s;
-    if (avx512_)
-      Avx512Head(dm, p, pv, out);
-    else
-      ScalarHead(dm, p, pv, out);
-  }
-
-  OrtStatusPtr ComputeV2(OrtKernelContext* raw) {
-    return status_of([&] { Compute(raw); });
-  }
-
-  void Compute(OrtKernelContext* raw) {
-    Ort::KernelContext ctx(raw);
-    Ort::ConstValue p = ctx.GetInput(0), v = ctx.GetInput(1), vs = ctx.GetInput(2);
-    const std::vector<int64_t> psh = p.GetTensorTypeAndShapeInfo().GetShape();
-    std::vector<int64_t> vsh = v.GetTensorTypeAndShapeInfo().GetShape();
-    std::vector<int64_t> ssh = vs.GetTensorTypeAndShapeInfo().GetShape();
-    const size_t rank = psh.size();
-    if (v_transposed_) {  // check them as the [b, h, S, ...] tensors they stand for
-      if (vsh.size() != 4 || ssh.size() != 4) Fail("v_transposed needs rank-4 v and v_scale");
-      std::swap(vsh[1], vsh[2]);
-      std::swap(ssh[1], ssh[2]);
-    }
-    if (rank < 2 || vsh.size() != rank || psh.back() != vsh[rank - 2] ||
-        !std::equal(psh.begin(), psh.end() - 2, vsh.begin()))
-      Fail("shapes of p " + shape_str(psh) + " and v " + shape_str(vsh) + " do not match");
-    if ((transpose_ || v_transposed_) && rank != 4)
-      Fail("transpose_output and v_transposed need rank-4 inputs");
-    Job job;
-    job.self = this;
-    PvDims& dm = job.dm;
-    dm.m = psh[rank - 2];
-    dm.s = psh.back();
-    dm.d = vsh.back();
-    dm.block = block_;
-    dm.nb = num_blocks(dm.d, block_);
-    dm.seg = seg_;
-    dm.nseg = num_blocks(dm.s, seg_);
-    dm.dpad = num_blocks(dm.d, 32) * 32 + 32;  // whole 32-column tiles, + a zero tile
-    dm.pairs = (dm.s + 1) / 2;
-    dm.p_exp = p_exp_;
-    std::vector<int64_t> want = vsh;
-    want.back() = dm.nb;
-    if (ssh != want) Fail("v_scale must be " + shape_str(want) + ", got " + shape_str(ssh));
-    int64_t batches = 1;
-    for (size_t i = 0; i + 2 < rank; ++i) batches *= psh[i];
-    std::vector<int64_t> yshape(psh.begin(), psh.end() - 1);
-    yshape.push_back(dm.d);
-    if (transpose_) std::swap(yshape[1], yshape[2]);
-    Ort::UnownedValue y = ctx.GetOutput(0, yshape);
-    job.p = p.GetTensorData<uint8_t>();
-    job.v = v.GetTensorData<int8_t>();
-    job.vs = vs.GetTensorData<float>();
-    job.y = y.GetTensorMutableData<float>();
-    job.heads = rank == 4 ? psh[1] : 1;
-    if (batches * dm.m * dm.d == 0) return;
-    if (dm.s == 0) {
-      std::fill(job.y, job.y + batches * dm.m * dm.d, 0.0f);
-      return;
-    }
-    if (batches == 1)
-      HeadTask(&job, 0);
-    else
-      ctx.ParallelFor(&HeadTask, static_cast<size_t>(batches), 0, &job);
-    if (!job.error.empty()) throw std::runtime_error(job.error);
-  }
-
-  int64_t block_ = 0, seg_ = 32;
-  int p_exp_ = -8;
-  bool transpose_ = false, v_transposed_ = false, avx512_ = false;
-};
-
-struct AttentionPVOp : Ort::CustomOpBase<AttentionPVOp, AttentionPVKernel, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
-    return create_kernel<AttentionPVKernel>(api, info, kernel);
-  }
-  const char* GetName() const { return "AttentionPV"; }
-  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 3; }
-  ONNXTensorElementDataType GetInputType(size_t i) const {
-    return i == 0   ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8
-           : i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8
-                    : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-  }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
-};
-
 }  // namespace
 
-void AddAttentionOps(Ort::CustomOpDomain& domain) {
-  static AttentionPVOp pv;
-  domain.Add(&pv);
+void Head(bool avx512, const PvDims& dm, const uint8_t* p, const PreparedV& pv, const RowOut& out) {
+  if (avx512)
+    Avx512Head(dm, p, pv, out);
+  else
+    ScalarHead(dm, p, pv, out);
 }
 
+}  // namespace pv
 }  // namespace bct

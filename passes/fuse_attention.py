@@ -1,0 +1,167 @@
+"""fuse_attention: an encoder layer's integer attention becomes one ``BlockAttention`` node.
+
+    BlockBatchMatMul(q, q_s, k, k_s[, c])            (token-major operands, y_q / y_scale out)
+      -> IntSoftmax(y_q, y_scale[, mask])            (block = the scores' output block)
+      -> AttentionPV(p, v, v_s)                      (token-major V and output)
+    => BlockAttention(q, q_s, k, k_s, v, v_s[, mask][, c])
+
+(ref_attention.block_attention; the kernel keeps the scores and probabilities of a head in its
+thread's cache and runs one task per head instead of three ops with a thread synchronisation
+each). The fused op also drops the masked keys entirely, so a sequence's output does not depend
+on its padding or its batch: the mask must be a key mask, one value per key and the same for
+every query row -- BERT's [b, 1, 1, S], or as exports write it, that mask expanded to
+[b, 1, S, S] (the kernel checks the rows at run time). It is recognized on the inferred shape or
+on how it is made: elementwise ops with constant scalars over an Expand or an Unsqueeze of a
+rank-2 [b, S] mask to [b, 1, 1, S]. Any other mask, or a chain whose intermediate results have
+other readers, is left unfused.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx_ir as ir
+
+from .common import OPS_DOMAIN, const_array, take_over
+
+log = logging.getLogger(__name__)
+
+
+def _attr(node: ir.Node, name: str, default: int = 0) -> int:
+    a = node.attributes.get(name)
+    return default if a is None else a.as_int()
+
+
+def _only_reader(value: ir.Value) -> ir.Node | None:
+    users = list(value.uses())
+    if len(users) != 1 or any(out is value for out in value.graph.outputs if value.graph):
+        return None
+    return users[0][0]
+
+
+def _is_op(node: ir.Node | None, op_type: str) -> bool:
+    return node is not None and node.domain == OPS_DOMAIN and node.op_type == op_type
+
+
+ELEMENTWISE = frozenset(
+    {"Cast", "Sub", "Add", "Mul", "Div", "Where", "Neg", "Not", "Equal", "Less", "Greater"}
+)
+
+
+def _scalar_const(value: ir.Value) -> bool:
+    arr = const_array(value)
+    return arr is not None and arr.size == 1
+
+
+def _ints(node: ir.Node, index: int, attr: str) -> list[int] | None:
+    if len(node.inputs) > index and node.inputs[index] is not None:
+        arr = const_array(node.inputs[index])
+        return None if arr is None else [int(a) for a in arr.reshape(-1)]
+    a = node.attributes.get(attr)
+    return None if a is None else list(a.as_ints())
+
+
+def is_key_mask(value: ir.Value | None, depth: int = 0) -> bool:
+    """The mask holds one value per key, the same for every query row (see the module doc)."""
+    if value is None:
+        return True
+    shape = value.shape
+    if shape is not None and 0 < len(shape) <= 4:
+        dims = [1] * (4 - len(shape)) + list(shape)
+        if dims[1] == 1 and dims[2] == 1:
+            return True
+    node = value.producer()
+    if node is None or depth > 16:
+        return False
+    if node.domain in ("", "ai.onnx") and node.op_type in ELEMENTWISE:
+        operands = [i for i in node.inputs if i is not None and not _scalar_const(i)]
+        return bool(operands) and all(is_key_mask(i, depth + 1) for i in operands)
+    if node.op_type == "Expand":  # rows broadcast from one row stay equal
+        return is_key_mask(node.inputs[0], depth + 1)
+    if node.op_type == "Unsqueeze":
+        axes = _ints(node, 1, "axes")
+        src = node.inputs[0]
+        if axes is not None and sorted(axes) == [1, 2] and src.shape is not None:
+            return len(src.shape) == 2  # [b, S] -> [b, 1, 1, S]
+        inner = src.producer()
+        if axes == [2] and inner is not None and inner.op_type == "Unsqueeze":
+            first = _ints(inner, 1, "axes")
+            return (
+                first == [1]
+                and inner.inputs[0].shape is not None
+                and (len(inner.inputs[0].shape) == 2)
+            )
+    return False
+
+
+class FuseAttention(ir.passes.InPlacePass):
+    """BlockBatchMatMul -> IntSoftmax -> AttentionPV => BlockAttention (see the module doc)."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        fused = 0
+        for scores in [n for n in model.graph if _is_op(n, "BlockBatchMatMul")]:
+            if self._fuse(model.graph, scores):
+                fused += 1
+        if fused:
+            log.info("fuse_attention: %d attention(s) fused", fused)
+        return ir.passes.PassResult(model, modified=fused > 0)
+
+    def _fuse(self, graph: ir.Graph, scores: ir.Node) -> bool:
+        outs = scores.outputs
+        if len(outs) < 3 or (outs[0].name and list(outs[0].uses())):
+            return False  # the float scores are read
+        softmax = _only_reader(outs[1])
+        if not _is_op(softmax, "IntSoftmax") or _only_reader(outs[2]) is not softmax:
+            return False
+        if softmax.inputs[0] is not outs[1] or softmax.inputs[1] is not outs[2]:
+            return False
+        block = _attr(scores, "out_block_size")
+        if _attr(softmax, "block_size") != block or _attr(scores, "out_bits", 8) != 8:
+            return False
+        mask = softmax.inputs[2] if len(softmax.inputs) > 2 else None
+        if not is_key_mask(mask):
+            return False
+        context = _only_reader(softmax.outputs[0])
+        if not _is_op(context, "AttentionPV") or context.inputs[0] is not softmax.outputs[0]:
+            return False
+        if not _attr(context, "transpose_output"):
+            return False
+        if _attr(context, "block_size") != _attr(scores, "block_size"):
+            return False
+        q, q_s, k, k_s = scores.inputs[:4]
+        mul = scores.inputs[4] if len(scores.inputs) > 4 else None
+        v, v_s = context.inputs[1:3]
+        attrs = {
+            "block_size": _attr(scores, "block_size"),
+            "score_block_size": block,
+            "segment": _attr(context, "segment", 32),
+            "p_exponent": _attr(context, "p_exponent", -8),
+        }
+        # operands not token-major come [b, h, S, d] (dynamo exports leave K so)
+        for name, value, token_major in (
+            ("q_heads_first", q, _attr(scores, "a_transposed")),
+            ("k_heads_first", k, _attr(scores, "b_transposed")),
+            ("v_heads_first", v, _attr(context, "v_transposed")),
+        ):
+            if not token_major:
+                if value.shape is None or len(value.shape) != 4:
+                    return False
+                attrs[name] = 1
+        inputs = [q, q_s, k, k_s, v, v_s, mask, mul]
+        while inputs[-1] is None:
+            inputs.pop()
+        node = ir.Node(
+            OPS_DOMAIN,
+            "BlockAttention",
+            inputs,
+            ir.convenience.convert_attributes(attrs),
+            num_outputs=1,
+            name=context.name.rsplit("/", 1)[0] + "/BlockAttention" if context.name else None,
+        )
+        graph.insert_before(context, node)
+        node.outputs[0].dtype = ir.DataType.FLOAT
+        node.outputs[0].shape = context.outputs[0].shape
+        take_over(context.outputs[0], node.outputs[0])
+        for dead in (context, softmax, scores):
+            graph.remove(dead, safe=True)
+        return True

@@ -1,0 +1,228 @@
+"""BlockAttention: the fused attention op (scores, their quantization, IntSoftmax and P.V in one
+kernel) is bit-exact with its numpy reference (ref_attention.block_attention) on every
+instruction-set path and thread count, equals the three separate ops when the mask keeps every
+key, and gives a sequence the same output alone as in a padded batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+from test_integer import require_library
+from test_matmul import available_isas
+
+import bctonnx
+from bctonnx.ops.ref_attention import attention_pv, block_attention
+from bctonnx.ops.ref_matmul import block_batch_matmul
+from bctonnx.ops.ref_nonlinear import int_softmax
+from bctonnx.ops.ref_quant import block_quantize
+
+BLOCK = 32
+
+
+def attention_model(with_mask: bool = True, with_mul: bool = True, **attrs) -> onnx.ModelProto:
+    names = ["q", "qs", "k", "ks", "v", "vs"]
+    types = [TensorProto.INT8, TensorProto.FLOAT] * 3
+    inputs = list(names)
+    if with_mask:
+        names.append("mask")
+        types.append(TensorProto.FLOAT)
+    inputs.append("mask" if with_mask else "")
+    if with_mul:
+        names.append("mul")
+        types.append(TensorProto.FLOAT)
+        inputs.append("mul")
+    node = helper.make_node(
+        "BlockAttention", inputs, ["y"], domain="bctonnx", **{"block_size": BLOCK, **attrs}
+    )
+    graph = helper.make_graph(
+        [node],
+        "block_attention",
+        [helper.make_tensor_value_info(n, t, None) for n, t in zip(names, types, strict=True)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("bctonnx", 1)]
+    )
+    model.ir_version = 10
+    return model
+
+
+def session(model, monkeypatch, isa: str = "", threads: int = 2) -> ort.InferenceSession:
+    require_library()
+    if isa == "amx-emulated":
+        monkeypatch.setenv("BCTONNX_AMX_EMULATE", "1")
+        isa = "amx"
+    if isa:
+        monkeypatch.setenv("BCTONNX_ISA", isa)
+    try:
+        return ort.InferenceSession(
+            model.SerializeToString(),
+            bctonnx.session_options(threads),
+            providers=["CPUExecutionProvider"],
+        )
+    finally:
+        monkeypatch.delenv("BCTONNX_ISA", raising=False)
+        monkeypatch.delenv("BCTONNX_AMX_EMULATE", raising=False)
+
+
+def operands(b: int, s: int, h: int, d: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Q, K, V codes and scales [b, S, h, d] (token-major), from floats with outliers."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for name, amp in (("q", 1.0), ("k", 1.5), ("v", 0.7)):
+        x = rng.standard_normal((b, s, h, d)).astype(np.float32) * amp
+        x[..., 3] *= 12  # an outlier channel
+        x[:, ::7] *= 30  # and some loud tokens (V segments with mixed exponents)
+        codes, scales = block_quantize(x, BLOCK)
+        feeds[name], feeds[name + "s"] = codes, scales
+    return feeds
+
+
+def padding_mask(lengths: list[int], s: int) -> np.ndarray:
+    """BERT's additive mask [b, 1, 1, S]: 0 for the tokens of each sequence, -3.4e38 after."""
+    m = np.zeros((len(lengths), 1, 1, s), np.float32)
+    for i, n in enumerate(lengths):
+        m[i, ..., n:] = np.finfo(np.float32).min
+    return m
+
+
+def reference(feeds: dict, mask=None, mul=None, **attrs) -> np.ndarray:
+    return block_attention(
+        feeds["q"], feeds["qs"], feeds["k"], feeds["ks"], feeds["v"], feeds["vs"], mask, mul,
+        block_size=BLOCK, **attrs,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "b, s, h, d, lengths",
+    [(2, 40, 3, 32, [40, 17]), (3, 64, 2, 64, [64, 33, 1]), (1, 7, 1, 32, [7])],
+    ids=["s40", "s64-d64", "s7"],
+)
+def test_block_attention_is_bit_exact_on_every_isa(b, s, h, d, lengths, monkeypatch):
+    feeds = operands(b, s, h, d)
+    feeds["mask"] = padding_mask(lengths, s)
+    feeds["mul"] = np.array(0.4204482, np.float32)
+    ref = reference(feeds, feeds["mask"], feeds["mul"])
+    model = attention_model()
+    for isa in available_isas():
+        for threads in (1, 2):
+            out = session(model, monkeypatch, isa, threads).run(None, feeds)[0]
+            np.testing.assert_array_equal(out, ref, err_msg=f"{isa} {threads} threads")
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+def test_an_operand_may_come_heads_first(which, monkeypatch):
+    """[b, h, S, d] instead of token-major (dynamo exports leave K so): the same result."""
+    feeds = operands(2, 24, 3, 32, seed=13)
+    mask = padding_mask([24, 10], 24)
+    ref = reference(feeds, mask)
+    moved = dict(feeds, mask=mask)
+    for key in (which, which + "s"):
+        moved[key] = np.ascontiguousarray(feeds[key].transpose(0, 2, 1, 3))
+    model = attention_model(with_mul=False, **{f"{which}_heads_first": 1})
+    out = session(model, monkeypatch).run(None, moved)[0]
+    np.testing.assert_array_equal(out, ref)
+    again = {k: v for k, v in moved.items() if k != "mask"}
+    np.testing.assert_array_equal(reference(again, mask, **{f"{which}_heads_first": True}), ref)
+
+
+def test_an_expanded_mask_is_its_key_mask(monkeypatch):
+    """Exports expand BERT's [b, 1, 1, S] mask to [b, 1, S, S]: the same keys are kept."""
+    feeds = operands(2, 24, 2, 32, seed=11)
+    mask = padding_mask([24, 9], 24)
+    feeds["mask"] = np.ascontiguousarray(np.broadcast_to(mask, (2, 1, 24, 24)))
+    out = session(attention_model(with_mul=False), monkeypatch).run(None, feeds)[0]
+    np.testing.assert_array_equal(out, reference(feeds, mask))
+
+
+def test_without_a_mask_it_is_the_three_separate_ops():
+    """No key dropped: BlockBatchMatMul -> BlockQuantize -> IntSoftmax -> AttentionPV."""
+    feeds = operands(2, 48, 2, 32, seed=3)
+    mul = np.float32(0.5)
+    scores = block_batch_matmul(
+        feeds["q"], feeds["qs"], feeds["k"], feeds["ks"], block_size=BLOCK, y_multiplier=mul,
+        a_transposed=True, b_transposed=True, out_block_size=32,
+    )  # fmt: skip
+    p = int_softmax(scores["y_q"], scores["y_scale"], 32)
+    pv = attention_pv(
+        p, feeds["v"], feeds["vs"], block_size=BLOCK, transpose_output=True, v_transposed=True
+    )
+    np.testing.assert_array_equal(reference(feeds, None, mul), pv)
+    keep_all = np.zeros((2, 1, 1, 48), np.float32)
+    np.testing.assert_array_equal(reference(feeds, keep_all, mul), pv)
+
+
+def test_a_sequence_gets_the_same_output_alone_and_padded_in_a_batch(monkeypatch):
+    """The keys the mask drops take no part: the first sequence's rows are bit-identical
+    whether it runs alone (19 tokens) or padded to 64 beside a longer one, whatever the padded
+    positions hold."""
+    s, h, d, n = 64, 2, 32, 19
+    batch = operands(2, s, h, d, seed=5)
+    rng = np.random.default_rng(9)
+    for name in ("k", "v"):  # loud garbage in the padding: it must not matter
+        batch[name][0, n:] = rng.integers(-127, 128, batch[name][0, n:].shape, dtype=np.int8)
+        batch[name + "s"][0, n:] = np.float32(2.0**10)
+    batch["mask"] = padding_mask([n, s], s)
+    alone = {k: v[:1, :n] for k, v in batch.items() if k != "mask"}
+    alone["mask"] = padding_mask([n], n)
+    model = attention_model(with_mul=False)
+    for isa in available_isas():
+        y_batch = session(model, monkeypatch, isa).run(None, batch)[0]
+        y_alone = session(model, monkeypatch, isa).run(None, alone)[0]
+        np.testing.assert_array_equal(y_batch[0, :n], y_alone[0], err_msg=isa)
+    ref_batch = reference({k: v for k, v in batch.items() if k != "mask"}, batch["mask"])
+    ref_alone = reference(alone, alone["mask"])
+    np.testing.assert_array_equal(ref_batch[0, :n], ref_alone[0])
+    # without the padding's exclusion (the separate ops) the two would differ: the test can fail
+    loose = attention_pv(
+        int_softmax(*block_quantize(
+            block_batch_matmul(batch["q"], batch["qs"], batch["k"], batch["ks"], block_size=BLOCK,
+                               a_transposed=True, b_transposed=True)["y"], 32), 32, batch["mask"]),
+        batch["v"], batch["vs"], block_size=BLOCK, transpose_output=True, v_transposed=True,
+    )  # fmt: skip
+    assert not np.array_equal(loose[0, :n], ref_alone[0])
+
+
+def test_the_reference_is_close_to_float_attention():
+    feeds = operands(1, 32, 2, 32, seed=7)
+    deq = {n: feeds[n].astype(np.float64) * np.repeat(feeds[n + "s"], BLOCK, -1) for n in "qkv"}
+    scores = np.einsum("bshd,bthd->bhst", deq["q"], deq["k"])
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    exact = np.einsum("bhst,bthd->bshd", p, deq["v"])
+    got = reference(feeds)
+    assert np.abs(got - exact).max() < 0.02 * np.abs(exact).max()
+
+
+@pytest.mark.parametrize(
+    "mask, message",
+    [
+        (np.zeros((2, 2, 1, 8), np.float32), "key mask"),  # one per head
+        (np.triu(np.full((8, 8), -1e9, np.float32), 1)[None, None], "differs"),  # causal
+        (np.full((2, 1, 1, 8), -1.0, np.float32), "0 or < -1000"),
+    ],
+)
+def test_masks_it_cannot_honour_are_refused(mask, message, monkeypatch):
+    feeds = operands(2, 8, 1, 32)
+    feeds["mask"] = mask
+    sess = session(attention_model(with_mul=False), monkeypatch)
+    with pytest.raises(Exception, match=message):
+        sess.run(None, feeds)
+    with pytest.raises(ValueError, match=message):
+        reference({k: v for k, v in feeds.items() if k != "mask"}, mask)
+
+
+@pytest.mark.parametrize(
+    "attrs, message",
+    [
+        ({"segment": 3}, "segment"),
+        ({"p_exponent": 5}, "p_exponent"),
+        ({"block_size": 0}, "block_size"),
+    ],
+)
+def test_bad_attributes_are_refused_at_session_creation(attrs, message, monkeypatch):
+    with pytest.raises(Exception, match=message):
+        session(attention_model(**attrs), monkeypatch)
