@@ -158,7 +158,7 @@ def vocab_size(path: str | os.PathLike, default: int = 1000) -> int:
     """Rows of the table that input_ids index (see bctonnx.validate.vocab_size)."""
     import onnx
 
-    from .validate import vocab_size as proto_vocab_size
+    from .textio import vocab_size as proto_vocab_size
 
     return proto_vocab_size(onnx.load(str(path), load_external_data=False), default)
 
