@@ -38,7 +38,7 @@ from typing import Any
 import onnx
 
 from ..errors import BctError
-from ..modelio import MODEL_FILENAME, _all_tensors, load_proto
+from ..modelio import MODEL_FILENAME, external_data_files, load_proto
 from ..runtime import LIBRARY_NAME, require_op_library, uses_op_domain
 
 CONFIG_NAME = "config.pbtxt"
@@ -191,15 +191,6 @@ def render_config(
 # --- writing the repository ---------------------------------------------------------------------
 
 
-def _data_files(proto: onnx.ModelProto) -> list[str]:
-    files = []
-    for tensor in _all_tensors(proto):
-        for entry in tensor.external_data:
-            if entry.key == "location" and entry.value not in files:
-                files.append(entry.value)
-    return files
-
-
 def _readable(folder: Path) -> None:
     """Modes a plain mkdir/open would give (mkdtemp and copies of 0600 files are private; the
     server often runs as another user)."""
@@ -264,7 +255,7 @@ def write_triton_repository(
         version_dir = tmp / VERSION
         version_dir.mkdir()
         shutil.copy2(model_path, version_dir / MODEL_FILENAME)
-        for location in _data_files(proto):  # checked by load_proto to stay inside the folder
+        for location in external_data_files(proto):  # checked by load_proto to stay inside the folder
             dest = version_dir / location
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(model_path.parent / location, dest)
