@@ -8,18 +8,10 @@ import pytest
 from shared_assets import sst2_dev_sentences
 
 import bctonnx
-from bctonnx.demo import extract_minilm
-from bctonnx.export import export_model
 from bctonnx.modelio import model_file_bytes
 from bctonnx.validate import validate
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def minilm_dir(tmp_path_factory):
-    work = tmp_path_factory.mktemp("minilm")
-    return export_model(extract_minilm(work), work / "onnx-fp32")
 
 
 @pytest.fixture(scope="module")

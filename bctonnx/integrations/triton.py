@@ -255,7 +255,8 @@ def write_triton_repository(
         version_dir = tmp / VERSION
         version_dir.mkdir()
         shutil.copy2(model_path, version_dir / MODEL_FILENAME)
-        for location in external_data_files(proto):  # checked by load_proto to stay inside the folder
+        # checked by load_proto to stay inside the folder
+        for location in external_data_files(proto):
             dest = version_dir / location
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(model_path.parent / location, dest)

@@ -1,0 +1,179 @@
+"""The Olive pass: README "Olive" run with the real olive-ai (OrtTransformersOptimization then
+BCTCompression on all-MiniLM-L6-v2), the pass's config, and the one-line error without the
+extra."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import readme_blocks, run_onnx, tiny_feeds
+
+import bctonnx
+from bctonnx.cli import main as cli_main
+from bctonnx.config import config_keywords
+from bctonnx.errors import BctError
+from bctonnx.textio import default_texts, load_tokenizer, make_feeds, mean_pool
+
+
+def require_olive() -> None:
+    try:
+        import olive  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI") == "true":
+            pytest.fail("olive-ai is missing, and CI must run this test (pip install '.[olive]')")
+        pytest.skip("needs olive-ai: pip install '.[olive]'")
+
+
+def olive_env() -> dict[str, str]:
+    """This interpreter's scripts first on PATH (olive, python); Olive's telemetry off."""
+    bindir = str(Path(sys.executable).parent)
+    return dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""),
+                OLIVE_DISABLE_TELEMETRY="1")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def readme_workflow(minilm_dir, tmp_path_factory):
+    """README "Olive"'s workflow.json and commands, run in a folder where ``minilm-onnx`` is
+    the exported MiniLM (what the README's ``bctonnx export`` line makes). Returns the folder
+    and the workflow."""
+    require_olive()
+    blocks = readme_blocks("Olive")
+    workflow = json.loads(next(code for lang, code in blocks if lang == "json"))
+    bash = next(code for lang, code in blocks if lang == "bash")
+    commands = [c for c in bash.splitlines() if c.startswith(("python -m ", "olive run "))]
+    assert len(commands) == 2, bash
+    work = tmp_path_factory.mktemp("olive")
+    (work / "minilm-onnx").symlink_to(minilm_dir, target_is_directory=True)
+    (work / "workflow.json").write_text(json.dumps(workflow), encoding="utf-8")
+    for command in commands:
+        proc = subprocess.run(
+            command, shell=True, cwd=work, env=olive_env(), capture_output=True, text=True,
+            timeout=900,
+        )  # fmt: skip
+        assert proc.returncode == 0, f"{command}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return work, workflow
+
+
+def test_readme_workflow_output_is_bctonnx_compress_of_the_optimized_graph(
+    readme_workflow, tmp_path
+):
+    work, workflow = readme_workflow
+    out = work / workflow["output_dir"] / "model.onnx"
+    assert out.is_file(), f"olive run wrote no model: {sorted(out.parent.iterdir())}"
+    # the optimizer ran first: its graph (Olive's footprint names it) has the fused ops
+    footprint = json.loads((out.parent / "footprint.json").read_text(encoding="utf-8"))
+    by_pass = {n["from_pass"]: n for n in footprint.values() if n["from_pass"]}
+    assert set(by_pass) == {"orttransformersoptimization", "bctcompression"}
+    optimized = Path(
+        by_pass["orttransformersoptimization"]["model_config_data"]["config"]["model_path"]
+    )
+    fused = {n.op_type for n in onnx.load(optimized, load_external_data=False).graph.node}
+    assert {"Attention", "SkipLayerNormalization", "EmbedLayerNormalization"} <= fused
+    # the same bytes as `bctonnx compress` of that graph with the same preset
+    ref = tmp_path / "ref.onnx"
+    assert cli_main(["compress", str(optimized), "-o", str(ref), "--preset", "w8a8"]) == 0
+    assert out.read_bytes() == ref.read_bytes()
+    # and it runs: the integer form, close to the FP32 export on real sentences
+    model = onnx.load(out)
+    assert {"BlockMatMul", "IntSoftmax", "IntLayerNorm"} <= {
+        n.op_type for n in model.graph.node if n.domain == "bctonnx"
+    }
+    names = [i.name for i in model.graph.input]
+    tokenizer = load_tokenizer(work / "minilm-onnx")
+    feeds = make_feeds(names, default_texts()[:16], tokenizer, 16, 128)[0]
+    got = run_onnx(out, feeds)["last_hidden_state"]
+    want = run_onnx(work / "minilm-onnx" / "model.onnx", feeds)["last_hidden_state"]
+    pooled = [mean_pool(x, feeds["attention_mask"]) for x in (got, want)]
+    cos = (pooled[0] * pooled[1]).sum(-1) / np.linalg.norm(pooled[0], axis=-1)
+    cos /= np.linalg.norm(pooled[1], axis=-1)
+    assert cos.min() > 0.99
+
+
+def test_pass_takes_the_preset_and_every_compression_option_in_both_forms(tiny_bert_onnx, tmp_path):
+    """In-process, through Olive's own pass machinery: every resolve_config keyword is a
+    config key; qdq and integer outputs equal bctonnx.compress_model's for the same config."""
+    require_olive()
+    from olive import __version__ as olive_version
+    from olive.hardware.accelerator import DEFAULT_CPU_ACCELERATOR
+    from olive.model import ONNXModelHandler
+    from olive.passes.olive_pass import create_pass_from_dict
+
+    from bctonnx.integrations.olive.bct_pass import BCTCompression
+
+    keys = set(BCTCompression.default_config(DEFAULT_CPU_ACCELERATOR))
+    assert {"preset", *config_keywords()} <= keys
+    options = {"block_size": 16, "weight_bits": 4, "exclude": ["*pooler*"], "clip": "mse"}
+    for mode in ("qdq", "integer"):
+        config = {"preset": "w8a8", "mode": mode, **options}
+        the_pass = create_pass_from_dict(
+            BCTCompression, config, disable_search=True, accelerator_spec=DEFAULT_CPU_ACCELERATOR
+        )
+        result = the_pass.run(ONNXModelHandler(str(tiny_bert_onnx)), str(tmp_path / mode))
+        got = onnx.load(result.model_path)
+        # Olive stamps every model it saves with its version; the rest is bctonnx's model
+        assert [(p.key, p.value) for p in got.metadata_props] == [("olive_version", olive_version)]
+        del got.metadata_props[:]
+        want = bctonnx.compress_model(
+            tiny_bert_onnx, bctonnx.resolve_config("w8a8", mode=mode, **options)
+        ).model
+        assert got.SerializeToString() == want.SerializeToString()
+        assert any(o.domain == "bctonnx" for o in got.opset_import) == (mode == "integer")
+        feeds = tiny_feeds(seq=9)
+        assert np.isfinite(run_onnx(got, feeds)["last_hidden_state"]).all()
+
+
+def test_pass_refuses_a_wrong_option_with_bctonnx_s_message(tiny_bert_onnx, tmp_path):
+    require_olive()
+    from olive.hardware.accelerator import DEFAULT_CPU_ACCELERATOR
+    from olive.model import ONNXModelHandler
+    from olive.passes.olive_pass import create_pass_from_dict
+
+    from bctonnx.integrations.olive.bct_pass import BCTCompression
+
+    the_pass = create_pass_from_dict(
+        BCTCompression,
+        {"preset": "w4a8", "scale_kind": "log"},
+        disable_search=True,
+        accelerator_spec=DEFAULT_CPU_ACCELERATOR,
+    )
+    with pytest.raises(BctError, match="scale"):
+        the_pass.run(ONNXModelHandler(str(tiny_bert_onnx)), str(tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.onnx").exists()
+
+
+def test_package_config_is_olive_s_own_plus_bct(tmp_path):
+    require_olive()
+    from olive.package_config import OlivePackageConfig
+
+    from bctonnx.integrations.olive import package_config, write_package_config
+
+    olive_own = OlivePackageConfig.load_default_config()
+    path = write_package_config(tmp_path / "bct-olive.json")
+    loaded = OlivePackageConfig.parse_file_or_obj(str(path))
+    assert set(loaded.passes) == set(olive_own.passes) | {"bctcompression"}
+    assert loaded.import_pass_module("BCTCompression").__name__ == "BCTCompression"
+    assert json.loads(path.read_text()) == package_config()
+    # a directory is refused in one line, nothing written
+    code = subprocess.run(
+        [sys.executable, "-m", "bctonnx.integrations.olive", "-o", str(tmp_path)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert code.returncode == 2 and code.stderr.count("\n") == 1
+    assert code.stderr.startswith("bctonnx: error: ") and "directory" in code.stderr
+
+
+def test_without_olive_the_error_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "olive", None)  # import olive -> ImportError
+    from bctonnx.integrations.olive import package_config
+
+    with pytest.raises(BctError) as err:
+        package_config()
+    assert str(err.value).count("\n") == 0
+    assert "pip install 'bctonnx[olive]'" in str(err.value)
