@@ -267,3 +267,27 @@ def readme_blocks(section: str) -> list[tuple[str, str]]:
     end = text.find("\n## ", start + 1)
     body = text[start : end if end > 0 else None]
     return re.findall(r"```(\w*)\n(.*?)```", body, flags=re.S)
+
+
+def require_module(module: str, extra: str) -> None:
+    """Skip (with the install command) when an optional tool is missing; fail under CI=true,
+    which installs the extras the README's test command names."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        if os.environ.get("CI") == "true":
+            pytest.fail(
+                f"{module} is missing, and CI must run this test (pip install '.[{extra}]')"
+            )
+        pytest.skip(f"needs {module}: pip install '.[{extra}]'")
+
+
+def scripts_env(**extra: str) -> dict[str, str]:
+    """The environment with this interpreter's scripts (olive, mlflow, pip, auditwheel) first
+    on PATH, plus ``extra``: for the commands the README has users paste."""
+    import sys
+
+    bindir = str(Path(sys.executable).parent)
+    return dict(os.environ, **extra, PATH=bindir + os.pathsep + os.environ.get("PATH", ""))

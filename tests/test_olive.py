@@ -5,7 +5,6 @@ extra."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import readme_blocks, run_onnx, tiny_feeds
+from conftest import readme_blocks, require_module, run_onnx, scripts_env, tiny_feeds
 
 import bctonnx
 from bctonnx.cli import main as cli_main
@@ -22,28 +21,12 @@ from bctonnx.errors import BctError
 from bctonnx.textio import default_texts, load_tokenizer, make_feeds, mean_pool
 
 
-def require_olive() -> None:
-    try:
-        import olive  # noqa: F401
-    except ImportError:
-        if os.environ.get("CI") == "true":
-            pytest.fail("olive-ai is missing, and CI must run this test (pip install '.[olive]')")
-        pytest.skip("needs olive-ai: pip install '.[olive]'")
-
-
-def olive_env() -> dict[str, str]:
-    """This interpreter's scripts first on PATH (olive, python); Olive's telemetry off."""
-    bindir = str(Path(sys.executable).parent)
-    return dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""),
-                OLIVE_DISABLE_TELEMETRY="1")  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def readme_workflow(minilm_dir, tmp_path_factory):
     """README "Olive"'s workflow.json and commands, run in a folder where ``minilm-onnx`` is
     the exported MiniLM (what the README's ``bctonnx export`` line makes). Returns the folder
     and the workflow."""
-    require_olive()
+    require_module("olive", "olive")
     blocks = readme_blocks("Olive")
     workflow = json.loads(next(code for lang, code in blocks if lang == "json"))
     bash = next(code for lang, code in blocks if lang == "bash")
@@ -54,8 +37,8 @@ def readme_workflow(minilm_dir, tmp_path_factory):
     (work / "workflow.json").write_text(json.dumps(workflow), encoding="utf-8")
     for command in commands:
         proc = subprocess.run(
-            command, shell=True, cwd=work, env=olive_env(), capture_output=True, text=True,
-            timeout=900,
+            command, shell=True, cwd=work, env=scripts_env(OLIVE_DISABLE_TELEMETRY="1"),
+            capture_output=True, text=True, timeout=900,
         )  # fmt: skip
         assert proc.returncode == 0, f"{command}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return work, workflow
@@ -99,7 +82,7 @@ def test_readme_workflow_output_is_bctonnx_compress_of_the_optimized_graph(
 def test_pass_takes_the_preset_and_every_compression_option_in_both_forms(tiny_bert_onnx, tmp_path):
     """In-process, through Olive's own pass machinery: every resolve_config keyword is a
     config key; qdq and integer outputs equal bctonnx.compress_model's for the same config."""
-    require_olive()
+    require_module("olive", "olive")
     from olive import __version__ as olive_version
     from olive.hardware.accelerator import DEFAULT_CPU_ACCELERATOR
     from olive.model import ONNXModelHandler
@@ -130,7 +113,7 @@ def test_pass_takes_the_preset_and_every_compression_option_in_both_forms(tiny_b
 
 
 def test_pass_refuses_a_wrong_option_with_bctonnx_s_message(tiny_bert_onnx, tmp_path):
-    require_olive()
+    require_module("olive", "olive")
     from olive.hardware.accelerator import DEFAULT_CPU_ACCELERATOR
     from olive.model import ONNXModelHandler
     from olive.passes.olive_pass import create_pass_from_dict
@@ -149,7 +132,7 @@ def test_pass_refuses_a_wrong_option_with_bctonnx_s_message(tiny_bert_onnx, tmp_
 
 
 def test_package_config_is_olive_s_own_plus_bct(tmp_path):
-    require_olive()
+    require_module("olive", "olive")
     from olive.package_config import OlivePackageConfig
 
     from bctonnx.integrations.olive import package_config, write_package_config
