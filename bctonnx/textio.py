@@ -1,8 +1,8 @@
 """textio: text in, answers out.
 
 One place for what turns text into model inputs and model outputs into answers, shared by
-`validate`, `eval`, `bench`, the sensitivity search and the integrations (the MLflow model and
-the Olive pass):
+`validate`, `eval`, `bench` (vocabulary size), the sensitivity search and the MLflow model (the
+Olive pass takes and returns ONNX models: it reads no text):
 
 - texts: the package's own sentences (`default_texts`), a text file (`read_texts`);
 - the tokenizer of a model directory (`find_tokenizer_dir`, `load_tokenizer`);

@@ -5,6 +5,7 @@ extra."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ import bctonnx
 from bctonnx.cli import main as cli_main
 from bctonnx.config import config_keywords
 from bctonnx.errors import BctError
-from bctonnx.textio import default_texts, load_tokenizer, make_feeds, mean_pool
+from bctonnx.textio import default_texts, load_tokenizer, make_feeds, mean_pool, read_texts
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +80,9 @@ def test_readme_workflow_output_is_bctonnx_compress_of_the_optimized_graph(
     assert cos.min() > 0.99
 
 
-def test_pass_takes_the_preset_and_every_compression_option_in_both_forms(tiny_bert_onnx, tmp_path):
-    """In-process, through Olive's own pass machinery: every resolve_config keyword is a
-    config key; qdq and integer outputs equal bctonnx.compress_model's for the same config."""
+def run_pass(config: dict, model: Path, out: Path) -> onnx.ModelProto:
+    """BCTCompression run through Olive's own pass machinery (config class, defaults, run);
+    the model it wrote, without the version stamp Olive puts on every model it saves."""
     require_module("olive", "olive")
     from olive import __version__ as olive_version
     from olive.hardware.accelerator import DEFAULT_CPU_ACCELERATOR
@@ -90,19 +91,29 @@ def test_pass_takes_the_preset_and_every_compression_option_in_both_forms(tiny_b
 
     from bctonnx.integrations.olive.bct_pass import BCTCompression
 
+    the_pass = create_pass_from_dict(
+        BCTCompression, config, disable_search=True, accelerator_spec=DEFAULT_CPU_ACCELERATOR
+    )
+    result = the_pass.run(ONNXModelHandler(str(model)), str(out))
+    got = onnx.load(result.model_path)
+    assert [(p.key, p.value) for p in got.metadata_props] == [("olive_version", olive_version)]
+    del got.metadata_props[:]
+    return got
+
+
+def test_pass_takes_the_preset_and_every_compression_option_in_both_forms(tiny_bert_onnx, tmp_path):
+    """Every resolve_config keyword is a config key; qdq and integer outputs equal
+    bctonnx.compress_model's for the same config."""
+    require_module("olive", "olive")
+    from olive.hardware.accelerator import DEFAULT_CPU_ACCELERATOR
+
+    from bctonnx.integrations.olive.bct_pass import BCTCompression
+
     keys = set(BCTCompression.default_config(DEFAULT_CPU_ACCELERATOR))
-    assert {"preset", *config_keywords()} <= keys
+    assert {"preset", *config_keywords(), "target_cosine", "probe_texts"} <= keys
     options = {"block_size": 16, "weight_bits": 4, "exclude": ["*pooler*"], "clip": "mse"}
     for mode in ("qdq", "integer"):
-        config = {"preset": "w8a8", "mode": mode, **options}
-        the_pass = create_pass_from_dict(
-            BCTCompression, config, disable_search=True, accelerator_spec=DEFAULT_CPU_ACCELERATOR
-        )
-        result = the_pass.run(ONNXModelHandler(str(tiny_bert_onnx)), str(tmp_path / mode))
-        got = onnx.load(result.model_path)
-        # Olive stamps every model it saves with its version; the rest is bctonnx's model
-        assert [(p.key, p.value) for p in got.metadata_props] == [("olive_version", olive_version)]
-        del got.metadata_props[:]
+        got = run_pass({"preset": "w8a8", "mode": mode, **options}, tiny_bert_onnx, tmp_path / mode)
         want = bctonnx.compress_model(
             tiny_bert_onnx, bctonnx.resolve_config("w8a8", mode=mode, **options)
         ).model
@@ -112,22 +123,33 @@ def test_pass_takes_the_preset_and_every_compression_option_in_both_forms(tiny_b
         assert np.isfinite(run_onnx(got, feeds)["last_hidden_state"]).all()
 
 
-def test_pass_refuses_a_wrong_option_with_bctonnx_s_message(tiny_bert_onnx, tmp_path):
-    require_module("olive", "olive")
-    from olive.hardware.accelerator import DEFAULT_CPU_ACCELERATOR
-    from olive.model import ONNXModelHandler
-    from olive.passes.olive_pass import create_pass_from_dict
+def test_pass_target_cosine_is_compress_s_mixed_precision(tiny_bert_dir, tiny_bert_onnx, tmp_path):
+    from bctonnx.sensitivity import plan
 
-    from bctonnx.integrations.olive.bct_pass import BCTCompression
-
-    the_pass = create_pass_from_dict(
-        BCTCompression,
-        {"preset": "w4a8", "scale_kind": "log"},
-        disable_search=True,
-        accelerator_spec=DEFAULT_CPU_ACCELERATOR,
+    texts = tmp_path / "probe.txt"
+    texts.write_text("the water was hot\nwhat a day it was\nlook at the sound\n")
+    base = {"preset": "w4a8", "block_size": 16, "mode": "qdq"}
+    extra = {"target_cosine": 0.999, "probe_texts": str(texts), "tokenizer_dir": str(tiny_bert_dir)}
+    got = run_pass({**base, **extra}, tiny_bert_onnx, tmp_path / "mixed")
+    config = bctonnx.resolve_config("w4a8", block_size=16, mode="qdq")
+    chosen = plan(
+        tiny_bert_onnx, config, 0.999, texts=read_texts(texts), tokenizer_dir=tiny_bert_dir
     )
+    assert chosen.promoted  # some weights kept at int8: the option did something
+    want = bctonnx.compress_model(tiny_bert_onnx, chosen.config).model
+    assert got.SerializeToString() == want.SerializeToString()
+    plain = bctonnx.compress_model(tiny_bert_onnx, config).model
+    assert got.SerializeToString() != plain.SerializeToString()
+
+
+def test_pass_refuses_a_wrong_option_with_bctonnx_s_message(tiny_bert_onnx, tmp_path):
     with pytest.raises(BctError, match="scale"):
-        the_pass.run(ONNXModelHandler(str(tiny_bert_onnx)), str(tmp_path / "bad"))
+        run_pass({"preset": "w4a8", "scale_kind": "log"}, tiny_bert_onnx, tmp_path / "bad")
+    bare = tmp_path / "bare" / "model.onnx"  # a model file with no tokenizer beside it
+    bare.parent.mkdir()
+    shutil.copy2(tiny_bert_onnx, bare)
+    with pytest.raises(BctError, match="tokenizer_dir"):
+        run_pass({"target_cosine": 0.99, "probe_texts": __file__}, bare, tmp_path / "bad")
     assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.onnx").exists()
 
 
