@@ -13,6 +13,7 @@ import importlib.util
 from pathlib import Path
 
 from setuptools import Extension, setup
+from setuptools.command.bdist_wheel import bdist_wheel
 from setuptools.command.build_ext import build_ext
 
 HERE = Path(__file__).resolve().parent
@@ -48,6 +49,17 @@ class BuildOpLibrary(build_ext):
         bs.compile_library(output, csrc=HERE / CSRC, force=self.force, log=print)
 
 
+class PlatformWheel(bdist_wheel):
+    """Tags the wheel ``py3-none-<platform>``: the op library is a plain shared library that
+    uses no Python API, so one wheel per platform serves every Python 3 (the platform tag is
+    the build machine's, ``linux_x86_64``; ``auditwheel repair`` checks the library's symbol
+    versions and retags it manylinux, see README "Wheels")."""
+
+    def get_tag(self) -> tuple[str, str, str]:
+        _, _, platform = super().get_tag()
+        return "py3", "none", platform
+
+
 setup(
     ext_modules=[
         Extension(
@@ -57,5 +69,5 @@ setup(
             language="c++",
         )
     ],
-    cmdclass={"build_ext": BuildOpLibrary},
+    cmdclass={"build_ext": BuildOpLibrary, "bdist_wheel": PlatformWheel},
 )

@@ -222,7 +222,7 @@ def vocab_size(path: str | os.PathLike, default: int = 1000) -> int:
     """Rows of the table that input_ids index (see bctonnx.validate.vocab_size)."""
     import onnx
 
-    from .validate import vocab_size as proto_vocab_size
+    from .textio import vocab_size as proto_vocab_size
 
     return proto_vocab_size(onnx.load(str(path), load_external_data=False), default)
 
@@ -274,7 +274,7 @@ def _build_peers(src: Path, workdir: Path, seq: int, progress) -> list[BenchReco
     """OpenVINO at its default precision and OpenVINO + NNCF int8 (bctonnx.peers)."""
     from . import peers
     from .modelio import model_file_bytes
-    from .validate import default_texts, find_tokenizer_dir
+    from .textio import default_texts, find_tokenizer_dir
 
     fp32_bytes = model_file_bytes(src)
     ov_fp32 = BenchRecord(

@@ -195,7 +195,7 @@ def _mixed_precision(args, config):
     from .api import output_target
     from .modelio import load_proto
     from .sensitivity import plan
-    from .validate import find_tokenizer_dir, read_texts
+    from .textio import find_tokenizer_dir, read_texts
 
     if not 0 < args.target_cosine <= 1:
         raise BctError("--target-cosine must be in (0, 1]")
@@ -225,7 +225,8 @@ def _mixed_precision(args, config):
 
 
 def cmd_validate(args) -> int:
-    from .validate import format_report, read_texts, validate
+    from .textio import read_texts
+    from .validate import format_report, validate
 
     texts = read_texts(args.texts) if args.texts else None
     if args.tokenizer and not Path(args.tokenizer).is_dir():
@@ -258,7 +259,7 @@ def cmd_validate(args) -> int:
 
 
 def cmd_package(args) -> int:
-    from .package import write_triton_repository
+    from .integrations.triton import write_triton_repository
 
     result = write_triton_repository(
         args.model,
@@ -299,7 +300,7 @@ def cmd_inspect(args) -> int:
 
 def cmd_demo(args) -> int:
     from .demo import format_rows, run_demo
-    from .validate import read_texts
+    from .textio import read_texts
 
     texts = read_texts(args.texts) if args.texts else None
     rows = run_demo(

@@ -7,6 +7,7 @@ A config says, for each class of tensor, which block format it gets (None = left
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
@@ -248,3 +249,55 @@ def distinct_configs(combos: list[tuple[str, Any, CompressionConfig]]) -> list:
             keep[key] = item
     chosen = {id(v) for v in keep.values()}
     return [item for item in combos if id(item) in chosen]
+
+
+# --- configs as plain data (eval's --config files, the Olive pass) -----------------------------
+
+
+def config_keywords() -> dict[str, type]:
+    """resolve_config's keywords and the JSON type each takes (read from its signature, so
+    new keywords are accepted without touching the readers)."""
+    kinds: dict[str, type] = {}
+    for name, param in inspect.signature(resolve_config).parameters.items():
+        if param.kind != inspect.Parameter.KEYWORD_ONLY:
+            continue
+        ann = str(param.annotation)
+        kinds[name] = (
+            list if ("tuple" in ann or "list" in ann) else bool if "bool" in ann else
+            int if "int" in ann else str
+        )  # fmt: skip
+    return kinds
+
+
+def config_from_dict(
+    entry: object, where: str, ignore: tuple[str, ...] = ("name",)
+) -> CompressionConfig:
+    """A config from a JSON-like dict: ``preset`` (default w8a8) and resolve_config keywords
+    (None = the preset's value); ``ignore``: keys the caller reads itself. Unknown keys and
+    wrong types are a `BctError` that starts with ``where``."""
+    from .errors import BctError
+
+    if not isinstance(entry, dict):
+        raise BctError(f"{where}: each config must be a JSON object of resolve_config keywords")
+    kinds = config_keywords()
+    overrides = {k: v for k, v in entry.items() if k not in (*ignore, "preset")}
+    unknown = sorted(set(overrides) - set(kinds))
+    if unknown:
+        raise BctError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; allowed: "
+            f"{', '.join((*ignore, 'preset', *kinds))}"
+        )
+    for key, value in overrides.items():
+        kind = kinds[key]
+        ok = (
+            isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        ) or value is None
+        if kind is list and isinstance(value, list):
+            ok = all(isinstance(v, str) for v in value)
+        if not ok:
+            raise BctError(f"{where}: {key} must be {kind.__name__}, got {value!r}")
+    preset = entry.get("preset", "w8a8")
+    try:
+        return resolve_config(preset, **overrides)
+    except (ValueError, TypeError) as exc:
+        raise BctError(f"{where}: {exc}") from None

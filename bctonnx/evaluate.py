@@ -23,7 +23,6 @@ wrong types are refused.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -41,7 +40,13 @@ from tqdm.auto import tqdm
 
 from .api import compress_file
 from .baselines import BASELINES
-from .config import PRESETS, CompressionConfig, distinct_configs, resolve_config
+from .config import (
+    PRESETS,
+    CompressionConfig,
+    config_from_dict,
+    distinct_configs,
+    resolve_config,
+)
 from .errors import BctError
 from .export import export_model
 from .glue import (
@@ -57,7 +62,7 @@ from .glue import (
 )
 from .modelio import MODEL_FILENAME, copy_sidecars, model_file_bytes, resolve_model_path
 from .runtime import make_session
-from .validate import load_tokenizer, make_feeds
+from .textio import Encoded, encode, load_tokenizer, make_feeds, read_model_config
 
 log = logging.getLogger(__name__)
 
@@ -142,48 +147,6 @@ def parse_presets(values: list[str] | None) -> list[str]:
     return names
 
 
-def _keyword_kinds() -> dict[str, type]:
-    """resolve_config's keywords and the JSON type each takes (read from its signature, so
-    new keywords are accepted without touching this file)."""
-    kinds: dict[str, type] = {}
-    for name, param in inspect.signature(resolve_config).parameters.items():
-        if param.kind != inspect.Parameter.KEYWORD_ONLY:
-            continue
-        ann = str(param.annotation)
-        kinds[name] = (
-            list if ("tuple" in ann or "list" in ann) else bool if "bool" in ann else
-            int if "int" in ann else str
-        )  # fmt: skip
-    return kinds
-
-
-def _config_from_entry(entry: object, where: str) -> CompressionConfig:
-    if not isinstance(entry, dict):
-        raise BctError(f"{where}: each config must be a JSON object of resolve_config keywords")
-    kinds = _keyword_kinds()
-    overrides = {k: v for k, v in entry.items() if k not in ("name", "preset")}
-    unknown = sorted(set(overrides) - set(kinds))
-    if unknown:
-        raise BctError(
-            f"{where}: unknown key(s) {', '.join(unknown)}; allowed: name, preset, "
-            f"{', '.join(kinds)}"
-        )
-    for key, value in overrides.items():
-        kind = kinds[key]
-        ok = (
-            isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-        ) or value is None
-        if kind is list and isinstance(value, list):
-            ok = all(isinstance(v, str) for v in value)
-        if not ok:
-            raise BctError(f"{where}: {key} must be {kind.__name__}, got {value!r}")
-    preset = entry.get("preset", "w8a8")
-    try:
-        return resolve_config(preset, **overrides)
-    except (ValueError, TypeError) as exc:
-        raise BctError(f"{where}: {exc}") from None
-
-
 def load_config_file(path: str | os.PathLike) -> list[tuple[str, CompressionConfig]]:
     """Named configs from a JSON file (schema in the module docstring)."""
     p = Path(path)
@@ -199,7 +162,7 @@ def load_config_file(path: str | os.PathLike) -> list[tuple[str, CompressionConf
     configs: list[tuple[str, CompressionConfig]] = []
     for i, entry in enumerate(entries, 1):
         where = f"{p}" if len(entries) == 1 else f"{p}: config {i}"
-        config = _config_from_entry(entry, where)
+        config = config_from_dict(entry, where)
         default = "custom" if len(entries) == 1 else f"custom {i}"
         name = str(entry.get("name") or default)  # type: ignore[union-attr]
         if name in [n for n, _ in configs]:
@@ -261,36 +224,6 @@ def fp32_model_dir(model_dir: Path, workdir: Path) -> Path:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's tracer warnings about the attention mask
         return export_model(model_dir, workdir / "fp32", task="text-classification")
-
-
-def _read_model_config(onnx_dir: Path) -> dict | None:
-    path = onnx_dir / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise BctError(f"{path}: not valid JSON") from None
-
-
-@dataclass
-class Encoded:
-    """Tokenized batches, shortest first (less padding); ``order[i]`` is the dataset index of
-    the i-th example in batch order."""
-
-    batches: list[dict[str, np.ndarray]]
-    order: np.ndarray
-
-
-def encode(
-    texts: list, tokenizer, input_names: list[str], batch_size: int, max_length: int
-) -> Encoded:
-    lengths = [
-        len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    ]
-    order = np.argsort(np.asarray(lengths), kind="stable")
-    batches = make_feeds(input_names, [texts[i] for i in order], tokenizer, batch_size, max_length)
-    return Encoded(batches, order)
 
 
 def calibration_feeds(
@@ -421,7 +354,7 @@ def _run(
     fp32_dir = fp32_model_dir(src, workdir)
     fp32_file = resolve_model_path(fp32_dir)
     tokenizer = load_tokenizer(fp32_dir)
-    perm = label_permutation(task, _read_model_config(fp32_dir))
+    perm = label_permutation(task, read_model_config(fp32_dir))
     input_names = [i.name for i in make_session(fp32_file, threads).get_inputs()]
     encoded = encode(data.texts, tokenizer, input_names, batch_size, max_length)
     result = EvalResult(

@@ -93,6 +93,16 @@ def _all_tensors(proto: onnx.ModelProto):
     yield from graph_tensors(proto.graph)
 
 
+def external_data_files(proto: onnx.ModelProto) -> list[str]:
+    """The external-data file names ``proto``'s tensors point at (relative to its folder)."""
+    files = []
+    for tensor in _all_tensors(proto):
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value not in files:
+                files.append(entry.value)
+    return files
+
+
 def load_proto(path: str | os.PathLike) -> tuple[onnx.ModelProto, Path]:
     """Parse an ONNX file (external data left unloaded) and check it is a usable model."""
     p = resolve_model_path(path)

@@ -70,7 +70,7 @@ def calibration_feeds(
     feeds = []
     tok = None
     if tokenizer_dir is not None:
-        from .validate import load_tokenizer
+        from .textio import load_tokenizer
 
         try:
             tok = load_tokenizer(tokenizer_dir)

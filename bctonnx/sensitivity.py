@@ -28,7 +28,8 @@ from .blockformat import BlockFormat, fake_quantize
 from .config import CompressionConfig
 from .modelio import load_model
 from .runtime import make_session
-from .validate import default_texts, load_tokenizer, make_feeds, mean_pool, rowwise_cosine
+from .textio import default_texts, load_tokenizer, make_feeds, mean_pool
+from .validate import rowwise_cosine
 
 log = logging.getLogger(__name__)
 

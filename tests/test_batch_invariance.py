@@ -12,7 +12,7 @@ from test_integer import require_library
 from test_matmul import available_isas
 
 import bctonnx
-from bctonnx.validate import default_texts, load_tokenizer
+from bctonnx.textio import default_texts, load_tokenizer
 
 pytestmark = pytest.mark.slow
 

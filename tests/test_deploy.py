@@ -20,13 +20,12 @@ import onnxruntime as ort
 import pytest
 from conftest import (
     VOCAB_SIZE,
-    _write_vocab,
     canonicalized,
     ort_optimized,
     run_onnx,
     tiny_feeds,
 )
-from shared_assets import require_shared, sst2_dev_sentences
+from shared_assets import sst2_dev_sentences
 from test_cli import assert_one_line_error, run_cli
 
 import bctonnx
@@ -82,37 +81,6 @@ def require_integer_ops() -> None:
 
 
 # --- a tiny text-classification checkpoint, exported -------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def tiny_cls_dir(tmp_path_factory) -> Path:
-    """Exported text-classification directory of a random tiny BERT with named labels."""
-    import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
-
-    from bctonnx.export import export_model
-
-    root = tmp_path_factory.mktemp("tiny_cls")
-    ckpt = root / "checkpoint"
-    ckpt.mkdir()
-    _write_vocab(ckpt / "vocab.txt")
-    BertTokenizerFast(vocab_file=str(ckpt / "vocab.txt")).save_pretrained(str(ckpt))
-    torch.manual_seed(1)
-    config = BertConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=64,
-        id2label={0: "NEGATIVE", 1: "POSITIVE"},
-        label2id={"NEGATIVE": 0, "POSITIVE": 1},
-    )
-    model = BertForSequenceClassification(config).eval()
-    with torch.no_grad():
-        model.classifier.weight.mul_(20.0)  # decisive logits: labels differ across inputs
-    model.save_pretrained(str(ckpt))
-    return export_model(ckpt, root / "onnx", task="text-classification")
 
 
 TEXTS = [
@@ -200,19 +168,15 @@ def test_feature_extraction_model_loads_in_optimum(tiny_bert_dir, tmp_path):
 @pytest.mark.slow
 @pytest.mark.shared
 @pytest.mark.parametrize("mode", ["qdq", "integer"])
-def test_sst2_pipeline_labels_agree_with_fp32(tmp_path_factory, mode):
+def test_sst2_pipeline_labels_agree_with_fp32(sst2_dir, tmp_path_factory, mode):
     """minilm-sst2 exported, compressed w8a8, run through transformers' pipeline on the whole
     SST-2 dev set (872 sentences): >= 99% of the labels equal the FP32 model's."""
-    ckpt = require_shared("models/minilm-sst2")
     sentences = sst2_dev_sentences()
     assert len(sentences) == 872
     if mode == "integer":
         require_integer_ops()
-    from bctonnx.export import export_model
-
-    work = tmp_path_factory.mktemp(f"sst2_{mode}")
-    fp32_dir = export_model(ckpt, work / "fp32", task="text-classification")
-    out = work / mode
+    fp32_dir = sst2_dir
+    out = tmp_path_factory.mktemp(f"sst2_{mode}") / mode
     report = bctonnx.compress_file(fp32_dir, out, bctonnx.resolve_config("w8a8", mode=mode))
     assert report.ratio > 3.5
     labels = {}
