@@ -259,7 +259,9 @@ def lower_block_fake_quant(graph: ir.Graph, node: ir.Node, shared: dict) -> None
         # raise a block's scale; a sequence's output then does not depend on its padding (as
         # the integer form's BlockAttention; their probabilities are 0 either way)
         dropped = e.op("Less", [mask, e.const(np.float32(-1000.0), "mask_threshold")])
-        x = e.op("Where", [dropped, e.const(np.float32(0.0), "zero"), x])
+        kept = e.op("Where", [dropped, e.const(np.float32(0.0), "zero"), x])
+        kept.shape, kept.type = x.shape, x.type
+        x = kept
     b = fmt.block_size
     last = x.shape[-1]
     if isinstance(last, int) and last % b == 0:

@@ -66,7 +66,7 @@ def test_readme_workflow_output_is_bctonnx_compress_of_the_optimized_graph(
     assert out.read_bytes() == ref.read_bytes()
     # and it runs: the integer form, close to the FP32 export on real sentences
     model = onnx.load(out)
-    assert {"BlockMatMul", "IntSoftmax", "IntLayerNorm"} <= {
+    assert {"BlockMatMul", "BlockAttention", "IntLayerNorm"} <= {
         n.op_type for n in model.graph.node if n.domain == "bctonnx"
     }
     names = [i.name for i in model.graph.input]

@@ -123,15 +123,14 @@ struct BlockAttentionKernel {
     sc.shift.resize(static_cast<size_t>(sz.shift));
     sc.corr.resize(static_cast<size_t>(sz.block));
     sc.bscale.resize(static_cast<size_t>(sz.block));
-    sc.exps.resize(static_cast<size_t>(std::max(job.nb, num_blocks(s, score_block_))));
+    sc.exps.resize(static_cast<size_t>(std::max(s * job.nb, num_blocks(s, score_block_))));
     const gemm::ActsBuffers buf{sc.a.data(), sc.shift.data(), sc.corr.data(), sc.bscale.data()};
     int* exps = sc.exps.data();
     const int64_t qb = job.Base(0, b, hh), qst = job.Stride(0);
-    for (int64_t r = 0; r < s; ++r) {
-      const float* qs = job.qs + (qb + r * qst) * job.nb;
-      for (int64_t j = 0; j < job.nb; ++j) exps[j] = pow2_exponent(qs[j]);
-      gemm::PackActRow(w, sz, true, job.q + (qb + r * qst) * d, exps, r, buf);
-    }
+    for (int64_t r = 0; r < s; ++r)
+      for (int64_t j = 0; j < job.nb; ++j)
+        exps[r * job.nb + j] = pow2_exponent(job.qs[(qb + r * qst) * job.nb + j]);
+    gemm::PackActRows(w, sz, true, isa_, job.q + qb * d, qst * d, exps, job.nb, 0, s, buf);
     gemm::PackActPadding(w, sz, true, s, buf);
     sc.scores.resize(static_cast<size_t>(s * s));
     gemm::Operands op;
@@ -148,10 +147,13 @@ struct BlockAttentionKernel {
     sc.codes.resize(static_cast<size_t>(s * s));
     sc.ex.resize(static_cast<size_t>(s * nbs + 16));  // + 16: the softmax's gathers
     const uint8_t* keep = job.keep ? job.keep + b * s : nullptr;
+    // the first dropped key, if any (padding is at the end; a batch's longest sequences drop none)
+    const int64_t dropped_from = keep ? std::find(keep, keep + s, uint8_t{0}) - keep : s;
+    const bool drops = dropped_from < s;
     for (int64_t r = 0; r < s; ++r) {
       float* row = sc.scores.data() + r * s;
-      if (keep)
-        for (int64_t c = 0; c < s; ++c)
+      if (drops)
+        for (int64_t c = dropped_from; c < s; ++c)
           if (!keep[c]) row[c] = 0.0f;
       QuantizeRow(isa_, row, s, score_block_, 8, sc.codes.data() + r * s, exps);
       for (int64_t j = 0; j < nbs; ++j) sc.ex[r * nbs + j] = static_cast<int16_t>(exps[j]);

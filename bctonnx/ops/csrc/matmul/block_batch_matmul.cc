@@ -110,16 +110,15 @@ struct BlockBatchMatMulKernel {
     sc.shift.resize(static_cast<size_t>(sz.shift));
     sc.corr.resize(static_cast<size_t>(sz.block));
     sc.bscale.resize(static_cast<size_t>(sz.block));
-    sc.exps.resize(static_cast<size_t>(nb));
+    sc.exps.resize(static_cast<size_t>(m * nb));
     const gemm::ActsBuffers buf{sc.a.data(), sc.shift.data(), sc.corr.data(), sc.bscale.data()};
     const int8_t* ab = job.a + RowBase(job, a_t_, bi, m, k);
     const float* as = job.as + RowBase(job, a_t_, bi, m, nb);
     const int64_t a_row = RowStride(job, a_t_, k), as_row = RowStride(job, a_t_, nb);
     int* exps = sc.exps.data();
-    for (int64_t r = 0; r < m; ++r) {
-      for (int64_t j = 0; j < nb; ++j) exps[j] = pow2_exponent(as[r * as_row + j]);
-      gemm::PackActRow(w, sz, interleaved, ab + r * a_row, exps, r, buf);
-    }
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t j = 0; j < nb; ++j) exps[r * nb + j] = pow2_exponent(as[r * as_row + j]);
+    gemm::PackActRows(w, sz, interleaved, isa_, ab, a_row, exps, nb, 0, m, buf);
     gemm::PackActPadding(w, sz, interleaved, m, buf);
     float* y = job.y ? job.y + bi * m * n : nullptr;
     if (!y) {

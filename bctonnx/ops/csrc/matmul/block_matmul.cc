@@ -15,6 +15,7 @@
 
 #include "../common.h"
 #include "../quantize_row.h"
+#include "../simd.h"
 #include "gemm.h"
 
 namespace bct {
@@ -222,23 +223,26 @@ struct BlockMatMulKernel {
   // then packed with their blocks' exponents; the padding rows of the last tile with them.
   void PackRows(Job& job, int64_t r0, int64_t r1) const {
     const PackedWeights& w = w_;
-    int8_t* codes = ThreadScratch<int8_t>(gemm::kSlotRow, static_cast<size_t>(w.k));
-    int* exps = ThreadScratch<int>(gemm::kSlotRowExp, static_cast<size_t>(job.x_nb));
-    for (int64_t m = r0; m < r1; ++m) {
-      const int8_t* q = nullptr;
-      if (job.xf) {
+    const int64_t n = r1 - r0;
+    int* exps = ThreadScratch<int>(gemm::kSlotRowExp, static_cast<size_t>(n * job.x_nb));
+    const int8_t* q = nullptr;
+    if (job.xf) {
+      int8_t* codes = ThreadScratch<int8_t>(gemm::kSlotRow, static_cast<size_t>(n * w.k));
+      for (int64_t m = r0; m < r1; ++m) {
         try {
-          QuantizeRow(isa_, job.xf + m * w.k, w.k, act_block_, act_bits_, codes, exps);
+          QuantizeRow(isa_, job.xf + m * w.k, w.k, act_block_, act_bits_, codes + (m - r0) * w.k,
+                      exps + (m - r0) * job.x_nb);
         } catch (const std::runtime_error& e) {
           Fail(e.what());
         }
-        q = codes;
-      } else {
-        q = job.xq + m * w.k;
-        for (int64_t b = 0; b < job.x_nb; ++b) exps[b] = pow2_exponent(job.xs[m * job.x_nb + b]);
       }
-      gemm::PackActRow(w, job.sz, job.op.x.interleaved, q, exps, m, job.buf);
+      q = codes;
+    } else {
+      q = job.xq + r0 * w.k;
+      for (int64_t i = 0; i < n * job.x_nb; ++i) exps[i] = pow2_exponent(job.xs[r0 * job.x_nb + i]);
     }
+    gemm::PackActRows(w, job.sz, job.op.x.interleaved, isa_, q, w.k, exps, job.x_nb, r0, r1,
+                      job.buf);
     if (r1 == job.rows) gemm::PackActPadding(w, job.sz, job.op.x.interleaved, job.rows, job.buf);
   }
 
@@ -281,6 +285,43 @@ struct BlockMatMulKernel {
     }
   }
 
+  // sum = codes * 2^exps (per out block, exact) + residual codes * their scale, one rounding.
+  void AddResidual(const int8_t* codes, const int* exps, const int8_t* rq, const float* rs,
+                   float* sum) const {
+    const int64_t n = w_.n;
+    if (isa_ >= kAvx512 && out_block_ % 16 == 0 && residual_block_ % 16 == 0)
+      return AddResidualAvx512(codes, exps, rq, rs, sum);
+    for (int64_t b0 = 0; b0 < n; b0 += out_block_) {
+      const float s = pow2_float(exps[b0 / out_block_]);
+      for (int64_t c = b0; c < std::min(n, b0 + out_block_); ++c)
+        sum[c] = static_cast<float>(codes[c]) * s;
+    }
+    for (int64_t b0 = 0; b0 < n; b0 += residual_block_) {
+      const float s = rs[b0 / residual_block_];
+      for (int64_t c = b0; c < std::min(n, b0 + residual_block_); ++c)
+        sum[c] = sum[c] + static_cast<float>(rq[c]) * s;
+    }
+  }
+
+  __attribute__((target("avx512f,avx512bw,avx512vl"))) void AddResidualAvx512(
+      const int8_t* codes, const int* exps, const int8_t* rq, const float* rs, float* sum) const {
+    const int64_t n = w_.n, ocpb = out_block_ / 16, rcpb = residual_block_ / 16;
+    int64_t ob = 0, oc = 0, rb = 0, rc = 0;  // block and chunk in it, of each blocking
+    for (int64_t c = 0; c < n; c += 16) {  // blocks are whole 16-lane chunks
+      const int64_t left = n - c;
+      const __mmask16 m = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+      const __m512 y = _mm512_mul_ps(
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, codes + c))),
+          _mm512_set1_ps(pow2_float(exps[ob])));  // exact
+      const __m512 r = _mm512_mul_ps(
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, rq + c))),
+          _mm512_set1_ps(rs[rb]));  // rounded once, as DequantizeLinear
+      _mm512_mask_storeu_ps(sum + c, m, _mm512_add_ps(y, r));
+      if (++oc == ocpb) oc = 0, ++ob;
+      if (++rc == rcpb) rc = 0, ++rb;
+    }
+  }
+
   void QuantizeOutputRows(Job& job, int64_t r0, int64_t r1) const {
     const int64_t n = w_.n, nb = num_blocks(n, out_block_);
     int* exps = ThreadScratch<int>(gemm::kSlotRowExp, static_cast<size_t>(std::max(nb, job.x_nb)));
@@ -292,18 +333,7 @@ struct BlockMatMulKernel {
         const float* y = job.op.y + m * n;
         if (job.rq) {  // z = BQ(y) + residual, exactly as DequantizeLinear + Add: then BQ(z)
           QuantizeRow(isa_, y, n, out_block_, out_bits_, codes, exps);
-          const int8_t* rq = job.rq + m * n;
-          const float* rs = job.rs + m * rnb;
-          for (int64_t b0 = 0; b0 < n; b0 += out_block_) {  // codes * scale: exact
-            const float s = pow2_float(exps[b0 / out_block_]);
-            for (int64_t c = b0; c < std::min(n, b0 + out_block_); ++c)
-              sum[c] = static_cast<float>(codes[c]) * s;
-          }
-          for (int64_t b0 = 0; b0 < n; b0 += residual_block_) {  // + residual, rounded once
-            const float s = rs[b0 / residual_block_];
-            for (int64_t c = b0; c < std::min(n, b0 + residual_block_); ++c)
-              sum[c] = sum[c] + static_cast<float>(rq[c]) * s;
-          }
+          AddResidual(codes, exps, job.rq + m * n, job.rs + m * rnb, sum);
           y = sum;
         }
         QuantizeRow(isa_, y, n, out_block_, out_bits_, job.yq + m * n, exps);

@@ -187,6 +187,13 @@ struct ActsSizes {
 ActsSizes ActsLayout(const PackedWeights& w, bool interleaved, int64_t rows);
 void PackActRow(const PackedWeights& w, const ActsSizes& sz, bool interleaved, const int8_t* q,
                 const int* exps, int64_t m, const ActsBuffers& buf);
+// Rows [m0, m1) at once (m0 a multiple of kRowTile for the fast path): row m's codes at
+// q + (m - m0) * ldq, its exponents at exps + (m - m0) * lde. `isa` >= avx512: segment sums by
+// vpsadbw and whole row tiles interleaved by one transpose (rows past m1 in the last tile are
+// written as zeros). Same result as PackActRow row by row.
+void PackActRows(const PackedWeights& w, const ActsSizes& sz, bool interleaved, Isa isa,
+                 const int8_t* q, int64_t ldq, const int* exps, int64_t lde, int64_t m0,
+                 int64_t m1, const ActsBuffers& buf);
 void PackActPadding(const PackedWeights& w, const ActsSizes& sz, bool interleaved, int64_t rows,
                     const ActsBuffers& buf);
 

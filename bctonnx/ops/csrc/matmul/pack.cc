@@ -5,6 +5,7 @@
 #include <string>
 
 #include "../common.h"
+#include "../simd.h"
 #include "gemm.h"
 
 namespace bct {
@@ -145,71 +146,155 @@ ActsSizes ActsLayout(const PackedWeights& w, bool interleaved, int64_t rows) {
   return s;
 }
 
-void PackActRow(const PackedWeights& w, const ActsSizes& sz, bool interleaved, const int8_t* q,
-                const int* exps, int64_t m, const ActsBuffers& buf) {
-  const int64_t g = w.g, gp = w.gp, spb = w.spb;
-  const int64_t t = m / kRowTile, r = m % kRowTile;
-  // codes of segment j (g of them, then zeros up to gp): in 4-byte groups 16 bytes apart
-  // (interleaved) or contiguous (row-major)
-  auto put = [&](int64_t j, const int8_t* src) {
-    if (!interleaved) {
-      int8_t* dst = buf.a + m * sz.lda + j * gp;
-      std::memcpy(dst, src, static_cast<size_t>(g));
-      std::memset(dst + g, 0, static_cast<size_t>(gp - g));
-      return;
-    }
-    int8_t* dst = buf.a + t * sz.tile_bytes + (j * gp / 4) * 16 + r * 4;
-    int64_t kk = 0;
-    for (; kk + 4 <= g; kk += 4) std::memcpy(dst + kk * 4, src + kk, 4);
-    if (kk < gp) {
-      int8_t last[4] = {0, 0, 0, 0};
-      for (int64_t i = kk; i < g; ++i) last[i - kk] = src[i];
-      std::memcpy(dst + kk * 4, last, 4);
-      for (kk += 4; kk < gp; kk += 4) std::memset(dst + kk * 4, 0, 4);
-    }
-  };
-  auto shift_at = [&](int64_t j) -> int32_t& {
-    return interleaved ? buf.shift[(t * w.nseg + j) * kRowTile + r] : buf.shift[m * w.nseg + j];
-  };
-  const int span = CombineSpan(w.block);
-  int8_t lowered[256];  // a re-quantized segment (on the heap when longer)
-  std::vector<int8_t> lowered_heap;
-  for (int64_t b = 0; b < w.nblk; ++b) {
-    // E: the block's exponent (ref_matmul.py step 2)
-    int top = -1000;
-    for (int64_t jj = 0; jj < spb; ++jj)
-      top = std::max(top, exps[((b * spb + jj) * g) / w.act_block]);
-    const int big_e = spb > 1 ? top - span : top;
-    int64_t x_sum = 0;
-    for (int64_t jj = 0; jj < spb; ++jj) {
-      const int64_t j = b * spb + jj;
-      const int e = exps[(j * g) / w.act_block];
-      const int8_t* src = q + j * g;
-      int32_t seg_sum = 0;
-      if (e >= big_e) {
-        for (int64_t kk = 0; kk < g; ++kk) seg_sum += src[kk];
-        put(j, src);
-        shift_at(j) = e - big_e;
-        x_sum += static_cast<int64_t>(seg_sum) * (int64_t{1} << (e - big_e));  // exact
-      } else {  // more than S binades below the block's largest: re-quantized to E
-        int8_t* low = lowered;
-        if (g > 256) {
-          lowered_heap.resize(static_cast<size_t>(g));
-          low = lowered_heap.data();
-        }
-        for (int64_t kk = 0; kk < g; ++kk) {
-          low[kk] = static_cast<int8_t>(shift_round_even(src[kk], big_e - e));
-          seg_sum += low[kk];
-        }
-        put(j, low);
-        shift_at(j) = 0;
-        x_sum += seg_sum;
+namespace {
+
+// Segment sums of one row's codes (nseg segments of g), exact: with AVX-512 by vpsadbw on the
+// codes + 128 (sums of 8 unsigned bytes per qword) when g is a multiple of 8, else scalar.
+__attribute__((target("avx512f,avx512bw"))) void SegmentSumsAvx512(const int8_t* q, int64_t g,
+                                                                   int64_t nseg, int32_t* out) {
+  const int64_t k = g * nseg;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  alignas(64) int64_t q8[8];
+  int64_t acc = 0, filled = 0, j = 0;  // bytes of segment j summed so far
+  for (int64_t i = 0; i < k; i += 64) {
+    const int64_t n = std::min<int64_t>(64, k - i);
+    const __mmask64 m = n == 64 ? ~__mmask64{0} : (__mmask64{1} << n) - 1;
+    // masked-off bytes are 0 ^ 0x80 = 128 after the flip: remove them with the offset below
+    const __m512i u = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, q + i), flip);
+    _mm512_store_si512(q8, _mm512_sad_epu8(u, _mm512_setzero_si512()));
+    for (int64_t w = 0; w < (n + 7) / 8; ++w) {
+      acc += q8[w] - 8 * 128;
+      filled += 8;
+      if (filled == g) {
+        out[j++] = static_cast<int32_t>(acc);
+        acc = 0;
+        filled = 0;
       }
     }
-    const int64_t bi = interleaved ? (t * w.nblk + b) * kRowTile + r : m * w.nblk + b;
-    buf.corr[bi] = static_cast<int32_t>(w.int4 ? x_sum : (w.signed8 ? 0 : -128 * x_sum));
-    buf.bscale[bi] = pow2_float(big_e);
   }
+}
+
+void SegmentSums(const int8_t* q, int64_t g, int64_t nseg, bool simd, int32_t* out) {
+  if (simd && g % 8 == 0) return SegmentSumsAvx512(q, g, nseg, out);
+  for (int64_t j = 0; j < nseg; ++j) {
+    int32_t s = 0;
+    for (int64_t kk = 0; kk < g; ++kk) s += q[j * g + kk];
+    out[j] = s;
+  }
+}
+
+// The codes of four rows (one row tile; a null row is zeros) to the interleaved layout, K bytes
+// each (K = nseg * g with g == gp, a multiple of 4): per 64 bytes of the rows, a 4 x 16 dword
+// transpose (in-lane 4 x 4 transposes, then the 128-bit lanes).
+__attribute__((target("avx512f,avx512bw"))) void InterleaveTile(const int8_t* const rows[4],
+                                                                int64_t k, int8_t* tile) {
+  for (int64_t i = 0; i < k; i += 64) {
+    const int64_t n = std::min<int64_t>(64, k - i);
+    const __mmask64 m = n == 64 ? ~__mmask64{0} : (__mmask64{1} << n) - 1;
+    __m512i v[4];
+    for (int r = 0; r < 4; ++r)
+      v[r] = rows[r] ? _mm512_maskz_loadu_epi8(m, rows[r] + i) : _mm512_setzero_si512();
+    const __m512i ab_lo = _mm512_unpacklo_epi32(v[0], v[1]), ab_hi = _mm512_unpackhi_epi32(v[0], v[1]);
+    const __m512i cd_lo = _mm512_unpacklo_epi32(v[2], v[3]), cd_hi = _mm512_unpackhi_epi32(v[2], v[3]);
+    // per 128-bit lane L (dwords 4L..4L+3 of each row): t0 = k-step 4L, t1 = 4L + 1, ...
+    const __m512i t0 = _mm512_unpacklo_epi64(ab_lo, cd_lo), t1 = _mm512_unpackhi_epi64(ab_lo, cd_lo);
+    const __m512i t2 = _mm512_unpacklo_epi64(ab_hi, cd_hi), t3 = _mm512_unpackhi_epi64(ab_hi, cd_hi);
+    // out vector L: lanes (t0.L, t1.L, t2.L, t3.L): k-steps 4L..4L+3 of the four rows
+    const __m512i u0 = _mm512_shuffle_i32x4(t0, t1, 0x44), u1 = _mm512_shuffle_i32x4(t2, t3, 0x44);
+    const __m512i u2 = _mm512_shuffle_i32x4(t0, t1, 0xEE), u3 = _mm512_shuffle_i32x4(t2, t3, 0xEE);
+    const __m512i o0 = _mm512_shuffle_i32x4(u0, u1, 0x88), o1 = _mm512_shuffle_i32x4(u0, u1, 0xDD);
+    const __m512i o2 = _mm512_shuffle_i32x4(u2, u3, 0x88), o3 = _mm512_shuffle_i32x4(u2, u3, 0xDD);
+    const __m512i out[4] = {o0, o1, o2, o3};
+    const int64_t steps = (n + 3) / 4;  // k-steps in this slice: 16 bytes of the tile each
+    for (int o = 0; o < 4 && o * 4 < steps; ++o) {
+      const int64_t left = steps - o * 4;
+      const __mmask16 sm = left >= 4 ? 0xFFFF : static_cast<__mmask16>((1u << (4 * left)) - 1);
+      _mm512_mask_storeu_epi32(tile + (i / 4 + o * 4) * 16, sm, out[o]);
+    }
+  }
+}
+
+}  // namespace
+
+void PackActRows(const PackedWeights& w, const ActsSizes& sz, bool interleaved, Isa isa,
+                 const int8_t* q, int64_t ldq, const int* exps, int64_t lde, int64_t m0,
+                 int64_t m1, const ActsBuffers& buf) {
+  const int64_t g = w.g, gp = w.gp, spb = w.spb, nseg = w.nseg;
+  const bool simd = isa >= kAvx512;
+  const bool fast_copy = simd && interleaved && gp == g && m0 % kRowTile == 0;
+  const int span = CombineSpan(w.block);
+  thread_local std::vector<int8_t> lowered_rows;  // rows with a re-quantized segment
+  thread_local std::vector<int32_t> sums;
+  sums.resize(static_cast<size_t>(nseg));
+  if (fast_copy) lowered_rows.resize(static_cast<size_t>(kRowTile * nseg * g));
+  for (int64_t t0 = m0; t0 < m1; t0 += fast_copy ? kRowTile : 1) {
+    const int8_t* tile_rows[kRowTile] = {nullptr, nullptr, nullptr, nullptr};
+    for (int64_t m = t0; m < std::min(m1, t0 + (fast_copy ? kRowTile : 1)); ++m) {
+      const int8_t* row = q + (m - m0) * ldq;
+      const int* ex = exps + (m - m0) * lde;
+      const int64_t t = m / kRowTile, r = m % kRowTile;
+      SegmentSums(row, g, nseg, simd, sums.data());
+      int8_t* low = nullptr;  // this row's codes with its re-quantized segments, if any
+      for (int64_t b = 0; b < w.nblk; ++b) {
+        // E: the block's exponent (ref_matmul.py step 2)
+        int top = -1000;
+        for (int64_t jj = 0; jj < spb; ++jj) top = std::max(top, ex[((b * spb + jj) * g) / w.act_block]);
+        const int big_e = spb > 1 ? top - span : top;
+        int64_t x_sum = 0;
+        for (int64_t jj = 0; jj < spb; ++jj) {
+          const int64_t j = b * spb + jj;
+          const int e = ex[(j * g) / w.act_block];
+          int32_t& shift = interleaved ? buf.shift[(t * nseg + j) * kRowTile + r] : buf.shift[m * nseg + j];
+          if (e >= big_e) {
+            shift = e - big_e;
+            x_sum += static_cast<int64_t>(sums[j]) * (int64_t{1} << shift);  // exact
+            continue;
+          }
+          // more than S binades below the block's largest: re-quantized to E
+          if (low == nullptr) {
+            if (!fast_copy) lowered_rows.resize(static_cast<size_t>(nseg * g));
+            low = lowered_rows.data() + (fast_copy ? r * nseg * g : 0);
+            std::memcpy(low, row, static_cast<size_t>(nseg * g));
+          }
+          int32_t seg = 0;
+          for (int64_t kk = 0; kk < g; ++kk) {
+            low[j * g + kk] = static_cast<int8_t>(shift_round_even(row[j * g + kk], big_e - e));
+            seg += low[j * g + kk];
+          }
+          shift = 0;
+          x_sum += seg;
+        }
+        const int64_t bi = interleaved ? (t * w.nblk + b) * kRowTile + r : m * w.nblk + b;
+        buf.corr[bi] = static_cast<int32_t>(w.int4 ? x_sum : (w.signed8 ? 0 : -128 * x_sum));
+        buf.bscale[bi] = pow2_float(big_e);
+      }
+      const int8_t* src = low ? low : row;
+      if (fast_copy) {
+        tile_rows[r] = src;
+        continue;
+      }
+      for (int64_t j = 0; j < nseg; ++j) {  // segment j: g codes, then zeros up to gp
+        if (!interleaved) {
+          int8_t* dst = buf.a + m * sz.lda + j * gp;
+          std::memcpy(dst, src + j * g, static_cast<size_t>(g));
+          std::memset(dst + g, 0, static_cast<size_t>(gp - g));
+          continue;
+        }
+        int8_t* dst = buf.a + t * sz.tile_bytes + (j * gp / 4) * 16 + r * 4;  // 4-byte groups
+        for (int64_t kk = 0; kk < gp; kk += 4) {
+          int8_t four[4] = {0, 0, 0, 0};
+          for (int64_t i = kk; i < std::min(g, kk + 4); ++i) four[i - kk] = src[j * g + i];
+          std::memcpy(dst + kk * 4, four, 4);
+        }
+      }
+    }
+    if (fast_copy) InterleaveTile(tile_rows, nseg * g, buf.a + (t0 / kRowTile) * sz.tile_bytes);
+  }
+}
+
+void PackActRow(const PackedWeights& w, const ActsSizes& sz, bool interleaved, const int8_t* q,
+                const int* exps, int64_t m, const ActsBuffers& buf) {
+  PackActRows(w, sz, interleaved, kScalar, q, 0, exps, 0, m, m + 1, buf);
 }
 
 void PackActPadding(const PackedWeights& w, const ActsSizes& sz, bool interleaved, int64_t rows,
