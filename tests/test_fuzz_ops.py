@@ -40,8 +40,6 @@ import pytest
 from onnx import helper
 from test_integer import require_library
 
-import bctonnx
-
 RUNNER = Path(__file__).with_name("fuzz_runner.py")
 CASE_TIMEOUT = 60.0  # seconds without a result line: a hang (a case takes ~30 ms)
 MAX_POSITIONS, VOCAB, TYPES = 64, 512, 2  # conftest's tiny BERT
@@ -354,26 +352,11 @@ def feed_cases(key: str) -> list[Case]:
 
 @pytest.fixture(scope="module")
 def fuzz_models(tiny_bert_onnx, tmp_path_factory) -> dict[str, Path]:
-    import onnx_ir as ir
-    import onnx_ir.passes.common as common_passes
-    from bctonnx.passes.fuse_attention import FuseAttention
-    from bctonnx.passes.pipeline import build_pipeline, strip_annotations
-
-    from bctonnx.api import load_input
+    from test_matmul import _compress
 
     out = tmp_path_factory.mktemp("fuzz")
-    protos = {
-        preset: bctonnx.compress(tiny_bert_onnx, preset=preset, block_size=16, mode="integer")
-        for preset in ("w8a8", "w8a8-fast", "w4a8")
-    }
-    model, _ = load_input(tiny_bert_onnx)
-    for p in build_pipeline(bctonnx.resolve_config("w8a8", block_size=16, mode="integer")):
-        if not isinstance(p, FuseAttention):
-            p(model)
-            model.graph.sort()
-    common_passes.RemoveUnusedNodesPass()(model)
-    strip_annotations(model)
-    protos["w8a8-unfused"] = ir.serde.serialize_model(model)
+    protos = {p: _compress(tiny_bert_onnx, p) for p in ("w8a8", "w8a8-fast", "w4a8")}
+    protos["w8a8-unfused"] = _compress(tiny_bert_onnx, "w8a8", fuse_attention=False)
     assert UNFUSED_OPS <= {n.op_type for n in protos["w8a8-unfused"].graph.node}
     # at blocks of 16 w8a8-fast's re-blocking has nothing to do: the same model, fuzzed once
     assert protos.pop("w8a8-fast").SerializeToString() == protos["w8a8"].SerializeToString()
@@ -409,6 +392,9 @@ def _run_in_children(models: dict[str, Path], cases: list[Case], work: Path) -> 
             proc = subprocess.Popen([sys.executable, str(RUNNER), str(spec)],
                                     stdout=subprocess.PIPE, stderr=stderr, text=True)  # fmt: skip
             done = _collect(proc, pending, results)
+        failed = results[pending[done - 1]["id"]]
+        if failed["stage"] in ("crash", "hang"):  # the child's last words (a sanitizer report)
+            failed["stderr"] = (work / f"stderr-{attempt}.txt").read_text()[-3000:]
         pending = pending[done:]
     return results
 
@@ -447,7 +433,9 @@ def check(case: Case, result: dict, base_digest: str | None) -> str | None:
     stage = result["stage"]
     error = result.get("error", "")
     if stage in ("crash", "hang"):
-        return f"{stage} ({result.get('returncode', '')})"
+        return f"{stage} ({result.get('returncode', '')}): {result.get('stderr', '')}"
+    if stage == "create" and "(node '" not in error and "in node (" not in error:
+        return f"refused at session creation without naming the node: {error[:300]}"
     if case.expect == "create":
         if stage != "create":
             return f"not refused at session creation ({stage}: {error[:200]})"

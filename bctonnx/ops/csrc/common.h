@@ -340,8 +340,9 @@ class KernelArgs {
 // comes with y_scale.
 inline void check_one_value_if_constant(const Attributes& attrs, size_t index, const char* name) {
   const OrtValue* v = constant_input(attrs.info(), index);
-  if (v != nullptr && KernelArgs::shape(v).count() != 1)
-    attrs.Fail(std::string(name) + " must hold one value, got shape " + shape_str(KernelArgs::shape(v)));
+  if (v == nullptr) return;
+  const Dims shape = KernelArgs::shape(v);
+  if (shape.count() != 1) attrs.Fail(std::string(name) + " must hold one value, got " + shape_str(shape));
 }
 inline void check_quantized_outputs(const Attributes& attrs, size_t y_q, size_t y_scale,
                                     int64_t out_block_size) {

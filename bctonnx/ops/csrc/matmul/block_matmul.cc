@@ -9,6 +9,7 @@
 // threads of our own are created. Each output element is computed by exactly one task in a
 // fixed order, so results depend neither on the thread count nor on the other rows.
 #include <algorithm>
+#include <initializer_list>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -33,14 +34,25 @@ std::vector<int64_t> ShapeOf(const Ort::ConstValue& v) {
   return v.GetTensorTypeAndShapeInfo().GetShape();
 }
 
+// An element type's ONNX name, for error messages.
+std::string TypeName(ONNXTensorElementDataType t) {
+  switch (t) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: return "int8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT4: return "int4";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT4: return "uint4";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float";
+    default: return "element type " + std::to_string(t);
+  }
+}
+
 // The values of a constant int8 / int4 / uint4 tensor, unpacked to int32, with its shape and
 // element type; an error naming the input unless it is a constant of one of `types`.
 std::vector<int32_t> ConstInts(const Ort::ConstKernelInfo& info, size_t index, const char* name,
                                std::initializer_list<ONNXTensorElementDataType> types,
                                std::vector<int64_t>* shape, ONNXTensorElementDataType* type_out,
                                bool required) {
-  const bool present = index < info.GetInputCount() && !info.GetInputName(index).empty();
-  if (!present) {
+  if (!has_input(info, index)) {
     if (required) Fail(std::string(name) + " is required");
     return {};
   }
@@ -53,12 +65,8 @@ std::vector<int32_t> ConstInts(const Ort::ConstKernelInfo& info, size_t index, c
   const auto type = ti.GetElementType();
   if (std::find(types.begin(), types.end(), type) == types.end()) {
     std::string allowed;
-    for (auto t : types)
-      allowed += std::string(allowed.empty() ? "" : " or ") +
-                 (t == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8   ? "int8"
-                  : t == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT4 ? "int4"
-                                                            : "uint4");
-    Fail(std::string(name) + " must be " + allowed + " (element type " + std::to_string(type) + ")");
+    for (auto t : types) allowed += (allowed.empty() ? "" : " or ") + TypeName(t);
+    Fail(std::string(name) + " must be " + allowed + ", got " + TypeName(type));
   }
   if (type_out != nullptr) *type_out = type;
   std::vector<int32_t> out(count);
@@ -184,8 +192,8 @@ struct BlockMatMulKernel {
         ConstInts(info, kZeroPoints, "w_zero_points", {kInt8, kInt4}, &zshape, &ztype, false);
     if (cshape.size() != 2) Fail("w_codes must be [K, N], got " + shape_str(cshape));
     if (!zps.empty() && ztype != ctype)
-      Fail("w_zero_points must have w_codes' element type (" + std::to_string(ctype) + "), got " +
-           std::to_string(ztype));
+      Fail("w_zero_points must have w_codes' element type " + TypeName(ctype) + ", got " +
+           TypeName(ztype));
     if (stype == kUInt4 && base.empty()) Fail("4-bit w_scales (offsets) need w_scale_base");
     if (superblock == 0 && has_input(info, kMultipliers)) Fail("w_multipliers without superblock");
     if (superblock > 0) {
