@@ -20,7 +20,7 @@
 // Rows are independent and split over ORT's intra-op thread pool (KernelContext::ParallelFor);
 // scratch memory is per thread and reused across calls. Validation (shapes, pow2 scales, mask
 // values) happens before the parallel section: nothing throws inside it.
-// The node attribute `simd` (int, default 1; 0 = portable kernels) exists for the tests.
+// The node attribute `simd` (0 or 1, default 1; 0 = portable kernels) exists for the tests.
 #pragma once
 
 #include <algorithm>
