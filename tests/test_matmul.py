@@ -380,17 +380,20 @@ def test_isa_request_is_capped_and_checked():
 # The pass (tiny BERT, block size 16)
 
 
-def _compress(tiny_bert_onnx, preset: str, lower_matmul: bool = True) -> onnx.ModelProto:
-    if lower_matmul:
-        return bctonnx.compress(tiny_bert_onnx, preset=preset, block_size=16, mode="integer")
-    from bctonnx.passes import lower_matmul as module
+def _compress(
+    tiny_bert_onnx, preset: str, lower_matmul: bool = True, fuse_attention: bool = True
+) -> onnx.ModelProto:
+    """The integer form at blocks of 16, optionally without LowerMatMul or FuseAttention."""
+    from bctonnx.passes.fuse_attention import FuseAttention
+    from bctonnx.passes.lower_matmul import LowerMatMul
 
-    original = module.LowerMatMul.call
-    module.LowerMatMul.call = lambda self, model: ir.passes.PassResult(model, modified=False)
-    try:
+    skipped = [
+        p for p, on in ((LowerMatMul, lower_matmul), (FuseAttention, fuse_attention)) if not on
+    ]
+    with pytest.MonkeyPatch.context() as mp:
+        for cls in skipped:
+            mp.setattr(cls, "call", lambda self, model: ir.passes.PassResult(model, modified=False))
         return bctonnx.compress(tiny_bert_onnx, preset=preset, block_size=16, mode="integer")
-    finally:
-        module.LowerMatMul.call = original
 
 
 def _run_model(model: onnx.ModelProto, seq: int) -> np.ndarray:
@@ -406,7 +409,7 @@ def _run_model(model: onnx.ModelProto, seq: int) -> np.ndarray:
 
 @pytest.mark.parametrize("preset", ["w8a8", "w4a8"])
 def test_lower_matmul_makes_every_linear_layer_integer(tiny_bert_onnx, preset):
-    model = _compress(tiny_bert_onnx, preset)
+    model = _compress(tiny_bert_onnx, preset, fuse_attention=False)  # (fused: test_block_attention)
     ops = Counter((n.domain, n.op_type) for n in model.graph.node)
     assert ops[("bctonnx", "BlockMatMul")] == 12  # 2 layers x (Q, K, V, out, FFN1, FFN2)
     # attention: scores, softmax and P.V in one fused BlockAttention per layer (fuse_attention)

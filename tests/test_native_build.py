@@ -28,6 +28,7 @@ SANITIZED_TESTS = [
     "test_attention_pv.py",
     "test_integer.py",
     "test_bench.py",
+    "test_fuzz_ops.py",  # malformed graphs and feeds: every op, BlockAttention included
 ]
 SANITIZE = "-fsanitize=address,undefined"
 

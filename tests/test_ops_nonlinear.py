@@ -688,7 +688,8 @@ def _ln_with_constants(lib, g, gs, bt, bs, b, eps, simd):
 @pytest.mark.parametrize("b", [16, 32, 128])
 def test_layernorm_constant_gamma_beta_path(lib, b, simd):
     """Initializer gamma/beta (converted once per session) give the reference's bits; an x of
-    another H, or a gamma scale that is not a power of two, is still reported at run time."""
+    another H is reported at run time, a gamma scale that is not a power of two or a gamma of
+    another shape when the session is created."""
     rng = np.random.default_rng(800 + b + simd)
     d = 3 * b + 7
     g, gs, bt, bs = gamma_beta(rng, d, b)
@@ -702,10 +703,15 @@ def test_layernorm_constant_gamma_beta_path(lib, b, simd):
         sess.run(None, {"x": x, "s": s})
     bad = gs.copy()
     bad[0] = 0.3
-    sess = _ln_with_constants(lib, g, bad, bt, bs, b, 1e-5, simd)  # created fine
+    with pytest.raises(Exception, match="gamma_scale / beta_scale: .*not a power of two"):
+        _ln_with_constants(lib, g, bad, bt, bs, b, 1e-5, simd)
+    with pytest.raises(Exception, match=r"gamma must have shape \[H\].*got \[1,"):
+        _ln_with_constants(lib, g[None], gs, bt, bs, b, 1e-5, simd)  # a leading 1
+    with pytest.raises(Exception, match=r"beta_scale must have shape \[ceil\(H / block_size\)\]"):
+        _ln_with_constants(lib, g, gs, bt, bs[:-1], b, 1e-5, simd)
     x, s = random_case(rng, (2, d), b)
-    with pytest.raises(Exception, match="not a power of two"):
-        sess.run(None, {"x": x, "s": s})
+    with pytest.raises(ValueError, match="gamma and beta must have shape"):
+        R.int_layernorm(x, s, g[None], gs, bt, bs, b, 1e-5)
 
 
 def test_bctonnx_isa_caps_to_the_portable_kernels(lib, monkeypatch):

@@ -13,9 +13,10 @@ ONNX signature::
     AttentionPV(p: uint8 [..., M, S], v: int8 [..., S, D], v_scale: f32 [..., S, ceil(D / B)])
         -> y: f32 [..., M, D], or [b, M, h, D] for rank-4 inputs [b, h, ...] when
            transpose_output = 1 (the following Transpose(0, 2, 1, 3) of attention, fused)
-    attributes: block_size (B), segment (T, even, 2..256, default 32), p_exponent (default -8),
-                transpose_output (default 0), v_transposed (default 0: with 1, v and v_scale
-                come as [b, S, h, ...], the heads' Transpose(0, 2, 1, 3) before them fused)
+    attributes: block_size (B, 1..65536), segment (T, even, 2..256, default 32), p_exponent
+                (-32..0, default -8), transpose_output (0 or 1, default 0), v_transposed (0
+                or 1, default 0: with 1, v and v_scale come as [b, S, h, ...], the heads'
+                Transpose(0, 2, 1, 3) before them fused)
 
 Arithmetic, per batch index, V block ``c`` (columns ``j`` of that block) and segment ``g``
 (tokens ``s`` in ``[g T, (g + 1) T)``, the last one possibly shorter):
@@ -41,7 +42,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from bctonnx.ops.ref_quant import pow2_exponents, shift_round_even
+from bctonnx.ops.ref_quant import (
+    MAX_BLOCK_SIZE,
+    check_attribute,
+    check_flag,
+    pow2_exponents,
+    shift_round_even,
+)
 
 __all__ = ["attention_pv", "block_attention", "key_mask"]
 
@@ -67,6 +74,9 @@ def attention_pv(
     (a segment without one has ``r`` at its floor and contributes 0), so neither their codes
     nor their scales can change the result.
     """
+    check_attribute("AttentionPV", "block_size", block_size, 1, MAX_BLOCK_SIZE)
+    transpose_output = check_flag("AttentionPV", "transpose_output", transpose_output)
+    v_transposed = check_flag("AttentionPV", "v_transposed", v_transposed)
     p, v = np.asarray(p), np.asarray(v)
     if v_transposed:
         if v.ndim != 4:
@@ -163,9 +173,10 @@ def block_attention(
                        mask?: f32 [b, 1, 1 or S, S] (additive: 0 keeps, < -1000 drops a key;
                        the same for every query row, see `key_mask`),
                        y_multiplier?: f32 scalar) -> y: f32 [b, S, h, d]
-        attributes: block_size (B), score_block_size (32), segment (32), p_exponent (-8),
-                    q_heads_first, k_heads_first, v_heads_first (0; 1: that operand and its
-                    scales come [b, h, S, d], as some exporters leave K)
+        attributes: block_size (B, 1..4096), score_block_size (1..4096, default 32),
+                    segment (even, 2..256, default 32), p_exponent (-32..0, default -8),
+                    q_heads_first, k_heads_first, v_heads_first (0 or 1, default 0; 1: that
+                    operand and its scales come [b, h, S, d], as some exporters leave K)
 
     1. scores ``y = BlockBatchMatMul(q, k, y_multiplier)`` (ref_matmul.block_batch_matmul,
        both token-major): [b, h, S, S];
@@ -179,6 +190,12 @@ def block_attention(
     from bctonnx.ops.ref_nonlinear import int_softmax
     from bctonnx.ops.ref_quant import block_quantize
 
+    op = "BlockAttention"
+    check_attribute(op, "block_size", block_size, 1, 4096)
+    check_attribute(op, "score_block_size", score_block_size, 1, 4096)
+    q_heads_first = check_flag(op, "q_heads_first", q_heads_first)
+    k_heads_first = check_flag(op, "k_heads_first", k_heads_first)
+    v_heads_first = check_flag(op, "v_heads_first", v_heads_first)
     q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
     operands = []
     for x, s, heads_first in ((q, q_scale, q_heads_first), (k, k_scale, k_heads_first),

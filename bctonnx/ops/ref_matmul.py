@@ -45,13 +45,18 @@ ONNX signature (every weight input a constant initializer; ``""`` for an absent 
                    everything below reads ``block_size`` as ``superblock``
     segment_sums   int32 [..., K / g, N]: the integer accumulators below (tests, debugging)
 
-    attributes: block_size, frac_bits (weights); act_block_size, act_bits (default 8);
-                out_block_size (default 0 = no y_q), out_bits (default 8),
-                residual_block_size (with a residual), superblock (default 0)
+    attributes: block_size (1..65536), frac_bits (0..4) (weights); act_block_size
+                (1..65536), act_bits (2..8, default 8); out_block_size (0..65536, default 0 =
+                no y_q), out_bits (2..8, default 8), residual_block_size (0..65536, with a
+                residual), superblock (default 0, else a multiple > 1 of block_size, <= 65536)
 
-Constraints: ``block_size`` divides K; one of ``block_size`` / ``act_block_size`` divides the
-other. 8-bit asymmetric weights (``q - zp`` outside int8) are not supported (the pass leaves
-those MatMuls in float).
+Constraints (refused when the session is created, or for x at run time): ``block_size``
+divides K; one of ``block_size`` / ``act_block_size`` divides the other; the constant inputs
+have exactly the shapes and element types above (the zero points the codes' type, multipliers
+in 1..15 and only with ``superblock``), a constant y_multiplier holds one value; y_q comes with
+y_scale and needs out_block_size; a residual comes with its scale, out_block_size,
+residual_block_size and y_q. 8-bit asymmetric weights (``q - zp`` outside int8) are not
+supported (the pass leaves those MatMuls in float).
 
 Arithmetic (the kernels follow it step by step)
 -----------------------------------------------
@@ -92,7 +97,14 @@ from __future__ import annotations
 import numpy as np
 
 from bctonnx.blockformat import BlockFormat, BlockQuantized, decode_scales, widen_superblocks
-from bctonnx.ops.ref_quant import block_quantize, pow2_exponents, shift_round_even
+from bctonnx.ops.ref_quant import (
+    MAX_BLOCK_SIZE,
+    block_quantize,
+    check_attribute,
+    check_flag,
+    pow2_exponents,
+    shift_round_even,
+)
 
 __all__ = ["block_matmul", "block_batch_matmul", "combine_span", "segment_size"]
 
@@ -143,11 +155,30 @@ def block_matmul(
     ``w_multipliers`` (with ``superblock``) 1..15 ``[K / block_size, N]``. Returns
     ``{"y", "segment_sums"}`` and, with ``out_block_size``, ``"y_q"`` / ``"y_scale"``.
     """
+    op, big = "BlockMatMul", MAX_BLOCK_SIZE
+    block_size = check_attribute(op, "block_size", block_size, 1, big)
+    check_attribute(op, "frac_bits", frac_bits, 0, 4)
+    act_block_size = check_attribute(op, "act_block_size", act_block_size, 1, big)
+    check_attribute(op, "act_bits", act_bits, 2, 8)
+    out_block_size = check_attribute(op, "out_block_size", out_block_size, 0, big)
+    check_attribute(op, "out_bits", out_bits, 2, 8)
+    residual_block_size = check_attribute(op, "residual_block_size", residual_block_size, 0, big)
+    superblock = check_attribute(op, "superblock", superblock, 0, big)
+    if superblock and (superblock <= block_size or superblock % block_size):
+        raise ValueError(f"BlockMatMul: superblock must be 0 or a multiple (> 1) of block_size, "
+                         f"got {superblock}")  # fmt: skip
+    if w_multipliers is not None and not superblock:
+        raise ValueError("BlockMatMul: w_multipliers without superblock")
+    if y_multiplier is not None and np.size(y_multiplier) != 1:
+        raise ValueError("BlockMatMul: y_multiplier must hold one value")
     x = np.asarray(x)
     w_codes = np.asarray(w_codes, dtype=np.int8)
     if superblock:
         if w_multipliers is None:
             raise ValueError("BlockMatMul: superblock weights need w_multipliers")
+        m = np.asarray(w_multipliers)
+        if m.size and (m.min() < 1 or m.max() > 15):
+            raise ValueError("BlockMatMul: w_multipliers must be in 1..15")
         fmt = BlockFormat(
             bits=4,
             block_size=block_size,
@@ -243,6 +274,8 @@ def block_matmul(
         y = (y + v * np.ldexp(f32(1), big_e[:, b])[:, None].astype(f32)).astype(f32)
     # 4. bias, multiplier
     if bias is not None:
+        if np.shape(bias) != (n_dim,):
+            raise ValueError(f"BlockMatMul: bias must have shape [N] = [{n_dim}]")
         y = (y + np.asarray(bias, f32).reshape(1, n_dim)).astype(f32)
     if y_multiplier is not None:
         y = (y * np.asarray(y_multiplier, f32).reshape(())).astype(f32)
@@ -253,6 +286,8 @@ def block_matmul(
     }
     if residual is not None and not (out_block_size and residual_block_size):
         raise ValueError("BlockMatMul: a residual needs out_block_size and residual_block_size")
+    if (residual is None) != (residual_scale is None):
+        raise ValueError("BlockMatMul: residual and residual_scale go together")
     if out_block_size:
         q, s = block_quantize(out["y"], out_block_size, out_bits)
         if residual is not None:
@@ -294,9 +329,10 @@ def block_batch_matmul(
         BlockBatchMatMul(a: int8 [..., M, K], a_scale: f32 [..., M, K / B],
                          b: int8 [..., N, K], b_scale: f32 [..., N, K / B], y_multiplier?)
             -> (y?: f32 [..., M, N], y_q?: int8, y_scale?: f32 [..., M, ceil(N / out_block)])
-        attributes: block_size (B, divides K), out_block_size (default 0), out_bits (8),
-                    a_transposed, b_transposed (default 0; 1: that operand and its scales come
-                    token-major, [b, M, h, K] / [b, N, h, K], rank 4)
+        attributes: block_size (B in 1..65536, divides K), out_block_size (0..65536,
+                    default 0), out_bits (2..8, default 8), a_transposed, b_transposed (0 or
+                    1, default 0; 1: that operand and its scales come token-major,
+                    [b, M, h, K] / [b, N, h, K], rank 4)
 
     ``y = a @ b^T`` per batch (same leading dims, no broadcasting), both operands blocked
     along K with pow2 scales. Per block ``j``: ``d_j = sum_k a[m, k] * b[n, k]`` (int32,
@@ -306,6 +342,14 @@ def block_batch_matmul(
     out_block_size)``. (In attention: a = Q codes, b = K codes before the transpose, the
     multiplier the 1/sqrt(sqrt(d)) that scales K^T.)
     """
+    op = "BlockBatchMatMul"
+    block_size = check_attribute(op, "block_size", block_size, 1, MAX_BLOCK_SIZE)
+    out_block_size = check_attribute(op, "out_block_size", out_block_size, 0, MAX_BLOCK_SIZE)
+    check_attribute(op, "out_bits", out_bits, 2, 8)
+    a_transposed = check_flag(op, "a_transposed", a_transposed)
+    b_transposed = check_flag(op, "b_transposed", b_transposed)
+    if y_multiplier is not None and np.size(y_multiplier) != 1:
+        raise ValueError("BlockBatchMatMul: y_multiplier must hold one value")
     a, b = np.asarray(a), np.asarray(b)
     # token-major operands ([b, rows, h, K], attention's heads transpose fused): as the
     # [b, h, rows, K] tensors they stand for

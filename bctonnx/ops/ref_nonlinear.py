@@ -45,7 +45,7 @@ import functools
 
 import numpy as np
 
-from bctonnx.ops.ref_quant import pow2_exponents
+from bctonnx.ops.ref_quant import MAX_BLOCK_SIZE, check_attribute, pow2_exponents
 from bctonnx.ops.ref_quant import shift_round_even as _shift_round_even
 
 __all__ = [
@@ -111,11 +111,8 @@ def _bit_length(m: np.ndarray) -> np.ndarray:
     return bl + (v > 0)
 
 
-def _check_block_size(block_size: int) -> int:
-    b = int(block_size)
-    if not 1 <= b <= 4096:
-        raise ValueError(f"block_size must be in 1..4096, got {block_size}")
-    return b
+def _check_block_size(op: str, block_size: int) -> int:
+    return check_attribute(op, "block_size", block_size, 1, 4096)
 
 
 def _blocks(x: np.ndarray, scale: np.ndarray, block_size: int):
@@ -344,8 +341,9 @@ def int_gelu(
     Integer bounds: |T| <= 127 * 2**16 < 2**23; ``e_out <= e`` so no exponent overflow; any
     int8 code including -128 and any input exponent in [-149, 127] is valid.
     """
-    block_size = _check_block_size(block_size)
-    out_block_size = int(out_block_size) or block_size
+    block_size = _check_block_size("IntGelu", block_size)
+    out_block_size = check_attribute("IntGelu", "out_block_size", out_block_size, 0, MAX_BLOCK_SIZE)
+    out_block_size = out_block_size or block_size
     if out_block_size % block_size:
         raise ValueError(
             f"out_block_size {out_block_size} must be a multiple of block_size {block_size}"
@@ -492,7 +490,7 @@ def int_softmax(
     units below the max), and exponents outside [-26, 4] use
     the edge tables, which are exact there.
     """
-    block_size = _check_block_size(block_size)
+    block_size = _check_block_size("IntSoftmax", block_size)
     x = np.asarray(x)
     q, e, valid = _blocks(x, x_scale, block_size)
     flags = np.zeros(valid.shape, bool)
@@ -598,8 +596,9 @@ def int_layernorm(
     epsilon: float,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Reference of ``bctonnx.IntLayerNorm``: LayerNorm over the last axis (size H) with
-    block-quantized gamma/beta (int8 codes [H] + pow2 scales [ceil(H/B)], the same block
-    format, e.g. from `quantize_pow2`), re-blocked. ``epsilon``: float32 attribute.
+    block-quantized gamma/beta (int8 codes of shape [H] + pow2 scales of shape [ceil(H/B)],
+    exactly, the same block format, e.g. from `quantize_pow2`), re-blocked. ``epsilon``:
+    float32 attribute.
 
     Per row (codes ``q``, block exponents ``e_b``):
 
@@ -639,24 +638,31 @@ def int_layernorm(
     ``epsilon`` must be finite and >= 0; H <= 4096. Integer bounds: see steps 2-5; the kernel
     uses int32 per element, int64 sums and 128-bit only for ``V`` and ``S1 m``.
     """
-    block_size = _check_block_size(block_size)
+    block_size = _check_block_size("IntLayerNorm", block_size)
     x = np.asarray(x)
     q, e, _ = _blocks(x, x_scale, block_size)
     rows, nb, b = q.shape
     h = x.shape[-1]
-    if h > LAYERNORM_MAX_H:
-        raise ValueError(f"IntLayerNorm supports H <= {LAYERNORM_MAX_H}, got {h}")
+    if not 1 <= h <= LAYERNORM_MAX_H:
+        raise ValueError(f"IntLayerNorm supports H in 1..{LAYERNORM_MAX_H}, got {h}")
     eps = float(np.float32(epsilon))
     if not np.isfinite(eps) or eps < 0:
         raise ValueError(f"epsilon must be finite and >= 0, got {epsilon}")
+    if np.shape(gamma) != (h,) or np.shape(beta) != (h,):
+        raise ValueError(
+            f"IntLayerNorm: gamma and beta must have shape [H] = [{h}], got {np.shape(gamma)}, "
+            f"{np.shape(beta)}"
+        )
+    nb_h = -(-h // block_size)
+    if np.shape(gamma_scale) != (nb_h,) or np.shape(beta_scale) != (nb_h,):
+        raise ValueError(
+            f"IntLayerNorm: gamma_scale and beta_scale must have shape [ceil(H / block_size)] = "
+            f"[{nb_h}], got {np.shape(gamma_scale)}, {np.shape(beta_scale)}"
+        )
     if x.size == 0:
         return x.astype(np.int8).copy(), np.asarray(x_scale, np.float32).copy()
     gq, eg, _ = _blocks(np.asarray(gamma).reshape(1, -1), np.asarray(gamma_scale).reshape(1, -1), b)
     bq, eb, _ = _blocks(np.asarray(beta).reshape(1, -1), np.asarray(beta_scale).reshape(1, -1), b)
-    if np.asarray(gamma).size != h or np.asarray(beta).size != h:
-        raise ValueError(
-            f"gamma/beta must have H = {h} elements, got {np.size(gamma)}, {np.size(beta)}"
-        )
 
     e_max = e.max(axis=-1)
     e_min = e.min(axis=-1)

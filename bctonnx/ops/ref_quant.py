@@ -6,7 +6,7 @@ scale is a float32 exact power of two ``2**e`` with ``e`` in ``[-128, 127]``: th
 format with ``frac_bits=0`` of `bctonnx.blockformat` (one signed byte per block).
 
 ``BlockQuantize(x: float32) -> (y: int8, y_scale: float32)``
-    attributes ``block_size`` (int >= 1, required), ``bits`` (int in 2..8, default 8).
+    attributes ``block_size`` (int in 1..65536, required), ``bits`` (int in 2..8, default 8).
 
     Exactly ``blockformat.quantize(x, BlockFormat(bits, block_size, axis=-1,
     scale_kind="pow2", frac_bits=0), allow_partial=True)``, i.e. per block, with
@@ -27,14 +27,14 @@ format with ``frac_bits=0`` of `bctonnx.blockformat` (one signed byte per block)
     - ``x`` must have rank >= 1; a zero-length last axis gives empty outputs.
 
 ``BlockDequantize(x: int8, x_scale: float32) -> y: float32``
-    attribute ``block_size`` (int >= 1, required). ``y = x * x_scale`` per block, one float32
-    multiplication (rounded to nearest even; exact for the pow2 scales the ops above make,
+    attribute ``block_size`` (int in 1..65536, required). ``y = x * x_scale`` per block, one
+    float32 multiplication (rounded to nearest even; exact for the pow2 scales the ops above make,
     unless the product falls below 2**-126): DequantizeLinear of int8 codes with ``axis=-1``,
     ``block_size`` and no zero point, value for value.
 
 ``BlockRequantize(x: int32 | int8, x_scale: float32) -> (y: int8, y_scale: float32)``
-    attributes ``in_block_size`` (int >= 0, required; 0: ``x_scale`` is one scale for the whole
-    tensor, any shape with one element), ``block_size`` (int >= 1, required: output blocks),
+    attributes ``in_block_size`` (int in 0..65536, required; 0: ``x_scale`` is one scale for the
+    whole tensor, any shape with one element), ``block_size`` (1..65536, required: output blocks),
     ``bits`` (int in 2..8, default 8). Every ``x_scale`` must be an exact power of two
     ``2**e_in`` (``e_in`` in ``[-149, 127]``, subnormals included), else error.
 
@@ -81,9 +81,12 @@ from bctonnx.blockformat import BlockFormat, decode_scales, expand_blocks
 from bctonnx.blockformat import quantize as _bf_quantize
 
 __all__ = [
+    "MAX_BLOCK_SIZE",
     "block_dequantize",
     "block_quantize",
     "block_requantize",
+    "check_attribute",
+    "check_flag",
     "pow2_exponents",
     "shift_round_even",
     "pow2_format",
@@ -95,16 +98,37 @@ def pow2_format(block_size: int, bits: int = 8) -> BlockFormat:
     return BlockFormat(bits=bits, block_size=block_size, axis=-1, scale_kind="pow2", frac_bits=0)
 
 
-def _check_attrs(block_size: int, bits: int) -> None:
-    if int(block_size) < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    if not 2 <= int(bits) <= 8:
-        raise ValueError(f"bits must be in 2..8, got {bits}")
+# The largest block size of any op (common.h kMaxBlockSize): block counts cannot overflow and the
+# block GEMM's int32 sums stay exact (ref_matmul.combine_span >= 0). IntGelu / IntSoftmax /
+# IntLayerNorm / BlockAttention take blocks of at most 4096.
+MAX_BLOCK_SIZE = 65536
+
+
+def check_attribute(op: str, name: str, value, lo: int, hi: int) -> int:
+    """An int attribute in ``lo..hi``, or ValueError naming the op and the attribute (the kernel
+    refuses the same value when the session is created)."""
+    if isinstance(value, bool | np.bool_) or int(value) != value or not lo <= int(value) <= hi:
+        raise ValueError(f"{op}: {name} must be in {lo}..{hi}, got {value!r}")
+    return int(value)
+
+
+def check_flag(op: str, name: str, value) -> bool:
+    """A boolean attribute: 0 or 1 (False / True) and nothing else -- 7 is not "true"."""
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if value not in (0, 1):
+        raise ValueError(f"{op}: {name} must be 0 or 1, got {value!r}")
+    return bool(value)
+
+
+def _check_attrs(op: str, block_size: int, bits: int) -> None:
+    check_attribute(op, "block_size", block_size, 1, MAX_BLOCK_SIZE)
+    check_attribute(op, "bits", bits, 2, 8)
 
 
 def block_quantize(x: np.ndarray, block_size: int, bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """Reference of ``bctonnx.BlockQuantize``: (int8 codes, float32 pow2 scales)."""
-    _check_attrs(block_size, bits)
+    _check_attrs("BlockQuantize", block_size, bits)
     x = np.asarray(x, dtype=np.float32)
     if x.ndim == 0:
         raise ValueError("BlockQuantize needs rank >= 1 (blocks run along the last axis)")
@@ -122,7 +146,7 @@ def block_quantize(x: np.ndarray, block_size: int, bits: int = 8) -> tuple[np.nd
 
 def block_dequantize(x: np.ndarray, x_scale: np.ndarray, block_size: int) -> np.ndarray:
     """Reference of ``bctonnx.BlockDequantize``: ``x * x_scale`` per block, float32."""
-    _check_attrs(block_size, 8)
+    _check_attrs("BlockDequantize", block_size, 8)
     x = np.asarray(x)
     if x.dtype != np.int8 or x.ndim < 1:
         raise ValueError("BlockDequantize: x must be int8 codes of rank >= 1")
@@ -196,14 +220,14 @@ def block_requantize(
     x: np.ndarray, x_scale: np.ndarray, in_block_size: int, block_size: int, bits: int = 8
 ) -> tuple[np.ndarray, np.ndarray]:
     """Reference of ``bctonnx.BlockRequantize``: (int8 codes, float32 pow2 scales)."""
-    _check_attrs(block_size, bits)
+    _check_attrs("BlockRequantize", block_size, bits)
+    in_block_size = check_attribute("BlockRequantize", "in_block_size", in_block_size, 0,
+                                    MAX_BLOCK_SIZE)  # fmt: skip
     x = np.asarray(x)
     if x.dtype not in (np.int32, np.int8):
         raise ValueError(f"BlockRequantize takes int32 or int8, got {x.dtype}")
     if x.ndim == 0:
         raise ValueError("BlockRequantize needs rank >= 1 (blocks run along the last axis)")
-    if int(in_block_size) < 0:
-        raise ValueError(f"in_block_size must be >= 0, got {in_block_size}")
     x_scale = np.asarray(x_scale, dtype=np.float32)
     depth = x.shape[-1]
     if in_block_size == 0:

@@ -79,15 +79,134 @@ std::string shape_str(const Shape& shape) {
   return s + "]";
 }
 
-// An int64 attribute of a kernel: its value, else *fallback, else an error naming the op.
-inline int64_t int_attribute(const OrtKernelInfo* info, const char* op, const char* name,
-                             const int64_t* fallback) {
-  int64_t value = 0;
-  OrtStatus* status = Ort::GetApi().KernelInfoGetAttribute_int64(info, name, &value);
-  if (status == nullptr) return value;
-  Ort::GetApi().ReleaseStatus(status);
-  if (fallback != nullptr) return *fallback;
-  throw std::runtime_error(std::string("bctonnx.") + op + ": attribute '" + name + "' is required");
+// ------------------------------------------------------------------------------------------
+// Attributes and constant inputs, checked where each kernel reads them: when onnxruntime creates
+// the kernel, i.e. at session creation. A value outside the op's spec is refused with a message
+// naming the op and the attribute (or input); create_kernel adds the node's name.
+
+// The largest block size of any op: num_blocks cannot overflow, and the block GEMM's exact int32
+// sums hold (ref_matmul.combine_span: block_size * 2^14 * 2^S <= 2^30 needs S >= 0). The
+// nonlinear ops and BlockAttention allow 1..4096 (their kernels' limit).
+constexpr int64_t kMaxBlockSize = 65536;
+
+// A kernel's attributes, each read once with its spec: a range, a boolean, a fallback when it
+// is absent. An attribute present with another type (e.g. a float block_size) is an error, not
+// an absent one.
+class Attributes {
+ public:
+  Attributes(const OrtKernelInfo* info, const char* op) : info_(info), op_(op) {}
+
+  // "bctonnx.<op>: <what>"
+  [[noreturn]] void Fail(const std::string& what) const {
+    throw std::runtime_error("bctonnx." + op_ + ": " + what);
+  }
+  const OrtKernelInfo* info() const { return info_; }
+
+  // An int attribute in [lo, hi] (checked before any narrowing), required.
+  int64_t Int(const char* name, int64_t lo, int64_t hi) const {
+    int64_t v = 0;
+    if (!ReadInt(name, &v)) Fail(std::string("attribute '") + name + "' is required");
+    return InRange(name, v, lo, hi);
+  }
+  // ... or `fallback` when absent.
+  int64_t Int(const char* name, int64_t lo, int64_t hi, int64_t fallback) const {
+    int64_t v = 0;
+    return ReadInt(name, &v) ? InRange(name, v, lo, hi) : fallback;
+  }
+  // A boolean: exactly 0 or 1 (no other value means true), `fallback` when absent.
+  bool Bool(const char* name, bool fallback) const {
+    int64_t v = 0;
+    if (!ReadInt(name, &v)) return fallback;
+    if (v != 0 && v != 1) Fail(std::string(name) + " must be 0 or 1, got " + std::to_string(v));
+    return v == 1;
+  }
+  // A float attribute (its range is the caller's), `fallback` when absent.
+  float Float(const char* name, float fallback) const {
+    float v = 0.0f;
+    OrtStatus* st = Ort::GetApi().KernelInfoGetAttribute_float(info_, name, &v);
+    if (st == nullptr) return v;
+    Ort::GetApi().ReleaseStatus(st);
+    if (Present(name)) Fail(std::string("attribute '") + name + "' must be a float");
+    return fallback;
+  }
+  // A string attribute, `fallback` when absent.
+  std::string String(const char* name, const std::string& fallback) const {
+    size_t size = 0;
+    OrtStatus* st = Ort::GetApi().KernelInfoGetAttribute_string(info_, name, nullptr, &size);
+    if (st != nullptr) {
+      Ort::GetApi().ReleaseStatus(st);
+      if (Present(name)) Fail(std::string("attribute '") + name + "' must be a string");
+      return fallback;
+    }
+    std::string v(size, '\0');
+    Ort::ThrowOnError(Ort::GetApi().KernelInfoGetAttribute_string(info_, name, v.data(), &size));
+    v.resize(size > 0 ? size - 1 : 0);  // size counts the terminating NUL
+    return v;
+  }
+
+ private:
+  int64_t InRange(const char* name, int64_t v, int64_t lo, int64_t hi) const {
+    if (v < lo || v > hi)
+      Fail(std::string(name) + " must be in " + std::to_string(lo) + ".." + std::to_string(hi) +
+           ", got " + std::to_string(v));
+    return v;
+  }
+  // true: *v holds the attribute; false: absent; an error when present with another type.
+  bool ReadInt(const char* name, int64_t* v) const {
+    OrtStatus* st = Ort::GetApi().KernelInfoGetAttribute_int64(info_, name, v);
+    if (st == nullptr) return true;
+    Ort::GetApi().ReleaseStatus(st);
+    if (Present(name)) Fail(std::string("attribute '") + name + "' must be an int");
+    return false;
+  }
+  // Whether the node has the attribute with any type the kernel API can read (the API tells a
+  // missing attribute from a mistyped one only in its message text).
+  bool Present(const char* name) const {
+    const OrtApi& api = Ort::GetApi();
+    size_t size = 0;
+    int64_t i = 0;
+    float f = 0.0f;
+    OrtStatus* probes[] = {
+        api.KernelInfoGetAttribute_int64(info_, name, &i),
+        api.KernelInfoGetAttribute_float(info_, name, &f),
+        api.KernelInfoGetAttribute_string(info_, name, nullptr, &size),
+        api.KernelInfoGetAttributeArray_int64(info_, name, nullptr, &size),
+        api.KernelInfoGetAttributeArray_float(info_, name, nullptr, &size),
+    };
+    bool present = false;
+    for (OrtStatus* st : probes) {
+      present |= st == nullptr;
+      if (st != nullptr) api.ReleaseStatus(st);
+    }
+    return present;
+  }
+
+  const OrtKernelInfo* info_;
+  std::string op_;
+};
+
+// Whether the node wires its optional input / output `index` (present, with a name).
+inline bool has_input(const OrtKernelInfo* info, size_t index) {
+  Ort::ConstKernelInfo ki(info);
+  return index < ki.GetInputCount() && !ki.GetInputName(index).empty();
+}
+inline bool has_output(const OrtKernelInfo* info, size_t index) {
+  Ort::ConstKernelInfo ki(info);
+  return index < ki.GetOutputCount() && !ki.GetOutputName(index).empty();
+}
+
+// Input `index` of a kernel being created when it is a constant initializer of the session (its
+// value fixed for every run), else nullptr (absent, or computed at run time).
+inline const OrtValue* constant_input(const OrtKernelInfo* info, size_t index) {
+  if (!has_input(info, index)) return nullptr;
+  int is_constant = 0;
+  const OrtValue* v = nullptr;
+  OrtStatus* st = Ort::GetApi().KernelInfoGetConstantInput_tensor(info, index, &is_constant, &v);
+  if (st != nullptr) {
+    Ort::GetApi().ReleaseStatus(st);
+    return nullptr;
+  }
+  return is_constant ? v : nullptr;
 }
 
 // Rows [0, rows) in up to 16 chunks of >= ~16K units of work over ORT's intra-op pool (inline
@@ -216,16 +335,44 @@ class KernelArgs {
   OrtKernelContext* ctx_;
 };
 
+// The checks of the ops with a scalar y_multiplier input and the optional quantized outputs
+// (y_q, y_scale): a constant multiplier must hold one value; y_q needs out_block_size >= 1 and
+// comes with y_scale.
+inline void check_one_value_if_constant(const Attributes& attrs, size_t index, const char* name) {
+  const OrtValue* v = constant_input(attrs.info(), index);
+  if (v == nullptr) return;
+  const Dims shape = KernelArgs::shape(v);
+  if (shape.count() != 1) attrs.Fail(std::string(name) + " must hold one value, got " + shape_str(shape));
+}
+inline void check_quantized_outputs(const Attributes& attrs, size_t y_q, size_t y_scale,
+                                    int64_t out_block_size) {
+  if (has_output(attrs.info(), y_q) && out_block_size < 1)
+    attrs.Fail("the y_q output needs out_block_size >= 1");
+  if (has_output(attrs.info(), y_q) != has_output(attrs.info(), y_scale))
+    attrs.Fail("the y_q and y_scale outputs go together");
+}
+
+// "<what> (node '<name>')": onnxruntime's message for a kernel it could not create names
+// neither the node nor its op; ours name the op (and the attribute), this adds the node.
+inline std::string with_node_name(const OrtKernelInfo* info, const std::string& what) {
+  try {
+    const std::string name = Ort::ConstKernelInfo(info).GetNodeName();
+    return what + (name.empty() ? " (a node without a name)" : " (node '" + name + "')");
+  } catch (const std::exception&) {
+    return what;
+  }
+}
+
 // An Ort::CustomOpBase's CreateKernelV2: the kernel, or its constructor's error as a status
-// (an onnxruntime error keeps its code; any other is an invalid argument).
+// naming the node (an onnxruntime error keeps its code; any other is an invalid argument).
 template <class K>
 OrtStatusPtr create_kernel(const OrtApi& api, const OrtKernelInfo* info, void** kernel) {
   try {
     *kernel = new K(api, info);
   } catch (const Ort::Exception& e) {
-    return api.CreateStatus(e.GetOrtErrorCode(), e.what());
+    return api.CreateStatus(e.GetOrtErrorCode(), with_node_name(info, e.what()).c_str());
   } catch (const std::exception& e) {
-    return api.CreateStatus(ORT_INVALID_ARGUMENT, e.what());
+    return api.CreateStatus(ORT_INVALID_ARGUMENT, with_node_name(info, e.what()).c_str());
   }
   return nullptr;
 }

@@ -20,23 +20,6 @@ namespace bct {
 namespace {
 
 // ---------------------------------------------------------------------------------------------
-// Attributes and shapes
-
-int CheckedBits(const char* op, int64_t bits) {
-  if (bits < 2 || bits > 8)
-    throw std::runtime_error(std::string("bctonnx.") + op + ": bits must be in 2..8, got " +
-                             std::to_string(bits));
-  return static_cast<int>(bits);
-}
-
-int64_t CheckedBlockSize(const char* op, const char* name, int64_t b, bool zero_ok) {
-  if (b < 1 && !(zero_ok && b == 0))
-    throw std::runtime_error(std::string("bctonnx.") + op + ": " + name + " must be " +
-                             (zero_ok ? ">= 0" : ">= 1") + ", got " + std::to_string(b));
-  return b;
-}
-
-// ---------------------------------------------------------------------------------------------
 // Exponent choice (see ref_quant.py, "Scale choice")
 
 // fl32(M * 2^e_in / qmax) <= 2^e, decided in integers: with g = max(e - 24, -150) (half an ulp
@@ -79,12 +62,9 @@ struct BlockQuantizeKernel {
   static constexpr std::array kOutputs{ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
   static constexpr size_t kRequiredInputs = 1;
   BlockQuantizeKernel(const OrtApi&, const OrtKernelInfo* info) {
-    static const int64_t kDefaultBits = 8;
-    block_size_ = CheckedBlockSize("BlockQuantize", "block_size",
-                                   int_attribute(info, "BlockQuantize", "block_size", nullptr),
-                                   false);
-    bits_ = CheckedBits("BlockQuantize",
-                        int_attribute(info, "BlockQuantize", "bits", &kDefaultBits));
+    const Attributes attrs(info, kName);
+    block_size_ = attrs.Int("block_size", 1, kMaxBlockSize);
+    bits_ = static_cast<int>(attrs.Int("bits", 2, 8, 8));
   }
 
   void Compute(OrtKernelContext* ctx) const {
@@ -141,9 +121,7 @@ struct BlockDequantizeKernel {
   static constexpr std::array kOutputs{ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
   static constexpr size_t kRequiredInputs = 2;
   BlockDequantizeKernel(const OrtApi&, const OrtKernelInfo* info) {
-    block_size_ = CheckedBlockSize("BlockDequantize", "block_size",
-                                   int_attribute(info, "BlockDequantize", "block_size", nullptr),
-                                   false);
+    block_size_ = Attributes(info, kName).Int("block_size", 1, kMaxBlockSize);
   }
 
   void Compute(OrtKernelContext* ctx) const {
@@ -275,15 +253,10 @@ struct BlockRequantizeKernel {
   static constexpr std::array kOutputs{ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
   static constexpr size_t kRequiredInputs = 2;
   BlockRequantizeKernel(const OrtApi&, const OrtKernelInfo* info) {
-    static const int64_t kDefaultBits = 8;
-    in_block_size_ = CheckedBlockSize(
-        "BlockRequantize", "in_block_size",
-        int_attribute(info, "BlockRequantize", "in_block_size", nullptr), true);
-    block_size_ = CheckedBlockSize(
-        "BlockRequantize", "block_size",
-        int_attribute(info, "BlockRequantize", "block_size", nullptr), false);
-    bits_ = CheckedBits("BlockRequantize",
-                        int_attribute(info, "BlockRequantize", "bits", &kDefaultBits));
+    const Attributes attrs(info, kName);
+    in_block_size_ = attrs.Int("in_block_size", 0, kMaxBlockSize);  // 0: one scale for x
+    block_size_ = attrs.Int("block_size", 1, kMaxBlockSize);
+    bits_ = static_cast<int>(attrs.Int("bits", 2, 8, 8));
     const int64_t qmax = (int64_t{1} << (bits_ - 1)) - 1;
     for (int64_t m = 1; m <= 128; ++m) k_of_m_[m] = SegmentExponent(m, 0, qmax, "BlockRequantize");
   }

@@ -20,18 +20,14 @@ using namespace pv;
 }
 
 struct AttentionPVKernel {
-  AttentionPVKernel(const OrtApi&, const OrtKernelInfo* raw_info) {
-    Ort::ConstKernelInfo info{raw_info};
-    static const int64_t k0 = 0, k32 = 32, km8 = -8;
-    block_ = int_attribute(info, "AttentionPV", "block_size", nullptr);
-    seg_ = int_attribute(info, "AttentionPV", "segment", &k32);
-    p_exp_ = static_cast<int>(int_attribute(info, "AttentionPV", "p_exponent", &km8));
-    transpose_ = int_attribute(info, "AttentionPV", "transpose_output", &k0) != 0;
-    v_transposed_ = int_attribute(info, "AttentionPV", "v_transposed", &k0) != 0;
-    if (block_ < 1) Fail("block_size must be >= 1");
-    if (seg_ < 2 || seg_ > kMaxSegment || seg_ % 2)
-      Fail("segment must be even, in 2..256, got " + std::to_string(seg_));
-    if (p_exp_ < -32 || p_exp_ > 0) Fail("p_exponent must be in -32..0");
+  AttentionPVKernel(const OrtApi&, const OrtKernelInfo* info) {
+    const Attributes attrs(info, "AttentionPV");
+    block_ = attrs.Int("block_size", 1, kMaxBlockSize);
+    seg_ = attrs.Int("segment", 2, kMaxSegment, 32);
+    if (seg_ % 2) Fail("segment must be even, in 2..256, got " + std::to_string(seg_));
+    p_exp_ = static_cast<int>(attrs.Int("p_exponent", -32, 0, -8));
+    transpose_ = attrs.Bool("transpose_output", false);
+    v_transposed_ = attrs.Bool("v_transposed", false);
     avx512_ = ChooseIsa() >= kAvx512;  // platform.h: BCTONNX_ISA included
   }
 

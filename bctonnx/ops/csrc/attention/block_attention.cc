@@ -43,25 +43,17 @@ std::vector<int64_t> ShapeOf(const Ort::ConstValue& v) {
 }
 
 struct BlockAttentionKernel {
-  BlockAttentionKernel(const OrtApi&, const OrtKernelInfo* raw_info) {
-    Ort::ConstKernelInfo info{raw_info};
-    static const int64_t k32 = 32, km8 = -8;
-    block_ = int_attribute(info, "BlockAttention", "block_size", nullptr);
-    score_block_ = int_attribute(info, "BlockAttention", "score_block_size", &k32);
-    seg_ = int_attribute(info, "BlockAttention", "segment", &k32);
-    p_exp_ = static_cast<int>(int_attribute(info, "BlockAttention", "p_exponent", &km8));
-    if (block_ < 1 || block_ > 4096) Fail("block_size must be in 1..4096");
-    if (score_block_ < 1 || score_block_ > 4096) Fail("score_block_size must be in 1..4096");
-    if (seg_ < 2 || seg_ > pv::kMaxSegment || seg_ % 2)
-      Fail("segment must be even, in 2..256, got " + std::to_string(seg_));
-    if (p_exp_ < -32 || p_exp_ > 0) Fail("p_exponent must be in -32..0");
-    static const int64_t k0 = 0;
-    const char* flags[3] = {"q_heads_first", "k_heads_first", "v_heads_first"};
-    for (int i = 0; i < 3; ++i) {
-      const int64_t f = int_attribute(info, "BlockAttention", flags[i], &k0);
-      if (f != 0 && f != 1) Fail(std::string(flags[i]) + " must be 0 or 1, got " + std::to_string(f));
-      heads_first_[i] = f == 1;
-    }
+  BlockAttentionKernel(const OrtApi&, const OrtKernelInfo* info) {
+    const Attributes attrs(info, "BlockAttention");
+    block_ = attrs.Int("block_size", 1, 4096);
+    score_block_ = attrs.Int("score_block_size", 1, 4096, 32);
+    seg_ = attrs.Int("segment", 2, pv::kMaxSegment, 32);
+    if (seg_ % 2) Fail("segment must be even, in 2..256, got " + std::to_string(seg_));
+    p_exp_ = static_cast<int>(attrs.Int("p_exponent", -32, 0, -8));
+    heads_first_[0] = attrs.Bool("q_heads_first", false);
+    heads_first_[1] = attrs.Bool("k_heads_first", false);
+    heads_first_[2] = attrs.Bool("v_heads_first", false);
+    check_one_value_if_constant(attrs, 7, "y_multiplier");
     try {
       isa_ = std::min(ChooseIsa(), kAvx512);  // (AMX does not pay for K = head dim)
     } catch (const std::runtime_error& e) {

@@ -9,6 +9,7 @@
 // threads of our own are created. Each output element is computed by exactly one task in a
 // fixed order, so results depend neither on the thread count nor on the other rows.
 #include <algorithm>
+#include <initializer_list>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -34,11 +35,25 @@ std::vector<int64_t> ShapeOf(const Ort::ConstValue& v) {
   return v.GetTensorTypeAndShapeInfo().GetShape();
 }
 
-// The values of a constant int8 / int4 / uint4 tensor, unpacked to int32, with its shape.
+// An element type's ONNX name, for error messages.
+std::string TypeName(ONNXTensorElementDataType t) {
+  switch (t) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: return "int8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8: return "uint8";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT4: return "int4";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT4: return "uint4";
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return "float";
+    default: return "element type " + std::to_string(t);
+  }
+}
+
+// The values of a constant int8 / int4 / uint4 tensor, unpacked to int32, with its shape and
+// element type; an error naming the input unless it is a constant of one of `types`.
 std::vector<int32_t> ConstInts(const Ort::ConstKernelInfo& info, size_t index, const char* name,
-                               std::vector<int64_t>* shape, bool required) {
-  const bool present = index < info.GetInputCount() && !info.GetInputName(index).empty();
-  if (!present) {
+                               std::initializer_list<ONNXTensorElementDataType> types,
+                               std::vector<int64_t>* shape, ONNXTensorElementDataType* type_out,
+                               bool required) {
+  if (!has_input(info, index)) {
     if (required) Fail(std::string(name) + " is required");
     return {};
   }
@@ -49,12 +64,17 @@ std::vector<int32_t> ConstInts(const Ort::ConstKernelInfo& info, size_t index, c
   *shape = ti.GetShape();
   const size_t count = ti.GetElementCount();
   const auto type = ti.GetElementType();
+  if (std::find(types.begin(), types.end(), type) == types.end()) {
+    std::string allowed;
+    for (auto t : types) allowed += (allowed.empty() ? "" : " or ") + TypeName(t);
+    Fail(std::string(name) + " must be " + allowed + ", got " + TypeName(type));
+  }
+  if (type_out != nullptr) *type_out = type;
   std::vector<int32_t> out(count);
   if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8) {
     const int8_t* p = static_cast<const int8_t*>(v.GetTensorRawData());
     for (size_t i = 0; i < count; ++i) out[i] = p[i];
-  } else if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT4 ||
-             type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT4) {
+  } else {  // int4 / uint4, two per byte, element 2i in the low nibble
     const uint8_t* p = static_cast<const uint8_t*>(v.GetTensorRawData());
     const bool is_signed = type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT4;
     for (size_t i = 0; i < count; ++i) {
@@ -62,17 +82,13 @@ std::vector<int32_t> ConstInts(const Ort::ConstKernelInfo& info, size_t index, c
       if (is_signed && nib > 7) nib -= 16;
       out[i] = nib;
     }
-  } else {
-    Fail(std::string(name) + " must be int8, int4 or uint4");
   }
   return out;
 }
 
-bool IsInt4(const Ort::ConstKernelInfo& info, size_t index) {
-  int is_constant = 0;
-  Ort::ConstValue v = info.GetTensorConstantInput(index, &is_constant);
-  return v.GetTensorTypeAndShapeInfo().GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT4;
-}
+constexpr auto kInt8 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+constexpr auto kInt4 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT4;
+constexpr auto kUInt4 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT4;
 
 enum Input : size_t {
   kX = 0, kXScale, kCodes, kScales, kScaleBase, kZeroPoints, kBias, kYMul, kResidual,
@@ -86,22 +102,26 @@ constexpr int64_t kMaxRowsPerTask = 128;  // ... and few enough tasks to stream 
 struct BlockMatMulKernel {
   BlockMatMulKernel(const OrtApi&, const OrtKernelInfo* raw_info) {
     Ort::ConstKernelInfo info{raw_info};
-    static const int64_t k8 = 8, k0 = 0;
-    const int64_t block = int_attribute(info, "BlockMatMul", "block_size", nullptr);
-    const int64_t frac_bits = int_attribute(info, "BlockMatMul", "frac_bits", nullptr);
-    act_block_ = int_attribute(info, "BlockMatMul", "act_block_size", nullptr);
-    act_bits_ = static_cast<int>(int_attribute(info, "BlockMatMul", "act_bits", &k8));
-    out_block_ = int_attribute(info, "BlockMatMul", "out_block_size", &k0);
-    out_bits_ = static_cast<int>(int_attribute(info, "BlockMatMul", "out_bits", &k8));
-    residual_block_ = int_attribute(info, "BlockMatMul", "residual_block_size", &k0);
-    const int64_t superblock = int_attribute(info, "BlockMatMul", "superblock", &k0);
-    if (act_bits_ < 2 || act_bits_ > 8 || out_bits_ < 2 || out_bits_ > 8)
-      Fail("act_bits and out_bits must be in 2..8");
-    if (block < 1 || act_block_ < 1 || out_block_ < 0 || residual_block_ < 0)
-      Fail("block sizes must be >= 1");
-    if (frac_bits < 0 || frac_bits > 4) Fail("frac_bits must be in 0..4");
-    if (superblock < 0 || (superblock > 0 && (superblock <= block || superblock % block)))
-      Fail("superblock must be 0 or a multiple (> 1) of block_size");
+    const Attributes attrs(raw_info, "BlockMatMul");
+    const int64_t block = attrs.Int("block_size", 1, kMaxBlockSize);
+    const int64_t frac_bits = attrs.Int("frac_bits", 0, 4);
+    act_block_ = attrs.Int("act_block_size", 1, kMaxBlockSize);
+    act_bits_ = static_cast<int>(attrs.Int("act_bits", 2, 8, 8));
+    out_block_ = attrs.Int("out_block_size", 0, kMaxBlockSize, 0);
+    out_bits_ = static_cast<int>(attrs.Int("out_bits", 2, 8, 8));
+    residual_block_ = attrs.Int("residual_block_size", 0, kMaxBlockSize, 0);
+    const int64_t superblock = attrs.Int("superblock", 0, kMaxBlockSize, 0);
+    if (superblock > 0 && (superblock <= block || superblock % block))
+      Fail("superblock must be 0 or a multiple (> 1) of block_size " + std::to_string(block) +
+           ", got " + std::to_string(superblock));
+    // the optional inputs and outputs the node wires must go together
+    check_quantized_outputs(attrs, kYQ, kYScale, out_block_);
+    const bool residual = has_input(raw_info, kResidual);
+    if (residual != has_input(raw_info, kResidualScale))
+      Fail("residual and residual_scale go together");
+    if (residual && (out_block_ < 1 || residual_block_ < 1 || !has_output(raw_info, kYQ)))
+      Fail("a residual needs out_block_size, residual_block_size and the y_q output");
+    check_one_value_if_constant(attrs, kYMul, "y_multiplier");
     try {
       isa_ = ChooseIsa();
       amx_emulated_ = isa_ == kAmx && AmxEmulated();
@@ -114,23 +134,20 @@ struct BlockMatMulKernel {
       Fail(what);
     }
     // a constant bias is padded once; otherwise it is read at run time
-    int is_constant = 0;
-    if (kBias < info.GetInputCount() && !info.GetInputName(kBias).empty()) {
-      Ort::ConstValue b = info.GetTensorConstantInput(kBias, &is_constant);
+    if (has_input(raw_info, kBias)) {
       has_bias_ = true;
-      if (is_constant && b != nullptr) {
-        CheckBias(ShapeOf(b));
+      if (const OrtValue* b = constant_input(raw_info, kBias)) {
+        CheckBias(KernelArgs::shape(b));
         bias_.assign(static_cast<size_t>(w_.npad), 0.0f);
-        std::memcpy(bias_.data(), b.GetTensorData<float>(), sizeof(float) * w_.n);
+        std::memcpy(bias_.data(), KernelArgs::data<float>(b), sizeof(float) * w_.n);
       }
     }
   }
 
-  void CheckBias(const std::vector<int64_t>& shape) const {
-    int64_t count = 1;
-    for (int64_t d : shape) count *= d;
-    if (shape.empty() || shape.back() != w_.n || count != w_.n)
-      Fail("bias must have N = " + std::to_string(w_.n) + " elements, got " + shape_str(shape));
+  template <class Shape>
+  void CheckBias(const Shape& shape) const {
+    if (shape.size() != 1 || shape[0] != w_.n)
+      Fail("bias must have shape [N] = [" + std::to_string(w_.n) + "], got " + shape_str(shape));
   }
 
   // Superblock weights (blockformat.widen_superblocks): the codes become m * (q - zp), int8, in
@@ -139,7 +156,8 @@ struct BlockMatMulKernel {
                                const std::vector<int64_t>& cshape, std::vector<int32_t>& codes,
                                std::vector<int32_t>& zps, const std::vector<int64_t>& zshape) {
     std::vector<int64_t> mshape;
-    const std::vector<int32_t> mult = ConstInts(info, kMultipliers, "w_multipliers", &mshape, true);
+    const std::vector<int32_t> mult =
+        ConstInts(info, kMultipliers, "w_multipliers", {kUInt4}, &mshape, nullptr, true);
     if (cshape[0] % block)
       Fail("block_size " + std::to_string(block) + " does not divide K = " +
            std::to_string(cshape[0]));
@@ -148,6 +166,8 @@ struct BlockMatMulKernel {
       Fail("w_multipliers must be " + shape_str(blocked) + ", got " + shape_str(mshape));
     if (!zps.empty() && zshape != blocked)
       Fail("w_zero_points must be " + shape_str(blocked) + ", got " + shape_str(zshape));
+    for (int32_t m : mult)
+      if (m < 1 || m > 15) Fail("w_multipliers must be in 1..15, got " + std::to_string(m));
     const int64_t n = cshape[1];
     for (int64_t k = 0; k < cshape[0]; ++k)
       for (int64_t c = 0; c < n; ++c) {
@@ -162,11 +182,21 @@ struct BlockMatMulKernel {
   void Pack(const Ort::ConstKernelInfo& info, int64_t block, int64_t frac_bits,
             int64_t superblock) {
     std::vector<int64_t> cshape, sshape, bshape, zshape;
-    std::vector<int32_t> codes = ConstInts(info, kCodes, "w_codes", &cshape, true);
-    std::vector<int32_t> scodes = ConstInts(info, kScales, "w_scales", &sshape, true);
-    const std::vector<int32_t> base = ConstInts(info, kScaleBase, "w_scale_base", &bshape, false);
-    std::vector<int32_t> zps = ConstInts(info, kZeroPoints, "w_zero_points", &zshape, false);
+    ONNXTensorElementDataType ctype{}, stype{}, ztype{};
+    std::vector<int32_t> codes =
+        ConstInts(info, kCodes, "w_codes", {kInt8, kInt4}, &cshape, &ctype, true);
+    std::vector<int32_t> scodes =
+        ConstInts(info, kScales, "w_scales", {kInt8, kUInt4}, &sshape, &stype, true);
+    const std::vector<int32_t> base =
+        ConstInts(info, kScaleBase, "w_scale_base", {kInt8}, &bshape, nullptr, false);
+    std::vector<int32_t> zps =
+        ConstInts(info, kZeroPoints, "w_zero_points", {kInt8, kInt4}, &zshape, &ztype, false);
     if (cshape.size() != 2) Fail("w_codes must be [K, N], got " + shape_str(cshape));
+    if (!zps.empty() && ztype != ctype)
+      Fail("w_zero_points must have w_codes' element type " + TypeName(ctype) + ", got " +
+           TypeName(ztype));
+    if (stype == kUInt4 && base.empty()) Fail("4-bit w_scales (offsets) need w_scale_base");
+    if (superblock == 0 && has_input(info, kMultipliers)) Fail("w_multipliers without superblock");
     if (superblock > 0) {
       WidenSuperblocks(info, block, cshape, codes, zps, zshape);
       block = superblock;
@@ -190,7 +220,7 @@ struct BlockMatMulKernel {
     wc.n = n;
     wc.block = block;
     wc.frac_bits = frac_bits;
-    wc.int4 = superblock == 0 && IsInt4(info, kCodes);
+    wc.int4 = superblock == 0 && ctype == kInt4;
     wc.codes = codes.data();
     wc.scale_codes = scodes.data();
     wc.zero_points = zps.empty() ? nullptr : zps.data();

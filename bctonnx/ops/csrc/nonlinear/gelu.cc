@@ -252,31 +252,26 @@ BCT_AVX512VBMI void gelu_rows_avx512(const GeluTables& tb, const Blocking& bl, G
 #endif
 
 struct IntGeluKernel {
-  int64_t block_size;
-  int64_t out_block_size;  // a multiple of block_size (attribute 0 or absent: the same)
-  bool simd;
+  int64_t block_size = 0;
+  int64_t out_block_size = 0;  // a multiple of block_size (attribute 0 or absent: the same)
+  bool simd = false;
   bool tanh = false;  // attribute approximate: "none" (erf GELU, the default) or "tanh"
   static constexpr const char* kName = "IntGelu";
   static constexpr std::array kInputs{ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
   static constexpr std::array kOutputs = kInputs;  // y, y_scale
   static constexpr size_t kRequiredInputs = 2;
-  IntGeluKernel(const OrtApi&, const OrtKernelInfo* info)
-      : block_size(read_block_size(info, "IntGelu")), simd(read_simd(info, "IntGelu")) {
-    static const int64_t kSame = 0;
-    out_block_size = int_attribute(info, "IntGelu", "out_block_size", &kSame);
+  IntGeluKernel(const OrtApi&, const OrtKernelInfo* info) {
+    const Attributes attrs(info, kName);
+    block_size = attrs.Int("block_size", 1, kMaxNonlinearBlock);
+    simd = read_simd(attrs);
+    out_block_size = attrs.Int("out_block_size", 0, kMaxBlockSize, 0);
     if (out_block_size == 0) out_block_size = block_size;
-    if (out_block_size < 0 || out_block_size % block_size)
-      throw std::runtime_error("IntGelu: out_block_size must be a multiple of block_size " +
-                               std::to_string(block_size) + ", got " +
-                               std::to_string(out_block_size));
-    std::string approximate = "none";
-    try {
-      approximate = Ort::ConstKernelInfo(info).GetAttribute<std::string>("approximate");
-    } catch (const Ort::Exception&) {  // absent: the erf form
-    }
+    if (out_block_size % block_size)
+      attrs.Fail("out_block_size must be a multiple of block_size " + std::to_string(block_size) +
+                 ", got " + std::to_string(out_block_size));
+    const std::string approximate = attrs.String("approximate", "none");  // absent: the erf form
     if (approximate != "none" && approximate != "tanh")
-      throw std::runtime_error("IntGelu: approximate must be \"none\" or \"tanh\", got \"" +
-                               approximate + "\"");
+      attrs.Fail("approximate must be \"none\" or \"tanh\", got \"" + approximate + "\"");
     tanh = approximate == "tanh";
     gelu_tables(tanh);
   }

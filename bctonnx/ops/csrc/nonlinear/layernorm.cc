@@ -480,9 +480,36 @@ BCT_AVX512CD void layernorm_rows_avx512(const Blocking& bl, const LnParams& pp, 
 }
 #endif
 
+// gamma, gamma_scale, beta, beta_scale (ref: int_layernorm): int8 codes [H] and pow2 scales
+// [ceil(H / B)], H in 1..4096; their H, or an error "bctonnx.IntLayerNorm: ..." naming the input.
+// `x_h`: x's last axis (run time), or -1 (session creation: x unknown yet).
+int64_t CheckAffineShapes(const Dims (&shape)[4], int64_t block, int64_t x_h) {
+  auto fail = [](const std::string& what) {
+    throw std::runtime_error("bctonnx.IntLayerNorm: " + what);
+  };
+  const Dims& gamma = shape[0];
+  if (gamma.size() != 1 || gamma[0] < 1 || gamma[0] > kLnMaxH)
+    fail("gamma must have shape [H] with H in 1.." + std::to_string(kLnMaxH) + ", got " +
+         shape_str(gamma));
+  const int64_t h = gamma[0];
+  if (shape[2] != gamma) fail("beta must have gamma's shape " + shape_str(gamma) + ", got " + shape_str(shape[2]));
+  if (x_h >= 0 && h != x_h)
+    fail("gamma and beta must have H = " + std::to_string(x_h) + " elements (x's last axis), got " +
+         std::to_string(h));
+  Dims want;
+  want.n = 1;
+  want[0] = num_blocks(h, block);
+  const char* names[4] = {"gamma", "gamma_scale", "beta", "beta_scale"};
+  for (int i : {1, 3})
+    if (shape[i] != want)
+      fail(std::string(names[i]) + " must have shape [ceil(H / block_size)] = " + shape_str(want) +
+           ", got " + shape_str(shape[i]));
+  return h;
+}
+
 struct IntLayerNormKernel {
-  int64_t block_size;
-  bool simd;
+  int64_t block_size = 0;
+  bool simd = false;
   float epsilon = 1e-5f;
   uint32_t eps_mant = 0;
   int eps_ex = 0;
@@ -493,52 +520,43 @@ struct IntLayerNormKernel {
                                       ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
   static constexpr std::array kOutputs{ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
   static constexpr size_t kRequiredInputs = 6;
-  IntLayerNormKernel(const OrtApi& api, const OrtKernelInfo* info)
-      : block_size(read_block_size(info, "IntLayerNorm")), simd(read_simd(info, "IntLayerNorm")) {
-    Ort::ConstKernelInfo ki(info);
-    try {
-      epsilon = ki.GetAttribute<float>("epsilon");
-    } catch (const Ort::Exception&) {
-      epsilon = 1e-5f;
-    }
+  IntLayerNormKernel(const OrtApi&, const OrtKernelInfo* info) {
+    const Attributes attrs(info, kName);
+    block_size = attrs.Int("block_size", 1, kMaxNonlinearBlock);
+    simd = read_simd(attrs);
+    epsilon = attrs.Float("epsilon", 1e-5f);
     if (!(epsilon >= 0.0f) || !std::isfinite(epsilon))
-      throw std::runtime_error("IntLayerNorm: epsilon must be finite and >= 0");
+      attrs.Fail("epsilon must be finite and >= 0, got " + std::to_string(epsilon));
     uint32_t bits;  // epsilon = mant * 2^ex exactly
     std::memcpy(&bits, &epsilon, sizeof bits);
     const uint32_t ef = (bits >> 23) & 0xFFu, mf = bits & 0x7FFFFFu;
     eps_mant = ef == 0 ? mf : (mf | 0x800000u);
     eps_ex = ef == 0 ? -149 : static_cast<int>(ef) - 150;
-    constant_affine(api, info);
+    constant_affine(attrs, info);
   }
 
   // gamma/beta and their scales as constant initializers of the session (the case in every
-  // model bctonnx writes): read, checked and converted once here, so a call reads only x and
-  // x_scale. Anything else (inputs computed at run time, or values a call would reject) takes
-  // the per-call path, which validates and reports.
+  // model bctonnx writes): checked (shapes, pow2 scales) and converted once here, so a call
+  // reads only x and x_scale. Computed at run time (any of the four): checked on every call.
   std::shared_ptr<const LnParams> const_params;
   int64_t const_h = -1;
-  void constant_affine(const OrtApi& api, const OrtKernelInfo* info) {
+  void constant_affine(const Attributes& attrs, const OrtKernelInfo* info) {
     const OrtValue* v[4];
+    Dims shape[4];
     for (size_t i = 0; i < 4; ++i) {
-      int is_const = 0;
-      OrtStatus* st = api.KernelInfoGetConstantInput_tensor(info, 2 + i, &is_const, &v[i]);
-      if (st != nullptr) {
-        api.ReleaseStatus(st);
-        return;
-      }
-      if (!is_const || v[i] == nullptr) return;
+      v[i] = constant_input(info, 2 + i);
+      if (v[i] == nullptr) return;
+      shape[i] = KernelArgs::shape(v[i]);
     }
+    const int64_t h = CheckAffineShapes(shape, block_size, -1);
+    const Blocking bl{1, h, num_blocks(h, block_size), block_size};
     try {
-      const int64_t h = KernelArgs::shape(v[0]).count();
-      if (h < 1 || h > kLnMaxH || KernelArgs::shape(v[2]).count() != h) return;
-      const Blocking bl{1, h, num_blocks(h, block_size), block_size};
-      if (KernelArgs::shape(v[1]).count() != bl.nb || KernelArgs::shape(v[3]).count() != bl.nb) return;
       const_params = affine_params(KernelArgs::data<int8_t>(v[0]), KernelArgs::data<float>(v[1]),
                                    KernelArgs::data<int8_t>(v[2]), KernelArgs::data<float>(v[3]), bl);
-      const_h = h;
-    } catch (const std::exception&) {  // e.g. a scale that is not a power of two: per call
-      const_params.reset();
+    } catch (const std::runtime_error& e) {  // a scale that is not a power of two
+      attrs.Fail(std::string("gamma_scale / beta_scale: ") + e.what());
     }
+    const_h = h;
   }
 
   // gamma/beta are initializers in practice: their integer form is built once and reused while
@@ -622,20 +640,23 @@ struct IntLayerNormKernel {
     if (h > kLnMaxH)
       throw std::runtime_error("IntLayerNorm: H must be <= 4096, got " + std::to_string(h));
     std::shared_ptr<const LnParams> params;
-    if (const_params && h == const_h) {
+    if (const_params) {
+      if (h != const_h)
+        throw std::runtime_error("bctonnx.IntLayerNorm: gamma and beta must have H = " +
+                                 std::to_string(h) + " elements (x's last axis), got " +
+                                 std::to_string(const_h));
       params = const_params;
     } else {
-      const OrtValue* in[6] = {x, x_scale};
-      for (size_t i = 2; i < 6; ++i) in[i] = args.input(i);
-      if (KernelArgs::shape(in[2]).count() != h || KernelArgs::shape(in[4]).count() != h)
-        throw std::runtime_error("IntLayerNorm: gamma and beta must have H = " + std::to_string(h) +
-                                 " elements");
-      if (KernelArgs::shape(in[3]).count() != bl.nb || KernelArgs::shape(in[5]).count() != bl.nb)
-        throw std::runtime_error("IntLayerNorm: gamma_scale and beta_scale must have ceil(H/B) = " +
-                                 std::to_string(bl.nb) + " elements");
-      if (bl.rows > 0 && h > 0)
-        params = affine_params(KernelArgs::data<int8_t>(in[2]), KernelArgs::data<float>(in[3]),
-                               KernelArgs::data<int8_t>(in[4]), KernelArgs::data<float>(in[5]), bl);
+      const OrtValue* in[4];
+      Dims shape[4];
+      for (size_t i = 0; i < 4; ++i) {
+        in[i] = args.input(2 + i);
+        shape[i] = KernelArgs::shape(in[i]);
+      }
+      CheckAffineShapes(shape, block_size, h);
+      if (bl.rows > 0)
+        params = affine_params(KernelArgs::data<int8_t>(in[0]), KernelArgs::data<float>(in[1]),
+                               KernelArgs::data<int8_t>(in[2]), KernelArgs::data<float>(in[3]), bl);
     }
     int8_t* yo = args.output<int8_t>(0, xshape);
     float* so = args.output<float>(1, sshape);

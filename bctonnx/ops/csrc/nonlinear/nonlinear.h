@@ -20,7 +20,7 @@
 // Rows are independent and split over ORT's intra-op thread pool (KernelContext::ParallelFor);
 // scratch memory is per thread and reused across calls. Validation (shapes, pow2 scales, mask
 // values) happens before the parallel section: nothing throws inside it.
-// The node attribute `simd` (int, default 1; 0 = portable kernels) exists for the tests.
+// The node attribute `simd` (0 or 1, default 1; 0 = portable kernels) exists for the tests.
 #pragma once
 
 #include <algorithm>
@@ -169,38 +169,16 @@ inline Blocking check_blocked(const Dims& xs, const Dims& ss, int64_t block_size
   return bl;
 }
 
-inline int64_t read_block_size(const OrtKernelInfo* info, const char* op) {
-  Ort::ConstKernelInfo ki(info);
-  int64_t b = 0;
-  try {
-    b = ki.GetAttribute<int64_t>("block_size");
-  } catch (const Ort::Exception&) {
-    throw std::runtime_error(std::string(op) + ": attribute block_size is required");
-  }
-  if (b < 1 || b > 4096)
-    throw std::runtime_error(std::string(op) + ": block_size must be in 1..4096, got " +
-                             std::to_string(b));
-  return b;
-}
+// The block size of a nonlinear op's input: 1..4096 (the kernels' row scratch and LayerNorm's
+// bounds).
+constexpr int64_t kMaxNonlinearBlock = 4096;
 
-// AVX-512 kernels allowed? Attribute `simd` (tests only; 0 forces the portable kernels) and
-// the library-wide choice (platform.h: BCTONNX_ISA, read when a session creates the kernel;
-// avx2 and scalar mean the portable kernels here, amx the AVX-512 ones).
-inline bool read_simd(const OrtKernelInfo* info, const char* op) {
-  Ort::ConstKernelInfo ki(info);
-  bool simd = true;
-  try {
-    simd = ki.GetAttribute<int64_t>("simd") != 0;
-  } catch (const Ort::Exception&) {
-  }
-  Isa isa = kScalar;
-  try {
-    isa = ChooseIsa();
-  } catch (const std::runtime_error& e) {
-    throw std::runtime_error(std::string(op) + ": " + e.what());
-  }
-  if (isa < kAvx512) return false;  // BCTONNX_ISA=avx2|scalar: the portable kernels
-  return simd;
+// AVX-512 kernels allowed? Attribute `simd` (0 or 1, default 1; tests only: 0 forces the
+// portable kernels) and the library-wide choice (platform.h: BCTONNX_ISA, read when a session
+// creates the kernel; avx2 and scalar mean the portable kernels here, amx the AVX-512 ones).
+inline bool read_simd(const Attributes& attrs) {
+  const bool simd = attrs.Bool("simd", true);
+  return simd && ChooseIsa() >= kAvx512;
 }
 
 #if BCT_X86

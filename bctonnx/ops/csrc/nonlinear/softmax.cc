@@ -690,15 +690,18 @@ void softmax_rows(const Blocking& bl, const int8_t* x, const int16_t* ex, const 
 namespace {
 
 struct IntSoftmaxKernel {
-  int64_t block_size;
-  bool simd;
+  int64_t block_size = 0;
+  bool simd = false;
   static constexpr const char* kName = "IntSoftmax";
   static constexpr std::array kInputs{ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
                                       ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};  // x, x_scale, mask
   static constexpr std::array kOutputs{ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8};
   static constexpr size_t kRequiredInputs = 2;
-  IntSoftmaxKernel(const OrtApi&, const OrtKernelInfo* info)
-      : block_size(read_block_size(info, "IntSoftmax")), simd(read_simd(info, "IntSoftmax")) {}
+  IntSoftmaxKernel(const OrtApi&, const OrtKernelInfo* info) {
+    const Attributes attrs(info, kName);
+    block_size = attrs.Int("block_size", 1, kMaxNonlinearBlock);
+    simd = read_simd(attrs);
+  }
   void Compute(OrtKernelContext* ctx) {
     const KernelArgs args(ctx);
     const OrtValue* x = args.input(0);
