@@ -135,6 +135,7 @@ def calibration_set(
     if texts is None:
         texts, source = default_corpus(), source or f"bctonnx/data/{CORPUS_FILE}"
     tokenizer = load_tokenizer(tokenizer_dir)
+    max_length = min(max_length, _max_positions(Path(tokenizer_dir), tokenizer))
     lengths = []
     chosen: list[Text] = []
     total = 0
@@ -172,6 +173,25 @@ def calibration_set(
     # interleave short and long batches so the held-out ones are a fair sample
     order = np.argsort([(i * 7919) % max(len(batches), 1) for i in range(len(batches))])
     return Calibration([batches[i] for i in order], source or "(texts)")
+
+
+def _max_positions(model_dir: Path, tokenizer) -> int:
+    """The longest sequence the model takes: its config's position count (RoBERTa's two
+    offset positions left out), else the tokenizer's limit."""
+    import json
+
+    limit = int(min(getattr(tokenizer, "model_max_length", 1 << 30) or (1 << 30), 1 << 30))
+    config = model_dir / "config.json"
+    if config.is_file():
+        try:
+            data = json.loads(config.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return limit
+        positions = data.get("max_position_embeddings")
+        if isinstance(positions, int) and positions > 2:
+            offset = 2 if data.get("model_type") in ("roberta", "xlm-roberta", "camembert") else 0
+            limit = min(limit, positions - offset)
+    return limit
 
 
 def subgraph(

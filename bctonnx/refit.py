@@ -34,6 +34,7 @@ import numpy as np
 
 ALPHAS = (1e-6, 1e-5, 1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 SELECT_ALPHA = 1e-3  # ridge while choosing what to remove (only to keep G invertible)
+OBS_STEPS = 96  # G^-1 updates of a greedy removal of single features
 
 
 class Gram:
@@ -91,7 +92,7 @@ def error(w: np.ndarray, g: np.ndarray, c: np.ndarray, yy: float, keep: Sequence
     """Summed squared error of weights ``w`` (rows: keep + bias) on the tokens behind g, c."""
     rows = _rows(keep, g.shape[0] - 1)
     gs, cs = g[np.ix_(rows, rows)], c[rows]
-    return float(np.einsum("ij,ik,kj->", w, gs, w) - 2 * np.einsum("ij,ij->", w, cs) + yy)
+    return float((w * (gs @ w)).sum() - 2 * (w * cs).sum() + yy)
 
 
 def choose_alpha(gram: Gram, keep: Sequence[int], alphas: Sequence[float] = ALPHAS) -> float:
@@ -123,30 +124,32 @@ def obs_prune(gram: Gram, groups: Sequence[Sequence[int]], remove: int) -> list[
     w = hinv @ c  # the least-squares solution with every input
     alive = list(range(len(groups)))
     removed: list[int] = []
-    sizes = {len(s) for s in groups}
-    for _ in range(remove):
-        if sizes == {1}:
+    # single features go a few at a time (the cheapest ``chunk`` by their own scores, then
+    # the joint update): about OBS_STEPS updates of G^-1 whatever the count
+    chunk = max(1, -(-remove // OBS_STEPS)) if all(len(s) == 1 for s in groups) else 1
+    while len(removed) < remove:
+        if chunk > 1 or all(len(groups[a]) == 1 for a in alive):
             idx = np.array([groups[a][0] for a in alive])
-            scores = (w[idx] ** 2).sum(1) / np.diag(hinv)[idx]
-            pick = alive[int(np.argmin(scores))]
+            scores = list((w[idx] ** 2).sum(1) / np.diag(hinv)[idx])
         else:
-            best, pick = np.inf, -1
+            scores = []
             for a in alive:
                 s = list(groups[a])
                 inv_ss = np.linalg.inv(hinv[np.ix_(s, s)])
-                score = float(np.einsum("ij,ik,kj->", w[s], inv_ss, w[s]))
-                if score < best:
-                    best, pick = score, a
-        s = list(groups[pick])
+                scores.append(float((w[s] * (inv_ss @ w[s])).sum()))
+        take = min(chunk, remove - len(removed))
+        picks = [alive[i] for i in np.argsort(scores, kind="stable")[:take]]
+        s = [j for p in picks for j in groups[p]]
         inv_ss = np.linalg.inv(hinv[np.ix_(s, s)])
         w -= hinv[:, s] @ (inv_ss @ w[s])
-        hinv -= hinv[:, s] @ inv_ss @ hinv[s, :]
+        hinv -= (hinv[:, s] @ inv_ss) @ hinv[s, :]
         w[s] = 0.0
         hinv[s, :] = 0.0
         hinv[:, s] = 0.0
-        hinv[s, s] = 1.0  # a removed row: isolated, never picked again
-        alive.remove(pick)
-        removed.append(pick)
+        hinv[s, s] = 1.0  # removed rows: isolated, never picked again
+        for p in picks:
+            alive.remove(p)
+        removed.extend(picks)
     del k
     return removed
 

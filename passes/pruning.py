@@ -69,10 +69,12 @@ def kept_count(width: int, fraction: float, quantum: int) -> int:
 
 def alignment(weight_block: int, act_block: int, width: int) -> int:
     """The quantum of a pruned width: a multiple of the weight and activation blocks (so the
-    smaller matrix quantizes as usual), and of the kernels' 128 where the width is one."""
+    smaller matrix quantizes as usual), and of the kernels' 128 where the width is at least
+    four of them."""
     q = math.lcm(weight_block, act_block)
-    if width % math.lcm(q, KERNEL_TILE) == 0:
-        q = math.lcm(q, KERNEL_TILE)
+    tile = math.lcm(q, KERNEL_TILE)
+    if width % tile == 0 and width // tile >= 4:  # wide enough to keep several choices
+        q = tile
     return q
 
 

@@ -65,6 +65,7 @@
 #include <tuple>
 
 #include "common.h"
+#include "nm_sparsity.h"
 
 namespace bct {
 namespace {
@@ -1510,7 +1511,7 @@ bool IsInt4(const Ort::ConstKernelInfo& info, size_t index) {
 
 enum Input : size_t {
   kX = 0, kXScale, kCodes, kScales, kScaleBase, kZeroPoints, kBias, kYMul, kResidual,
-  kResidualScale, kMultipliers, kNumInputs
+  kResidualScale, kMultipliers, kNMPattern, kNumInputs
 };
 enum Output : size_t { kY = 0, kYQ, kYScale, kSegments, kNumOutputs };
 
@@ -1588,6 +1589,17 @@ struct BlockMatMulKernel {
     std::vector<int32_t> scodes = ConstInts(info, kScales, "w_scales", &sshape, true);
     const std::vector<int32_t> base = ConstInts(info, kScaleBase, "w_scale_base", &bshape, false);
     std::vector<int32_t> zps = ConstInts(info, kZeroPoints, "w_zero_points", &zshape, false);
+    // --- N:M-sparse weights (nm_sparsity.h): kept codes + patterns -> dense codes, once ---
+    static const int64_t kDense = 0;
+    const int64_t nm_m = int_attribute(info, "BlockMatMul", "nm_m", &kDense);
+    if (nm_m > 0) {
+      std::vector<int64_t> pshape;
+      const std::vector<int32_t> pattern =
+          ConstInts(info, kNMPattern, "w_nm_pattern", &pshape, true);
+      const int64_t nm_n = int_attribute(info, "BlockMatMul", "nm_n", nullptr);
+      codes = ExpandNMCodes(codes, cshape, pattern, pshape, nm_n, nm_m, zps, block, &cshape);
+    }
+    // --- end of N:M ---
     if (cshape.size() != 2) Fail("w_codes must be [K, N], got " + shape_str(cshape));
     if (superblock > 0) {
       WidenSuperblocks(info, block, cshape, codes, zps, zshape);
