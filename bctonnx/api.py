@@ -111,8 +111,11 @@ def prune_context(
 
     texts = read_calibration_texts(config.calib_texts) if config.calib_texts else None
     names = [v.name for v in model.graph.inputs]
-    calib = calibration_set(tokenizer_dir, names, texts, source=config.calib_texts)
-    return PruneContext(calib)
+    if tokenizer_dir is None:  # the one-line error now, not after minutes of passes
+        calibration_set(None, names)
+    return PruneContext(
+        lambda: calibration_set(tokenizer_dir, names, texts, source=config.calib_texts)
+    )
 
 
 def _run(
@@ -127,7 +130,7 @@ def _run(
         summaries = run_pipeline(model, config, progress=progress, prune=context)
     if report is not None and context is not None:
         report.pruning = context.records
-        report.calibration_tokens = context.calibration.tokens
+        report.calibration_tokens = context.tokens
     return summaries
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,11 +35,24 @@ KERNEL_TILE = 128  # widths that are multiples of it stay so (BlockMatMul's 128-
 
 @dataclass
 class PruneContext:
-    """Calibration text, the reference model and what the passes did (one record per layer)."""
+    """Calibration text (tokenized when a pass first reads it: ``source`` is the tokenized
+    set or a function that makes it), the reference model and what the passes did (one
+    record per layer)."""
 
-    calibration: Calibration
+    source: Calibration | Callable[[], Calibration]
     reference: onnx.ModelProto | None = None
     records: list[dict] = field(default_factory=list)
+
+    @property
+    def calibration(self) -> Calibration:
+        if not isinstance(self.source, Calibration):
+            self.source = self.source()
+        return self.source
+
+    @property
+    def tokens(self) -> int:
+        """Calibration tokens read (0 when no pass needed them)."""
+        return self.source.tokens if isinstance(self.source, Calibration) else 0
 
     def reference_of(self, model: ir.Model) -> onnx.ModelProto:
         if self.reference is None:

@@ -65,6 +65,8 @@ class SparsifyNM(ir.passes.InPlacePass):
                 continue
             if len(list(node.inputs[1].uses())) != 1:
                 continue  # a shared weight: the pattern by magnitude when it is quantized
+            if _is_nm_sparse(lin.weight, *fmt.nm):
+                continue  # already sparse (a model this pass has seen): nothing to do
             seen.add(id(node.inputs[1]))
             layers.append((lin, fmt))
         if not layers:
@@ -98,3 +100,11 @@ class SparsifyNM(ir.passes.InPlacePass):
                 set_linear(model.graph, lin, w2, b2 if lin.add is not None else None)
                 done += 1
         return ir.passes.PassResult(model, modified=bool(done))
+
+
+def _is_nm_sparse(w: np.ndarray, n: int, m: int) -> bool:
+    """Every group of ``m`` along K of ``w`` [K, N] has at most ``n`` nonzero weights."""
+    k = w.shape[0]
+    if k % m:
+        return False
+    return bool(((w.reshape(k // m, m, -1) != 0).sum(axis=1) <= n).all())
