@@ -89,7 +89,9 @@ def _nm_model(w, act_block: int, bias: np.ndarray) -> onnx.ModelProto:
     graph = model.graph
     codes = next(t for t in graph.initializer if t.name == "w_codes")
     dtype = TensorProto.INT4 if w.fmt.packed else TensorProto.INT8
-    codes.CopyFrom(helper.make_tensor("w_codes", dtype, list(kept.shape), kept.reshape(-1).tolist()))
+    codes.CopyFrom(
+        helper.make_tensor("w_codes", dtype, list(kept.shape), kept.reshape(-1).tolist())
+    )
     ptype = TensorProto.UINT4 if w.fmt.pattern_bits() == 4 else TensorProto.INT8
     graph.initializer.append(
         helper.make_tensor("w_nm", ptype, list(pattern.shape), pattern.reshape(-1).tolist())
