@@ -10,7 +10,8 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper
-from test_matmul import W4, W4SB, W8, activations, isas, matmul_model, run  # noqa: F401 (isas: a fixture)
+from test_matmul import W4, W4SB, W8, activations, matmul_model, run
+from test_matmul import isas as isas  # a fixture
 
 import bctonnx
 from bctonnx.blockformat import (
@@ -107,7 +108,7 @@ def _nm_model(w, act_block: int, bias: np.ndarray) -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize("fmt", NM_FORMATS[:3], ids=lambda f: f.describe())
-def test_block_matmul_expands_nm_weights_bit_exact(fmt, isas, monkeypatch):
+def test_block_matmul_expands_nm_weights_bit_exact(fmt, isas, monkeypatch):  # noqa: F811
     k, n, act_block = 256, 24, 32
     rng = np.random.default_rng(3)
     w = quantize(rng.standard_normal((k, n)).astype(np.float32) * 0.05, fmt.with_axis(0))
