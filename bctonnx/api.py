@@ -26,7 +26,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from bctonnx.passes import PassError, run_pipeline
+from bctonnx.passes import PassError, build_pipeline, run_pipeline
 from bctonnx.passes.pipeline import PassSummary
 
 from .blockformat import BlockSizeError
@@ -228,6 +228,26 @@ def compress(
     Kept as it always was for existing callers; use `compress_model` for the report.
     """
     return compress_model(model, preset, **overrides).model
+
+
+def structured_model(
+    model: ModelInput, config: CompressionConfig, tokenizer_dir=None, base_dir=None
+) -> onnx.ModelProto:
+    """The FP32 model after canonicalize and the config's pruning / N:M passes only (no
+    quantization): what a search compresses many times without redoing the refits."""
+    from bctonnx.passes import Canonicalize
+    from bctonnx.passes.prune_ffn import PruneFFN
+    from bctonnx.passes.prune_heads import PruneHeads
+    from bctonnx.passes.sparsify_nm import SparsifyNM
+
+    ir_model, _ = load_input(model, base_dir)
+    context = prune_context(ir_model, config, tokenizer_dir)
+    with user_errors():
+        for p in build_pipeline(config, context):
+            if isinstance(p, (Canonicalize, PruneHeads, PruneFFN, SparsifyNM)):
+                p(ir_model)
+    ir.external_data.load_to_model(ir_model)
+    return ir.serde.serialize_model(ir_model)
 
 
 def _search(model, config: CompressionConfig, tokenizer, base_dir):

@@ -60,7 +60,8 @@ class CompressionConfig:
     def needs_calibration(self) -> bool:
         """Whether compressing with this config reads calibration text."""
         nm = any(
-            f is not None and f.nm for f in [self.weights, *(f for _, f in self.weight_overrides)]
+            f is not None and f.nm_m > 0
+            for f in [self.weights, *(f for _, f in self.weight_overrides)]
         )
         pruned = self.prune_ffn > 0 or self.prune_heads > 0
         return pruned or nm or any(f > 0 for _, f in self.prune_overrides)

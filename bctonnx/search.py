@@ -393,15 +393,19 @@ def search_ratio(
 
     weight_groups = {g.name: g for g in groups if g.kind == "weight"}
 
-    def weight_bytes(g: Group, choice: int | None = None) -> int:
+    def weight_bytes(g: Group) -> float:
+        """Stored bytes of a weight (and its bias) at its choice and pruned shape; infinite
+        when the pruned K is not a multiple of the chosen format's block."""
         fk, fn = keep_factor(g.name)
         k, n = g.shape
         k2, n2 = round(k * fk), round(n * fn)
-        fmt = _fits(g.choices[g.current if choice is None else choice].fmt, k2)
-        return (fmt or config.weights).bytes_for((k2, n2)) + FLOAT_BYTES * n2
+        fmt = _fits(g.choices[g.current].fmt, k2)
+        if fmt is None:
+            return math.inf
+        return fmt.bytes_for((k2, n2)) + FLOAT_BYTES * n2
 
-    def total_bytes() -> int:
-        return int(other + sum(weight_bytes(g) for g in weight_groups.values()))
+    def total_bytes() -> float:
+        return other + sum(weight_bytes(g) for g in weight_groups.values())
 
     # start: the most accurate choice everywhere
     for g in groups:
@@ -419,7 +423,7 @@ def search_ratio(
                     g.current = j
                     saved = now - total_bytes()
                     g.current = old
-                    if saved <= 0:
+                    if not saved > 0 or math.isinf(saved):
                         continue
                     cost = (c.error - g.choices[old].error) / saved
                     if best is None or cost < best[0]:
