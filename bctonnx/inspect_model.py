@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import onnx_ir as ir
@@ -137,6 +137,8 @@ def planning_passes(config: CompressionConfig, prune=None) -> list[ir.passes.Pas
 
 
 def _scale_text(fmt: BlockFormat, stored: bool) -> str:
+    if fmt.nm_m:  # N:M-sparse: kept codes + a pattern per group, then the scales
+        return f"{fmt.nm_n}:{fmt.nm_m} " + _scale_text(replace(fmt, nm_n=0, nm_m=0), stored)
     if not stored:
         return "fp32 at run time"
     if fmt.scale_kind == "pow2":

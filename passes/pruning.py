@@ -178,10 +178,12 @@ def set_linear(
     bias: np.ndarray | None,
     *,
     bias_shape_like: bool = True,
+    suffix: str = "pruned",
 ) -> None:
-    """Give a linear layer new constants (fresh initializers; the old ones become unused)."""
-    name = lin.matmul.inputs[1].name or lin.name
-    w = new_initializer(graph, f"{name}.pruned", np.ascontiguousarray(weight, np.float32))
+    """Give a linear layer new constants (fresh initializers named ``<old>.<suffix>``; the
+    old ones become unused)."""
+    name = (lin.matmul.inputs[1].name or lin.name).removesuffix(".pruned")
+    w = new_initializer(graph, f"{name}.{suffix}", np.ascontiguousarray(weight, np.float32))
     lin.matmul.replace_input_with(1, w)
     if bias is not None and lin.add is not None:
         old = lin.bias_value
@@ -190,7 +192,8 @@ def set_linear(
         old_arr = lin.bias
         if bias_shape_like and old_arr is not None and old.shape is not None:
             b = b.reshape([1] * (len(old.shape) - 1) + [-1])
-        lin.add.replace_input_with(index, new_initializer(graph, f"{old.name}.pruned", b))
+        base = (old.name or name).removesuffix(".pruned")
+        lin.add.replace_input_with(index, new_initializer(graph, f"{base}.{suffix}", b))
 
 
 def set_reshape_target(graph: ir.Graph, node: ir.Node, target: Sequence[int]) -> None:

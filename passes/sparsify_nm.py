@@ -97,7 +97,7 @@ class SparsifyNM(ir.passes.InPlacePass):
                     {"kind": "nm", "layer": lin.name, "nm": f"{n}:{m}", "rel_error": rel}
                 )
                 log.info("sparsify_nm %s: %d:%d, relative output error %.4f", lin.name, n, m, rel)
-                set_linear(model.graph, lin, w2, b2 if lin.add is not None else None)
+                set_linear(model.graph, lin, w2, b2 if lin.add is not None else None, suffix="nm")
                 done += 1
         return ir.passes.PassResult(model, modified=bool(done))
 

@@ -252,3 +252,65 @@ def test_pruned_model_compresses_and_runs_in_both_forms(tiny_bert_dir, tmp_path,
     shapes = {t.name: list(t.dims) for t in pruned.model.graph.initializer if len(t.dims) == 2}
     assert not any(64 * 2 in s for s in shapes.values())  # no 128-wide FFN matrix left
     onnx.checker.check_model(pruned.model)
+
+
+# --- the ratio search, inspect, CLI -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_texts(tmp_path_factory):
+    """The first 600 lines of the package's corpus (~11k tokens): enough for the tiny BERT."""
+    from importlib import resources
+
+    lines = resources.files("bctonnx.data").joinpath("calibration.txt").read_text().splitlines()
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text("\n".join(lines[:600]) + "\n")
+    return str(path)
+
+
+def test_target_ratio_search_reaches_the_ratio_and_says_what_it_chose(
+    tiny_bert_dir, tmp_path, small_texts, capsys
+):
+    plain = bctonnx.compress_model(tiny_bert_dir, "w8a8", block_size=16)
+    target = round(plain.report.ratio * 1.12, 2)
+    out = tmp_path / "searched"
+    code = main(["compress", str(tiny_bert_dir), "-o", str(out), "--block-size", "16",
+                 "--target-ratio", str(target), "--calib-texts", small_texts])  # fmt: skip
+    text = capsys.readouterr().out
+    assert code == 0
+    assert f"target ratio {target:g} reached" in text
+    ratio = float(text.split("compression ratio ")[1].split("x")[0])
+    assert ratio >= target
+    assert "chosen configuration (per layer):" in text
+    # every linear layer has a line, every block a pruning choice
+    assert text.count("/encoder/layer.") >= 12 + 4
+    a = run_onnx(out / "model.onnx", tiny_feeds())["last_hidden_state"]
+    b = run_onnx(plain.model, tiny_feeds())["last_hidden_state"]
+    cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    assert cos.mean() > 0.95
+
+
+def test_inspect_runs_the_pruning_and_shows_it(tiny_bert_dir, small_texts, capsys):
+    code = main(["inspect", str(tiny_bert_dir), "--block-size", "16", "--prune-ffn", "0.5",
+                 "--sparsity", "2:4", "--calib-texts", small_texts])  # fmt: skip
+    text = capsys.readouterr().out
+    assert code == 0
+    assert "FFN neurons 128 -> 64" in text and "2:4 /encoder/layer.0/output/dense/MatMul" in text
+    # the pruned FFN matrices are listed at their new shapes, in the 2:4 format
+    rows = [line.split() for line in text.splitlines() if ".nm " in line]
+    assert len(rows) == 12 and all(r[1] == "[64," for r in rows[:1])
+    assert all("2:4" in r for r in rows)
+    ffn = [r for r in rows if r[1:3] in (["[64,", "64]"],)]
+    assert len(ffn) >= 4  # FFN matrices 64 wide: W1 [64, 64] and W2 [64, 64] of both layers
+
+
+def test_eval_config_file_takes_the_new_keywords(tmp_path):
+    from bctonnx.evaluate import load_config_file
+
+    path = tmp_path / "c.json"
+    path.write_text('{"name": "p", "preset": "w8a8", "prune_ffn": 0.5, "sparsity": "2:4"}')
+    [(name, config)] = load_config_file(path)
+    assert config.prune_ffn == 0.5 and config.weights.nm == (2, 4)
+    path.write_text('{"prune_ffn": "half"}')
+    with pytest.raises(BctError, match="prune_ffn must be float"):
+        load_config_file(path)
