@@ -141,6 +141,4 @@ class PruneFFN(ir.passes.InPlacePass):
         )
         w1, b1 = block.up.weight, block.up.bias
         set_linear(graph, block.up, w1[:, kept], None if b1 is None else b1[kept])
-        set_linear(graph, block.down, w, b if block.down.add is not None else None)
-        if block.down.add is None and np.abs(b).max() > 0:
-            log.warning("prune_ffn %s: no bias to compensate in; refit without it", block.down.name)
+        set_linear(graph, block.down, w, b)

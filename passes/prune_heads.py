@@ -150,7 +150,7 @@ class PruneHeads(ir.passes.InPlacePass):
         for lin in (block.q, block.k, block.v):
             bias = lin.bias
             set_linear(graph, lin, lin.weight[:, cols], None if bias is None else bias[cols])
-        set_linear(graph, block.o, w, b if block.o.add is not None else None)
+        set_linear(graph, block.o, w, b)
         for split in block.splits:
             set_reshape_target(graph, split, [0, -1, keep, d])
         set_reshape_target(graph, block.merge, [0, 0, keep * d])

@@ -25,7 +25,7 @@ from bctonnx.calibration import Calibration, Runner, token_rows
 from bctonnx.refit import Gram
 
 from .canonicalize import infer_shapes
-from .common import new_initializer
+from .common import new_initializer, take_over
 from .encoder_layers import Linear
 
 log = logging.getLogger(__name__)
@@ -177,23 +177,31 @@ def set_linear(
     weight: np.ndarray,
     bias: np.ndarray | None,
     *,
-    bias_shape_like: bool = True,
     suffix: str = "pruned",
 ) -> None:
     """Give a linear layer new constants (fresh initializers named ``<old>.<suffix>``; the
-    old ones become unused)."""
+    old ones become unused). A layer without a bias Add gets one when ``bias`` is not None
+    (the refits compensate into the bias)."""
     name = (lin.matmul.inputs[1].name or lin.name).removesuffix(".pruned")
     w = new_initializer(graph, f"{name}.{suffix}", np.ascontiguousarray(weight, np.float32))
     lin.matmul.replace_input_with(1, w)
-    if bias is not None and lin.add is not None:
-        old = lin.bias_value
-        index = 1 if lin.add.inputs[0] is lin.matmul.outputs[0] else 0
-        b = np.ascontiguousarray(bias, np.float32)
-        old_arr = lin.bias
-        if bias_shape_like and old_arr is not None and old.shape is not None:
-            b = b.reshape([1] * (len(old.shape) - 1) + [-1])
-        base = (old.name or name).removesuffix(".pruned")
-        lin.add.replace_input_with(index, new_initializer(graph, f"{base}.{suffix}", b))
+    if bias is None:
+        return
+    b = np.ascontiguousarray(bias, np.float32)
+    if lin.add is None:
+        value = new_initializer(graph, f"{name}.{suffix}_bias", b)
+        out = lin.matmul.outputs[0]
+        add = ir.Node("", "Add", [out, value], name=f"{lin.name}/bias_compensation")
+        graph.insert_after(lin.matmul, add)
+        take_over(out, add.outputs[0], reader=add)
+        lin.add = add
+        return
+    old = lin.bias_value
+    index = 1 if lin.add.inputs[0] is lin.matmul.outputs[0] else 0
+    if old.shape is not None:
+        b = b.reshape([1] * (len(old.shape) - 1) + [-1])
+    base = (old.name or name).removesuffix(".pruned")
+    lin.add.replace_input_with(index, new_initializer(graph, f"{base}.{suffix}", b))
 
 
 def set_reshape_target(graph: ir.Graph, node: ir.Node, target: Sequence[int]) -> None:

@@ -86,7 +86,7 @@ class SparsifyNM(ir.passes.InPlacePass):
             for lin, fmt in readers:
                 w, b = lin.weight, lin.bias
                 n, m = fmt.nm
-                w2, b2 = sparsegpt_nm(w, b if lin.add is not None else None, g, n, m)
+                w2, b2 = sparsegpt_nm(w, b, g, n, m)  # no bias: one is added (compensation)
                 # the output error the sparsity leaves, relative to the layer's output
                 dw = np.concatenate([w2 - w, (b2 - (b if b is not None else 0))[None]])
                 full = np.concatenate([w, (b if b is not None else np.zeros(w.shape[1]))[None]])
@@ -97,7 +97,7 @@ class SparsifyNM(ir.passes.InPlacePass):
                     {"kind": "nm", "layer": lin.name, "nm": f"{n}:{m}", "rel_error": rel}
                 )
                 log.info("sparsify_nm %s: %d:%d, relative output error %.4f", lin.name, n, m, rel)
-                set_linear(model.graph, lin, w2, b2 if lin.add is not None else None, suffix="nm")
+                set_linear(model.graph, lin, w2, b2, suffix="nm")
                 done += 1
         return ir.passes.PassResult(model, modified=bool(done))
 
