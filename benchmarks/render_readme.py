@@ -264,7 +264,7 @@ def render_pruning(data: dict) -> str:
         by = {r["model"]: r for r in bench["records"] if r["status"] == "ok"}
         lines += [
             "",
-            f"Speed, one `bctonnx bench` run ({bench['model']}, onnxruntime "
+            f"Speed, one `bctonnx bench` run (MiniLM {Path(bench['model']).parent.name}, onnxruntime "
             f"{bench['onnxruntime']}, {bench['cpu']}, {bench['threads']} threads, median of "
             f"{bench['runs']} interleaved runs); vs plain = latency / the same preset and form "
             "unpruned:",
