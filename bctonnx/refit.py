@@ -118,7 +118,6 @@ def refit(gram: Gram, keep: Sequence[int]) -> tuple[np.ndarray, np.ndarray, floa
 def obs_prune(gram: Gram, groups: Sequence[Sequence[int]], remove: int) -> list[int]:
     """Indices of the ``remove`` groups greedy OBS removes, in removal order (see module)."""
     g, c, _ = gram.total()
-    k = g.shape[0] - 1
     reg = _regularized(g, SELECT_ALPHA)
     hinv = np.linalg.inv(reg)
     w = hinv @ c  # the least-squares solution with every input
@@ -150,7 +149,6 @@ def obs_prune(gram: Gram, groups: Sequence[Sequence[int]], remove: int) -> list[
         for p in picks:
             alive.remove(p)
         removed.extend(picks)
-    del k
     return removed
 
 

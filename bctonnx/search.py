@@ -275,9 +275,6 @@ def search_ratio(
     bias_names = [lin.bias_value.name for lin in linears if lin.bias_value is not None]
     probe = _Probe(proto, weight_names + bias_names, probe_batches)
 
-    def biases(lin) -> dict:
-        return {} if lin.bias_value is None else {lin.bias_value.name: lin.bias}
-
     groups: list[Group] = []
     wb = config.weights.block_size
     ab = config.activations.block_size if config.activations is not None else 1
@@ -368,7 +365,6 @@ def search_ratio(
                 reduce_k=(block.o.name,),
             )
         )
-    del biases
 
     # bytes: the config's own file minus its weights, then each weight at its choice
     base_result = compress_model(model, base, base_dir=base_dir, tokenizer=tokenizer_dir)
