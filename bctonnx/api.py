@@ -26,7 +26,7 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
-from bctonnx.passes import PassError, run_pipeline
+from bctonnx.passes import PassError, build_pipeline, run_pipeline
 from bctonnx.passes.pipeline import PassSummary
 
 from .blockformat import BlockSizeError
@@ -41,6 +41,7 @@ from .modelio import (
     model_file_bytes,
     save_model,
 )
+from .validate import find_tokenizer_dir
 
 
 @dataclass
@@ -52,6 +53,12 @@ class CompressReport:
     input_bytes: int = 0
     output_bytes: int = 0
     passes: list[PassSummary] = field(default_factory=list)
+    # pruning / N:M: one record per layer (what was kept, the refit's relative error) and the
+    # calibration tokens they read
+    pruning: list[dict] = field(default_factory=list)
+    calibration_tokens: int = 0
+    # --target-ratio: the search's summary (bctonnx.search.RatioPlan.to_dict)
+    search: dict | None = None
 
     @property
     def ratio(self) -> float:
@@ -65,6 +72,9 @@ class CompressReport:
             "output_bytes": self.output_bytes,
             "ratio": self.ratio,
             "passes": [p.__dict__ for p in self.passes],
+            "pruning": self.pruning,
+            "calibration_tokens": self.calibration_tokens,
+            "search": self.search,
         }
 
 
@@ -88,9 +98,40 @@ def user_errors() -> Iterator[None]:
         raise BctError(str(exc)) from None
 
 
-def _run(model: ir.Model, config: CompressionConfig, progress=None) -> list[PassSummary]:
+def prune_context(
+    model: ir.Model, config: CompressionConfig, tokenizer_dir: str | os.PathLike | None
+):
+    """The calibration context of pruning / N:M sparsity (None when the config needs none):
+    ``config.calib_texts`` or the package's corpus, tokenized with the model's tokenizer."""
+    if not config.needs_calibration:
+        return None
+    from bctonnx.passes.pruning import PruneContext
+
+    from .calibration import calibration_set, read_calibration_texts
+
+    texts = read_calibration_texts(config.calib_texts) if config.calib_texts else None
+    names = [v.name for v in model.graph.inputs]
+    if tokenizer_dir is None:  # the one-line error now, not after minutes of passes
+        calibration_set(None, names)
+    return PruneContext(
+        lambda: calibration_set(tokenizer_dir, names, texts, source=config.calib_texts)
+    )
+
+
+def _run(
+    model: ir.Model,
+    config: CompressionConfig,
+    progress=None,
+    tokenizer_dir: str | os.PathLike | None = None,
+    report: CompressReport | None = None,
+) -> list[PassSummary]:
+    context = prune_context(model, config, tokenizer_dir)
     with user_errors():
-        return run_pipeline(model, config, progress=progress)
+        summaries = run_pipeline(model, config, progress=progress, prune=context)
+    if report is not None and context is not None:
+        report.pruning = context.records
+        report.calibration_tokens = context.tokens
+    return summaries
 
 
 def check_architecture(model_dir: Path) -> None:
@@ -144,6 +185,7 @@ def compress_model(
     *,
     base_dir: str | os.PathLike | None = None,
     progress: Callable[[str], None] | None = None,
+    tokenizer: str | os.PathLike | None = None,
     **overrides: Any,
 ) -> CompressResult:
     """Compress a model in memory: a ModelProto, an .onnx path or an exported model directory.
@@ -151,7 +193,9 @@ def compress_model(
     ``preset`` is a preset name (``w8a8``, ``w4a8``) or a `CompressionConfig`; ``overrides``
     are `resolve_config` keywords (``weight_bits=4``, ``block_size=64``, ``exclude=[...]``,
     ``mode="integer"``). ``base_dir``: for a ModelProto with external data, the folder its
-    locations are relative to. ``progress`` is called with each pass's name.
+    locations are relative to. ``progress`` is called with each pass's name. ``tokenizer``:
+    the tokenizer folder pruning / N:M sparsity read their calibration text with (default:
+    the model's folder).
 
     Returns `CompressResult`: ``.model`` holds every tensor (none left in external data);
     ``.report.input_bytes`` / ``.output_bytes`` are serialized sizes (a path: bytes on disk),
@@ -159,9 +203,14 @@ def compress_model(
     Raises `BctError` (one sentence) for an input bctonnx cannot compress.
     """
     config = resolve_config(preset, **overrides)
+    if tokenizer is None and not isinstance(model, onnx.ModelProto):
+        tokenizer = find_tokenizer_dir(model)
+    search = None
+    if config.target_ratio:
+        config, search = _search(model, config, tokenizer, base_dir)
     ir_model, input_bytes = load_input(model, base_dir)
-    report = CompressReport(config=config, input_bytes=input_bytes)
-    report.passes = _run(ir_model, config, progress)
+    report = CompressReport(config=config, input_bytes=input_bytes, search=search)
+    report.passes = _run(ir_model, config, progress, tokenizer, report)
     # tensors no pass changed may still point into the input's external data file
     ir.external_data.load_to_model(ir_model)
     proto = ir.serde.serialize_model(ir_model)
@@ -179,6 +228,34 @@ def compress(
     Kept as it always was for existing callers; use `compress_model` for the report.
     """
     return compress_model(model, preset, **overrides).model
+
+
+def structured_model(
+    model: ModelInput, config: CompressionConfig, tokenizer_dir=None, base_dir=None
+) -> onnx.ModelProto:
+    """The FP32 model after canonicalize and the config's pruning / N:M passes only (no
+    quantization): what a search compresses many times without redoing the refits."""
+    from bctonnx.passes import Canonicalize
+    from bctonnx.passes.prune_ffn import PruneFFN
+    from bctonnx.passes.prune_heads import PruneHeads
+    from bctonnx.passes.sparsify_nm import SparsifyNM
+
+    ir_model, _ = load_input(model, base_dir)
+    context = prune_context(ir_model, config, tokenizer_dir)
+    with user_errors():
+        for p in build_pipeline(config, context):
+            if isinstance(p, (Canonicalize, PruneHeads, PruneFFN, SparsifyNM)):
+                p(ir_model)
+    ir.external_data.load_to_model(ir_model)
+    return ir.serde.serialize_model(ir_model)
+
+
+def _search(model, config: CompressionConfig, tokenizer, base_dir):
+    """--target-ratio: the searched config (target_ratio cleared) and the search's summary."""
+    from .search import search_ratio
+
+    plan = search_ratio(model, config, tokenizer_dir=tokenizer, base_dir=base_dir)
+    return plan.config, plan.to_dict()
 
 
 def output_target(src: Path, dst: Path) -> tuple[bool, Path]:
@@ -219,8 +296,13 @@ def compress_file(
     model, in_path = load_model(src)
     if not dir_mode:
         check_output_path(in_path, out_file)
-    report = CompressReport(config=config, input_bytes=model_file_bytes(in_path))
-    report.passes = _run(model, config, progress)
+    tokenizer = find_tokenizer_dir(src)
+    search = None
+    if config.target_ratio:
+        config, search = _search(src, config, tokenizer, None)
+        model, in_path = load_model(src)
+    report = CompressReport(config=config, input_bytes=model_file_bytes(in_path), search=search)
+    report.passes = _run(model, config, progress, tokenizer, report)
     created_dir = False
     if dir_mode and not dst.exists():
         dst.mkdir(parents=True)

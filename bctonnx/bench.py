@@ -228,7 +228,7 @@ def vocab_size(path: str | os.PathLike, default: int = 1000) -> int:
 
 
 def _build_models(
-    src: Path, workdir: Path, presets, modes, block_size, progress
+    src: Path, workdir: Path, presets, modes, block_size, progress, structure=None
 ) -> list[BenchRecord]:
     from .api import compress_file
     from .baselines import quantize_dynamic_int8
@@ -247,18 +247,23 @@ def _build_models(
     except Exception as exc:  # noqa: BLE001 - a failed baseline is a row, not the end
         baseline.status, baseline.error = "failed", f"{type(exc).__name__}: {exc}"
     combos = [
-        (preset, mode, resolve_config(preset, mode=mode, block_size=block_size))
+        (preset, mode, "", resolve_config(preset, mode=mode, block_size=block_size))
         for preset in presets
         for mode in modes
     ]
-    for preset, mode, config in distinct_configs(combos):
+    if structure:  # each preset also with pruning / sparsity (the plain one stays, to compare)
+        from .evaluate import structure_tag
+
+        tag = structure_tag(structure)
+        combos += [(p, m, f" {tag}", resolve_config(c, **structure)) for p, m, _, c in list(combos)]
+    for preset, mode, tag, config in distinct_configs(combos):
         rec = BenchRecord(
-            f"bct {preset} {mode}", "bct", preset=preset, mode=mode, config=config.describe()
+            f"bct {preset} {mode}{tag}", "bct", preset=preset, mode=mode, config=config.describe()
         )
         records.append(rec)
         try:
-            progress(f"compress {preset} ({mode})")
-            out = workdir / f"{preset}-{mode}.onnx"
+            progress(f"compress {preset} ({mode}){tag}")
+            out = workdir / f"{preset}-{mode}{tag.replace(' ', '').replace(':', '-')}.onnx"
             compress_file(src, out, config)
             rec.path = str(out)
         except Exception as exc:  # noqa: BLE001
@@ -354,6 +359,7 @@ def run_bench(
     modes: list[str] = DEFAULT_MODES,  # type: ignore[assignment]
     block_size: int | None = None,
     peers: bool = True,
+    structure: dict | None = None,
     rss: bool = True,
     keep: str | os.PathLike | None = None,
     progress=None,
@@ -389,7 +395,7 @@ def run_bench(
         tmp = tempfile.TemporaryDirectory(prefix="bctonnx-bench.")
         workdir = Path(tmp.name)
     try:
-        records = _build_models(src, workdir, presets, modes, block_size, say)
+        records = _build_models(src, workdir, presets, modes, block_size, say, structure)
         if peers:
             records[2:2] = _build_peers(src, workdir, seq, say)
         vocab = max(vocab_size(src), 101)

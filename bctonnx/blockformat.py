@@ -87,14 +87,31 @@ MiniLM's weights (4-bit asymmetric blocks of 32) the mean squared error is *belo
 free per-block pow2/8 codes: 2.5% with superblocks of 128, 0.7% with 384; storage is half a
 byte per block plus one code per superblock.
 
+N:M sparsity (``nm_n = N``, ``nm_m = M``; 0 = dense): along the blocked axis, every group of
+M consecutive elements (groups never cross a block: M divides the block size) has at most N
+nonzero values. Quantization keeps the N largest ``|x|`` of each group (`nm_keep_mask`; a
+tensor pruned and reconstructed beforehand, by the N:M pass, already has its zeros there) and
+stores only them: the kept codes, N per group in position order (the tensor's shape with the
+axis shortened to ``size * N / M``, packed like any codes), and a pattern per group, the
+index of its kept positions among the ``C(M, N)`` position sets in lexicographic order
+(`nm_patterns`: 2:4 has 6, stored in 4 bits; 4:8 has 70, one byte). A pruned element is a
+real zero: code 0, or the block's zero point for asymmetric blocks (0 is exact there).
+`nm_compress` / `nm_expand` convert between dense codes and that storage; the block scales
+and zero points are those of the dense blocks. Bytes: 2:4 of 8-bit weights store 0.5 + 0.125
+bytes per weight instead of 1 (4-bit: 0.25 + 0.125 instead of 0.5). Nothing is saved in
+compute: CPUs have no sparse int8 dot product, so the kernels expand the codes to dense ones
+when they are loaded.
+
 Storage: 2..4-bit codes are packed two per byte (ONNX INT4 layout: element ``2i`` in the low
 nibble, ``2i+1`` in the high nibble, two's complement); 5..8-bit codes take one int8 each.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass, replace
+from functools import cache
 from typing import Literal
 
 import numpy as np
@@ -123,6 +140,8 @@ class BlockFormat:
     symmetric: bool = True  # False: per-block zero point (see "Asymmetric blocks")
     scale_bits: int = 8  # 4: pow2 codes stored as 4-bit offsets from a per-slice base
     superblock: int = 0  # > 0: pow2 code per superblock, 4-bit multiplier per block
+    nm_n: int = 0  # N:M sparsity along the axis: at most nm_n nonzero per nm_m (0 = dense)
+    nm_m: int = 0
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -149,6 +168,35 @@ class BlockFormat:
                     f"superblock {self.superblock} must be a multiple (> 1) of the block size "
                     f"{self.block_size}"
                 )
+
+        if self.nm_n or self.nm_m:
+            if not 0 < self.nm_n < self.nm_m <= 8:
+                raise ValueError(f"N:M sparsity needs 0 < N < M <= 8, got {self.nm_n}:{self.nm_m}")
+            if self.block_size % self.nm_m:
+                raise ValueError(
+                    f"N:M sparsity: M = {self.nm_m} must divide the block size {self.block_size}"
+                )
+
+    @property
+    def nm(self) -> tuple[int, int]:
+        """(N, M) of N:M sparsity; (0, 0) when dense."""
+        return (self.nm_n, self.nm_m)
+
+    def pattern_bits(self) -> int:
+        """Bits per stored N:M pattern: 4 when C(M, N) <= 16, else 8 (0 when dense)."""
+        if not self.nm_m:
+            return 0
+        return 4 if math.comb(self.nm_m, self.nm_n) <= 16 else 8
+
+    def code_storage_bytes(self, num_elements: int) -> int:
+        """Stored bytes of the codes of ``num_elements`` elements (N:M: the kept codes and
+        one pattern per group)."""
+        if self.nm_m:
+            groups = num_elements // self.nm_m
+            kept = groups * self.nm_n
+            codes = (kept + 1) // 2 if self.packed else kept
+            return codes + (groups + 1) // 2 if self.pattern_bits() == 4 else codes + groups
+        return (num_elements + 1) // 2 if self.packed else num_elements
 
     @property
     def qmax(self) -> int:
@@ -200,7 +248,8 @@ class BlockFormat:
         asym = " asym" if not self.symmetric else ""
         s4 = " s4" if self.scale_bits == 4 else ""
         sb = f" sb{self.superblock}" if self.superblock else ""
-        return f"int{self.bits} b{self.block_size}{sb} {scale}{s4}{clip}{asym}"
+        nm = f" {self.nm_n}:{self.nm_m}" if self.nm_m else ""
+        return f"int{self.bits} b{self.block_size}{sb} {scale}{s4}{clip}{asym}{nm}"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -210,7 +259,7 @@ class BlockFormat:
         ``axis``, when the block size divides it (`BlockQuantized.nbytes` also counts partial
         blocks)."""
         num_elements = math.prod(shape)
-        code_bytes = (num_elements + 1) // 2 if self.packed else num_elements
+        code_bytes = self.code_storage_bytes(num_elements)
         nblocks = math.ceil(num_elements / self.block_size)
         nslices = num_elements // shape[self.axis]
         return (
@@ -268,7 +317,7 @@ class BlockQuantized:
     @property
     def nbytes(self) -> int:
         """Stored bytes: packed codes plus one scale per block (partial blocks included)."""
-        code_bytes = (self.codes.size + 1) // 2 if self.fmt.packed else self.codes.size
+        code_bytes = self.fmt.code_storage_bytes(self.codes.size)
         per_block = self._per_block()
         nblocks = per_block.size
         nslices = nblocks // per_block.shape[self.axis]
@@ -358,6 +407,14 @@ def quantize(
     if x.ndim == 0:
         raise ValueError("cannot block-quantize a scalar")
     axis = fmt.axis % x.ndim
+    if fmt.nm_m:
+        if allow_partial:
+            raise ValueError("N:M sparsity is for stored tensors (no partial blocks)")
+        if x.shape[axis] % fmt.block_size:
+            raise BlockSizeError(
+                f"block size {fmt.block_size} does not divide axis {axis} of size {x.shape[axis]}"
+            )
+        x = np.where(nm_keep_mask(x, replace(fmt, axis=axis)), x, np.float32(0))
     if fmt.superblock:
         if amax is not None:
             raise ValueError("amax overrides do not apply to superblock formats")
@@ -644,3 +701,99 @@ def unpack_int4(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 def divisors_hint(size: int, candidates: tuple[int, ...] = (16, 32, 64, 128, 256)) -> str:
     ok = [b for b in candidates if size % b == 0]
     return ", ".join(map(str, ok)) if ok else "none of " + ", ".join(map(str, candidates))
+
+
+# --- N:M sparsity ------------------------------------------------------------------------------
+
+
+@cache
+def nm_patterns(n: int, m: int) -> np.ndarray:
+    """The kept positions of every N:M pattern, [C(M, N), N], lexicographic order (a
+    pattern's index in it is what is stored)."""
+    return np.array(list(itertools.combinations(range(m), n)), dtype=np.int64)
+
+
+def _groups(a: np.ndarray, axis: int, m: int) -> np.ndarray:
+    """``a`` with ``axis`` moved first and cut into groups: [size / m, m, rest...]."""
+    a = np.moveaxis(a, axis, 0)
+    return a.reshape(a.shape[0] // m, m, *a.shape[1:])
+
+
+def _ungroup(a: np.ndarray, axis: int) -> np.ndarray:
+    return np.ascontiguousarray(np.moveaxis(a.reshape(-1, *a.shape[2:]), 0, axis))
+
+
+def nm_keep_mask(x: np.ndarray, fmt: BlockFormat) -> np.ndarray:
+    """True at the N largest ``|x|`` of every group of M along the axis (ties: the earlier)."""
+    n, m = fmt.nm
+    axis = fmt.axis % x.ndim
+    if x.shape[axis] % m:
+        raise BlockSizeError(f"N:M: M = {m} does not divide axis {axis} of size {x.shape[axis]}")
+    g = _groups(np.abs(x), axis, m)
+    order = np.argsort(-g, axis=1, kind="stable")[:, :n]
+    keep = np.zeros(g.shape, bool)
+    np.put_along_axis(keep, order, True, axis=1)
+    return _ungroup(keep, axis)
+
+
+def _zero_codes(bq: BlockQuantized) -> np.ndarray:
+    """The code of 0.0 of every element: the block's zero point, or 0."""
+    if bq.zero_points is None:
+        return np.zeros(bq.codes.shape, np.int8)
+    size = bq.codes.shape[bq.axis]
+    return expand_blocks(bq.zero_points, bq.axis, bq.fmt.block_size, size).astype(np.int8)
+
+
+def nm_compress(bq: BlockQuantized) -> tuple[np.ndarray, np.ndarray]:
+    """An N:M-sparse tensor's storage: (kept codes, the axis shortened to size * N / M;
+    pattern indices, uint8, the axis shortened to size / M). A group's kept positions are its
+    nonzero elements, completed with its first zero ones; more than N nonzero elements in a
+    group is an error."""
+    n, m = bq.fmt.nm
+    if not m:
+        raise ValueError("nm_compress needs an N:M format")
+    axis = bq.axis
+    codes = _groups(bq.codes, axis, m)
+    nonzero = codes != _groups(_zero_codes(bq), axis, m)
+    if (nonzero.sum(axis=1) > n).any():
+        raise ValueError(f"more than {n} nonzero elements in a group of {m}")
+    # rank positions: nonzero first, then by index; the first n, sorted, are the kept ones
+    key = np.where(nonzero, 0, m) + np.arange(m).reshape((1, m) + (1,) * (codes.ndim - 2))
+    kept_pos = np.sort(np.argsort(key, axis=1, kind="stable")[:, :n], axis=1)
+    kept = np.take_along_axis(codes, kept_pos, axis=1)
+    # pattern index: position of the kept set among nm_patterns(n, m)
+    table = nm_patterns(n, m)
+    weights = m ** np.arange(n - 1, -1, -1)
+    lookup = {int(v): i for i, v in enumerate(table @ weights)}
+    flat = np.tensordot(weights, np.moveaxis(kept_pos, 1, 0), axes=1)
+    pattern = np.vectorize(lookup.__getitem__, otypes=[np.uint8])(flat)
+    return _ungroup(kept, axis), np.ascontiguousarray(np.moveaxis(pattern, 0, axis))
+
+
+def nm_expand(
+    kept: np.ndarray,
+    pattern: np.ndarray,
+    fmt: BlockFormat,
+    zero_points: np.ndarray | None = None,
+) -> np.ndarray:
+    """Dense codes from N:M storage (`nm_compress`'s inverse): the pruned positions get the
+    code of 0 (the block's zero point, or 0)."""
+    n, m = fmt.nm
+    axis = fmt.axis % kept.ndim
+    groups = kept.shape[axis] // n
+    if kept.shape[axis] % n or pattern.shape[axis] != groups:
+        raise ValueError(f"N:M storage: {kept.shape} kept codes and {pattern.shape} patterns")
+    table = nm_patterns(n, m)
+    if pattern.size and int(pattern.max()) >= len(table):
+        raise ValueError(f"N:M pattern index out of range (C({m}, {n}) = {len(table)})")
+    kept_g = _groups(np.asarray(kept, np.int8), axis, n)  # [G, n, rest]
+    pos = np.moveaxis(table[np.moveaxis(pattern, axis, 0).astype(np.int64)], -1, 1)
+    shape = list(kept.shape)
+    shape[axis] = groups * m
+    if zero_points is None:
+        dense = np.zeros(shape, np.int8)
+    else:
+        dense = expand_blocks(zero_points, axis, fmt.block_size, shape[axis]).astype(np.int8)
+    dense_g = _groups(dense, axis, m).copy()
+    np.put_along_axis(dense_g, pos, kept_g, axis=1)
+    return _ungroup(dense_g, axis)

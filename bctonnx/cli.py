@@ -91,6 +91,7 @@ def _add_compress_flags(p: argparse.ArgumentParser) -> None:
         "cosine vs FP32 on probe texts reaches C (data-free; see bctonnx.sensitivity)",
     )
     g.add_argument("--probe-texts", metavar="FILE", help="texts for --target-cosine (one per line)")
+    _add_structure_flags(g)
     g.add_argument("--no-activations", action="store_true", help="leave activations in FP32")
     g.add_argument(
         "--mode",
@@ -107,6 +108,53 @@ def _add_compress_flags(p: argparse.ArgumentParser) -> None:
         metavar="GLOB",
         help="leave nodes whose name matches GLOB uncompressed (repeatable)",
     )
+
+
+def _add_structure_flags(g) -> None:
+    """Pruning, N:M sparsity, the ratio search and their calibration text (compress, inspect,
+    eval, bench)."""
+    g.add_argument(
+        "--prune-ffn",
+        type=float,
+        metavar="F",
+        help="remove fraction F of every FFN block's neurons (kept count a multiple of the "
+        "blocks), refit the FFN output layer on calibration text",
+    )
+    g.add_argument(
+        "--prune-heads",
+        type=float,
+        metavar="F",
+        help="remove fraction F of every attention block's heads, refit the attention output "
+        "layer on calibration text",
+    )
+    g.add_argument(
+        "--sparsity",
+        metavar="N:M",
+        help="N:M sparsity on the weights (2:4, 4:8), kept weights reconstructed on "
+        "calibration text; stored as kept codes + pattern indices (saves bytes, not compute)",
+    )
+    g.add_argument(
+        "--target-ratio",
+        type=float,
+        metavar="R",
+        help="search per-layer bits, pruning and N:M for a file at least R times smaller than "
+        "FP32, output closest to FP32 on the calibration text (label-free)",
+    )
+    g.add_argument(
+        "--calib-texts",
+        metavar="FILE",
+        help="calibration text for pruning / N:M / --target-ratio: one text per line, a tab "
+        "between a pair (default: the package's corpus, bctonnx/data/calibration.txt)",
+    )
+
+
+def _structure_overrides(args) -> dict:
+    """The structure flags as resolve_config keywords (those given)."""
+    keys = ("prune_ffn", "prune_heads", "sparsity", "target_ratio", "calib_texts")
+    out = {k: getattr(args, k, None) for k in keys}
+    if out["calib_texts"] is not None and not Path(out["calib_texts"]).is_file():
+        raise BctError(f"--calib-texts {out['calib_texts']}: no such file")
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _config_from_args(args):
@@ -133,6 +181,7 @@ def _config_from_args(args):
         exclude=args.exclude,
         no_activations=args.no_activations,
         match_weight_blocks=args.match_weight_blocks,
+        **_structure_overrides(args),
     )
     return config
 
@@ -164,6 +213,8 @@ def cmd_compress(args) -> int:
 
     promoted = None
     if args.target_cosine is not None:
+        if config.target_ratio:
+            raise BctError("--target-cosine and --target-ratio: choose one target")
         config, promoted = _mixed_precision(args, config)
     report = compress_file(args.input, args.output, config, progress=progress)
     bar.close()
@@ -173,6 +224,10 @@ def cmd_compress(args) -> int:
         print(f"config: {config.describe()}")
         if promoted is not None:
             print(promoted)
+        if report.search:
+            print(format_search(report.search))
+        if report.pruning:
+            print(format_pruning(report.pruning, report.calibration_tokens))
         for s in report.passes:
             print(
                 f"  {s.name:<22} {s.nodes_before:>5} -> {s.nodes_after:>5} nodes  {s.seconds:6.2f} s"
@@ -188,6 +243,28 @@ def cmd_compress(args) -> int:
                 "--mode qdq for stock onnxruntime"
             )
     return 0
+
+
+def format_pruning(records: list[dict], tokens: int) -> str:
+    """One line per pruned / sparsified layer."""
+    lines = [f"structure (calibration: {tokens} tokens):"]
+    for r in records:
+        if r["kind"] == "nm":
+            lines.append(f"  {r['nm']} {r['layer']}: relative output error {r['rel_error']:.4f}")
+        else:
+            what = "heads" if r["kind"] == "heads" else "FFN neurons"
+            lines.append(
+                f"  {what} {r['width']} -> {r['kept']} {r['layer']}: refit error "
+                f"{r['rel_error_after']:.4f} (unpruned {r['rel_error_before']:.4f}), "
+                f"ridge {r['alpha']:.0e}"
+            )
+    return "\n".join(lines)
+
+
+def format_search(search: dict) -> str:
+    from .search import format_plan
+
+    return format_plan(search)
 
 
 def _mixed_precision(args, config):
@@ -290,7 +367,14 @@ def cmd_inspect(args) -> int:
         config = _config_from_args(args)
     except ValueError as exc:
         raise BctError(str(exc)) from None
+    search = None
+    if config.target_ratio:  # the search runs as compress would run it; inspect shows its plan
+        from .api import _search
+        from .validate import find_tokenizer_dir
+
+        config, search = _search(args.model, config, find_tokenizer_dir(args.model), None)
     report = inspect_model(args.model, config)
+    report.search = search
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, default=str))
     else:
@@ -322,7 +406,7 @@ def cmd_eval(args) -> int:
 
     if args.json and args.json != "-" and not Path(args.json).resolve().parent.is_dir():
         raise BctError(f"--json {args.json}: folder does not exist")
-    configs = eval_configs(args.preset, args.config, args.mode)
+    configs = eval_configs(args.preset, args.config, args.mode, _structure_overrides(args))
     result = run_eval(
         args.model_dir,
         args.task,
@@ -374,6 +458,7 @@ def cmd_bench(args) -> int:
         modes=modes,
         block_size=args.block_size,
         peers=not args.no_peers,
+        structure=_structure_overrides(args),
         rss=not args.no_rss,
         keep=args.keep,
         progress=(lambda msg: print(f"bench: {msg}", file=sys.stderr)) if show else None,
@@ -533,6 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
         "keywords} or a list of them (see bctonnx.evaluate)",
     )
     p.add_argument("--mode", choices=MODES, help="lowering mode of every compared config")
+    _add_structure_flags(p.add_argument_group("pruning / sparsity of every compared config"))
     p.add_argument(
         "--baselines",
         action="store_true",
@@ -579,6 +665,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--block-size", type=int, metavar="B", help="override every block size (small models)"
     )
     p.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
+    _add_structure_flags(
+        p.add_argument_group(
+            "pruning / sparsity: each preset is also built with these (the plain one stays)"
+        )
+    )
     p.add_argument("--json", metavar="FILE", help="write the records as JSON (- = stdout)")
     p.add_argument("--plot", metavar="FILE.png", help="size vs latency plot (needs matplotlib)")
     p.add_argument("--keep", metavar="DIR", help="keep the built models in DIR")

@@ -42,6 +42,30 @@ class CompressionConfig:
     # the embeddings' block size is a maximum: a table whose hidden size it does not divide
     # takes their greatest common divisor (presets; an explicit block size must divide)
     fit_embedding_blocks: bool = False
+    # structured pruning (passes/prune_heads.py, passes/prune_ffn.py): the fraction of every
+    # FFN block's neurons / every attention block's heads removed, each followed by a ridge
+    # least-squares refit of the consuming layer on calibration text; per-layer fractions
+    # override them: (glob on the consuming linear node's name, fraction), first match wins
+    prune_ffn: float = 0.0
+    prune_heads: float = 0.0
+    prune_overrides: tuple[tuple[str, float], ...] = field(default_factory=tuple)
+    # calibration text of pruning and N:M sparsity: a file (one text per line, a tab between
+    # a pair), None = the package's corpus (bctonnx/data/calibration.txt)
+    calib_texts: str | None = None
+    # --target-ratio: a label-free search (bctonnx.search) picks per-layer bits, pruning and
+    # N:M for at least this compression ratio; compress_model runs it, the result is a
+    # config with the choices in weight_overrides / prune_overrides and this field None
+    target_ratio: float | None = None
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether compressing with this config reads calibration text."""
+        nm = any(
+            f is not None and f.nm_m > 0
+            for f in [self.weights, *(f for _, f in self.weight_overrides)]
+        )
+        pruned = self.prune_ffn > 0 or self.prune_heads > 0
+        return pruned or nm or any(f > 0 for _, f in self.prune_overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,6 +87,14 @@ class CompressionConfig:
             extra += ", linear inputs in weight blocks"
         if self.weight_overrides:
             extra += f", {len(self.weight_overrides)} weight override(s)"
+        if self.prune_ffn:
+            extra += f", FFN neurons pruned {self.prune_ffn:g}"
+        if self.prune_heads:
+            extra += f", heads pruned {self.prune_heads:g}"
+        if self.prune_overrides:
+            extra += f", {len(self.prune_overrides)} pruning override(s)"
+        if self.target_ratio:
+            extra += f", target ratio {self.target_ratio:g}"
         return ", ".join(parts) + f", mode={self.mode}{extra}"
 
 
@@ -135,6 +167,11 @@ def resolve_config(
     exclude: tuple[str, ...] | list[str] | None = None,
     no_activations: bool = False,
     match_weight_blocks: bool | None = None,
+    prune_ffn: float | None = None,
+    prune_heads: float | None = None,
+    sparsity: str | None = None,
+    target_ratio: float | None = None,
+    calib_texts: str | None = None,
 ) -> CompressionConfig:
     """A preset with explicit overrides applied (None = keep the preset's value).
 
@@ -149,6 +186,10 @@ def resolve_config(
     the integer form cannot express (no quantized activations, or wider than 8 bits): qdq.
     ``match_weight_blocks``: in integer mode, linear layers read
     their activations in their weight block size (with superblocks: the superblock size).
+    ``prune_ffn`` / ``prune_heads``: fraction of FFN neurons / attention heads removed (0..1),
+    ``sparsity``: ``"N:M"`` (2:4, 4:8; ``"none"`` = dense) on the weights, ``calib_texts``:
+    calibration text file for those (None = the package's corpus), ``target_ratio``: search
+    per-layer bits, pruning and N:M for at least that compression ratio (`bctonnx.search`).
     """
     if isinstance(preset, CompressionConfig):
         config = preset
@@ -211,6 +252,21 @@ def resolve_config(
                 if superblock is not None:
                     raise  # the caller's own superblock does not fit: say so
                 # the preset's does not fit the overridden format: plain blocks
+    nm = config.weights.nm if config.weights is not None else (0, 0)
+    if sparsity is not None:
+        nm = parse_sparsity(sparsity)
+        if weights is None and nm != (0, 0):
+            raise ValueError("--sparsity applies to quantized weights (the config has none)")
+    if weights is not None and nm != weights.nm:
+        try:
+            weights = replace(weights, nm_n=nm[0], nm_m=nm[1])
+        except ValueError as exc:
+            raise ValueError(f"--sparsity {nm[0]}:{nm[1]}: {exc}") from None
+    for name, value in (("prune_ffn", prune_ffn), ("prune_heads", prune_heads)):
+        if value is not None and not 0 <= value < 1:
+            raise ValueError(f"{name} must be in [0, 1), got {value}")
+    if target_ratio is not None and not target_ratio > 1:
+        raise ValueError(f"target ratio must be > 1, got {target_ratio}")
     if float_dtype is not None and float_dtype not in ("float32", "float16"):
         raise ValueError(f"float dtype must be float32 or float16, got {float_dtype!r}")
     return CompressionConfig(
@@ -226,7 +282,31 @@ def resolve_config(
         ),
         fit_embedding_blocks=config.fit_embedding_blocks
         and (embedding_block_size or block_size) is None,
+        prune_ffn=config.prune_ffn if prune_ffn is None else float(prune_ffn),
+        prune_heads=config.prune_heads if prune_heads is None else float(prune_heads),
+        prune_overrides=config.prune_overrides,
+        calib_texts=config.calib_texts if calib_texts is None else str(calib_texts),
+        target_ratio=config.target_ratio if target_ratio is None else float(target_ratio),
     )
+
+
+def parse_sparsity(text: str) -> tuple[int, int]:
+    """``"N:M"`` -> (N, M); ``"none"`` / ``"0"`` -> (0, 0) (dense)."""
+    if str(text).strip().lower() in ("none", "0", "dense", ""):
+        return (0, 0)
+    try:
+        n, m = (int(p) for p in str(text).split(":"))
+    except ValueError:
+        raise ValueError(f"sparsity must be N:M (e.g. 2:4, 4:8), got {text!r}") from None
+    if (n, m) not in SPARSITIES:
+        raise ValueError(
+            f"sparsity {n}:{m} is not supported; choose "
+            + ", ".join(f"{a}:{b}" for a, b in SPARSITIES)
+        )
+    return n, m
+
+
+SPARSITIES = ((2, 4), (4, 8), (1, 4), (2, 8))
 
 
 def distinct_configs(combos: list[tuple[str, Any, CompressionConfig]]) -> list:
@@ -264,7 +344,7 @@ def config_keywords() -> dict[str, type]:
         ann = str(param.annotation)
         kinds[name] = (
             list if ("tuple" in ann or "list" in ann) else bool if "bool" in ann else
-            int if "int" in ann else str
+            float if "float" in ann else int if "int" in ann else str
         )  # fmt: skip
     return kinds
 
@@ -292,6 +372,8 @@ def config_from_dict(
         ok = (
             isinstance(value, kind) and not (kind is int and isinstance(value, bool))
         ) or value is None
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
         if kind is list and isinstance(value, list):
             ok = all(isinstance(v, str) for v in value)
         if not ok:

@@ -175,13 +175,22 @@ def eval_configs(
     presets: list[str] | None = None,
     config_file: str | os.PathLike | None = None,
     mode: str | None = None,
+    structure: dict | None = None,
 ) -> list[tuple[str, CompressionConfig]]:
     """The (name, config) pairs to compare: from a config file, or presets (default all);
-    ``mode`` overrides the lowering of each (named "<name> <mode>" where that changes it)."""
+    ``mode`` overrides the lowering of each (named "<name> <mode>" where that changes it);
+    ``structure``: pruning / sparsity keywords of `resolve_config` applied to each (named
+    "<name> +<what>")."""
     if config_file is not None:
         configs = load_config_file(config_file)
     else:
         configs = [(name, resolve_config(name)) for name in parse_presets(presets)]
+    if structure:
+        tag = structure_tag(structure)
+        try:
+            configs = [(f"{n} {tag}", resolve_config(c, **structure)) for n, c in configs]
+        except ValueError as exc:
+            raise BctError(str(exc)) from None
     if mode is not None:
         try:
             configs = [
@@ -193,6 +202,20 @@ def eval_configs(
     # one record per distinct compression (w8a8-fast in qdq mode is w8a8's qdq form)
     named = [(n.split(" ")[0], n, c) for n, c in configs]
     return [(n, c) for _, n, c in distinct_configs(named)]
+
+
+def structure_tag(structure: dict) -> str:
+    """A short name for pruning / sparsity keywords: ``+ffn0.5 +heads0.25 +2:4 +r9``."""
+    parts = []
+    if structure.get("prune_ffn"):
+        parts.append(f"+ffn{structure['prune_ffn']:g}")
+    if structure.get("prune_heads"):
+        parts.append(f"+heads{structure['prune_heads']:g}")
+    if structure.get("sparsity"):
+        parts.append(f"+{structure['sparsity']}")
+    if structure.get("target_ratio"):
+        parts.append(f"+r{structure['target_ratio']:g}")
+    return " ".join(parts) or "+calib"
 
 
 # --- models and data ---------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import onnx_ir as ir
@@ -32,14 +32,26 @@ from bctonnx.passes.common import (
     stored_weight,
 )
 from bctonnx.passes.pipeline import build_pipeline
+from bctonnx.passes.prune_ffn import PruneFFN
+from bctonnx.passes.prune_heads import PruneHeads
+from bctonnx.passes.sparsify_nm import SparsifyNM
 from bctonnx.passes.store_float16 import MIN_ELEMENTS, _fits_float16
 
-from .api import load_input, user_errors
+from .api import load_input, prune_context, user_errors
 from .blockformat import BlockFormat, BlockQuantized
 from .config import CompressionConfig, resolve_config
 from .errors import BctError
+from .validate import find_tokenizer_dir
 
-_PLANNING_PASSES = (Canonicalize, QuantizeWeights, QuantizeEmbeddings, QuantizeActivations)
+_PLANNING_PASSES = (
+    Canonicalize,
+    PruneHeads,
+    PruneFFN,
+    SparsifyNM,
+    QuantizeWeights,
+    QuantizeEmbeddings,
+    QuantizeActivations,
+)
 
 
 @dataclass
@@ -77,6 +89,8 @@ class InspectReport:
     left_alone: list[LeftAlone] = field(default_factory=list)
     float_bytes: int = 0  # float32 initializers left (biases, LayerNorm, excluded weights)
     float_bytes_stored: int = 0  # as stored (float16 where the config says so)
+    pruning: list[dict] = field(default_factory=list)  # pruning / N:M, one record per layer
+    search: dict | None = None  # --target-ratio: the searched plan (bctonnx.search)
 
     def of_kind(self, kind: str) -> list[TensorPlan]:
         return [t for t in self.tensors if t.kind == kind]
@@ -111,15 +125,20 @@ class InspectReport:
             "float_bytes_stored": self.float_bytes_stored,
             "expected_output_bytes": self.expected_output_bytes,
             "expected_ratio": self.expected_ratio,
+            "pruning": self.pruning,
+            "search": self.search,
         }
 
 
-def planning_passes(config: CompressionConfig) -> list[ir.passes.PassBase]:
-    """The pipeline's passes for ``config`` up to (not including) the lowering."""
-    return [p for p in build_pipeline(config) if isinstance(p, _PLANNING_PASSES)]
+def planning_passes(config: CompressionConfig, prune=None) -> list[ir.passes.PassBase]:
+    """The pipeline's passes for ``config`` up to (not including) the lowering (pruning and
+    N:M sparsity included: they need ``prune``, the calibration context)."""
+    return [p for p in build_pipeline(config, prune) if isinstance(p, _PLANNING_PASSES)]
 
 
 def _scale_text(fmt: BlockFormat, stored: bool) -> str:
+    if fmt.nm_m:  # N:M-sparse: kept codes + a pattern per group, then the scales
+        return f"{fmt.nm_n}:{fmt.nm_m} " + _scale_text(replace(fmt, nm_n=0, nm_m=0), stored)
     if not stored:
         return "fp32 at run time"
     if fmt.scale_kind == "pow2":
@@ -252,11 +271,13 @@ def inspect_model(
     except ValueError as exc:
         raise BctError(str(exc)) from None
     ir_model, input_bytes = load_input(model)
+    context = prune_context(ir_model, config, find_tokenizer_dir(model))
     with user_errors():
-        for p in planning_passes(config):
+        for p in planning_passes(config, context):
             p(ir_model)
     graph = ir_model.graph
     report = InspectReport(model=str(model), config=config, input_bytes=input_bytes)
+    report.pruning = context.records if context is not None else []
     for node in graph:
         if node.domain != MID_DOMAIN:
             continue
@@ -284,6 +305,23 @@ def _shape(shape: list) -> str:
 
 def format_inspect(report: InspectReport) -> str:
     lines = [f"{report.model}: {_mb(report.input_bytes)}", f"config: {report.config.describe()}"]
+    if report.search:
+        from .search import format_plan
+
+        lines += ["", format_plan(report.search)]
+    if report.pruning:
+        lines += ["", "pruning / N:M (one line per layer):"]
+        for r in report.pruning:
+            if r["kind"] == "nm":
+                lines.append(
+                    f"  {r['nm']} {r['layer']}: relative output error {r['rel_error']:.4f}"
+                )
+            else:
+                what = "heads" if r["kind"] == "heads" else "FFN neurons"
+                lines.append(
+                    f"  {what} {r['width']} -> {r['kept']} {r['layer']}: refit error "
+                    f"{r['rel_error_after']:.4f}"
+                )
     for kind, title in (("weight", "weights"), ("embedding", "embedding tables")):
         rows = report.of_kind(kind)
         lines += ["", f"{title} ({len(rows)}):"]

@@ -53,13 +53,21 @@ class MixedPrecisionPlan:
     trials: list[tuple[int, float]] = field(default_factory=list)  # (promoted count, cosine)
 
 
+def _load(path) -> ir.Model:
+    """A fresh IR model of a path or a ModelProto (an in-memory pruned model)."""
+    if isinstance(path, onnx.ModelProto):
+        return ir.serde.deserialize_model(path)
+    model, _ = load_model(path)
+    return model
+
+
 def _linear_weights(path: str | os.PathLike) -> tuple[onnx.ModelProto, list[tuple[str, str, int]]]:
     """The canonicalized FP32 model and its linear weights: (node name, weight name, K axis)."""
     from bctonnx.passes.canonicalize import Canonicalize
     from bctonnx.passes.common import is_const, nodes_with_role
     from bctonnx.passes.quantize_weights import weight_reduction_axis
 
-    model, _ = load_model(path)
+    model = _load(path)
     Canonicalize()(model)
     seen: set[str] = set()
     items = []
@@ -151,16 +159,23 @@ def plan(
             return replace(int8, block_size=config.weights.block_size)
         return int8
 
+    fp32 = ir.serde.serialize_model(_load(path))
+    structure = config
+    if config.needs_calibration:
+        # pruning / N:M: done once (it reads calibration text), then every trial compresses
+        # the pruned FP32 model (its N:M weights are already sparse: nothing to redo)
+        from .api import structured_model
+
+        path = structured_model(path, config, tokenizer_dir)
+        config = replace(config, prune_ffn=0.0, prune_heads=0.0, prune_overrides=())
     ranking = weight_sensitivity(
         path, config.weights, texts=texts, tokenizer_dir=tokenizer_dir, threads=threads
     )
-    fp32_proto, _ = load_model(path)
-    fp32 = ir.serde.serialize_model(fp32_proto)
     feeds = _probe_feeds(fp32, texts, tokenizer_dir)
     ref_sess = make_session(fp32.SerializeToString(), threads)
     names = [i.name for i in ref_sess.get_inputs()]
     reference = _output_vectors(ref_sess.run(None, {n: feeds[n] for n in names}), feeds)
-    model_input = os.fspath(path)
+    model_input = path if isinstance(path, onnx.ModelProto) else os.fspath(path)
 
     def config_for(k: int) -> CompressionConfig:
         overrides = tuple((s.node, promoted_format(s)) for s in ranking[:k])
@@ -195,7 +210,13 @@ def plan(
                 lo = mid
     chosen = hi if hi is not None else n
     return MixedPrecisionPlan(
-        config=config_for(chosen),
+        # compressing the original model: with its pruning, which every trial started from
+        config=replace(
+            config_for(chosen),
+            prune_ffn=structure.prune_ffn,
+            prune_heads=structure.prune_heads,
+            prune_overrides=structure.prune_overrides,
+        ),
         promoted=[s.node for s in ranking[:chosen]],
         cosine=measure(chosen),
         target=target_cosine,

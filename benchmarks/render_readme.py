@@ -228,11 +228,67 @@ def render_ops_speed(data: dict) -> str:
     return "\n".join(lines)
 
 
+def render_pruning(data: dict) -> str:
+    """benchmarks/pruning.py: GLUE dev metrics of pruned / sparse models vs FP32, and one
+    bench run with each model's latency against the same preset unpruned."""
+    lines = [
+        "Fine-tuned MiniLMs (`../shared/models/minilm-<task>`), full dev sets, default "
+        "calibration corpus; metric in points, difference to FP32 with its paired bootstrap 95% "
+        "interval; fidelity: predictions equal to FP32's (SST-2) / mean |score difference| "
+        "(STS-B):",
+        "",
+        "| task | model | metric | vs FP32 (95% CI) | fidelity | size | ratio |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for run in data.get("runs", []):
+        metric = run["primary_metric"] if "primary_metric" in run else run["metrics"][0]
+        for r in run["records"]:
+            if r["status"] != "ok":
+                lines.append(f"| {run['task']} | {r['model']} | failed: {r['error']} |")
+                continue
+            value = r["metrics"][metric]
+            if r["kind"] == "fp32":
+                vs, fid = "", ""
+            else:
+                lo, hi = r["vs_fp32_ci95"][metric]
+                vs = f"{r['vs_fp32'][metric]:+.2f} ({lo:+.1f}..{hi:+.1f})"
+                fid = format_fidelity(TASKS[run["task"]], r["fidelity"], r.get("changed"))
+            lines.append(
+                f"| {TASKS[run['task']].folder} ({run['n']}) | {r['model']} | "
+                f"{metric} {value:.2f} | {vs} | {fid} | {r['bytes'] / 1e6:.1f} MB | "
+                f"{r['ratio']:.2f}x |"
+            )
+    bench = data.get("bench")
+    if bench:
+        shapes = bench["shapes"]
+        by = {r["model"]: r for r in bench["records"] if r["status"] == "ok"}
+        lines += [
+            "",
+            f"Speed, one `bctonnx bench` run (MiniLM {Path(bench['model']).parent.name}, onnxruntime "
+            f"{bench['onnxruntime']}, {bench['cpu']}, {bench['threads']} threads, median of "
+            f"{bench['runs']} interleaved runs); vs plain = latency / the same preset and form "
+            "unpruned:",
+            "",
+            "| model | size | ratio | " + " | ".join(f"{s} ms | vs plain" for s in shapes) + " |",
+            "|---|---:|---:|" + "---:|---:|" * len(shapes),
+        ]
+        for name, r in by.items():
+            plain = by.get(" ".join(name.split(" ")[:3])) if name.startswith("bct ") else None
+            cells = [f"{r['bytes'] / 1e6:.1f} MB", f"{r['ratio']:.2f}x"]
+            for s in shapes:
+                ms = r["latency_ms"].get(s)
+                rel = ms / plain["latency_ms"][s] if plain is not None and ms else None
+                cells += [f"{ms:.1f}" if ms else "-", f"{rel:.2f}x" if rel else "-"]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 RENDERERS = {
     "embeddings": render_embeddings,
     "glue": render_glue,
     "latency": render_latency,
     "ops_speed": render_ops_speed,
+    "pruning": render_pruning,
 }
 
 

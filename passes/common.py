@@ -76,6 +76,8 @@ def fmt_attrs(fmt: BlockFormat) -> dict[str, int | str]:
         "symmetric": int(fmt.symmetric),
         "scale_bits": fmt.scale_bits,
         "superblock": fmt.superblock,
+        "nm_n": fmt.nm_n,
+        "nm_m": fmt.nm_m,
     }
 
 
@@ -91,6 +93,8 @@ def fmt_from_node(node: ir.Node) -> BlockFormat:
         symmetric=bool(a["symmetric"].as_int()) if "symmetric" in a else True,
         scale_bits=a["scale_bits"].as_int() if "scale_bits" in a else 8,
         superblock=a["superblock"].as_int() if "superblock" in a else 0,
+        nm_n=a["nm_n"].as_int() if "nm_n" in a else 0,
+        nm_m=a["nm_m"].as_int() if "nm_m" in a else 0,
     )
 
 
@@ -114,6 +118,14 @@ def uint4_tensor(values: np.ndarray) -> ir.TensorProtocol:
     values = np.asarray(values)
     packed = pack_int4(values.astype(np.int8) - 8) ^ np.uint8(0x88)  # offset binary -> unsigned
     return ir.PackedTensor(packed, ir.DataType.UINT4, shape=ir.Shape(values.shape))
+
+
+def nm_pattern_tensor(patterns: np.ndarray, fmt: BlockFormat) -> ir.TensorProtocol:
+    """N:M pattern indices as stored: UINT4 (packed) when there are at most 16 patterns
+    (2:4), else INT8 (4:8 has 70)."""
+    if fmt.pattern_bits() == 4:
+        return uint4_tensor(patterns)
+    return ir.tensor(np.asarray(patterns).astype(np.int8))
 
 
 def new_initializer(graph: ir.Graph, name: str, array: np.ndarray | ir.TensorProtocol) -> ir.Value:

@@ -66,7 +66,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
-from bctonnx.blockformat import BlockFormat, pack_int4, split_scale_codes
+from bctonnx.blockformat import BlockFormat, nm_compress, pack_int4, split_scale_codes
 
 from .common import (
     MID_DOMAIN,
@@ -76,6 +76,7 @@ from .common import (
     fmt_from_node,
     is_const,
     new_initializer,
+    nm_pattern_tensor,
     role,
     stored_weight,
     take_over,
@@ -132,7 +133,7 @@ class LowerMatMul(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.graph = model.graph
         # per BlockDequantize node: (inputs 2..5, multipliers), see _weights
-        self.weights: dict[int, tuple[list[ir.Value | None], ir.Value | None]] = {}
+        self.weights: dict[int, tuple[list[ir.Value | None], ir.Value | None, ir.Value | None]] = {}
         self.shared: dict = {}
         count = 0
         for node in list(self.graph):
@@ -237,11 +238,15 @@ class LowerMatMul(ir.passes.InPlacePass):
         residual = self._residual(quant) if quant is not None and not chain else None
         if residual is not None:
             attrs["residual_block_size"] = residual[2]
-        weights, multipliers = self._weights(bd, fmt)
+        weights, multipliers, pattern = self._weights(bd, fmt)
         inputs = [x, x_scale, *weights, bias, y_mul, *(residual[:2] if residual else (None, None))]
         if multipliers is not None:
             attrs["superblock"] = fmt.superblock
+        if multipliers is not None or pattern is not None:
             inputs.append(multipliers)
+        if pattern is not None:  # N:M: kept codes + patterns, expanded by the kernel at load
+            attrs["nm_n"], attrs["nm_m"] = fmt.nm
+            inputs.append(pattern)
         new = self._fused_node("BlockMatMul", inputs, attrs, node, quant)
         if quant is None:
             take_over(out, new.outputs[0])
@@ -603,17 +608,25 @@ class LowerMatMul(ir.passes.InPlacePass):
         array = const_array(bias).astype(np.float32).reshape(-1)
         return new_initializer(self.graph, f"{bias.name}.bct_bias", ir.tensor(array))
 
-    def _weights(self, bd: ir.Node, fmt: BlockFormat) -> tuple[list, ir.Value | None]:
+    def _weights(
+        self, bd: ir.Node, fmt: BlockFormat
+    ) -> tuple[list, ir.Value | None, ir.Value | None]:
         """Constant inputs 2..5 (codes, scales, scale base, zero points) in the stored form:
         int4 packed (ONNX INT4) or int8 codes, int8 scale codes or 4-bit offsets (UINT4)
-        + int8 base per column, int4 / int8 zero points; and input 10, the multipliers of
-        superblock weights (UINT4) or None. Shared by every MatMul of a weight."""
+        + int8 base per column, int4 / int8 zero points; input 10, the multipliers of
+        superblock weights (UINT4) or None; input 11, the patterns of N:M-sparse weights
+        (whose codes are then the kept ones, `blockformat.nm_compress`) or None. Shared by
+        every MatMul of a weight."""
         if id(bd) in self.weights:
             return self.weights[id(bd)]
         name = (bd.inputs[0].name or bd.name).removesuffix(".bct_codes")
         w = stored_weight(bd)
         codes, scale_codes = w.codes.astype(np.int8), w.scale_codes.astype(np.int8)
         g = self.graph
+        pattern = None
+        if fmt.nm_m:
+            codes, patterns = nm_compress(w)
+            pattern = new_initializer(g, f"{name}.bmm_nm_pattern", nm_pattern_tensor(patterns, fmt))
         values: list[ir.Value | None] = [
             new_initializer(g, f"{name}.bmm_codes", _int_tensor(codes, fmt.packed))
         ]
@@ -633,8 +646,8 @@ class LowerMatMul(ir.passes.InPlacePass):
         mult = None
         if w.multipliers is not None:
             mult = new_initializer(g, f"{name}.bmm_mult", uint4_tensor(w.multipliers))
-        self.weights[id(bd)] = values, mult
-        return values, mult
+        self.weights[id(bd)] = values, mult, pattern
+        return values, mult, pattern
 
     def _drop_dead(self) -> None:
         """Remove what the rewrites left unread (MatMul, bias Add, BlockQuantize, DQ, weights,

@@ -25,7 +25,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from bctonnx.blockformat import BlockFormat, pack_int4, split_scale_codes
+from bctonnx.blockformat import (
+    BlockFormat,
+    nm_compress,
+    nm_patterns,
+    pack_int4,
+    split_scale_codes,
+)
 
 from .common import (
     MID_DOMAIN,
@@ -34,6 +40,7 @@ from .common import (
     const_array,
     fmt_from_node,
     new_initializer,
+    nm_pattern_tensor,
     rank,
     role,
     stored_weight,
@@ -124,7 +131,11 @@ def lower_block_dequantize(graph: ir.Graph, node: ir.Node, shared: dict) -> None
     w = stored_weight(node)
     fmt = w.fmt
     e = _Emitter(graph, node, shared)
-    codes = e.const(_codes_tensor(w.codes, fmt), "codes")
+    if fmt.nm_m:
+        kept, patterns = nm_compress(w)
+        codes = e.const(_codes_tensor(kept, fmt), "codes")
+    else:
+        codes = e.const(_codes_tensor(w.codes, fmt), "codes")
     if fmt.scale_bits == 4:
         # code = base (int8 per slice) + offset (uint4 per block), decoded in float
         base, offsets = split_scale_codes(w.scale_codes, fmt.axis)
@@ -151,10 +162,52 @@ def lower_block_dequantize(graph: ir.Graph, node: ir.Node, shared: dict) -> None
     inputs = [codes, scales]
     if w.zero_points is not None:
         inputs.append(e.const(_codes_tensor(w.zero_points, fmt), "zp"))
-    _finish(
-        node,
-        e.op("DequantizeLinear", inputs, axis=fmt.axis, block_size=fmt.block_size),
+    if not fmt.nm_m:
+        _finish(
+            node,
+            e.op("DequantizeLinear", inputs, axis=fmt.axis, block_size=fmt.block_size),
+        )
+        return
+    # N:M: the kept codes dequantize with the blocks' scales (a block keeps n/m of its
+    # elements), then are scattered to their positions among zeros
+    n, m = fmt.nm
+    kept_values = e.op(
+        "DequantizeLinear", inputs, axis=fmt.axis, block_size=fmt.block_size * n // m
     )
+    _finish(node, _nm_scatter(e, kept_values, patterns, fmt, w.codes.shape))
+
+
+def _nm_scatter(
+    e: _Emitter, kept: ir.Value, patterns: np.ndarray, fmt: BlockFormat, shape: tuple
+) -> ir.Value:
+    """Dense float weights from N:M kept values (``blockformat.nm_expand`` in standard ops):
+    the stored pattern indices pick rows of the patterns' position table (Gather), which
+    ScatterElements uses to place each group's kept values among zeros."""
+    n, m = fmt.nm
+    axis = fmt.axis % len(shape)
+    if len(shape) != 2:
+        raise PassError(f"N:M sparsity needs a 2-D weight, got shape {list(shape)}")
+    size, cols = shape[axis], shape[1 - axis]
+    if axis == 1:  # work with the blocked axis first: [K, N]
+        kept = e.op("Transpose", [kept], perm=[1, 0])
+        patterns = patterns.T
+    table = e.const(nm_patterns(n, m), f"nm_table_{n}_{m}", share=True)
+    index = e.op(
+        "Cast", [e.const(nm_pattern_tensor(patterns, fmt), "nm_pattern")], to=ir.DataType.INT64
+    )
+    positions = e.op("Gather", [table, index], axis=0)  # [K/m, N, n]
+    positions = e.op("Transpose", [positions], perm=[0, 2, 1])  # [K/m, n, N]
+    grouped = e.op("Reshape", [kept, e.const(np.array([size // m, n, cols], np.int64), "nm_kept")])
+    zeros = e.op(
+        "ConstantOfShape",
+        [e.const(np.array([size // m, m, cols], np.int64), "nm_dense")],
+        value=ir.tensor(np.zeros(1, np.float32)),
+    )
+    dense = e.op("ScatterElements", [zeros, positions, grouped], axis=1)
+    dense = e.op("Reshape", [dense, e.const(np.array([size, cols], np.int64), "nm_shape")])
+    if axis == 1:
+        dense = e.op("Transpose", [dense], perm=[1, 0])
+    return dense
 
 
 def lower_block_gather(graph: ir.Graph, node: ir.Node, shared: dict) -> None:

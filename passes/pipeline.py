@@ -19,10 +19,14 @@ from .lower_dequantize import LowerDequantize
 from .lower_integer import LowerInteger
 from .lower_matmul import LowerMatMul
 from .lower_qdq import LowerQDQ
+from .prune_ffn import PruneFFN
+from .prune_heads import PruneHeads
+from .pruning import PruneContext
 from .quantize_activations import QuantizeActivations
 from .quantize_embeddings import QuantizeEmbeddings
 from .quantize_weights import QuantizeWeights
 from .simplify_shapes import SimplifyShapes
+from .sparsify_nm import SparsifyNM
 from .store_float16 import StoreFloat16
 
 log = logging.getLogger(__name__)
@@ -37,8 +41,45 @@ class PassSummary:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def build_pipeline(config: CompressionConfig) -> list[ir.passes.PassBase]:
+def build_pipeline(
+    config: CompressionConfig, prune: PruneContext | None = None
+) -> list[ir.passes.PassBase]:
+    """The passes for ``config``; pruning and N:M sparsity need ``prune`` (calibration text)."""
     passes: list[ir.passes.PassBase] = [Canonicalize()]
+    if config.needs_calibration:
+        if prune is None:
+            raise ValueError("pruning and N:M sparsity need calibration text (a PruneContext)")
+        weight_block = config.weights.block_size if config.weights is not None else 1
+        act_block = config.activations.block_size if config.activations is not None else 1
+        # a per-layer fraction is keyed by the consuming linear node's name: the attention
+        # output projection's for heads, the FFN output layer's for neurons
+        overrides = config.prune_overrides
+        if config.prune_heads > 0 or overrides:
+            passes.append(
+                PruneHeads(
+                    config.prune_heads,
+                    prune,
+                    weight_block=weight_block,
+                    act_block=act_block,
+                    overrides=overrides,
+                )
+            )
+        if config.prune_ffn > 0 or overrides:
+            passes.append(
+                PruneFFN(
+                    config.prune_ffn,
+                    prune,
+                    weight_block=weight_block,
+                    act_block=act_block,
+                    overrides=overrides,
+                )
+            )
+        if config.weights is not None and any(
+            f.nm_m for f in [config.weights, *(f for _, f in config.weight_overrides)]
+        ):
+            passes.append(
+                SparsifyNM(config.weights, prune, config.exclude, config.weight_overrides)
+            )
     if config.weights is not None:
         passes.append(QuantizeWeights(config.weights, config.exclude, config.weight_overrides))
     if config.embeddings is not None:
@@ -83,10 +124,11 @@ def run_pipeline(
     model: ir.Model,
     config: CompressionConfig,
     progress: Callable[[str], None] | None = None,
+    prune: PruneContext | None = None,
 ) -> list[PassSummary]:
     """Run every pass in place; returns one summary per pass."""
     summaries = []
-    for p in build_pipeline(config):
+    for p in build_pipeline(config, prune):
         name = type(p).__name__
         if progress:
             progress(name)

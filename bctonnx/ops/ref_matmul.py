@@ -11,7 +11,7 @@ float32. The weights are never dequantized to float.
 ONNX signature (every weight input a constant initializer; ``""`` for an absent optional)::
 
     BlockMatMul(x, x_scale?, w_codes, w_scales, w_scale_base?, w_zero_points?, bias?,
-                y_multiplier?, residual?, residual_scale?, w_multipliers?)
+                y_multiplier?, residual?, residual_scale?, w_multipliers?, w_nm_pattern?)
         -> (y?, y_q?, y_scale?, segment_sums?)
 
     x              float32 [..., K]: quantized on the fly exactly as BlockQuantize(x,
@@ -37,6 +37,12 @@ ONNX signature (every weight input a constant initializer; ``""`` for an absent 
                    BlockQuantize(DQ(BlockQuantize(y)) + DQ(residual)) instead, where DQ is
                    ``codes * scale`` per block (exact) and the sum one float32 addition: the
                    residual add of an encoder layer with its quantized inputs and output
+    w_nm_pattern   with attributes ``nm_n`` / ``nm_m`` > 0: N:M-sparse weights
+                   (`blockformat` "N:M sparsity"): w_codes then holds only the kept codes,
+                   [K * nm_n / nm_m, N], and this input, uint4 (at most 16 patterns) or int8
+                   [K / nm_m, N], the pattern index of every group; before everything else the
+                   op expands them to dense codes [K, N] (`blockformat.nm_expand`: a pruned
+                   position holds its block's zero point, or 0), which are then read as below
     w_multipliers  uint4 [K / block_size, N], with attribute ``superblock`` > 0: superblock
                    weights (`blockformat` "Superblocks"): w_scales (and w_scale_base) then
                    hold one code per superblock, [K / superblock, N], and the op first widens
@@ -48,7 +54,8 @@ ONNX signature (every weight input a constant initializer; ``""`` for an absent 
     attributes: block_size (1..65536), frac_bits (0..4) (weights); act_block_size
                 (1..65536), act_bits (2..8, default 8); out_block_size (0..65536, default 0 =
                 no y_q), out_bits (2..8, default 8), residual_block_size (0..65536, with a
-                residual), superblock (default 0, else a multiple > 1 of block_size, <= 65536)
+                residual), superblock (default 0, else a multiple > 1 of block_size, <= 65536),
+                nm_n, nm_m (default 0: dense weights; else 0 < nm_n < nm_m <= 16)
 
 Constraints (refused when the session is created, or for x at run time): ``block_size``
 divides K; one of ``block_size`` / ``act_block_size`` divides the other; the constant inputs
@@ -96,7 +103,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from bctonnx.blockformat import BlockFormat, BlockQuantized, decode_scales, widen_superblocks
+from bctonnx.blockformat import (
+    BlockFormat,
+    BlockQuantized,
+    decode_scales,
+    nm_expand,
+    widen_superblocks,
+)
 from bctonnx.ops.ref_quant import (
     MAX_BLOCK_SIZE,
     block_quantize,
@@ -146,6 +159,9 @@ def block_matmul(
     out_bits: int = 8,
     w_multipliers: np.ndarray | None = None,
     superblock: int = 0,
+    w_nm_pattern: np.ndarray | None = None,
+    nm_n: int = 0,
+    nm_m: int = 0,
 ) -> dict[str, np.ndarray]:
     """Reference of ``bctonnx.BlockMatMul``.
 
@@ -173,6 +189,12 @@ def block_matmul(
         raise ValueError("BlockMatMul: y_multiplier must hold one value")
     x = np.asarray(x)
     w_codes = np.asarray(w_codes, dtype=np.int8)
+    if nm_m:  # N:M storage -> dense codes, first of all
+        if w_nm_pattern is None:
+            raise ValueError("BlockMatMul: N:M weights need w_nm_pattern")
+        nm_fmt = BlockFormat(bits=8, block_size=block_size, axis=0, nm_n=nm_n, nm_m=nm_m)
+        zp = None if w_zero_points is None else np.asarray(w_zero_points)
+        w_codes = nm_expand(w_codes, np.asarray(w_nm_pattern), nm_fmt, zp)
     if superblock:
         if w_multipliers is None:
             raise ValueError("BlockMatMul: superblock weights need w_multipliers")

@@ -18,6 +18,7 @@
 #include "../quantize_row.h"
 #include "../simd.h"
 #include "gemm.h"
+#include "nm_sparsity.h"
 
 namespace bct {
 namespace {
@@ -92,7 +93,7 @@ constexpr auto kUInt4 = ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT4;
 
 enum Input : size_t {
   kX = 0, kXScale, kCodes, kScales, kScaleBase, kZeroPoints, kBias, kYMul, kResidual,
-  kResidualScale, kMultipliers, kNumInputs
+  kResidualScale, kMultipliers, kNMPattern, kNumInputs
 };
 enum Output : size_t { kY = 0, kYQ, kYScale, kSegments, kNumOutputs };
 
@@ -114,6 +115,13 @@ struct BlockMatMulKernel {
     if (superblock > 0 && (superblock <= block || superblock % block))
       Fail("superblock must be 0 or a multiple (> 1) of block_size " + std::to_string(block) +
            ", got " + std::to_string(superblock));
+    nm_n_ = attrs.Int("nm_n", 0, 7, 0);
+    nm_m_ = attrs.Int("nm_m", 0, 8, 0);
+    if ((nm_n_ > 0) != (nm_m_ > 0) || (nm_m_ > 0 && nm_n_ >= nm_m_))
+      Fail("nm_n / nm_m must both be 0 (dense) or 0 < nm_n < nm_m <= 8, got " +
+           std::to_string(nm_n_) + " / " + std::to_string(nm_m_));
+    if ((nm_m_ > 0) != has_input(raw_info, kNMPattern))
+      Fail("w_nm_pattern goes with nm_n / nm_m > 0");
     // the optional inputs and outputs the node wires must go together
     check_quantized_outputs(attrs, kYQ, kYScale, out_block_);
     const bool residual = has_input(raw_info, kResidual);
@@ -192,6 +200,12 @@ struct BlockMatMulKernel {
     std::vector<int32_t> zps =
         ConstInts(info, kZeroPoints, "w_zero_points", {kInt8, kInt4}, &zshape, &ztype, false);
     if (cshape.size() != 2) Fail("w_codes must be [K, N], got " + shape_str(cshape));
+    if (nm_m_ > 0) {  // N:M storage (nm_sparsity.h): kept codes + patterns -> dense codes, once
+      std::vector<int64_t> pshape;
+      const std::vector<int32_t> pattern =
+          ConstInts(info, kNMPattern, "w_nm_pattern", {kUInt4, kInt8}, &pshape, nullptr, true);
+      codes = ExpandNMCodes(codes, cshape, pattern, pshape, nm_n_, nm_m_, zps, block, &cshape);
+    }
     if (!zps.empty() && ztype != ctype)
       Fail("w_zero_points must have w_codes' element type " + TypeName(ctype) + ", got " +
            TypeName(ztype));
@@ -554,6 +568,7 @@ struct BlockMatMulKernel {
   bool has_bias_ = false;
   std::vector<float> bias_;
   PackedWeights w_;
+  int64_t nm_n_ = 0, nm_m_ = 0;
 };
 
 struct BlockMatMulOp : Ort::CustomOpBase<BlockMatMulOp, BlockMatMulKernel, true> {
@@ -573,7 +588,7 @@ struct BlockMatMulOp : Ort::CustomOpBase<BlockMatMulOp, BlockMatMulKernel, true>
       case kScaleBase:
       case kResidual:
         return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
-      default:  // x: float | int8; codes, scales, zero points: int8 | int4 | uint4
+      default:  // x: float | int8; codes, scales, zero points, N:M patterns: int8|int4|uint4
         return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
     }
   }

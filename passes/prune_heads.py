@@ -1,0 +1,156 @@
+"""prune_heads: whole attention heads removed, the attention output layer refit on calibration
+text.
+
+    Q, K, V = MatMul(x, Wq|Wk|Wv[H, h*d]) + b -> Reshape([.., h, d]) -> ... attention ...
+    context -> Reshape([.., h*d]) -> MatMul(., Wo[h*d, H]) + bo
+        ->  Wq|Wk|Wv[:, kept heads' columns], their biases; Reshape([0, -1, h', d]);
+            Reshape([0, 0, h'*d]); Wo'[kept heads' rows], bo' refit
+
+per self-attention block, layer by layer (`pruning`: each layer sees the earlier layers already
+pruned):
+
+1. calibration statistics: the Gram matrix of the attention context (the output projection's
+   input, plus a constant column) in the model as pruned so far, and its cross terms with the
+   FP32 reference model's output of the projection (after the bias);
+2. which heads go: greedy Optimal Brain Surgeon on groups of ``head_dim`` context features
+   (`bctonnx.refit.obs_prune`): the head whose removal raises the refit's error least goes
+   first (a head contributes to the layer's output only through its rows of Wo);
+3. the kept rows of Wo and bo refit by ridge least squares, the ridge strength chosen on
+   held-out calibration tokens.
+
+The kept head count keeps ``h' * d`` a multiple of the weight and activation block sizes (and
+of 128 where ``h * d`` is one). A fraction that removes no head leaves the block untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from bctonnx.refit import error, obs_prune, refit
+
+from .common import PassError
+from .encoder_layers import AttentionBlock, attention_blocks
+from .pruning import (
+    Layerwise,
+    PruneContext,
+    alignment,
+    fraction_for,
+    kept_count,
+    refresh_shapes,
+    set_linear,
+    set_reshape_target,
+)
+
+log = logging.getLogger(__name__)
+
+
+class PruneHeads(ir.passes.InPlacePass):
+    """Remove a fraction of every self-attention block's heads and refit its output layer."""
+
+    def __init__(
+        self,
+        fraction: float,
+        context: PruneContext,
+        *,
+        weight_block: int = 1,
+        act_block: int = 1,
+        overrides: Sequence[tuple[str, float]] = (),
+        residual: bool = True,
+    ):
+        super().__init__()
+        self.residual = residual
+        self.fraction = fraction
+        self.context = context
+        self.weight_block = weight_block
+        self.act_block = act_block
+        self.overrides = tuple(overrides)
+
+    def kept_heads(self, block: AttentionBlock) -> int:
+        width = block.heads * block.head_dim
+        q = alignment(self.weight_block, self.act_block, width)
+        per = q // math.gcd(q, block.head_dim)  # heads per quantum of width
+        fraction = fraction_for(block.o.name, self.fraction, self.overrides)
+        if block.heads % per:
+            return block.heads
+        return kept_count(block.heads, fraction, per)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        blocks = attention_blocks(model.graph)
+        if not blocks:
+            raise PassError(
+                "--prune-heads: no self-attention block (Q/K/V MatMul -> Reshape to heads -> "
+                "scores -> context -> Reshape -> output MatMul) in the graph"
+            )
+        plan = [(b, self.kept_heads(b)) for b in blocks]
+        widest = max((b.heads * b.head_dim for b, k in plan if k < b.heads), default=0)
+        if widest:
+            self.context.calibration.require(widest, "--prune-heads")
+        todo = [(i, b, k) for i, (b, k) in enumerate(plan) if k < b.heads]
+        if todo:
+            inputs = [b.q.matmul.inputs[0] for b, _ in plan]
+            sums = [b.o.residual_sum(x) for (b, _), x in zip(plan, inputs, strict=True)]
+            residual = self.residual and all(s is not None for s in sums)
+            stats = Layerwise(
+                self.context,
+                model,
+                [x.name for x in inputs],
+                [s.name for s in sums] if residual else [b.o.output.name for b, _ in plan],
+                residual=residual,
+            )
+        for i, block, keep in todo:
+            width = block.heads * block.head_dim
+            gram = stats.gram(model, i, block.merge.outputs[0].name, width, block.o.weight.shape[1])
+            self._prune(model, block, keep, gram)
+        modified = bool(todo)
+        if modified:
+            refresh_shapes(model)
+        return ir.passes.PassResult(model, modified=modified)
+
+    def _prune(self, model: ir.Model, block: AttentionBlock, keep: int, gram) -> None:
+        graph = model.graph
+        d, heads = block.head_dim, block.heads
+        width = heads * d
+        wo = block.o.weight
+        groups = [list(range(h * d, (h + 1) * d)) for h in range(heads)]
+        removed = obs_prune(gram, groups, heads - keep)
+        kept_heads = [h for h in range(heads) if h not in removed]
+        cols = np.concatenate([groups[h] for h in kept_heads])
+        w, b, alpha = refit(gram, cols)
+        g, c, yy = gram.total()
+        bo = block.o.bias if block.o.bias is not None else np.zeros(wo.shape[1], np.float32)
+        before = error(np.concatenate([wo, bo[None]]), g, c, yy, np.arange(width))
+        after = error(np.concatenate([w, b[None]]), g, c, yy, cols)
+        self.context.records.append(
+            {
+                "kind": "heads",
+                "layer": block.o.name,
+                "width": heads,
+                "kept": keep,
+                "kept_heads": kept_heads,
+                "alpha": alpha,
+                "rel_error_before": before / yy,
+                "rel_error_after": after / yy,
+            }
+        )
+        log.info(
+            "prune_heads %s: %d -> %d heads (kept %s), ridge %.0e, relative error %.4f (full %.4f)",
+            block.o.name,
+            heads,
+            keep,
+            kept_heads,
+            alpha,
+            after / yy,
+            before / yy,
+        )
+        for lin in (block.q, block.k, block.v):
+            bias = lin.bias
+            set_linear(graph, lin, lin.weight[:, cols], None if bias is None else bias[cols])
+        set_linear(graph, block.o, w, b)
+        for split in block.splits:
+            set_reshape_target(graph, split, [0, -1, keep, d])
+        set_reshape_target(graph, block.merge, [0, 0, keep * d])
