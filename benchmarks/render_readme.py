@@ -146,23 +146,14 @@ def render_at_ratio(runs: list[dict]) -> list[str]:
     return lines
 
 
-def render_latency(data: dict) -> str:
-    """benchmarks/latency.py: one bctonnx bench run (and optionally one without AMX)."""
-    run = data["main"]
+def _latency_table(run: dict) -> list[str]:
     shapes = run["shapes"]
-    rss_base = run.get("rss_baseline_bytes")
+    peer = any(r.get("vs_peer") for r in run["records"])
     lines = [
-        f"{run['model']}, onnxruntime {run['onnxruntime']} CPU ({run['cpu']}), "
-        f"{run['threads']} threads, synthetic token ids, median of {run['runs']} runs per model "
-        "(the models take turns in blocks of 5 timed runs, each after at least 0.1 s of untimed ones); vs int8 = latency / onnxruntime dynamic int8's; peak RSS of a fresh "
-        "process that loads the model and runs the largest batch once"
-        + (f" ({rss_base / 2**20:.0f} MB of it is Python + onnxruntime)" if rss_base else "")
-        + ":",
-        "",
         "| model | size | ratio | peak RSS | "
-        + " | ".join(f"{s} ms | vs int8" for s in shapes)
+        + " | ".join(f"{s} ms | vs ort int8" + (" | vs OV int8" if peer else "") for s in shapes)
         + " |",
-        "|---|---:|---:|---:|" + "---:|---:|" * len(shapes),
+        "|---|---:|---:|---:|" + ("---:|---:|---:|" if peer else "---:|---:|") * len(shapes),
     ]
     for r in run["records"]:
         if r["status"] != "ok":
@@ -173,9 +164,39 @@ def render_latency(data: dict) -> str:
         for s in shapes:
             ms, vs = r["latency_ms"].get(s), r["vs_baseline"].get(s)
             cells += [f"{ms:.1f}" if ms else "-", f"{vs:.2f}x" if vs else "-"]
+            if peer:
+                vp = r.get("vs_peer", {}).get(s)
+                cells.append(f"{vp:.2f}x" if vp else "-")
         lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
-    other = data.get("no_amx")
-    if other:
+    return lines
+
+
+def render_latency(data: dict) -> str:
+    """benchmarks/latency.py: one bctonnx bench run per model (MiniLM, BERT-base size), and
+    optionally runs without AMX."""
+    run = data["main"]
+    rss_base = run.get("rss_baseline_bytes")
+    lines = [
+        f"onnxruntime {run['onnxruntime']} CPU on {run['cpu']} "
+        f"({run.get('cpu_isa') or 'instruction sets not recorded'}; bctonnx kernels: "
+        f"{run.get('bct_isa') or '-'}), {run['threads']} threads, synthetic token ids, median of "
+        f"{run['runs']} runs per model (the models take turns in blocks of 5 timed runs, each "
+        "after at least 0.1 s of untimed ones: steady state); vs ort int8 / vs OV int8 = "
+        "latency / onnxruntime dynamic int8's / OpenVINO + NNCF int8's in the same run (< 1: "
+        "faster); peak RSS of a fresh process that loads the model and runs the largest batch "
+        "once"
+        + (f" ({rss_base / 2**20:.0f} MB of it is Python + onnxruntime)" if rss_base else "")
+        + (f". {run['peers']}" if run.get("peers") else "")
+        + ".",
+    ]
+    for key in ("main", "main_base"):
+        if key in data:
+            lines += ["", f"**{data[key]['model']}**", "", *_latency_table(data[key])]
+    for key in ("no_amx", "no_amx_base"):
+        other = data.get(key)
+        if not other:
+            continue
+        shapes = other["shapes"]
         by = {r["model"]: r for r in other["records"] if r["status"] == "ok"}
         parts = []
         for name in ("bct w8a8 integer", "bct w4a8 integer"):
@@ -184,10 +205,9 @@ def render_latency(data: dict) -> str:
                 parts.append(f"{name.removeprefix('bct ')} {ratios}")
         lines += [
             "",
-            "With AMX denied to the process (`--block-amx`: onnxruntime's int8 GEMM and bctonnx's "
-            "BlockMatMul on AVX-512 VNNI, as on CPUs without AMX), latency / dynamic int8: "
-            + "; ".join(parts)
-            + ".",
+            f"{other['model']}, with AMX denied to the process (`--block-amx`: onnxruntime's "
+            "int8 GEMM and bctonnx's BlockMatMul on AVX-512 VNNI, as on CPUs without AMX), "
+            "latency / dynamic int8: " + "; ".join(parts) + ".",
         ]
     return "\n".join(lines)
 
