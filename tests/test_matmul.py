@@ -412,17 +412,22 @@ def test_lower_matmul_makes_every_linear_layer_integer(tiny_bert_onnx, preset):
     model = _compress(tiny_bert_onnx, preset, fuse_attention=False)  # (fused: test_block_attention)
     ops = Counter((n.domain, n.op_type) for n in model.graph.node)
     assert ops[("bctonnx", "BlockMatMul")] == 12  # 2 layers x (Q, K, V, out, FFN1, FFN2)
-    # attention: scores, softmax and P.V in one fused BlockAttention per layer (fuse_attention)
-    assert ops[("bctonnx", "BlockAttention")] == 2
-    assert ops[("bctonnx", "BlockBatchMatMul")] == ops[("bctonnx", "AttentionPV")] == 0
-    assert ops[("bctonnx", "IntSoftmax")] == 0
+    assert ops[("bctonnx", "BlockBatchMatMul")] == 2  # attention scores
+    assert ops[("bctonnx", "AttentionPV")] == 2  # attention context P.V
     assert ops[("", "MatMul")] == 0  # no float matmul left
-    assert ops[("", "Transpose")] == 0  # the heads' transposes are read token-major in the op
+    assert ops[("", "Transpose")] == 0  # the heads' transposes are read token-major in the ops
     for node in model.graph.node:
-        if node.op_type == "BlockAttention":
+        if node.op_type == "BlockBatchMatMul":
             attrs = {a.name: a.i for a in node.attribute}
-            assert not any(attrs.get(f"{x}_heads_first") for x in "qkv"), attrs  # token-major
-            assert attrs["p_exponent"] == -8 and attrs["score_block_size"] == 16, attrs
+            assert attrs["a_transposed"] == 1 and attrs["b_transposed"] == 1, attrs
+    for node in model.graph.node:  # the heads' Transposes (0, 2, 1, 3) are fused into P.V
+        if node.op_type == "AttentionPV":
+            attrs = {a.name: a.i for a in node.attribute}
+            assert attrs["transpose_output"] == 1 and attrs["v_transposed"] == 1, attrs
+            assert attrs["p_exponent"] == -8, attrs
+    softmax_out = {n.output[0] for n in model.graph.node if n.op_type == "IntSoftmax"}
+    readers = {n.op_type for n in model.graph.node if softmax_out & set(n.input)}
+    assert readers == {"AttentionPV"}  # the probabilities stay uint8 codes
     # no weight is dequantized to float any more
     assert not [
         n for n in model.graph.node
