@@ -100,9 +100,12 @@ def test_wheel_builds_is_manylinux_and_runs_the_demo_without_a_compiler(minilm_w
             list(args), cwd=tmp_path, env=no_compiler, capture_output=True, text=True, timeout=900
         )
 
+    # --ignore-installed: the borrowed environment has bctonnx too (CI installs it there, not
+    # editable); pip must neither take it for this wheel nor try to uninstall it
     installed = run(
-        str(fresh_python), "-m", "pip", "install", "--no-deps", "--no-index", str(wheel)
-    )
+        str(fresh_python), "-m", "pip", "install", "--no-deps", "--no-index", "--ignore-installed",
+        str(wheel),
+    )  # fmt: skip
     assert installed.returncode == 0, installed.stderr[-3000:]
     where = run(
         str(fresh_python),
