@@ -32,7 +32,7 @@ struct AttentionPVKernel {
     if (seg_ < 2 || seg_ > kMaxSegment || seg_ % 2)
       Fail("segment must be even, in 2..256, got " + std::to_string(seg_));
     if (p_exp_ < -32 || p_exp_ > 0) Fail("p_exponent must be in -32..0");
-    avx512_ = ChooseIsa() >= kAvx512;  // platform.h: BCTONNX_ISA included
+    isa_ = ChooseIsa();  // platform.h: BCTONNX_ISA included
   }
 
   struct Job {
@@ -78,7 +78,7 @@ struct AttentionPVKernel {
       out.stride = dm.d;
     }
     const uint8_t* p = job.p + bh * dm.m * dm.s;
-    Head(avx512_, dm, p, pv, out);
+    Head(isa_, dm, p, pv, out);
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* raw) {
@@ -134,7 +134,8 @@ struct AttentionPVKernel {
 
   int64_t block_ = 0, seg_ = 32;
   int p_exp_ = -8;
-  bool transpose_ = false, v_transposed_ = false, avx512_ = false;
+  bool transpose_ = false, v_transposed_ = false;
+  Isa isa_ = kScalar;
 };
 
 struct AttentionPVOp : Ort::CustomOpBase<AttentionPVOp, AttentionPVKernel, true> {
