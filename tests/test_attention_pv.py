@@ -1,5 +1,5 @@
 """AttentionPV (integer P.V): the kernel bit-exact with its numpy reference
-(bctonnx/ops/ref_attention.py) on the AVX-512 and portable paths, the reference within its
+(bctonnx/ops/ref_attention.py) on the AVX-512, AVX2 and portable paths, the reference within its
 stated error bound of exact arithmetic, and bad inputs refused."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from test_matmul import available_isas, session
 
 from bctonnx.ops.ref_attention import attention_pv
 
-PV_ISAS = [isa for isa in ("scalar", "avx512") if isa in available_isas()]
+PV_ISAS = [isa for isa in ("scalar", "avx2", "avx512") if isa in available_isas()]
 
 
 def pv_model(

@@ -28,7 +28,7 @@ struct AttentionPVKernel {
     p_exp_ = static_cast<int>(attrs.Int("p_exponent", -32, 0, -8));
     transpose_ = attrs.Bool("transpose_output", false);
     v_transposed_ = attrs.Bool("v_transposed", false);
-    avx512_ = ChooseIsa() >= kAvx512;  // platform.h: BCTONNX_ISA included
+    isa_ = ChooseIsa();  // platform.h: BCTONNX_ISA included
   }
 
   struct Job {
@@ -74,7 +74,7 @@ struct AttentionPVKernel {
       out.stride = dm.d;
     }
     const uint8_t* p = job.p + bh * dm.m * dm.s;
-    Head(avx512_, dm, p, pv, out);
+    Head(isa_, dm, p, pv, out);
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* raw) {
@@ -130,7 +130,8 @@ struct AttentionPVKernel {
 
   int64_t block_ = 0, seg_ = 32;
   int p_exp_ = -8;
-  bool transpose_ = false, v_transposed_ = false, avx512_ = false;
+  bool transpose_ = false, v_transposed_ = false;
+  Isa isa_ = kScalar;
 };
 
 struct AttentionPVOp : Ort::CustomOpBase<AttentionPVOp, AttentionPVKernel, true> {

@@ -181,7 +181,7 @@ struct BlockAttentionKernel {
     pv::PrepareV(dm, job.v + vb * job.dv, vst * job.dv, job.vs + vb * job.nbv, vst * job.nbv, keep,
                  &prepared);
     const pv::RowOut out{job.y + (b * s * h + hh) * job.dv, h * job.dv};  // token-major
-    pv::Head(isa_ >= kAvx512, dm, sc.p.data(), prepared, out);
+    pv::Head(isa_, dm, sc.p.data(), prepared, out);
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* raw) {

@@ -14,6 +14,8 @@
 //           dword broadcast against w[s, j], w[s+1, j] interleaved for 16 columns; register
 //           tile of 4 rows x 32 columns, int32 per segment then the float32 epilogue in
 //           registers. Needs an even segment (token pairs never straddle two segments).
+//   avx2    AVX2: vpmaddwd on the same int16 pairs, 4 rows x 16 columns, the float32 step of
+//           each segment into a tile in L1.
 //   scalar  portable C++, the same float32 operations in the same order.
 // Heads run as tasks on the session's intra-op pool (KernelContext::ParallelFor). Both layout
 // transposes around attention's P.V can be fused: v token-major (v_transposed) and the output
@@ -206,11 +208,94 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void Avx512Head(
   }
 }
 
+#define BCT_AVX2 __attribute__((target("avx2,fma")))
+
+// PairRows for AVX2: p rows as dword pairs, zero padded to `pairs`.
+BCT_AVX2 void PairRowsAvx2(const PvDims& dm, const uint8_t* p, int64_t m0, int64_t rows,
+                           int32_t* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* src = p + (m0 + r) * dm.s;
+    int32_t* dst = out + r * dm.pairs;
+    int64_t s = 0;
+    for (; s + 16 <= dm.s; s += 16) {
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + s));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + s / 2), _mm256_cvtepu8_epi16(b));
+    }
+    for (; s < dm.s; s += 2)
+      dst[s / 2] = src[s] | (s + 1 < dm.s ? static_cast<int32_t>(src[s + 1]) << 16 : 0);
+  }
+}
+
+// Keeps a rounded product from being contracted into the addition after it.
+BCT_AVX2 inline __m256 Rounded(__m256 v) {
+  asm("" : "+x"(v));
+  return v;
+}
+
+// MR rows x 16 columns (two ymm of int32), vpmaddwd on the int16 pairs of p and w (exact:
+// |p0 w0 + p1 w1| <= 2 * 255 * 2^15), int32 per segment, then the float32 step of every
+// segment into yt [MR][16] in L1; cols = valid columns for the store.
+template <int MR>
+BCT_AVX2 void TileAvx2(const PvDims& dm, const int32_t* prow, const PreparedV& pv, int64_t j0,
+                       int64_t cols, float** yrows) {
+  alignas(32) float yt[MR][16] = {};
+  const int64_t seg_pairs = dm.seg / 2;
+  for (int64_t g = 0; g < dm.nseg; ++g) {
+    const int64_t t0 = g * seg_pairs, t1 = std::min(t0 + seg_pairs, dm.pairs);
+    __m256i a[MR][2];
+    for (int r = 0; r < MR; ++r) a[r][0] = a[r][1] = _mm256_setzero_si256();
+    const int32_t* wp = pv.w + t0 * dm.dpad + j0;
+    for (int64_t t = t0; t < t1; ++t, wp += dm.dpad) {
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp));
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + 8));
+      for (int r = 0; r < MR; ++r) {
+        const __m256i pr = _mm256_set1_epi32(prow[r * dm.pairs + t]);
+        a[r][0] = _mm256_add_epi32(a[r][0], _mm256_madd_epi16(pr, w0));
+        a[r][1] = _mm256_add_epi32(a[r][1], _mm256_madd_epi16(pr, w1));
+      }
+    }
+    const float* f = pv.factor + g * dm.dpad + j0;
+    const __m256 f0 = _mm256_loadu_ps(f), f1 = _mm256_loadu_ps(f + 8);
+    for (int r = 0; r < MR; ++r) {
+      const __m256 u0 = Rounded(_mm256_mul_ps(_mm256_cvtepi32_ps(a[r][0]), f0));
+      const __m256 u1 = Rounded(_mm256_mul_ps(_mm256_cvtepi32_ps(a[r][1]), f1));
+      _mm256_store_ps(yt[r], _mm256_add_ps(_mm256_load_ps(yt[r]), u0));
+      _mm256_store_ps(yt[r] + 8, _mm256_add_ps(_mm256_load_ps(yt[r] + 8), u1));
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    std::memcpy(yrows[r] + j0, yt[r], sizeof(float) * static_cast<size_t>(cols));
+}
+
+BCT_AVX2 void Avx2Head(const PvDims& dm, const uint8_t* p, const PreparedV& pv,
+                       const RowOut& out) {
+  constexpr int kMR = 4;
+  thread_local std::vector<char> pbuf;
+  int32_t* prow = Scratch<int32_t>(pbuf, static_cast<size_t>(kMR * dm.pairs));
+  for (int64_t m0 = 0; m0 < dm.m; m0 += kMR) {
+    const int rows = static_cast<int>(std::min<int64_t>(kMR, dm.m - m0));
+    PairRowsAvx2(dm, p, m0, rows, prow);
+    float* yrows[kMR];
+    for (int r = 0; r < rows; ++r) yrows[r] = out.row(m0 + r);
+    for (int64_t j0 = 0; j0 < dm.d; j0 += 16) {
+      const int64_t cols = std::min<int64_t>(16, dm.d - j0);
+      switch (rows) {
+        case 4: TileAvx2<4>(dm, prow, pv, j0, cols, yrows); break;
+        case 3: TileAvx2<3>(dm, prow, pv, j0, cols, yrows); break;
+        case 2: TileAvx2<2>(dm, prow, pv, j0, cols, yrows); break;
+        default: TileAvx2<1>(dm, prow, pv, j0, cols, yrows); break;
+      }
+    }
+  }
+}
+
 }  // namespace
 
-void Head(bool avx512, const PvDims& dm, const uint8_t* p, const PreparedV& pv, const RowOut& out) {
-  if (avx512)
+void Head(Isa isa, const PvDims& dm, const uint8_t* p, const PreparedV& pv, const RowOut& out) {
+  if (isa >= kAvx512)
     Avx512Head(dm, p, pv, out);
+  else if (isa == kAvx2)
+    Avx2Head(dm, p, pv, out);
   else
     ScalarHead(dm, p, pv, out);
 }

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "../platform.h"
 
 namespace bct {
 namespace pv {
@@ -44,8 +45,9 @@ struct RowOut {
   float* row(int64_t m) const { return base + m * stride; }
 };
 
-// Steps 3-4 for one head: p [m][s] uint8 -> y rows. avx512: the VNNI path.
-void Head(bool avx512, const PvDims& dm, const uint8_t* p, const PreparedV& pv, const RowOut& out);
+// Steps 3-4 for one head: p [m][s] uint8 -> y rows, on the path of `isa` (avx512 and amx: the
+// VNNI path).
+void Head(Isa isa, const PvDims& dm, const uint8_t* p, const PreparedV& pv, const RowOut& out);
 
 }  // namespace pv
 }  // namespace bct
