@@ -1,6 +1,6 @@
 """bench: latency, file size and peak memory of FP32, onnxruntime's dynamic int8 and BCT presets.
 
-    bctonnx bench MODEL_OR_DIR [--batch 1,8] [--seq 128] [--threads 2] [--runs 20]
+    bctonnx bench MODEL_OR_DIR [--batch 1,8] [--seq 128[,384]] [--threads 2] [--runs 20]
                   [--presets w8a8,w8a8-fast,w4a8] [--modes integer,qdq] [--json FILE] [--plot FILE.png]
 
 One run builds every model from the same FP32 file (an exported directory's ``model.onnx`` or
@@ -172,7 +172,7 @@ def interleaved(sessions: dict, batch: int, seq: int, runs: int, warmup: int, vo
 
 
 def _build_models(
-    src: Path, workdir: Path, presets, modes, block_size, progress
+    src: Path, workdir: Path, presets, modes, block_size, progress, tokens=()
 ) -> list[BenchRecord]:
     from .api import compress_file
     from .baselines import quantize_dynamic_int8
@@ -195,14 +195,13 @@ def _build_models(
         for preset in presets
         for mode in modes
     ]
-    for preset, mode, config in distinct_configs(combos):
-        rec = BenchRecord(
-            f"bct {preset} {mode}", "bct", preset=preset, mode=mode, config=config.describe()
-        )
+    for preset, mode, config in distinct_configs(combos) + token_variants(combos, tokens):
+        name = f"bct {preset} {mode}" + (f" keep {_schedule(config)}" if config.token_keep else "")
+        rec = BenchRecord(name, "bct", preset=preset, mode=mode, config=config.describe())
         records.append(rec)
         try:
-            progress(f"compress {preset} ({mode})")
-            out = workdir / f"{preset}-{mode}.onnx"
+            progress(f"compress {name[4:]}")
+            out = workdir / f"{name[4:].replace(' ', '-').replace('@', 'at')}.onnx"
             compress_file(src, out, config)
             rec.path = str(out)
         except Exception as exc:  # noqa: BLE001
@@ -214,11 +213,30 @@ def _build_models(
     return records
 
 
+def _schedule(config) -> str:
+    return ",".join(s.describe() for s in config.token_keep)
+
+
+def token_variants(combos, tokens) -> list:
+    """``--token-keep``: each preset and mode again with each schedule (``tokens``: one dict
+    of resolve_config token keywords per schedule)."""
+    from .config import distinct_configs, resolve_config
+
+    try:
+        return [
+            (preset, mode, resolve_config(config, **t))
+            for t in tokens
+            for preset, mode, config in distinct_configs(combos)
+        ]
+    except ValueError as exc:
+        raise BctError(str(exc)) from None
+
+
 def run_bench(
     model: str | os.PathLike,
     *,
     batches: list[int] = (1, 8),  # type: ignore[assignment]
-    seq: int = 128,
+    seq: int | list[int] = 128,
     threads: int = 2,
     runs: int = 20,
     warmup: int = 3,
@@ -228,8 +246,11 @@ def run_bench(
     rss: bool = True,
     keep: str | os.PathLike | None = None,
     progress=None,
+    tokens: list[dict] = (),  # type: ignore[assignment]
 ) -> BenchResult:
-    """Build, then time every model interleaved, then probe each one's peak RSS."""
+    """Build, then time every model interleaved, then probe each one's peak RSS. ``seq``: one
+    or several sequence lengths (every batch at every length); ``tokens``: token-downsampling
+    schedules, one dict of `resolve_config` keywords each (`token_variants`)."""
     import onnxruntime as ort
 
     from .modelio import resolve_model_path
@@ -237,7 +258,8 @@ def run_bench(
 
     say = progress or (lambda msg: None)
     src = resolve_model_path(model)
-    if runs < 1 or warmup < 0 or threads < 1 or seq < 1:
+    seqs = [seq] if isinstance(seq, int) else list(seq)
+    if runs < 1 or warmup < 0 or threads < 1 or not seqs or min(seqs) < 1:
         raise BctError("--runs and --threads must be >= 1, --seq >= 1")
     tmp = None
     if keep:
@@ -247,7 +269,7 @@ def run_bench(
         tmp = tempfile.TemporaryDirectory(prefix="bctonnx-bench.")
         workdir = Path(tmp.name)
     try:
-        records = _build_models(src, workdir, presets, modes, block_size, say)
+        records = _build_models(src, workdir, presets, modes, block_size, say, tokens)
         vocab = vocab_size(src)
         sessions = {}
         for rec in records:
@@ -257,8 +279,9 @@ def run_bench(
                 sessions[rec.model] = make_session(rec.path, threads)
             except Exception as exc:  # noqa: BLE001
                 rec.status, rec.error = "failed", f"{type(exc).__name__}: {exc}"
-        shapes = [f"{b}x{seq}" for b in batches]
-        for batch, shape in zip(batches, shapes, strict=True):
+        sizes = [(b, n) for n in seqs for b in batches]
+        shapes = [f"{b}x{n}" for b, n in sizes]
+        for (batch, seq), shape in zip(sizes, shapes, strict=True):
             say(f"latency {shape} ({len(sessions)} models x {runs} runs)")
             medians = interleaved(sessions, batch, seq, runs, warmup, vocab)
             for rec in records:
@@ -277,14 +300,14 @@ def run_bench(
         if rss:
             say("peak RSS (one process per model)")
             try:
-                rss_base = peak_rss(None, 1, seq, threads)
+                rss_base = peak_rss(None, 1, max(seqs), threads)
             except Exception:  # noqa: BLE001 - the baseline is informative only
                 rss_base = None
             for rec in records:
                 if rec.status != "ok":
                     continue
                 try:
-                    rec.peak_rss_bytes = peak_rss(rec.path, max(batches), seq, threads)
+                    rec.peak_rss_bytes = peak_rss(rec.path, max(batches), max(seqs), threads)
                 except Exception as exc:  # noqa: BLE001
                     rec.error = str(exc)
         return BenchResult(
