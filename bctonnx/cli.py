@@ -131,8 +131,10 @@ def _add_token_flags(p: argparse.ArgumentParser, repeatable: bool = False) -> No
     g.add_argument(
         "--token-score",
         choices=TOKEN_SCORES,
-        help="rank tokens by the attention they receive from all real tokens (default) or "
-        "from [CLS] only",
+        help="rank tokens by the attention they receive from all real tokens (attention), "
+        "from [CLS] only (cls), or by how unlike every other token they are (redundancy); "
+        "auto (default): redundancy for a model with a full-length output (sentence "
+        "embeddings), attention otherwise",
     )
     g.add_argument(
         "--token-merge",

@@ -35,7 +35,10 @@ class TokenStage:
 
 # --token-keep K without --token-keep-from: tokens leave after this many encoder layers
 DEFAULT_TOKEN_KEEP_FROM = 3
-TOKEN_SCORES = ("all", "cls")
+# how tokens are ranked: auto = redundancy for a model with a full-length output (sentence
+# embeddings), else attention; attention = received from all real tokens; cls = received from
+# [CLS]; redundancy = 2 - cosine to the most similar other token (passes/token_drop.py)
+TOKEN_SCORES = ("auto", "attention", "cls", "redundancy")
 TOKEN_OUTPUTS = ("copy", "frozen")
 
 
@@ -108,7 +111,7 @@ class CompressionConfig:
     # if the model has one) holds for a token that left; the ids of the special tokens always
     # kept (None: read from the model's tokenizer when there is one)
     token_keep: tuple[TokenStage, ...] = field(default_factory=tuple)
-    token_score: str = "all"
+    token_score: str = "auto"
     token_merge: bool = True
     token_output: str = "copy"
     special_token_ids: tuple[int, ...] | None = None
@@ -136,7 +139,7 @@ class CompressionConfig:
         if self.token_keep:
             extra += f", tokens kept {','.join(s.describe() for s in self.token_keep)}"
             extra += " merged" if self.token_merge else " dropped"
-            if self.token_score != "all":
+            if self.token_score != "auto":
                 extra += f" by {self.token_score}"
             if self.token_output != "copy":
                 extra += f", {self.token_output} outputs"
@@ -233,8 +236,7 @@ def resolve_config(
     their activations in their weight block size (with superblocks: the superblock size).
     ``token_keep``: token downsampling, ``"K"`` (from layer ``token_keep_from``, default
     `DEFAULT_TOKEN_KEEP_FROM`) or stages ``"K@L,K@L"`` (`parse_token_keep`); ``token_score``
-    ``"all"`` / ``"cls"``: tokens ranked by the attention they receive from all real tokens or
-    from [CLS]; ``token_merge``: the tokens that leave are merged into the kept ones (default)
+    (`TOKEN_SCORES`): how tokens are ranked; ``token_merge``: the tokens that leave are merged into the kept ones (default)
     or dropped; ``token_output`` ``"copy"`` / ``"frozen"``: what a full-length output
     (last_hidden_state) holds for a token that left (passes/token_drop.py).
     """

@@ -388,8 +388,7 @@ def _format_work(report: InspectReport) -> list[str]:
                 f"after layer {s.layer} keep {s.keep:g} of each sequence's real tokens"
                 for s in stages
             )
-            + f" (ranked by attention received from {report.config.token_score} tokens; "
-            f"the others {how})"
+            + f" (ranked by {report.config.token_score}; the others {how})"
         ]
     else:
         head = ["token schedule: none (every layer runs on every token)"]

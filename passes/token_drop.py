@@ -16,6 +16,7 @@ ONNX ops only, so both lowerings take it as it is::
     keep = real & (special | rank < ceil(keep * n))            n from the attention mask
     idx = the kept positions in their original order, then the others (TopK of
           keep ? j : S + j, ascending); S' = the batch's largest kept count
+          (``keep`` and ``idx`` are the tensors token_drop/keep@L and token_drop/kept@L)
     h' = GatherND(h, idx)                                      [B, S', H], the input of layer L
     mask' = slot < kept count ? 0 : -3.4e38                    every attention mask from L on
 
@@ -59,7 +60,7 @@ from fractions import Fraction
 import numpy as np
 import onnx_ir as ir
 
-from bctonnx.config import TokenStage
+from bctonnx.config import TOKEN_SCORES, TokenStage
 
 from .common import PassError, const_array, new_initializer, role, set_role, take_over
 
@@ -67,10 +68,10 @@ log = logging.getLogger(__name__)
 
 MASKED = float(np.finfo(np.float32).min)  # the additive mask of a padding slot
 SPECIAL_KEY = 1 << 40  # above any score: heads x tokens x 255 < 2^40
-SCORES = ("all", "cls")
 OUTPUTS = ("copy", "frozen")
 KEEP_DENOMINATOR = 1000  # keep fractions are rationals p/q, q <= this (exact ceil in int64)
-BIAS_ROLE = "attention.bias"  # the Add of log w' to the attention scores
+BIAS_ROLE = "attention.bias"
+LOG_TABLE = 8192  # log w for merged-token weights w < this (longer inputs: clamped)  # the Add of log w' to the attention scores
 
 
 @dataclass
@@ -306,14 +307,14 @@ class TokenDrop(ir.passes.InPlacePass):
         self,
         stages: Sequence[TokenStage],
         *,
-        score: str = "all",
+        score: str = "auto",
         merge: bool = True,
         output: str = "copy",
         special_ids: Sequence[int] = (),
     ):
         super().__init__()
-        if score not in SCORES:
-            raise ValueError(f"token score must be one of {', '.join(SCORES)}, got {score!r}")
+        if score not in TOKEN_SCORES:
+            raise ValueError(f"token score must be one of {', '.join(TOKEN_SCORES)}")
         if output not in OUTPUTS:
             raise ValueError(f"token output must be one of {', '.join(OUTPUTS)}, got {output!r}")
         self.stages = tuple(stages)
@@ -329,6 +330,9 @@ class TokenDrop(ir.passes.InPlacePass):
         layers = encoder_layers(graph)
         check_stages(self.stages, len(layers))
         full_length = needs_full_length(graph, layers[-1].output)
+        self.rank_by = self.score
+        if self.score == "auto":
+            self.rank_by = "redundancy" if full_length else "attention"
         b = self.b = _Builder(graph)
         ids = _token_ids(graph)
         mask = _input_named(graph, "attention_mask")
@@ -379,11 +383,21 @@ class TokenDrop(ir.passes.InPlacePass):
             special = b("Or", special, b("Cast", change, to=BOOL))
         return b("And", special, valid, dtype=BOOL)
 
-    def _scores(self, probs: ir.Value, valid: ir.Value) -> ir.Value:
-        """[B, S] int64: attention each token received (module doc)."""
+    def _scores(self, probs: ir.Value, valid: ir.Value, codes) -> ir.Value:
+        """[B, S] int64: how much each token is worth keeping (module doc)."""
         b = self.b
+        if self.rank_by == "redundancy":
+            # 2 - the cosine to the most similar other real token, in steps of 2^-20
+            pos = b.arange(b.width(valid))
+            similar = self._cosines(codes, codes)  # [B, S, S]
+            other = b("Not", b("Equal", b("Unsqueeze", pos, b.axes(1)), pos))  # [S, S]
+            other = b("And", other, b("Unsqueeze", valid, b.axes(1)))  # [B, S, S]
+            similar = b("Where", other, similar, b.f32(-2.0))
+            closest = b("ReduceMax", similar, b.axes(2), keepdims=0)
+            distinct = b("Mul", b("Sub", b.f32(2.0), closest), b.f32(2.0**20))
+            return b("Cast", distinct, to=I64)
         row = valid
-        if self.score == "cls":
+        if self.rank_by == "cls":
             width = b.width(valid)
             pos = b.arange(width)
             first = b("ReduceMin", b("Where", valid, pos, width), b.axes(1), keepdims=1)
@@ -398,7 +412,8 @@ class TokenDrop(ir.passes.InPlacePass):
         valid, special = tokens.valid, tokens.special
         width = b.width(valid)
         pos = b.arange(width)
-        key = b("Where", valid, self._scores(probs, valid), b.i64(-1))
+        codes = self._token_codes(hidden)  # for cosine similarities
+        key = b("Where", valid, self._scores(probs, valid, codes), b.i64(-1))
         key = b("Where", special, b.i64(SPECIAL_KEY), key)
         _, order = b("TopK", key, width, axis=1, largest=1, sorted=1, outputs=2)
         rank = b("ScatterElements", order, order, b("Expand", pos, b("Shape", order)), axis=1)
@@ -406,6 +421,7 @@ class TokenDrop(ir.passes.InPlacePass):
         limit = b("Add", b("Mul", real, b.i64(fraction.numerator)), b.i64(fraction.denominator - 1))
         limit = b("Div", limit, b.i64(fraction.denominator))  # ceil(keep * n), exact
         keep = b("And", valid, b("Or", special, b("Less", rank, limit)), dtype=BOOL)
+        keep.name = f"token_drop/keep@{stage.layer}"  # [B, S] bool, named for tests and users
         kept = b("Cast", keep, to=I64)
         count = b("ReduceSum", kept, b.axes(1), keepdims=1)  # [B, 1]
         new_width = b("ReduceMax", count, b.axes(0), keepdims=0, dtype=I64)  # [1]
@@ -419,6 +435,7 @@ class TokenDrop(ir.passes.InPlacePass):
             sorted=1,
             outputs=2,
         )
+        idx.name = f"token_drop/kept@{stage.layer}"  # [B, S'] int64: positions, kept first
         slots = b.arange(new_width)
         new_valid = b("Less", slots, count, dtype=BOOL)
         new_special = b("GatherElements", b("Cast", special, to=I32), idx, axis=1)
@@ -428,15 +445,9 @@ class TokenDrop(ir.passes.InPlacePass):
         source = b("Where", keep, slot_of, b.i64(0))
         weight = None
         if self.merge or self.output == "copy":
-            source = b("Where", keep, slot_of, self._nearest(hidden, idx, new_valid))
+            source = b("Where", keep, slot_of, self._nearest(codes, idx, new_valid))
         if self.merge:
-            share = b("Equal", b("Unsqueeze", source, b.axes(2)), slots)  # [B, S, S']
-            share = b("And", share, b("Unsqueeze", valid, b.axes(2)))
-            share = b("Mul", b("Cast", share, to=F32), b("Unsqueeze", tokens.weight, b.axes(2)))
-            weight = b("ReduceSum", share, b.axes(1), keepdims=0, dtype=F32)  # [B, S']
-            summed = b("MatMul", b("Transpose", share, perm=[0, 2, 1]), hidden)
-            total = b("Unsqueeze", b("Max", weight, b.f32(1e-6)), b.axes(2))
-            new_hidden = b("Div", summed, total, dtype=F32)
+            new_hidden, weight = self._merge(hidden, source, valid, tokens.weight, new_width)
         else:
             new_hidden = b("GatherND", hidden, idx, batch_dims=1, dtype=F32)
         if hidden.shape is not None:
@@ -447,13 +458,64 @@ class TokenDrop(ir.passes.InPlacePass):
             _Stage(hidden, keep, source),
         )
 
-    def _nearest(self, hidden: ir.Value, idx: ir.Value, valid: ir.Value) -> ir.Value:
-        """[B, S] int64: for every token, the kept slot whose hidden state is most similar
-        (cosine; ArgMax: ties go to the lower slot)."""
+    def _merge(self, hidden, source, valid, weight, new_width):
+        """Weighted means of the tokens each slot takes in, and the slots' weights.
+
+        Scatter-adds in token order (ScatterND / ScatterElements with reduction "add", padding
+        routed to one extra slot that is cut off): every slot sums the same terms in the same
+        order whatever the padding, unlike a matmul over the padded token axis."""
         b = self.b
-        unit = b("LpNormalization", hidden, axis=-1, p=2)
-        kept = b("GatherND", unit, idx, batch_dims=1)
-        similar = b("MatMul", unit, b("Transpose", kept, perm=[0, 2, 1]))  # [B, S, S']
+        extra = b("Squeeze", new_width, b.axes(0))
+        target = b("Where", valid, source, extra)  # [B, S]
+        batch = b("Range", b.i64(0), b("Squeeze", b("Shape", hidden, end=1), b.axes(0)), b.i64(1))
+        batch = b("Expand", b("Unsqueeze", batch, b.axes(1)), b("Shape", target))
+        index = b(
+            "Concat", b("Unsqueeze", batch, b.axes(2)), b("Unsqueeze", target, b.axes(2)), axis=2
+        )
+        rows = b("Concat", b("Shape", hidden, end=1), b("Add", new_width, b.i64(1)), axis=0)
+        sums = b(
+            "ConstantOfShape",
+            b("Concat", rows, b("Shape", hidden, start=2), axis=0),
+            value=ir.tensor(np.array([0], np.float32)),
+        )
+        weighted = b("Mul", hidden, b("Unsqueeze", weight, b.axes(2)))
+        sums = b("ScatterND", sums, index, weighted, reduction="add")
+        counts = b("ConstantOfShape", rows, value=ir.tensor(np.array([0], np.float32)))
+        counts = b("ScatterElements", counts, target, weight, axis=1, reduction="add")
+        cut = (b.axes(0), new_width, b.axes(1))
+        sums, counts = b("Slice", sums, *cut), b("Slice", counts, *cut, dtype=F32)
+        total = b("Unsqueeze", b("Max", counts, b.f32(1e-6)), b.axes(2))
+        return b("Div", sums, total, dtype=F32), counts
+
+    def _token_codes(self, hidden: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """Each token's hidden state as int8 codes on its own grid (max |h| / 127), and their
+        squared norm (int32, exact): cosines from them are exact integer dot products and
+        correctly rounded float steps, the same whatever else is in the batch (a float matmul
+        is not: its kernel's summation order follows the tensor sizes)."""
+        b = self.b
+        peak = b("ReduceMax", b("Abs", hidden), b.axes(2), keepdims=1)
+        step = b("Div", b("Max", peak, b.f32(1e-30)), b.f32(127.0))
+        codes = b("Cast", b("Round", b("Div", hidden, step)), to=ir.DataType.INT8)
+        wide = b("Cast", codes, to=I32)
+        norm = b("ReduceSum", b("Mul", wide, wide), b.axes(2), keepdims=0)  # [B, S]
+        return codes, b("Cast", norm, to=F32)
+
+    def _cosines(self, rows, columns) -> ir.Value:
+        """[B, S, S'] float: cosines of two sets of token codes (`_token_codes`)."""
+        b = self.b
+        dots = b("MatMulInteger", rows[0], b("Transpose", columns[0], perm=[0, 2, 1]))
+        norms = b("Mul", b("Unsqueeze", rows[1], b.axes(2)), b("Unsqueeze", columns[1], b.axes(1)))
+        return b("Div", b("Cast", dots, to=F32), b("Sqrt", b("Max", norms, b.f32(1.0))))
+
+    def _nearest(self, codes, idx: ir.Value, valid: ir.Value) -> ir.Value:
+        """[B, S] int64: for every token, the kept slot whose hidden state is most similar
+        (cosine of the token codes; ArgMax: ties go to the lower slot)."""
+        b = self.b
+        kept = (
+            b("GatherND", codes[0], idx, batch_dims=1),
+            b("GatherND", codes[1], idx, batch_dims=1),
+        )
+        similar = self._cosines(codes, kept)  # [B, S, S']
         similar = b("Where", b("Unsqueeze", valid, b.axes(1)), similar, b.f32(-2.0))
         return b("ArgMax", similar, axis=2, keepdims=0, dtype=I64)
 
@@ -466,8 +528,11 @@ class TokenDrop(ir.passes.InPlacePass):
         mask.shape = ir.Shape([None, 1, 1, None])
         bias = None
         if tokens.weight is not None:
-            weight = b("Max", tokens.weight, b.f32(1.0))  # padding slots: 0, and masked
-            bias = b("Unsqueeze", b("Log", weight), b.axes(1, 2), dtype=F32)
+            # log w from a table (w: whole numbers, padding slots 0 and masked anyway): a
+            # Log kernel's result may depend on the tensor's size (vectorized vs scalar path)
+            count = b("Cast", b("Min", tokens.weight, b.f32(LOG_TABLE - 1)), to=I64)
+            table = np.log(np.maximum(np.arange(LOG_TABLE), 1)).astype(np.float32)
+            bias = b("Unsqueeze", b("Gather", b.const(table), count), b.axes(1, 2), dtype=F32)
             bias.shape = mask.shape
         for layer in layers:
             if layer.mask_add is None:
