@@ -447,7 +447,7 @@ class TokenDrop(ir.passes.InPlacePass):
         if self.merge or self.output == "copy":
             source = b("Where", keep, slot_of, self._nearest(codes, idx, new_valid))
         if self.merge:
-            new_hidden, weight = self._merge(hidden, source, valid, tokens.weight, new_width)
+            new_hidden, weight = self._merge(hidden, source, tokens.weight, new_width)
         else:
             new_hidden = b("GatherND", hidden, idx, batch_dims=1, dtype=F32)
         if hidden.shape is not None:
@@ -458,63 +458,62 @@ class TokenDrop(ir.passes.InPlacePass):
             _Stage(hidden, keep, source),
         )
 
-    def _merge(self, hidden, source, valid, weight, new_width):
+    def _merge(self, hidden, source, weight, new_width):
         """Weighted means of the tokens each slot takes in, and the slots' weights.
 
-        Scatter-adds in token order (ScatterND / ScatterElements with reduction "add", padding
-        routed to one extra slot that is cut off): every slot sums the same terms in the same
-        order whatever the padding, unlike a matmul over the padded token axis."""
+        Scatter-adds in token order (ScatterND / ScatterElements with reduction "add"; padding
+        has weight 0 and adds exact zeros): every slot sums the same terms in the same order
+        whatever the padding, unlike a matmul over the padded token axis."""
         b = self.b
-        extra = b("Squeeze", new_width, b.axes(0))
-        target = b("Where", valid, source, extra)  # [B, S]
         batch = b("Range", b.i64(0), b("Squeeze", b("Shape", hidden, end=1), b.axes(0)), b.i64(1))
-        batch = b("Expand", b("Unsqueeze", batch, b.axes(1)), b("Shape", target))
+        batch = b("Expand", b("Unsqueeze", batch, b.axes(1)), b("Shape", source))
         index = b(
-            "Concat", b("Unsqueeze", batch, b.axes(2)), b("Unsqueeze", target, b.axes(2)), axis=2
+            "Concat", b("Unsqueeze", batch, b.axes(2)), b("Unsqueeze", source, b.axes(2)), axis=2
         )
-        rows = b("Concat", b("Shape", hidden, end=1), b("Add", new_width, b.i64(1)), axis=0)
+        rows = b("Concat", b("Shape", hidden, end=1), new_width, axis=0)
+        zero = ir.tensor(np.array([0], np.float32))
         sums = b(
-            "ConstantOfShape",
-            b("Concat", rows, b("Shape", hidden, start=2), axis=0),
-            value=ir.tensor(np.array([0], np.float32)),
+            "ConstantOfShape", b("Concat", rows, b("Shape", hidden, start=2), axis=0), value=zero
         )
         weighted = b("Mul", hidden, b("Unsqueeze", weight, b.axes(2)))
         sums = b("ScatterND", sums, index, weighted, reduction="add")
-        counts = b("ConstantOfShape", rows, value=ir.tensor(np.array([0], np.float32)))
-        counts = b("ScatterElements", counts, target, weight, axis=1, reduction="add")
-        cut = (b.axes(0), new_width, b.axes(1))
-        sums, counts = b("Slice", sums, *cut), b("Slice", counts, *cut, dtype=F32)
-        total = b("Unsqueeze", b("Max", counts, b.f32(1e-6)), b.axes(2))
-        return b("Div", sums, total, dtype=F32), counts
+        counts = b("ConstantOfShape", rows, value=zero)
+        counts = b("ScatterElements", counts, source, weight, axis=1, reduction="add", dtype=F32)
+        scale = b("Reciprocal", b("Max", counts, b.f32(1e-6)))
+        return b("Mul", sums, b("Unsqueeze", scale, b.axes(2)), dtype=F32), counts
 
-    def _token_codes(self, hidden: ir.Value) -> tuple[ir.Value, ir.Value]:
-        """Each token's hidden state as int8 codes on its own grid (max |h| / 127), and their
-        squared norm (int32, exact): cosines from them are exact integer dot products and
-        correctly rounded float steps, the same whatever else is in the batch (a float matmul
-        is not: its kernel's summation order follows the tensor sizes)."""
+    def _token_codes(self, hidden: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """Each token's hidden state on its own integer grid (max |h| / 127): the codes as
+        uint8 (offset 128) and int8, and their squared norm (an exact whole number in float).
+        Cosines from them are exact integer dot products (MatMulInteger) and correctly rounded
+        float steps, the same whatever else is in the batch (a float matmul is not: its
+        kernel's summation order follows the tensor sizes)."""
         b = self.b
         peak = b("ReduceMax", b("Abs", hidden), b.axes(2), keepdims=1)
         step = b("Div", b("Max", peak, b.f32(1e-30)), b.f32(127.0))
-        codes = b("Cast", b("Round", b("Div", hidden, step)), to=ir.DataType.INT8)
-        wide = b("Cast", codes, to=I32)
-        norm = b("ReduceSum", b("Mul", wide, wide), b.axes(2), keepdims=0)  # [B, S]
-        return codes, b("Cast", norm, to=F32)
+        grid = b("Round", b("Div", hidden, step))  # whole numbers in [-127, 127]
+        offset = b("Cast", b("Add", grid, b.f32(128.0)), to=U8)
+        codes = b("Cast", grid, to=ir.DataType.INT8)
+        norm = b("ReduceSumSquare", grid, b.axes(2), keepdims=0, dtype=F32)  # < 2^24: exact
+        return offset, codes, norm
 
     def _cosines(self, rows, columns) -> ir.Value:
-        """[B, S, S'] float: cosines of two sets of token codes (`_token_codes`)."""
+        """[B, S, S'] float: cosines between two sets of tokens (`_token_codes`)."""
         b = self.b
-        dots = b("MatMulInteger", rows[0], b("Transpose", columns[0], perm=[0, 2, 1]))
-        norms = b("Mul", b("Unsqueeze", rows[1], b.axes(2)), b("Unsqueeze", columns[1], b.axes(1)))
+        dots = b(
+            "MatMulInteger",
+            rows[0],
+            b("Transpose", columns[1], perm=[0, 2, 1]),
+            b.const(np.uint8(128)),  # uint8 x int8: onnxruntime's fast integer GEMM
+        )
+        norms = b("Mul", b("Unsqueeze", rows[2], b.axes(2)), b("Unsqueeze", columns[2], b.axes(1)))
         return b("Div", b("Cast", dots, to=F32), b("Sqrt", b("Max", norms, b.f32(1.0))))
 
     def _nearest(self, codes, idx: ir.Value, valid: ir.Value) -> ir.Value:
         """[B, S] int64: for every token, the kept slot whose hidden state is most similar
         (cosine of the token codes; ArgMax: ties go to the lower slot)."""
         b = self.b
-        kept = (
-            b("GatherND", codes[0], idx, batch_dims=1),
-            b("GatherND", codes[1], idx, batch_dims=1),
-        )
+        kept = (None, *(b("GatherND", c, idx, batch_dims=1) for c in codes[1:]))
         similar = self._cosines(codes, kept)  # [B, S, S']
         similar = b("Where", b("Unsqueeze", valid, b.axes(1)), similar, b.f32(-2.0))
         return b("ArgMax", similar, axis=2, keepdims=0, dtype=I64)
