@@ -196,7 +196,7 @@ def _build_models(
         for mode in modes
     ]
     for preset, mode, config in distinct_configs(combos) + token_variants(combos, tokens):
-        name = f"bct {preset} {mode}" + (f" keep {_schedule(config)}" if config.token_keep else "")
+        name = f"bct {preset} {mode}" + _schedule(config)
         rec = BenchRecord(name, "bct", preset=preset, mode=mode, config=config.describe())
         records.append(rec)
         try:
@@ -214,7 +214,13 @@ def _build_models(
 
 
 def _schedule(config) -> str:
-    return ",".join(s.describe() for s in config.token_keep)
+    """' keep 0.5@3' (+ ' dropped', ' by cls', ...) for a token-downsampling config."""
+    if not config.token_keep:
+        return ""
+    text = " keep " + ",".join(s.describe() for s in config.token_keep)
+    text += "" if config.token_merge else " dropped"
+    text += "" if config.token_score == "auto" else f" by {config.token_score}"
+    return text + ("" if config.token_output == "copy" else f" {config.token_output}")
 
 
 def token_variants(combos, tokens) -> list:

@@ -2,15 +2,16 @@
 
 A schedule is a list of stages `bctonnx.config.TokenStage` ``(keep, layer)``: after ``layer``
 encoder layers, every sequence goes on with ``ceil(keep x n)`` of its ``n`` real tokens (its
-attention mask), the ones that received the most attention in the layer just run; the others
-leave (merged into a kept token, below). Special tokens ([CLS], every [SEP]) are always kept
-and padding never counts. A later stage keeps a smaller fraction of the same ``n``. The pass
-runs on the float graph right after ``canonicalize`` (before quantization) and writes standard
-ONNX ops only, so both lowerings take it as it is::
+attention mask); the others leave (merged into a kept token, below). Special tokens ([CLS],
+every [SEP]: the first and last real token, the ids given, the last token of each token type)
+are always kept and padding never counts. A later stage keeps a smaller fraction of the same
+``n``. The pass runs on the float graph right after ``canonicalize`` (before quantization) and
+writes standard ONNX ops only, so both lowerings take it as it is::
 
-    P = the Softmax output of layer L-1                       [B, heads, S, S]
-    score[b, j] = sum_h sum_i real[b, i] * u8(P)[b, h, i, j]   MatMulInteger, int32: exact
-                  (score "cls": the row of [CLS], the first real token, only)
+    score "attention" (received from all real tokens) / "cls" (received from [CLS]):
+      P = the Softmax output of layer L-1                     [B, heads, S, S]
+      score[b, j] = sum_h sum_i row[b, i] * u8(P)[b, h, i, j]  MatMulInteger, int32: exact
+    score "redundancy": 2 - max_{i != j} cos(h_i, h_j), from the tokens' int8 codes (below)
     key = special: 2^40, real: score, padding: -1             int64, one per token
     rank = position in TopK(key) (ties: the lower index)       ScatterElements
     keep = real & (special | rank < ceil(keep * n))            n from the attention mask
@@ -26,18 +27,26 @@ slot), weighted by how many tokens each stands for, and every later attention co
 token that many times (proportional attention, as in ToMe, Bolya et al. 2023)::
 
     w'[s] = sum_{j -> s} w[j]          h'[s] = sum_{j -> s} w[j] h[j] / w'[s]
-    scores + log w'[key]               an Add before the mask add (role attention.bias)
+    scores + log w'[key]               an Add before the mask add (role attention.bias, which
+                                       quantize_activations quantizes with the scores)
 
-Measured on MiniLM (float, unlabeled text; passes/README "Token downsampling"): at 0.5 from
-layer 3, merging instead of dropping takes STS-B's mean |score difference| to FP32 from 0.28
-to 0.13 and SST-2's logit RMS difference from 0.35 to 0.22. The attention received from all
-real tokens ranks better than from [CLS] only (0.13 vs 0.15; 0.35 vs 0.53 dropping).
+``score="auto"`` ranks by attention for a model whose outputs read [CLS] only, by redundancy
+for one with a full-length output (sentence embeddings). Measured on MiniLM (float models,
+unlabeled train text; benchmarks/token_keep.py, README "Token downsampling"), at 0.5 from
+layer 3: merging instead of dropping takes STS-B's mean |score difference| to FP32 from 0.28
+to 0.13 and SST-2's logit RMS difference from 0.35 to 0.22; attention from all real tokens
+ranks better there than from [CLS] (0.13 vs 0.15) or by redundancy (0.15); for mean-pooled
+sentence embeddings redundancy ranks better (cosine 0.92 vs 0.90; at 0.7: 0.980 vs 0.961).
 
-Each sequence's selection reads only its own attention probabilities, ids, mask and hidden
-states, sums in integer arithmetic (no float sum whose order could change with the padding),
-and slots beyond its kept count are masked padding (and merge into nothing), so its result does
-not depend on the other sequences of its batch. In the integer form P is IntSoftmax's uint8
-codes / 256, and `TokenScoresFromCodes` (run after the lowering) has the score read the codes.
+Batch invariance, by construction: each sequence's selection reads only its own attention
+probabilities, ids, mask and hidden states, and slots beyond its kept count are masked
+padding. No step's result depends on the tensor sizes: the scores are integer sums; cosines
+are exact integer dot products of per-token int8 codes (``round(h / (max|h| / 127))``) and
+correctly rounded float steps; merges are scatter-adds in token order (padding adds exact
+zeros); log w' comes from a table. (A float MatMul over the padded token axis, and
+onnxruntime's Log, gave results 1 ULP apart alone and in a batch.) In the integer form P is
+IntSoftmax's uint8 codes / 256, and `TokenScoresFromCodes` (after the lowering) has the score
+read the codes.
 
 Outputs. A classifier reading [CLS] (the pooler's Gather of position 0: [CLS] stays slot 0)
 needs nothing more: the dropped tokens simply leave. A full-length output (``last_hidden_state``,
@@ -47,6 +56,8 @@ Gather) gets its original length back, each dropped token filled by ``output``:
     "copy"    the final state of the kept token it was merged into (with ``merge``; else the
               most similar kept one): in a masked mean, a merged token counts w times
     "frozen"  its own hidden state at the layer where it left
+
+(padding positions of a full-length output hold copies too: nothing reads them.)
 """
 
 from __future__ import annotations
