@@ -151,7 +151,7 @@ def test_kept_tokens_count_order_specials_and_padding(tiny_bert_onnx):
     feeds = tiny_feeds(batch=4, seq=12)
     feeds["input_ids"][0, 4] = SEP  # a special id mid-sentence is kept too
     proto = dropped_model(
-        tiny_bert_onnx, [(0.4, 1)], score="attention", merge=False, special_ids=[CLS, SEP]
+        tiny_bert_onnx, [(0.2, 1)], score="attention", merge=False, special_ids=[CLS, SEP]
     )
     out = run(with_outputs(proto, "token_drop/keep@1", "token_drop/kept@1"), feeds)
     keep, kept = out["token_drop/keep@1"], out["token_drop/kept@1"]
@@ -165,7 +165,7 @@ def test_kept_tokens_count_order_specials_and_padding(tiny_bert_onnx):
             special.add(4)
         assert not keep[row, n:].any(), "padding is never kept"
         assert all(keep[row, j] for j in special), "special tokens are always kept"
-        assert keep[row].sum() == max(math.ceil(0.4 * n), len(special))
+        assert keep[row].sum() == max(math.ceil(0.2 * n), len(special))
         count = int(keep[row].sum())
         assert list(kept[row, :count]) == list(np.flatnonzero(keep[row])), "original order"
         assert len(set(kept[row])) == kept.shape[1]
@@ -412,3 +412,22 @@ def test_bench_several_lengths_and_schedules(capsys, tiny_bert_dir, tmp_path):
     assert "tokens kept 0.5@1" in keep["config"]
     rc, _, err = run_cli(capsys, "bench", tiny_bert_dir, "--seq", "16,x")
     assert_one_line_error(rc, err, "--seq")
+
+
+def test_eval_configs_take_the_token_flags(tmp_path):
+    from bctonnx.evaluate import eval_configs
+
+    configs = eval_configs(["w8a8,w4a8"], tokens={"token_keep": "0.5", "token_score": None})
+    assert [n for n, _ in configs] == ["w8a8 keep 0.5@3", "w4a8 keep 0.5@3"]
+    assert all(c.token_keep == (TokenStage(0.5, 3),) for _, c in configs)
+    assert [n for n, _ in eval_configs(["w8a8"], tokens={"token_keep": None})] == ["w8a8"]
+    with pytest.raises(BctError, match="not in \\(0, 1\\]"):
+        eval_configs(["w8a8"], tokens={"token_keep": "2"})
+    f = tmp_path / "configs.json"
+    f.write_text(json.dumps([{"name": "half", "token_keep": "0.7@2,0.5@4", "token_merge": False}]))
+    ((name, config),) = eval_configs(config_file=f)
+    assert name == "half" and config.token_keep == (TokenStage(0.7, 2), TokenStage(0.5, 4))
+    assert not config.token_merge
+    f.write_text(json.dumps({"token_keep": 0.5}))
+    with pytest.raises(BctError, match="token_keep must be str"):
+        eval_configs(config_file=f)
