@@ -414,8 +414,8 @@ class TokenDrop(ir.passes.InPlacePass):
             first = b("ReduceMin", b("Where", valid, pos, width), b.axes(1), keepdims=1)
             row = b("And", valid, b("Equal", pos, first))
         row = b("Unsqueeze", b("Cast", row, to=U8), b.axes(1, 2))  # [B, 1, 1, S]
-        codes = b("QuantizeLinear", probs, b.f32(1 / 256), b.const(np.uint8(0)), dtype=U8)
-        received = b("MatMulInteger", row, codes)  # [B, heads, 1, S] int32
+        p_codes = b("QuantizeLinear", probs, b.f32(1 / 256), b.const(np.uint8(0)), dtype=U8)
+        received = b("MatMulInteger", row, p_codes)  # [B, heads, 1, S] int32
         return b("Cast", b("ReduceSum", received, b.axes(1, 2), keepdims=0), to=I64)
 
     def _stage(self, stage: TokenStage, hidden, probs, tokens: _Tokens, real):
