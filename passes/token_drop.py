@@ -46,7 +46,10 @@ correctly rounded float steps; merges are scatter-adds in token order (padding a
 zeros); log w' comes from a table. (A float MatMul over the padded token axis, and
 onnxruntime's Log, gave results 1 ULP apart alone and in a batch.) In the integer form P is
 IntSoftmax's uint8 codes / 256, and `TokenScoresFromCodes` (after the lowering) has the score
-read the codes.
+read the codes; fuse_attention then makes each layer one BlockAttention all the same: the
+scores' MatMulInteger + ReduceSum become its ``received`` output (rows: the same query rows)
+and the log weights its ``key_bias`` input (ref_attention.block_attention), and the fused op
+leaves the masked keys out, so the compressed forms are batch-invariant too (tested).
 
 Outputs. A classifier reading [CLS] (the pooler's Gather of position 0: [CLS] stays slot 0)
 needs nothing more: the dropped tokens simply leave. A full-length output (``last_hidden_state``,
@@ -413,7 +416,8 @@ class TokenDrop(ir.passes.InPlacePass):
             pos = b.arange(width)
             first = b("ReduceMin", b("Where", valid, pos, width), b.axes(1), keepdims=1)
             row = b("And", valid, b("Equal", pos, first))
-        row = b("Unsqueeze", b("Cast", row, to=U8), b.axes(1, 2))  # [B, 1, 1, S]
+        row = b("Unsqueeze", b("Cast", row, to=U8), b.axes(1, 2), dtype=U8)  # [B, 1, 1, S]
+        row.shape = ir.Shape([None, 1, 1, None])  # (fuse_attention takes it as rows)
         p_codes = b("QuantizeLinear", probs, b.f32(1 / 256), b.const(np.uint8(0)), dtype=U8)
         received = b("MatMulInteger", row, p_codes)  # [B, heads, 1, S] int32
         return b("Cast", b("ReduceSum", received, b.axes(1, 2), keepdims=0), to=I64)
@@ -578,7 +582,10 @@ class TokenScoresFromCodes(ir.passes.InPlacePass):
 
         QuantizeLinear(Mul(Cast(p: uint8), 2^-8), 2^-8, 0) -> p
 
-    exact (p / 256 * 256 = p), so P is not widened to float for the scores alone."""
+    exact (p / 256 * 256 = p), so P is not widened to float for the scores alone. The chain
+    goes (when nothing else reads it), so that fuse_attention sees the scores' MatMulInteger as
+    the probabilities' only reader beside P.V and fuses the layer, the sums becoming
+    BlockAttention's ``received`` output."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         count = 0
@@ -588,8 +595,19 @@ class TokenScoresFromCodes(ir.passes.InPlacePass):
                 if codes is not None:
                     for user, index in list(node.outputs[0].uses()):
                         user.replace_input_with(index, codes)
+                    _remove_unread(model.graph, node)
                     count += 1
         return ir.passes.PassResult(model, modified=bool(count))
+
+
+def _remove_unread(graph: ir.Graph, node: ir.Node | None) -> None:
+    """Remove ``node`` and then its producers, while nothing reads their outputs."""
+    while node is not None and not any(list(o.uses()) for o in node.outputs):
+        if any(o is out for o in node.outputs for out in graph.outputs):
+            return
+        producer = node.inputs[0].producer() if node.inputs and node.inputs[0] else None
+        graph.remove(node, safe=True)
+        node = producer
 
 
 def _scalar(value: ir.Value | None) -> float | None:
