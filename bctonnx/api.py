@@ -16,10 +16,11 @@ in-memory result holds every tensor in the proto: for models near protobuf's 2 G
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,8 @@ from .modelio import (
     save_model,
 )
 from .validate import find_tokenizer_dir
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -96,6 +99,35 @@ def user_errors() -> Iterator[None]:
         yield
     except (PassError, BlockSizeError) as exc:
         raise BctError(str(exc)) from None
+
+
+def special_token_ids(model_path: str | os.PathLike) -> tuple[int, ...] | None:
+    """Ids of the tokens token dropping always keeps ([CLS], [SEP]; RoBERTa's <s>, </s>),
+    from the tokenizer beside the model; None when there is none."""
+    from .validate import find_tokenizer_dir, load_tokenizer
+
+    directory = find_tokenizer_dir(model_path)
+    if directory is None:
+        return None
+    tokenizer = load_tokenizer(directory)
+    names = ("cls_token_id", "sep_token_id", "bos_token_id", "eos_token_id")
+    ids = {getattr(tokenizer, n, None) for n in names} - {None, tokenizer.pad_token_id}
+    return tuple(sorted(ids))
+
+
+def with_special_ids(config: CompressionConfig, model: object) -> CompressionConfig:
+    """A token-dropping config gets the special-token ids of the model's tokenizer (when it
+    has none yet and the model is a path with a tokenizer beside it)."""
+    if not config.token_keep or config.special_token_ids is not None:
+        return config
+    ids = special_token_ids(model) if isinstance(model, (str, os.PathLike)) else None
+    if ids is None:
+        log.warning(
+            "token dropping: no tokenizer beside the model, so special tokens are found by "
+            "position only (the first and last real token, the last of each token type)"
+        )
+        return config
+    return replace(config, special_token_ids=ids)
 
 
 def prune_context(
@@ -202,7 +234,7 @@ def compress_model(
     ``.report.ratio`` their quotient, ``.report.passes`` one `PassSummary` per pass.
     Raises `BctError` (one sentence) for an input bctonnx cannot compress.
     """
-    config = resolve_config(preset, **overrides)
+    config = with_special_ids(resolve_config(preset, **overrides), model)
     if tokenizer is None and not isinstance(model, onnx.ModelProto):
         tokenizer = find_tokenizer_dir(model)
     search = None
@@ -289,6 +321,7 @@ def compress_file(
     """
     if isinstance(config, str):
         config = resolve_config(config)
+    config = with_special_ids(config, src)
     src, dst = Path(src), Path(dst)
     dir_mode, out_file = output_target(src, dst)
     if dir_mode:

@@ -1,8 +1,8 @@
 """bench: latency, file size and peak memory of FP32, onnxruntime's dynamic int8 and BCT presets.
 
-    bctonnx bench MODEL_OR_DIR | --random-bert {mini,base,large} [--batch 1,8] [--seq 128]
+    bctonnx bench MODEL_OR_DIR | --random-bert {mini,base,large} [--batch 1,8] [--seq 128[,384]]
                   [--threads 2] [--runs 20] [--presets w8a8,w8a8-fast,w4a8] [--modes integer,qdq]
-                  [--no-peers] [--json FILE] [--plot FILE.png]
+                  [--token-keep K|K@L,...] [--no-peers] [--json FILE] [--plot FILE.png]
 
 One run builds every model from the same FP32 file (an exported directory's ``model.onnx`` or
 a model file; ``--random-bert SIZE``: a random-weight BERT of that size, `bctonnx.random_bert`):
@@ -228,7 +228,7 @@ def vocab_size(path: str | os.PathLike, default: int = 1000) -> int:
 
 
 def _build_models(
-    src: Path, workdir: Path, presets, modes, block_size, progress, structure=None
+    src: Path, workdir: Path, presets, modes, block_size, progress, structure=None, tokens=()
 ) -> list[BenchRecord]:
     from .api import compress_file
     from .baselines import quantize_dynamic_int8
@@ -256,14 +256,17 @@ def _build_models(
 
         tag = structure_tag(structure)
         combos += [(p, m, f" {tag}", resolve_config(c, **structure)) for p, m, _, c in list(combos)]
-    for preset, mode, tag, config in distinct_configs(combos):
-        rec = BenchRecord(
-            f"bct {preset} {mode}{tag}", "bct", preset=preset, mode=mode, config=config.describe()
-        )
+    plain = [(p, m, c) for p, m, tag, c in combos if not tag]
+    variants = [(p, m, "", c) for p, m, c in token_variants(plain, tokens)]
+    for preset, mode, tag, config in distinct_configs(combos) + variants:
+        name = f"bct {preset} {mode}{tag}" + _schedule(config)
+        rec = BenchRecord(name, "bct", preset=preset, mode=mode, config=config.describe())
         records.append(rec)
         try:
-            progress(f"compress {preset} ({mode}){tag}")
-            out = workdir / f"{preset}-{mode}{tag.replace(' ', '').replace(':', '-')}.onnx"
+            progress(f"compress {name[4:]}")
+            out = (
+                workdir / f"{name[4:].replace(' ', '-').replace('@', 'at').replace(':', '-')}.onnx"
+            )
             compress_file(src, out, config)
             rec.path = str(out)
         except Exception as exc:  # noqa: BLE001
@@ -346,12 +349,37 @@ def _runners(records, threads: int, batch: int, seq: int, vocab: int, cache: dic
     return fns
 
 
+def _schedule(config) -> str:
+    """' keep 0.5@3' (+ ' dropped', ' by cls', ...) for a token-downsampling config."""
+    if not config.token_keep:
+        return ""
+    text = " keep " + ",".join(s.describe() for s in config.token_keep)
+    text += "" if config.token_merge else " dropped"
+    text += "" if config.token_score == "auto" else f" by {config.token_score}"
+    return text + ("" if config.token_output == "copy" else f" {config.token_output}")
+
+
+def token_variants(combos, tokens) -> list:
+    """``--token-keep``: each preset and mode again with each schedule (``tokens``: one dict
+    of resolve_config token keywords per schedule)."""
+    from .config import distinct_configs, resolve_config
+
+    try:
+        return [
+            (preset, mode, resolve_config(config, **t))
+            for t in tokens
+            for preset, mode, config in distinct_configs(combos)
+        ]
+    except ValueError as exc:
+        raise BctError(str(exc)) from None
+
+
 def run_bench(
     model: str | os.PathLike | None = None,
     *,
     random_bert: str | None = None,
     batches: list[int] = (1, 8),  # type: ignore[assignment]
-    seq: int = 128,
+    seq: int | list[int] = 128,
     threads: int = 2,
     runs: int = 20,
     warmup: int = 3,
@@ -363,8 +391,11 @@ def run_bench(
     rss: bool = True,
     keep: str | os.PathLike | None = None,
     progress=None,
+    tokens: list[dict] = (),  # type: ignore[assignment]
 ) -> BenchResult:
-    """Build, then time every model interleaved, then probe each one's peak RSS."""
+    """Build, then time every model interleaved, then probe each one's peak RSS. ``seq``: one
+    or several sequence lengths (every batch at every length); ``tokens``: token-downsampling
+    schedules, one dict of `resolve_config` keywords each (`token_variants`)."""
     import onnxruntime as ort
 
     from . import peers as peer_mod
@@ -374,7 +405,8 @@ def run_bench(
     say = progress or (lambda msg: None)
     if (model is None) == (random_bert is None):
         raise BctError("give a model (file or exported directory) or --random-bert SIZE, not both")
-    if runs < 1 or warmup < 0 or threads < 1 or seq < 1:
+    seqs = [seq] if isinstance(seq, int) else list(seq)
+    if runs < 1 or warmup < 0 or threads < 1 or not seqs or min(seqs) < 1:
         raise BctError("--runs and --threads must be >= 1, --seq >= 1")
     if random_bert is not None:
         from .random_bert import random_bert as build_random_bert
@@ -395,14 +427,15 @@ def run_bench(
         tmp = tempfile.TemporaryDirectory(prefix="bctonnx-bench.")
         workdir = Path(tmp.name)
     try:
-        records = _build_models(src, workdir, presets, modes, block_size, say, structure)
+        records = _build_models(src, workdir, presets, modes, block_size, say, structure, tokens)
         if peers:
-            records[2:2] = _build_peers(src, workdir, seq, say)
+            records[2:2] = _build_peers(src, workdir, max(seqs), say)
         vocab = max(vocab_size(src), 101)
-        shapes = [f"{b}x{seq}" for b in batches]
+        sizes = [(b, n) for n in seqs for b in batches]
+        shapes = [f"{b}x{n}" for b, n in sizes]
         cache: dict = {}
-        for batch, shape in zip(batches, shapes, strict=True):
-            fns = _runners(records, threads, batch, seq, vocab, cache)
+        for (batch, n), shape in zip(sizes, shapes, strict=True):
+            fns = _runners(records, threads, batch, n, vocab, cache)
             say(f"latency {shape} ({len(fns)} models x {runs} runs)")
             medians = interleaved_medians(fns, runs, warmup=warmup)
             for rec in records:
@@ -429,7 +462,7 @@ def run_bench(
         if rss:
             say("peak RSS (one process per model)")
             try:
-                rss_base = peak_rss(None, 1, seq, threads)
+                rss_base = peak_rss(None, 1, max(seqs), threads)
             except Exception:  # noqa: BLE001 - the baseline is informative only
                 rss_base = None
             for rec in records:
@@ -437,7 +470,9 @@ def run_bench(
                     continue
                 try:
                     rt = "ov" if rec.kind == "peer" else "ort"
-                    rec.peak_rss_bytes = peak_rss(rec.path, max(batches), seq, threads, runtime=rt)
+                    rec.peak_rss_bytes = peak_rss(
+                        rec.path, max(batches), max(seqs), threads, runtime=rt
+                    )
                 except Exception as exc:  # noqa: BLE001
                     rec.error = str(exc)
         return BenchResult(

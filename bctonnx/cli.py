@@ -108,6 +108,60 @@ def _add_compress_flags(p: argparse.ArgumentParser) -> None:
         metavar="GLOB",
         help="leave nodes whose name matches GLOB uncompressed (repeatable)",
     )
+    _add_token_flags(p)
+
+
+def _add_token_flags(p: argparse.ArgumentParser, repeatable: bool = False) -> None:
+    from .config import DEFAULT_TOKEN_KEEP_FROM, TOKEN_OUTPUTS, TOKEN_SCORES
+
+    g = p.add_argument_group("token downsampling (fewer tokens in the later layers)")
+    g.add_argument(
+        "--token-keep",
+        metavar="K|K@L,...",
+        action="append" if repeatable else "store",
+        help="after layer L keep the fraction K of each input's real tokens, those that "
+        "received the most attention (the others are merged into them); several stages: "
+        "0.7@2,0.5@4" + (" (repeatable: one model per schedule)" if repeatable else ""),
+    )
+    g.add_argument(
+        "--token-keep-from",
+        type=int,
+        metavar="L",
+        help=f"the layer for a bare --token-keep K (default {DEFAULT_TOKEN_KEEP_FROM})",
+    )
+    g.add_argument(
+        "--token-score",
+        choices=TOKEN_SCORES,
+        help="rank tokens by the attention they receive from all real tokens (attention), "
+        "from [CLS] only (cls), or by how unlike every other token they are (redundancy); "
+        "auto (default): redundancy for a model with a full-length output (sentence "
+        "embeddings), attention otherwise",
+    )
+    g.add_argument(
+        "--token-merge",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="merge the tokens that leave into the most similar kept ones, counted in later "
+        "attention by how many they stand for (default); --no-token-merge drops them",
+    )
+    g.add_argument(
+        "--token-output",
+        choices=TOKEN_OUTPUTS,
+        help="what a full-length output (last_hidden_state) holds for a token that left: the "
+        "final state of the kept token it was merged into (copy, default) or its own state "
+        "where it left (frozen); a [CLS] classifier's output needs neither",
+    )
+
+
+def token_overrides(args) -> dict:
+    """The resolve_config keywords of the token flags (those given)."""
+    return {
+        "token_keep": args.token_keep,
+        "token_keep_from": args.token_keep_from,
+        "token_score": args.token_score,
+        "token_merge": args.token_merge,
+        "token_output": args.token_output,
+    }
 
 
 def _add_structure_flags(g) -> None:
@@ -182,6 +236,7 @@ def _config_from_args(args):
         no_activations=args.no_activations,
         match_weight_blocks=args.match_weight_blocks,
         **_structure_overrides(args),
+        **token_overrides(args),
     )
     return config
 
@@ -406,7 +461,9 @@ def cmd_eval(args) -> int:
 
     if args.json and args.json != "-" and not Path(args.json).resolve().parent.is_dir():
         raise BctError(f"--json {args.json}: folder does not exist")
-    configs = eval_configs(args.preset, args.config, args.mode, _structure_overrides(args))
+    configs = eval_configs(
+        args.preset, args.config, args.mode, _structure_overrides(args), token_overrides(args)
+    )
     result = run_eval(
         args.model_dir,
         args.task,
@@ -450,7 +507,7 @@ def cmd_bench(args) -> int:
         args.model,
         random_bert=args.random_bert,
         batches=parse_ints(args.batch, "--batch"),
-        seq=args.seq,
+        seq=parse_ints(args.seq, "--seq"),
         threads=args.threads,
         runs=args.runs,
         warmup=args.warmup,
@@ -462,6 +519,7 @@ def cmd_bench(args) -> int:
         rss=not args.no_rss,
         keep=args.keep,
         progress=(lambda msg: print(f"bench: {msg}", file=sys.stderr)) if show else None,
+        tokens=[dict(token_overrides(args), token_keep=k) for k in args.token_keep or []],
     )
     if args.json:
         write_json(result, args.json)
@@ -630,6 +688,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: its own)")
     p.add_argument("--json", metavar="FILE", help="write the records as JSON (- = stdout)")
     p.add_argument("--keep", metavar="DIR", help="keep the built models in DIR")
+    _add_token_flags(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser(
@@ -653,7 +712,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-peers", action="store_true", help="leave OpenVINO out (default: in, if installed)"
     )
     p.add_argument("--batch", default="1,8", help="batch sizes, comma list (default 1,8)")
-    p.add_argument("--seq", type=int, default=128, help="tokens per sequence (default 128)")
+    p.add_argument(
+        "--seq", default="128", help="tokens per sequence, comma list (default 128; e.g. 128,384)"
+    )
     p.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
     p.add_argument("--runs", type=int, default=20, help="timed runs per model and shape")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
@@ -673,6 +734,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE", help="write the records as JSON (- = stdout)")
     p.add_argument("--plot", metavar="FILE.png", help="size vs latency plot (needs matplotlib)")
     p.add_argument("--keep", metavar="DIR", help="keep the built models in DIR")
+    _add_token_flags(p, repeatable=True)
     p.set_defaults(func=cmd_bench)
     return parser
 

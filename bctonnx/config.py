@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import asdict, dataclass, field, replace
+from fractions import Fraction
 from typing import Any, Literal
 
 from .blockformat import BlockFormat
@@ -19,6 +20,69 @@ from .blockformat import BlockFormat
 # integer one cannot express (activations left in float, or wider than 8 bits).
 Mode = Literal["qdq", "integer"]
 MODES = ("integer", "qdq")
+
+
+@dataclass(frozen=True)
+class TokenStage:
+    """Token downsampling: after ``layer`` encoder layers, each sequence keeps ``keep`` of its
+    real tokens (passes/token_drop.py)."""
+
+    keep: float
+    layer: int
+
+    def describe(self) -> str:
+        return f"{self.keep:g}@{self.layer}"
+
+
+# --token-keep K without --token-keep-from: tokens leave after this many encoder layers
+DEFAULT_TOKEN_KEEP_FROM = 3
+# how tokens are ranked: auto = redundancy for a model with a full-length output (sentence
+# embeddings), else attention; attention = received from all real tokens; cls = received from
+# [CLS]; redundancy = 2 - cosine to the most similar other token (passes/token_drop.py)
+TOKEN_SCORES = ("auto", "attention", "cls", "redundancy")
+TOKEN_OUTPUTS = ("copy", "frozen")
+
+
+def parse_token_keep(
+    spec: str | float | None, default_layer: int | None = None
+) -> tuple[TokenStage, ...]:
+    """``--token-keep``: ``K`` (from ``default_layer``, else `DEFAULT_TOKEN_KEEP_FROM`) or
+    stages ``K@L,K@L`` (deeper stages keep no more); ``None`` / ``""`` = no token dropping.
+    Raises ValueError with a one-line reason."""
+    if spec is None or (isinstance(spec, str) and not spec.strip()):
+        return ()
+    parts = [str(spec)] if not isinstance(spec, str) else spec.split(",")
+    stages = []
+    for part in (p.strip() for p in parts):
+        keep_text, at, layer_text = part.partition("@")
+        try:
+            keep = float(keep_text)
+            layer = int(layer_text) if at else None
+        except ValueError:
+            raise ValueError(
+                f"token keep {spec!r}: expected K or K@L stages (e.g. 0.5 or 0.7@2,0.5@4), "
+                f"got {part!r}"
+            ) from None
+        if layer is None:
+            if len(parts) > 1:
+                raise ValueError(f"token keep {spec!r}: with several stages each needs @L")
+            layer = DEFAULT_TOKEN_KEEP_FROM if default_layer is None else default_layer
+        elif default_layer is not None:
+            raise ValueError(f"token keep {spec!r}: give the layer with @L or --token-keep-from")
+        if not 0 < keep <= 1 or keep != keep:
+            raise ValueError(f"token keep fraction {keep_text!r} is not in (0, 1]")
+        if Fraction(keep).limit_denominator(1000) != Fraction(keep_text.strip()):
+            raise ValueError(f"token keep fraction {keep_text!r}: at most 3 decimals")
+        if layer < 1:
+            raise ValueError(f"token keep from layer {layer}: tokens can leave after layer 1 on")
+        stages.append(TokenStage(keep, layer))
+    for a, b in zip(stages, stages[1:], strict=False):
+        if b.layer <= a.layer or b.keep > a.keep:
+            raise ValueError(
+                f"token keep {spec!r}: stages must go deeper and keep no more "
+                f"({a.describe()} then {b.describe()})"
+            )
+    return tuple(stages)
 
 
 @dataclass(frozen=True)
@@ -67,6 +131,17 @@ class CompressionConfig:
         pruned = self.prune_ffn > 0 or self.prune_heads > 0
         return pruned or nm or any(f > 0 for _, f in self.prune_overrides)
 
+    # token downsampling (passes/token_drop.py): stages; how tokens are ranked (attention
+    # received from all real tokens or from [CLS]); whether the tokens that leave are merged
+    # into the kept ones (else dropped); what a full-length output (last_hidden_state, only
+    # if the model has one) holds for a token that left; the ids of the special tokens always
+    # kept (None: read from the model's tokenizer when there is one)
+    token_keep: tuple[TokenStage, ...] = field(default_factory=tuple)
+    token_score: str = "auto"
+    token_merge: bool = True
+    token_output: str = "copy"
+    special_token_ids: tuple[int, ...] | None = None
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -95,6 +170,13 @@ class CompressionConfig:
             extra += f", {len(self.prune_overrides)} pruning override(s)"
         if self.target_ratio:
             extra += f", target ratio {self.target_ratio:g}"
+        if self.token_keep:
+            extra += f", tokens kept {','.join(s.describe() for s in self.token_keep)}"
+            extra += " merged" if self.token_merge else " dropped"
+            if self.token_score != "auto":
+                extra += f" by {self.token_score}"
+            if self.token_output != "copy":
+                extra += f", {self.token_output} outputs"
         return ", ".join(parts) + f", mode={self.mode}{extra}"
 
 
@@ -172,6 +254,11 @@ def resolve_config(
     sparsity: str | None = None,
     target_ratio: float | None = None,
     calib_texts: str | None = None,
+    token_keep: str | float | None = None,
+    token_keep_from: int | None = None,
+    token_score: str | None = None,
+    token_merge: bool | None = None,
+    token_output: str | None = None,
 ) -> CompressionConfig:
     """A preset with explicit overrides applied (None = keep the preset's value).
 
@@ -190,6 +277,11 @@ def resolve_config(
     ``sparsity``: ``"N:M"`` (2:4, 4:8; ``"none"`` = dense) on the weights, ``calib_texts``:
     calibration text file for those (None = the package's corpus), ``target_ratio``: search
     per-layer bits, pruning and N:M for at least that compression ratio (`bctonnx.search`).
+    ``token_keep``: token downsampling, ``"K"`` (from layer ``token_keep_from``, default
+    `DEFAULT_TOKEN_KEEP_FROM`) or stages ``"K@L,K@L"`` (`parse_token_keep`); ``token_score``
+    (`TOKEN_SCORES`): how tokens are ranked; ``token_merge``: the tokens that leave are merged into the kept ones (default)
+    or dropped; ``token_output`` ``"copy"`` / ``"frozen"``: what a full-length output
+    (last_hidden_state) holds for a token that left (passes/token_drop.py).
     """
     if isinstance(preset, CompressionConfig):
         config = preset
@@ -287,7 +379,38 @@ def resolve_config(
         prune_overrides=config.prune_overrides,
         calib_texts=config.calib_texts if calib_texts is None else str(calib_texts),
         target_ratio=config.target_ratio if target_ratio is None else float(target_ratio),
+        **_token_settings(
+            config, token_keep, token_keep_from, token_score, token_merge, token_output
+        ),
     )
+
+
+def _token_settings(
+    config, token_keep, token_keep_from, token_score, token_merge, token_output
+) -> dict:
+    stages = config.token_keep
+    if token_keep is not None:
+        stages = parse_token_keep(token_keep, token_keep_from)
+    given = {
+        "--token-keep-from": token_keep_from,
+        "--token-score": token_score,
+        "--token-merge": token_merge,
+        "--token-output": token_output,
+    }
+    for flag, value in given.items():
+        if value is not None and not stages:
+            raise ValueError(f"{flag} needs --token-keep (token downsampling is off)")
+    if token_score is not None and token_score not in TOKEN_SCORES:
+        raise ValueError(f"token score must be one of {', '.join(TOKEN_SCORES)}")
+    if token_output is not None and token_output not in TOKEN_OUTPUTS:
+        raise ValueError(f"token output must be one of {', '.join(TOKEN_OUTPUTS)}")
+    return {
+        "token_keep": stages,
+        "token_score": token_score or config.token_score,
+        "token_merge": config.token_merge if token_merge is None else token_merge,
+        "token_output": token_output or config.token_output,
+        "special_token_ids": config.special_token_ids,
+    }
 
 
 def parse_sparsity(text: str) -> tuple[int, int]:
@@ -334,7 +457,7 @@ def distinct_configs(combos: list[tuple[str, Any, CompressionConfig]]) -> list:
 # --- configs as plain data (eval's --config files, the Olive pass) -----------------------------
 
 
-def config_keywords() -> dict[str, type]:
+def config_keywords() -> dict[str, type | tuple[type, ...]]:
     """resolve_config's keywords and the JSON type each takes (read from its signature, so
     new keywords are accepted without touching the readers)."""
     kinds: dict[str, type] = {}
@@ -344,6 +467,7 @@ def config_keywords() -> dict[str, type]:
         ann = str(param.annotation)
         kinds[name] = (
             list if ("tuple" in ann or "list" in ann) else bool if "bool" in ann else
+            (str, float) if ("str" in ann and "float" in ann) else
             float if "float" in ann else int if "int" in ann else str
         )  # fmt: skip
     return kinds
@@ -372,12 +496,15 @@ def config_from_dict(
         ok = (
             isinstance(value, kind) and not (kind is int and isinstance(value, bool))
         ) or value is None
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        if kind in (float, (str, float)) and isinstance(value, int) and not isinstance(value, bool):
             ok = True
         if kind is list and isinstance(value, list):
             ok = all(isinstance(v, str) for v in value)
         if not ok:
-            raise BctError(f"{where}: {key} must be {kind.__name__}, got {value!r}")
+            kind_name = (
+                " or ".join(k.__name__ for k in kind) if isinstance(kind, tuple) else kind.__name__
+            )
+            raise BctError(f"{where}: {key} must be {kind_name}, got {value!r}")
     preset = entry.get("preset", "w8a8")
     try:
         return resolve_config(preset, **overrides)

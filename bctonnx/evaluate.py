@@ -176,11 +176,13 @@ def eval_configs(
     config_file: str | os.PathLike | None = None,
     mode: str | None = None,
     structure: dict | None = None,
+    tokens: dict | None = None,
 ) -> list[tuple[str, CompressionConfig]]:
     """The (name, config) pairs to compare: from a config file, or presets (default all);
     ``mode`` overrides the lowering of each (named "<name> <mode>" where that changes it);
     ``structure``: pruning / sparsity keywords of `resolve_config` applied to each (named
-    "<name> +<what>")."""
+    "<name> +<what>"); ``tokens``: token-downsampling keywords of `resolve_config`
+    (``token_keep``, ...; None values ignored) applied to each (named "<name> keep <schedule>")."""
     if config_file is not None:
         configs = load_config_file(config_file)
     else:
@@ -191,6 +193,15 @@ def eval_configs(
             configs = [(f"{n} {tag}", resolve_config(c, **structure)) for n, c in configs]
         except ValueError as exc:
             raise BctError(str(exc)) from None
+    tokens = {k: v for k, v in (tokens or {}).items() if v is not None}
+    if tokens:
+        try:
+            configs = [(n, resolve_config(c, **tokens)) for n, c in configs]
+        except ValueError as exc:
+            raise BctError(str(exc)) from None
+        configs = [
+            (f"{n} keep {','.join(s.describe() for s in c.token_keep)}", c) for n, c in configs
+        ]
     if mode is not None:
         try:
             configs = [

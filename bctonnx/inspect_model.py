@@ -36,6 +36,13 @@ from bctonnx.passes.prune_ffn import PruneFFN
 from bctonnx.passes.prune_heads import PruneHeads
 from bctonnx.passes.sparsify_nm import SparsifyNM
 from bctonnx.passes.store_float16 import MIN_ELEMENTS, _fits_float16
+from bctonnx.passes.token_drop import (
+    TokenDrop,
+    check_stages,
+    encoder_flops,
+    encoder_shape,
+    tokens_per_layer,
+)
 
 from .api import load_input, prune_context, user_errors
 from .blockformat import BlockFormat, BlockQuantized
@@ -48,10 +55,12 @@ _PLANNING_PASSES = (
     PruneHeads,
     PruneFFN,
     SparsifyNM,
+    TokenDrop,
     QuantizeWeights,
     QuantizeEmbeddings,
     QuantizeActivations,
 )
+FLOPS_SEQS = (128, 384)  # sequence lengths the expected encoder FLOPs are shown for
 
 
 @dataclass
@@ -81,6 +90,20 @@ class LeftAlone:
 
 
 @dataclass
+class TokenWork:
+    """Expected encoder work for one sequence length, without and with the token schedule."""
+
+    seq: int
+    tokens_per_layer: list[int]
+    flops: int  # the full model
+    flops_kept: int  # with the config's token schedule (= flops without one)
+
+    @property
+    def saved(self) -> float:
+        return 1 - self.flops_kept / self.flops if self.flops else 0.0
+
+
+@dataclass
 class InspectReport:
     model: str
     config: CompressionConfig
@@ -91,6 +114,7 @@ class InspectReport:
     float_bytes_stored: int = 0  # as stored (float16 where the config says so)
     pruning: list[dict] = field(default_factory=list)  # pruning / N:M, one record per layer
     search: dict | None = None  # --target-ratio: the searched plan (bctonnx.search)
+    work: list[TokenWork] = field(default_factory=list)  # per sequence length in FLOPS_SEQS
 
     def of_kind(self, kind: str) -> list[TensorPlan]:
         return [t for t in self.tensors if t.kind == kind]
@@ -127,6 +151,8 @@ class InspectReport:
             "expected_ratio": self.expected_ratio,
             "pruning": self.pruning,
             "search": self.search,
+            "token_schedule": [asdict(s) for s in self.config.token_keep],
+            "work": [dict(asdict(w), saved=w.saved) for w in self.work],
         }
 
 
@@ -272,11 +298,13 @@ def inspect_model(
         raise BctError(str(exc)) from None
     ir_model, input_bytes = load_input(model)
     context = prune_context(ir_model, config, find_tokenizer_dir(model))
+    report = InspectReport(model=str(model), config=config, input_bytes=input_bytes)
     with user_errors():
         for p in planning_passes(config, context):
             p(ir_model)
+            if isinstance(p, Canonicalize):
+                report.work = expected_work(ir_model.graph, config)
     graph = ir_model.graph
-    report = InspectReport(model=str(model), config=config, input_bytes=input_bytes)
     report.pruning = context.records if context is not None else []
     for node in graph:
         if node.domain != MID_DOMAIN:
@@ -290,6 +318,24 @@ def inspect_model(
     report.left_alone = _left_alone(graph, config)
     report.float_bytes, report.float_bytes_stored = _floats_left(graph, config)
     return report
+
+
+def expected_work(graph: ir.Graph, config: CompressionConfig) -> list[TokenWork]:
+    """Encoder FLOPs per sequence of each `FLOPS_SEQS` length (canonicalized graph)."""
+    shape = encoder_shape(graph)
+    if shape is None:
+        return []
+    stages = config.token_keep
+    check_stages(stages, shape.num_layers)
+    return [
+        TokenWork(
+            seq,
+            tokens_per_layer(shape, stages, seq),
+            encoder_flops(shape, (), seq),
+            encoder_flops(shape, stages, seq, merge=config.token_merge),
+        )
+        for seq in FLOPS_SEQS
+    ]
 
 
 # --- text ------------------------------------------------------------------------------------
@@ -354,6 +400,7 @@ def format_inspect(report: InspectReport) -> str:
     lines += ["", f"left alone ({len(report.left_alone)}):"]
     for n in report.left_alone:
         lines.append(f"  {n.op_type} '{n.node}': {n.reason}")
+    lines += ["", *_format_work(report)]
     lines += [
         "",
         f"stored tensors: {_mb(report.stored_before)} -> {_mb(report.stored_after)}; "
@@ -362,6 +409,34 @@ def format_inspect(report: InspectReport) -> str:
         f"ratio ~{report.expected_ratio:.2f}x (estimate: the lowering's graph nodes not counted)",
     ]
     return "\n".join(lines)
+
+
+def _format_work(report: InspectReport) -> list[str]:
+    stages = report.config.token_keep
+    if stages:
+        how = "merged into kept ones" if report.config.token_merge else "dropped"
+        head = [
+            "token schedule: "
+            + ", then ".join(
+                f"after layer {s.layer} keep {s.keep:g} of each sequence's real tokens"
+                for s in stages
+            )
+            + f" (ranked by {report.config.token_score}; the others {how})"
+        ]
+    else:
+        head = ["token schedule: none (every layer runs on every token)"]
+    if not report.work:
+        return head + ["expected encoder FLOPs: unknown (no BERT encoder layers found)"]
+    lines = head + ["expected encoder FLOPs per sequence (linear layers + attention):"]
+    for w in report.work:
+        line = f"  {w.seq:>4} tokens: {w.flops / 1e9:.2f} G"
+        if stages:
+            line += (
+                f" -> {w.flops_kept / 1e9:.2f} G ({100 * w.saved:.0f}% fewer; tokens per layer "
+                f"{', '.join(map(str, w.tokens_per_layer))})"
+            )
+        lines.append(line)
+    return lines
 
 
 __all__ = ["InspectReport", "LeftAlone", "TensorPlan", "format_inspect", "inspect_model"]

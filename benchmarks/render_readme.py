@@ -300,6 +300,103 @@ def render_pruning(data: dict) -> str:
                 rel = ms / plain["latency_ms"][s] if plain is not None and ms else None
                 cells += [f"{ms:.1f}" if ms else "-", f"{rel:.2f}x" if rel else "-"]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def _points(record: dict | None, metric: str) -> str:
+    if record is None or record["status"] != "ok":
+        return "-" if record is None else "failed"
+    lo, hi = record["vs_fp32_ci95"][metric]
+    return (
+        f"{record['metrics'][metric]:.2f} ({record['vs_fp32'][metric]:+.2f}; {lo:+.1f}..{hi:+.1f})"
+    )
+
+
+def render_token_keep(data: dict) -> str:
+    """benchmarks/token_keep.py: keep ratio vs speed vs accuracy, then the label-free fidelity
+    the design choices were made on."""
+    schedules = ["none", *data["schedules"]]
+    bench = data.get("bench", {})
+    rows = {r.get("schedule", "none"): r for r in bench.get("records", []) if r["kind"] == "bct"}
+    shapes = bench.get("shapes", [])
+    glue = {run["task"]: run for run in data.get("glue", [])}
+    emb = {r["schedule"]: r for r in data.get("embeddings", {}).get("rows", [])}
+    work = data.get("work", {})
+    lines = [
+        "MiniLM fine-tuned on SST-2 / STS-B (`../shared/models`), w8a8 integer form; tokens kept "
+        "= the fraction of each input's real tokens kept from the layer after `@` on "
+        "(`0.5` = `0.5@3`); encoder FLOPs of the linear layers and attention vs the full model, "
+        "at 128 tokens; speed-up = w8a8's latency / the model's, one `bctonnx bench` run "
+        f"(interleaved, median of {bench.get('runs', '?')}, {bench.get('threads', '?')} threads, "
+        "synthetic inputs without padding); dev-set metrics with their difference to FP32 and "
+        "its paired bootstrap 95% interval; all-MiniLM-L6-v2 sentence embeddings (w8a8 with the "
+        "schedule): mean cosine to FP32 of the mean-pooled embeddings of the package's "
+        f"{data.get('embeddings', {}).get('texts', '?')} sentences padded to 128 tokens, and the "
+        "encoder FLOPs that padded batch saves:",
+        "",
+        "| tokens kept | tokens per layer (128) | encoder FLOPs | "
+        + " | ".join(f"{s} speed-up" for s in shapes)
+        + " | SST-2 accuracy | STS-B Spearman | embeddings: cosine (FLOPs saved) |",
+        "|---|---|---:|" + "---:|" * len(shapes) + "---:|---:|---:|",
+    ]
+    base = rows.get("none")
+    for name in schedules:
+        w = work.get(name, {}).get("128")
+        tokens = ", ".join(map(str, w["tokens_per_layer"])) if w else "128 (all layers)"
+        flops = f"{100 * w['flops_ratio']:.0f}%" if w else "100%"
+        cells = []
+        for shape in shapes:
+            r = rows.get(name)
+            ok = r is not None and base is not None and shape in r.get("latency_ms", {})
+            cells.append(
+                f"{base['latency_ms'][shape] / r['latency_ms'][shape]:.2f}x "
+                f"({r['latency_ms'][shape]:.0f} ms)"
+                if ok
+                else "-"
+            )
+        model = "bct w8a8" if name == "none" else f"bct w8a8 keep {name}"
+        recs = {t: {r["model"]: r for r in run["records"]}.get(model) for t, run in glue.items()}
+        e = emb.get(name)
+        embedding = f"{e['cosine_mean']:.4f} ({100 * e['flops_saved_padded']:.0f}%)" if e else "-"
+        lines.append(
+            f"| {name} | {tokens} | {flops} | "
+            + " | ".join(cells)
+            + f" | {_points(recs.get('sst2'), 'accuracy')} | {_points(recs.get('stsb'), 'spearman')}"
+            f" | {embedding} |"
+        )
+    fp32 = {t: run["records"][0]["metrics"] for t, run in glue.items()}
+    if fp32:
+        lines += [
+            "",
+            f"FP32: SST-2 {fp32['sst2']['accuracy']:.2f}, STS-B {fp32['stsb']['spearman']:.2f}.",
+        ]
+    fidelity = data.get("fidelity")
+    if fidelity:
+        lines += [
+            "",
+            "Label-free fidelity the defaults were chosen on (float models, no quantization, vs "
+            f"FP32 on unlabeled train text: {fidelity['stsb']['texts']} STS-B pairs, "
+            f"{fidelity['sst2']['texts']} SST-2 sentences, {fidelity['emb']['texts']} sentences "
+            "embedded by all-MiniLM-L6-v2): ranking by attention received from all real tokens "
+            "or from [CLS], or by redundancy; the tokens that leave merged or dropped:",
+            "",
+            "| stages, ranking, merged | STS-B mean abs score diff | SST-2 same label | SST-2 "
+            "logit RMS diff |",
+            "|---|---:|---:|---:|",
+        ]
+        sst2 = {r["variant"]: r for r in fidelity["sst2"]["rows"]}
+        for r in fidelity["stsb"]["rows"]:
+            o = sst2.get(r["variant"], {})
+            lines.append(
+                f"| {r['variant']} | {r['mean_abs_diff']:.3f} | {o.get('agreement', 0):.1f}% | "
+                f"{o.get('logit_rms', 0):.3f} |"
+            )
+        lines += [
+            "",
+            "| stages, ranking, merged, full-length output | embedding cosine mean | min |",
+            "|---|---:|---:|",
+        ]
+        for r in fidelity["emb"]["rows"]:
+            lines.append(f"| {r['variant']} | {r['cosine_mean']:.4f} | {r['cosine_min']:.4f} |")
     return "\n".join(lines)
 
 
@@ -309,6 +406,7 @@ RENDERERS = {
     "latency": render_latency,
     "ops_speed": render_ops_speed,
     "pruning": render_pruning,
+    "token_keep": render_token_keep,
 }
 
 

@@ -14,6 +14,15 @@ every query row -- BERT's [b, 1, 1, S], or as exports write it, that mask expand
 on how it is made: elementwise ops with constant scalars over an Expand or an Unsqueeze of a
 rank-2 [b, S] mask to [b, 1, 1, S]. Any other mask, or a chain whose intermediate results have
 other readers, is left unfused.
+
+Token dropping (passes/token_drop.py) adds two things the fused op takes too:
+
+    BlockBatchMatMul(...) -> Add(y, bias) -> BlockQuantize -> IntSoftmax      (merged tokens'
+        log weights, one per key)                           => key_bias input
+    IntSoftmax(...) -> MatMulInteger(rows [b, 1, 1, S] uint8, p) -> ReduceSum(axes 1, 2)
+        (the attention each key received, the tokens' ranking)  => rows input, received output
+
+so a layer whose probabilities rank the tokens, and every layer after a merge, stays one node.
 """
 
 from __future__ import annotations
@@ -107,23 +116,24 @@ class FuseAttention(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=fused > 0)
 
     def _fuse(self, graph: ir.Graph, scores: ir.Node) -> bool:
-        outs = scores.outputs
-        if len(outs) < 3 or (outs[0].name and list(outs[0].uses())):
-            return False  # the float scores are read
-        softmax = _only_reader(outs[1])
-        if not _is_op(softmax, "IntSoftmax") or _only_reader(outs[2]) is not softmax:
+        found = _quantized_scores(scores)
+        if found is None:
             return False
-        if softmax.inputs[0] is not outs[1] or softmax.inputs[1] is not outs[2]:
-            return False
-        block = _attr(scores, "out_block_size")
-        if _attr(softmax, "block_size") != block or _attr(scores, "out_bits", 8) != 8:
+        softmax, block, bias, between = found
+        if _attr(softmax, "block_size") != block:
             return False
         mask = softmax.inputs[2] if len(softmax.inputs) > 2 else None
         if not is_key_mask(mask):
             return False
-        context = _only_reader(softmax.outputs[0])
-        if not _is_op(context, "AttentionPV") or context.inputs[0] is not softmax.outputs[0]:
+        readers = [u.node for u in softmax.outputs[0].uses()]
+        if any(out is softmax.outputs[0] for out in graph.outputs):
             return False
+        context = next((n for n in readers if _is_op(n, "AttentionPV")), None)
+        received = _received_sum(readers, softmax.outputs[0], context)
+        if context is None or context.inputs[0] is not softmax.outputs[0]:
+            return False
+        if len(readers) != 1 + (received is not None):
+            return False  # the probabilities have another reader
         if not _attr(context, "transpose_output"):
             return False
         if _attr(context, "block_size") != _attr(scores, "block_size"):
@@ -147,7 +157,8 @@ class FuseAttention(ir.passes.InPlacePass):
                 if value.shape is None or len(value.shape) != 4:
                     return False
                 attrs[name] = 1
-        inputs = [q, q_s, k, k_s, v, v_s, mask, mul]
+        rows, total = received if received is not None else (None, None)
+        inputs = [q, q_s, k, k_s, v, v_s, mask, mul, bias, rows]
         while inputs[-1] is None:
             inputs.pop()
         node = ir.Node(
@@ -155,13 +166,78 @@ class FuseAttention(ir.passes.InPlacePass):
             "BlockAttention",
             inputs,
             ir.convenience.convert_attributes(attrs),
-            num_outputs=1,
+            num_outputs=1 if total is None else 2,
             name=context.name.rsplit("/", 1)[0] + "/BlockAttention" if context.name else None,
         )
         graph.insert_before(context, node)
         node.outputs[0].dtype = ir.DataType.FLOAT
         node.outputs[0].shape = context.outputs[0].shape
         take_over(context.outputs[0], node.outputs[0])
-        for dead in (context, softmax, scores):
-            graph.remove(dead, safe=True)
+        dead = [context]
+        if total is not None:
+            node.outputs[1].dtype = ir.DataType.INT32
+            node.outputs[1].shape = total.outputs[0].shape
+            take_over(total.outputs[0], node.outputs[1])
+            dead = [total, total.inputs[0].producer(), context]
+        for n in (*dead, softmax, *between, scores):
+            graph.remove(n, safe=True)
         return True
+
+
+def _quantized_scores(scores: ir.Node):
+    """(IntSoftmax, its block size, key bias or None, the nodes between) when the scores reach
+    IntSoftmax quantized by the GEMM itself, or (token dropping's key bias) through
+    Add(y, bias) -> BlockQuantize; else None."""
+    outs = scores.outputs
+    if len(outs) >= 3 and not (outs[0].name and list(outs[0].uses())):
+        softmax = _only_reader(outs[1])
+        if not _is_op(softmax, "IntSoftmax") or _only_reader(outs[2]) is not softmax:
+            return None
+        if softmax.inputs[0] is not outs[1] or softmax.inputs[1] is not outs[2]:
+            return None
+        if _attr(scores, "out_bits", 8) != 8:
+            return None
+        return softmax, _attr(scores, "out_block_size"), None, ()
+    if any(list(o.uses()) for o in outs[1:]):
+        return None
+    add = _only_reader(outs[0])
+    if add is None or add.domain not in ("", "ai.onnx") or add.op_type != "Add":
+        return None
+    bias = add.inputs[1] if add.inputs[0] is outs[0] else add.inputs[0]
+    if bias is None or bias is outs[0] or not is_key_mask(bias):
+        return None
+    if bias.dtype not in (None, ir.DataType.FLOAT):
+        return None
+    quant = _only_reader(add.outputs[0])
+    if not _is_op(quant, "BlockQuantize") or _attr(quant, "bits", 8) != 8:
+        return None
+    softmax = _only_reader(quant.outputs[0])
+    if not _is_op(softmax, "IntSoftmax") or _only_reader(quant.outputs[1]) is not softmax:
+        return None
+    if softmax.inputs[0] is not quant.outputs[0] or softmax.inputs[1] is not quant.outputs[1]:
+        return None
+    return softmax, _attr(quant, "block_size"), bias, (quant, add)
+
+
+def _received_sum(readers: list[ir.Node], p: ir.Value, context: ir.Node | None):
+    """(rows, the ReduceSum) when one reader of the probabilities is token dropping's
+    ReduceSum(MatMulInteger(rows [b, 1, 1, S] uint8, p), axes (1, 2), keepdims 0)."""
+    others = [n for n in readers if n is not context]
+    if len(others) != 1:
+        return None
+    mm = others[0]
+    if mm.op_type != "MatMulInteger" or mm.domain not in ("", "ai.onnx"):
+        return None
+    if len(mm.inputs) != 2 or mm.inputs[1] is not p or mm.inputs[0] is p:
+        return None
+    rows = mm.inputs[0]
+    if rows.dtype != ir.DataType.UINT8 or rows.shape is None or len(rows.shape) != 4:
+        return None
+    if rows.shape[1] != 1 or rows.shape[2] != 1:
+        return None
+    total = _only_reader(mm.outputs[0])
+    if total is None or total.op_type != "ReduceSum" or _attr(total, "keepdims", 1) != 0:
+        return None
+    if _ints(total, 1, "axes") not in ([1, 2], [2, 1]):
+        return None
+    return rows, total

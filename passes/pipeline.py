@@ -28,6 +28,7 @@ from .quantize_weights import QuantizeWeights
 from .simplify_shapes import SimplifyShapes
 from .sparsify_nm import SparsifyNM
 from .store_float16 import StoreFloat16
+from .token_drop import TokenDrop, TokenScoresFromCodes
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,16 @@ def build_pipeline(
             passes.append(
                 SparsifyNM(config.weights, prune, config.exclude, config.weight_overrides)
             )
+    if config.token_keep:
+        passes.append(
+            TokenDrop(
+                config.token_keep,
+                score=config.token_score,
+                merge=config.token_merge,
+                output=config.token_output,
+                special_ids=config.special_token_ids or (),
+            )
+        )
     if config.weights is not None:
         passes.append(QuantizeWeights(config.weights, config.exclude, config.weight_overrides))
     if config.embeddings is not None:
@@ -99,6 +110,7 @@ def build_pipeline(
         passes += [
             LowerInteger(),
             LowerMatMul(match_weight_blocks=config.match_weight_blocks),
+            *([TokenScoresFromCodes()] if config.token_keep else []),
             FuseAttention(),
             LowerQDQ(),
             LowerDequantize(),

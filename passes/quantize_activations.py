@@ -54,8 +54,9 @@ def _from_attention_scores(value: ir.Value, depth: int = 3) -> bool:
         return False
     if role(node) == "attention.qk":
         return True
-    return node.op_type in ("Div", "Mul", "Cast") and _from_attention_scores(
-        node.inputs[0], depth - 1
+    # token_drop's proportional attention adds log(weights) to the scores
+    return (node.op_type in ("Div", "Mul", "Cast") or role(node) == "attention.bias") and (
+        _from_attention_scores(node.inputs[0], depth - 1)
     )
 
 

@@ -22,26 +22,44 @@ from bctonnx.ops.ref_quant import block_quantize
 BLOCK = 32
 
 
-def attention_model(with_mask: bool = True, with_mul: bool = True, **attrs) -> onnx.ModelProto:
+def attention_model(
+    with_mask: bool = True,
+    with_mul: bool = True,
+    with_bias: bool = False,
+    with_rows: bool = False,
+    **attrs,
+) -> onnx.ModelProto:
+    """One BlockAttention node; ``with_rows`` also asks for its ``received`` output."""
     names = ["q", "qs", "k", "ks", "v", "vs"]
     types = [TensorProto.INT8, TensorProto.FLOAT] * 3
     inputs = list(names)
-    if with_mask:
-        names.append("mask")
-        types.append(TensorProto.FLOAT)
-    inputs.append("mask" if with_mask else "")
-    if with_mul:
-        names.append("mul")
-        types.append(TensorProto.FLOAT)
-        inputs.append("mul")
+    for flag, name, kind in (
+        (with_mask, "mask", TensorProto.FLOAT),
+        (with_mul, "mul", TensorProto.FLOAT),
+        (with_bias, "bias", TensorProto.FLOAT),
+        (with_rows, "rows", TensorProto.UINT8),
+    ):
+        inputs.append(name if flag else "")
+        if flag:
+            names.append(name)
+            types.append(kind)
+    while not inputs[-1]:
+        inputs.pop()
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if with_rows:
+        outputs.append(helper.make_tensor_value_info("received", TensorProto.INT32, None))
     node = helper.make_node(
-        "BlockAttention", inputs, ["y"], domain="bctonnx", **{"block_size": BLOCK, **attrs}
+        "BlockAttention",
+        inputs,
+        [o.name for o in outputs],
+        domain="bctonnx",
+        **{"block_size": BLOCK, **attrs},
     )
     graph = helper.make_graph(
         [node],
         "block_attention",
         [helper.make_tensor_value_info(n, t, None) for n, t in zip(names, types, strict=True)],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        outputs,
     )
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("bctonnx", 1)]
@@ -89,10 +107,10 @@ def padding_mask(lengths: list[int], s: int) -> np.ndarray:
     return m
 
 
-def reference(feeds: dict, mask=None, mul=None, **attrs) -> np.ndarray:
+def reference(feeds: dict, mask=None, mul=None, bias=None, rows=None, **attrs):
     return block_attention(
         feeds["q"], feeds["qs"], feeds["k"], feeds["ks"], feeds["v"], feeds["vs"], mask, mul,
-        block_size=BLOCK, **attrs,
+        bias, rows, block_size=BLOCK, **attrs,
     )  # fmt: skip
 
 
@@ -195,6 +213,91 @@ def test_the_reference_is_close_to_float_attention():
     exact = np.einsum("bhst,bthd->bshd", p, deq["v"])
     got = reference(feeds)
     assert np.abs(got - exact).max() < 0.02 * np.abs(exact).max()
+
+
+def token_drop_feeds(b, s, h, lengths, seed=0) -> dict[str, np.ndarray]:
+    """Operands with what token dropping adds: a padding mask, log weights of merged tokens as
+    the key bias (0 for padding), and the real tokens as the query rows."""
+    feeds = operands(b, s, h, BLOCK, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    feeds["mask"] = padding_mask(lengths, s)
+    weights = rng.integers(1, 6, (b, 1, 1, s))
+    feeds["bias"] = np.where(feeds["mask"] == 0, np.log(weights), 0).astype(np.float32)
+    feeds["rows"] = (feeds["mask"] == 0).astype(np.uint8)
+    return feeds
+
+
+def token_drop_reference(feeds: dict, **attrs):
+    return reference(
+        {k: feeds[k] for k in ("q", "qs", "k", "ks", "v", "vs")},
+        feeds.get("mask"), feeds.get("mul"), feeds.get("bias"), feeds.get("rows"), **attrs,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "b, s, lengths", [(2, 40, [40, 17]), (3, 70, [70, 33, 1])], ids=["s40", "s70"]
+)
+def test_key_bias_and_received_are_bit_exact_on_every_isa(b, s, lengths, monkeypatch):
+    """Token dropping's inputs (log weights as a key bias, the real tokens as query rows) and
+    the attention each key received (int32 sums of the probability codes over heads and rows)
+    equal the reference on every instruction-set path and thread count; the received sums are
+    the probability codes' own sums (the separate ops' P, read back)."""
+    feeds = token_drop_feeds(b, s, 3, lengths, seed=21)
+    feeds["mul"] = np.array(0.4204482, np.float32)
+    y_ref, received_ref = token_drop_reference(feeds)
+    assert received_ref.dtype == np.int32 and received_ref.shape == (b, s)
+    # received by hand: P of the reference's own steps, summed over heads and real query rows
+    scores = block_batch_matmul(
+        feeds["q"], feeds["qs"], feeds["k"], feeds["ks"], block_size=BLOCK,
+        y_multiplier=feeds["mul"], a_transposed=True, b_transposed=True,
+    )["y"] + feeds["bias"]  # fmt: skip
+    scores = np.where(feeds["mask"] == 0, scores, np.float32(0)).astype(np.float32)
+    p = int_softmax(*block_quantize(scores, 32), 32, feeds["mask"]).astype(np.int64)
+    by_hand = np.einsum("br,bhrc->bc", feeds["rows"][:, 0, 0].astype(np.int64), p)
+    np.testing.assert_array_equal(received_ref, by_hand)
+    assert not np.array_equal(y_ref, reference(feeds, feeds["mask"], feeds["mul"]))  # bias acts
+    model = attention_model(with_bias=True, with_rows=True)
+    for isa in available_isas():
+        for threads in (1, 2):
+            y, received = session(model, monkeypatch, isa, threads).run(None, feeds)
+            np.testing.assert_array_equal(y, y_ref, err_msg=f"{isa} {threads} threads")
+            np.testing.assert_array_equal(received, received_ref, err_msg=f"{isa} {threads}")
+    # without the received output requested, rows are read for nothing: y is the same
+    y_only = attention_model(with_bias=True)
+    out = session(y_only, monkeypatch).run(None, {k: v for k, v in feeds.items() if k != "rows"})
+    np.testing.assert_array_equal(out[0], y_ref)
+
+
+def test_received_is_the_same_alone_and_in_a_padded_batch(monkeypatch):
+    """A sequence's received sums and output do not depend on its batch's padding."""
+    s, n = 64, 23
+    batch = token_drop_feeds(2, s, 2, [n, s], seed=4)
+    batch["k"][0, n:] = 77  # garbage in the padding
+    alone = {k: v[:1, ..., :n] if k in ("mask", "bias", "rows") else v[:1, :n]
+             for k, v in batch.items()}  # fmt: skip
+    model = attention_model(with_mul=False, with_bias=True, with_rows=True)
+    for isa in available_isas():
+        y_b, r_b = session(model, monkeypatch, isa).run(None, batch)
+        y_a, r_a = session(model, monkeypatch, isa).run(None, alone)
+        np.testing.assert_array_equal(y_b[0, :n], y_a[0], err_msg=isa)
+        np.testing.assert_array_equal(r_b[0, :n], r_a[0], err_msg=isa)
+        assert not r_b[0, n:].any()  # padding keys receive nothing
+
+
+def test_received_needs_rows_and_a_key_bias_one_per_key(monkeypatch):
+    feeds = token_drop_feeds(2, 8, 1, [8, 5])
+    no_rows = attention_model(with_mul=False, with_bias=True, with_rows=True)
+    del no_rows.graph.node[0].input[9]
+    no_rows.graph.input.pop()
+    sess = session(no_rows, monkeypatch)
+    with pytest.raises(Exception, match="needs the rows input"):
+        sess.run(None, {k: v for k, v in feeds.items() if k != "rows"})
+    bad = dict(feeds, bias=np.zeros((2, 1, 8, 8), np.float32))
+    sess = session(attention_model(with_mul=False, with_bias=True, with_rows=True), monkeypatch)
+    with pytest.raises(Exception, match="one value per key"):
+        sess.run(None, bad)
+    with pytest.raises(ValueError, match="not one per key"):
+        token_drop_reference(bad)
 
 
 @pytest.mark.parametrize(

@@ -153,9 +153,11 @@ def served(model_uri: str, env: dict, log: Path):
     port = free_port()
     command = line.replace("models:/m-...", model_uri).replace("5001", str(port))
     with open(log, "w") as out:
+        # from a folder of its own, as a user serves: not the source checkout, whose bctonnx
+        # (without the built library, in CI) would shadow the installed one
         proc = subprocess.Popen(
             command, shell=True, env=scripts_env(**env), stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, cwd=log.parent,
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
@@ -186,7 +188,10 @@ def served(model_uri: str, env: dict, log: Path):
 def stop_group(proc: subprocess.Popen, timeout: float = 30) -> None:
     """SIGTERM to the server's process group (the shell, mlflow, uvicorn), SIGKILL to what is
     left after ``timeout``; returns when none of them is left."""
-    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:  # it had exited already
+        return
     deadline = time.monotonic() + timeout
     while True:
         proc.poll()

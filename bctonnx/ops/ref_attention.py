@@ -154,6 +154,8 @@ def block_attention(
     v_scale: np.ndarray,
     mask: np.ndarray | None = None,
     y_multiplier: np.ndarray | float | None = None,
+    key_bias: np.ndarray | None = None,
+    rows: np.ndarray | None = None,
     *,
     block_size: int,
     score_block_size: int = 32,
@@ -162,7 +164,7 @@ def block_attention(
     q_heads_first: bool = False,
     k_heads_first: bool = False,
     v_heads_first: bool = False,
-) -> np.ndarray:
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Reference of ``bctonnx.BlockAttention``: one attention of an encoder layer in integers,
     ``AttentionPV(IntSoftmax(BlockQuantize(BlockBatchMatMul(q, k^T))), v)``, where the keys the
     mask drops take no part at all, so a sequence's output does not depend on the padding or the
@@ -172,19 +174,28 @@ def block_attention(
                        [b, S, h, ceil(d / B)] (token-major, as the projections write them),
                        mask?: f32 [b, 1, 1 or S, S] (additive: 0 keeps, < -1000 drops a key;
                        the same for every query row, see `key_mask`),
-                       y_multiplier?: f32 scalar) -> y: f32 [b, S, h, d]
+                       y_multiplier?: f32 scalar,
+                       key_bias?: f32 [b or 1, 1, 1, S or 1] (added to every query row's
+                       scores: token dropping's log of a merged token's weight),
+                       rows?: uint8 [b, 1, 1, S] or [b, S] (query-row weights, for received))
+            -> y: f32 [b, S, h, d], received?: int32 [b, S]
         attributes: block_size (B, 1..4096), score_block_size (1..4096, default 32),
                     segment (even, 2..256, default 32), p_exponent (-32..0, default -8),
                     q_heads_first, k_heads_first, v_heads_first (0 or 1, default 0; 1: that
                     operand and its scales come [b, h, S, d], as some exporters leave K)
 
     1. scores ``y = BlockBatchMatMul(q, k, y_multiplier)`` (ref_matmul.block_batch_matmul,
-       both token-major): [b, h, S, S];
+       both token-major): [b, h, S, S]; with ``key_bias``, ``y = float32(y + key_bias[key])``
+       (one correctly rounded add);
     2. the scores of dropped keys are set to 0 (so they cannot raise a block's scale), then
        ``BlockQuantize(y, score_block_size)``;
     3. ``p = IntSoftmax(codes, scales, mask)`` (ref_nonlinear.int_softmax: dropped keys get 0);
     4. ``y = AttentionPV(p, v, v_scale, valid=kept keys)`` (`attention_pv`: dropped tokens'
-       V neither counts nor sets a segment's exponent), heads back token-major.
+       V neither counts nor sets a segment's exponent), heads back token-major;
+    5. with ``rows`` (returned as ``(y, received)``): the attention each key received,
+       ``received[b, c] = sum_h sum_r rows[b, r] * p[b, h, r, c]`` in int32, exact
+       (``h * S * 255 * 255 < 2**31`` for h * S < 33025): what token dropping ranks tokens by
+       (passes/token_drop.py), which the fused op's probabilities are no tensor for.
     """
     from bctonnx.ops.ref_matmul import block_batch_matmul
     from bctonnx.ops.ref_nonlinear import int_softmax
@@ -210,12 +221,29 @@ def block_attention(
         q, q_scale, k, k_scale, block_size=block_size, y_multiplier=y_multiplier,
         a_transposed=True, b_transposed=True,
     )["y"]  # fmt: skip
+    if key_bias is not None:
+        bias = np.asarray(key_bias, np.float32)
+        full = (1,) * (4 - bias.ndim) + bias.shape
+        b, _, _, s_k = scores.shape
+        if bias.ndim > 4 or full[1:3] != (1, 1) or full[0] not in (1, b) or full[3] not in (1, s_k):
+            raise ValueError(f"BlockAttention: key_bias shape {bias.shape} is not one per key")
+        bias = bias.reshape(full)
+        scores = (scores + bias).astype(np.float32)
     keep = key_mask(mask, scores.shape)
     if keep is not None:
         scores = np.where(keep[:, :, None, :], scores, np.float32(0)).astype(np.float32)
     codes, scales = block_quantize(scores, score_block_size)
     p = int_softmax(codes, scales, score_block_size, mask)
-    return attention_pv(
+    y = attention_pv(
         p, v, v_scale, block_size=block_size, segment=segment, p_exponent=p_exponent,
         transpose_output=True, v_transposed=True, valid=keep,
     )  # fmt: skip
+    if rows is None:
+        return y
+    b, s_len = p.shape[0], p.shape[-1]
+    r = np.asarray(rows)
+    if r.dtype != np.uint8 or r.size != b * s_len:
+        raise ValueError(f"BlockAttention: rows must be uint8 with b x S = {b * s_len} values")
+    r = r.reshape(b, 1, 1, s_len).astype(np.int64)
+    received = np.matmul(r, p.astype(np.int64)).sum(axis=(1, 2))  # [b, S], exact
+    return y, received.astype(np.int32)

@@ -36,7 +36,14 @@ from ...config import PRESETS, config_from_dict, config_keywords
 from ...errors import BctError
 from ...textio import find_tokenizer_dir, read_texts
 
-_TYPES = {list: list[str], bool: bool, int: int, str: str}
+_TYPES = {
+    list: list[str],
+    bool: bool,
+    int: int,
+    float: float,
+    str: str,
+    (str, float): str | float,
+}
 
 
 def compression_config(config) -> dict:

@@ -8,13 +8,20 @@
 // segment's exponent), so a sequence's output does not depend on its padding or on the other
 // sequences of its batch.
 //
-//   BlockAttention(q, q_scale, k, k_scale, v, v_scale, mask?, y_multiplier?) -> y
+//   BlockAttention(q, q_scale, k, k_scale, v, v_scale, mask?, y_multiplier?, key_bias?, rows?)
+//     -> y, received?
 //     q, k, v  int8 [b, S, h, d] codes (token-major, as the projections write them), in blocks
 //              of block_size along d, with pow2 scales [b, S, h, ceil(d / block_size)]
 //     mask     float, broadcastable to [b, 1, S, S] with every query row the same (exports
 //              expand BERT's [b, 1, 1, S] to [b, 1, S, S]; checked): 0 keeps a key, < -1000
 //              drops it
+//     key_bias float [b or 1, 1, 1, S or 1], added to every query row's scores (after
+//              y_multiplier, before the quantization): token dropping's log weights
+//     rows     uint8, b x S values ([b, 1, 1, S] or [b, S]): query-row weights for received
 //     y        float [b, S, h, d]
+//     received int32 [b, S]: sum over heads and query rows r of rows[b, r] * p[b, h, r, key],
+//              the attention each key received (needs rows), which passes/token_drop.py ranks
+//              tokens by: the probabilities are no tensor once fused
 //   attributes: block_size, score_block_size (32), segment (32), p_exponent (-8),
 //     q_heads_first, k_heads_first, v_heads_first (0): with 1 that operand and its scales come
 //     [b, h, S, d] instead (as some exporters leave K)
@@ -23,6 +30,7 @@
 #include <mutex>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "../common.h"
 #include "../matmul/gemm.h"
@@ -54,6 +62,8 @@ struct BlockAttentionKernel {
     heads_first_[1] = attrs.Bool("k_heads_first", false);
     heads_first_[2] = attrs.Bool("v_heads_first", false);
     check_one_value_if_constant(attrs, 7, "y_multiplier");
+    if (has_output(info, 1) && !has_input(info, 9)) Fail("the received output needs the rows input");
+    if (has_input(info, 9) && !has_output(info, 1)) Fail("rows without the received output");
     try {
       isa_ = std::min(ChooseIsa(), kAvx512);  // (AMX does not pay for K = head dim)
     } catch (const std::runtime_error& e) {
@@ -67,6 +77,10 @@ struct BlockAttentionKernel {
     const int8_t *q, *k, *v;
     const float *qs, *ks, *vs, *ymul;
     const float* mask;     // [b or 1][S or 1] key values, or null
+    const float* bias = nullptr;  // key_bias [b or 1][S or 1], or null
+    int64_t bias_b = 0, bias_s = 0;
+    const uint8_t* rows = nullptr;  // [b][S] query-row weights, or null
+    int32_t* received = nullptr;    // [b][h][S] per-head partial sums (with rows)
     int64_t mask_b = 0, mask_s = 0, mask_stride = 0;  // batches, keys, floats per batch
     const uint8_t* keep;   // [b][S] kept keys, or null
     float* y;
@@ -134,6 +148,18 @@ struct BlockAttentionKernel {
     op.ldy = s;
     gemm::Gemm(isa_, op, 0, s, 0, w.npanel);
 
+    // (key_bias: one add per score, before anything else sees them)
+    if (job.bias) {
+      const float* kb_row = job.bias + (job.bias_b == 1 ? 0 : b) * job.bias_s;
+      for (int64_t r = 0; r < s; ++r) {
+        float* row = sc.scores.data() + r * s;
+        if (job.bias_s == 1)
+          for (int64_t c = 0; c < s; ++c) row[c] += kb_row[0];
+        else
+          for (int64_t c = 0; c < s; ++c) row[c] += kb_row[c];
+      }
+    }
+
     // 2. dropped keys' scores to 0, then BlockQuantize(scores, score_block_size)
     const int64_t nbs = num_blocks(s, score_block_);
     sc.codes.resize(static_cast<size_t>(s * s));
@@ -182,6 +208,19 @@ struct BlockAttentionKernel {
                  &prepared);
     const pv::RowOut out{job.y + (b * s * h + hh) * job.dv, h * job.dv};  // token-major
     pv::Head(isa_, dm, sc.p.data(), prepared, out);
+
+    // 5. received: this head's sum over the chosen query rows (exact in int32)
+    if (job.received) {
+      int32_t* acc = job.received + bh * s;
+      std::fill(acc, acc + s, 0);
+      const uint8_t* wr = job.rows + b * s;
+      for (int64_t r = 0; r < s; ++r) {
+        const int32_t wgt = wr[r];
+        if (!wgt) continue;
+        const uint8_t* pr = sc.p.data() + r * s;
+        for (int64_t c = 0; c < s; ++c) acc[c] += wgt * static_cast<int32_t>(pr[c]);
+      }
+    }
   }
 
   OrtStatusPtr ComputeV2(OrtKernelContext* raw) {
@@ -193,7 +232,8 @@ struct BlockAttentionKernel {
     const size_t nin = ctx.GetInputCount();
     auto input = [&](size_t i) { return nin > i ? ctx.GetInput(i) : Ort::ConstValue{nullptr}; };
     Ort::ConstValue q = input(0), qs = input(1), k = input(2), ks = input(3), v = input(4),
-                    vs = input(5), mask = input(6), ymul = input(7);
+                    vs = input(5), mask = input(6), ymul = input(7), kbias = input(8),
+                    rows = input(9);
     // every operand checked as the token-major [b, S, h, .] tensor it stands for
     std::vector<int64_t> qsh = ShapeOf(q), ksh = ShapeOf(k), vsh = ShapeOf(v);
     std::vector<int64_t> qssh = ShapeOf(qs), kssh = ShapeOf(ks), vssh = ShapeOf(vs);
@@ -264,10 +304,38 @@ struct BlockAttentionKernel {
     job.ks = ks.GetTensorData<float>();
     job.vs = vs.GetTensorData<float>();
     job.ymul = ymul != nullptr ? ymul.GetTensorData<float>() : nullptr;
+    if (kbias != nullptr) {  // [b or 1, 1, 1, S or 1]
+      std::vector<int64_t> bs = ShapeOf(kbias);
+      if (bs.size() > 4) Fail("key_bias rank above 4");
+      bs.insert(bs.begin(), 4 - bs.size(), 1);
+      if (bs[1] != 1 || bs[2] != 1 || (bs[0] != 1 && bs[0] != job.b) ||
+          (bs[3] != 1 && bs[3] != job.s))
+        Fail("key_bias " + shape_str(ShapeOf(kbias)) + " is not one value per key [b, 1, 1, S]");
+      job.bias = kbias.GetTensorData<float>();
+      job.bias_b = bs[0];
+      job.bias_s = bs[3];
+    }
+    const bool want_received = ctx.GetOutputCount() > 1;
+    if (want_received && rows == nullptr) Fail("the received output needs the rows input");
+    if (rows != nullptr) {
+      if (static_cast<int64_t>(rows.GetTensorTypeAndShapeInfo().GetElementCount()) != job.b * job.s)
+        Fail("rows " + shape_str(ShapeOf(rows)) + " must hold b x S values");
+      job.rows = rows.GetTensorData<uint8_t>();
+    }
     Ort::UnownedValue y = ctx.GetOutput(0, vsh);
     job.y = y.GetTensorMutableData<float>();
+    std::vector<int32_t> partial;
+    Ort::UnownedValue received{nullptr};
+    if (want_received) {
+      received = ctx.GetOutput(1, std::vector<int64_t>{job.b, job.s});
+      partial.assign(static_cast<size_t>(job.b * job.h * job.s), 0);
+      job.received = partial.data();
+    }
     const int64_t heads = job.b * job.h;
-    if (heads * job.s * job.dv == 0) return;
+    if (heads * job.s * job.dv == 0) {
+      if (want_received) std::fill_n(received.GetTensorMutableData<int32_t>(), job.b * job.s, 0);
+      return;
+    }
     if (heads == 1)
       HeadTask(&job, 0);
     else
@@ -275,6 +343,17 @@ struct BlockAttentionKernel {
     if (!job.error.empty()) {
       if (job.error.rfind("bctonnx.", 0) == 0) throw std::runtime_error(job.error);
       Fail(job.error);
+    }
+    if (want_received) {  // the heads' partial sums, in integers: any order is exact
+      int32_t* out = received.GetTensorMutableData<int32_t>();
+      for (int64_t bi = 0; bi < job.b; ++bi) {
+        int32_t* o = out + bi * job.s;
+        std::copy_n(partial.data() + bi * job.h * job.s, job.s, o);
+        for (int64_t hh = 1; hh < job.h; ++hh) {
+          const int32_t* src = partial.data() + (bi * job.h + hh) * job.s;
+          for (int64_t c = 0; c < job.s; ++c) o[c] += src[c];
+        }
+      }
     }
   }
 
@@ -291,16 +370,22 @@ struct BlockAttentionOp : Ort::CustomOpBase<BlockAttentionOp, BlockAttentionKern
   }
   const char* GetName() const { return "BlockAttention"; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 8; }
+  size_t GetInputTypeCount() const { return 10; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
+    if (i == 9) return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
     return (i == 0 || i == 2 || i == 4) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8
                                         : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
     return i < 6 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
   }
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  size_t GetOutputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetOutputType(size_t i) const {
+    return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const {
+    return i == 0 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+  }
 };
 
 }  // namespace
