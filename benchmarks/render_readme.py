@@ -300,6 +300,7 @@ def render_pruning(data: dict) -> str:
                 rel = ms / plain["latency_ms"][s] if plain is not None and ms else None
                 cells += [f"{ms:.1f}" if ms else "-", f"{rel:.2f}x" if rel else "-"]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _points(record: dict | None, metric: str) -> str:
