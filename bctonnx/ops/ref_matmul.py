@@ -1,5 +1,5 @@
 """numpy references of ``BlockMatMul`` and ``BlockBatchMatMul``: the specification
-``csrc/matmul_ops.cc`` follows.
+the kernels in ``csrc/matmul/`` follow.
 
 ``BlockMatMul`` (domain ``bctonnx``, version 1) is a linear layer on block-quantized
 operands: activations int8 in blocks of ``act_block_size`` along K with pow2 scales (BCT's
