@@ -23,102 +23,59 @@ untouched (bit for bit).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
 
-from bctonnx.refit import error, obs_prune, refit
+from bctonnx.refit import obs_prune
 
 from .common import PassError
-from .encoder_layers import ffn_blocks
+from .encoder_layers import FFNBlock, Linear, ffn_blocks
 from .pruning import (
-    Layerwise,
-    PruneContext,
+    StructurePrune,
     alignment,
     fraction_for,
     kept_count,
-    refresh_shapes,
+    refit_consumer,
     set_linear,
 )
 
 log = logging.getLogger(__name__)
 
 
-class PruneFFN(ir.passes.InPlacePass):
+class PruneFFN(StructurePrune):
     """Remove a fraction of every FFN block's neurons and refit its output layer."""
 
-    def __init__(
-        self,
-        fraction: float,
-        context: PruneContext,
-        *,
-        weight_block: int = 1,
-        act_block: int = 1,
-        overrides: Sequence[tuple[str, float]] = (),
-        residual: bool = True,
-    ):
-        super().__init__()
-        self.residual = residual
-        self.fraction = fraction
-        self.context = context
-        self.weight_block = weight_block
-        self.act_block = act_block
-        self.overrides = tuple(overrides)
+    flag = "--prune-ffn"
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        blocks = ffn_blocks(model.graph)
+    def find_blocks(self, graph: ir.Graph) -> list[FFNBlock]:
+        blocks = ffn_blocks(graph)
         if not blocks:
             raise PassError("--prune-ffn: no FFN block (MatMul -> Gelu -> MatMul) in the graph")
-        plan = []
-        for block in blocks:
-            fraction = fraction_for(block.down.name, self.fraction, self.overrides)
-            width = block.width
-            keep = kept_count(width, fraction, alignment(self.weight_block, self.act_block, width))
-            plan.append((block, keep))
-        widest = max((b.width for b, k in plan if k < b.width), default=0)
-        if widest:
-            self.context.calibration.require(widest, "--prune-ffn")
-        todo = [(i, b, k) for i, (b, k) in enumerate(plan) if k < b.width]
-        if todo:
-            inputs = [b.up.matmul.inputs[0] for b, _ in plan]
-            sums = [b.down.residual_sum(x) for (b, _), x in zip(plan, inputs, strict=True)]
-            residual = self.residual and all(s is not None for s in sums)
-            stats = Layerwise(
-                self.context,
-                model,
-                [x.name for x in inputs],
-                [s.name for s in sums] if residual else [b.down.output.name for b, _ in plan],
-                residual=residual,
-            )
-        for i, block, keep in todo:
-            self._prune(
-                model,
-                block,
-                keep,
-                stats.gram(
-                    model, i, block.act.outputs[0].name, block.width, block.down.weight.shape[1]
-                ),
-            )
-        modified = bool(todo)
-        if modified:
-            refresh_shapes(model)
-        return ir.passes.PassResult(model, modified=modified)
+        return blocks
 
-    def _prune(self, model: ir.Model, block, keep: int, gram) -> None:
-        graph = model.graph
+    def units(self, block: FFNBlock) -> int:
+        return block.width
+
+    def kept(self, block: FFNBlock) -> int:
+        fraction = fraction_for(block.down.name, self.fraction, self.overrides)
         width = block.width
-        w2 = block.down.weight
+        return kept_count(width, fraction, alignment(self.weight_block, self.act_block, width))
+
+    def entry(self, block: FFNBlock) -> ir.Value:
+        return block.up.matmul.inputs[0]
+
+    def consumer(self, block: FFNBlock) -> Linear:
+        return block.down
+
+    def consumer_input(self, block: FFNBlock) -> str:
+        return block.act.outputs[0].name
+
+    def prune(self, model: ir.Model, block: FFNBlock, keep: int, gram) -> None:
+        width = block.width
         removed = obs_prune(gram, [[j] for j in range(width)], width - keep)
         kept = np.setdiff1d(np.arange(width), np.asarray(removed, np.int64))
-        w, b, alpha = refit(gram, kept)
-        g, c, yy = gram.total()
-        full = np.concatenate(
-            [w2, (block.down.bias if block.down.bias is not None else np.zeros(w2.shape[1]))[None]]
-        )
-        before = error(full, g, c, yy, np.arange(width))
-        after = error(np.concatenate([w, b[None]]), g, c, yy, kept)
-        ref = float(yy)
+        w, b, alpha, before, after = refit_consumer(gram, kept, block.down)
         self.context.records.append(
             {
                 "kind": "ffn",
@@ -126,8 +83,8 @@ class PruneFFN(ir.passes.InPlacePass):
                 "width": width,
                 "kept": int(len(kept)),
                 "alpha": alpha,
-                "rel_error_before": before / ref,
-                "rel_error_after": after / ref,
+                "rel_error_before": before,
+                "rel_error_after": after,
             }
         )
         log.info(
@@ -136,9 +93,9 @@ class PruneFFN(ir.passes.InPlacePass):
             width,
             len(kept),
             alpha,
-            after / ref,
-            before / ref,
+            after,
+            before,
         )
         w1, b1 = block.up.weight, block.up.bias
-        set_linear(graph, block.up, w1[:, kept], None if b1 is None else b1[kept])
-        set_linear(graph, block.down, w, b)
+        set_linear(model.graph, block.up, w1[:, kept], None if b1 is None else b1[kept])
+        set_linear(model.graph, block.down, w, b)

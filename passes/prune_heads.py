@@ -26,22 +26,20 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
 
-from bctonnx.refit import error, obs_prune, refit
+from bctonnx.refit import obs_prune
 
 from .common import PassError
-from .encoder_layers import AttentionBlock, attention_blocks
+from .encoder_layers import AttentionBlock, Linear, attention_blocks
 from .pruning import (
-    Layerwise,
-    PruneContext,
+    StructurePrune,
     alignment,
     fraction_for,
     kept_count,
-    refresh_shapes,
+    refit_consumer,
     set_linear,
     set_reshape_target,
 )
@@ -49,28 +47,24 @@ from .pruning import (
 log = logging.getLogger(__name__)
 
 
-class PruneHeads(ir.passes.InPlacePass):
+class PruneHeads(StructurePrune):
     """Remove a fraction of every self-attention block's heads and refit its output layer."""
 
-    def __init__(
-        self,
-        fraction: float,
-        context: PruneContext,
-        *,
-        weight_block: int = 1,
-        act_block: int = 1,
-        overrides: Sequence[tuple[str, float]] = (),
-        residual: bool = True,
-    ):
-        super().__init__()
-        self.residual = residual
-        self.fraction = fraction
-        self.context = context
-        self.weight_block = weight_block
-        self.act_block = act_block
-        self.overrides = tuple(overrides)
+    flag = "--prune-heads"
 
-    def kept_heads(self, block: AttentionBlock) -> int:
+    def find_blocks(self, graph: ir.Graph) -> list[AttentionBlock]:
+        blocks = attention_blocks(graph)
+        if not blocks:
+            raise PassError(
+                "--prune-heads: no self-attention block (Q/K/V MatMul -> Reshape to heads -> "
+                "scores -> context -> Reshape -> output MatMul) in the graph"
+            )
+        return blocks
+
+    def units(self, block: AttentionBlock) -> int:
+        return block.heads
+
+    def kept(self, block: AttentionBlock) -> int:
         width = block.heads * block.head_dim
         q = alignment(self.weight_block, self.act_block, width)
         per = q // math.gcd(q, block.head_dim)  # heads per quantum of width
@@ -79,52 +73,23 @@ class PruneHeads(ir.passes.InPlacePass):
             return block.heads
         return kept_count(block.heads, fraction, per)
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        blocks = attention_blocks(model.graph)
-        if not blocks:
-            raise PassError(
-                "--prune-heads: no self-attention block (Q/K/V MatMul -> Reshape to heads -> "
-                "scores -> context -> Reshape -> output MatMul) in the graph"
-            )
-        plan = [(b, self.kept_heads(b)) for b in blocks]
-        widest = max((b.heads * b.head_dim for b, k in plan if k < b.heads), default=0)
-        if widest:
-            self.context.calibration.require(widest, "--prune-heads")
-        todo = [(i, b, k) for i, (b, k) in enumerate(plan) if k < b.heads]
-        if todo:
-            inputs = [b.q.matmul.inputs[0] for b, _ in plan]
-            sums = [b.o.residual_sum(x) for (b, _), x in zip(plan, inputs, strict=True)]
-            residual = self.residual and all(s is not None for s in sums)
-            stats = Layerwise(
-                self.context,
-                model,
-                [x.name for x in inputs],
-                [s.name for s in sums] if residual else [b.o.output.name for b, _ in plan],
-                residual=residual,
-            )
-        for i, block, keep in todo:
-            width = block.heads * block.head_dim
-            gram = stats.gram(model, i, block.merge.outputs[0].name, width, block.o.weight.shape[1])
-            self._prune(model, block, keep, gram)
-        modified = bool(todo)
-        if modified:
-            refresh_shapes(model)
-        return ir.passes.PassResult(model, modified=modified)
+    def entry(self, block: AttentionBlock) -> ir.Value:
+        return block.q.matmul.inputs[0]
 
-    def _prune(self, model: ir.Model, block: AttentionBlock, keep: int, gram) -> None:
+    def consumer(self, block: AttentionBlock) -> Linear:
+        return block.o
+
+    def consumer_input(self, block: AttentionBlock) -> str:
+        return block.merge.outputs[0].name
+
+    def prune(self, model: ir.Model, block: AttentionBlock, keep: int, gram) -> None:
         graph = model.graph
         d, heads = block.head_dim, block.heads
-        width = heads * d
-        wo = block.o.weight
         groups = [list(range(h * d, (h + 1) * d)) for h in range(heads)]
         removed = obs_prune(gram, groups, heads - keep)
         kept_heads = [h for h in range(heads) if h not in removed]
         cols = np.concatenate([groups[h] for h in kept_heads])
-        w, b, alpha = refit(gram, cols)
-        g, c, yy = gram.total()
-        bo = block.o.bias if block.o.bias is not None else np.zeros(wo.shape[1], np.float32)
-        before = error(np.concatenate([wo, bo[None]]), g, c, yy, np.arange(width))
-        after = error(np.concatenate([w, b[None]]), g, c, yy, cols)
+        w, b, alpha, before, after = refit_consumer(gram, cols, block.o)
         self.context.records.append(
             {
                 "kind": "heads",
@@ -133,8 +98,8 @@ class PruneHeads(ir.passes.InPlacePass):
                 "kept": keep,
                 "kept_heads": kept_heads,
                 "alpha": alpha,
-                "rel_error_before": before / yy,
-                "rel_error_after": after / yy,
+                "rel_error_before": before,
+                "rel_error_after": after,
             }
         )
         log.info(
@@ -144,8 +109,8 @@ class PruneHeads(ir.passes.InPlacePass):
             keep,
             kept_heads,
             alpha,
-            after / yy,
-            before / yy,
+            after,
+            before,
         )
         for lin in (block.q, block.k, block.v):
             bias = lin.bias

@@ -223,3 +223,98 @@ def refresh_shapes(model: ir.Model) -> None:
             if id(value) not in outputs:
                 value.shape = None
     infer_shapes(model)
+
+
+class StructurePrune(ir.passes.InPlacePass):
+    """What PruneFFN and PruneHeads share: the settings, and the layer-by-layer loop (a kept
+    count per block, one calibration run for every block's statistics, then each block pruned
+    in order on the model as pruned so far). A subclass names its blocks and how they are cut
+    by the hooks below."""
+
+    flag = ""  # the CLI flag, for messages
+
+    def __init__(
+        self,
+        fraction: float,
+        context: PruneContext,
+        *,
+        weight_block: int = 1,
+        act_block: int = 1,
+        overrides: Sequence[tuple[str, float]] = (),
+        residual: bool = True,
+    ):
+        super().__init__()
+        self.residual = residual
+        self.fraction = fraction
+        self.context = context
+        self.weight_block = weight_block
+        self.act_block = act_block
+        self.overrides = tuple(overrides)
+
+    # --- hooks -------------------------------------------------------------------------------
+    def find_blocks(self, graph: ir.Graph) -> list:
+        """The blocks to prune (a PassError when there is none)."""
+        raise NotImplementedError
+
+    def units(self, block) -> int:
+        """How many prunable units (neurons, heads) the block has."""
+        raise NotImplementedError
+
+    def kept(self, block) -> int:
+        """How many of them stay."""
+        raise NotImplementedError
+
+    def entry(self, block) -> ir.Value:
+        """The block's input (the residual stream before it)."""
+        raise NotImplementedError
+
+    def consumer(self, block) -> Linear:
+        """The linear layer that reads the pruned units and is refit."""
+        raise NotImplementedError
+
+    def consumer_input(self, block) -> str:
+        """The name of the consumer's input (what the Gram matrix is taken of)."""
+        raise NotImplementedError
+
+    def prune(self, model: ir.Model, block, keep: int, gram) -> None:
+        """Cut the block down to ``keep`` units, refit the consumer on ``gram``."""
+        raise NotImplementedError
+
+    # --- the loop ----------------------------------------------------------------------------
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        plan = [(b, self.kept(b)) for b in self.find_blocks(model.graph)]
+        todo = [(i, b, k) for i, (b, k) in enumerate(plan) if k < self.units(b)]
+        if not todo:
+            return ir.passes.PassResult(model, modified=False)
+        widest = max(self.consumer(b).weight.shape[0] for _, b, _ in todo)
+        self.context.calibration.require(widest, self.flag)
+        inputs = [self.entry(b) for b, _ in plan]
+        sums = [self.consumer(b).residual_sum(x) for (b, _), x in zip(plan, inputs, strict=True)]
+        residual = self.residual and all(s is not None for s in sums)
+        stats = Layerwise(
+            self.context,
+            model,
+            [x.name for x in inputs],
+            [s.name for s in sums] if residual else [self.consumer(b).output.name for b, _ in plan],
+            residual=residual,
+        )
+        for i, block, keep in todo:
+            w = self.consumer(block).weight
+            gram = stats.gram(model, i, self.consumer_input(block), w.shape[0], w.shape[1])
+            self.prune(model, block, keep, gram)
+        refresh_shapes(model)
+        return ir.passes.PassResult(model, modified=True)
+
+
+def refit_consumer(gram, rows: np.ndarray, consumer: Linear) -> tuple:
+    """The consumer's kept input ``rows`` refit on ``gram``: (weights, bias, ridge strength,
+    relative error before, relative error after), errors relative to the targets' energy."""
+    from bctonnx.refit import error, refit
+
+    w, b, alpha = refit(gram, rows)
+    g, c, yy = gram.total()
+    weight = consumer.weight
+    bias = consumer.bias if consumer.bias is not None else np.zeros(weight.shape[1], np.float32)
+    before = error(np.concatenate([weight, bias[None]]), g, c, yy, np.arange(weight.shape[0]))
+    after = error(np.concatenate([w, b[None]]), g, c, yy, rows)
+    return w, b, alpha, before / float(yy), after / float(yy)
