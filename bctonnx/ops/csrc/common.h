@@ -17,6 +17,7 @@
 #include <cstring>
 #include <memory>
 #include <stdexcept>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -232,6 +233,31 @@ inline void parallel_rows(OrtKernelContext* ctx, int64_t rows, int64_t work_per_
         (*j->f)(r0, std::min(j->rows, r0 + j->per_chunk));
       },
       static_cast<size_t>(chunks), 0, &job);
+}
+
+// Tasks [0, n) over ORT's intra-op pool (inline when n is 1); `f(i)` may throw. Returns the
+// first task's error message ("" when none): every task still runs, the caller reports it.
+template <class F>
+inline std::string run_tasks(const Ort::KernelContext& ctx, size_t n, F&& f) {
+  struct Job {
+    F* f;
+    std::string error;
+    std::mutex mu;
+  } job{&f, {}, {}};
+  auto task = [](void* p, size_t i) {
+    auto* j = static_cast<Job*>(p);
+    try {
+      (*j->f)(i);
+    } catch (const std::exception& e) {
+      std::lock_guard<std::mutex> lock(j->mu);
+      if (j->error.empty()) j->error = e.what();
+    }
+  };
+  if (n == 1)
+    task(&job, 0);
+  else if (n > 1)
+    ctx.ParallelFor(task, n, 0, &job);
+  return job.error;
 }
 
 // The instruction set of a kernel created now (platform.h: the CPU's best, capped by

@@ -3,7 +3,6 @@
 // specification is bctonnx/ops/ref_attention.py; the per-head arithmetic is pv.cc's.
 #include <algorithm>
 #include <cstring>
-#include <mutex>
 #include <string>
 
 #include "../common.h"
@@ -32,26 +31,13 @@ struct AttentionPVKernel {
   }
 
   struct Job {
-    const AttentionPVKernel* self;
     PvDims dm;
     const uint8_t* p;
     const int8_t* v;
     const float* vs;
     float* y;
     int64_t heads;  // h of rank-4 inputs [b, h, ...] (transpose_output, v_transposed)
-    std::string error;
-    std::mutex mu;
   };
-
-  static void HeadTask(void* data, size_t index) {
-    Job& job = *static_cast<Job*>(data);
-    try {
-      job.self->RunHead(job, static_cast<int64_t>(index));
-    } catch (const std::exception& e) {
-      std::lock_guard<std::mutex> lock(job.mu);
-      if (job.error.empty()) job.error = e.what();
-    }
-  }
 
   void RunHead(const Job& job, int64_t bh) const {
     const PvDims& dm = job.dm;
@@ -99,7 +85,6 @@ struct AttentionPVKernel {
     if ((transpose_ || v_transposed_) && rank != 4)
       Fail("transpose_output and v_transposed need rank-4 inputs");
     Job job;
-    job.self = this;
     PvDims& dm = job.dm;
     dm = MakeDims(psh[rank - 2], psh.back(), vsh.back(), block_, seg_, p_exp_);
     std::vector<int64_t> want = vsh;
@@ -121,11 +106,10 @@ struct AttentionPVKernel {
       std::fill(job.y, job.y + batches * dm.m * dm.d, 0.0f);
       return;
     }
-    if (batches == 1)
-      HeadTask(&job, 0);
-    else
-      ctx.ParallelFor(&HeadTask, static_cast<size_t>(batches), 0, &job);
-    if (!job.error.empty()) throw std::runtime_error(job.error);
+    const std::string error = run_tasks(ctx, static_cast<size_t>(batches), [&](size_t i) {
+      RunHead(job, static_cast<int64_t>(i));
+    });
+    if (!error.empty()) throw std::runtime_error(error);
   }
 
   int64_t block_ = 0, seg_ = 32;

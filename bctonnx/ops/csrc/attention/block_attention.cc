@@ -27,7 +27,6 @@
 //     [b, h, S, d] instead (as some exporters leave K)
 #include <algorithm>
 #include <cstring>
-#include <mutex>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -90,8 +89,6 @@ struct BlockAttentionKernel {
       return self->heads_first_[i] ? (bi * h + hh) * s : bi * s * h + hh;
     }
     int64_t Stride(int i) const { return self->heads_first_[i] ? 1 : h; }
-    std::string error;
-    std::mutex mu;
   };
 
   // The thread's scratch for one head.
@@ -104,16 +101,6 @@ struct BlockAttentionKernel {
     std::vector<int16_t> ex;
     std::vector<uint8_t> p;
   };
-
-  static void HeadTask(void* data, size_t index) {
-    Job& job = *static_cast<Job*>(data);
-    try {
-      job.self->RunHead(job, static_cast<int64_t>(index));
-    } catch (const std::exception& e) {
-      std::lock_guard<std::mutex> lock(job.mu);
-      if (job.error.empty()) job.error = e.what();
-    }
-  }
 
   void RunHead(const Job& job, int64_t bh) const {
     const int64_t b = bh / job.h, hh = bh % job.h, s = job.s, d = job.d, h = job.h;
@@ -336,13 +323,12 @@ struct BlockAttentionKernel {
       if (want_received) std::fill_n(received.GetTensorMutableData<int32_t>(), job.b * job.s, 0);
       return;
     }
-    if (heads == 1)
-      HeadTask(&job, 0);
-    else
-      ctx.ParallelFor(&HeadTask, static_cast<size_t>(heads), 0, &job);
-    if (!job.error.empty()) {
-      if (job.error.rfind("bctonnx.", 0) == 0) throw std::runtime_error(job.error);
-      Fail(job.error);
+    const std::string error = run_tasks(ctx, static_cast<size_t>(heads), [&](size_t i) {
+      RunHead(job, static_cast<int64_t>(i));
+    });
+    if (!error.empty()) {
+      if (error.rfind("bctonnx.", 0) == 0) throw std::runtime_error(error);
+      Fail(error);
     }
     if (want_received) {  // the heads' partial sums, in integers: any order is exact
       int32_t* out = received.GetTensorMutableData<int32_t>();

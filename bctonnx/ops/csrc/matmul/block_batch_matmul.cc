@@ -6,7 +6,6 @@
 // a_transposed / b_transposed (rank 4): that operand and its scales come token-major,
 // [b, M, h, K] / [b, N, h, K] -- attention's heads Transpose(0, 2, 1, 3) fused into the reads.
 #include <algorithm>
-#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <tuple>
@@ -49,7 +48,6 @@ struct BlockBatchMatMulKernel {
   }
 
   struct Job {
-    const BlockBatchMatMulKernel* self;
     const int8_t *a, *b;
     const float *as, *bs, *ymul;
     float* y;
@@ -57,8 +55,6 @@ struct BlockBatchMatMulKernel {
     float* ys;
     int64_t m, n, k, nb, out_nb;
     int64_t heads = 1;  // h of rank-4 operands (token-major layouts)
-    std::string error;
-    std::mutex mu;
   };
 
   // Row r of batch bi = (b, h) of an operand with R rows and `width` values per row: offset
@@ -71,16 +67,6 @@ struct BlockBatchMatMulKernel {
   }
   static int64_t RowStride(const Job& job, bool token_major, int64_t width) {
     return token_major ? job.heads * width : width;
-  }
-
-  static void BatchTask(void* data, size_t index) {
-    Job& job = *static_cast<Job*>(data);
-    try {
-      job.self->RunBatch(job, static_cast<int64_t>(index));
-    } catch (const std::exception& e) {
-      std::lock_guard<std::mutex> lock(job.mu);
-      if (job.error.empty()) job.error = e.what();
-    }
   }
 
   struct BatchScratch {
@@ -202,7 +188,6 @@ struct BlockBatchMatMulKernel {
       }
     }
     Job job;
-    job.self = this;
     job.a = a.GetTensorData<int8_t>();
     job.b = b.GetTensorData<int8_t>();
     job.as = as.GetTensorData<float>();
@@ -218,13 +203,12 @@ struct BlockBatchMatMulKernel {
     job.out_nb = out_nb;
     job.heads = ash.size() == 4 ? ash[1] : 1;
     if ((job.y == nullptr && job.yq == nullptr) || batches * m * n == 0) return;
-    if (batches == 1)
-      BatchTask(&job, 0);
-    else
-      ctx.ParallelFor(&BatchTask, static_cast<size_t>(batches), 0, &job);
-    if (!job.error.empty()) {
-      if (job.error.rfind("bctonnx.", 0) == 0) throw std::runtime_error(job.error);
-      Fail(job.error);
+    const std::string error = run_tasks(ctx, static_cast<size_t>(batches), [&](size_t i) {
+      RunBatch(job, static_cast<int64_t>(i));
+    });
+    if (!error.empty()) {
+      if (error.rfind("bctonnx.", 0) == 0) throw std::runtime_error(error);
+      Fail(error);
     }
   }
 
