@@ -6,10 +6,9 @@ instruction-set path (issue 20). all-MiniLM-L6-v2 from the PyPI package, the pac
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 from test_integer import require_library
-from test_matmul import available_isas
+from test_matmul import available_isas, session
 
 import bctonnx
 from bctonnx.textio import default_texts, load_tokenizer
@@ -43,21 +42,6 @@ def tokenizer(minilm_dir):
     return load_tokenizer(minilm_dir)
 
 
-def session(path: str, threads: int, monkeypatch, isa: str = "") -> ort.InferenceSession:
-    if isa == "amx-emulated":
-        monkeypatch.setenv("BCTONNX_AMX_EMULATE", "1")
-        isa = "amx"
-    if isa:
-        monkeypatch.setenv("BCTONNX_ISA", isa)
-    try:
-        return ort.InferenceSession(
-            path, bctonnx.session_options(threads), providers=["CPUExecutionProvider"]
-        )
-    finally:
-        monkeypatch.delenv("BCTONNX_ISA", raising=False)
-        monkeypatch.delenv("BCTONNX_AMX_EMULATE", raising=False)
-
-
 def hidden_states(sess, tokenizer, texts, pad_to: int | None) -> list[np.ndarray]:
     """Each text's last_hidden_state rows of its real tokens: alone (pad_to None) or from one
     batch padded to pad_to tokens."""
@@ -84,7 +68,7 @@ def test_32_sentences_alone_and_in_a_batch_padded_to_128(
 ):
     require_library()
     texts = default_texts()[:32]
-    sess = session(compressed[(preset, mode)], 2, monkeypatch)
+    sess = session(compressed[(preset, mode)], monkeypatch)
     alone = hidden_states(sess, tokenizer, texts, None)
     batched = hidden_states(sess, tokenizer, texts, 128)
     assert_identical(alone, batched, f"{preset} {mode}")
@@ -102,10 +86,10 @@ def test_every_thread_count_and_instruction_set_gives_the_same_bits(
     require_library()
     texts = default_texts()[32:40]
     path = compressed[(preset, "integer")]
-    reference = hidden_states(session(path, 2, monkeypatch), tokenizer, texts, None)
+    reference = hidden_states(session(path, monkeypatch), tokenizer, texts, None)
     runs = [(threads, "") for threads in (1, 2, 4)] + [(2, isa) for isa in available_isas()]
     for threads, isa in runs:
-        sess = session(path, threads, monkeypatch, isa)
+        sess = session(path, monkeypatch, isa, threads)
         what = f"{preset} {threads} threads {isa or 'default'}"
         assert_identical(hidden_states(sess, tokenizer, texts, 48), reference, what + " batch")
         assert_identical(hidden_states(sess, tokenizer, texts, None), reference, what + " alone")
@@ -114,7 +98,7 @@ def test_every_thread_count_and_instruction_set_gives_the_same_bits(
 def test_the_qdq_form_at_1_and_4_threads(compressed, tokenizer, monkeypatch):
     texts = default_texts()[40:48]
     path = compressed[("w8a8", "qdq")]
-    reference = hidden_states(session(path, 2, monkeypatch), tokenizer, texts, None)
+    reference = hidden_states(session(path, monkeypatch), tokenizer, texts, None)
     for threads in (1, 4):
-        sess = session(path, threads, monkeypatch)
+        sess = session(path, monkeypatch, threads=threads)
         assert_identical(hidden_states(sess, tokenizer, texts, 48), reference, f"{threads} threads")

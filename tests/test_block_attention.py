@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
-from test_integer import require_library
-from test_matmul import available_isas
+from test_matmul import available_isas, session
 
-import bctonnx
 from bctonnx.ops.ref_attention import attention_pv, block_attention
 from bctonnx.ops.ref_matmul import block_batch_matmul
 from bctonnx.ops.ref_nonlinear import int_softmax
@@ -66,24 +63,6 @@ def attention_model(
     )
     model.ir_version = 10
     return model
-
-
-def session(model, monkeypatch, isa: str = "", threads: int = 2) -> ort.InferenceSession:
-    require_library()
-    if isa == "amx-emulated":
-        monkeypatch.setenv("BCTONNX_AMX_EMULATE", "1")
-        isa = "amx"
-    if isa:
-        monkeypatch.setenv("BCTONNX_ISA", isa)
-    try:
-        return ort.InferenceSession(
-            model.SerializeToString(),
-            bctonnx.session_options(threads),
-            providers=["CPUExecutionProvider"],
-        )
-    finally:
-        monkeypatch.delenv("BCTONNX_ISA", raising=False)
-        monkeypatch.delenv("BCTONNX_AMX_EMULATE", raising=False)
 
 
 def operands(b: int, s: int, h: int, d: int, seed: int = 0) -> dict[str, np.ndarray]:

@@ -62,22 +62,24 @@ def isas() -> list[str]:
     return available_isas()
 
 
-def session(model: onnx.ModelProto, monkeypatch, isa: str, threads: int = 2):
-    """A session whose BlockMatMul kernels use ``isa`` (BCTONNX_ISA is read when a kernel is
-    created, i.e. at session creation)."""
+def session(model: onnx.ModelProto | str, monkeypatch, isa: str = "", threads: int = 2):
+    """A session of ``model`` (a ModelProto or a model file) whose kernels use ``isa`` ("": the
+    CPU's best; BCTONNX_ISA is read when a kernel is created, i.e. at session creation)."""
     require_library()
     if isa == "amx-emulated":
         monkeypatch.setenv("BCTONNX_AMX_EMULATE", "1")
         isa = "amx"
-    monkeypatch.setenv("BCTONNX_ISA", isa)
+    if isa:
+        monkeypatch.setenv("BCTONNX_ISA", isa)
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     try:
         return ort.InferenceSession(
-            model.SerializeToString(),
+            data,
             bctonnx.session_options(threads=threads),
             providers=["CPUExecutionProvider"],
         )
     finally:
-        monkeypatch.delenv("BCTONNX_ISA")
+        monkeypatch.delenv("BCTONNX_ISA", raising=False)
         monkeypatch.delenv("BCTONNX_AMX_EMULATE", raising=False)
 
 
