@@ -232,7 +232,7 @@ def search_ratio(
     """The per-layer configuration for ``config.target_ratio`` (see module)."""
     from bctonnx.passes.canonicalize import Canonicalize
     from bctonnx.passes.encoder_layers import attention_blocks, ffn_blocks, linear_from_matmul
-    from bctonnx.passes.pruning import alignment, kept_count
+    from bctonnx.passes.pruning import alignment, kept_count, kept_heads
 
     from .api import compress_model, load_input
 
@@ -335,12 +335,10 @@ def search_ratio(
             continue
         d, heads = block.head_dim, block.heads
         width = heads * d
-        q = alignment(wb, ab, width)
-        per = q // math.gcd(q, d)
         gram = grams[block.merge.outputs[0].name]
         choices = []
         for frac in HEAD_FRACTIONS:
-            keep = kept_count(heads, frac, per) if heads % per == 0 else heads
+            keep = kept_heads(heads, d, frac, wb, ab)
             if any(c.keep == keep / heads for c in choices):
                 continue
             if keep == heads:

@@ -25,7 +25,6 @@ of 128 where ``h * d`` is one). A fraction that removes no head leaves the block
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 import onnx_ir as ir
@@ -36,9 +35,8 @@ from .common import PassError
 from .encoder_layers import AttentionBlock, Linear, attention_blocks
 from .pruning import (
     StructurePrune,
-    alignment,
     fraction_for,
-    kept_count,
+    kept_heads,
     refit_consumer,
     set_linear,
     set_reshape_target,
@@ -65,13 +63,8 @@ class PruneHeads(StructurePrune):
         return block.heads
 
     def kept(self, block: AttentionBlock) -> int:
-        width = block.heads * block.head_dim
-        q = alignment(self.weight_block, self.act_block, width)
-        per = q // math.gcd(q, block.head_dim)  # heads per quantum of width
         fraction = fraction_for(block.o.name, self.fraction, self.overrides)
-        if block.heads % per:
-            return block.heads
-        return kept_count(block.heads, fraction, per)
+        return kept_heads(block.heads, block.head_dim, fraction, self.weight_block, self.act_block)
 
     def entry(self, block: AttentionBlock) -> ir.Value:
         return block.q.matmul.inputs[0]

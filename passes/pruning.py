@@ -91,6 +91,18 @@ def alignment(weight_block: int, act_block: int, width: int) -> int:
     return q
 
 
+def kept_heads(
+    heads: int, head_dim: int, fraction: float, weight_block: int, act_block: int
+) -> int:
+    """Heads kept of ``heads`` when removing ``fraction``: a multiple of the heads that fill
+    one quantum of width (`alignment`); all of them when the head count is not such a multiple."""
+    q = alignment(weight_block, act_block, heads * head_dim)
+    per = q // math.gcd(q, head_dim)  # heads per quantum of width
+    if heads % per:
+        return heads
+    return kept_count(heads, fraction, per)
+
+
 class Layerwise:
     """Calibration statistics of blocks pruned one after the other, in graph order.
 
