@@ -394,6 +394,11 @@ def test_block_quantize_errors():
             block_quantize(x, 16)
         with pytest.raises(Exception, match="NaN or infinity"):
             run_quantize(x, 16)
+    for bad in (np.nan, np.inf, -np.inf):  # rows of whole blocks: the kernel's aligned path
+        x = np.ones((2, 96), np.float32)
+        x[1, 77] = bad
+        with pytest.raises(Exception, match="NaN or infinity"):
+            run_quantize(x, 32)
     x = np.array([2.0**127, 1.0], np.float32)  # bits=2: qmax=1, needs 2**128
     with pytest.raises(ValueError, match="too large"):
         block_quantize(np.array([3e38], np.float32), 16, bits=2)
