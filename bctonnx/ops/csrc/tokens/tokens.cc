@@ -143,7 +143,6 @@ struct Slots {  // one batch row's kept tokens
   const int64_t* index;  // [T]
   const bool* valid;  // [T]
   const float* norm;  // [S]
-  const int32_t* sums;  // [T]: the sum of each kept token's codes (AVX-512: u8 offset)
   int64_t t, h;
 };
 
@@ -169,37 +168,102 @@ int64_t NearestScalar(const Slots& s, const int8_t* row, float n) {
   return best_t;
 }
 
-// u8 (code + 128) x int8 with VNNI: dot = sum u * c - 128 * sum c.
-BCT_AVX512 int64_t NearestAvx512(const Slots& s, const int8_t* row, float n, uint8_t* u) {
-  const int64_t chunks = (s.h + 63) / 64;
-  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t left = s.h - c * 64;
-    const __mmask64 m = left >= 64 ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
-    const __m512i v = _mm512_maskz_loadu_epi8(m, row + c * 64);
-    // beyond H: 0 (times the kept codes' zeros there)
-    _mm512_store_si512(u + c * 64, _mm512_maskz_mov_epi8(m, _mm512_xor_si512(v, flip)));
-  }
-  int64_t best_t = 0;
-  float best = 0.0f;
-  for (int64_t t = 0; t < s.t; ++t) {
-    float v = -2.0f;
-    if (s.valid[t]) {
-      const int64_t k = s.index[t];
-      const int8_t* kept = s.codes + k * s.h;
-      __m512i acc = _mm512_setzero_si512();
-      for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t left = s.h - c * 64;
-        const __mmask64 m = left >= 64 ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
-        acc = _mm512_dpbusd_epi32(acc, _mm512_load_si512(u + c * 64),
-                                  _mm512_maskz_loadu_epi8(m, kept + c * 64));
-      }
-      const int32_t dot = _mm512_reduce_add_epi32(acc) - 128 * s.sums[t];
-      v = Cosine(dot, n, s.norm[k]);
+// AVX-512: the kept tokens' codes packed per batch row as [T/16][H4/4][16 slots][4 bytes]
+// (zeros beyond T and H), so that one VNNI step (u8 (code + 128) x int8) adds 4 bytes of a
+// token to 16 slots' dot products: dot = sum u * c - 128 * sum c.
+constexpr int64_t kTokens = 8;  // tokens per block: independent accumulator chains
+
+struct Packed {
+  std::vector<int8_t> codes;  // [B][groups][h4 / 4][16][4]
+  std::vector<int32_t> sums;  // [B][groups * 16]
+  int64_t groups = 0, h4 = 0;
+};
+
+Packed PackKept(const int8_t* codes, const int64_t* index, int64_t b, int64_t seq, int64_t t,
+                int64_t h) {
+  Packed p;
+  p.groups = (t + 15) / 16;
+  p.h4 = (h + 3) / 4 * 4;
+  const int64_t per_row = p.groups * p.h4 * 16;
+  p.codes.assign(static_cast<size_t>(b * per_row), 0);
+  p.sums.assign(static_cast<size_t>(b * p.groups * 16), 0);
+  for (int64_t r = 0; r < b; ++r)
+    for (int64_t slot = 0; slot < t; ++slot) {
+      const int8_t* kept = codes + (r * seq + index[r * t + slot]) * h;
+      int8_t* out = p.codes.data() + r * per_row + (slot / 16) * p.h4 * 16 + (slot % 16) * 4;
+      int32_t sum = 0;
+      for (int64_t j = 0; j < h; ++j) sum += kept[j];
+      for (int64_t j = 0; j + 4 <= h; j += 4) std::memcpy(out + j * 16, kept + j, 4);
+      for (int64_t j = h / 4 * 4; j < h; ++j) out[(j / 4) * 64 + j % 4] = kept[j];
+      p.sums[static_cast<size_t>(r * p.groups * 16 + slot)] = sum;
     }
-    if (t == 0 || v > best) best = v, best_t = t;
+  return p;
+}
+
+// codes + 128 as uint8, zeros from h to h4.
+BCT_AVX512 void OffsetRow(const int8_t* codes, int64_t h, int64_t h4, uint8_t* u) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t j = 0; j < h4; j += 64) {
+    const int64_t left = h - j, room = h4 - j;
+    const __mmask64 m = left >= 64 ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
+    const __mmask64 w = room >= 64 ? ~__mmask64{0} : (__mmask64{1} << room) - 1;
+    const __m512i v = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, codes + j), flip);
+    _mm512_mask_storeu_epi8(u + j, w, _mm512_maskz_mov_epi8(m, v));
   }
-  return best_t;
+}
+
+// Tokens rows[0..n) (n <= kTokens) of one batch row; u: their codes + 128, [kTokens][h4].
+BCT_AVX512 void NearestAvx512(const Slots& s, const Packed& p, int64_t batch_row,
+                              const uint8_t* u, const float* n, int64_t count, int64_t* out) {
+  const int64_t per_row = p.groups * p.h4 * 16;
+  const int8_t* packed = p.codes.data() + batch_row * per_row;
+  const int32_t* sums = p.sums.data() + batch_row * p.groups * 16;
+  __m512 best[kTokens];
+  __m512i best_t[kTokens];
+  for (int64_t k = 0; k < kTokens; ++k) {
+    best[k] = _mm512_set1_ps(-INFINITY);
+    best_t[k] = _mm512_setzero_si512();
+  }
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const int8_t* col = packed + g * p.h4 * 16;
+    __m512i acc[kTokens];
+    for (int64_t k = 0; k < kTokens; ++k) acc[k] = _mm512_setzero_si512();
+    for (int64_t j = 0; j < p.h4; j += 4) {
+      const __m512i c = _mm512_loadu_si512(col + j * 16);
+      for (int64_t k = 0; k < kTokens; ++k) {
+        int32_t four;
+        std::memcpy(&four, u + k * p.h4 + j, 4);
+        acc[k] = _mm512_dpbusd_epi32(acc[k], _mm512_set1_epi32(four), c);
+      }
+    }
+    const int64_t left = s.t - g * 16;
+    const __mmask16 in = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+    const __m512i slot = _mm512_add_epi32(lane, _mm512_set1_epi32(static_cast<int>(g * 16)));
+    const __m512i shift = _mm512_slli_epi32(_mm512_loadu_si512(sums + g * 16), 7);
+    // the kept tokens' norms, and whether each slot is valid
+    alignas(64) float kept_norm[16] = {};
+    __mmask16 valid = 0;
+    for (int64_t l = 0; l < std::min<int64_t>(left, 16); ++l) {
+      kept_norm[l] = s.norm[s.index[g * 16 + l]];
+      valid |= static_cast<__mmask16>(s.valid[g * 16 + l] ? 1u << l : 0u);
+    }
+    const __m512 kn = _mm512_load_ps(kept_norm);
+    for (int64_t k = 0; k < kTokens; ++k) {
+      const __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[k], shift));  // exact
+      const __m512 norms = _mm512_max_ps(_mm512_mul_ps(_mm512_set1_ps(n[k]), kn), _mm512_set1_ps(1.0f));
+      __m512 cos = _mm512_div_ps(dot, _mm512_sqrt_ps(norms));
+      cos = _mm512_mask_blend_ps(valid, _mm512_set1_ps(-2.0f), cos);
+      const __mmask16 gt = _mm512_mask_cmp_ps_mask(in, cos, best[k], _CMP_GT_OQ);
+      best[k] = _mm512_mask_mov_ps(best[k], gt, cos);
+      best_t[k] = _mm512_mask_mov_epi32(best_t[k], gt, slot);
+    }
+  }
+  for (int64_t k = 0; k < count; ++k) {  // the first slot of the largest value
+    const float top = _mm512_reduce_max_ps(best[k]);
+    const __mmask16 at = _mm512_cmp_ps_mask(best[k], _mm512_set1_ps(top), _CMP_EQ_OQ);
+    out[k] = _mm512_mask_reduce_min_epi32(at, best_t[k]);
+  }
 }
 
 [[noreturn]] void FailNearest(const std::string& what) {
@@ -246,22 +310,33 @@ struct NearestSlotKernel {
       if (index[i] < 0 || index[i] >= seq)
         FailNearest("index " + std::to_string(index[i]) + " is out of range 0.." +
                     std::to_string(seq - 1));
-    std::vector<int32_t> sums(static_cast<size_t>(b * t));
-    for (int64_t i = 0; i < b * t; ++i) {
-      const int8_t* kept = codes + ((i / t) * seq + index[i]) * h;
-      int32_t sum = 0;
-      for (int64_t j = 0; j < h; ++j) sum += kept[j];
-      sums[static_cast<size_t>(i)] = sum;
+    if (isa_ < kAvx512) {
+      parallel_rows(raw, b * seq, t * h, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t row_b = r / seq;
+          const Slots s{codes + row_b * seq * h, index + row_b * t, valid + row_b * t,
+                        norm + row_b * seq, t, h};
+          out[r] = NearestScalar(s, codes + r * h, norm[r]);
+        }
+      });
+      return;
     }
-    const bool wide = isa_ >= kAvx512;
-    parallel_rows(raw, b * seq, t * h, [&](int64_t r0, int64_t r1) {
-      alignas(64) uint8_t u[(kMaxHidden + 63) / 64 * 64];
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t row_b = r / seq;
+    const Packed packed = PackKept(codes, index, b, seq, t, h);
+    const int64_t blocks = (seq + kTokens - 1) / kTokens;  // per batch row
+    parallel_rows(raw, b * blocks, kTokens * t * h, [&](int64_t k0, int64_t k1) {
+      alignas(64) uint8_t u[kTokens * ((kMaxHidden + 3) / 4 * 4)];
+      float n[kTokens];
+      for (int64_t block = k0; block < k1; ++block) {
+        const int64_t row_b = block / blocks, first = (block % blocks) * kTokens;
+        const int64_t count = std::min(kTokens, seq - first);
+        for (int64_t k = 0; k < kTokens; ++k) {  // a short block repeats its last token
+          const int64_t r = row_b * seq + first + std::min(k, count - 1);
+          OffsetRow(codes + r * h, h, packed.h4, u + k * packed.h4);
+          n[k] = norm[r];
+        }
         const Slots s{codes + row_b * seq * h, index + row_b * t, valid + row_b * t,
-                      norm + row_b * seq, sums.data() + row_b * t, t, h};
-        const int8_t* row = codes + r * h;
-        out[r] = wide ? NearestAvx512(s, row, norm[r], u) : NearestScalar(s, row, norm[r]);
+                      norm + row_b * seq, t, h};
+        NearestAvx512(s, packed, row_b, u, n, count, out + row_b * seq + first);
       }
     });
   }
