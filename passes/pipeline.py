@@ -28,7 +28,7 @@ from .quantize_weights import QuantizeWeights
 from .simplify_shapes import SimplifyShapes
 from .sparsify_nm import SparsifyNM
 from .store_float16 import StoreFloat16
-from .token_drop import TokenDrop, TokenScoresFromCodes
+from .token_drop import TokenDrop, TokenOpsFromChains, TokenScoresFromCodes
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def build_pipeline(
         passes += [
             LowerInteger(),
             LowerMatMul(match_weight_blocks=config.match_weight_blocks),
-            *([TokenScoresFromCodes()] if config.token_keep else []),
+            *([TokenScoresFromCodes(), TokenOpsFromChains()] if config.token_keep else []),
             FuseAttention(),
             LowerQDQ(),
             LowerDequantize(),

@@ -50,6 +50,10 @@ read the codes; fuse_attention then makes each layer one BlockAttention all the 
 scores' MatMulInteger + ReduceSum become its ``received`` output (rows: the same query rows)
 and the log weights its ``key_bias`` input (ref_attention.block_attention), and the fused op
 leaves the masked keys out, so the compressed forms are batch-invariant too (tested).
+`TokenOpsFromChains` (integer form, after the lowering) then makes the codes chain one
+``TokenCodes`` node and the nearest-slot chain (cosines, Where, ArgMax) one ``NearestSlot``
+(bctonnx/ops/ref_tokens.py): bit-identical results, a fraction of the time (~90 small nodes
+of ~115 stay: selection, merge, masks).
 
 Outputs. A classifier reading [CLS] (the pooler's Gather of position 0: [CLS] stays slot 0)
 needs nothing more: the dropped tokens simply leave. A full-length output (``last_hidden_state``,
@@ -76,7 +80,15 @@ import onnx_ir as ir
 
 from bctonnx.config import TOKEN_SCORES, TokenStage
 
-from .common import PassError, const_array, new_initializer, role, set_role, take_over
+from .common import (
+    OPS_DOMAIN,
+    PassError,
+    const_array,
+    new_initializer,
+    role,
+    set_role,
+    take_over,
+)
 
 log = logging.getLogger(__name__)
 
@@ -637,6 +649,233 @@ def _softmax_codes(quantize: ir.Node) -> ir.Value | None:
     ):
         return None
     return codes
+
+
+class TokenOpsFromChains(ir.passes.InPlacePass):
+    """(integer form, after lower_matmul) Token dropping's own chains as one node each
+    (bctonnx/ops/ref_tokens.py; bit-identical results):
+
+        `_token_codes`' Abs .. Round, Cast, Cast, ReduceSumSquare   -> TokenCodes
+        `_nearest`'s GatherND x2, MatMulInteger, cosine steps, Where, ArgMax -> NearestSlot
+
+    A chain that is not exactly what TokenDrop writes stays as it is. The qdq form keeps the
+    standard ops (it runs in any ONNX runtime)."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph, count = model.graph, 0
+        for node in list(graph):
+            if _ours(node, "ReduceSumSquare") and node.graph is graph:
+                count += _lower_codes(graph, node)
+        for node in list(graph):
+            if _ours(node, "ArgMax") and node.graph is graph:
+                count += _lower_nearest(graph, node)
+        for node in list(graph):  # TokenCodes' offset output only when something reads it
+            if node.domain == OPS_DOMAIN and node.op_type == "TokenCodes":
+                _drop_unread_offset(graph, node)
+        return ir.passes.PassResult(model, modified=bool(count))
+
+
+class _NoMatch(Exception):
+    pass
+
+
+def _ours(node: ir.Node | None, op_type: str) -> bool:
+    return (
+        node is not None
+        and node.domain == ""
+        and node.op_type == op_type
+        and (node.name or "").startswith("token_drop/")
+    )
+
+
+def _made(value: ir.Value | None, op_type: str) -> ir.Node:
+    """The token_drop ``op_type`` node producing ``value``, else _NoMatch."""
+    node = value.producer() if value is not None else None
+    if not _ours(node, op_type):
+        raise _NoMatch
+    return node
+
+
+def _attr_is(node: ir.Node, name: str, want, default=None) -> None:
+    attr = node.attributes.get(name)
+    value = default if attr is None else attr.value
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        value = list(value)
+    if value != want:
+        raise _NoMatch
+
+
+def _const_is(value: ir.Value | None, want: np.ndarray) -> None:
+    array = const_array(value)
+    if array is None or array.dtype != want.dtype or not np.array_equal(array, want):
+        raise _NoMatch
+
+
+def _only_users(value: ir.Value, *nodes: ir.Node) -> None:
+    users = [u.node for u in value.uses()]
+    if len(users) != len(nodes) or {id(n) for n in users} != {id(n) for n in nodes}:
+        raise _NoMatch
+    if value.is_graph_output():
+        raise _NoMatch
+
+
+def _remove_dead(graph: ir.Graph, nodes: Sequence[ir.Node]) -> None:
+    """Remove those of ``nodes`` whose outputs nothing reads, until none is left."""
+    alive = list(nodes)
+    while True:
+        dead = [n for n in alive if not any(list(o.uses()) for o in n.outputs)]
+        if not dead:
+            return
+        for n in dead:
+            graph.remove(n, safe=True)
+            alive.remove(n)
+
+
+def _lower_codes(graph: ir.Graph, norm_node: ir.Node) -> int:
+    try:
+        _const_is(norm_node.inputs[1], np.array([2], np.int64))
+        _attr_is(norm_node, "keepdims", 0, 1)
+        round_ = _made(norm_node.inputs[0], "Round")
+        grid = round_.outputs[0]
+        div = _made(round_.inputs[0], "Div")
+        hidden, step = div.inputs
+        step_div = _made(step, "Div")
+        _const_is(step_div.inputs[1], np.array(127.0, np.float32))
+        floor = _made(step_div.inputs[0], "Max")
+        _const_is(floor.inputs[1], np.array(1e-30, np.float32))
+        peak = _made(floor.inputs[0], "ReduceMax")
+        _const_is(peak.inputs[1], np.array([2], np.int64))
+        _attr_is(peak, "keepdims", 1, 1)
+        abs_ = _made(peak.inputs[0], "Abs")
+        if abs_.inputs[0] is not hidden or hidden.dtype != F32:
+            raise _NoMatch
+        if hidden.shape is not None and len(hidden.shape) != 3:
+            raise _NoMatch
+        users = [u.node for u in grid.uses()]
+        to_i8 = [n for n in users if _ours(n, "Cast") and n.attributes["to"].value == 3]
+        add = [n for n in users if _ours(n, "Add")]
+        if len(to_i8) != 1 or len(add) != 1:
+            raise _NoMatch
+        _const_is(add[0].inputs[1], np.array(128.0, np.float32))
+        add_users = [u.node for u in add[0].outputs[0].uses()]
+        if len(add_users) != 1 or not _ours(add_users[0], "Cast"):
+            raise _NoMatch
+        to_u8 = add_users[0]
+        _attr_is(to_u8, "to", 2)
+        for value, readers in (
+            (grid, (to_i8[0], add[0], norm_node)),
+            (step, (div,)),
+            (floor.outputs[0], (step_div,)),
+            (peak.outputs[0], (floor,)),
+            (abs_.outputs[0], (peak,)),
+            (div.outputs[0], (round_,)),
+        ):
+            _only_users(value, *readers)
+    except _NoMatch:
+        return 0
+    node = ir.Node(
+        OPS_DOMAIN, "TokenCodes", [hidden], num_outputs=3, name=f"{abs_.name}/TokenCodes"
+    )
+    graph.insert_before(abs_, node)
+    for new, old, dtype in zip(
+        node.outputs, (to_i8[0], norm_node, to_u8), (ir.DataType.INT8, F32, U8), strict=True
+    ):
+        new.dtype = dtype
+        take_over(old.outputs[0], new)
+    _remove_dead(
+        graph, [to_u8, add[0], to_i8[0], norm_node, round_, div, step_div, floor, peak, abs_]
+    )
+    return 1
+
+
+def _drop_unread_offset(graph: ir.Graph, node: ir.Node) -> None:
+    if list(node.outputs[2].uses()) or node.outputs[2].is_graph_output():
+        return
+    lean = ir.Node(OPS_DOMAIN, "TokenCodes", list(node.inputs), num_outputs=2, name=node.name)
+    graph.insert_before(node, lean)
+    for new, old in zip(lean.outputs, node.outputs[:2], strict=False):
+        new.dtype = old.dtype
+        take_over(old, new)
+    graph.remove(node, safe=True)
+
+
+def _lower_nearest(graph: ir.Graph, argmax: ir.Node) -> int:
+    try:
+        _attr_is(argmax, "axis", 2)
+        _attr_is(argmax, "keepdims", 0, 1)
+        _attr_is(argmax, "select_last_index", 0, 0)
+        where = _made(argmax.inputs[0], "Where")
+        _const_is(where.inputs[2], np.array(-2.0, np.float32))
+        open_ = _made(where.inputs[0], "Unsqueeze")
+        _const_is(open_.inputs[1], np.array([1], np.int64))
+        valid = open_.inputs[0]
+        div = _made(where.inputs[1], "Div")
+        cast = _made(div.inputs[0], "Cast")
+        _attr_is(cast, "to", 1)
+        dots = _made(cast.inputs[0], "MatMulInteger")
+        if len(dots.inputs) != 3:
+            raise _NoMatch
+        _const_is(dots.inputs[2], np.array(128, np.uint8))
+        offset = dots.inputs[0]
+        transpose = _made(dots.inputs[1], "Transpose")
+        _attr_is(transpose, "perm", [0, 2, 1])
+        kept_codes = _made(transpose.inputs[0], "GatherND")
+        sqrt = _made(div.inputs[1], "Sqrt")
+        floor = _made(sqrt.inputs[0], "Max")
+        _const_is(floor.inputs[1], np.array(1.0, np.float32))
+        mul = _made(floor.inputs[0], "Mul")
+        rows = _made(mul.inputs[0], "Unsqueeze")
+        cols = _made(mul.inputs[1], "Unsqueeze")
+        _const_is(rows.inputs[1], np.array([2], np.int64))
+        _const_is(cols.inputs[1], np.array([1], np.int64))
+        kept_norm = _made(cols.inputs[0], "GatherND")
+        codes_node = offset.producer()
+        if (
+            codes_node is None
+            or codes_node.domain != OPS_DOMAIN
+            or codes_node.op_type != "TokenCodes"
+            or len(codes_node.outputs) != 3
+            or offset is not codes_node.outputs[2]
+            or kept_codes.inputs[0] is not codes_node.outputs[0]
+            or kept_norm.inputs[0] is not codes_node.outputs[1]
+            or rows.inputs[0] is not codes_node.outputs[1]
+            or kept_codes.inputs[1] is not kept_norm.inputs[1]
+        ):
+            raise _NoMatch
+        for gather in (kept_codes, kept_norm):
+            _attr_is(gather, "batch_dims", 1)
+        index = _made(kept_codes.inputs[1], "Unsqueeze")
+        _const_is(index.inputs[1], np.array([2], np.int64))
+        for value, readers in (
+            (where.outputs[0], (argmax,)),
+            (div.outputs[0], (where,)),
+            (cast.outputs[0], (div,)),
+            (dots.outputs[0], (cast,)),
+            (transpose.outputs[0], (dots,)),
+            (sqrt.outputs[0], (div,)),
+            (floor.outputs[0], (sqrt,)),
+            (mul.outputs[0], (floor,)),
+            (rows.outputs[0], (mul,)),
+            (cols.outputs[0], (mul,)),
+            (kept_norm.outputs[0], (cols,)),
+            (kept_codes.outputs[0], (transpose,)),
+            (open_.outputs[0], (where,)),
+        ):
+            _only_users(value, *readers)
+    except _NoMatch:
+        return 0
+    node = ir.Node(
+        OPS_DOMAIN,
+        "NearestSlot",
+        [codes_node.outputs[0], codes_node.outputs[1], index.inputs[0], valid],
+        name=f"{argmax.name}/NearestSlot",
+    )
+    graph.insert_before(argmax, node)
+    node.outputs[0].dtype = I64
+    take_over(argmax.outputs[0], node.outputs[0])
+    chain = [argmax, where, open_, div, cast, dots, transpose, kept_codes, sqrt, floor, mul]
+    _remove_dead(graph, [*chain, rows, cols, kept_norm, index])
+    return 1
 
 
 # --- expected work ---------------------------------------------------------------------------

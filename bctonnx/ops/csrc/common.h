@@ -455,5 +455,6 @@ void AddBlockMatMulOp(Ort::CustomOpDomain& domain);
 void AddBlockBatchMatMulOp(Ort::CustomOpDomain& domain);
 void AddAttentionOps(Ort::CustomOpDomain& domain);
 void AddBlockAttentionOp(Ort::CustomOpDomain& domain);
+void AddTokenOps(Ort::CustomOpDomain& domain);
 
 }  // namespace bct

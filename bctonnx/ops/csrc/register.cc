@@ -19,6 +19,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
       bct::AddBlockBatchMatMulOp(*domain);
       bct::AddAttentionOps(*domain);
       bct::AddBlockAttentionOp(*domain);
+      bct::AddTokenOps(*domain);
     }
     Ort::UnownedSessionOptions(options).Add(*domain);
   } catch (const std::exception& e) {
