@@ -220,6 +220,81 @@ OPS_NAMES = {
 }
 
 
+def render_avx2_instructions(data: dict) -> str:
+    """benchmarks/avx2_instructions.py: instructions under valgrind's AVX2-only CPU (exact, the
+    same on any machine), the GEMM kernels' instructions per MAC, and wall clock here per
+    ``BCTONNX_ISA`` cap."""
+    base = "ort dynamic int8"
+    runs = data.get("runs", [])
+    shapes = sorted({r["shape"] for r in runs}, key=lambda s: int(s.split("x")[0]))
+    by = {(r["model"], r["shape"]): r for r in runs}
+    models = list(dict.fromkeys(r["model"] for r in runs))
+    gemm_labels = ("MLAS int8 GEMM kernel", "GEMM (BlockMatMul, attention scores)")
+    lines = [
+        f"Instructions of one inference of all-MiniLM-L6-v2, counted exactly by callgrind "
+        f"({data['valgrind']}; its virtual CPU has AVX2 and FMA but no AVX-512 and no VNNI, so "
+        f"onnxruntime {data['onnxruntime']}'s MLAS takes its AVX2 int8 kernels and bctonnx its "
+        "avx2 path), 1 thread, synthetic token ids; vs ort int8 = instructions / onnxruntime "
+        "dynamic int8's (`benchmarks/avx2_instructions.py`):",
+        "",
+        "| model | "
+        + " | ".join(f"{s} instructions | vs ort int8 | GEMM kernel" for s in shapes)
+        + " |",
+        "|---|" + "---:|---:|---:|" * len(shapes),
+    ]
+    for m in models:
+        cells = []
+        for s in shapes:
+            r, b = by.get((m, s)), by.get((base, s))
+            if r is None or b is None:
+                cells += ["", "", ""]
+                continue
+            gemm = next((r["kernels"][k] for k in gemm_labels if k in r["kernels"]), None)
+            share = f"{gemm / r['instructions']:.0%}" if gemm else "-"
+            cells += [
+                f"{r['instructions'] / 1e6:.0f} M",
+                f"{r['instructions'] / b['instructions']:.2f}x",
+                share,
+            ]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lin = data.get("linear_layer")
+    if lin and lin.get("models"):
+        lines += [
+            "",
+            f"One linear layer of MiniLM's FFN shape ({lin['rows']} x {lin['k']} -> {lin['n']}), "
+            "the GEMM kernel's instructions per int8 multiply-accumulate (MLAS: vpmaddubsw + "
+            "vpmaddwd, which can saturate int16; bctonnx: exact sums, segments combined by "
+            "shifts):",
+            "",
+            "| model | instructions | GEMM kernel per MAC |",
+            "|---|---:|---:|",
+        ]
+        for r in lin["models"]:
+            gemm = next((r["kernels"][k] for k in gemm_labels if k in r["kernels"]), None)
+            per = f"{gemm / lin['macs']:.3f}" if gemm else "-"
+            lines.append(f"| {r['model']} | {r['instructions'] / 1e6:.2f} M | {per} |")
+    t = data.get("timing")
+    if t:
+        tshapes = list(t["latency_ms"])
+        names = list(dict.fromkeys(k for v in t["latency_ms"].values() for k in v))
+        lines += [
+            "",
+            f"Wall clock on this machine ({t['cpu']}: {t['cpu_isa']}), {t['threads']} thread, "
+            f"median of {t['runs']} runs taken in turns; bctonnx capped per session with "
+            "`BCTONNX_ISA`, onnxruntime uncapped (it uses what the CPU has):",
+            "",
+            "| model | " + " | ".join(f"{s} ms | vs ort int8" for s in tshapes) + " |",
+            "|---|" + "---:|---:|" * len(tshapes),
+        ]
+        for n in names:
+            cells = []
+            for s in tshapes:
+                lat = t["latency_ms"][s]
+                cells += [f"{lat[n]:.1f}", f"{lat[n] / lat[base]:.2f}x"] if n in lat else ["", ""]
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def render_ops_speed(data: dict) -> str:
     """benchmarks/ops_speed.py: per op, ours / onnxruntime's float op at each thread count,
     three ways (session.run, run_with_iobinding, onnxruntime's per-node kernel time)."""
@@ -402,6 +477,7 @@ def render_token_keep(data: dict) -> str:
 
 
 RENDERERS = {
+    "avx2_instructions": render_avx2_instructions,
     "embeddings": render_embeddings,
     "glue": render_glue,
     "latency": render_latency,
