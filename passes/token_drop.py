@@ -79,6 +79,7 @@ import numpy as np
 import onnx_ir as ir
 
 from bctonnx.config import TOKEN_SCORES, TokenStage
+from bctonnx.ops.ref_tokens import MAX_HIDDEN
 
 from .common import (
     OPS_DOMAIN,
@@ -751,6 +752,9 @@ def _lower_codes(graph: ir.Graph, norm_node: ir.Node) -> int:
             raise _NoMatch
         if hidden.shape is not None and len(hidden.shape) != 3:
             raise _NoMatch
+        width = hidden.shape[-1] if hidden.shape is not None else None
+        if not isinstance(width, int) or not 1 <= width <= MAX_HIDDEN:
+            raise _NoMatch  # the op's bound (exact norms); the chain stays
         users = [u.node for u in grid.uses()]
         to_i8 = [n for n in users if _ours(n, "Cast") and n.attributes["to"].value == 3]
         add = [n for n in users if _ours(n, "Add")]
