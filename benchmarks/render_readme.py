@@ -239,7 +239,7 @@ def render_avx2_instructions(data: dict) -> str:
         "dynamic int8's (`benchmarks/avx2_instructions.py`):",
         "",
         "| model | "
-        + " | ".join(f"{s} instructions | vs ort int8 | GEMM kernel" for s in shapes)
+        + " | ".join(f"{s} instructions | vs ort int8 | in the GEMM kernel" for s in shapes)
         + " |",
         "|---|" + "---:|---:|---:|" * len(shapes),
     ]
