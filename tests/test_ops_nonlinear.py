@@ -4,10 +4,13 @@ documented accuracy vs float GELU / softmax / LayerNorm.
 
 Every kernel runs twice: the default (AVX-512 paths where the CPU has them) and ``simd=0``
 (the portable scalar kernels), so both implementations are checked against the reference.
+IntSoftmax runs a third time with ``BCTONNX_ISA=avx2`` (its AVX2 kernel; on an AVX-512 CPU the
+cap is what selects it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -16,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from test_matmul import available_isas
 
 from bctonnx import runtime
 from bctonnx.blockformat import BlockFormat, quantize
@@ -24,6 +28,8 @@ from bctonnx.ops import ref_nonlinear as R
 BLOCK_SIZES = (16, 32, 64, 128)
 LENGTHS = (1, 7, 33, 127)
 SIMD = (1, 0)
+# IntSoftmax's kernels: default, "avx2" (simd=1 with BCTONNX_ISA=avx2), portable
+SOFTMAX_SIMD = (1, "avx2", 0)
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +63,39 @@ def _model(op: str, inputs: list[tuple[str, int]], outputs: list[tuple[str, int]
     )
 
 
-@functools.cache
+@contextlib.contextmanager
+def _isa_cap(isa: str):
+    """BCTONNX_ISA=isa while a session creates its kernels (they read it then); "": as is."""
+    if not isa:
+        yield
+        return
+    old = os.environ.get("BCTONNX_ISA")
+    os.environ["BCTONNX_ISA"] = isa
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["BCTONNX_ISA"]
+        else:
+            os.environ["BCTONNX_ISA"] = old
+
+
 def _session(lib: str, op: str, threads: int = 1, **attrs) -> ort.InferenceSession:
+    if attrs.get("simd") == "avx2":  # the AVX2 kernels: simd=1 with the ISA capped
+        if "avx2" not in available_isas():
+            pytest.skip("this CPU has no AVX2")
+        return _capped_session(lib, op, threads, "avx2", **(attrs | {"simd": 1}))
+    return _capped_session(lib, op, threads, "", **attrs)
+
+
+@functools.cache
+def _capped_session(lib: str, op: str, threads: int, isa: str, **attrs) -> ort.InferenceSession:
+    """A session of one op whose kernels were created with BCTONNX_ISA=isa ("": no cap)."""
+    with _isa_cap(isa):
+        return _new_session(lib, op, threads, **attrs)
+
+
+def _new_session(lib: str, op: str, threads: int, **attrs) -> ort.InferenceSession:
     f32, i8, u8 = TensorProto.FLOAT, TensorProto.INT8, TensorProto.UINT8
     if op == "IntGelu":
         m = _model(op, [("x", i8), ("s", f32)], [("y", i8), ("ys", f32)], **attrs)
@@ -345,10 +382,10 @@ def bert_mask(rng, batch, s, p=0.3):
     return np.where(keep, np.float32(0), np.finfo(np.float32).min).astype(np.float32)
 
 
-@pytest.mark.parametrize("simd", SIMD)
+@pytest.mark.parametrize("simd", SOFTMAX_SIMD)
 @pytest.mark.parametrize("b", BLOCK_SIZES)
 def test_softmax_bit_exact(lib, b, simd):
-    rng = np.random.default_rng(100 + b + simd)
+    rng = np.random.default_rng(100 + b + SOFTMAX_SIMD.index(simd))
     for d in (*LENGTHS, 128, 300):
         x, s = random_case(rng, (2, 3, 4, d), b)
         assert_same([run_softmax(lib, x, s, b, simd=simd)], [R.int_softmax(x, s, b)])
@@ -361,7 +398,7 @@ def test_softmax_bit_exact(lib, b, simd):
         assert_same([run_softmax(lib, x, s, b, m, simd)], [R.int_softmax(x, s, b, m)])
 
 
-@pytest.mark.parametrize("simd", SIMD)
+@pytest.mark.parametrize("simd", SOFTMAX_SIMD)
 def test_softmax_mask_shapes(lib, simd):
     rng = np.random.default_rng(5)
     x, s = random_case(rng, (2, 3, 5, 70), 32, -8, 2)
@@ -387,7 +424,7 @@ def test_softmax_rejects_non_attention_masks(lib):
         run_softmax(lib, x, s, 16, m)
 
 
-@pytest.mark.parametrize("simd", SIMD)
+@pytest.mark.parametrize("simd", SOFTMAX_SIMD)
 def test_softmax_extreme_exponents(lib, simd):
     """Tiny and huge scores (the saturated branch), mixed in one row, all codes."""
     rng = np.random.default_rng(9)
@@ -400,6 +437,22 @@ def test_softmax_extreme_exponents(lib, simd):
         for m in (None, bert_mask(rng, 1, 64)[0, 0]):
             y = run_softmax(lib, x, scales(e), 32, m, simd)
             assert_same([y], [R.int_softmax(x, scales(e), 32, m)])
+
+
+@pytest.mark.parametrize("simd", (1, "avx2"))
+def test_softmax_every_block_size(lib, simd):
+    """Every block size the vector kernels take (multiples of 16 up to 4096: whole and split
+    32-element steps, one block spanning many steps), and a few they leave to the portable
+    kernel, on rows that end inside a block, with a mask."""
+    rng = np.random.default_rng(11)
+    for b in (*range(16, 4097, 16), 1, 5, 8, 24, 40, 100):
+        for d in (2 * b + 17, 5, b):
+            x, s = random_case(rng, (3, d), b)
+            m = np.where(rng.random((3, d)) < 0.3, np.float32(-1e4), np.float32(0))
+            m[1] = -1e4  # a fully masked row
+            m[2, : min(d, 40)] = -1e4  # a masked first block (and more)
+            got = [run_softmax(lib, x, s, b, simd=simd), run_softmax(lib, x, s, b, m, simd)]
+            assert_same(got, [R.int_softmax(x, s, b), R.int_softmax(x, s, b, m)])
 
 
 # ------------------------------------------------------------------------------------------
