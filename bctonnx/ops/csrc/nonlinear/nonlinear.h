@@ -14,7 +14,7 @@
 // Two implementations of every row kernel, giving the same bits:
 // - portable: the reference's steps literally, scalar C++ (target_clones avx2/default so the
 //   compiler may vectorize it on AVX2 machines; nothing in a cloned function throws);
-// - AVX2 (IntSoftmax only, block sizes multiple of 16: softmax_avx2.cc), hand-written
+// - AVX2 (IntSoftmax and IntLayerNorm, block sizes multiple of 16: *_avx2.cc), hand-written
 //   intrinsics, chosen when the ISA (platform.h, capped by BCTONNX_ISA) is avx2;
 // - AVX-512, hand-written intrinsics, chosen at run time when the CPU has it: F/BW/VL/DQ for
 //   IntSoftmax (block sizes multiple of 16), + VBMI for IntGelu's byte-table lookups (any block

@@ -10,6 +10,7 @@
 // The per-block constants (steps 1, 3 and R0, R_b) are the scalar helpers of softmax_steps.h,
 // a few per block. E is kept in the unpack order of vpunpck{l,h}bw (elements 0-7 and 16-23,
 // then 8-15 and 24-31), which step 4's vpackuswb undoes.
+#include "../reduce8.h"
 #include "softmax.h"
 #include "softmax_steps.h"
 
@@ -65,21 +66,6 @@ BCT_AVX2 __attribute__((always_inline)) inline __m128i load16(const void* p) {
   return _mm_load_si128(static_cast<const __m128i*>(p));
 }
 
-BCT_AVX2 __attribute__((always_inline)) inline int hmax_i8(__m128i m) {
-  m = _mm_max_epi8(m, _mm_srli_si128(m, 8));
-  m = _mm_max_epi8(m, _mm_srli_si128(m, 4));
-  m = _mm_max_epi8(m, _mm_srli_si128(m, 2));
-  m = _mm_max_epi8(m, _mm_srli_si128(m, 1));
-  return static_cast<int8_t>(_mm_cvtsi128_si32(m) & 0xFF);
-}
-
-BCT_AVX2 __attribute__((always_inline)) inline int64_t hsum_i32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_srli_si128(s, 8));
-  s = _mm_add_epi32(s, _mm_srli_si128(s, 4));
-  return _mm_cvtsi128_si32(s);
-}
-
 // One row: codes q (d, readable up to steps * 32 bytes), block exponents e, flags (1 =
 // unmasked, readable and 0 up to steps * 32), bany (per block: any unmasked element; null:
 // all), probabilities y (d).
@@ -112,7 +98,7 @@ BCT_AVX2 void softmax_row_avx2(const Blocking& bl, const int8_t* q, const int16_
       const __m128i keep = _mm_sub_epi8(zero, _mm_loadu_si128(reinterpret_cast<const __m128i*>(flags + c * 16)));
       m = _mm_max_epi8(m, _mm_blendv_epi8(neg, _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + c * 16)), keep));
     }
-    qm[b] = hmax_i8(m);
+    qm[b] = hmax16_epi8(m);
     lmax = std::max<int64_t>(lmax, qm[b] * int64_t{log2e_coef(e_top - e[b])});
   }
   // 2. E per element, the blocks' sums
@@ -158,19 +144,19 @@ BCT_AVX2 void softmax_row_avx2(const Blocking& bl, const int8_t* q, const int16_
     const __m256i s = _mm256_add_epi32(_mm256_madd_epi16(e0, ones16), _mm256_madd_epi16(e1, ones16));
     if (b0 == b1) {
       if (b0 != cur) {
-        sb[cur] += hsum_i32(acc);
+        sb[cur] += hsum8_epi32(acc);
         acc = zero256;
         cur = b0;
       }
       acc = _mm256_add_epi32(acc, s);
     } else {  // a block boundary in the middle of the step
-      sb[cur] += hsum_i32(acc);
-      sb[b0] += hsum_i32(_mm256_blend_epi32(s, zero256, 0xF0));
+      sb[cur] += hsum8_epi32(acc);
+      sb[b0] += hsum8_epi32(_mm256_blend_epi32(s, zero256, 0xF0));
       acc = _mm256_blend_epi32(s, zero256, 0x0F);
       cur = b1;
     }
   }
-  sb[cur] += hsum_i32(acc);
+  sb[cur] += hsum8_epi32(acc);
   // 3. the block factors, S; 4. R0 = 2^62 // S, R_b
   const int sh = 4 - e_top;
   uint64_t s = 0;
