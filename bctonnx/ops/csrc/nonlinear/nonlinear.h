@@ -11,11 +11,12 @@
 // guesses of an exact integer square root (IntLayerNorm) and of an exact integer division
 // (IntSoftmax's 2^62 // S), both corrected to the exact integer result.
 //
-// Two implementations of every row kernel, giving the same bits:
+// Up to three implementations of each row kernel, giving the same bits:
 // - portable: the reference's steps literally, scalar C++ (target_clones avx2/default so the
 //   compiler may vectorize it on AVX2 machines; nothing in a cloned function throws);
 // - AVX2 (IntSoftmax and IntLayerNorm, block sizes multiple of 16: *_avx2.cc), hand-written
-//   intrinsics, chosen when the ISA (platform.h, capped by BCTONNX_ISA) is avx2;
+//   intrinsics, chosen when the ISA (platform.h, capped by BCTONNX_ISA) is avx2 (IntLayerNorm
+//   also at avx512 for blocks > 1024); IntGelu has none (portable on AVX2);
 // - AVX-512, hand-written intrinsics, chosen at run time when the CPU has it: F/BW/VL/DQ for
 //   IntSoftmax (block sizes multiple of 16), + VBMI for IntGelu's byte-table lookups (any block
 //   size), + CD (lzcnt) for IntLayerNorm (block sizes multiple of 16, <= 1024).
