@@ -110,6 +110,19 @@ def test_block_attention_is_bit_exact_on_every_isa(b, s, h, d, lengths, monkeypa
             np.testing.assert_array_equal(out, ref, err_msg=f"{isa} {threads} threads")
 
 
+@pytest.mark.parametrize("score_block", [16, 48, 64, 128, 4096, 24, 7])
+def test_every_score_block_size_is_bit_exact_on_every_isa(score_block, monkeypatch):
+    """The softmax step's kernels per ISA (AVX-512 and AVX2 for multiples of 16, whole or split
+    32-element steps; the portable one otherwise) on rows that end inside a score block."""
+    feeds = operands(2, 70, 2, 32, seed=3)
+    feeds["mask"] = padding_mask([70, 37], 70)
+    ref = reference(feeds, feeds["mask"], score_block_size=score_block)
+    model = attention_model(with_mul=False, score_block_size=score_block)
+    for isa in available_isas():
+        out = session(model, monkeypatch, isa).run(None, feeds)[0]
+        np.testing.assert_array_equal(out, ref, err_msg=isa)
+
+
 @pytest.mark.parametrize("which", ["q", "k", "v"])
 def test_an_operand_may_come_heads_first(which, monkeypatch):
     """[b, h, S, d] instead of token-major (dynamo exports leave K so): the same result."""

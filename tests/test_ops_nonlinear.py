@@ -4,10 +4,13 @@ documented accuracy vs float GELU / softmax / LayerNorm.
 
 Every kernel runs twice: the default (AVX-512 paths where the CPU has them) and ``simd=0``
 (the portable scalar kernels), so both implementations are checked against the reference.
+IntSoftmax and IntLayerNorm run a third time with ``BCTONNX_ISA=avx2`` (their AVX2 kernels; on
+an AVX-512 CPU the cap is what selects them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -16,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from test_matmul import available_isas
 
 from bctonnx import runtime
 from bctonnx.blockformat import BlockFormat, quantize
@@ -24,6 +28,9 @@ from bctonnx.ops import ref_nonlinear as R
 BLOCK_SIZES = (16, 32, 64, 128)
 LENGTHS = (1, 7, 33, 127)
 SIMD = (1, 0)
+# IntSoftmax's and IntLayerNorm's kernels: default, "avx2" (simd=1 with BCTONNX_ISA=avx2),
+# portable
+AVX2_SIMD = (1, "avx2", 0)
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +64,39 @@ def _model(op: str, inputs: list[tuple[str, int]], outputs: list[tuple[str, int]
     )
 
 
-@functools.cache
+@contextlib.contextmanager
+def _isa_cap(isa: str):
+    """BCTONNX_ISA=isa while a session creates its kernels (they read it then); "": as is."""
+    if not isa:
+        yield
+        return
+    old = os.environ.get("BCTONNX_ISA")
+    os.environ["BCTONNX_ISA"] = isa
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["BCTONNX_ISA"]
+        else:
+            os.environ["BCTONNX_ISA"] = old
+
+
 def _session(lib: str, op: str, threads: int = 1, **attrs) -> ort.InferenceSession:
+    if attrs.get("simd") == "avx2":  # the AVX2 kernels: simd=1 with the ISA capped
+        if "avx2" not in available_isas():
+            pytest.skip("this CPU has no AVX2")
+        return _capped_session(lib, op, threads, "avx2", **(attrs | {"simd": 1}))
+    return _capped_session(lib, op, threads, "", **attrs)
+
+
+@functools.cache
+def _capped_session(lib: str, op: str, threads: int, isa: str, **attrs) -> ort.InferenceSession:
+    """A session of one op whose kernels were created with BCTONNX_ISA=isa ("": no cap)."""
+    with _isa_cap(isa):
+        return _new_session(lib, op, threads, **attrs)
+
+
+def _new_session(lib: str, op: str, threads: int, **attrs) -> ort.InferenceSession:
     f32, i8, u8 = TensorProto.FLOAT, TensorProto.INT8, TensorProto.UINT8
     if op == "IntGelu":
         m = _model(op, [("x", i8), ("s", f32)], [("y", i8), ("ys", f32)], **attrs)
@@ -345,10 +383,10 @@ def bert_mask(rng, batch, s, p=0.3):
     return np.where(keep, np.float32(0), np.finfo(np.float32).min).astype(np.float32)
 
 
-@pytest.mark.parametrize("simd", SIMD)
+@pytest.mark.parametrize("simd", AVX2_SIMD)
 @pytest.mark.parametrize("b", BLOCK_SIZES)
 def test_softmax_bit_exact(lib, b, simd):
-    rng = np.random.default_rng(100 + b + simd)
+    rng = np.random.default_rng(100 + b + AVX2_SIMD.index(simd))
     for d in (*LENGTHS, 128, 300):
         x, s = random_case(rng, (2, 3, 4, d), b)
         assert_same([run_softmax(lib, x, s, b, simd=simd)], [R.int_softmax(x, s, b)])
@@ -361,7 +399,7 @@ def test_softmax_bit_exact(lib, b, simd):
         assert_same([run_softmax(lib, x, s, b, m, simd)], [R.int_softmax(x, s, b, m)])
 
 
-@pytest.mark.parametrize("simd", SIMD)
+@pytest.mark.parametrize("simd", AVX2_SIMD)
 def test_softmax_mask_shapes(lib, simd):
     rng = np.random.default_rng(5)
     x, s = random_case(rng, (2, 3, 5, 70), 32, -8, 2)
@@ -387,7 +425,7 @@ def test_softmax_rejects_non_attention_masks(lib):
         run_softmax(lib, x, s, 16, m)
 
 
-@pytest.mark.parametrize("simd", SIMD)
+@pytest.mark.parametrize("simd", AVX2_SIMD)
 def test_softmax_extreme_exponents(lib, simd):
     """Tiny and huge scores (the saturated branch), mixed in one row, all codes."""
     rng = np.random.default_rng(9)
@@ -402,14 +440,30 @@ def test_softmax_extreme_exponents(lib, simd):
             assert_same([y], [R.int_softmax(x, scales(e), 32, m)])
 
 
+@pytest.mark.parametrize("simd", (1, "avx2"))
+def test_softmax_every_block_size(lib, simd):
+    """Every block size the vector kernels take (multiples of 16 up to 4096: whole and split
+    32-element steps, one block spanning many steps), and a few they leave to the portable
+    kernel, on rows that end inside a block, with a mask."""
+    rng = np.random.default_rng(11)
+    for b in (*range(16, 4097, 16), 1, 5, 8, 24, 40, 100):
+        for d in (2 * b + 17, 5, b):
+            x, s = random_case(rng, (3, d), b)
+            m = np.where(rng.random((3, d)) < 0.3, np.float32(-1e4), np.float32(0))
+            m[1] = -1e4  # a fully masked row
+            m[2, : min(d, 40)] = -1e4  # a masked first block (and more)
+            got = [run_softmax(lib, x, s, b, simd=simd), run_softmax(lib, x, s, b, m, simd)]
+            assert_same(got, [R.int_softmax(x, s, b), R.int_softmax(x, s, b, m)])
+
+
 # ------------------------------------------------------------------------------------------
 # bit-exactness: IntLayerNorm
 
 
-@pytest.mark.parametrize("simd", SIMD)
+@pytest.mark.parametrize("simd", AVX2_SIMD)
 @pytest.mark.parametrize("b", BLOCK_SIZES)
 def test_layernorm_bit_exact(lib, b, simd):
-    rng = np.random.default_rng(300 + b + simd)
+    rng = np.random.default_rng(300 + b + AVX2_SIMD.index(simd))
     for d in (*LENGTHS, 384):
         g, gs, bt, bs = gamma_beta(rng, d, b)
         x, s = random_case(rng, (2, 3, d), b)
@@ -423,12 +477,12 @@ def test_layernorm_bit_exact(lib, b, simd):
             assert_same(run_ln(lib, x, s, g, gs, bt, bs, b, eps, simd), want)
 
 
-@pytest.mark.parametrize("simd", SIMD)
+@pytest.mark.parametrize("simd", AVX2_SIMD)
 @pytest.mark.parametrize("b", [16, 32, 48, 128])
 def test_layernorm_bit_exact_over_row_tiles_and_both_sum_paths(lib, b, simd):
     """Rows whose block exponents span <= 14 (the vpmaddwd sums) and wider ones (the widening
     sums), mixed, over more rows than one tile of the AVX-512 kernel (64), odd H."""
-    rng = np.random.default_rng(700 + b + simd)
+    rng = np.random.default_rng(700 + b + AVX2_SIMD.index(simd))
     for d in (3 * b, 5 * b + 7, 384):
         g, gs, bt, bs = gamma_beta(rng, d, b)
         x, s = random_case(rng, (3, 50, d), b, -9, 5)  # span <= 14: the common path
@@ -441,7 +495,7 @@ def test_layernorm_bit_exact_over_row_tiles_and_both_sum_paths(lib, b, simd):
             assert_same(run_ln(lib, x, s, g, gs, bt, bs, b, eps, simd), want)
 
 
-@pytest.mark.parametrize("simd", SIMD)
+@pytest.mark.parametrize("simd", AVX2_SIMD)
 def test_layernorm_special_paths(lib, simd):
     """Constant rows (V = 0), blocks far below the grid window, beta far above gamma (z gamma
     rounded, and dropped beyond 30 bits), subnormal parameter scales (clamped output
@@ -479,15 +533,33 @@ def test_layernorm_limits(lib):
     x, s = random_case(rng, (2, h), 128, -10, 6)
     x[0, ::97] = 127  # spread: the exact value of X' alpha - beta stays in int32 (checked)
     g, gs, bt, bs = gamma_beta(rng, h, 128)
-    assert_same(
-        run_ln(lib, x, s, g, gs, bt, bs, 128, 1e-5), R.int_layernorm(x, s, g, gs, bt, bs, 128, 1e-5)
-    )
+    want = R.int_layernorm(x, s, g, gs, bt, bs, 128, 1e-5)
+    for simd in AVX2_SIMD:
+        assert_same(run_ln(lib, x, s, g, gs, bt, bs, 128, 1e-5, simd), want)
     x, s = random_case(rng, (1, h + 1), 128)
     g, gs, bt, bs = gamma_beta(rng, h + 1, 128)
     with pytest.raises(ValueError, match="4096"):
         R.int_layernorm(x, s, g, gs, bt, bs, 128, 1e-5)
     with pytest.raises(Exception, match="4096"):
         run_ln(lib, x, s, g, gs, bt, bs, 128, 1e-5)
+
+
+@pytest.mark.parametrize("simd", (1, "avx2"))
+def test_layernorm_every_block_size(lib, simd):
+    """Every block size the vector kernels take (multiples of 16 up to H's limit 4096; AVX-512
+    up to 1024, AVX2 all) and a few they leave to the portable kernel, on rows that end inside
+    a block, some with a block far below the grid window."""
+    rng = np.random.default_rng(12)
+    for b in (*range(16, 4097, 16), 1, 5, 8, 24, 40, 100):
+        for d in {min(2 * b + 17, R.LAYERNORM_MAX_H), 5, b}:
+            g, gs, bt, bs = gamma_beta(rng, d, b)
+            x, s = random_case(rng, (3, d), b, -9, 5)
+            if s.shape[-1] > 1:
+                e = np.log2(s).astype(np.int64)
+                e[2, -1] = -30  # more than 16 exponents below the max
+                s = scales(e)
+            want = R.int_layernorm(x, s, g, gs, bt, bs, b, 1e-5)
+            assert_same(run_ln(lib, x, s, g, gs, bt, bs, b, 1e-5, simd), want)
 
 
 def test_layernorm_modulo_arithmetic_matches_exact_integers():

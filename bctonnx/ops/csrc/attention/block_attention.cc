@@ -68,7 +68,7 @@ struct BlockAttentionKernel {
     } catch (const std::runtime_error& e) {
       Fail(e.what());
     }
-    softmax_fast_ = isa_ >= kAvx512 && nl::cpu_avx512() && score_block_ % 16 == 0;
+    softmax_path_ = nl::softmax_path(isa_, score_block_);
   }
 
   struct Job {
@@ -185,7 +185,7 @@ struct BlockAttentionKernel {
       nl::build_mask(bl, xshape, nullptr, nullptr, mr);
     }
     sc.p.resize(static_cast<size_t>(s * s));
-    nl::softmax_rows(bl, sc.codes.data(), sc.ex.data(), mr, softmax_fast_, sc.p.data(), 0, s);
+    nl::softmax_rows(bl, sc.codes.data(), sc.ex.data(), mr, softmax_path_, sc.p.data(), 0, s);
 
     // 4. context = P.V (ref_attention.attention_pv, dropped tokens out), heads token-major
     const pv::PvDims dm = pv::MakeDims(s, s, job.dv, block_, seg_, p_exp_);
@@ -344,7 +344,7 @@ struct BlockAttentionKernel {
   }
 
   Isa isa_ = kScalar;
-  bool softmax_fast_ = false;
+  nl::SoftmaxPath softmax_path_ = nl::SoftmaxPath::kPortable;
   bool heads_first_[3] = {false, false, false};
   int64_t block_ = 0, score_block_ = 32, seg_ = 32;
   int p_exp_ = -8;

@@ -11,9 +11,12 @@
 // guesses of an exact integer square root (IntLayerNorm) and of an exact integer division
 // (IntSoftmax's 2^62 // S), both corrected to the exact integer result.
 //
-// Two implementations of every row kernel, giving the same bits:
+// Up to three implementations of each row kernel, giving the same bits:
 // - portable: the reference's steps literally, scalar C++ (target_clones avx2/default so the
 //   compiler may vectorize it on AVX2 machines; nothing in a cloned function throws);
+// - AVX2 (IntSoftmax and IntLayerNorm, block sizes multiple of 16: *_avx2.cc), hand-written
+//   intrinsics, chosen when the ISA (platform.h, capped by BCTONNX_ISA) is avx2 (IntLayerNorm
+//   also at avx512 for blocks > 1024); IntGelu has none (portable on AVX2);
 // - AVX-512, hand-written intrinsics, chosen at run time when the CPU has it: F/BW/VL/DQ for
 //   IntSoftmax (block sizes multiple of 16), + VBMI for IntGelu's byte-table lookups (any block
 //   size), + CD (lzcnt) for IntLayerNorm (block sizes multiple of 16, <= 1024).
@@ -173,13 +176,17 @@ inline Blocking check_blocked(const Dims& xs, const Dims& ss, int64_t block_size
 // bounds).
 constexpr int64_t kMaxNonlinearBlock = 4096;
 
-// AVX-512 kernels allowed? Attribute `simd` (0 or 1, default 1; tests only: 0 forces the
-// portable kernels) and the library-wide choice (platform.h: BCTONNX_ISA, read when a session
-// creates the kernel; avx2 and scalar mean the portable kernels here, amx the AVX-512 ones).
-inline bool read_simd(const Attributes& attrs) {
+// The instruction set a kernel may use: the library-wide choice (platform.h: BCTONNX_ISA, read
+// when a session creates the kernel), or kScalar (the portable kernels) when the attribute
+// `simd` (0 or 1, default 1; tests only) is 0.
+inline Isa read_isa(const Attributes& attrs) {
   const bool simd = attrs.Bool("simd", true);
-  return simd && ChooseIsa() >= kAvx512;
+  return simd ? ChooseIsa() : kScalar;
 }
+
+// AVX-512 kernels allowed? read_isa at avx512 or above (avx2 and scalar mean the portable
+// kernels for the ops without an AVX2 path, amx the AVX-512 ones).
+inline bool read_simd(const Attributes& attrs) { return read_isa(attrs) >= kAvx512; }
 
 #if BCT_X86
 inline bool cpu_avx512() {

@@ -2,43 +2,11 @@
 #include "nonlinear.h"
 
 #include "softmax.h"
+#include "softmax_steps.h"
 
 namespace bct {
 namespace nl {
 namespace {
-
-// ------------------------------------------------------------------------------------------
-// IntSoftmax (ref: int_softmax, exp2_neg_q16)
-
-constexpr int64_t kLog2eQ30 = 1549082005;
-constexpr int64_t kTSat = int64_t{1} << 21;  // huge-score branch: n = 32 -> E = 0
-constexpr uint32_t kC0 = 65535, kC1 = 45420, kC2 = 15693, kC3 = 3488, kC4 = 448;
-
-// c_b = shift_round_even(round(log2 e * 2^30), 10 + delta) for delta = e_top - e_b >= 0
-// (0 from delta = 22 on).
-constexpr int32_t log2e_coef_at(int n) {
-  const int64_t q = kLog2eQ30 >> n, r = kLog2eQ30 - (q << n), half = int64_t{1} << (n - 1);
-  return static_cast<int32_t>((r > half || (r == half && (q & 1))) ? q + 1 : q);
-}
-struct Log2eCoefs {
-  alignas(64) int32_t c[32];  // 0 from delta = 22 on
-};
-constexpr Log2eCoefs kLog2eCoef = [] {
-  Log2eCoefs t{};
-  for (int i = 0; i < 22; ++i) t.c[i] = log2e_coef_at(10 + i);
-  return t;
-}();
-inline int32_t log2e_coef(int delta) { return delta < 32 ? kLog2eCoef.c[delta] : 0; }
-
-// ~65536 * 2^(-f/65536), f in [0, 65536): ref exp2_neg_q16 (every operand < 2^16).
-inline uint32_t exp2_neg_q16(uint32_t f) {
-  uint32_t acc = kC4;
-  acc = kC3 - ((f * acc) >> 16);
-  acc = kC2 - ((f * acc) >> 16);
-  acc = kC1 - ((f * acc) >> 16);
-  return kC0 - ((f * acc) >> 16);
-}
-
 
 #if BCT_X86
 // One mask row of length d (d > 0), 16 values at a time: the flags and 16-bit lane bits of the
@@ -169,53 +137,6 @@ MaskRows& mask_rows_buffer() {  // the calling thread's, reused by every IntSoft
 }
 
 namespace {
-
-// Constant tables of step 2, per clamped block exponent (ref: softmax_tables): A[j] = 2^-(j a)
-// and B[k] = 2^-(32 k a) in Q15 with a = 2^e log2(e); B padded to 32 entries (zeros) so one
-// vpermw reads either table.
-constexpr int kSmELo = -26, kSmEHi = 4, kSmTables = kSmEHi - kSmELo + 1;
-struct SoftmaxTables {
-  alignas(64) uint16_t a[kSmTables][32];
-  alignas(64) uint16_t b[kSmTables][32];
-};
-// 2^-(u / 2^16) in Q`frac_bits` (<= 30), rounded half even, for u >= 0 (ref: _exp2_neg; its
-// caps are applied by the callers).
-inline int64_t exp2_neg_fixed(int64_t u, int frac_bits) {
-  return shift_round_even(exp2_neg_q16(static_cast<uint32_t>(u & 0xFFFF)),
-                          static_cast<int>(std::min<int64_t>((u >> 16) + 16 - frac_bits, 62)));
-}
-inline uint16_t exp2_neg_q15(int64_t u) { return static_cast<uint16_t>(std::min<int64_t>(exp2_neg_fixed(u, 15), 32767)); }
-const SoftmaxTables& softmax_tables() {
-  static const SoftmaxTables t = [] {
-    SoftmaxTables s{};
-    for (int i = 0; i < kSmTables; ++i) {
-      const int sh = 14 - (kSmELo + i);  // 10..40
-      for (int j = 0; j < 32; ++j) s.a[i][j] = exp2_neg_q15(shift_round_even(j * kLog2eQ30, sh));
-      for (int k = 0; k < 8; ++k) s.b[i][k] = exp2_neg_q15(shift_round_even(32 * k * kLog2eQ30, sh));
-    }
-    return s;
-  }();
-  return t;
-}
-inline int softmax_table_index(int e) { return std::clamp(e, kSmELo, kSmEHi) - kSmELo; }
-
-// Step 1's t_b from d_b = max(L) - L_b >= 0, sh = 4 - e_top (either sign).
-inline int64_t softmax_t(int64_t d, int sh) {
-  if (sh >= 0) return d >> std::min(sh, 31);
-  const int shl = std::min(-sh, 31);
-  return d > (kTSat >> shl) ? kTSat : (d << shl);
-}
-
-// Step 3's F_b = 2^-t in Q30 (< 2^30: no cap).
-inline int64_t softmax_factor(int64_t t) { return exp2_neg_fixed(t, 30); }
-
-// Step 4's per-block output factor: min((F_b R0) >> 45, 65535), R0 = 2^62 // S.
-inline uint32_t softmax_rb(int64_t f, uint64_t r0) {
-  return static_cast<uint32_t>(std::min<uint64_t>((static_cast<uint64_t>(f) * r0) >> 45, 0xFFFF));
-}
-
-// y = min(255, (h + 64) >> 7).
-inline uint8_t softmax_out(uint32_t h) { return static_cast<uint8_t>(std::min<uint32_t>((h + 64) >> 7, 255)); }
 
 struct SoftmaxRow {
   const int8_t* q = nullptr;
@@ -658,10 +579,17 @@ BCT_AVX512 void softmax_rows_avx512(const Blocking& bl, const int8_t* x, const i
 
 }  // namespace
 
+SoftmaxPath softmax_path(Isa isa, int64_t b) {
+  if (!BCT_X86 || b % 16 != 0) return SoftmaxPath::kPortable;
+  if (isa >= kAvx512 && cpu_avx512()) return SoftmaxPath::kAvx512;
+  return isa >= kAvx2 ? SoftmaxPath::kAvx2 : SoftmaxPath::kPortable;
+}
+
 void softmax_rows(const Blocking& bl, const int8_t* x, const int16_t* ex, const MaskRows& mr,
-                  bool fast, uint8_t* y, int64_t r0, int64_t r1) {
+                  SoftmaxPath path, uint8_t* y, int64_t r0, int64_t r1) {
 #if BCT_X86
-  if (fast) {
+  if (path == SoftmaxPath::kAvx2) return softmax_rows_avx2(bl, x, ex, mr, y, r0, r1);
+  if (path == SoftmaxPath::kAvx512) {
     switch (bl.b) {  // the preset block sizes with the per-block loops unrolled
       case 32: return softmax_rows_avx512<2>(bl, x, ex, mr, y, r0, r1);
       case 64: return softmax_rows_avx512<4>(bl, x, ex, mr, y, r0, r1);
@@ -670,7 +598,7 @@ void softmax_rows(const Blocking& bl, const int8_t* x, const int16_t* ex, const 
     }
   }
 #endif
-  (void)fast;
+  (void)path;
   std::vector<uint16_t> ebuf(static_cast<size_t>(bl.d));
   std::vector<int64_t> fbuf(static_cast<size_t>(bl.nb));
   for (int64_t r = r0; r < r1; ++r) {
@@ -691,7 +619,7 @@ namespace {
 
 struct IntSoftmaxKernel {
   int64_t block_size = 0;
-  bool simd = false;
+  Isa isa = kScalar;
   static constexpr const char* kName = "IntSoftmax";
   static constexpr std::array kInputs{ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
                                       ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};  // x, x_scale, mask
@@ -700,7 +628,7 @@ struct IntSoftmaxKernel {
   IntSoftmaxKernel(const OrtApi&, const OrtKernelInfo* info) {
     const Attributes attrs(info, kName);
     block_size = attrs.Int("block_size", 1, kMaxNonlinearBlock);
-    simd = read_simd(attrs);
+    isa = read_isa(attrs);
   }
   void Compute(OrtKernelContext* ctx) {
     const KernelArgs args(ctx);
@@ -720,9 +648,9 @@ struct IntSoftmaxKernel {
       build_mask(bl, xshape, nullptr, nullptr, mr);
     }
     const int8_t* xi = KernelArgs::data<int8_t>(x);
-    const bool fast = simd && cpu_avx512() && bl.b % 16 == 0;
+    const SoftmaxPath path = softmax_path(isa, bl.b);
     parallel_rows(ctx, bl.rows, bl.d * 4, [&](int64_t r0, int64_t r1) {
-      softmax_rows(bl, xi, ex, mr, fast, yo, r0, r1);
+      softmax_rows(bl, xi, ex, mr, path, yo, r0, r1);
     });
   }
 };

@@ -29,12 +29,24 @@ void build_mask(const Blocking& bl, const Dims& xshape, const Dims* mshape, cons
 // The calling thread's MaskRows, reused by every call on it.
 MaskRows& mask_rows_buffer();
 
+// The row kernels of IntSoftmax: the portable one (any block size), AVX2 (softmax_avx2.cc)
+// and AVX-512 (softmax.cc), both for block sizes that are multiples of 16.
+enum class SoftmaxPath { kPortable, kAvx2, kAvx512 };
+
+// The kernel for instruction set `isa` (ChooseIsa(), or kScalar for the portable kernel) and
+// block size b: AVX-512 or AVX2 when the block size is a multiple of 16, else portable.
+SoftmaxPath softmax_path(Isa isa, int64_t b);
+
 // Steps 1-4 of ref_nonlinear.int_softmax for rows [r0, r1): codes x [rows][d], block exponents ex
 // [rows][nb] (with 16 readable entries after the last row: the AVX-512 path gathers them),
-// probabilities y [rows][d]. `fast`: the AVX-512 path (needs cpu_avx512() and bl.b % 16 == 0).
-// Row r reads mask row mr.row_of[r] (or row 0). Never throws.
+// probabilities y [rows][d], by kernel `path` (softmax_path). Row r reads mask row
+// mr.row_of[r] (or row 0). Never throws.
 void softmax_rows(const Blocking& bl, const int8_t* x, const int16_t* ex, const MaskRows& mr,
-                  bool fast, uint8_t* y, int64_t r0, int64_t r1);
+                  SoftmaxPath path, uint8_t* y, int64_t r0, int64_t r1);
+
+// The AVX2 kernel of softmax_rows (softmax_avx2.cc; x86 only, bl.b % 16 == 0).
+void softmax_rows_avx2(const Blocking& bl, const int8_t* x, const int16_t* ex, const MaskRows& mr,
+                       uint8_t* y, int64_t r0, int64_t r1);
 
 }  // namespace nl
 }  // namespace bct
