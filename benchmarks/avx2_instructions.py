@@ -174,8 +174,15 @@ def count(model: Path, batch: int, seq: int, helper: Path, workdir: Path) -> tup
     """Run one counted inference under callgrind; the profile's path and the child's info."""
     tag = re.sub(r"\W+", "_", f"{model.stem}_{batch}x{seq}")
     out, info = workdir / f"callgrind.{tag}.out", workdir / f"info.{tag}.json"
-    if out.is_file() and info.is_file() and out.stat().st_mtime > model.stat().st_mtime:
-        return out, json.loads(info.read_text())  # counted before, on the same model file
+    from bctonnx.runtime import op_library_path
+
+    inputs = [model, Path(op_library_path() or model)]
+    if (
+        out.is_file()
+        and info.is_file()
+        and all(out.stat().st_mtime > p.stat().st_mtime for p in inputs)
+    ):
+        return out, json.loads(info.read_text())  # counted before, same model and op library
     env = dict(os.environ, PYTHONHASHSEED="0")
     env.pop("BCTONNX_ISA", None)  # the kernels pick what valgrind's CPU has
     cmd = [
@@ -230,7 +237,9 @@ def mnemonics(obj: str, address: str, span: int = 4096) -> set[str]:
 
 def kernel_of(fn: str, obj: str, total: int, cost: int, cache: dict) -> str:
     name = os.path.basename(obj)
-    if "libbctonnx_ops" in name:
+    if "libbctonnx_ops" in name or name == os.path.basename(
+        os.environ.get("BCTONNX_OP_LIBRARY", "-")
+    ):
         for label, pattern in BCT_KERNELS:
             if re.search(pattern, fn):
                 return label
