@@ -184,6 +184,23 @@ def _grams(proto: onnx.ModelProto, calib: Calibration, inputs: list[str]) -> dic
     return grams
 
 
+class _PrunedOutput:
+    """An output layer (FFN down / attention output projection) whose input groups (neurons /
+    heads) greedy OBS removes: the model's output error for a count removed, the layer refit
+    on the rest (`_refit_rows`). Its own-output Gram is built once for every count."""
+
+    def __init__(self, probe, gram: Gram, lin, groups: list[list[int]]):
+        self.probe, self.gram, self.lin, self.groups = probe, gram, lin, groups
+        _, _, self.own = _refit_rows(gram, lin.weight, lin.bias, np.arange(lin.weight.shape[0]))
+
+    def error(self, remove: int) -> float:
+        removed = obs_prune(self.own, self.groups, remove)
+        kept = np.concatenate([g for i, g in enumerate(self.groups) if i not in removed])
+        wn, bn, _ = _refit_rows(self.gram, self.lin.weight, self.lin.bias, kept)
+        lin = self.lin
+        return self.probe.relative({lin.matmul.inputs[1].name: wn, **_bias(lin, bn)})
+
+
 def _refit_rows(gram: Gram, w: np.ndarray, b: np.ndarray, keep: np.ndarray):
     """Rows of an output layer refit on its kept inputs against its own full output (the
     target X W + b of the FP32 model: C = G [W; b]); removed rows zero."""
@@ -305,6 +322,7 @@ def search_ratio(
         q = alignment(wb, ab, width)
         gram = grams[block.act.outputs[0].name]
         choices = []
+        pruned = _PrunedOutput(probe, gram, block.down, [[j] for j in range(width)])
         for frac in FFN_FRACTIONS:
             keep = kept_count(width, frac, q)
             if any(c.keep == keep / width for c in choices):
@@ -312,12 +330,7 @@ def search_ratio(
             if keep == width:
                 choices.append(Choice("FFN kept", 0.0))
                 continue
-            w2, b2 = block.down.weight, block.down.bias
-            _, _, g2 = _refit_rows(gram, w2, b2, np.arange(width))
-            removed = obs_prune(g2, [[j] for j in range(width)], width - keep)
-            kept = np.setdiff1d(np.arange(width), removed)
-            wn, bn, _ = _refit_rows(gram, w2, b2, kept)
-            err = probe.relative({block.down.matmul.inputs[1].name: wn, **_bias(block.down, bn)})
+            err = pruned.error(width - keep)
             choices.append(
                 Choice(f"FFN {keep}/{width}", err, fraction=1 - keep / width, keep=keep / width)
             )
@@ -334,9 +347,10 @@ def search_ratio(
         if block.o.name not in by_name:
             continue
         d, heads = block.head_dim, block.heads
-        width = heads * d
         gram = grams[block.merge.outputs[0].name]
         choices = []
+        hgroups = [list(range(h * d, (h + 1) * d)) for h in range(heads)]
+        pruned = _PrunedOutput(probe, gram, block.o, hgroups)
         for frac in HEAD_FRACTIONS:
             keep = kept_heads(heads, d, frac, wb, ab)
             if any(c.keep == keep / heads for c in choices):
@@ -344,13 +358,7 @@ def search_ratio(
             if keep == heads:
                 choices.append(Choice("heads kept", 0.0))
                 continue
-            wo, bo = block.o.weight, block.o.bias
-            _, _, g2 = _refit_rows(gram, wo, bo, np.arange(width))
-            hgroups = [list(range(h * d, (h + 1) * d)) for h in range(heads)]
-            removed = obs_prune(g2, hgroups, heads - keep)
-            cols = np.concatenate([hgroups[h] for h in range(heads) if h not in removed])
-            wn, bn, _ = _refit_rows(gram, wo, bo, cols)
-            err = probe.relative({block.o.matmul.inputs[1].name: wn, **_bias(block.o, bn)})
+            err = pruned.error(heads - keep)
             choices.append(
                 Choice(f"heads {keep}/{heads}", err, fraction=1 - keep / heads, keep=keep / heads)
             )
