@@ -123,6 +123,33 @@ def test_every_score_block_size_is_bit_exact_on_every_isa(score_block, monkeypat
         np.testing.assert_array_equal(out, ref, err_msg=isa)
 
 
+@pytest.mark.parametrize(
+    "d, block, s", [(64, 4, 45), (64, 16, 33), (128, 64, 70), (256, 32, 17), (96, 48, 96)]
+)
+def test_the_fused_scores_take_every_block_and_head_width(d, block, s, monkeypatch):
+    """The AVX-512 scores kernel (attention/scores.cc: Q.K^T, the multiplier, key bias, dropped
+    keys and the scores' quantization in registers) on block sizes and head widths beside the
+    presets' 32 / 32 and 64 / 32, rows and keys that end inside a 4 x 32 tile: the reference's
+    result on every ISA (the general path below AVX-512)."""
+    rng = np.random.default_rng(d + block + s)
+    feeds = {}
+    for name, amp in (("q", 1.0), ("k", 1.5), ("v", 0.7)):
+        x = rng.standard_normal((2, s, 2, d)).astype(np.float32) * amp
+        x[:, ::5] *= 40  # loud tokens: several exponents per row
+        feeds[name], feeds[name + "s"] = block_quantize(x, block)
+    feeds["mask"] = padding_mask([s, s // 2 + 1], s)
+    feeds["mul"] = np.array(0.3535534, np.float32)
+    feeds["bias"] = np.log(rng.uniform(0.5, 3.0, (2, 1, 1, s))).astype(np.float32)
+    ref = block_attention(
+        feeds["q"], feeds["qs"], feeds["k"], feeds["ks"], feeds["v"], feeds["vs"],
+        feeds["mask"], feeds["mul"], feeds["bias"], None, block_size=block,
+    )  # fmt: skip
+    model = attention_model(with_bias=True, block_size=block)
+    for isa in available_isas():
+        out = session(model, monkeypatch, isa).run(None, feeds)[0]
+        np.testing.assert_array_equal(out, ref, err_msg=isa)
+
+
 @pytest.mark.parametrize("which", ["q", "k", "v"])
 def test_an_operand_may_come_heads_first(which, monkeypatch):
     """[b, h, S, d] instead of token-major (dynamo exports leave K so): the same result."""

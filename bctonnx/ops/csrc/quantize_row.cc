@@ -32,13 +32,6 @@ int CeilLog2(float ideal) {
   return m == 0.5f ? k - 1 : k;
 }
 
-int BlockExponent(float amax, float qmax) {
-  if (!(amax <= FLT_MAX)) Throw("input contains NaN or infinity");
-  const int e = std::max(CeilLog2(amax / qmax), -128);  // float32 division, as the reference
-  if (e > 127) Throw("values too large for a pow2 scale (max |x| / qmax beyond 2^127)");
-  return e;
-}
-
 // round_half_even(v) for |v| < 2^22 in the default rounding mode (adding and removing 1.5*2^23
 // leaves the integer part, rounded to nearest even; the compiler may not drop it without
 // -ffast-math). Codes are |x / 2^e| <= qmax * (1 + 2^-23), far inside that range.
@@ -74,7 +67,6 @@ __attribute__((target("avx512f,avx512bw,avx512dq"))) void QuantizeRowAvx512(
     const float* x, int64_t d, int64_t b, float qmax, int8_t* q, int* exps) {
   const __m512 sign_off = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
   const __m512 fmax = _mm512_set1_ps(FLT_MAX);
-  const __m512 vq = _mm512_set1_ps(qmax), vnq = _mm512_set1_ps(-qmax);
   const int64_t nb = (d + b - 1) / b;
   // three passes over the row (block maxima, exponents, codes): no vector -> scalar ->
   // vector dependency per block
@@ -127,18 +119,11 @@ __attribute__((target("avx512f,avx512bw,avx512dq"))) void QuantizeRowAvx512(
   for (int64_t blk = 0; blk < nb; ++blk) {
     const int64_t begin = blk * b, end = std::min(d, begin + b);
     const int e = exps[blk];
-    // x / 2^e and x * 2^-e are the same real number, rounded once: identical, as long as
-    // 2^-e is a float32 (e >= -127); e = -128 divides, as the reference does
-    const bool divide = e < -127;
-    const __m512 s = _mm512_set1_ps(divide ? pow2_float(e) : pow2_float(-e));
     for (int64_t i = begin; i < end; i += 16) {
       const int64_t n = std::min<int64_t>(16, end - i);
       const __mmask16 m = n == 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
       const __m512 xv = _mm512_maskz_loadu_ps(m, x + i);
-      __m512 v = divide ? _mm512_div_ps(xv, s) : _mm512_mul_ps(xv, s);
-      v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      v = _mm512_min_ps(_mm512_max_ps(v, vnq), vq);
-      _mm512_mask_cvtepi32_storeu_epi8(q + i, m, _mm512_cvtps_epi32(v));
+      _mm512_mask_cvtepi32_storeu_epi8(q + i, m, Pow2CodesAvx512(xv, e, qmax));
     }
   }
 }
@@ -192,6 +177,13 @@ __attribute__((target("avx2,fma"))) void QuantizeRowAvx2(const float* x, int64_t
 }
 
 }  // namespace
+
+int BlockExponent(float amax, float qmax) {
+  if (!(amax <= FLT_MAX)) Throw("input contains NaN or infinity");
+  const int e = std::max(CeilLog2(amax / qmax), -128);  // float32 division, as the reference
+  if (e > 127) Throw("values too large for a pow2 scale (max |x| / qmax beyond 2^127)");
+  return e;
+}
 
 void QuantizeRow(Isa isa, const float* x, int64_t d, int64_t b, int bits, int8_t* q, int* exps) {
   const float qmax = static_cast<float>((1 << (bits - 1)) - 1);

@@ -44,10 +44,10 @@ struct AttentionPVKernel {
     PreparedV pv = HeadScratch(dm);
     if (v_transposed_) {  // v [b, S, h, D], v_scale [b, S, h, nb]
       const int64_t b = bh / job.heads, h = bh % job.heads;
-      PrepareV(dm, job.v + (b * dm.s * job.heads + h) * dm.d, job.heads * dm.d,
+      PrepareV(isa_, dm, job.v + (b * dm.s * job.heads + h) * dm.d, job.heads * dm.d,
                job.vs + (b * dm.s * job.heads + h) * dm.nb, job.heads * dm.nb, nullptr, &pv);
     } else {
-      PrepareV(dm, job.v + bh * dm.s * dm.d, dm.d, job.vs + bh * dm.s * dm.nb, dm.nb, nullptr,
+      PrepareV(isa_, dm, job.v + bh * dm.s * dm.d, dm.d, job.vs + bh * dm.s * dm.nb, dm.nb, nullptr,
                &pv);
     }
     RowOut out;

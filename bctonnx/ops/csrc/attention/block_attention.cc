@@ -37,6 +37,7 @@
 #include "../platform.h"
 #include "../quantize_row.h"
 #include "pv.h"
+#include "scores.h"
 
 namespace bct {
 namespace {
@@ -84,6 +85,7 @@ struct BlockAttentionKernel {
     const uint8_t* keep;   // [b][S] kept keys, or null
     float* y;
     int64_t b, s, h, d, dv, nb, nbv;
+    bool fast_scores = false;  // steps 1-2 by attention/scores.h
     // row r of head (b, hh) of operand i (q, k, v) is at (base + r * stride) * width
     int64_t Base(int i, int64_t bi, int64_t hh) const {
       return self->heads_first_[i] ? (bi * h + hh) * s : bi * s * h + hh;
@@ -103,9 +105,45 @@ struct BlockAttentionKernel {
   };
 
   void RunHead(const Job& job, int64_t bh) const {
-    const int64_t b = bh / job.h, hh = bh % job.h, s = job.s, d = job.d, h = job.h;
+    const int64_t b = bh / job.h, hh = bh % job.h, s = job.s, d = job.d;
     thread_local HeadScratch tls;
     HeadScratch& sc = tls;
+    const int64_t nbs = num_blocks(s, score_block_);
+    sc.codes.resize(static_cast<size_t>(s * s));
+    sc.ex.resize(static_cast<size_t>(s * nbs + 16));  // + 16: the softmax's gathers
+    const uint8_t* keep = job.keep ? job.keep + b * s : nullptr;
+    if (job.fast_scores) {  // steps 1-2 fused (attention/scores.h), same result
+      attn::ScoresArgs sa;
+      const int64_t qb = job.Base(0, b, hh), kb = job.Base(1, b, hh);
+      sa.q = job.q + qb * d;
+      sa.q_row = job.Stride(0) * d;
+      sa.qs = job.qs + qb * job.nb;
+      sa.qs_row = job.Stride(0) * job.nb;
+      sa.k = job.k + kb * d;
+      sa.k_row = job.Stride(1) * d;
+      sa.ks = job.ks + kb * job.nb;
+      sa.ks_row = job.Stride(1) * job.nb;
+      sa.s = s;
+      sa.d = d;
+      sa.block = block_;
+      sa.ymul = job.ymul;
+      if (job.bias) {
+        sa.bias = job.bias + (job.bias_b == 1 ? 0 : b) * job.bias_s;
+        sa.bias_s = job.bias_s;
+      }
+      sa.keep = keep;
+      sa.codes = sc.codes.data();
+      sa.ex = sc.ex.data();
+      attn::ScoresAvx512(sa);
+    } else {
+      Scores(job, b, hh, keep, sc);
+    }
+    Rest(job, b, hh, keep, sc);
+  }
+
+  // Steps 1-2, the general path: Q.K^T by the block GEMM, then each row's BlockQuantize.
+  void Scores(const Job& job, int64_t b, int64_t hh, const uint8_t* keep, HeadScratch& sc) const {
+    const int64_t s = job.s, d = job.d;
     // 1. scores = Q.K^T (ref_matmul.block_batch_matmul): K's rows as the GEMM's weights
     gemm::PackedWeights& w = sc.w;
     gemm::ShapeWeights(d, s, block_, block_, false, isa_, &w);
@@ -149,9 +187,6 @@ struct BlockAttentionKernel {
 
     // 2. dropped keys' scores to 0, then BlockQuantize(scores, score_block_size)
     const int64_t nbs = num_blocks(s, score_block_);
-    sc.codes.resize(static_cast<size_t>(s * s));
-    sc.ex.resize(static_cast<size_t>(s * nbs + 16));  // + 16: the softmax's gathers
-    const uint8_t* keep = job.keep ? job.keep + b * s : nullptr;
     // the first dropped key, if any (padding is at the end; a batch's longest sequences drop none)
     const int64_t dropped_from = keep ? std::find(keep, keep + s, uint8_t{0}) - keep : s;
     const bool drops = dropped_from < s;
@@ -163,6 +198,12 @@ struct BlockAttentionKernel {
       QuantizeRow(isa_, row, s, score_block_, 8, sc.codes.data() + r * s, exps);
       for (int64_t j = 0; j < nbs; ++j) sc.ex[r * nbs + j] = static_cast<int16_t>(exps[j]);
     }
+  }
+
+  // Steps 3-5: IntSoftmax, P.V and the attention received.
+  void Rest(const Job& job, int64_t b, int64_t hh, const uint8_t* keep, HeadScratch& sc) const {
+    const int64_t s = job.s, h = job.h, bh = b * h + hh;
+    const int64_t nbs = num_blocks(s, score_block_);
 
     // 3. IntSoftmax with the mask (one mask row for the head's rows)
     nl::Blocking bl;
@@ -191,7 +232,7 @@ struct BlockAttentionKernel {
     const pv::PvDims dm = pv::MakeDims(s, s, job.dv, block_, seg_, p_exp_);
     pv::PreparedV prepared = pv::HeadScratch(dm);
     const int64_t vb = job.Base(2, b, hh), vst = job.Stride(2);
-    pv::PrepareV(dm, job.v + vb * job.dv, vst * job.dv, job.vs + vb * job.nbv, vst * job.nbv, keep,
+    pv::PrepareV(isa_, dm, job.v + vb * job.dv, vst * job.dv, job.vs + vb * job.nbv, vst * job.nbv, keep,
                  &prepared);
     const pv::RowOut out{job.y + (b * s * h + hh) * job.dv, h * job.dv};  // token-major
     pv::Head(isa_, dm, sc.p.data(), prepared, out);
@@ -242,6 +283,7 @@ struct BlockAttentionKernel {
     job.dv = vsh[3];
     if (job.d % block_) Fail("block_size must divide d = " + std::to_string(job.d));
     job.nb = job.d / block_;
+    job.fast_scores = attn::FastScoresApply(isa_, job.d, block_, score_block_);
     job.nbv = num_blocks(job.dv, block_);
     for (auto [got, shape, nb, name] :
          {std::tuple{&qssh, qsh, job.nb, "q_scale"}, std::tuple{&kssh, ksh, job.nb, "k_scale"},

@@ -63,12 +63,85 @@ PreparedV HeadScratch(const PvDims& dm) {
                    Scratch<float>(fbuf, static_cast<size_t>(dm.nseg * dm.dpad))};
 }
 
-void PrepareV(const PvDims& dm, const int8_t* v, int64_t v_row, const float* vs, int64_t s_row,
-              const uint8_t* valid, PreparedV* out) {
+namespace {
+
+// 32 int16 lanes of x (int8 codes widened) times 2^-n, rounded half to even (shift_round_even
+// on each lane: n <= 0 a left shift, exact in int16 for n >= -8; n > 0 the rounding shift).
+__attribute__((target("avx512f,avx512bw"))) inline __m512i ShiftRoundEven16(__m512i x, int n) {
+  if (n <= 0) return _mm512_sll_epi16(x, _mm_cvtsi32_si128(-n));
+  if (n >= 16) return _mm512_setzero_si512();  // |x| <= 128 < 2^(n-1): rounds to 0
+  const __m512i q = _mm512_sra_epi16(x, _mm_cvtsi32_si128(n));  // floor
+  const __m512i r = _mm512_and_si512(x, _mm512_set1_epi16(static_cast<int16_t>((1 << n) - 1)));
+  const __m512i half = _mm512_set1_epi16(static_cast<int16_t>(1 << (n - 1)));
+  const __mmask32 odd = _mm512_test_epi16_mask(q, _mm512_set1_epi16(1));
+  const __mmask32 up = _mm512_cmpgt_epi16_mask(r, half) | (_mm512_cmpeq_epi16_mask(r, half) & odd);
+  return _mm512_mask_add_epi16(q, up, q, _mm512_set1_epi16(1));
+}
+
+// PrepareV with AVX-512 BW: the same w and factors, 32 columns of a token pair at a time.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void PrepareVAvx512(
+    const PvDims& dm, const int8_t* v, int64_t v_row, const int* exps, const uint8_t* valid,
+    PreparedV* out) {
+  alignas(64) static const int16_t kLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                              8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static const int16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                              24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i lo_idx = _mm512_load_si512(kLo), hi_idx = _mm512_load_si512(kHi);
+  const int64_t d = dm.d;
+  for (int64_t g = 0; g < dm.nseg; ++g) {
+    const int64_t s0 = g * dm.seg, s1 = std::min(s0 + dm.seg, dm.s);
+    float* factor = out->factor + g * dm.dpad;
+    std::fill(factor + d, factor + dm.dpad, 0.0f);
+    for (int64_t t = s0 / 2; t < (s1 + 1) / 2; ++t)  // the padding columns of the pairs: 0
+      std::memset(out->w + t * dm.dpad + d, 0, sizeof(int32_t) * (dm.dpad - d));
+    for (int64_t c = 0; c < dm.nb; ++c) {
+      int emax = -100000;  // over the segment's valid tokens (none: r is the floor below)
+      for (int64_t s = s0; s < s1; ++s)
+        if (valid == nullptr || valid[s]) emax = std::max(emax, exps[s * dm.nb + c]);
+      const int r = std::max(emax - 8, -149 - dm.p_exp);
+      const int64_t j0 = c * dm.block, j1 = std::min(j0 + dm.block, d);
+      std::fill(factor + j0, factor + j1, pow2_float(r + dm.p_exp));
+      for (int64_t s = s0; s < s1; s += 2) {
+        const bool has[2] = {valid == nullptr || valid[s] != 0,
+                             s + 1 < s1 && (valid == nullptr || valid[s + 1] != 0)};
+        int32_t* wrow = out->w + (s / 2) * dm.dpad;
+        for (int64_t j = j0; j < j1; j += 32) {
+          const int64_t cols = std::min<int64_t>(32, j1 - j);
+          const __mmask32 m = cols >= 32 ? ~0u : (1u << cols) - 1u;
+          __m512i x[2];
+          for (int i = 0; i < 2; ++i) {
+            x[i] = _mm512_setzero_si512();
+            if (!has[i]) continue;
+            const __m512i wide =
+                _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, v + (s + i) * v_row + j));
+            x[i] = ShiftRoundEven16(wide, r - exps[(s + i) * dm.nb + c]);
+          }
+          const __m512i lo = _mm512_permutex2var_epi16(x[0], lo_idx, x[1]);
+          const __m512i hi = _mm512_permutex2var_epi16(x[0], hi_idx, x[1]);
+          if (cols == 32) {
+            _mm512_storeu_si512(wrow + j, lo);
+            _mm512_storeu_si512(wrow + j + 16, hi);
+          } else {
+            const auto m0 = static_cast<__mmask16>(cols >= 16 ? 0xFFFFu : (1u << cols) - 1u);
+            const auto m1 = static_cast<__mmask16>(cols > 16 ? (1u << (cols - 16)) - 1u : 0u);
+            _mm512_mask_storeu_epi32(wrow + j, m0, lo);
+            _mm512_mask_storeu_epi32(wrow + j + 16, m1, hi);
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void PrepareV(Isa isa, const PvDims& dm, const int8_t* v, int64_t v_row, const float* vs,
+              int64_t s_row, const uint8_t* valid, PreparedV* out) {
   thread_local std::vector<int> exps;
   exps.resize(static_cast<size_t>(dm.s * dm.nb));
   for (int64_t s = 0; s < dm.s; ++s)
     for (int64_t c = 0; c < dm.nb; ++c) exps[s * dm.nb + c] = pow2_exponent(vs[s * s_row + c]);
+  if (isa >= kAvx512) return PrepareVAvx512(dm, v, v_row, exps.data(), valid, out);
   auto* w16 = reinterpret_cast<int16_t*>(out->w);
   std::memset(out->w, 0, sizeof(int32_t) * dm.pairs * dm.dpad);
   std::fill(out->factor, out->factor + dm.nseg * dm.dpad, 0.0f);

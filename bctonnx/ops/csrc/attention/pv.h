@@ -35,8 +35,9 @@ PreparedV HeadScratch(const PvDims& dm);
 // (D and nb, or h * D and h * nb when the inputs come token-major). `valid` (optional, s
 // entries): tokens that take part; the others get w = 0 and no say in their segment's exponent
 // r (ref_attention.block_attention: a sequence's result does not depend on padding tokens).
-void PrepareV(const PvDims& dm, const int8_t* v, int64_t v_row, const float* vs, int64_t s_row,
-              const uint8_t* valid, PreparedV* out);
+// `isa` >= avx512: the AVX-512 BW form, same result.
+void PrepareV(Isa isa, const PvDims& dm, const int8_t* v, int64_t v_row, const float* vs,
+              int64_t s_row, const uint8_t* valid, PreparedV* out);
 
 // y row pointer for output row m of this head; columns contiguous.
 struct RowOut {

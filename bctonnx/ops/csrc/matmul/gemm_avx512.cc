@@ -29,18 +29,7 @@ constexpr int kNv = 3;  // panels per column tile
 #define BCT_UNROLL _Pragma("GCC unroll 16")
 #define BCT_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,fma")))
 
-// acc += u8(a) . s8(b) per 32-bit lane. Inline asm: GCC 12 surrounds the intrinsic with register
-// copies when the accumulators live in arrays (measured ~2x slower loops).
-BCT_AVX512 inline __m512i Dpbusd(__m512i acc, __m512i a, __m512i b) {
-  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
-  return acc;
-}
-
-// Keeps a rounded product from being contracted into the addition after it.
-BCT_AVX512 inline __m512 Rounded(__m512 v) {
-  asm("" : "+v"(v));
-  return v;
-}
+// Dpbusd and Rounded: simd.h.
 
 
 // One column tile of NV panels (any weights): the intrinsics form of the arithmetic.
