@@ -39,6 +39,52 @@ struct Scratch {
   std::vector<float> sk, qe;
 };
 
+// s rows of n bytes (every `ld` bytes) into dst, contiguous: masked 64-byte moves.
+BCT_AVX512 void CopyRows(const int8_t* src, int64_t ld, int64_t s, int64_t n, int8_t* dst) {
+  for (int64_t r = 0; r < s; ++r)
+    for (int64_t i = 0; i < n; i += 64) {
+      const int64_t left = n - i;
+      const __mmask64 m = left >= 64 ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
+      _mm512_mask_storeu_epi8(dst + r * n + i, m, _mm512_maskz_loadu_epi8(m, src + r * ld + i));
+    }
+}
+
+// Sums of a row's codes per block (exact): vpsadbw on the codes + 128 when blocks are whole
+// multiples of 8 (sums of 8 bytes), else plain C++.
+BCT_AVX512 void BlockSums(const int8_t* row, int64_t d, int64_t block, int32_t* out) {
+  if (block % 8 != 0) {
+    for (int64_t b = 0; b * block < d; ++b) {
+      int32_t sum = 0;
+      for (int64_t i = 0; i < block; ++i) sum += row[b * block + i];
+      out[b] = sum;
+    }
+    return;
+  }
+  alignas(64) int64_t eights[kMaxD / 8];
+  const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t i = 0; i < d; i += 64) {
+    const int64_t left = d - i;
+    const __mmask64 m = left >= 64 ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
+    const __m512i u = _mm512_maskz_mov_epi8(m, _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, row + i), offset));
+    _mm512_store_si512(eights + i / 8, _mm512_sad_epu8(u, _mm512_setzero_si512()));
+  }
+  for (int64_t b = 0; b * block < d; ++b) {
+    int64_t sum = -128 * block;
+    for (int64_t j = b * block / 8; j < (b + 1) * block / 8; ++j) sum += eights[j];
+    out[b] = static_cast<int32_t>(sum);
+  }
+}
+
+// A pow2 scale, checked (pow2_exponent throws otherwise): normal powers of two by their bits,
+// the rest through pow2_exponent; the same float comes back.
+inline float CheckedPow2(float scale) {
+  uint32_t bits;
+  std::memcpy(&bits, &scale, sizeof bits);
+  const uint32_t field = bits >> 23;  // with the sign bit: a negative scale is not in 1..254
+  if ((bits & 0x7FFFFFu) != 0 || field == 0 || field >= 255) pow2_exponent(scale);
+  return scale;
+}
+
 }  // namespace
 
 bool FastScoresApply(Isa isa, int64_t d, int64_t block, int64_t score_block) {
@@ -58,39 +104,33 @@ BCT_AVX512 void ScoresAvx512(const ScoresArgs& a) {
   // keys as code 0, then each panel's k-steps gathered from the copy
   const int64_t kd = nb * nks;  // dwords per key
   int32_t* kc = Grow(sc.kc, static_cast<size_t>(npad * kd));
-  for (int64_t c = 0; c < s; ++c) std::memcpy(kc + c * kd, a.k + c * a.k_row, 4 * kd);
+  CopyRows(a.k, a.k_row, s, 4 * kd, reinterpret_cast<int8_t*>(kc));
   std::memset(kc + s * kd, 0, 4 * (npad - s) * kd);
-  for (int64_t c = 0; c < npad; ++c)
-    for (int64_t b = 0; b < nb; ++b) {
-      float scale = 0.0f;
-      if (c < s) {
-        scale = a.ks[c * a.ks_row + b];
-        pow2_exponent(scale);  // pow2 scales only (throws otherwise)
-      }
-      sk[b * npad + c] = scale;
-    }
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int64_t c = 0; c < s; ++c) sk[b * npad + c] = CheckedPow2(a.ks[c * a.ks_row + b]);
+    std::fill(sk + b * npad + s, sk + (b + 1) * npad, 0.0f);
+  }
   const __m512i rows16 = _mm512_mullo_epi32(
       _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
       _mm512_set1_epi32(static_cast<int32_t>(kd)));
   const __m512i offset = _mm512_set1_epi32(static_cast<int32_t>(0x80808080u));
   for (int64_t p = 0; p < npad / 16; ++p)
     for (int64_t i = 0; i < kd; ++i) {
-      const __m512i four = _mm512_i32gather_epi32(_mm512_add_epi32(rows16, _mm512_set1_epi32(static_cast<int32_t>(i))), kc + p * 16 * kd, 4);
+      const __m512i idx = _mm512_add_epi32(rows16, _mm512_set1_epi32(static_cast<int32_t>(i)));
+      const __m512i four = _mm512_i32gather_epi32(idx, kc + p * 16 * kd, 4);
       _mm512_storeu_si512(kp + (p * kd + i) * 16, _mm512_xor_si512(four, offset));
     }
-  // Q: per row and block, the correction -128 * sum(q) and 2^E
+  // Q: its rows copied together too (the tiles read the copy); per row and block the
+  // correction -128 * sum(q) and 2^E
   int32_t* corr = Grow(sc.corr, static_cast<size_t>(s * nb));
   float* qe = Grow(sc.qe, static_cast<size_t>(s * nb));
-  // Q's rows copied together too (the tiles read the copy)
   int8_t* qc = Grow(sc.qc, static_cast<size_t>(s * a.d));
-  for (int64_t r = 0; r < s; ++r) std::memcpy(qc + r * a.d, a.q + r * a.q_row, a.d);
+  CopyRows(a.q, a.q_row, s, a.d, qc);
   for (int64_t r = 0; r < s; ++r) {
-    const int8_t* row = qc + r * a.d;
+    BlockSums(qc + r * a.d, a.d, a.block, corr + r * nb);
     for (int64_t b = 0; b < nb; ++b) {
-      int32_t sum = 0;
-      for (int64_t i = 0; i < a.block; ++i) sum += row[b * a.block + i];
-      corr[r * nb + b] = -128 * sum;
-      qe[r * nb + b] = pow2_float(pow2_exponent(a.qs[r * a.qs_row + b]));
+      corr[r * nb + b] *= -128;
+      qe[r * nb + b] = CheckedPow2(a.qs[r * a.qs_row + b]);
     }
   }
 
@@ -153,25 +193,58 @@ BCT_AVX512 void ScoresAvx512(const ScoresArgs& a) {
         }
       }
       const int rows = static_cast<int>(std::min<int64_t>(kRows, s - r0));
+      // the 4 rows' finished scores (rows past s repeat the last one: harmless below)
+      __m512 v[kRows][2], m[kRows];
+      __mmask16 bad = 0;
+      for (int r = 0; r < kRows; ++r) {
+        for (int h = 0; h < 2; ++h) {
+          __m512 x = y[r][h];
+          if (has_mul) x = Rounded(_mm512_mul_ps(x, mul));
+          if (a.bias != nullptr) x = _mm512_add_ps(x, bias[h]);
+          v[r][h] = _mm512_maskz_mov_ps(kmask[h], x);  // dropped and padding keys: 0
+        }
+        const __m512 a0 = _mm512_and_ps(v[r][0], sign_off), a1 = _mm512_and_ps(v[r][1], sign_off);
+        bad |= _mm512_cmp_ps_mask(a0, fmax, _CMP_NLE_UQ) | _mm512_cmp_ps_mask(a1, fmax, _CMP_NLE_UQ);
+        m[r] = _mm512_max_ps(a0, a1);
+      }
+      if (bad) throw std::runtime_error("input contains NaN or infinity");
+      // the 4 rows' maxima at once: halves, then 128-bit lanes, then within a lane
+      const __m512 t01 = _mm512_max_ps(_mm512_shuffle_f32x4(m[0], m[1], 0x44),
+                                       _mm512_shuffle_f32x4(m[0], m[1], 0xEE));
+      const __m512 t23 = _mm512_max_ps(_mm512_shuffle_f32x4(m[2], m[3], 0x44),
+                                       _mm512_shuffle_f32x4(m[2], m[3], 0xEE));
+      __m512 u = _mm512_max_ps(_mm512_shuffle_f32x4(t01, t23, 0x88),
+                               _mm512_shuffle_f32x4(t01, t23, 0xDD));  // lane r: row r
+      u = _mm512_max_ps(u, _mm512_permute_ps(u, 0x4E));
+      u = _mm512_max_ps(u, _mm512_permute_ps(u, 0xB1));
+      const __m128 amax = _mm512_castps512_ps128(
+          _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), u));
+      // BlockExponent of the 4 maxima (BlockExponentInline's steps; zero -> -128, subnormal
+      // quotients and exponents outside [-127, 126] through the scalar form)
+      const __m128i bits = _mm_castps_si128(_mm_div_ps(amax, _mm_set1_ps(127.0f)));
+      const __m128i field = _mm_srli_epi32(bits, 23);
+      const __m128i frac = _mm_and_si128(bits, _mm_set1_epi32(0x7FFFFF));
+      __m128i e4 = _mm_sub_epi32(field, _mm_set1_epi32(127));
+      e4 = _mm_mask_add_epi32(e4, _mm_test_epi32_mask(frac, frac), e4, _mm_set1_epi32(1));
+      alignas(16) int32_t ev[4];
+      _mm_store_si128(reinterpret_cast<__m128i*>(ev), e4);
+      const __mmask8 odd = _mm_cmpeq_epi32_mask(field, _mm_setzero_si128()) |
+                           _mm_cmpgt_epi32_mask(e4, _mm_set1_epi32(126)) |
+                           _mm_cmplt_epi32_mask(e4, _mm_set1_epi32(-127));
       for (int r = 0; r < rows; ++r) {
-        __m512 v0 = y[r][0], v1 = y[r][1];
-        if (has_mul) {
-          v0 = Rounded(_mm512_mul_ps(v0, mul));
-          v1 = Rounded(_mm512_mul_ps(v1, mul));
+        const int e = (odd >> r) & 1 ? BlockExponentInline(amax[r], 127.0f) : ev[r];
+        __m512i c0v, c1v;
+        if ((odd >> r) & 1) {
+          c0v = Pow2CodesAvx512(v[r][0], e, 127.0f);
+          c1v = Pow2CodesAvx512(v[r][1], e, 127.0f);
+        } else {  // Pow2CodesAvx512's multiply path, 2^-e from its bits
+          const __m512 sc = _mm512_castsi512_ps(_mm512_set1_epi32((127 - e) << 23));
+          const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+          c0v = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_mul_ps(v[r][0], sc), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lo), hi));
+          c1v = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_mul_ps(v[r][1], sc), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lo), hi));
         }
-        if (a.bias != nullptr) {
-          v0 = _mm512_add_ps(v0, bias[0]);
-          v1 = _mm512_add_ps(v1, bias[1]);
-        }
-        v0 = _mm512_maskz_mov_ps(kmask[0], v0);  // dropped and padding keys: 0
-        v1 = _mm512_maskz_mov_ps(kmask[1], v1);
-        const __m512 a0 = _mm512_and_ps(v0, sign_off), a1 = _mm512_and_ps(v1, sign_off);
-        if (_mm512_cmp_ps_mask(a0, fmax, _CMP_NLE_UQ) | _mm512_cmp_ps_mask(a1, fmax, _CMP_NLE_UQ))
-          throw std::runtime_error("input contains NaN or infinity");
-        const int e = BlockExponentInline(_mm512_reduce_max_ps(_mm512_max_ps(a0, a1)), 127.0f);
         const __m256i codes = _mm256_inserti128_si256(
-            _mm256_castsi128_si256(_mm512_cvtepi32_epi8(Pow2CodesAvx512(v0, e, 127.0f))),
-            _mm512_cvtepi32_epi8(Pow2CodesAvx512(v1, e, 127.0f)), 1);
+            _mm256_castsi128_si256(_mm512_cvtepi32_epi8(c0v)), _mm512_cvtepi32_epi8(c1v), 1);
         int8_t* out = a.codes + (r0 + r) * s + c0;
         if (valid == kKeys)
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), codes);
