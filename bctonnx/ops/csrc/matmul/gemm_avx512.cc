@@ -283,7 +283,8 @@ BCT_AVX512 void GemmAvx512(const Operands& op, int64_t m0, int64_t m1, int64_t p
     const int64_t nv = std::min<int64_t>(kNv, p1 - p);
     for (int64_t t = t0; t < t1; ++t) {
       if (!w.int4 && nv == kNv) {
-        std::memset(yt, 0, sizeof yt);
+        // (zmm stores: a memset of these 768 bytes is a `rep stos`, ~3% of the kernel's time)
+        for (int i = 0; i < kRowTile * kNv; ++i) _mm512_store_ps(yt + i * kPanel, _mm512_setzero_ps());
         Tile8Asm(op, t, p, yt);
       } else if (w.int4) {
         TileAny<true>(op, t, p, nv, yt);
