@@ -133,7 +133,6 @@ __attribute__((target("avx2,fma"))) void QuantizeRowAvx2(const float* x, int64_t
   const __m256 sign_off = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   const __m256 fmax = _mm256_set1_ps(FLT_MAX);
   const __m256 vq = _mm256_set1_ps(qmax), vnq = _mm256_set1_ps(-qmax);
-  alignas(32) int32_t tmp[8];
   for (int64_t begin = 0, blk = 0; begin < d; begin += b, ++blk) {
     const int64_t end = std::min(d, begin + b);
     __m256 vmax = _mm256_setzero_ps();
@@ -144,17 +143,17 @@ __attribute__((target("avx2,fma"))) void QuantizeRowAvx2(const float* x, int64_t
       bad |= _mm256_movemask_ps(_mm256_cmp_ps(a, fmax, _CMP_NLE_UQ));
       vmax = _mm256_max_ps(vmax, a);
     }
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, vmax);
-    float amax = 0.0f;
-    for (float l : lanes) amax = std::max(amax, l);
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+    float amax = _mm_cvtss_f32(m4);  // (max is exact: any order)
     for (; i < end; ++i) {
       const float a = std::fabs(x[i]);
       bad |= !(a <= FLT_MAX);
       amax = std::max(amax, a);
     }
     if (bad) Throw("input contains NaN or infinity");
-    const int e = BlockExponent(amax, qmax);
+    const int e = BlockExponentInline(amax, qmax);
     exps[blk] = e;
     const float sf = pow2_float(e);
     const bool divide = e < -127;  // see QuantizeRowAvx512
@@ -165,8 +164,10 @@ __attribute__((target("avx2,fma"))) void QuantizeRowAvx2(const float* x, int64_t
       __m256 v = divide ? _mm256_div_ps(xv, s) : _mm256_mul_ps(xv, s);
       v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       v = _mm256_min_ps(_mm256_max_ps(v, vnq), vq);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), _mm256_cvtps_epi32(v));
-      for (int l = 0; l < 8; ++l) q[i + l] = static_cast<int8_t>(tmp[l]);
+      // codes within [-qmax, qmax]: the saturating packs keep them as they are
+      const __m256i c = _mm256_cvtps_epi32(v);
+      const __m128i c16 = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(q + i), _mm_packs_epi16(c16, c16));
     }
     for (; i < end; ++i) {
       float v = RoundEven(x[i] / sf);

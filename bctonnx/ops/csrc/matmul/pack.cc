@@ -174,8 +174,38 @@ __attribute__((target("avx512f,avx512bw"))) void SegmentSumsAvx512(const int8_t*
   }
 }
 
-void SegmentSums(const int8_t* q, int64_t g, int64_t nseg, bool simd, int32_t* out) {
-  if (simd && g % 8 == 0) return SegmentSumsAvx512(q, g, nseg, out);
+// SegmentSumsAvx512 with AVX2: vpsadbw on 32 bytes, then on 8 at a time for the tail.
+__attribute__((target("avx2"))) void SegmentSumsAvx2(const int8_t* q, int64_t g, int64_t nseg,
+                                                     int32_t* out) {
+  const int64_t k = g * nseg;
+  alignas(32) int64_t q8[4];
+  int64_t acc = 0, filled = 0, j = 0;  // bytes of segment j summed so far
+  auto add8 = [&](int64_t sum8) {
+    acc += sum8 - 8 * 128;
+    filled += 8;
+    if (filled == g) {
+      out[j++] = static_cast<int32_t>(acc);
+      acc = 0;
+      filled = 0;
+    }
+  };
+  int64_t i = 0;
+  for (; i + 32 <= k; i += 32) {
+    const __m256i u = _mm256_xor_si256(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i)), _mm256_set1_epi8(static_cast<char>(0x80)));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(q8), _mm256_sad_epu8(u, _mm256_setzero_si256()));
+    for (int64_t v : q8) add8(v);
+  }
+  for (; i < k; i += 8) {  // k is a multiple of 8 here
+    const __m128i u = _mm_xor_si128(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i)),
+                                    _mm_set1_epi8(static_cast<char>(0x80)));
+    add8(_mm_cvtsi128_si64(_mm_sad_epu8(u, _mm_setzero_si128())));
+  }
+}
+
+void SegmentSums(const int8_t* q, int64_t g, int64_t nseg, Isa isa, int32_t* out) {
+  if (isa >= kAvx512 && g % 8 == 0) return SegmentSumsAvx512(q, g, nseg, out);
+  if (isa == kAvx2 && g % 8 == 0) return SegmentSumsAvx2(q, g, nseg, out);
   for (int64_t j = 0; j < nseg; ++j) {
     int32_t s = 0;
     for (int64_t kk = 0; kk < g; ++kk) s += q[j * g + kk];
@@ -214,14 +244,47 @@ __attribute__((target("avx512f,avx512bw"))) void InterleaveTile(const int8_t* co
   }
 }
 
+// InterleaveTile with AVX2: per 32 bytes of the rows, a 4 x 8 dword transpose (in-lane 4 x 4
+// transposes, then the 128-bit lanes); a last slice under 32 bytes through a zero-padded copy.
+__attribute__((target("avx2"))) void InterleaveTileAvx2(const int8_t* const rows[4], int64_t k,
+                                                        int8_t* tile) {
+  for (int64_t i = 0; i < k; i += 32) {
+    const int64_t n = std::min<int64_t>(32, k - i);
+    __m256i v[4];
+    for (int r = 0; r < 4; ++r) {
+      if (!rows[r]) {
+        v[r] = _mm256_setzero_si256();
+      } else if (n == 32) {
+        v[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + i));
+      } else {
+        alignas(32) int8_t part[32] = {};
+        std::memcpy(part, rows[r] + i, static_cast<size_t>(n));
+        v[r] = _mm256_load_si256(reinterpret_cast<const __m256i*>(part));
+      }
+    }
+    const __m256i ab_lo = _mm256_unpacklo_epi32(v[0], v[1]), ab_hi = _mm256_unpackhi_epi32(v[0], v[1]);
+    const __m256i cd_lo = _mm256_unpacklo_epi32(v[2], v[3]), cd_hi = _mm256_unpackhi_epi32(v[2], v[3]);
+    // per 128-bit lane L: t0 = k-step 4L, t1 = 4L + 1, t2 = 4L + 2, t3 = 4L + 3 of the 4 rows
+    const __m256i t0 = _mm256_unpacklo_epi64(ab_lo, cd_lo), t1 = _mm256_unpackhi_epi64(ab_lo, cd_lo);
+    const __m256i t2 = _mm256_unpacklo_epi64(ab_hi, cd_hi), t3 = _mm256_unpackhi_epi64(ab_hi, cd_hi);
+    const __m256i out[4] = {_mm256_permute2x128_si256(t0, t1, 0x20), _mm256_permute2x128_si256(t2, t3, 0x20),
+                            _mm256_permute2x128_si256(t0, t1, 0x31), _mm256_permute2x128_si256(t2, t3, 0x31)};
+    const int64_t steps = (n + 3) / 4;  // k-steps in this slice: 16 bytes of the tile each
+    alignas(32) int8_t last[128];
+    int8_t* dst = steps == 8 ? tile + (i / 4) * 16 : last;
+    for (int o = 0; o < 4; ++o) _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + o * 32), out[o]);
+    if (steps < 8) std::memcpy(tile + (i / 4) * 16, last, static_cast<size_t>(steps * 16));
+  }
+}
+
 }  // namespace
 
 void PackActRows(const PackedWeights& w, const ActsSizes& sz, bool interleaved, Isa isa,
                  const int8_t* q, int64_t ldq, const int* exps, int64_t lde, int64_t m0,
                  int64_t m1, const ActsBuffers& buf) {
   const int64_t g = w.g, gp = w.gp, spb = w.spb, nseg = w.nseg;
-  const bool simd = isa >= kAvx512;
-  const bool fast_copy = simd && interleaved && gp == g && m0 % kRowTile == 0;
+  const Isa simd = isa >= kAvx512 ? kAvx512 : isa;  // (AMX packs as AVX-512)
+  const bool fast_copy = simd >= kAvx2 && interleaved && gp == g && m0 % kRowTile == 0;
   const int span = CombineSpan(w.block);
   thread_local std::vector<int8_t> lowered_rows;  // rows with a re-quantized segment
   thread_local std::vector<int32_t> sums;
@@ -288,7 +351,10 @@ void PackActRows(const PackedWeights& w, const ActsSizes& sz, bool interleaved, 
         }
       }
     }
-    if (fast_copy) InterleaveTile(tile_rows, nseg * g, buf.a + (t0 / kRowTile) * sz.tile_bytes);
+    if (fast_copy && simd == kAvx2)
+      InterleaveTileAvx2(tile_rows, nseg * g, buf.a + (t0 / kRowTile) * sz.tile_bytes);
+    else if (fast_copy)
+      InterleaveTile(tile_rows, nseg * g, buf.a + (t0 / kRowTile) * sz.tile_bytes);
   }
 }
 
