@@ -27,7 +27,7 @@ alignas(64) constexpr int8_t kZeroDiffs[256] = {};  // the table of a block whos
 
 struct GeluAvx2Buffers {
   std::vector<int8_t> q;            // a row whose length is not a multiple of 32, zero padded
-  std::vector<const int8_t*> rows;  // per block: its diffs row
+  std::vector<const int8_t*> rows;  // per 16-code chunk: its block's diffs row
 };
 
 // Chunk `off / 16` of the diffs rows t0 (lanes 0-15) and t1 (lanes 16-31; kSame: t1 == t0).
@@ -55,40 +55,82 @@ BCT_AVX2 __attribute__((always_inline)) inline __m256i gelu_lookup32(const int8_
   return acc;
 }
 
+// The diffs row of block b (after gelu_group_exponents).
+inline const int8_t* gelu_diffs_row(const GeluTables& tb, const GeluBlock& gb) {
+  const int ki = gelu_shift_index(gb, gb.eo);
+  return ki < 0 ? kZeroDiffs : tb.diffs[gb.ei][ki];
+}
+
+// Codes of one step (32 at `st * 32`, those before d stored).
+BCT_AVX2 __attribute__((always_inline)) inline void gelu_store32(int8_t* y, int64_t st, int64_t d,
+                                                                 __m256i r) {
+  if (st * 32 + 32 <= d) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + st * 32), r);
+  } else {
+    alignas(32) int8_t tail[32];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(tail), r);
+    std::memcpy(y + st * 32, tail, static_cast<size_t>(d - st * 32));
+  }
+}
+
 // One row: codes q (d, readable and 0 up to a multiple of 32), block exponents e, codes y (d),
-// group scales ys; gbs, rows: nb entries of scratch.
+// group scales ys; gbs: nb entries of scratch, rows (block sizes 16, 48, ...): one per 16
+// codes, and one more.
 BCT_AVX2 void gelu_row_avx2(const GeluTables& tb, const Blocking& bl, GeluGrouping gr,
                             const int8_t* q, const int16_t* e, int8_t* y, float* ys,
                             GeluBlock* gbs, const int8_t** rows) {
-  const int64_t d = bl.d, nb = bl.nb, cpb = bl.b / 16, chunks = (d + 15) / 16;
-  const __m128i lowest = _mm_set1_epi8(-128);
+  const int64_t d = bl.d, nb = bl.nb, steps = (d + 31) / 32;
+  // per block: the largest code and whether any is negative (the padding's zeros change
+  // neither decision), in steps of 32 codes (block sizes 32, 64, ...) or 16; then its max |T|
+  // and exponent
   for (int64_t b = 0; b < nb; ++b) {
-    __m128i mx = lowest, any = _mm_setzero_si128();
-    for (int64_t c = b * cpb; c < std::min((b + 1) * cpb, chunks); ++c) {
-      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + c * 16));
-      mx = _mm_max_epi8(mx, v);
-      any = _mm_or_si128(any, v);
+    const int64_t i0 = b * bl.b, i1 = std::min(i0 + bl.b, d);
+    __m128i m, any;
+    if (bl.b % 32 == 0) {
+      __m256i mx = _mm256_set1_epi8(-128), ay = _mm256_setzero_si256();
+      for (int64_t i = i0; i < i1; i += 32) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i));
+        mx = _mm256_max_epi8(mx, v);
+        ay = _mm256_or_si256(ay, v);
+      }
+      m = _mm_max_epi8(_mm256_castsi256_si128(mx), _mm256_extracti128_si256(mx, 1));
+      any = _mm_or_si128(_mm256_castsi256_si128(ay), _mm256_extracti128_si256(ay, 1));
+    } else {
+      m = _mm_set1_epi8(-128);
+      any = _mm_setzero_si128();
+      for (int64_t i = i0; i < i1; i += 16) {
+        const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i));
+        m = _mm_max_epi8(m, v);
+        any = _mm_or_si128(any, v);
+      }
     }
-    const int n = static_cast<int>(std::min(bl.b, d - b * bl.b));
-    gbs[b] = gelu_block(tb, q + b * bl.b, n, e[b], hmax16_epi8(mx), _mm_movemask_epi8(any) != 0);
+    const int n = static_cast<int>(i1 - i0);
+    gbs[b] = gelu_block(tb, q + i0, n, e[b], hmax16_epi8(m), _mm_movemask_epi8(any) != 0);
   }
   gelu_group_exponents(bl, gr, gbs, ys);
-  for (int64_t b = 0; b < nb; ++b) {
-    const int ki = gelu_shift_index(gbs[b], gbs[b].eo);
-    rows[b] = ki < 0 ? kZeroDiffs : tb.diffs[gbs[b].ei][ki];
-  }
-  for (int64_t st = 0; st * 32 < d; ++st) {
-    const int8_t* t0 = rows[(2 * st) / cpb];
-    const int8_t* t1 = rows[std::min(nb - 1, (2 * st + 1) / cpb)];
-    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + st * 32));
-    const __m256i r = t0 == t1 ? gelu_lookup32<true>(t0, t0, x) : gelu_lookup32<false>(t0, t1, x);
-    if (st * 32 + 32 <= d) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + st * 32), r);
-    } else {
-      alignas(32) int8_t tail[32];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(tail), r);
-      std::memcpy(y + st * 32, tail, static_cast<size_t>(d - st * 32));
+  if (bl.b % 32 == 0) {  // whole steps per block: one table per step
+    const int64_t spb = bl.b / 32;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int8_t* t = gelu_diffs_row(tb, gbs[b]);
+      for (int64_t st = b * spb; st < std::min((b + 1) * spb, steps); ++st) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + st * 32));
+        gelu_store32(y, st, d, gelu_lookup32<true>(t, t, x));
+      }
     }
+    return;
+  }
+  const int64_t cpb = bl.b / 16, chunks = (d + 15) / 16;
+  for (int64_t b = 0; b < nb; ++b) {
+    const int8_t* row = gelu_diffs_row(tb, gbs[b]);
+    for (int64_t c = b * cpb; c < std::min((b + 1) * cpb, chunks); ++c) rows[c] = row;
+  }
+  rows[chunks] = rows[chunks - 1];  // the upper half of a last step past the row
+  for (int64_t st = 0; st < steps; ++st) {
+    const int8_t* t0 = rows[2 * st];
+    const int8_t* t1 = rows[2 * st + 1];
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + st * 32));
+    gelu_store32(y, st, d,
+                 t0 == t1 ? gelu_lookup32<true>(t0, t0, x) : gelu_lookup32<false>(t0, t1, x));
   }
 }
 
@@ -99,7 +141,7 @@ void gelu_rows_avx2(const GeluTables& tb, const Blocking& bl, GeluGrouping gr, c
                     GeluBlock* gbs) {
   thread_local GeluAvx2Buffers buf;
   const int64_t d = bl.d, padded = (d + 31) / 32 * 32;
-  const int8_t** rows = grow(buf.rows, bl.nb);
+  const int8_t** rows = grow(buf.rows, padded / 16 + 1);
   int8_t* qpad = grow(buf.q, padded);
   for (int64_t r = r0; r < r1; ++r) {
     const int8_t* q = x + r * d;

@@ -67,6 +67,10 @@ struct GeluGrouping {
 // Each block's output exponent: the largest of its group's (gbs[b].eo is overwritten), and
 // the group scales of one row.
 inline void gelu_group_exponents(const Blocking& bl, GeluGrouping gr, GeluBlock* gbs, float* ys) {
+  if (gr.per == 1) {  // each block its own group
+    for (int64_t b = 0; b < bl.nb; ++b) ys[b] = pow2_float(gbs[b].eo);
+    return;
+  }
   for (int64_t gi = 0; gi < gr.ngrp; ++gi) {
     const int64_t b0 = gi * gr.per, b1 = std::min(bl.nb, b0 + gr.per);
     int eo = -128;
