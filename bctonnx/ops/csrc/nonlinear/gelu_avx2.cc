@@ -12,8 +12,8 @@
 // four bits: the XOR of those 8 lookups is x's entry, and every lookup of a negative x is 0.
 // The negative half is the same with x ^ 0x80 (x + 128 for x < 0, negative for x >= 0). That is
 // 16 vpshufb, 16 vpsubsb and 16 vpxor per 32 codes, every code's bits exact; no gathers (slow
-// on many AVX2 CPUs). The two 16-byte lanes of a step may belong to two blocks (block sizes
-// 16, 48, ...), each with its own table.
+// on many AVX2 CPUs). Block sizes 32, 64, ...: block by block, one table per step; 16, 48, ...:
+// the two 16-byte lanes of a step may belong to two blocks, each with its own table.
 #include "../reduce8.h"
 #include "gelu_steps.h"
 
@@ -55,22 +55,10 @@ BCT_AVX2 __attribute__((always_inline)) inline __m256i gelu_lookup32(const int8_
   return acc;
 }
 
-// The diffs row of block b (after gelu_group_exponents).
+// A block's diffs row, at the output exponent gelu_group_exponents gave it.
 inline const int8_t* gelu_diffs_row(const GeluTables& tb, const GeluBlock& gb) {
   const int ki = gelu_shift_index(gb, gb.eo);
   return ki < 0 ? kZeroDiffs : tb.diffs[gb.ei][ki];
-}
-
-// Codes of one step (32 at `st * 32`, those before d stored).
-BCT_AVX2 __attribute__((always_inline)) inline void gelu_store32(int8_t* y, int64_t st, int64_t d,
-                                                                 __m256i r) {
-  if (st * 32 + 32 <= d) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + st * 32), r);
-  } else {
-    alignas(32) int8_t tail[32];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(tail), r);
-    std::memcpy(y + st * 32, tail, static_cast<size_t>(d - st * 32));
-  }
 }
 
 // One row: codes q (d, readable and 0 up to a multiple of 32), block exponents e, codes y (d),
@@ -114,7 +102,7 @@ BCT_AVX2 void gelu_row_avx2(const GeluTables& tb, const Blocking& bl, GeluGroupi
       const int8_t* t = gelu_diffs_row(tb, gbs[b]);
       for (int64_t st = b * spb; st < std::min((b + 1) * spb, steps); ++st) {
         const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + st * 32));
-        gelu_store32(y, st, d, gelu_lookup32<true>(t, t, x));
+        store_step32(y, st, d, gelu_lookup32<true>(t, t, x));
       }
     }
     return;
@@ -129,7 +117,7 @@ BCT_AVX2 void gelu_row_avx2(const GeluTables& tb, const Blocking& bl, GeluGroupi
     const int8_t* t0 = rows[2 * st];
     const int8_t* t1 = rows[2 * st + 1];
     const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + st * 32));
-    gelu_store32(y, st, d,
+    store_step32(y, st, d,
                  t0 == t1 ? gelu_lookup32<true>(t0, t0, x) : gelu_lookup32<false>(t0, t1, x));
   }
 }

@@ -256,6 +256,18 @@ BCT_AVX2 __attribute__((always_inline)) inline __m256i halves(__m128i lo, __m128
 BCT_AVX2 __attribute__((always_inline)) inline __m128i load16(const void* p) {  // aligned
   return _mm_load_si128(static_cast<const __m128i*>(p));
 }
+// Stores step st of a row of d bytes: the 32 bytes of v, or those before d in the row's last step.
+BCT_AVX2 __attribute__((always_inline)) inline void store_step32(void* row, int64_t st, int64_t d,
+                                                                 __m256i v) {
+  char* p = static_cast<char*>(row) + st * 32;
+  if (st * 32 + 32 <= d) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
+  } else {
+    alignas(32) char tail[32];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(tail), v);
+    std::memcpy(p, tail, static_cast<size_t>(d - st * 32));
+  }
+}
 #endif
 
 }  // namespace nl

@@ -173,13 +173,7 @@ BCT_AVX2 void softmax_row_avx2(const Blocking& bl, const int8_t* q, const int16_
     const __m256i h1 = _mm256_mulhi_epu16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + st * 32 + 16)), vr);
     const __m256i p = _mm256_packus_epi16(_mm256_srli_epi16(_mm256_add_epi16(h0, c64), 7),
                                           _mm256_srli_epi16(_mm256_add_epi16(h1, c64), 7));
-    if (st * 32 + 32 <= d) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + st * 32), p);
-    } else {
-      alignas(32) uint8_t tail[32];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(tail), p);
-      std::memcpy(y + st * 32, tail, static_cast<size_t>(d - st * 32));
-    }
+    store_step32(y, st, d, p);
   }
 }
 
