@@ -2,10 +2,10 @@
 (bctonnx/ops/ref_nonlinear.py, the specification), edge values, extreme exponents, and the
 documented accuracy vs float GELU / softmax / LayerNorm.
 
-Every kernel runs twice: the default (AVX-512 paths where the CPU has them) and ``simd=0``
-(the portable scalar kernels), so both implementations are checked against the reference.
-IntSoftmax and IntLayerNorm run a third time with ``BCTONNX_ISA=avx2`` (their AVX2 kernels; on
-an AVX-512 CPU the cap is what selects them).
+Every kernel runs three times: the default (AVX-512 paths where the CPU has them), with
+``BCTONNX_ISA=avx2`` (the AVX2 kernels; on an AVX-512 CPU the cap is what selects them) and
+``simd=0`` (the portable scalar kernels), so every implementation is checked against the
+reference.
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ from bctonnx.ops import ref_nonlinear as R
 BLOCK_SIZES = (16, 32, 64, 128)
 LENGTHS = (1, 7, 33, 127)
 SIMD = (1, 0)
-# IntSoftmax's and IntLayerNorm's kernels: default, "avx2" (simd=1 with BCTONNX_ISA=avx2),
-# portable
+# The kernels: default, "avx2" (simd=1 with BCTONNX_ISA=avx2), portable
 AVX2_SIMD = (1, "avx2", 0)
 
 
@@ -278,10 +277,10 @@ def test_reblock_equals_blockformat_on_float32_values(g):
 # bit-exactness: IntGelu
 
 
-@pytest.mark.parametrize("simd", SIMD)
+@pytest.mark.parametrize("simd", AVX2_SIMD)
 @pytest.mark.parametrize("b", BLOCK_SIZES)
 def test_gelu_bit_exact(lib, b, simd):
-    rng = np.random.default_rng(b + 10 * simd)
+    rng = np.random.default_rng(b + 10 * AVX2_SIMD.index(simd))
     cases = [random_case(rng, (3, 2, d), b) for d in (*LENGTHS, 384)]
     cases += edge_cases(rng, (2, 3, 2 * b + 5), b)
     for x, s in cases:
@@ -305,7 +304,7 @@ def test_gelu_approximate_attribute(lib):
 
 
 @pytest.mark.parametrize("approximate", R.GELU_APPROXIMATIONS)
-@pytest.mark.parametrize("simd", SIMD)
+@pytest.mark.parametrize("simd", AVX2_SIMD)
 def test_gelu_every_code_at_every_exponent(lib, simd, approximate):
     """All 256 codes at exponents -40..+8 (the table range and beyond, both clamps)."""
     codes = np.tile(np.arange(-128, 128, dtype=np.int16), (49, 1)).astype(np.int8)
@@ -322,12 +321,12 @@ def test_gelu_every_code_at_every_exponent(lib, simd, approximate):
     assert_same(run_gelu(lib, x, scales(e1), 16, simd, approximate=approximate), want)
 
 
-@pytest.mark.parametrize("simd", SIMD)
+@pytest.mark.parametrize("simd", AVX2_SIMD)
 @pytest.mark.parametrize("b, per", [(32, 4), (16, 2), (16, 8), (64, 3), (32, 1)])
 def test_gelu_out_blocks_bit_exact(lib, b, per, simd):
     """out_block_size = per * block_size: several input blocks quantized together (partial
     last groups, exponents far apart inside a group, all-zero blocks, extreme exponents)."""
-    rng = np.random.default_rng(b * per + simd)
+    rng = np.random.default_rng(b * per + AVX2_SIMD.index(simd))
     cases = [random_case(rng, (3, 2, d), b) for d in (*LENGTHS, 384, b * per * 2 + b + 3)]
     cases += edge_cases(rng, (2, 3, 2 * b * per + 5), b)
     x = rng.integers(-128, 128, (8, b * per * 2)).astype(np.int8)
@@ -361,7 +360,7 @@ def test_gelu_rejects_out_blocks_that_do_not_nest(lib):
         run_gelu(lib, x, s, 32, out_block=48)
 
 
-@pytest.mark.parametrize("simd", SIMD)
+@pytest.mark.parametrize("simd", AVX2_SIMD)
 def test_gelu_extreme_exponents(lib, simd):
     rng = np.random.default_rng(7)
     for e0 in (-149, -140, -128, -31, 4, 100, 127):
@@ -372,6 +371,24 @@ def test_gelu_extreme_exponents(lib, simd):
         y, ys = run_gelu(lib, x, s, 32, simd)
         assert_same((y, ys), R.int_gelu(x, s, 32))
         assert y.min() >= -127 and np.all(np.isfinite(ys))
+
+
+@pytest.mark.parametrize("simd", (1, "avx2"))
+def test_gelu_every_block_size(lib, simd):
+    """Every block size the AVX2 kernel takes (multiples of 16 up to 4096: two blocks in one
+    32-code step, one block over many steps) and a few it leaves to the portable kernel, on rows
+    that end inside a block: random codes and exponents, an all-zero block next to others,
+    blocks whose largest |GELU| is a negative code's (the exact scan), groups of two blocks."""
+    rng = np.random.default_rng(13)
+    for b in (*range(16, 4097, 16), 1, 5, 8, 24, 40, 100):
+        for d in (2 * b + 17, 5, b):
+            x, s = random_case(rng, (4, d), b, -12, 4)
+            x[1, :b] = 0
+            x[2] = rng.integers(-128, 2, d)  # negatives dominate (for e around 0)
+            x[3, : min(d, 3)] = [127, -128, 16][: min(d, 3)]
+            assert_same(run_gelu(lib, x, s, b, simd), R.int_gelu(x, s, b))
+            want = R.int_gelu(x, s, b, 2 * b, approximate="tanh")
+            assert_same(run_gelu(lib, x, s, b, simd, out_block=2 * b, approximate="tanh"), want)
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 // IntGelu: integer GELU by table (ref_nonlinear.int_gelu); shared pieces in nonlinear.h.
-#include "nonlinear.h"
+#include "gelu_steps.h"
 
 namespace bct {
 namespace {
@@ -7,14 +7,6 @@ using namespace nl;
 
 // ------------------------------------------------------------------------------------------
 // IntGelu (ref: int_gelu, gelu_table, _phi)
-
-constexpr int kGeluF = 16;
-constexpr int kGeluELo = -30;
-constexpr int kGeluEHi = 3;
-constexpr int kGeluNE = kGeluEHi - kGeluELo + 1;
-constexpr int kGeluKMin = -6;  // |T| >= 1 -> k >= -6
-constexpr int kGeluKMax = 24;  // |T| < 2^23 -> k > 24 gives zeros
-constexpr int kGeluNK = kGeluKMax - kGeluKMin + 1;
 
 // float64 table construction: the reference's operations in the reference's order.
 #if defined(__GNUC__) && !defined(__clang__)
@@ -88,12 +80,6 @@ double phi_tanh(double x) {  // ref: _phi_tanh
 #pragma GCC pop_options
 #endif
 
-struct GeluTables {
-  int32_t t[kGeluNE][256];                         // T[e][q + 128]
-  int32_t negmax[kGeluNE];                         // max |T| over q < 0
-  alignas(64) int8_t codes[kGeluNE][kGeluNK][256];  // clamp(shift_round_even(T, k), -127, 127)
-};
-
 // ref: gelu_table(approximate): the erf form, or (tanh) the tanh form.
 GeluTables* make_gelu_tables(bool tanh) {
   auto* g = new GeluTables;
@@ -112,6 +98,10 @@ GeluTables* make_gelu_tables(bool tanh) {
       for (int q = 0; q < 256; ++q)
         g->codes[ei][ki][q] = static_cast<int8_t>(
             std::clamp<int64_t>(shift_round_even(g->t[ei][q], kGeluKMin + ki), -127, 127));
+    for (int ki = 0; ki < kGeluNK; ++ki)
+      for (int q = 0; q < 256; ++q)
+        g->diffs[ei][ki][q] =
+            static_cast<int8_t>(g->codes[ei][ki][q] ^ (q % 128 >= 16 ? g->codes[ei][ki][q - 16] : 0));
   }
   return g;
 }
@@ -123,53 +113,6 @@ const GeluTables& gelu_tables(bool tanh) {  // each built once, when first asked
   }
   static const GeluTables* erf_tables = make_gelu_tables(false);
   return *erf_tables;
-}
-
-// Per block, given the max code `hi` and whether a negative code is present: the block's
-// max |T| (exact; the scan over negative codes only runs when they might dominate), its table
-// row index and grid g = e - 16, and the output exponent it asks for.
-struct GeluBlock {
-  int64_t m;
-  int ei, g, eo;
-};
-
-inline GeluBlock gelu_block(const GeluTables& tb, const int8_t* xb, int n, int e, int hi,
-                            bool anyneg) {
-  const int ei = std::clamp(e, kGeluELo, kGeluEHi) - kGeluELo;
-  const int32_t* t = tb.t[ei];
-  int64_t m = hi > 0 ? t[hi + 128] : 0;  // GELU is increasing for x > 0
-  if (anyneg && m < tb.negmax[ei]) {      // negatives may dominate: exact max
-    m = 0;
-    for (int i = 0; i < n; ++i) m = std::max<int64_t>(m, std::abs(t[xb[i] + 128]));
-  }
-  const int g = e - kGeluF;
-  return {m, ei, g, reblock_exponent(static_cast<uint64_t>(m), g)};
-}
-
-// The code table row of a block at output exponent eo >= its own (nullptr: all codes 0). The
-// shift k = eo - g is at least the block's own, so >= kGeluKMin; beyond kGeluKMax every code
-// rounds to 0.
-inline const int8_t* gelu_codes_row(const GeluTables& tb, const GeluBlock& gb, int eo) {
-  const int k = eo - gb.g;
-  if (gb.m == 0 || k > kGeluKMax) return nullptr;
-  return tb.codes[gb.ei][k - kGeluKMin];
-}
-
-// Output blocks of `per` input blocks (ref: reblock_grouped; per = 1: reblock).
-struct GeluGrouping {
-  int64_t per, ngrp;
-};
-
-// Each block's output exponent: the largest of its group's (gbs[b].eo is overwritten), and
-// the group scales of one row.
-inline void gelu_group_exponents(const Blocking& bl, GeluGrouping gr, GeluBlock* gbs, float* ys) {
-  for (int64_t gi = 0; gi < gr.ngrp; ++gi) {
-    const int64_t b0 = gi * gr.per, b1 = std::min(bl.nb, b0 + gr.per);
-    int eo = -128;
-    for (int64_t b = b0; b < b1; ++b) eo = std::max(eo, gbs[b].eo);
-    for (int64_t b = b0; b < b1; ++b) gbs[b].eo = eo;
-    ys[gi] = pow2_float(eo);
-  }
 }
 
 // Per row: every block's max |T| (scan), the group exponents, then every block's codes from
@@ -254,7 +197,7 @@ BCT_AVX512VBMI void gelu_rows_avx512(const GeluTables& tb, const Blocking& bl, G
 struct IntGeluKernel {
   int64_t block_size = 0;
   int64_t out_block_size = 0;  // a multiple of block_size (attribute 0 or absent: the same)
-  bool simd = false;
+  Isa isa = kScalar;
   bool tanh = false;  // attribute approximate: "none" (erf GELU, the default) or "tanh"
   static constexpr const char* kName = "IntGelu";
   static constexpr std::array kInputs{ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
@@ -263,7 +206,7 @@ struct IntGeluKernel {
   IntGeluKernel(const OrtApi&, const OrtKernelInfo* info) {
     const Attributes attrs(info, kName);
     block_size = attrs.Int("block_size", 1, kMaxNonlinearBlock);
-    simd = read_simd(attrs);
+    isa = read_isa(attrs);
     out_block_size = attrs.Int("out_block_size", 0, kMaxBlockSize, 0);
     if (out_block_size == 0) out_block_size = block_size;
     if (out_block_size % block_size)
@@ -288,11 +231,16 @@ struct IntGeluKernel {
     const int16_t* ex = input_exponents(KernelArgs::data<float>(x_scale), bl.rows * bl.nb);
     const GeluTables& tb = gelu_tables(tanh);
     const int8_t* xi = KernelArgs::data<int8_t>(x);
-    const bool fast = simd && cpu_avx512vbmi();
+    const bool fast = isa >= kAvx512 && cpu_avx512vbmi();
+    const bool avx2 = !fast && isa >= kAvx2 && bl.b % 16 == 0;
     parallel_rows(ctx, bl.rows, bl.d, [&](int64_t r0, int64_t r1) {
       GeluBlock* gbs = scratch<GeluBlock, 1>(static_cast<size_t>(bl.nb));  // one row's blocks
 #if BCT_X86
       if (fast) return gelu_rows_avx512(tb, bl, gr, xi, ex, yo, so, r0, r1, gbs);
+      if (avx2) return gelu_rows_avx2(tb, bl, gr, xi, ex, yo, so, r0, r1, gbs);
+#else
+      (void)fast;
+      (void)avx2;
 #endif
       gelu_rows_portable(tb, bl, gr, xi, ex, yo, so, r0, r1, gbs);
     });

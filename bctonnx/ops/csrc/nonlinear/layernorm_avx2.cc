@@ -14,8 +14,6 @@
 
 #if BCT_X86
 
-#define BCT_AVX2 __attribute__((target("avx2")))
-
 namespace bct {
 namespace nl {
 namespace {

@@ -14,9 +14,9 @@
 // Up to three implementations of each row kernel, giving the same bits:
 // - portable: the reference's steps literally, scalar C++ (target_clones avx2/default so the
 //   compiler may vectorize it on AVX2 machines; nothing in a cloned function throws);
-// - AVX2 (IntSoftmax and IntLayerNorm, block sizes multiple of 16: *_avx2.cc), hand-written
-//   intrinsics, chosen when the ISA (platform.h, capped by BCTONNX_ISA) is avx2 (IntLayerNorm
-//   also at avx512 for blocks > 1024); IntGelu has none (portable on AVX2);
+// - AVX2 (block sizes multiple of 16: *_avx2.cc), hand-written intrinsics, chosen when the ISA
+//   (platform.h, capped by BCTONNX_ISA) is avx2 (IntLayerNorm also at avx512 for blocks > 1024,
+//   IntGelu at avx512 on a CPU without VBMI);
 // - AVX-512, hand-written intrinsics, chosen at run time when the CPU has it: F/BW/VL/DQ for
 //   IntSoftmax (block sizes multiple of 16), + VBMI for IntGelu's byte-table lookups (any block
 //   size), + CD (lzcnt) for IntLayerNorm (block sizes multiple of 16, <= 1024).
@@ -61,6 +61,7 @@
 #define BCT_CLONES
 #endif
 #if BCT_X86
+#define BCT_AVX2 __attribute__((target("avx2")))
 #define BCT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 #define BCT_AVX512VBMI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi")))
 #define BCT_AVX512CD __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512cd")))
@@ -184,10 +185,6 @@ inline Isa read_isa(const Attributes& attrs) {
   return simd ? ChooseIsa() : kScalar;
 }
 
-// AVX-512 kernels allowed? read_isa at avx512 or above (avx2 and scalar mean the portable
-// kernels for the ops without an AVX2 path, amx the AVX-512 ones).
-inline bool read_simd(const Attributes& attrs) { return read_isa(attrs) >= kAvx512; }
-
 #if BCT_X86
 inline bool cpu_avx512() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -251,6 +248,26 @@ BCT_AVX512 inline int hmax_epi8(__m128i m) {
 #endif
 
 #if BCT_X86
+// Two 16-byte halves in one register: lo in lanes 0-15, hi in 16-31 (the AVX2 kernels' steps of
+// 32 bytes whose halves may belong to two blocks).
+BCT_AVX2 __attribute__((always_inline)) inline __m256i halves(__m128i lo, __m128i hi) {
+  return _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+}
+BCT_AVX2 __attribute__((always_inline)) inline __m128i load16(const void* p) {  // aligned
+  return _mm_load_si128(static_cast<const __m128i*>(p));
+}
+// Stores step st of a row of d bytes: the 32 bytes of v, or those before d in the row's last step.
+BCT_AVX2 __attribute__((always_inline)) inline void store_step32(void* row, int64_t st, int64_t d,
+                                                                 __m256i v) {
+  char* p = static_cast<char*>(row) + st * 32;
+  if (st * 32 + 32 <= d) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
+  } else {
+    alignas(32) char tail[32];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(tail), v);
+    std::memcpy(p, tail, static_cast<size_t>(d - st * 32));
+  }
+}
 #endif
 
 }  // namespace nl

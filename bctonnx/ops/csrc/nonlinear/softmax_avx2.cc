@@ -16,8 +16,6 @@
 
 #if BCT_X86
 
-#define BCT_AVX2 __attribute__((target("avx2")))
-
 namespace bct {
 namespace nl {
 namespace {
@@ -57,14 +55,6 @@ struct SoftmaxAvx2Buffers {
   std::vector<int64_t> sb, f;  // per block: the sum of E, F_b
   std::vector<uint16_t> rb;    // per block: R_b
 };
-
-// Two 16-byte halves in one register: lo in lanes 0-15, hi in 16-31.
-BCT_AVX2 __attribute__((always_inline)) inline __m256i halves(__m128i lo, __m128i hi) {
-  return _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
-}
-BCT_AVX2 __attribute__((always_inline)) inline __m128i load16(const void* p) {
-  return _mm_load_si128(static_cast<const __m128i*>(p));
-}
 
 // One row: codes q (d, readable up to steps * 32 bytes), block exponents e, flags (1 =
 // unmasked, readable and 0 up to steps * 32), bany (per block: any unmasked element; null:
@@ -183,13 +173,7 @@ BCT_AVX2 void softmax_row_avx2(const Blocking& bl, const int8_t* q, const int16_
     const __m256i h1 = _mm256_mulhi_epu16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + st * 32 + 16)), vr);
     const __m256i p = _mm256_packus_epi16(_mm256_srli_epi16(_mm256_add_epi16(h0, c64), 7),
                                           _mm256_srli_epi16(_mm256_add_epi16(h1, c64), 7));
-    if (st * 32 + 32 <= d) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + st * 32), p);
-    } else {
-      alignas(32) uint8_t tail[32];
-      _mm256_store_si256(reinterpret_cast<__m256i*>(tail), p);
-      std::memcpy(y + st * 32, tail, static_cast<size_t>(d - st * 32));
-    }
+    store_step32(y, st, d, p);
   }
 }
 
