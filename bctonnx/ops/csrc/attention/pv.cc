@@ -65,6 +65,17 @@ PreparedV HeadScratch(const PvDims& dm) {
 
 namespace {
 
+// The exponent r of segment [s0, s1) of V's block column c (ref_attention.py step 1): 8 binades
+// below the largest exponent of the segment's valid tokens (none valid: the floor, so that
+// 2^(r + p_exponent) stays a float32).
+int SegmentExponent(const PvDims& dm, const int* exps, const uint8_t* valid, int64_t s0,
+                    int64_t s1, int64_t c) {
+  int emax = -100000;
+  for (int64_t s = s0; s < s1; ++s)
+    if (valid == nullptr || valid[s]) emax = std::max(emax, exps[s * dm.nb + c]);
+  return std::max(emax - 8, -149 - dm.p_exp);
+}
+
 // 32 int16 lanes of x (int8 codes widened) times 2^-n, rounded half to even (shift_round_even
 // on each lane: n <= 0 a left shift, exact in int16 for n >= -8; n > 0 the rounding shift).
 __attribute__((target("avx512f,avx512bw"))) inline __m512i ShiftRoundEven16(__m512i x, int n) {
@@ -95,10 +106,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void PrepareVAvx512(
     for (int64_t t = s0 / 2; t < (s1 + 1) / 2; ++t)  // the padding columns of the pairs: 0
       std::memset(out->w + t * dm.dpad + d, 0, sizeof(int32_t) * (dm.dpad - d));
     for (int64_t c = 0; c < dm.nb; ++c) {
-      int emax = -100000;  // over the segment's valid tokens (none: r is the floor below)
-      for (int64_t s = s0; s < s1; ++s)
-        if (valid == nullptr || valid[s]) emax = std::max(emax, exps[s * dm.nb + c]);
-      const int r = std::max(emax - 8, -149 - dm.p_exp);
+      const int r = SegmentExponent(dm, exps, valid, s0, s1, c);
       const int64_t j0 = c * dm.block, j1 = std::min(j0 + dm.block, d);
       std::fill(factor + j0, factor + j1, pow2_float(r + dm.p_exp));
       for (int64_t s = s0; s < s1; s += 2) {
@@ -148,10 +156,7 @@ void PrepareV(Isa isa, const PvDims& dm, const int8_t* v, int64_t v_row, const f
   for (int64_t g = 0; g < dm.nseg; ++g) {
     const int64_t s0 = g * dm.seg, s1 = std::min(s0 + dm.seg, dm.s);
     for (int64_t c = 0; c < dm.nb; ++c) {
-      int emax = -100000;  // over the segment's valid tokens (none: r is the floor below)
-      for (int64_t s = s0; s < s1; ++s)
-        if (valid == nullptr || valid[s]) emax = std::max(emax, exps[s * dm.nb + c]);
-      const int r = std::max(emax - 8, -149 - dm.p_exp);
+      const int r = SegmentExponent(dm, exps.data(), valid, s0, s1, c);
       const int64_t j0 = c * dm.block, j1 = std::min(j0 + dm.block, dm.d);
       const float f = pow2_float(r + dm.p_exp);
       for (int64_t j = j0; j < j1; ++j) out->factor[g * dm.dpad + j] = f;

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "../matmul/gemm.h"
 #include "../quantize_row.h"
 #include "../simd.h"
 
@@ -47,32 +48,6 @@ BCT_AVX512 void CopyRows(const int8_t* src, int64_t ld, int64_t s, int64_t n, in
       const __mmask64 m = left >= 64 ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
       _mm512_mask_storeu_epi8(dst + r * n + i, m, _mm512_maskz_loadu_epi8(m, src + r * ld + i));
     }
-}
-
-// Sums of a row's codes per block (exact): vpsadbw on the codes + 128 when blocks are whole
-// multiples of 8 (sums of 8 bytes), else plain C++.
-BCT_AVX512 void BlockSums(const int8_t* row, int64_t d, int64_t block, int32_t* out) {
-  if (block % 8 != 0) {
-    for (int64_t b = 0; b * block < d; ++b) {
-      int32_t sum = 0;
-      for (int64_t i = 0; i < block; ++i) sum += row[b * block + i];
-      out[b] = sum;
-    }
-    return;
-  }
-  alignas(64) int64_t eights[kMaxD / 8];
-  const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80));
-  for (int64_t i = 0; i < d; i += 64) {
-    const int64_t left = d - i;
-    const __mmask64 m = left >= 64 ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
-    const __m512i u = _mm512_maskz_mov_epi8(m, _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, row + i), offset));
-    _mm512_store_si512(eights + i / 8, _mm512_sad_epu8(u, _mm512_setzero_si512()));
-  }
-  for (int64_t b = 0; b * block < d; ++b) {
-    int64_t sum = -128 * block;
-    for (int64_t j = b * block / 8; j < (b + 1) * block / 8; ++j) sum += eights[j];
-    out[b] = static_cast<int32_t>(sum);
-  }
 }
 
 // A pow2 scale, checked (pow2_exponent throws otherwise): normal powers of two by their bits,
@@ -127,7 +102,7 @@ BCT_AVX512 void ScoresAvx512(const ScoresArgs& a) {
   int8_t* qc = Grow(sc.qc, static_cast<size_t>(s * a.d));
   CopyRows(a.q, a.q_row, s, a.d, qc);
   for (int64_t r = 0; r < s; ++r) {
-    BlockSums(qc + r * a.d, a.d, a.block, corr + r * nb);
+    gemm::RowSegmentSums(qc + r * a.d, a.block, nb, kAvx512, corr + r * nb);
     for (int64_t b = 0; b < nb; ++b) {
       corr[r * nb + b] *= -128;
       qe[r * nb + b] = CheckedPow2(a.qs[r * a.qs_row + b]);
@@ -233,16 +208,8 @@ BCT_AVX512 void ScoresAvx512(const ScoresArgs& a) {
                            _mm_cmplt_epi32_mask(e4, _mm_set1_epi32(-127));
       for (int r = 0; r < rows; ++r) {
         const int e = (odd >> r) & 1 ? BlockExponentInline(amax[r], 127.0f) : ev[r];
-        __m512i c0v, c1v;
-        if ((odd >> r) & 1) {
-          c0v = Pow2CodesAvx512(v[r][0], e, 127.0f);
-          c1v = Pow2CodesAvx512(v[r][1], e, 127.0f);
-        } else {  // Pow2CodesAvx512's multiply path, 2^-e from its bits
-          const __m512 sc = _mm512_castsi512_ps(_mm512_set1_epi32((127 - e) << 23));
-          const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
-          c0v = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_mul_ps(v[r][0], sc), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lo), hi));
-          c1v = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(_mm512_mul_ps(v[r][1], sc), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lo), hi));
-        }
+        const __m512i c0v = Pow2CodesAvx512(v[r][0], e, 127.0f);
+        const __m512i c1v = Pow2CodesAvx512(v[r][1], e, 127.0f);
         const __m256i codes = _mm256_inserti128_si256(
             _mm256_castsi128_si256(_mm512_cvtepi32_epi8(c0v)), _mm512_cvtepi32_epi8(c1v), 1);
         int8_t* out = a.codes + (r0 + r) * s + c0;

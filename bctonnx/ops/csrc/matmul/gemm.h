@@ -197,6 +197,10 @@ void PackActRows(const PackedWeights& w, const ActsSizes& sz, bool interleaved, 
 void PackActPadding(const PackedWeights& w, const ActsSizes& sz, bool interleaved, int64_t rows,
                     const ActsBuffers& buf);
 
+// The sums of one row's int8 codes per segment: nseg segments of g codes, exact (vpsadbw on
+// the codes + 128 when g is a multiple of 8 and `isa` has it, else plain C++).
+void RowSegmentSums(const int8_t* q, int64_t g, int64_t nseg, Isa isa, int32_t* out);
+
 // The exact integer segment sums d[m][j][n] (ref_matmul.py step 1, after the re-quantization
 // of step 2): the optional segment_sums output, for tests and debugging. Plain C++.
 void SegmentSums(const Operands& op, int32_t* out);

@@ -203,15 +203,6 @@ __attribute__((target("avx2"))) void SegmentSumsAvx2(const int8_t* q, int64_t g,
   }
 }
 
-void SegmentSums(const int8_t* q, int64_t g, int64_t nseg, Isa isa, int32_t* out) {
-  if (isa >= kAvx512 && g % 8 == 0) return SegmentSumsAvx512(q, g, nseg, out);
-  if (isa == kAvx2 && g % 8 == 0) return SegmentSumsAvx2(q, g, nseg, out);
-  for (int64_t j = 0; j < nseg; ++j) {
-    int32_t s = 0;
-    for (int64_t kk = 0; kk < g; ++kk) s += q[j * g + kk];
-    out[j] = s;
-  }
-}
 
 // The codes of four rows (one row tile; a null row is zeros) to the interleaved layout, K bytes
 // each (K = nseg * g with g == gp, a multiple of 4): per 64 bytes of the rows, a 4 x 16 dword
@@ -279,6 +270,16 @@ __attribute__((target("avx2"))) void InterleaveTileAvx2(const int8_t* const rows
 
 }  // namespace
 
+void RowSegmentSums(const int8_t* q, int64_t g, int64_t nseg, Isa isa, int32_t* out) {
+  if (isa >= kAvx512 && g % 8 == 0) return SegmentSumsAvx512(q, g, nseg, out);
+  if (isa == kAvx2 && g % 8 == 0) return SegmentSumsAvx2(q, g, nseg, out);
+  for (int64_t j = 0; j < nseg; ++j) {
+    int32_t s = 0;
+    for (int64_t kk = 0; kk < g; ++kk) s += q[j * g + kk];
+    out[j] = s;
+  }
+}
+
 void PackActRows(const PackedWeights& w, const ActsSizes& sz, bool interleaved, Isa isa,
                  const int8_t* q, int64_t ldq, const int* exps, int64_t lde, int64_t m0,
                  int64_t m1, const ActsBuffers& buf) {
@@ -296,7 +297,7 @@ void PackActRows(const PackedWeights& w, const ActsSizes& sz, bool interleaved, 
       const int8_t* row = q + (m - m0) * ldq;
       const int* ex = exps + (m - m0) * lde;
       const int64_t t = m / kRowTile, r = m % kRowTile;
-      SegmentSums(row, g, nseg, simd, sums.data());
+      RowSegmentSums(row, g, nseg, simd, sums.data());
       int8_t* low = nullptr;  // this row's codes with its re-quantized segments, if any
       for (int64_t b = 0; b < w.nblk; ++b) {
         // E: the block's exponent (ref_matmul.py step 2)
