@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .errors import BctError
 from .modelio import load_proto
+from .ops.ref_attention import split_heads
 from .runtime import session_options
 from .textio import (  # defined here before bctonnx.textio: still importable from here
     default_texts,
@@ -351,9 +352,11 @@ def _float_attention(values: dict, node, inits) -> tuple[np.ndarray, np.ndarray]
 
     attrs = _attrs(node)
     block = int(attrs["block_size"])
-    q, k, v = (
-        _dequantize_blocks(get(node.input[i]), get(node.input[i + 1]), block) for i in (0, 2, 4)
-    )
+    heads = int(attrs.get("num_heads", 0))  # operands [b, S, h * d]: as [b, S, h, d]
+    operands = [get(node.input[i]) for i in range(6)]
+    if heads:
+        operands = [split_heads(x, heads, name) for x, name in zip(operands, "qQkKvV", strict=True)]
+    q, k, v = (_dequantize_blocks(operands[i], operands[i + 1], block) for i in (0, 2, 4))
     q, k, v = (  # heads-first operands as the token-major tensors they stand for
         np.swapaxes(x, 1, 2) if int(attrs.get(f"{n}_heads_first", 0)) else x
         for x, n in ((q, "q"), (k, "k"), (v, "v"))
@@ -365,12 +368,16 @@ def _float_attention(values: dict, node, inits) -> tuple[np.ndarray, np.ndarray]
     )
     p = _float_softmax(scores, None if mask is None else mask.astype(np.float64))
     ref = np.einsum("bhst,bthd->bshd", p, v)
-    v_scale = get(node.input[5])
+    v_scale = operands[5]
     if int(attrs.get("v_heads_first", 0)):
         v_scale = np.swapaxes(v_scale, 1, 2)
     v_step = v_scale.max(axis=1, keepdims=True)  # [b, 1, h, nb]
-    lsb = np.repeat(v_step.astype(np.float64), block, -1)[..., : ref.shape[-1]]
-    return ref, np.broadcast_to(lsb, ref.shape)
+    lsb = np.broadcast_to(
+        np.repeat(v_step.astype(np.float64), block, -1)[..., : ref.shape[-1]], ref.shape
+    )
+    if heads:  # the op's output: [b, S, h * dv]
+        ref, lsb = ref.reshape(*ref.shape[:2], -1), lsb.reshape(*lsb.shape[:2], -1)
+    return ref, lsb
 
 
 def _dequantize_blocks(codes: np.ndarray, scales: np.ndarray, block: int) -> np.ndarray:

@@ -252,6 +252,7 @@ class LowerMatMul(ir.passes.InPlacePass):
             take_over(out, new.outputs[0])
             return True
         _, y_q, y_s = new.outputs
+        y_q.shape = out.shape  # the codes have the product's shape (the scales its rank)
         if residual is not None:
             quant = residual[3]  # the BlockQuantize of the residual sum
         for step, shape_readers in chain:  # Reshape / Transpose replayed on codes and scales

@@ -166,6 +166,55 @@ def test_an_operand_may_come_heads_first(which, monkeypatch):
     np.testing.assert_array_equal(reference(again, mask, **{f"{which}_heads_first": True}), ref)
 
 
+@pytest.mark.parametrize("h, d, dv", [(3, 32, 32), (2, 64, 96), (12, 32, 32)])
+def test_heads_may_come_as_the_projections_write_them(h, d, dv, monkeypatch):
+    """num_heads = h: q, k, v [b, S, h * d] and scales [b, S, h * d / B] (the bytes of the
+    rank-4 operands), y [b, S, h * dv]: the rank-4 result, on every ISA, with token dropping's
+    key bias and received output too."""
+    feeds = token_drop_feeds(2, 40, h, [40, 23], seed=17) if d == dv else operands(2, 40, h, d)
+    if d != dv:
+        v_feeds = operands(2, 40, h, dv, seed=5)
+        feeds["v"], feeds["vs"] = v_feeds["v"], v_feeds["vs"]
+        feeds["mask"] = padding_mask([40, 23], 40)
+    extra = {k: feeds[k] for k in ("bias", "rows") if k in feeds}
+    want = reference(
+        {k: feeds[k] for k in ("q", "qs", "k", "ks", "v", "vs")}, feeds["mask"], **extra
+    )
+    want_y = want[0] if isinstance(want, tuple) else want
+    flat = dict(feeds)
+    for key in ("q", "qs", "k", "ks", "v", "vs"):
+        flat[key] = feeds[key].reshape(2, 40, -1)
+    got = reference(
+        {k: flat[k] for k in ("q", "qs", "k", "ks", "v", "vs")}, flat["mask"], num_heads=h,
+        **extra,
+    )  # fmt: skip
+    got_y = got[0] if isinstance(got, tuple) else got
+    np.testing.assert_array_equal(got_y, want_y.reshape(2, 40, h * dv))
+    model = attention_model(
+        with_mul=False, with_bias="bias" in extra, with_rows="rows" in extra, num_heads=h
+    )
+    for isa in available_isas():
+        out = session(model, monkeypatch, isa).run(None, flat)
+        np.testing.assert_array_equal(out[0], got_y, err_msg=isa)
+        if "rows" in extra:
+            np.testing.assert_array_equal(out[1], want[1], err_msg=isa)
+
+
+def test_the_num_heads_form_refuses_operands_it_cannot_split(monkeypatch):
+    feeds = operands(2, 8, 2, 32)
+    flat = {k: v.reshape(2, 8, -1) for k, v in feeds.items()}
+    flat["mask"] = padding_mask([8, 5], 8)
+    with pytest.raises(Exception, match="must be \\[b, S, h \\* w\\]"):
+        session(attention_model(with_mul=False, num_heads=3), monkeypatch).run(None, flat)
+    with pytest.raises(ValueError, match="must be \\[b, S, h \\* w\\]"):
+        reference({k: v for k, v in flat.items() if k != "mask"}, flat["mask"], num_heads=3)
+    with pytest.raises(Exception, match="token-major operands only"):
+        session(attention_model(with_mul=False, num_heads=2, k_heads_first=1), monkeypatch)
+    four = dict(feeds, mask=flat["mask"])  # rank-4 operands given to the num_heads form
+    with pytest.raises(Exception, match="must be \\[b, S, h \\* w\\]"):
+        session(attention_model(with_mul=False, num_heads=2), monkeypatch).run(None, four)
+
+
 def test_an_expanded_mask_is_its_key_mask(monkeypatch):
     """Exports expand BERT's [b, 1, 1, S] mask to [b, 1, S, S]: the same keys are kept."""
     feeds = operands(2, 24, 2, 32, seed=11)

@@ -57,6 +57,32 @@ def test_integer_form_has_no_float_gelu_softmax_or_layernorm(integer_tiny):
     assert not [n for n in integer_tiny.graph.node if n.domain == "bctonnx.mid"]
 
 
+def test_attention_reads_the_projections_as_they_write_them(
+    tiny_bert_onnx, integer_tiny, monkeypatch
+):
+    """fuse_attention's num_heads form and the unexpanded key mask: every BlockAttention reads
+    its projections' outputs directly (no Reshape around it, no Expand of the mask), and the
+    outputs are bit-identical to the graph without those two rewrites, on a padded batch."""
+    import bctonnx.passes.fuse_attention as fuse
+
+    producers = {o: n for n in integer_tiny.graph.node for o in n.output}
+    attention = [n for n in integer_tiny.graph.node if n.op_type == "BlockAttention"]
+    assert attention
+    for node in attention:
+        assert {a.name: a.i for a in node.attribute}.get("num_heads") == 4  # tiny BERT's heads
+        assert {producers[node.input[i]].op_type for i in range(6)} == {"BlockMatMul"}
+    assert not [n for n in integer_tiny.graph.node if n.op_type in ("Expand", "Reshape")]
+    monkeypatch.setattr(fuse, "_heads_as_written", lambda *a: False)
+    monkeypatch.setattr(fuse, "_unexpand_mask", lambda *a: False)
+    plain = bctonnx.compress(tiny_bert_onnx, preset="w8a8", block_size=16, mode="integer")
+    kinds = Counter(n.op_type for n in plain.graph.node)
+    assert kinds["Expand"] == 1 and kinds["Reshape"] >= 7 * len(attention)
+    feeds = tiny_feeds(batch=3, seq=19)
+    want, got = run_integer(plain, feeds), run_integer(integer_tiny, feeds)
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
 def test_integer_form_runs_with_the_library_close_to_fp32(integer_tiny, fp32_reference):
     for seq in (7, 19):  # 19: a partial last block of 16 on the sequence axis
         out = run_integer(integer_tiny, tiny_feeds(seq=seq))["last_hidden_state"]

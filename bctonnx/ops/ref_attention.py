@@ -145,6 +145,17 @@ def key_mask(mask: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray | No
     return np.broadcast_to(m[:, 0, :1, :] >= -1000, (b, 1, s_k))
 
 
+def split_heads(x, num_heads: int, name: str) -> np.ndarray:
+    """[b, S, h * w] as [b, S, h, w] (BlockAttention's num_heads form)."""
+    x = np.asarray(x)
+    if x.ndim != 3 or x.shape[2] % num_heads:
+        raise ValueError(
+            f"BlockAttention: with num_heads {num_heads}, {name} must be [b, S, h * w], "
+            f"got {x.shape}"
+        )
+    return x.reshape(*x.shape[:2], num_heads, -1)
+
+
 def block_attention(
     q: np.ndarray,
     q_scale: np.ndarray,
@@ -164,6 +175,7 @@ def block_attention(
     q_heads_first: bool = False,
     k_heads_first: bool = False,
     v_heads_first: bool = False,
+    num_heads: int = 0,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Reference of ``bctonnx.BlockAttention``: one attention of an encoder layer in integers,
     ``AttentionPV(IntSoftmax(BlockQuantize(BlockBatchMatMul(q, k^T))), v)``, where the keys the
@@ -182,7 +194,11 @@ def block_attention(
         attributes: block_size (B, 1..4096), score_block_size (1..4096, default 32),
                     segment (even, 2..256, default 32), p_exponent (-32..0, default -8),
                     q_heads_first, k_heads_first, v_heads_first (0 or 1, default 0; 1: that
-                    operand and its scales come [b, h, S, d], as some exporters leave K)
+                    operand and its scales come [b, h, S, d], as some exporters leave K),
+                    num_heads (0..4096, default 0; h > 0: q, k, v come as the projections
+                    write them, [b, S, h * d], their scales [b, S, h * d / B] (B must divide
+                    d and the V width), and y is [b, S, h * dv]: the same bytes, no Reshape
+                    nodes around the op; not with a heads_first operand)
 
     1. scores ``y = BlockBatchMatMul(q, k, y_multiplier)`` (ref_matmul.block_batch_matmul,
        both token-major): [b, h, S, S]; with ``key_bias``, ``y = float32(y + key_bias[key])``
@@ -207,7 +223,24 @@ def block_attention(
     q_heads_first = check_flag(op, "q_heads_first", q_heads_first)
     k_heads_first = check_flag(op, "k_heads_first", k_heads_first)
     v_heads_first = check_flag(op, "v_heads_first", v_heads_first)
+    check_attribute(op, "num_heads", num_heads, 0, 4096)
     q, k, v = np.asarray(q), np.asarray(k), np.asarray(v)
+    if num_heads:
+        if q_heads_first or k_heads_first or v_heads_first:
+            raise ValueError("BlockAttention: num_heads > 0 takes token-major operands only")
+        q, q_scale, k, k_scale, v, v_scale = (
+            split_heads(x, num_heads, name)
+            for x, name in (
+                (q, "q"), (q_scale, "q_scale"), (k, "k"), (k_scale, "k_scale"), (v, "v"),
+                (v_scale, "v_scale"),
+            )
+        )  # fmt: skip
+        for x, s, name in ((q, q_scale, "q"), (k, k_scale, "k"), (v, v_scale, "v")):
+            if x.shape[3] % block_size or s.shape[3] * block_size != x.shape[3]:
+                raise ValueError(
+                    f"BlockAttention: with num_heads, block_size {block_size} must divide the "
+                    f"head width of {name} ({x.shape[3]}) and its scales hold one per block"
+                )
     operands = []
     for x, s, heads_first in ((q, q_scale, q_heads_first), (k, k_scale, k_heads_first),
                               (v, v_scale, v_heads_first)):  # fmt: skip
@@ -238,6 +271,8 @@ def block_attention(
         p, v, v_scale, block_size=block_size, segment=segment, p_exponent=p_exponent,
         transpose_output=True, v_transposed=True, valid=keep,
     )  # fmt: skip
+    if num_heads:
+        y = y.reshape(*y.shape[:2], -1)
     if rows is None:
         return y
     b, s_len = p.shape[0], p.shape[-1]

@@ -24,7 +24,10 @@
 //              tokens by: the probabilities are no tensor once fused
 //   attributes: block_size, score_block_size (32), segment (32), p_exponent (-8),
 //     q_heads_first, k_heads_first, v_heads_first (0): with 1 that operand and its scales come
-//     [b, h, S, d] instead (as some exporters leave K)
+//     [b, h, S, d] instead (as some exporters leave K),
+//     num_heads (0): h > 0 takes q, k, v as the projections write them, [b, S, h * d], scales
+//     [b, S, h * d / B] (B divides every head width), and writes y [b, S, h * dv]: the same
+//     bytes as the rank-4 form, without Reshape nodes around the op (no heads_first operand)
 #include <algorithm>
 #include <cstring>
 #include <string>
@@ -61,6 +64,9 @@ struct BlockAttentionKernel {
     heads_first_[0] = attrs.Bool("q_heads_first", false);
     heads_first_[1] = attrs.Bool("k_heads_first", false);
     heads_first_[2] = attrs.Bool("v_heads_first", false);
+    num_heads_ = attrs.Int("num_heads", 0, 4096, 0);
+    if (num_heads_ > 0 && (heads_first_[0] || heads_first_[1] || heads_first_[2]))
+      Fail("num_heads > 0 takes token-major operands only (no *_heads_first)");
     check_one_value_if_constant(attrs, 7, "y_multiplier");
     if (has_output(info, 1) && !has_input(info, 9)) Fail("the received output needs the rows input");
     if (has_input(info, 9) && !has_output(info, 1)) Fail("rows without the received output");
@@ -268,6 +274,13 @@ struct BlockAttentionKernel {
     std::vector<int64_t>* shapes[3][2] = {{&qsh, &qssh}, {&ksh, &kssh}, {&vsh, &vssh}};
     for (int i = 0; i < 3; ++i)
       for (std::vector<int64_t>* sh : shapes[i]) {
+        if (num_heads_ > 0) {  // [b, S, h * w] read as [b, S, h, w]
+          if (sh->size() != 3 || (*sh)[2] % num_heads_)
+            Fail("with num_heads " + std::to_string(num_heads_) + ", q, k, v and their scales must be [b, S, h * w], got " + shape_str(*sh));
+          const int64_t w = (*sh)[2] / num_heads_;
+          *sh = {(*sh)[0], (*sh)[1], num_heads_, w};
+          continue;
+        }
         if (sh->size() != 4) Fail("q, k, v and their scales must have rank 4, got " + shape_str(*sh));
         if (heads_first_[i]) std::swap((*sh)[1], (*sh)[2]);
       }
@@ -285,6 +298,8 @@ struct BlockAttentionKernel {
     job.nb = job.d / block_;
     job.fast_scores = attn::FastScoresApply(isa_, job.d, block_, score_block_);
     job.nbv = num_blocks(job.dv, block_);
+    if (num_heads_ > 0 && job.dv % block_)
+      Fail("with num_heads, block_size must divide v's head width " + std::to_string(job.dv));
     for (auto [got, shape, nb, name] :
          {std::tuple{&qssh, qsh, job.nb, "q_scale"}, std::tuple{&kssh, ksh, job.nb, "k_scale"},
           std::tuple{&vssh, vsh, job.nbv, "v_scale"}}) {
@@ -351,7 +366,8 @@ struct BlockAttentionKernel {
         Fail("rows " + shape_str(ShapeOf(rows)) + " must hold b x S values");
       job.rows = rows.GetTensorData<uint8_t>();
     }
-    Ort::UnownedValue y = ctx.GetOutput(0, vsh);
+    Ort::UnownedValue y =
+        ctx.GetOutput(0, num_heads_ > 0 ? std::vector<int64_t>{vsh[0], vsh[1], vsh[2] * vsh[3]} : vsh);
     job.y = y.GetTensorMutableData<float>();
     std::vector<int32_t> partial;
     Ort::UnownedValue received{nullptr};
@@ -388,6 +404,7 @@ struct BlockAttentionKernel {
   Isa isa_ = kScalar;
   nl::SoftmaxPath softmax_path_ = nl::SoftmaxPath::kPortable;
   bool heads_first_[3] = {false, false, false};
+  int64_t num_heads_ = 0;
   int64_t block_ = 0, score_block_ = 32, seg_ = 32;
   int p_exp_ = -8;
 };
