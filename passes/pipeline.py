@@ -16,6 +16,7 @@ from .canonicalize import Canonicalize
 from .common import MID_DOMAIN, role
 from .fuse_attention import FuseAttention
 from .lower_dequantize import LowerDequantize
+from .lower_gather import LowerGather
 from .lower_integer import LowerInteger
 from .lower_matmul import LowerMatMul
 from .lower_qdq import LowerQDQ
@@ -112,6 +113,7 @@ def build_pipeline(
             LowerMatMul(match_weight_blocks=config.match_weight_blocks),
             *([TokenScoresFromCodes(), TokenOpsFromChains()] if config.token_keep else []),
             FuseAttention(),
+            LowerGather(),
             LowerQDQ(),
             LowerDequantize(),
         ]

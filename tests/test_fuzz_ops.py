@@ -137,6 +137,12 @@ SPECS: dict[str, dict[str, Attr]] = {
         "q_heads_first": Bool(0),
         "k_heads_first": Bool(0),
         "v_heads_first": Bool(0),
+        "num_heads": Int(0, 4096, 0),
+    },
+    "BlockGather": {
+        "bits": Int(4, 8, extra_bad=(5, 6, 7)),
+        "block_size": Int(1, MAX_BLOCK, **BLOCK),
+        "frac_bits": Int(0, 4, 0),
     },
 }
 

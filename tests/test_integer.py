@@ -83,6 +83,27 @@ def test_attention_reads_the_projections_as_they_write_them(
         np.testing.assert_array_equal(got[name], value, err_msg=name)
 
 
+@pytest.mark.parametrize("preset", ["w8a8", "w4a8"])
+def test_embedding_lookups_are_one_library_op_each(tiny_bert_onnx, preset, monkeypatch):
+    """lower_gather: each table lookup is one bctonnx.BlockGather (w4a8: packed int4 tables
+    with packed zero points) and the outputs are bit-identical to the standard-op lookups
+    (Gather, Pow, DequantizeLinear) it replaces, on a padded batch."""
+    import bctonnx.passes.lower_gather as lower_gather
+
+    model = bctonnx.compress(tiny_bert_onnx, preset=preset, block_size=16, mode="integer")
+    kinds = Counter(n.op_type for n in model.graph.node)
+    assert kinds["BlockGather"] == 3 and not kinds["Pow"] and not kinds["DequantizeLinear"]
+    gathers = [n for n in model.graph.node if n.op_type == "BlockGather"]
+    assert {len(n.input) for n in gathers} == ({3} if preset == "w8a8" else {4})  # zero points
+    monkeypatch.setattr(lower_gather, "native_format", lambda *a: False)
+    plain = bctonnx.compress(tiny_bert_onnx, preset=preset, block_size=16, mode="integer")
+    assert not [n for n in plain.graph.node if n.op_type == "BlockGather"]
+    feeds = tiny_feeds(batch=3, seq=19)
+    want, got = run_integer(plain, feeds), run_integer(model, feeds)
+    for name, value in want.items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
 def test_integer_form_runs_with_the_library_close_to_fp32(integer_tiny, fp32_reference):
     for seq in (7, 19):  # 19: a partial last block of 16 on the sequence axis
         out = run_integer(integer_tiny, tiny_feeds(seq=seq))["last_hidden_state"]

@@ -611,18 +611,23 @@ def test_block_requantize_errors():
 # BlockDequantize
 
 
-def _dequantize_session(block_size: int) -> ort.InferenceSession:
-    node = helper.make_node(
-        "BlockDequantize", ["x", "x_scale"], ["y"], domain="bctonnx", block_size=block_size
-    )
+def _one_op_session(node: onnx.NodeProto, types: list[int]) -> ort.InferenceSession:
+    """A one-thread session of one bctonnx node (inputs of ``types``, one float output y)."""
     model = _model(
-        [node], [_vi("x", TensorProto.INT8), _vi("x_scale", TensorProto.FLOAT)],
+        [node], [_vi(n, t) for n, t in zip(node.input, types, strict=True)],
         [_vi("y", TensorProto.FLOAT)],
     )  # fmt: skip
     return ort.InferenceSession(
         model.SerializeToString(), bctonnx.session_options(threads=1),
         providers=["CPUExecutionProvider"],
     )  # fmt: skip
+
+
+def _dequantize_session(block_size: int) -> ort.InferenceSession:
+    node = helper.make_node(
+        "BlockDequantize", ["x", "x_scale"], ["y"], domain="bctonnx", block_size=block_size
+    )
+    return _one_op_session(node, [TensorProto.INT8, TensorProto.FLOAT])
 
 
 @pytest.mark.parametrize(
@@ -669,3 +674,92 @@ def test_block_dequantize_of_any_scale_is_dequantize_linear():
     np.testing.assert_array_equal(ref.run(None, {"x": x, "x_scale": scale})[0], want)
     with pytest.raises(Exception, match="x_scale must have shape"):
         _dequantize_session(4).run(None, {"x": x, "x_scale": np.ones((3, 5, 1), np.float32)})
+
+
+# ------------------------------------------------------------------------------------------
+# BlockGather
+
+
+def _gather_session(bits: int, block_size: int, frac_bits: int, with_zp: bool, packed=None):
+    """A BlockGather model; ``packed`` (default: bits == 4) declares the table uint8."""
+    packed = bits == 4 if packed is None else packed
+    table = TensorProto.UINT8 if packed else TensorProto.INT8
+    inputs = ["table", "codes", "ids"] + (["zp"] if with_zp else [])
+    node = helper.make_node(
+        "BlockGather", inputs, ["y"], domain="bctonnx", bits=bits, block_size=block_size,
+        frac_bits=frac_bits,
+    )  # fmt: skip
+    return _one_op_session(node, [table, TensorProto.INT8, TensorProto.INT64, table][: len(inputs)])
+
+
+def _gather_tables(bits: int, vocab: int, hidden: int, block: int, with_zp: bool, seed: int):
+    """A table as lower_gather stores it (4 bits: packed pairs), every scale code used."""
+    from bctonnx.blockformat import pack_int4
+
+    rng = np.random.default_rng(seed)
+    lo, hi = (-8, 8) if bits == 4 else (-128, 128)
+    codes = rng.integers(lo, hi, (vocab, hidden)).astype(np.int8)
+    nb = hidden // block
+    scale_codes = rng.integers(-128, 128, (vocab, nb)).astype(np.int8)
+    scale_codes.reshape(-1)[:256] = np.arange(-128, 128)[: scale_codes.size]
+    feeds = {"codes": scale_codes}
+    feeds["table"] = pack_int4(codes).reshape(vocab, -1) if bits == 4 else codes
+    zp = None
+    if with_zp:
+        zp = rng.integers(lo, hi, (vocab, nb)).astype(np.int8)
+        feeds["zp"] = zp
+        if bits == 4:
+            feeds["zp"] = pack_int4(np.pad(zp, [(0, 0), (0, nb % 2)])).reshape(vocab, -1)
+    return codes, scale_codes, zp, feeds
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize(
+    ("hidden", "block", "frac_bits", "with_zp"),
+    [(384, 384, 3, False), (384, 128, 3, True), (96, 32, 0, True), (48, 16, 4, True),
+     (20, 4, 1, False), (6, 2, 2, True)],
+)  # fmt: skip
+def test_block_gather_matches_reference_and_the_dequantized_table(
+    bits, hidden, block, frac_bits, with_zp
+):
+    """Every scale code of frac_bits 0..4, zero points (4 bits: packed, an odd count of blocks
+    too), ids of any shape, negative ids counted from the end as Gather's: bit-exact with the
+    reference, which is the table's own dequantization (blockformat)."""
+    from bctonnx.blockformat import BlockFormat, decode_scales
+    from bctonnx.ops.ref_quant import block_gather
+
+    vocab = 300
+    codes, scale_codes, zp, feeds = _gather_tables(bits, vocab, hidden, block, with_zp, hidden)
+    rng = np.random.default_rng(block)
+    for ids in (rng.integers(-vocab, vocab, (3, 17)), np.arange(vocab), np.zeros((2, 0), int)):
+        ids = ids.astype(np.int64)
+        ref_args = dict(bits=bits, block_size=block, frac_bits=frac_bits)
+        want = block_gather(feeds["table"], scale_codes, ids, feeds.get("zp"), **ref_args)
+        got = _gather_session(bits, block, frac_bits, with_zp).run(None, dict(feeds, ids=ids))[0]
+        assert got.dtype == np.float32 and got.shape == (*ids.shape, hidden)
+        np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
+        if ids.size:  # the dequantized table, rows picked as Gather picks them
+            fmt = BlockFormat(bits=8, block_size=block, scale_kind="pow2", frac_bits=frac_bits)
+            q = codes.astype(np.int32) - (0 if zp is None else np.repeat(zp, block, axis=1))
+            table = q.astype(np.float32) * np.repeat(decode_scales(scale_codes, fmt), block, 1)
+            np.testing.assert_array_equal(want, table[ids].astype(np.float32))
+
+
+def test_block_gather_refuses_what_breaks_its_spec():
+    _, scale_codes, _, feeds = _gather_tables(8, 10, 64, 32, False, 0)
+    sess = _gather_session(8, 32, 3, False)
+    for bad_id in (10, -11):
+        with pytest.raises(Exception, match="outside \\[-10, 10\\)"):
+            sess.run(None, dict(feeds, ids=np.array([[1, bad_id]], np.int64)))
+    with pytest.raises(Exception, match="must divide H = 64"):
+        _gather_session(8, 48, 3, False).run(None, dict(feeds, ids=np.zeros(1, np.int64)))
+    with pytest.raises(Exception, match="scale codes must be"):
+        sess.run(None, dict(feeds, codes=scale_codes[:, :1], ids=np.zeros(1, np.int64)))
+    with pytest.raises(Exception, match="table must be int8"):  # a packed table said 8-bit
+        _gather_session(8, 32, 3, False, packed=True).run(
+            None, dict(feeds, table=feeds["table"].view(np.uint8), ids=np.zeros(1, np.int64))
+        )
+    from bctonnx.ops.ref_quant import block_gather
+
+    with pytest.raises(ValueError, match="outside"):
+        block_gather(feeds["table"], scale_codes, np.array([10]), bits=8, block_size=32)

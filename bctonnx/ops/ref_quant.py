@@ -157,6 +157,78 @@ def block_dequantize(x: np.ndarray, x_scale: np.ndarray, block_size: int) -> np.
     return (x.astype(np.float32) * s).astype(np.float32)
 
 
+def block_gather(
+    table: np.ndarray,
+    scale_codes: np.ndarray,
+    ids: np.ndarray,
+    zero_points: np.ndarray | None = None,
+    *,
+    bits: int,
+    block_size: int,
+    frac_bits: int = 0,
+) -> np.ndarray:
+    """Reference of ``bctonnx.BlockGather``: rows of a block-quantized embedding table, looked
+    up and dequantized (the integer form's embeddings; lower_qdq writes the same values as
+    Gather + DequantizeLinear)::
+
+        BlockGather(table: int8 [V, H] (bits 8) | uint8 [V, H / 2] (bits 4: two codes a byte,
+                           low nibble first, two's complement nibbles: blockformat.pack_int4
+                           row by row),
+                    scale_codes: int8 [V, H / B] (pow2: scale = fl32(2^(code / 2^frac_bits)),
+                           correctly rounded = blockformat.decode_scales),
+                    ids: int64, any shape (negative: from the end, as Gather),
+                    zero_points?: int8 [V, H / B] (bits 8) | uint8 [V, ceil(H / B / 2)]
+                           (bits 4, packed as the codes))
+            -> y: float [*ids.shape, H] = float32((q - zp) * scale), one rounding per element
+        attributes: bits (4 or 8), block_size (B, divides H), frac_bits (0..4)
+    """
+    from bctonnx.blockformat import BlockFormat, decode_scales, unpack_int4
+
+    op = "BlockGather"
+    if bits not in (4, 8):
+        raise ValueError(f"{op}: bits must be 4 or 8, got {bits}")
+    _check_attrs(op, block_size, 8)
+    if not 0 <= frac_bits <= 4:
+        raise ValueError(f"{op}: frac_bits must be in 0..4, got {frac_bits}")
+    table, scale_codes = np.asarray(table), np.asarray(scale_codes)
+    want = np.uint8 if bits == 4 else np.int8
+    if table.dtype != want or table.ndim != 2 or scale_codes.dtype != np.int8:
+        raise ValueError(f"{op}: table must be {np.dtype(want)} [V, H], scale codes int8 [V, nb]")
+    vocab = table.shape[0]
+    hidden = table.shape[1] * (2 if bits == 4 else 1)
+    if hidden % block_size or scale_codes.shape != (vocab, hidden // block_size):
+        raise ValueError(
+            f"{op}: block_size {block_size} must divide H = {hidden} and scale codes be "
+            f"[V, H / B] = {(vocab, hidden // block_size)}, got {scale_codes.shape}"
+        )
+    nb = hidden // block_size
+    ids = np.asarray(ids)
+    if ids.dtype != np.int64:
+        raise ValueError(f"{op}: ids must be int64")
+    if ids.size and (ids.min() < -vocab or ids.max() >= vocab):
+        raise ValueError(f"{op}: an id is outside [-{vocab}, {vocab})")
+    rows = np.where(ids < 0, ids + vocab, ids).reshape(-1)
+    codes = table[rows]
+    if bits == 4:
+        codes = unpack_int4(codes, (rows.size, hidden))
+    q = codes.astype(np.int32).reshape(rows.size, nb, block_size)
+    if zero_points is not None:
+        zp = np.asarray(zero_points)
+        if bits == 4:
+            if zp.dtype != np.uint8 or zp.shape != (vocab, -(-nb // 2)):
+                raise ValueError(f"{op}: zero points must be uint8 [V, ceil(nb / 2)]")
+            zp = unpack_int4(zp[rows], (rows.size, 2 * zp.shape[1]))[:, :nb]
+        else:
+            if zp.dtype != np.int8 or zp.shape != (vocab, nb):
+                raise ValueError(f"{op}: zero points must be int8 [V, nb]")
+            zp = zp[rows]
+        q = q - zp.astype(np.int32)[:, :, None]
+    fmt = BlockFormat(bits=8, block_size=block_size, scale_kind="pow2", frac_bits=frac_bits)
+    scale = decode_scales(scale_codes[rows], fmt)[:, :, None]
+    y = (q.astype(np.float32) * scale).astype(np.float32)
+    return y.reshape(*ids.shape, hidden)
+
+
 def pow2_exponents(scale: np.ndarray) -> np.ndarray:
     """Integer exponents of float32 exact powers of two (subnormals included); error otherwise."""
     s = np.asarray(scale, dtype=np.float32)

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
 #include <memory>
 #include <stdexcept>
@@ -71,6 +72,12 @@ inline int64_t shift_round_even(int64_t v, int n) {
 }
 
 inline int64_t num_blocks(int64_t d, int64_t block_size) { return (d + block_size - 1) / block_size; }
+
+// A pow2 block scale code's scale, fl32(2^(code / 2^frac_bits)) correctly rounded
+// (= blockformat.decode_scales; exhaustively equal over the int8 codes and frac_bits 0..4).
+inline float decode_pow2_scale(int code, int frac_bits) {
+  return static_cast<float>(std::exp2(static_cast<double>(code) / static_cast<double>(1 << frac_bits)));
+}
 
 // "[d0,d1,...]", for error messages.
 template <class Shape>  // std::vector<int64_t> or Dims

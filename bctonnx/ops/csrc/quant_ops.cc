@@ -1,4 +1,4 @@
-// BlockQuantize, BlockDequantize, BlockRequantize (domain "bctonnx", version 1).
+// BlockQuantize, BlockDequantize, BlockRequantize, BlockGather (domain "bctonnx", version 1).
 //
 // The specification of both ops is their numpy reference in bctonnx/ops/ref_quant.py; these
 // kernels are bit-exact with it. Blocks run along the last axis (see common.h).
@@ -363,6 +363,137 @@ struct BlockRequantizeKernel {
   std::array<int, 129> k_of_m_{};  // SegmentExponent(m, 0, qmax) of int8 maxima m
 };
 
+// ---------------------------------------------------------------------------------------------
+// BlockGather(table, scale_codes, ids[, zero_points]) -> y: float [ids..., H], the rows of a
+// block-quantized embedding table dequantized (ref_quant.block_gather): bits 8: table int8
+// [V, H], zero points int8 [V, nb]; bits 4: table uint8 [V, H / 2] (two's complement nibbles,
+// low first), zero points packed the same way [V, ceil(nb / 2)]. The tables' element types are
+// checked here (declared any type), at session creation when they are initializers.
+
+struct BlockGatherKernel {
+  static constexpr const char* kName = "BlockGather";
+  static constexpr std::array kInputs{
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED,
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED};
+  static constexpr std::array kOutputs{ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
+  static constexpr size_t kRequiredInputs = 3;
+
+  BlockGatherKernel(const OrtApi&, const OrtKernelInfo* info) {
+    const Attributes attrs(info, kName);
+    const int64_t bits = attrs.Int("bits", 4, 8);
+    if (bits != 4 && bits != 8) Fail("attribute 'bits' must be 4 or 8, got " + std::to_string(bits));
+    int4_ = bits == 4;
+    block_size_ = attrs.Int("block_size", 1, kMaxBlockSize);
+    const int frac = static_cast<int>(attrs.Int("frac_bits", 0, 4, 0));
+    for (int c = -128; c < 128; ++c) scale_of_[c + 128] = decode_pow2_scale(c, frac);
+    const OrtValue* table = constant_input(info, 0);
+    const OrtValue* codes = constant_input(info, 1);
+    const OrtValue* zps = constant_input(info, 3);
+    if (table != nullptr && codes != nullptr && (zps != nullptr || !has_input(info, 3)))
+      Check(table, codes, zps);
+  }
+
+  [[noreturn]] static void Fail(const std::string& what) {
+    throw std::runtime_error(std::string("bctonnx.BlockGather: ") + what);
+  }
+  static ONNXTensorElementDataType TypeOf(const OrtValue* v) {
+    const OrtApi& api = Ort::GetApi();
+    OrtTensorTypeAndShapeInfo* info = nullptr;
+    Ort::ThrowOnError(api.GetTensorTypeAndShape(v, &info));
+    ONNXTensorElementDataType t = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+    OrtStatus* st = api.GetTensorElementType(info, &t);
+    api.ReleaseTensorTypeAndShapeInfo(info);
+    Ort::ThrowOnError(st);
+    return t;
+  }
+
+  // The tables' types and shapes; returns (V, H).
+  std::pair<int64_t, int64_t> Check(const OrtValue* table, const OrtValue* codes,
+                                    const OrtValue* zps) const {
+    const ONNXTensorElementDataType want =
+        int4_ ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+    const char* want_name = int4_ ? "uint8 (packed int4 pairs, bits 4)" : "int8 (bits 8)";
+    if (TypeOf(table) != want) Fail(std::string("table must be ") + want_name);
+    if (TypeOf(codes) != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8) Fail("scale codes must be int8");
+    const Dims tshape = KernelArgs::shape(table), sshape = KernelArgs::shape(codes);
+    if (tshape.size() != 2) Fail("table must be [V, H" + std::string(int4_ ? " / 2]" : "]") + ", got " + shape_str(tshape));
+    const int64_t vocab = tshape[0], hidden = tshape[1] * (int4_ ? 2 : 1);
+    if (hidden % block_size_)
+      Fail("block_size " + std::to_string(block_size_) + " must divide H = " + std::to_string(hidden));
+    const int64_t nb = hidden / block_size_;
+    if (sshape.size() != 2 || sshape[0] != vocab || sshape[1] != nb)
+      Fail("scale codes must be [V, H / B] = [" + std::to_string(vocab) + "," + std::to_string(nb) +
+           "], got " + shape_str(sshape));
+    if (zps != nullptr) {
+      if (TypeOf(zps) != want) Fail(std::string("zero points must be ") + want_name);
+      const Dims zshape = KernelArgs::shape(zps);
+      const int64_t cols = int4_ ? (nb + 1) / 2 : nb;
+      if (zshape.size() != 2 || zshape[0] != vocab || zshape[1] != cols)
+        Fail("zero points must be [V, " + std::to_string(cols) + "], got " + shape_str(zshape));
+    }
+    return {vocab, hidden};
+  }
+
+  static int Nibble(uint8_t byte, int64_t i) {  // code i of a packed pair, -8..7
+    return (i & 1) ? static_cast<int8_t>(byte) >> 4 : static_cast<int8_t>(static_cast<uint8_t>(byte << 4)) >> 4;
+  }
+
+  void Compute(OrtKernelContext* ctx) const {
+    const KernelArgs args(ctx);
+    const OrtValue* table = args.input(0);
+    const OrtValue* codes = args.input(1);
+    const OrtValue* ids = args.input(2);
+    const OrtValue* zps = args.input(3);
+    const auto [vocab, hidden] = Check(table, codes, zps);
+    const int64_t nb = hidden / block_size_;
+    const Dims ishape = KernelArgs::shape(ids);
+    if (ishape.size() + 1 > kMaxRank) Fail("ids rank too high");
+    Dims oshape = ishape;
+    oshape.n = ishape.n + 1;
+    oshape.back() = hidden;
+    const int64_t n = ishape.count();
+    const int64_t* id = KernelArgs::data<int64_t>(ids);
+    for (int64_t i = 0; i < n; ++i)
+      if (id[i] < -vocab || id[i] >= vocab)
+        Fail("id " + std::to_string(id[i]) + " is outside [-" + std::to_string(vocab) + ", " +
+             std::to_string(vocab) + ")");
+    float* out = args.output<float>(0, oshape);
+    if (n == 0 || hidden == 0) return;
+    const uint8_t* tab = KernelArgs::data<uint8_t>(table);
+    const int8_t* sc = KernelArgs::data<int8_t>(codes);
+    const uint8_t* zp = zps != nullptr ? KernelArgs::data<uint8_t>(zps) : nullptr;
+    const int64_t row_bytes = int4_ ? hidden / 2 : hidden;
+    const int64_t zp_cols = int4_ ? (nb + 1) / 2 : nb;
+    std::vector<int8_t> unpacked(int4_ ? static_cast<size_t>(hidden) : 0);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t r = id[i] < 0 ? id[i] + vocab : id[i];
+      const uint8_t* src = tab + r * row_bytes;
+      const int8_t* q = reinterpret_cast<const int8_t*>(src);
+      if (int4_) {  // sign-extended nibbles, low first
+        for (int64_t k = 0; k < row_bytes; ++k) {
+          unpacked[2 * k] = static_cast<int8_t>(static_cast<uint8_t>(src[k] << 4)) >> 4;
+          unpacked[2 * k + 1] = static_cast<int8_t>(src[k]) >> 4;
+        }
+        q = unpacked.data();
+      }
+      float* y = out + i * hidden;
+      for (int64_t b = 0; b < nb; ++b) {
+        const float s = scale_of_[sc[r * nb + b] + 128];
+        int z = 0;
+        if (zp != nullptr)
+          z = int4_ ? Nibble(zp[r * zp_cols + b / 2], b) : static_cast<int8_t>(zp[r * zp_cols + b]);
+        const int8_t* qb = q + b * block_size_;
+        float* yb = y + b * block_size_;
+        for (int64_t j = 0; j < block_size_; ++j) yb[j] = static_cast<float>(qb[j] - z) * s;
+      }
+    }
+  }
+
+  bool int4_ = false;
+  int64_t block_size_ = 0;
+  std::array<float, 256> scale_of_{};
+};
+
 }  // namespace
 
 void AddQuantOps(Ort::CustomOpDomain& domain) {
@@ -376,6 +507,8 @@ void AddQuantOps(Ort::CustomOpDomain& domain) {
   domain.Add(&dequantize);
   domain.Add(&requantize_int32);
   domain.Add(&requantize_int8);
+  static KernelOp<BlockGatherKernel> gather;
+  domain.Add(&gather);
 }
 
 }  // namespace bct

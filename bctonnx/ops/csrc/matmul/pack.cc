@@ -54,13 +54,11 @@ void PackWeights(const WeightCodes& wc, int64_t act_block, Isa isa, PackedWeight
     return wc.zero_points ? wc.zero_points[b * w.n + c] : 0;
   };
   w.sw.assign(static_cast<size_t>(w.nblk * w.npad), 0.0f);
-  const double frac = static_cast<double>(int64_t{1} << wc.frac_bits);
   for (int64_t b = 0; b < w.nblk; ++b)
     for (int64_t c = 0; c < w.n; ++c) {
       const int32_t code = wc.scale_codes[b * w.n + c];
       if (code < -128 || code > 127) Throw("weight scale code out of int8 range");
-      // correctly rounded 2^(code / 2^F) (= blockformat.decode_scales)
-      w.sw[b * w.npad + c] = static_cast<float>(std::exp2(static_cast<double>(code) / frac));
+      w.sw[b * w.npad + c] = decode_pow2_scale(code, static_cast<int>(wc.frac_bits));
     }
   w.data.assign(static_cast<size_t>(w.npanel * w.panel_bytes()), 0);
   const int64_t pb = w.panel_bytes(), sb = w.seg_bytes();
