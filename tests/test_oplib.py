@@ -611,14 +611,14 @@ def test_block_requantize_errors():
 # BlockDequantize
 
 
-def _one_op_session(node: onnx.NodeProto, types: list[int]) -> ort.InferenceSession:
-    """A one-thread session of one bctonnx node (inputs of ``types``, one float output y)."""
+def _one_op_session(node: onnx.NodeProto, types: list[int], threads: int = 1):
+    """A session of one bctonnx node (inputs of ``types``, one float output y)."""
     model = _model(
         [node], [_vi(n, t) for n, t in zip(node.input, types, strict=True)],
         [_vi("y", TensorProto.FLOAT)],
     )  # fmt: skip
     return ort.InferenceSession(
-        model.SerializeToString(), bctonnx.session_options(threads=1),
+        model.SerializeToString(), bctonnx.session_options(threads=threads),
         providers=["CPUExecutionProvider"],
     )  # fmt: skip
 
@@ -680,7 +680,9 @@ def test_block_dequantize_of_any_scale_is_dequantize_linear():
 # BlockGather
 
 
-def _gather_session(bits: int, block_size: int, frac_bits: int, with_zp: bool, packed=None):
+def _gather_session(
+    bits: int, block_size: int, frac_bits: int, with_zp: bool, packed=None, threads: int = 1
+):
     """A BlockGather model; ``packed`` (default: bits == 4) declares the table uint8."""
     packed = bits == 4 if packed is None else packed
     table = TensorProto.UINT8 if packed else TensorProto.INT8
@@ -689,7 +691,8 @@ def _gather_session(bits: int, block_size: int, frac_bits: int, with_zp: bool, p
         "BlockGather", inputs, ["y"], domain="bctonnx", bits=bits, block_size=block_size,
         frac_bits=frac_bits,
     )  # fmt: skip
-    return _one_op_session(node, [table, TensorProto.INT8, TensorProto.INT64, table][: len(inputs)])
+    types = [table, TensorProto.INT8, TensorProto.INT64, table][: len(inputs)]
+    return _one_op_session(node, types, threads)
 
 
 def _gather_tables(bits: int, vocab: int, hidden: int, block: int, with_zp: bool, seed: int):
@@ -720,11 +723,14 @@ def _gather_tables(bits: int, vocab: int, hidden: int, block: int, with_zp: bool
      (20, 4, 1, False), (6, 2, 2, True)],
 )  # fmt: skip
 def test_block_gather_matches_reference_and_the_dequantized_table(
-    bits, hidden, block, frac_bits, with_zp
+    bits, hidden, block, frac_bits, with_zp, monkeypatch
 ):
     """Every scale code of frac_bits 0..4, zero points (4 bits: packed, an odd count of blocks
     too), ids of any shape, negative ids counted from the end as Gather's: bit-exact with the
-    reference, which is the table's own dequantization (blockformat)."""
+    reference on every ISA path (1 and 2 threads), and the reference is the table's own
+    dequantization (blockformat)."""
+    from test_matmul import available_isas
+
     from bctonnx.blockformat import BlockFormat, decode_scales
     from bctonnx.ops.ref_quant import block_gather
 
@@ -735,9 +741,13 @@ def test_block_gather_matches_reference_and_the_dequantized_table(
         ids = ids.astype(np.int64)
         ref_args = dict(bits=bits, block_size=block, frac_bits=frac_bits)
         want = block_gather(feeds["table"], scale_codes, ids, feeds.get("zp"), **ref_args)
-        got = _gather_session(bits, block, frac_bits, with_zp).run(None, dict(feeds, ids=ids))[0]
-        assert got.dtype == np.float32 and got.shape == (*ids.shape, hidden)
-        np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
+        isas = [isa for isa in available_isas() if isa != "amx-emulated"]
+        for isa, threads in [(isa, 1) for isa in isas] + [("", 2)]:
+            monkeypatch.setenv("BCTONNX_ISA", isa)
+            sess = _gather_session(bits, block, frac_bits, with_zp, threads=threads)
+            got = sess.run(None, dict(feeds, ids=ids))[0]
+            assert got.dtype == np.float32 and got.shape == (*ids.shape, hidden)
+            np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32), err_msg=isa)
         if ids.size:  # the dequantized table, rows picked as Gather picks them
             fmt = BlockFormat(bits=8, block_size=block, scale_kind="pow2", frac_bits=frac_bits)
             q = codes.astype(np.int32) - (0 if zp is None else np.repeat(zp, block, axis=1))

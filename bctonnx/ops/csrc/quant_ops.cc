@@ -370,6 +370,36 @@ struct BlockRequantizeKernel {
 // low first), zero points packed the same way [V, ceil(nb / 2)]. The tables' element types are
 // checked here (declared any type), at session creation when they are initializers.
 
+// y[j] = float(q[j] - z) * s, j < n (one rounding: the integer difference is exact in float)
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void DequantizeBlockAvx512(
+    const int8_t* q, int z, float s, int64_t n, float* y) {
+  const __m512 vs = _mm512_set1_ps(s);
+  const __m512i vz = _mm512_set1_epi32(z);
+  for (int64_t i = 0; i < n; i += 16) {
+    const int64_t m = std::min<int64_t>(16, n - i);
+    const __mmask16 k = m == 16 ? 0xFFFF : static_cast<__mmask16>((1u << m) - 1);
+    const __m512i v = _mm512_sub_epi32(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, q + i)), vz);
+    _mm512_mask_storeu_ps(y + i, k, _mm512_mul_ps(_mm512_cvtepi32_ps(v), vs));
+  }
+}
+
+// Packed int4 pairs (two's complement nibbles, low first) -> int8 codes, `bytes` bytes.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void UnpackNibblesAvx512(
+    const uint8_t* src, int64_t bytes, int8_t* out) {
+  for (int64_t i = 0; i < bytes; i += 32) {
+    const int64_t m = std::min<int64_t>(32, bytes - i);
+    const __mmask32 k = m == 32 ? 0xFFFFFFFFu : static_cast<__mmask32>((1u << m) - 1);
+    // each byte in a 16-bit lane: low nibble = (w << 12) >> 12, high = (w << 8) >> 12 (arith)
+    const __m512i w = _mm512_cvtepu8_epi16(_mm256_maskz_loadu_epi8(k, src + i));
+    const __m512i lo = _mm512_srai_epi16(_mm512_slli_epi16(w, 12), 12);
+    const __m512i hi = _mm512_srai_epi16(_mm512_slli_epi16(w, 8), 12);
+    // pairs (lo, hi) per byte: 16-bit lanes lo | hi << 8 are the two codes in order
+    const __m512i pairs = _mm512_or_si512(_mm512_and_si512(lo, _mm512_set1_epi16(0xFF)),
+                                          _mm512_slli_epi16(hi, 8));
+    _mm512_mask_storeu_epi16(out + 2 * i, k, pairs);
+  }
+}
+
 struct BlockGatherKernel {
   static constexpr const char* kName = "BlockGather";
   static constexpr std::array kInputs{
@@ -464,33 +494,44 @@ struct BlockGatherKernel {
     const uint8_t* zp = zps != nullptr ? KernelArgs::data<uint8_t>(zps) : nullptr;
     const int64_t row_bytes = int4_ ? hidden / 2 : hidden;
     const int64_t zp_cols = int4_ ? (nb + 1) / 2 : nb;
-    std::vector<int8_t> unpacked(int4_ ? static_cast<size_t>(hidden) : 0);
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t r = id[i] < 0 ? id[i] + vocab : id[i];
-      const uint8_t* src = tab + r * row_bytes;
-      const int8_t* q = reinterpret_cast<const int8_t*>(src);
-      if (int4_) {  // sign-extended nibbles, low first
-        for (int64_t k = 0; k < row_bytes; ++k) {
-          unpacked[2 * k] = static_cast<int8_t>(static_cast<uint8_t>(src[k] << 4)) >> 4;
-          unpacked[2 * k + 1] = static_cast<int8_t>(src[k]) >> 4;
+    const bool simd = isa_ >= kIsaAvx512;
+    parallel_rows(ctx, n, hidden, [&](int64_t i0, int64_t i1) {
+      std::vector<int8_t> unpacked(int4_ ? static_cast<size_t>(hidden) : 0);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t r = id[i] < 0 ? id[i] + vocab : id[i];
+        const uint8_t* src = tab + r * row_bytes;
+        const int8_t* q = reinterpret_cast<const int8_t*>(src);
+        if (int4_ && simd) {
+          UnpackNibblesAvx512(src, row_bytes, unpacked.data());
+          q = unpacked.data();
+        } else if (int4_) {  // sign-extended nibbles, low first
+          for (int64_t k = 0; k < row_bytes; ++k) {
+            unpacked[2 * k] = static_cast<int8_t>(static_cast<uint8_t>(src[k] << 4)) >> 4;
+            unpacked[2 * k + 1] = static_cast<int8_t>(src[k]) >> 4;
+          }
+          q = unpacked.data();
         }
-        q = unpacked.data();
+        float* y = out + i * hidden;
+        for (int64_t b = 0; b < nb; ++b) {
+          const float s = scale_of_[sc[r * nb + b] + 128];
+          int z = 0;
+          if (zp != nullptr)
+            z = int4_ ? Nibble(zp[r * zp_cols + b / 2], b) : static_cast<int8_t>(zp[r * zp_cols + b]);
+          const int8_t* qb = q + b * block_size_;
+          float* yb = y + b * block_size_;
+          if (simd) {
+            DequantizeBlockAvx512(qb, z, s, block_size_, yb);
+          } else {
+            for (int64_t j = 0; j < block_size_; ++j) yb[j] = static_cast<float>(qb[j] - z) * s;
+          }
+        }
       }
-      float* y = out + i * hidden;
-      for (int64_t b = 0; b < nb; ++b) {
-        const float s = scale_of_[sc[r * nb + b] + 128];
-        int z = 0;
-        if (zp != nullptr)
-          z = int4_ ? Nibble(zp[r * zp_cols + b / 2], b) : static_cast<int8_t>(zp[r * zp_cols + b]);
-        const int8_t* qb = q + b * block_size_;
-        float* yb = y + b * block_size_;
-        for (int64_t j = 0; j < block_size_; ++j) yb[j] = static_cast<float>(qb[j] - z) * s;
-      }
-    }
+    });
   }
 
   bool int4_ = false;
   int64_t block_size_ = 0;
+  int isa_ = BestIsa();
   std::array<float, 256> scale_of_{};
 };
 
