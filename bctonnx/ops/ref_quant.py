@@ -176,7 +176,7 @@ def block_gather(
                            row by row),
                     scale_codes: int8 [V, H / B] (pow2: scale = fl32(2^(code / 2^frac_bits)),
                            correctly rounded = blockformat.decode_scales),
-                    ids: int64, any shape (negative: from the end, as Gather),
+                    ids: int64 or int32, any shape (negative: from the end, as Gather),
                     zero_points?: int8 [V, H / B] (bits 8) | uint8 [V, ceil(H / B / 2)]
                            (bits 4, packed as the codes))
             -> y: float [*ids.shape, H] = float32((q - zp) * scale), one rounding per element
@@ -203,8 +203,8 @@ def block_gather(
         )
     nb = hidden // block_size
     ids = np.asarray(ids)
-    if ids.dtype != np.int64:
-        raise ValueError(f"{op}: ids must be int64")
+    if ids.dtype not in (np.int64, np.int32):
+        raise ValueError(f"{op}: ids must be int64 or int32 (as Gather's indices)")
     if ids.size and (ids.min() < -vocab or ids.max() >= vocab):
         raise ValueError(f"{op}: an id is outside [-{vocab}, {vocab})")
     rows = np.where(ids < 0, ids + vocab, ids).reshape(-1)

@@ -404,7 +404,7 @@ struct BlockGatherKernel {
   static constexpr const char* kName = "BlockGather";
   static constexpr std::array kInputs{
       ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED,
-      ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64, ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED};
+      ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED, ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED};
   static constexpr std::array kOutputs{ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT};
   static constexpr size_t kRequiredInputs = 3;
 
@@ -482,7 +482,18 @@ struct BlockGatherKernel {
     oshape.n = ishape.n + 1;
     oshape.back() = hidden;
     const int64_t n = ishape.count();
-    const int64_t* id = KernelArgs::data<int64_t>(ids);
+    const ONNXTensorElementDataType id_type = TypeOf(ids);
+    if (id_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 && id_type != ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32)
+      Fail("ids must be int64 or int32 (as Gather's indices)");
+    std::vector<int64_t> id32;  // int32 ids (onnxruntime's optimized graphs) widened
+    const int64_t* id = nullptr;
+    if (id_type == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32) {
+      const int32_t* raw = KernelArgs::data<int32_t>(ids);
+      id32.assign(raw, raw + n);
+      id = id32.data();
+    } else {
+      id = KernelArgs::data<int64_t>(ids);
+    }
     for (int64_t i = 0; i < n; ++i)
       if (id[i] < -vocab || id[i] >= vocab)
         Fail("id " + std::to_string(id[i]) + " is outside [-" + std::to_string(vocab) + ", " +
