@@ -113,13 +113,15 @@ def make_feeds(
 
 
 def vocab_size(proto: onnx.ModelProto, default: int = 1000) -> int:
-    """Rows of the word-embedding table that ``input_ids`` index (a Gather, or onnxruntime's
-    fused EmbedLayerNormalization), else ``default``. Random token ids stay below it."""
+    """Rows of the word-embedding table that ``input_ids`` index (a Gather, the integer form's
+    BlockGather, or onnxruntime's fused EmbedLayerNormalization), else ``default``. Random token ids stay below it."""
     inits = {t.name: t for t in proto.graph.initializer}
     for node in proto.graph.node:
         table = None
         if node.op_type == "Gather" and "input_ids" in node.input[1:]:
             table = inits.get(node.input[0])
+        elif node.op_type == "BlockGather" and node.input[2:3] == ["input_ids"]:  # integer form
+            table = inits.get(node.input[0])  # [V, H] or packed [V, H / 2]
         elif node.op_type == "EmbedLayerNormalization":  # inputs: ids, segments, words, ...
             table = inits.get(node.input[2]) if len(node.input) > 2 else None
         if table is not None and table.dims:
