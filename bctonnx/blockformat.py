@@ -686,6 +686,15 @@ def pack_int4(codes: np.ndarray) -> np.ndarray:
     return (nibbles[0::2] | (nibbles[1::2] << np.uint8(4))).astype(np.uint8)
 
 
+def pack_int4_rows(codes: np.ndarray) -> np.ndarray:
+    """`pack_int4` row by row: [R, C] signed 4-bit codes -> uint8 [R, ceil(C / 2)] (a zero
+    padding nibble ends each row of odd length): the embedding tables' stored form, one row's
+    bytes per id (lower_qdq's Gather, the library's BlockGather)."""
+    codes = np.asarray(codes)
+    padded = np.pad(codes, [(0, 0), (0, codes.shape[1] % 2)])
+    return pack_int4(padded).reshape(codes.shape[0], -1)
+
+
 def unpack_int4(packed: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Inverse of `pack_int4`: int8 codes of the given shape."""
     packed = np.asarray(packed, dtype=np.uint8).reshape(-1)

@@ -114,7 +114,8 @@ def make_feeds(
 
 def vocab_size(proto: onnx.ModelProto, default: int = 1000) -> int:
     """Rows of the word-embedding table that ``input_ids`` index (a Gather, the integer form's
-    BlockGather, or onnxruntime's fused EmbedLayerNormalization), else ``default``. Random token ids stay below it."""
+    BlockGather, or onnxruntime's fused EmbedLayerNormalization), else ``default``. Random token
+    ids stay below it."""
     inits = {t.name: t for t in proto.graph.initializer}
     for node in proto.graph.node:
         table = None

@@ -30,6 +30,7 @@ from bctonnx.blockformat import (
     nm_compress,
     nm_patterns,
     pack_int4,
+    pack_int4_rows,
     split_scale_codes,
 )
 
@@ -246,19 +247,13 @@ def lower_block_gather(graph: ir.Graph, node: ir.Node, shared: dict) -> None:
     ids_rank = rank(ids)
     if hidden % 2 or ids_rank is None:
         raise PassError(f"cannot pack table '{node.inputs[0].name}' (odd hidden or unknown rank)")
-    packed = table(
-        node.inputs[0], lambda: pack_int4(codes).reshape(vocab, hidden // 2), "codes_packed"
-    )
+    packed = table(node.inputs[0], lambda: pack_int4_rows(codes), "codes_packed")
     nibbles = _gather_nibbles(e, packed, ids, ids_rank)
     if zp_table is None:
         zero_point = e.op("Expand", [e.const(np.uint8(8), "eight"), e.op("Shape", [scales])])
     else:  # zero points packed per row the same way (a padding nibble when the count is odd)
         nblocks = zp_table.shape[1]
-
-        def zp_packed() -> np.ndarray:
-            return pack_int4(np.pad(zp_table, [(0, 0), (0, nblocks % 2)])).reshape(vocab, -1)
-
-        zp = table(node.inputs[3], zp_packed, "zp_packed")
+        zp = table(node.inputs[3], lambda: pack_int4_rows(zp_table), "zp_packed")
         zero_point = _gather_nibbles(e, zp, ids, ids_rank)
         if nblocks % 2:
             zero_point = e.op(

@@ -172,13 +172,13 @@ def block_gather(
     Gather + DequantizeLinear)::
 
         BlockGather(table: int8 [V, H] (bits 8) | uint8 [V, H / 2] (bits 4: two codes a byte,
-                           low nibble first, two's complement nibbles: blockformat.pack_int4
-                           row by row),
+                           low nibble first, two's complement nibbles:
+                           blockformat.pack_int4_rows),
                     scale_codes: int8 [V, H / B] (pow2: scale = fl32(2^(code / 2^frac_bits)),
                            correctly rounded = blockformat.decode_scales),
                     ids: int64 or int32, any shape (negative: from the end, as Gather),
                     zero_points?: int8 [V, H / B] (bits 8) | uint8 [V, ceil(H / B / 2)]
-                           (bits 4, packed as the codes))
+                           (bits 4, pack_int4_rows))
             -> y: float [*ids.shape, H] = float32((q - zp) * scale), one rounding per element
         attributes: bits (4 or 8), block_size (B, divides H), frac_bits (0..4)
     """
@@ -187,9 +187,8 @@ def block_gather(
     op = "BlockGather"
     if bits not in (4, 8):
         raise ValueError(f"{op}: bits must be 4 or 8, got {bits}")
-    _check_attrs(op, block_size, 8)
-    if not 0 <= frac_bits <= 4:
-        raise ValueError(f"{op}: frac_bits must be in 0..4, got {frac_bits}")
+    check_attribute(op, "block_size", block_size, 1, MAX_BLOCK_SIZE)
+    check_attribute(op, "frac_bits", frac_bits, 0, 4)
     table, scale_codes = np.asarray(table), np.asarray(scale_codes)
     want = np.uint8 if bits == 4 else np.int8
     if table.dtype != want or table.ndim != 2 or scale_codes.dtype != np.int8:

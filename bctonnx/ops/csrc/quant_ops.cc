@@ -95,24 +95,28 @@ struct BlockQuantizeKernel {
 // ---------------------------------------------------------------------------------------------
 // BlockDequantize(x: int8, x_scale: float) -> y: float = x * x_scale per block (one rounding)
 
+// y[j] = float(q[j] - z) * s, j < n (one rounding: the integer difference is exact in float)
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void DequantizeBlockAvx512(
+    const int8_t* q, int z, float s, int64_t n, float* y) {
+  const __m512 vs = _mm512_set1_ps(s);
+  const __m512i vz = _mm512_set1_epi32(z);
+  for (int64_t i = 0; i < n; i += 16) {
+    const int64_t m = std::min<int64_t>(16, n - i);
+    const __mmask16 k = m == 16 ? 0xFFFF : static_cast<__mmask16>((1u << m) - 1);
+    const __m512i v = _mm512_sub_epi32(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, q + i)), vz);
+    _mm512_mask_storeu_ps(y + i, k, _mm512_mul_ps(_mm512_cvtepi32_ps(v), vs));
+  }
+}
+
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void DequantizeRowsAvx512(
     const int8_t* x, const float* scales, int64_t rows, int64_t depth, int64_t block, float* y) {
   const int64_t nb = num_blocks(depth, block);
-  for (int64_t r = 0; r < rows; ++r) {
-    const int8_t* xr = x + r * depth;
-    float* yr = y + r * depth;
+  for (int64_t r = 0; r < rows; ++r)
     for (int64_t b = 0; b < nb; ++b) {
-      const __m512 s = _mm512_set1_ps(scales[r * nb + b]);
-      const int64_t end = std::min(depth, (b + 1) * block);
-      for (int64_t i = b * block; i < end; i += 16) {
-        const int64_t n = std::min<int64_t>(16, end - i);
-        const __mmask16 m = n == 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1);
-        const __m128i q = _mm_maskz_loadu_epi8(m, xr + i);
-        const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q));
-        _mm512_mask_storeu_ps(yr + i, m, _mm512_mul_ps(v, s));
-      }
+      const int64_t i = b * block;
+      DequantizeBlockAvx512(x + r * depth + i, 0, scales[r * nb + b], std::min(block, depth - i),
+                            y + r * depth + i);
     }
-  }
 }
 
 struct BlockDequantizeKernel {
@@ -370,19 +374,6 @@ struct BlockRequantizeKernel {
 // low first), zero points packed the same way [V, ceil(nb / 2)]. The tables' element types are
 // checked here (declared any type), at session creation when they are initializers.
 
-// y[j] = float(q[j] - z) * s, j < n (one rounding: the integer difference is exact in float)
-__attribute__((target("avx512f,avx512bw,avx512vl"))) void DequantizeBlockAvx512(
-    const int8_t* q, int z, float s, int64_t n, float* y) {
-  const __m512 vs = _mm512_set1_ps(s);
-  const __m512i vz = _mm512_set1_epi32(z);
-  for (int64_t i = 0; i < n; i += 16) {
-    const int64_t m = std::min<int64_t>(16, n - i);
-    const __mmask16 k = m == 16 ? 0xFFFF : static_cast<__mmask16>((1u << m) - 1);
-    const __m512i v = _mm512_sub_epi32(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, q + i)), vz);
-    _mm512_mask_storeu_ps(y + i, k, _mm512_mul_ps(_mm512_cvtepi32_ps(v), vs));
-  }
-}
-
 // Packed int4 pairs (two's complement nibbles, low first) -> int8 codes, `bytes` bytes.
 __attribute__((target("avx512f,avx512bw,avx512vl"))) void UnpackNibblesAvx512(
     const uint8_t* src, int64_t bytes, int8_t* out) {
@@ -516,10 +507,7 @@ struct BlockGatherKernel {
           UnpackNibblesAvx512(src, row_bytes, unpacked.data());
           q = unpacked.data();
         } else if (int4_) {  // sign-extended nibbles, low first
-          for (int64_t k = 0; k < row_bytes; ++k) {
-            unpacked[2 * k] = static_cast<int8_t>(static_cast<uint8_t>(src[k] << 4)) >> 4;
-            unpacked[2 * k + 1] = static_cast<int8_t>(src[k]) >> 4;
-          }
+          for (int64_t k = 0; k < 2 * row_bytes; ++k) unpacked[k] = static_cast<int8_t>(Nibble(src[k / 2], k));
           q = unpacked.data();
         }
         float* y = out + i * hidden;
